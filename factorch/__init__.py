@@ -1,0 +1,28 @@
+"""factorch: factorized (low-rank, CP, Tucker, Tensor-Train) layers for
+PyTorch, with forward and backward kernels in C (OpenBLAS) and CUDA C (cuBLAS).
+"""
+
+from __future__ import annotations
+
+from . import _lib, _ops, functional, nn  # noqa: F401  (_ops registers fakes/autograd)
+from ._config import get_check_finite, set_check_finite, set_num_threads
+
+__version__ = _lib.version()
+
+
+def cuda_available() -> bool:
+    """True when factorch's CUDA backend is loaded (see ``cuda_load_error``)."""
+    return bool(_lib.core.fct_cuda_available())
+
+
+cuda_load_error = _lib.cuda_load_error
+
+__all__ = [
+    "functional",
+    "nn",
+    "set_check_finite",
+    "get_check_finite",
+    "set_num_threads",
+    "cuda_available",
+    "__version__",
+]

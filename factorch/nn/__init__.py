@@ -1,0 +1,5 @@
+"""Factorized ``nn.Module`` layers."""
+
+from .linear import FactorizedLinear
+
+__all__ = ["FactorizedLinear"]

@@ -1,0 +1,84 @@
+/* CPU element-wise passes over tensors of any strides: packing into a dense
+ * buffer, and counting NaN/Inf. */
+#include <math.h>
+#include <string.h>
+
+#include "backend.h"
+
+/* Calls fn(row pointer, n, inner stride) for every innermost row of t, in
+ * row-major order. Returns early when fn returns false. */
+typedef bool (*row_fn)(const char* row, int64_t n, int64_t stride, void* arg);
+
+static void for_each_row(const DLTensor* t, row_fn fn, void* arg) {
+  if (fct_numel(t) <= 0) return;
+  int64_t st[FCT_MAX_DIMS], idx[FCT_MAX_DIMS] = {0};
+  fct_strides(t, st);
+  int nd = t->ndim;
+  size_t es = (size_t)t->dtype.bits / 8;
+  if (nd == 0) {
+    fn(fct_data(t), 1, 1, arg);
+    return;
+  }
+  int64_t n = t->shape[nd - 1], s = st[nd - 1];
+  for (;;) {
+    const char* p = fct_data(t);
+    for (int d = 0; d < nd - 1; ++d) p += idx[d] * st[d] * (int64_t)es;
+    if (!fn(p, n, s, arg)) return;
+    int d = nd - 2;
+    while (d >= 0 && ++idx[d] == t->shape[d]) idx[d--] = 0;
+    if (d < 0) return;
+  }
+}
+
+typedef struct pack_state {
+  char* dst;
+  fct_dtype dt;
+} pack_state;
+
+static bool pack_row(const char* row, int64_t n, int64_t s, void* arg) {
+  pack_state* ps = arg;
+  size_t es = fct_dtype_bytes(ps->dt);
+  if (s == 1) {
+    memcpy(ps->dst, row, (size_t)n * es);
+  } else if (ps->dt == FCT_F32) {
+    for (int64_t j = 0; j < n; ++j) ((float*)ps->dst)[j] = ((const float*)row)[j * s];
+  } else {
+    for (int64_t j = 0; j < n; ++j) ((double*)ps->dst)[j] = ((const double*)row)[j * s];
+  }
+  ps->dst += (size_t)n * es;
+  return true;
+}
+
+fct_status fct_cpu_pack(fct_context* ctx, const DLTensor* src, char* dst) {
+  (void)ctx;
+  pack_state ps = {dst, fct_dtype_of(src->dtype)};
+  for_each_row(src, pack_row, &ps);
+  return FCT_OK;
+}
+
+typedef struct count_state {
+  fct_dtype dt;
+  int64_t bad;
+} count_state;
+
+static bool count_row(const char* row, int64_t n, int64_t s, void* arg) {
+  count_state* cs = arg;
+  if (cs->dt == FCT_F32) {
+    const float* r = (const float*)row;
+    for (int64_t j = 0; j < n; ++j) cs->bad += !isfinite(r[j * s]);
+  } else {
+    const double* r = (const double*)row;
+    for (int64_t j = 0; j < n; ++j) cs->bad += !isfinite(r[j * s]);
+  }
+  return true;
+}
+
+fct_status fct_cpu_count_nonfinite(fct_context* ctx, const DLTensor* t, char* scratch,
+                                   int64_t* count) {
+  (void)ctx;
+  (void)scratch;
+  count_state cs = {fct_dtype_of(t->dtype), 0};
+  for_each_row(t, count_row, &cs);
+  *count = cs.bad;
+  return FCT_OK;
+}

@@ -1,0 +1,351 @@
+/*
+ * lowrank_linear forward and backward against a naive float64 reference on
+ * random inputs (never zeros): ranks 1 .. min(in, out), M = 1 (GEMV), an
+ * empty batch, batch dims, transposed and gapped (non-foldable) strides, with
+ * and without bias and saved t; then bad arguments and their status codes.
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "test_util.h"
+
+typedef struct ref {
+  double *t, *y, *gt, *gx, *gU, *gV, *gb; /* dense row-major, owned */
+} ref;
+
+/* Float64 reference of every quantity, from the tensors as they are. */
+static ref reference(const test_tensor* x, const test_tensor* U, const test_tensor* V,
+                     const test_tensor* b, const test_tensor* g, int64_t M, int64_t in,
+                     int64_t out, int64_t r) {
+  ref R;
+  R.t = calloc((size_t)(M * r + 1), sizeof(double));
+  R.y = calloc((size_t)(M * out + 1), sizeof(double));
+  R.gt = calloc((size_t)(M * r + 1), sizeof(double));
+  R.gx = calloc((size_t)(M * in + 1), sizeof(double));
+  R.gU = calloc((size_t)(out * r + 1), sizeof(double));
+  R.gV = calloc((size_t)(r * in + 1), sizeof(double));
+  R.gb = calloc((size_t)(out + 1), sizeof(double));
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < r; ++k)
+      for (int64_t i = 0; i < in; ++i) R.t[m * r + k] += tt_get2(x, m, i) * tt_get2(V, k, i);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t o = 0; o < out; ++o) {
+      double s = b ? tt_get2(b, 0, o) : 0.0;
+      for (int64_t k = 0; k < r; ++k) s += R.t[m * r + k] * tt_get2(U, o, k);
+      R.y[m * out + o] = s;
+    }
+  if (!g) return R;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t o = 0; o < out; ++o) {
+      double gv = tt_get2(g, m, o);
+      R.gb[o] += gv;
+      for (int64_t k = 0; k < r; ++k) {
+        R.gU[o * r + k] += gv * R.t[m * r + k];
+        R.gt[m * r + k] += gv * tt_get2(U, o, k);
+      }
+    }
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < r; ++k)
+      for (int64_t i = 0; i < in; ++i) {
+        R.gV[k * in + i] += R.gt[m * r + k] * tt_get2(x, m, i);
+        R.gx[m * in + i] += R.gt[m * r + k] * tt_get2(V, k, i);
+      }
+  return R;
+}
+
+static void ref_free(ref* R) {
+  free(R->t); free(R->y); free(R->gt); free(R->gx); free(R->gU); free(R->gV); free(R->gb);
+}
+
+/* max |a - ref| / (max |ref| + tiny) over a tensor folded to [rows, cols]. */
+static double rel_err(const test_tensor* a, const double* r, int64_t rows, int64_t cols) {
+  double num = 0, den = 1e-300;
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j) {
+      double d = fabs(tt_get2(a, i, j) - r[i * cols + j]);
+      num = d > num ? d : num;
+      den = fabs(r[i * cols + j]) > den ? fabs(r[i * cols + j]) : den;
+    }
+  return num / den;
+}
+
+static void* g_ws;
+static size_t g_ws_bytes;
+static char g_err[512];
+
+static fct_context make_ctx(void) {
+  fct_context c = {0};
+  c.error = g_err;
+  c.error_bytes = sizeof g_err;
+  g_err[0] = 0;
+  return c;
+}
+
+static void ensure_ws(fct_context* c, size_t bytes) {
+  if (bytes > g_ws_bytes) {
+    free(g_ws);
+    g_ws = aligned_alloc(256, (bytes + 255) / 256 * 256);
+    g_ws_bytes = bytes;
+  }
+  c->workspace = g_ws;
+  c->workspace_bytes = bytes;
+}
+
+typedef struct layout_case {
+  const char* name;
+  int x_ndim;
+  int x_order[3]; /* memory order of x's dims, outermost first */
+  int64_t x_gap;
+  int w_transposed; /* U and V stored column-major */
+} layout_case;
+
+static void run_case(int bits, int64_t M, int64_t in, int64_t out, int64_t r, bool bias,
+                     bool keep_t, const layout_case* L) {
+  char label[256];
+  snprintf(label, sizeof label, "f%d M=%lld in=%lld out=%lld r=%lld bias=%d t=%d %s", bits,
+           (long long)M, (long long)in, (long long)out, (long long)r, bias, keep_t, L->name);
+  /* x: [M, in] or [2, M/2, in] */
+  int64_t xs[3], ys[3], ts[3];
+  int nd = L->x_ndim;
+  if (nd == 3) {
+    xs[0] = 2; xs[1] = M / 2; xs[2] = in;
+  } else {
+    xs[0] = M; xs[1] = in;
+  }
+  memcpy(ys, xs, sizeof xs);
+  memcpy(ts, xs, sizeof xs);
+  ys[nd - 1] = out;
+  ts[nd - 1] = r;
+  int wt[2] = {1, 0};
+  int64_t us[2] = {out, r}, vs[2] = {r, in}, bs[1] = {out};
+  test_tensor* x = tt_new(bits, nd, xs, L->x_order[0] || L->x_order[1] ? L->x_order : NULL,
+                          L->x_gap);
+  test_tensor* U = tt_new(bits, 2, us, L->w_transposed ? wt : NULL, 0);
+  test_tensor* V = tt_new(bits, 2, vs, L->w_transposed ? wt : NULL, 0);
+  test_tensor* b = bias ? tt_new(bits, 1, bs, NULL, 0) : NULL;
+  test_tensor* g = tt_new(bits, nd, ys, NULL, 0);
+  test_tensor* y = tt_zeros(bits, nd, ys);
+  test_tensor* t = tt_zeros(bits, nd, ts);
+  ref R = reference(x, U, V, b, g, M, in, out, r);
+  double tol = bits == 64 ? 1e-12 : 2e-5 * sqrt((double)(in + out + M + 1));
+
+  fct_context c = make_ctx();
+  size_t bytes = 0;
+  fct_status st = fct_lowrank_linear_forward_workspace(&c, &x->dl, &U->dl, &V->dl,
+                                                       b ? &b->dl : NULL, &y->dl,
+                                                       keep_t ? &t->dl : NULL, &bytes);
+  CHECK(st == FCT_OK, "%s: forward workspace: %s", label, g_err);
+  ensure_ws(&c, bytes);
+  st = fct_lowrank_linear_forward(&c, &x->dl, &U->dl, &V->dl, b ? &b->dl : NULL, &y->dl,
+                                  keep_t ? &t->dl : NULL);
+  CHECK(st == FCT_OK, "%s: forward: %s", label, g_err);
+  double e = rel_err(y, R.y, M, out);
+  CHECK(e <= tol, "%s: y error %.3g > %.3g", label, e, tol);
+  if (keep_t) {
+    e = rel_err(t, R.t, M, r);
+    CHECK(e <= tol, "%s: t error %.3g", label, e);
+  }
+
+  /* Backward: all gradients, then only grad_U (which needs t), then only
+   * grad_x; with the saved t when we have it, else recomputed. */
+  for (int variant = 0; variant < 3; ++variant) {
+    test_tensor* gx = tt_zeros(bits, nd, xs);
+    test_tensor* gU = tt_zeros(bits, 2, us);
+    test_tensor* gV = tt_zeros(bits, 2, vs);
+    test_tensor* gb = tt_zeros(bits, 1, bs);
+    bool want_x = variant != 1, want_U = variant != 2, want_V = variant == 0,
+         want_b = variant == 0;
+    DLTensor* ogx = want_x ? &gx->dl : NULL;
+    DLTensor* ogU = want_U ? &gU->dl : NULL;
+    DLTensor* ogV = want_V ? &gV->dl : NULL;
+    DLTensor* ogb = want_b ? &gb->dl : NULL;
+    const DLTensor* tin = keep_t ? &t->dl : NULL;
+    c = make_ctx();
+    st = fct_lowrank_linear_backward_workspace(&c, &g->dl, &x->dl, &U->dl, &V->dl, tin, ogx,
+                                               ogU, ogV, ogb, &bytes);
+    CHECK(st == FCT_OK, "%s: backward workspace: %s", label, g_err);
+    ensure_ws(&c, bytes);
+    st = fct_lowrank_linear_backward(&c, &g->dl, &x->dl, &U->dl, &V->dl, tin, ogx, ogU, ogV,
+                                     ogb);
+    CHECK(st == FCT_OK, "%s: backward %d: %s", label, variant, g_err);
+    if (want_x) {
+      e = rel_err(gx, R.gx, M, in);
+      CHECK(e <= tol, "%s: grad_x error %.3g (variant %d)", label, e, variant);
+    }
+    if (want_U) {
+      e = rel_err(gU, R.gU, out, r);
+      CHECK(e <= tol, "%s: grad_U error %.3g (variant %d)", label, e, variant);
+    }
+    if (want_V) {
+      e = rel_err(gV, R.gV, r, in);
+      CHECK(e <= tol, "%s: grad_V error %.3g", label, e);
+    }
+    if (want_b) {
+      e = rel_err(gb, R.gb, 1, out);
+      CHECK(e <= tol, "%s: grad_bias error %.3g", label, e);
+    }
+    tt_free(gx); tt_free(gU); tt_free(gV); tt_free(gb);
+  }
+  ref_free(&R);
+  tt_free(x); tt_free(U); tt_free(V); tt_free(b); tt_free(g); tt_free(y); tt_free(t);
+}
+
+static void test_values(void) {
+  static const layout_case layouts[] = {
+      {"contiguous", 2, {0, 0, 0}, 0, 0},
+      {"x col-major, U/V transposed", 2, {1, 0, 0}, 0, 1},
+      {"x rows with gaps", 2, {0, 0, 0}, 3, 0},
+      {"x 3-D", 3, {0, 0, 0}, 0, 0},
+      {"x 3-D non-foldable", 3, {1, 0, 2}, 0, 0},
+  };
+  static const int64_t shapes[][4] = {
+      /* M, in, out, r */
+      {6, 13, 11, 5}, {6, 13, 11, 1}, {6, 13, 11, 11}, /* r = min(in, out) */
+      {1, 17, 9, 4},  {1, 9, 17, 9},                   /* M = 1: GEMV */
+      {0, 8, 6, 3},                                    /* empty batch */
+      {64, 40, 72, 16},
+  };
+  for (int bits = 32; bits <= 64; bits += 32)
+    for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; ++s)
+      for (size_t l = 0; l < sizeof layouts / sizeof layouts[0]; ++l)
+        for (int bias = 0; bias < 2; ++bias) {
+          if (layouts[l].x_ndim == 3 && shapes[s][0] % 2) continue;
+          run_case(bits, shapes[s][0], shapes[s][1], shapes[s][2], shapes[s][3], bias, bias,
+                   &layouts[l]);
+        }
+}
+
+/* Each bad argument gives its status and a message naming the argument. */
+static void expect_fail(fct_status got, fct_status want, const char* name, const char* what) {
+  CHECK(got == want, "%s: expected status %d (%s), got %d: %s", what, want,
+        fct_status_string(want), got, g_err);
+  CHECK(strstr(g_err, name) != NULL, "%s: message '%s' does not name '%s'", what, g_err, name);
+}
+
+static void test_errors(void) {
+  int64_t xs[2] = {4, 6}, us[2] = {5, 3}, vs[2] = {3, 6}, ys[2] = {4, 5}, bs[1] = {5};
+  test_tensor* x = tt_new(32, 2, xs, NULL, 0);
+  test_tensor* U = tt_new(32, 2, us, NULL, 0);
+  test_tensor* V = tt_new(32, 2, vs, NULL, 0);
+  test_tensor* y = tt_zeros(32, 2, ys);
+  test_tensor* b = tt_new(32, 1, bs, NULL, 0);
+  test_tensor* U64 = tt_new(64, 2, us, NULL, 0);
+  fct_context c = make_ctx();
+  ensure_ws(&c, 1 << 16);
+  fct_status st;
+
+  st = fct_lowrank_linear_forward(&c, &x->dl, &U64->dl, &V->dl, NULL, &y->dl, NULL);
+  expect_fail(st, FCT_ERR_DTYPE, "U", "dtype mix");
+
+  x->dl.dtype = (DLDataType){kDLInt, 32, 1};
+  st = fct_lowrank_linear_forward(&c, &x->dl, &U->dl, &V->dl, NULL, &y->dl, NULL);
+  expect_fail(st, FCT_ERR_DTYPE, "x", "int32 x");
+  x->dl.dtype = (DLDataType){kDLBfloat, 16, 1};
+  st = fct_lowrank_linear_forward(&c, &x->dl, &U->dl, &V->dl, NULL, &y->dl, NULL);
+  expect_fail(st, FCT_ERR_DTYPE, "x", "bfloat16 on cpu");
+  x->dl.dtype = (DLDataType){kDLFloat, 32, 1};
+
+  V->shape[1] = 7;
+  st = fct_lowrank_linear_forward(&c, &x->dl, &U->dl, &V->dl, NULL, &y->dl, NULL);
+  expect_fail(st, FCT_ERR_SHAPE, "V", "V/in mismatch");
+  V->shape[1] = 6;
+  U->shape[1] = 2;
+  st = fct_lowrank_linear_forward(&c, &x->dl, &U->dl, &V->dl, NULL, &y->dl, NULL);
+  expect_fail(st, FCT_ERR_SHAPE, "U", "U/r mismatch");
+  U->shape[1] = 3;
+  b->shape[0] = 4;
+  st = fct_lowrank_linear_forward(&c, &x->dl, &U->dl, &V->dl, &b->dl, &y->dl, NULL);
+  expect_fail(st, FCT_ERR_SHAPE, "bias", "bias size");
+  b->shape[0] = 5;
+  y->shape[1] = 4;
+  st = fct_lowrank_linear_forward(&c, &x->dl, &U->dl, &V->dl, NULL, &y->dl, NULL);
+  expect_fail(st, FCT_ERR_SHAPE, "y", "y shape");
+  y->shape[1] = 5;
+  U->dl.ndim = 3;
+  st = fct_lowrank_linear_forward(&c, &x->dl, &U->dl, &V->dl, NULL, &y->dl, NULL);
+  expect_fail(st, FCT_ERR_NDIM, "U", "U rank");
+  U->dl.ndim = 2;
+
+  st = fct_lowrank_linear_forward(&c, &x->dl, &U->dl, NULL, NULL, &y->dl, NULL);
+  expect_fail(st, FCT_ERR_NULL_ARGUMENT, "V", "NULL V");
+  CHECK(fct_lowrank_linear_forward(NULL, &x->dl, &U->dl, &V->dl, NULL, &y->dl, NULL) ==
+            FCT_ERR_NULL_ARGUMENT, "NULL ctx");
+
+  /* Output overlapping an input; output with stride 0 (self-overlap). */
+  DLTensor alias = y->dl;
+  alias.data = x->dl.data;
+  st = fct_lowrank_linear_forward(&c, &x->dl, &U->dl, &V->dl, NULL, &alias, NULL);
+  expect_fail(st, FCT_ERR_LAYOUT, "y", "y overlaps x");
+  y->strides[0] = 0;
+  st = fct_lowrank_linear_forward(&c, &x->dl, &U->dl, &V->dl, NULL, &y->dl, NULL);
+  expect_fail(st, FCT_ERR_LAYOUT, "y", "y broadcast");
+  y->strides[0] = 5;
+
+  /* Device mix, and CUDA without the backend. */
+  U->dl.device = (DLDevice){kDLCUDA, 0};
+  st = fct_lowrank_linear_forward(&c, &x->dl, &U->dl, &V->dl, NULL, &y->dl, NULL);
+  expect_fail(st, FCT_ERR_DEVICE, "U", "device mix");
+  U->dl.device = (DLDevice){kDLCPU, 0};
+  if (!fct_cuda_available()) {
+    x->dl.device = U->dl.device = V->dl.device = y->dl.device = (DLDevice){kDLCUDA, 0};
+    st = fct_lowrank_linear_forward(&c, &x->dl, &U->dl, &V->dl, NULL, &y->dl, NULL);
+    expect_fail(st, FCT_ERR_UNSUPPORTED, "cuda", "cuda not loaded");
+    x->dl.device = U->dl.device = V->dl.device = y->dl.device = (DLDevice){kDLCPU, 0};
+  }
+
+  /* Workspace too small. x col-major with gaps needs packing. */
+  int ord[2] = {1, 0};
+  test_tensor* xg = tt_new(32, 2, xs, ord, 2);
+  xg->strides[0] = 2; /* rows stride 2, columns stride 6: neither dense */
+  c.workspace_bytes = 4;
+  st = fct_lowrank_linear_forward(&c, &xg->dl, &U->dl, &V->dl, NULL, &y->dl, NULL);
+  expect_fail(st, FCT_ERR_WORKSPACE, "workspace", "small workspace");
+  ensure_ws(&c, 1 << 16);
+
+  /* Sizes that overflow: numel beyond int64, and a batch beyond BLAS's int. */
+  int64_t huge[2] = {(int64_t)1 << 62, 8};
+  DLTensor hx = x->dl;
+  hx.shape = huge;
+  hx.strides = NULL;
+  st = fct_lowrank_linear_forward(&c, &hx, &U->dl, &V->dl, NULL, &y->dl, NULL);
+  expect_fail(st, FCT_ERR_OVERFLOW, "x", "numel overflow");
+  int64_t big[2] = {(int64_t)1 << 32, 6}, bigst[2] = {0, 1};
+  hx.shape = big;
+  hx.strides = bigst;
+  st = fct_lowrank_linear_forward(&c, &hx, &U->dl, &V->dl, NULL, &y->dl, NULL);
+  expect_fail(st, FCT_ERR_OVERFLOW, "M=", "batch beyond int32");
+
+  /* NaN in x with the finite check on: named; off: propagates silently. */
+  int64_t i00[2] = {1, 2};
+  tt_set(x, i00, NAN);
+  c.flags = FCT_FLAG_CHECK_FINITE;
+  st = fct_lowrank_linear_forward(&c, &x->dl, &U->dl, &V->dl, &b->dl, &y->dl, NULL);
+  expect_fail(st, FCT_ERR_NOT_FINITE, "x", "NaN in x");
+  c.flags = 0;
+  st = fct_lowrank_linear_forward(&c, &x->dl, &U->dl, &V->dl, &b->dl, &y->dl, NULL);
+  CHECK(st == FCT_OK, "NaN without check: %s", g_err);
+  int64_t i10[2] = {1, 0};
+  CHECK(isnan(tt_get(y, i10)), "NaN propagates to y's row 1");
+
+  /* Backward: grad output of the wrong shape, output aliasing an input. */
+  test_tensor* gU = tt_zeros(32, 2, vs); /* V's shape, not U's */
+  st = fct_lowrank_linear_backward(&c, &y->dl, &x->dl, &U->dl, &V->dl, NULL, NULL, &gU->dl,
+                                   NULL, NULL);
+  expect_fail(st, FCT_ERR_SHAPE, "grad_U", "grad_U shape");
+  st = fct_lowrank_linear_backward(&c, &y->dl, &x->dl, &U->dl, &V->dl, NULL, &x->dl, NULL,
+                                   NULL, NULL);
+  expect_fail(st, FCT_ERR_LAYOUT, "grad_x", "grad_x aliases x");
+
+  CHECK(strcmp(fct_status_string(9999), "unknown factorch status") == 0, "unknown status");
+  CHECK(fct_version() == ((FCT_VERSION_MAJOR << 16) | (FCT_VERSION_MINOR << 8)), "version");
+  tt_free(gU); tt_free(xg); tt_free(x); tt_free(U); tt_free(V); tt_free(y); tt_free(b);
+  tt_free(U64);
+}
+
+int main(void) {
+  test_values();
+  test_errors();
+  free(g_ws);
+  return test_report();
+}

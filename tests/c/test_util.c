@@ -1,0 +1,107 @@
+#include "test_util.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+int g_passed, g_failed;
+
+static uint64_t g_rng = 0x9E3779B97F4A7C15ull;
+static double rnd(void) { /* splitmix64 -> [0, 1) */
+  uint64_t z = (g_rng += 0x9E3779B97F4A7C15ull);
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  z ^= z >> 31;
+  return (double)(z >> 11) / 9007199254740992.0;
+}
+
+int64_t tt_numel(const test_tensor* t) {
+  int64_t n = 1;
+  for (int i = 0; i < t->dl.ndim; ++i) n *= t->shape[i];
+  return n;
+}
+
+static test_tensor* alloc(int bits, int ndim, const int64_t* shape) {
+  test_tensor* t = calloc(1, sizeof *t);
+  memcpy(t->shape, shape, sizeof(int64_t) * (size_t)ndim);
+  t->dl.ndim = ndim;
+  t->dl.shape = t->shape;
+  t->dl.strides = t->strides;
+  t->dl.dtype = (DLDataType){kDLFloat, (uint8_t)bits, 1};
+  t->dl.device = (DLDevice){kDLCPU, 0};
+  return t;
+}
+
+test_tensor* tt_new(int bits, int ndim, const int64_t* shape, const int* order, int64_t gap) {
+  test_tensor* t = alloc(bits, ndim, shape);
+  int ord[8];
+  for (int i = 0; i < ndim; ++i) ord[i] = order ? order[i] : i;
+  /* ord lists dims from outermost to innermost in memory. */
+  int64_t s = 1;
+  for (int k = ndim - 1; k >= 0; --k) {
+    int d = ord[k];
+    t->strides[d] = s;
+    s *= shape[d] > 0 ? shape[d] : 1;
+    if (k == ndim - 1) s += gap;
+  }
+  size_t n = (size_t)s + 1;
+  t->buf = malloc(n * (size_t)(bits / 8));
+  for (size_t i = 0; i < n; ++i) {
+    double v = 0.1 + 0.9 * rnd();
+    if (rnd() < 0.5) v = -v;
+    if (bits == 32) ((float*)t->buf)[i] = (float)v;
+    else ((double*)t->buf)[i] = v;
+  }
+  t->dl.data = t->buf;
+  return t;
+}
+
+test_tensor* tt_zeros(int bits, int ndim, const int64_t* shape) {
+  test_tensor* t = alloc(bits, ndim, shape);
+  int64_t s = 1;
+  for (int k = ndim - 1; k >= 0; --k) {
+    t->strides[k] = s;
+    s *= shape[k] > 0 ? shape[k] : 1;
+  }
+  t->buf = calloc((size_t)s + 1, (size_t)(bits / 8));
+  t->dl.data = t->buf;
+  return t;
+}
+
+void tt_free(test_tensor* t) {
+  if (!t) return;
+  free(t->buf);
+  free(t);
+}
+
+static char* at(const test_tensor* t, const int64_t* idx) {
+  int64_t off = 0;
+  for (int i = 0; i < t->dl.ndim; ++i) off += idx[i] * t->strides[i];
+  return (char*)t->dl.data + t->dl.byte_offset + off * (t->dl.dtype.bits / 8);
+}
+
+double tt_get(const test_tensor* t, const int64_t* idx) {
+  char* p = at(t, idx);
+  return t->dl.dtype.bits == 32 ? *(float*)p : *(double*)p;
+}
+
+void tt_set(test_tensor* t, const int64_t* idx, double v) {
+  char* p = at(t, idx);
+  if (t->dl.dtype.bits == 32) *(float*)p = (float)v;
+  else *(double*)p = v;
+}
+
+double tt_get2(const test_tensor* t, int64_t row, int64_t col) {
+  int64_t idx[8];
+  int nd = t->dl.ndim;
+  idx[nd - 1] = col;
+  for (int i = nd - 2; i >= 0; --i) {
+    idx[i] = row % t->shape[i];
+    row /= t->shape[i];
+  }
+  return tt_get(t, idx);
+}
+
+int test_report(void) {
+  printf("%d passed, %d failed\n", g_passed, g_failed);
+  return g_failed ? 1 : 0;
+}

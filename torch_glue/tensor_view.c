@@ -1,0 +1,157 @@
+/* Torch tensor handles as DLTensor views, allocation through torch, the CUDA
+ * device guard and stream, and raising errors into Python. */
+#define _GNU_SOURCE
+#include "tensor_view.h"
+
+#include "fct_tensor.h"
+
+#include <dlfcn.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <string.h>
+
+static DLDataType dl_dtype(int32_t d) {
+  DLDataType t = {kDLFloat, 32, 1};
+  if (d == aoti_torch_dtype_float32()) return t;
+  if (d == aoti_torch_dtype_float64()) return (DLDataType){kDLFloat, 64, 1};
+  if (d == aoti_torch_dtype_float16()) return (DLDataType){kDLFloat, 16, 1};
+  if (d == aoti_torch_dtype_bfloat16()) return (DLDataType){kDLBfloat, 16, 1};
+  if (d == aoti_torch_dtype_int64()) return (DLDataType){kDLInt, 64, 1};
+  if (d == aoti_torch_dtype_int32()) return (DLDataType){kDLInt, 32, 1};
+  if (d == aoti_torch_dtype_uint8()) return (DLDataType){kDLUInt, 8, 1};
+  if (d == aoti_torch_dtype_bool()) return (DLDataType){kDLBool, 8, 1};
+  return (DLDataType){kDLOpaqueHandle, 0, 1}; /* reported as unsupported */
+}
+
+static int32_t dl_device_type(int32_t torch_device) {
+  if (torch_device == aoti_torch_device_type_cpu()) return kDLCPU;
+  if (torch_device == aoti_torch_device_type_cuda()) return kDLCUDA;
+  return kDLExtDev; /* meta, mps, ...: reported as unsupported */
+}
+
+void fct_torch_view(AtenTensorHandle h, DLTensor* out) {
+  void* data = NULL;
+  int64_t ndim = 0, *sizes = NULL, *strides = NULL;
+  int32_t dtype = 0, dev = 0, idx = 0;
+  aoti_torch_get_data_ptr(h, &data);
+  aoti_torch_get_dim(h, &ndim);
+  aoti_torch_get_sizes(h, &sizes);
+  aoti_torch_get_strides(h, &strides);
+  aoti_torch_get_dtype(h, &dtype);
+  aoti_torch_get_device_type(h, &dev);
+  aoti_torch_get_device_index(h, &idx);
+  memset(out, 0, sizeof *out);
+  out->data = data; /* storage offset already applied */
+  out->ndim = (int32_t)ndim;
+  out->shape = sizes;
+  out->strides = strides;
+  out->dtype = dl_dtype(dtype);
+  out->device.device_type = dl_device_type(dev);
+  out->device.device_id = idx < 0 ? 0 : idx;
+}
+
+/* CUDA entry points of libtorch_cuda, found once at run time so that this
+ * library also loads with a CPU-only torch. */
+static fct_get_stream_fn g_get_stream;
+static fct_create_guard_fn g_create_guard;
+static fct_delete_guard_fn g_delete_guard;
+static pthread_once_t g_cuda_once = PTHREAD_ONCE_INIT;
+
+static void* find_symbol(const char* name) {
+  void* p = dlsym(RTLD_DEFAULT, name);
+  if (p) return p;
+  void* lib = dlopen("libtorch_cuda.so", RTLD_NOLOAD | RTLD_LAZY);
+  if (!lib) return NULL;
+  p = dlsym(lib, name);
+  dlclose(lib); /* RTLD_NOLOAD took a reference; torch keeps its own */
+  return p;
+}
+
+static void load_cuda_symbols(void) {
+  g_get_stream = (fct_get_stream_fn)find_symbol("aoti_torch_get_current_cuda_stream");
+  g_create_guard = (fct_create_guard_fn)find_symbol("aoti_torch_create_cuda_guard");
+  g_delete_guard = (fct_delete_guard_fn)find_symbol("aoti_torch_delete_cuda_guard");
+}
+
+static _Atomic uint32_t g_flags[2];
+
+__attribute__((visibility("default"))) void fct_torch_set_flags(int cuda, uint32_t flags) {
+  atomic_store(&g_flags[cuda ? 1 : 0], flags);
+}
+
+uint32_t fct_torch_flags(int32_t device_type) {
+  return atomic_load(&g_flags[device_type == aoti_torch_device_type_cuda() ? 1 : 0]);
+}
+
+static bool fail(fct_call* c, const char* msg) {
+  snprintf(c->error, sizeof c->error, "%s", msg);
+  return false;
+}
+
+bool fct_call_begin(fct_call* c, AtenTensorHandle h) {
+  aoti_torch_get_device_type(h, &c->device_type);
+  aoti_torch_get_device_index(h, &c->device_index);
+  c->ctx.error = c->error;
+  c->ctx.error_bytes = sizeof c->error;
+  c->ctx.flags = fct_torch_flags(c->device_type);
+  if (c->device_type != aoti_torch_device_type_cuda()) return true;
+  pthread_once(&g_cuda_once, load_cuda_symbols);
+  if (!g_get_stream || !g_create_guard || !g_delete_guard)
+    return fail(c, "factorch: torch's CUDA entry points (libtorch_cuda) were not found");
+  if (g_create_guard(c->device_index, &c->guard) != 0)
+    return fail(c, "factorch: could not set the CUDA device");
+  if (g_get_stream(c->device_index, &c->ctx.stream) != 0)
+    return fail(c, "factorch: could not get the current CUDA stream");
+  return true;
+}
+
+AtenTensorHandle fct_call_empty(fct_call* c, int32_t dtype, int64_t ndim, const int64_t* sizes) {
+  int64_t strides[FCT_MAX_DIMS];
+  if (ndim > FCT_MAX_DIMS) {
+    fail(c, "factorch: too many dims for an output");
+    return NULL;
+  }
+  int64_t s = 1;
+  for (int64_t i = ndim - 1; i >= 0; --i) {
+    strides[i] = s;
+    s *= sizes[i] > 0 ? sizes[i] : 1;
+  }
+  AtenTensorHandle h = NULL;
+  if (c->owned.n >= FCT_MAX_HANDLES ||
+      aoti_torch_empty_strided(ndim, sizes, strides, dtype, c->device_type, c->device_index,
+                               &h) != 0) {
+    fail(c, "factorch: allocating an output through torch failed (out of memory?)");
+    return NULL;
+  }
+  c->owned.h[c->owned.n++] = h;
+  return h;
+}
+
+bool fct_call_workspace(fct_call* c, size_t bytes) {
+  c->ctx.workspace = NULL;
+  c->ctx.workspace_bytes = bytes;
+  if (bytes == 0) return true;
+  int64_t n = (int64_t)bytes;
+  AtenTensorHandle h = fct_call_empty(c, aoti_torch_dtype_uint8(), 1, &n);
+  if (!h) return false;
+  aoti_torch_get_data_ptr(h, &c->ctx.workspace);
+  return true;
+}
+
+void fct_call_end(fct_call* c, fct_status st, const AtenTensorHandle* keep, int nkeep) {
+  for (int i = 0; i < c->owned.n; ++i) {
+    bool kept = false;
+    for (int k = 0; st == FCT_OK && k < nkeep; ++k) kept |= keep[k] == c->owned.h[i];
+    if (!kept) aoti_torch_delete_tensor_object(c->owned.h[i]);
+  }
+  c->owned.n = 0;
+  if (c->guard) {
+    g_delete_guard(c->guard);
+    c->guard = NULL;
+  }
+  if (st != FCT_OK) {
+    if (!c->error[0]) snprintf(c->error, sizeof c->error, "%s", fct_status_string(st));
+    aoti_torch_check(false, "factorch", __FILE__, __LINE__, c->error);
+  }
+}
