@@ -1,0 +1,57 @@
+# factorch: `make demo` and `make test` set everything up from a fresh clone.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMPS := .stamps
+# What a rebuild depends on (listed by folder; CMakeLists.txt lists sources).
+C_SOURCES := CMakeLists.txt pyproject.toml $(wildcard ops/*.[ch] ops/*/*.[ch] ops/*/*.cu \
+  ops/*/*.cuh dlpack_bridge/*.[ch] torch_glue/*.[ch] tests/c/*.c tests/c/*.h tests/c/*.cpp)
+ASAN_DIR := build/asan
+
+.PHONY: all setup build demo test test-c test-asan test-py bench clean
+
+all: build
+
+# A virtual environment with what pyproject.toml asks for.
+$(STAMPS)/deps: pyproject.toml tools/requirements.py
+	@mkdir -p $(STAMPS)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r <($(PY) tools/requirements.py dev)
+	touch $@
+
+# The C/CUDA libraries built by CMake (scikit-build-core, build/py) and the
+# package installed in editable mode.
+$(STAMPS)/build: $(STAMPS)/deps $(C_SOURCES)
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-build-isolation --no-deps -e .
+	touch $@
+
+setup: $(STAMPS)/build
+build: $(STAMPS)/build
+
+demo: build
+	$(PY) examples/convert_dense_model.py
+
+# Every test: C tests, C tests again under ASan+UBSan, then pytest.
+test: test-c test-asan test-py
+
+test-c: build
+	$(VENV)/bin/ctest --test-dir build/py --output-on-failure
+
+test-asan: $(STAMPS)/deps
+	$(VENV)/bin/cmake -S . -B $(ASAN_DIR) -G Ninja -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV)/bin/ninja) \
+	  -DPython_EXECUTABLE=$(abspath $(PY)) -DCMAKE_BUILD_TYPE=Debug -DFCT_SANITIZE=ON \
+	  -DFCT_CUDA=OFF -DFCT_BUILD_TORCH_GLUE=OFF > /dev/null
+	$(VENV)/bin/cmake --build $(ASAN_DIR)
+	ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 UBSAN_OPTIONS=print_stacktrace=1 \
+	  $(VENV)/bin/ctest --test-dir $(ASAN_DIR) --output-on-failure
+
+test-py: build
+	$(PY) -m pytest tests/python
+
+bench: build
+	$(PY) -m pip install --quiet --disable-pip-version-check -r <($(PY) tools/requirements.py bench)
+	$(PY) bench/bench_lowrank_linear.py --write bench/RESULTS.md
+
+clean:
+	rm -rf build $(STAMPS) factorch/_libs

@@ -1,0 +1,128 @@
+/*
+ * The CUDA backend table, registered with libfactorch when libfactorch_cuda
+ * is loaded; the per-thread cuBLAS handles; the device guard and the mapping
+ * of CUDA/cuBLAS errors to fct_status.
+ */
+#include <pthread.h>
+
+#include "cuda_common.cuh"
+
+/* cuBLAS handles are not safe to share between threads that use them at the
+ * same time, and each belongs to the device current at its creation: keep
+ * one per thread and device, created on first use. */
+#define FCT_CUDA_MAX_DEVICES 64
+static __thread cublasHandle_t t_handles[FCT_CUDA_MAX_DEVICES];
+
+/* A thread-specific key whose destructor releases a thread's handles when
+ * the thread exits (pthread_exit or return; not at process exit, when the
+ * driver may already be gone). */
+static pthread_key_t g_handles_key;
+static pthread_once_t g_handles_once = PTHREAD_ONCE_INIT;
+static bool g_handles_key_ok;
+
+static void destroy_handles(void* arg) {
+  cublasHandle_t* hs = (cublasHandle_t*)arg;
+  for (int d = 0; d < FCT_CUDA_MAX_DEVICES; ++d) {
+    if (!hs[d]) continue;
+    /* A handle is destroyed on its own device; if CUDA is shutting down we
+     * cannot, and the process is ending anyway. */
+    if (cudaSetDevice(d) == cudaSuccess) cublasDestroy(hs[d]);
+    hs[d] = NULL;
+  }
+}
+
+static void make_handles_key(void) {
+  g_handles_key_ok = pthread_key_create(&g_handles_key, destroy_handles) == 0;
+}
+
+extern "C" {
+
+fct_status fct_cuda_check(fct_context* ctx, cudaError_t err, const char* what) {
+  if (err == cudaSuccess) return FCT_OK;
+  return fct_fail(ctx, FCT_ERR_CUDA, "%s failed: %s: %s", what, cudaGetErrorName(err),
+                  cudaGetErrorString(err));
+}
+
+fct_status fct_cublas_check(fct_context* ctx, cublasStatus_t st, const char* what) {
+  if (st == CUBLAS_STATUS_SUCCESS) return FCT_OK;
+  return fct_fail(ctx, FCT_ERR_BLAS, "%s failed: %s", what, cublasGetStatusName(st));
+}
+
+fct_status fct_cuda_check_launch(fct_context* ctx, const char* kernel) {
+  cudaError_t err = cudaGetLastError();
+  if (err == cudaSuccess) return FCT_OK;
+  return fct_fail(ctx, FCT_ERR_CUDA, "launch of %s failed: %s: %s", kernel,
+                  cudaGetErrorName(err), cudaGetErrorString(err));
+}
+
+unsigned fct_cuda_blocks(int64_t n) {
+  int64_t b = (n + FCT_CUDA_THREADS - 1) / FCT_CUDA_THREADS;
+  return (unsigned)(b < FCT_CUDA_MAX_BLOCKS ? b : FCT_CUDA_MAX_BLOCKS);
+}
+
+/* This thread's handle for the current device `dev`, bound to `stream`. */
+static fct_status blas_handle(fct_context* ctx, int dev, cudaStream_t stream,
+                              cublasHandle_t* out) {
+  if (dev < 0 || dev >= FCT_CUDA_MAX_DEVICES)
+    return fct_fail(ctx, FCT_ERR_UNSUPPORTED, "cuda device %d: at most %d devices are supported",
+                    dev, FCT_CUDA_MAX_DEVICES);
+  if (!t_handles[dev]) {
+    cublasHandle_t h;
+    FCT_TRY(fct_cublas_check(ctx, cublasCreate(&h), "cublasCreate"));
+    t_handles[dev] = h;
+    pthread_once(&g_handles_once, make_handles_key);
+    if (g_handles_key_ok) pthread_setspecific(g_handles_key, t_handles);
+  }
+  /* The stream changes from call to call (torch's current stream). */
+  FCT_TRY(fct_cublas_check(ctx, cublasSetStream(t_handles[dev], stream), "cublasSetStream"));
+  *out = t_handles[dev];
+  return FCT_OK;
+}
+
+fct_status fct_cuda_enter(fct_context* ctx, int device, const void* ptr, bool with_blas,
+                          fct_cuda_env* env) {
+  env->stream = (cudaStream_t)ctx->stream;
+  env->blas = NULL;
+  FCT_TRY(fct_cuda_check(ctx, cudaGetDevice(&env->prev_device), "cudaGetDevice"));
+  env->device = device >= 0 ? device : env->prev_device;
+  if (device < 0 && ptr) {
+    /* The plan carries pointers, not device ids: ask the driver which device
+     * owns the memory, so a caller whose current device differs still gets
+     * the work run where the tensors live. */
+    cudaPointerAttributes a;
+    FCT_TRY(fct_cuda_check(ctx, cudaPointerGetAttributes(&a, ptr), "cudaPointerGetAttributes"));
+    if (a.type == cudaMemoryTypeDevice && a.device >= 0) env->device = a.device;
+  }
+  if (env->device != env->prev_device)
+    FCT_TRY(fct_cuda_check(ctx, cudaSetDevice(env->device), "cudaSetDevice"));
+  if (with_blas) {
+    fct_status s = blas_handle(ctx, env->device, env->stream, &env->blas);
+    if (s != FCT_OK) return fct_cuda_leave(ctx, env, s);
+  }
+  return FCT_OK;
+}
+
+fct_status fct_cuda_leave(fct_context* ctx, const fct_cuda_env* env, fct_status status) {
+  if (env->device == env->prev_device) return status;
+  cudaError_t err = cudaSetDevice(env->prev_device);
+  if (status == FCT_OK) return fct_cuda_check(ctx, err, "cudaSetDevice (restoring the device)");
+  return status;
+}
+
+} /* extern "C" */
+
+/* Positional: designated initializers are C++20. Static storage: libfactorch
+ * keeps the pointer for the life of the process. */
+static const fct_backend kCudaBackend = {
+    fct_cuda_pack,             /* pack */
+    fct_cuda_lowrank_forward,  /* lowrank_forward */
+    fct_cuda_lowrank_backward, /* lowrank_backward */
+    fct_cuda_count_nonfinite,  /* count_nonfinite */
+};
+
+/* Runs when libfactorch_cuda is loaded. Must not touch CUDA: initialising
+ * the driver from a constructor would cost every process that merely loads
+ * the library, and fails in forked children. */
+__attribute__((constructor)) static void register_cuda_backend(void) {
+  fct_register_cuda_backend(&kCudaBackend);
+}

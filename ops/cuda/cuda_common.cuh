@@ -1,0 +1,65 @@
+/*
+ * cuda_common.cuh (internal to ops/cuda): what the CUDA backend's files share:
+ * error mapping, the per-call device/stream/cuBLAS state, launch sizes.
+ * Everything here has C linkage and hidden visibility (CMake's visibility
+ * preset), so libfactorch_cuda exports no C++ symbols.
+ */
+#ifndef FCT_CUDA_COMMON_CUH
+#define FCT_CUDA_COMMON_CUH
+
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include "backend.h"
+
+#define FCT_TRY(expr)            \
+  do {                           \
+    fct_status s_ = (expr);      \
+    if (s_ != FCT_OK) return s_; \
+  } while (0)
+
+/* Threads per block of the element-wise kernels, and a cap on blocks: the
+ * kernels loop grid-stride, so more blocks than this only add scheduling. */
+#define FCT_CUDA_THREADS 256
+#define FCT_CUDA_MAX_BLOCKS 65536
+
+/* Where one backend call runs: the tensors' device (made current for the
+ * call, the caller's device restored after), the caller's stream, and this
+ * thread's cuBLAS handle for that device (NULL unless asked for). */
+typedef struct fct_cuda_env {
+  int device, prev_device;
+  cudaStream_t stream;
+  cublasHandle_t blas;
+} fct_cuda_env;
+
+extern "C" {
+
+/* FCT_OK, or FCT_ERR_CUDA with "<what> failed: <error name>: <text>". */
+fct_status fct_cuda_check(fct_context* ctx, cudaError_t err, const char* what);
+/* FCT_OK, or FCT_ERR_BLAS with "<what> failed: CUBLAS_STATUS_...". */
+fct_status fct_cublas_check(fct_context* ctx, cublasStatus_t st, const char* what);
+/* After kernel launches: a launch error (bad configuration, no device...). */
+fct_status fct_cuda_check_launch(fct_context* ctx, const char* kernel);
+
+/* Enters device `device` (-1: the device that owns `ptr`, or the current one
+ * when ptr is NULL or host memory). with_blas: also fetch this thread's cuBLAS
+ * handle for the device, bound to ctx->stream. On success the caller must end
+ * with fct_cuda_leave. */
+fct_status fct_cuda_enter(fct_context* ctx, int device, const void* ptr, bool with_blas,
+                          fct_cuda_env* env);
+/* Restores the caller's device; returns status (or a failure to restore). */
+fct_status fct_cuda_leave(fct_context* ctx, const fct_cuda_env* env, fct_status status);
+
+/* Blocks for n elements (n > 0), capped at FCT_CUDA_MAX_BLOCKS. */
+unsigned fct_cuda_blocks(int64_t n);
+
+/* The backend's entry points (fct_backend in backend.h). */
+fct_status fct_cuda_pack(fct_context* ctx, const DLTensor* src, char* dst);
+fct_status fct_cuda_count_nonfinite(fct_context* ctx, const DLTensor* t, char* scratch,
+                                    int64_t* count);
+fct_status fct_cuda_lowrank_forward(fct_context* ctx, const fct_lowrank_plan* p);
+fct_status fct_cuda_lowrank_backward(fct_context* ctx, const fct_lowrank_plan* p);
+
+} /* extern "C" */
+
+#endif /* FCT_CUDA_COMMON_CUH */
