@@ -43,6 +43,30 @@ static void gemv(fct_dtype dt, const fct_mat* B, bool want_t, const char* vec, b
                       (const double*)vec, incv, beta, (double*)out, incout);
 }
 
+/* C [m, n] = a [m] ⊗ b [n] + beta·C, a = A's column, b = B's row. */
+static void outer(fct_dtype dt, const fct_mat* A, const fct_mat* B, const fct_mat* C,
+                  double beta) {
+  for (int64_t i = 0; i < C->rows; ++i) {
+    if (dt == FCT_F32) {
+      float a = ((const float*)A->data)[i * A->rs];
+      const float* b = (const float*)B->data;
+      float* c = (float*)C->data + i * C->rs;
+      if (beta == 0.0)
+        for (int64_t j = 0; j < C->cols; ++j) c[j] = a * b[j * B->cs];
+      else
+        for (int64_t j = 0; j < C->cols; ++j) c[j] = a * b[j * B->cs] + (float)beta * c[j];
+    } else {
+      double a = ((const double*)A->data)[i * A->rs];
+      const double* b = (const double*)B->data;
+      double* c = (double*)C->data + i * C->rs;
+      if (beta == 0.0)
+        for (int64_t j = 0; j < C->cols; ++j) c[j] = a * b[j * B->cs];
+      else
+        for (int64_t j = 0; j < C->cols; ++j) c[j] = a * b[j * B->cs] + beta * c[j];
+    }
+  }
+}
+
 void fct_cpu_gemm(fct_dtype dt, const fct_mat* A, const fct_mat* B, const fct_mat* C,
                   double beta) {
   int64_t m = C->rows, n = C->cols, k = A->cols;
@@ -50,6 +74,12 @@ void fct_cpu_gemm(fct_dtype dt, const fct_mat* A, const fct_mat* B, const fct_ma
   if (k == 0) {
     if (beta == 0.0) zero_rows(dt, C);
     return; /* beta == 1: C unchanged */
+  }
+  /* An outer product (k == 1, e.g. weight gradients of one token): one
+   * streaming pass over C; GEMM would pack both operands for nothing. */
+  if (k == 1) {
+    outer(dt, A, B, C, beta);
+    return;
   }
   /* One output row: c = Bᵀ·a (a = A's row, element stride A->cs). */
   if (m == 1 && A->cs >= 1) {

@@ -13,6 +13,9 @@
 #define FCT_CUDA_MAX_DEVICES 64
 static __thread cublasHandle_t t_handles[FCT_CUDA_MAX_DEVICES];
 
+/* C linkage throughout, static helpers included: no C++ symbols. */
+extern "C" {
+
 /* A thread-specific key whose destructor releases a thread's handles when
  * the thread exits (pthread_exit or return; not at process exit, when the
  * driver may already be gone). */
@@ -34,8 +37,6 @@ static void destroy_handles(void* arg) {
 static void make_handles_key(void) {
   g_handles_key_ok = pthread_key_create(&g_handles_key, destroy_handles) == 0;
 }
-
-extern "C" {
 
 fct_status fct_cuda_check(fct_context* ctx, cudaError_t err, const char* what) {
   if (err == cudaSuccess) return FCT_OK;
@@ -109,8 +110,6 @@ fct_status fct_cuda_leave(fct_context* ctx, const fct_cuda_env* env, fct_status 
   return status;
 }
 
-} /* extern "C" */
-
 /* Positional: designated initializers are C++20. Static storage: libfactorch
  * keeps the pointer for the life of the process. */
 static const fct_backend kCudaBackend = {
@@ -126,3 +125,5 @@ static const fct_backend kCudaBackend = {
 __attribute__((constructor)) static void register_cuda_backend(void) {
   fct_register_cuda_backend(&kCudaBackend);
 }
+
+} /* extern "C" */

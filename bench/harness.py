@@ -1,0 +1,84 @@
+"""Interleaved timing for side-by-side benchmarks.
+
+Every candidate of a case is timed in each round, in a rotated order, so that
+a slow moment of the (noisy, shared) machine hits all of them alike; the
+figure kept for each is the median over rounds, and ratios are taken between
+medians of the same run.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import sys
+import time
+from typing import Callable
+
+import torch
+
+
+def time_call(fn: Callable[[], object], min_time: float = 0.05, max_iters: int = 10_000) -> float:
+    """Seconds per call of fn, averaged over enough calls to last min_time."""
+    fn()
+    n, elapsed = 1, 0.0
+    while True:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - t0
+        if elapsed >= min_time or n >= max_iters:
+            return elapsed / n
+        n = min(max_iters, max(n * 2, int(n * min_time / max(elapsed, 1e-9) * 1.2)))
+
+
+def interleaved(cands: dict[str, Callable[[], object]], rounds: int, min_time: float) -> dict:
+    """Median seconds per call of each candidate over `rounds` rotated rounds."""
+    names = list(cands)
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    for fn in cands.values():  # warm-up: allocator, BLAS threads, caches
+        fn()
+    for r in range(rounds):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for n in order:
+            samples[n].append(time_call(cands[n], min_time))
+    return {n: statistics.median(s) for n, s in samples.items()}
+
+
+def machine() -> str:
+    return (
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+        f"torch {torch.__version__}, Python {sys.version.split()[0]}"
+    )
+
+
+def fmt_time(s: float) -> str:
+    if s < 1e-3:
+        return f"{s * 1e6:.1f} µs"
+    if s < 1:
+        return f"{s * 1e3:.2f} ms"
+    return f"{s:.3f} s"
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def write_section(path: str, title: str, body: str) -> None:
+    """Replaces the section `## title` of a markdown file (or appends it)."""
+    try:
+        text = open(path, encoding="utf-8").read()
+    except FileNotFoundError:
+        text = "# Benchmark results\n\nEach section says how it was produced; rerun the command to refresh it.\n"
+    start = text.find(f"\n## {title}\n")
+    section = f"\n## {title}\n\n{body.strip()}\n"
+    if start < 0:
+        text = text.rstrip("\n") + "\n" + section
+    else:
+        end = text.find("\n## ", start + 1)
+        text = text[:start] + section + (text[end:] if end >= 0 else "")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
