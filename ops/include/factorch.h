@@ -73,9 +73,12 @@ FCT_API const char* fct_status_string(int status);
 FCT_API uint32_t fct_version(void);
 
 /* Flags for fct_context.flags. */
-#define FCT_FLAG_CHECK_FINITE 1u /* fail with FCT_ERR_NOT_FINITE when an output
-                                    holds NaN/Inf, naming the inputs that hold
-                                    them. On CUDA this costs one stream sync. */
+#define FCT_FLAG_CHECK_FINITE 1u /* fail with FCT_ERR_NOT_FINITE when NaN/Inf
+                                    appear, naming the inputs that hold them.
+                                    Scans only tensors that scale with the
+                                    batch (outputs like y and grad_x, and
+                                    grad_y), never the weights or their
+                                    gradients. On CUDA: one stream sync. */
 
 typedef struct fct_context {
   /* Borrowed cudaStream_t for CUDA tensors (NULL: the legacy default stream).

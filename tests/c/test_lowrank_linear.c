@@ -328,6 +328,15 @@ static void test_errors(void) {
   int64_t i10[2] = {1, 0};
   CHECK(isnan(tt_get(y, i10)), "NaN propagates to y's row 1");
 
+  /* Backward with the finite check: y (now holding NaN) as grad_y is named. */
+  test_tensor* gx = tt_zeros(32, 2, xs);
+  c.flags = FCT_FLAG_CHECK_FINITE;
+  st = fct_lowrank_linear_backward(&c, &y->dl, &x->dl, &U->dl, &V->dl, NULL, &gx->dl, NULL,
+                                   NULL, NULL);
+  expect_fail(st, FCT_ERR_NOT_FINITE, "grad_y", "NaN in grad_y");
+  c.flags = 0;
+  tt_free(gx);
+
   /* Backward: grad output of the wrong shape, output aliasing an input. */
   test_tensor* gU = tt_zeros(32, 2, vs); /* V's shape, not U's */
   st = fct_lowrank_linear_backward(&c, &y->dl, &x->dl, &U->dl, &V->dl, NULL, NULL, &gU->dl,
