@@ -64,7 +64,7 @@ static fct_status backward(fct_context* ctx, const fct_lowrank_plan* p) {
     fct_mat gT = fct_mat_t(p->g);
     fct_cpu_gemm(p->dt, &gT, &p->t, &p->gU, 0.0); /* gU [out, r] = gᵀ [out, M] · t */
   }
-  if (p->gt.data) {
+  if (p->gx.data || p->gV.data) { /* gt may be an empty workspace (M or r = 0) */
     fct_cpu_gemm(p->dt, &p->g, &p->U, &p->gt, 0.0); /* gt [M, r] = g [M, out] · U */
     if (p->gV.data) {
       fct_mat gtT = fct_mat_t(p->gt);

@@ -202,7 +202,8 @@ static fct_status gemm(fct_context* ctx, const fct_cuda_env* env, fct_dtype dt, 
   if (k == 0) return beta == 0.0 ? zero_rows(ctx, env, dt, C) : FCT_OK;
   bool full = dt == FCT_F32 || dt == FCT_F64;
   /* One output row: c = Bᵀ·a (a = A's row, element stride A->cs). */
-  if (full && m == 1 && A->cs >= 1) return gemv(ctx, env, dt, B, true, A->data, A->cs, C->data, 1, beta);
+  if (full && m == 1 && A->cs >= 1)
+    return gemv(ctx, env, dt, B, true, A->data, A->cs, C->data, 1, beta);
   /* One output column: c = A·b (b = B's column, stride B->rs). */
   if (full && n == 1 && B->rs >= 1)
     return gemv(ctx, env, dt, A, false, B->data, B->rs, C->data, C->rs, beta);
@@ -243,9 +244,11 @@ static fct_status gemm(fct_context* ctx, const fct_cuda_env* env, fct_dtype dt, 
 static fct_status forward_on(fct_context* ctx, const fct_cuda_env* env,
                              const fct_lowrank_plan* p) {
   fct_mat Vt = fct_mat_t(p->V), Ut = fct_mat_t(p->U);
-  FCT_TRY(gemm(ctx, env, p->dt, &p->x, &Vt, &p->t, 0.0)); /* t [M, r] = x [M, in] · Vᵀ [in, r] */
+  /* t [M, r] = x [M, in] · Vᵀ [in, r] */
+  FCT_TRY(gemm(ctx, env, p->dt, &p->x, &Vt, &p->t, 0.0));
   if (p->bias) FCT_TRY(fill_bias(ctx, env, p->dt, &p->y, p->bias, p->bias_stride));
-  return gemm(ctx, env, p->dt, &p->t, &Ut, &p->y, p->bias ? 1.0 : 0.0); /* y [M, out] += t · Uᵀ */
+  /* y [M, out] (+)= t [M, r] · Uᵀ [r, out] */
+  return gemm(ctx, env, p->dt, &p->t, &Ut, &p->y, p->bias ? 1.0 : 0.0);
 }
 
 static fct_status backward_on(fct_context* ctx, const fct_cuda_env* env,

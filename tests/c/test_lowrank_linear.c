@@ -64,6 +64,7 @@ static double rel_err(const test_tensor* a, const double* r, int64_t rows, int64
   for (int64_t i = 0; i < rows; ++i)
     for (int64_t j = 0; j < cols; ++j) {
       double d = fabs(tt_get2(a, i, j) - r[i * cols + j]);
+      if (isnan(d)) return INFINITY; /* unwritten (NaN-filled) or wrong */
       num = d > num ? d : num;
       den = fabs(r[i * cols + j]) > den ? fabs(r[i * cols + j]) : den;
     }
@@ -88,7 +89,7 @@ static void ensure_ws(fct_context* c, size_t bytes) {
     g_ws = aligned_alloc(256, (bytes + 255) / 256 * 256);
     g_ws_bytes = bytes;
   }
-  c->workspace = g_ws;
+  c->workspace = bytes ? g_ws : NULL; /* a 0-byte workspace may be NULL */
   c->workspace_bytes = bytes;
 }
 
@@ -125,8 +126,8 @@ static void run_case(int bits, int64_t M, int64_t in, int64_t out, int64_t r, bo
   test_tensor* V = tt_new(bits, 2, vs, L->w_transposed ? wt : NULL, 0);
   test_tensor* b = bias ? tt_new(bits, 1, bs, NULL, 0) : NULL;
   test_tensor* g = tt_new(bits, nd, ys, NULL, 0);
-  test_tensor* y = tt_zeros(bits, nd, ys);
-  test_tensor* t = tt_zeros(bits, nd, ts);
+  test_tensor* y = tt_output(bits, nd, ys);
+  test_tensor* t = tt_output(bits, nd, ts);
   ref R = reference(x, U, V, b, g, M, in, out, r);
   double tol = bits == 64 ? 1e-12 : 2e-5 * sqrt((double)(in + out + M + 1));
 
@@ -150,10 +151,10 @@ static void run_case(int bits, int64_t M, int64_t in, int64_t out, int64_t r, bo
   /* Backward: all gradients, then only grad_U (which needs t), then only
    * grad_x; with the saved t when we have it, else recomputed. */
   for (int variant = 0; variant < 3; ++variant) {
-    test_tensor* gx = tt_zeros(bits, nd, xs);
-    test_tensor* gU = tt_zeros(bits, 2, us);
-    test_tensor* gV = tt_zeros(bits, 2, vs);
-    test_tensor* gb = tt_zeros(bits, 1, bs);
+    test_tensor* gx = tt_output(bits, nd, xs);
+    test_tensor* gU = tt_output(bits, 2, us);
+    test_tensor* gV = tt_output(bits, 2, vs);
+    test_tensor* gb = tt_output(bits, 1, bs);
     bool want_x = variant != 1, want_U = variant != 2, want_V = variant == 0,
          want_b = variant == 0;
     DLTensor* ogx = want_x ? &gx->dl : NULL;
@@ -204,6 +205,7 @@ static void test_values(void) {
       {6, 13, 11, 5}, {6, 13, 11, 1}, {6, 13, 11, 11}, /* r = min(in, out) */
       {1, 17, 9, 4},  {1, 9, 17, 9},                   /* M = 1: GEMV */
       {0, 8, 6, 3},                                    /* empty batch */
+      {5, 8, 6, 0},  {4, 0, 6, 2},                     /* rank 0, in = 0 */
       {64, 40, 72, 16},
   };
   for (int bits = 32; bits <= 64; bits += 32)
@@ -228,7 +230,7 @@ static void test_errors(void) {
   test_tensor* x = tt_new(32, 2, xs, NULL, 0);
   test_tensor* U = tt_new(32, 2, us, NULL, 0);
   test_tensor* V = tt_new(32, 2, vs, NULL, 0);
-  test_tensor* y = tt_zeros(32, 2, ys);
+  test_tensor* y = tt_output(32, 2, ys);
   test_tensor* b = tt_new(32, 1, bs, NULL, 0);
   test_tensor* U64 = tt_new(64, 2, us, NULL, 0);
   fct_context c = make_ctx();
@@ -329,7 +331,7 @@ static void test_errors(void) {
   CHECK(isnan(tt_get(y, i10)), "NaN propagates to y's row 1");
 
   /* Backward with the finite check: y (now holding NaN) as grad_y is named. */
-  test_tensor* gx = tt_zeros(32, 2, xs);
+  test_tensor* gx = tt_output(32, 2, xs);
   c.flags = FCT_FLAG_CHECK_FINITE;
   st = fct_lowrank_linear_backward(&c, &y->dl, &x->dl, &U->dl, &V->dl, NULL, &gx->dl, NULL,
                                    NULL, NULL);
@@ -338,7 +340,7 @@ static void test_errors(void) {
   tt_free(gx);
 
   /* Backward: grad output of the wrong shape, output aliasing an input. */
-  test_tensor* gU = tt_zeros(32, 2, vs); /* V's shape, not U's */
+  test_tensor* gU = tt_output(32, 2, vs); /* V's shape, not U's */
   st = fct_lowrank_linear_backward(&c, &y->dl, &x->dl, &U->dl, &V->dl, NULL, NULL, &gU->dl,
                                    NULL, NULL);
   expect_fail(st, FCT_ERR_SHAPE, "grad_U", "grad_U shape");

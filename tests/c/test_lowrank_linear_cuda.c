@@ -245,14 +245,16 @@ static void run_case(kind k, int64_t M, int64_t in, int64_t out, int64_t r, bool
   int wt[2] = {1, 0};
   int64_t us[2] = {out, r}, vs[2] = {r, in}, bs[1] = {out};
   const int* xo = L->x_order[0] || L->x_order[1] ? L->x_order : NULL;
-  dev_tensor* x = dev_new(L->step2 ? every_other(bits, nd, xs) : tt_new(bits, nd, xs, xo, L->x_gap), k, false);
+  test_tensor* hx = L->step2 ? every_other(bits, nd, xs) : tt_new(bits, nd, xs, xo, L->x_gap);
+  dev_tensor* x = dev_new(hx, k, false);
   dev_tensor* U = dev_new(tt_new(bits, 2, us, L->w_transposed ? wt : NULL, 0), k, false);
   dev_tensor* V = dev_new(tt_new(bits, 2, vs, L->w_transposed ? wt : NULL, 0), k, false);
   dev_tensor* b = NULL;
-  if (bias) b = dev_new(L->step2 ? every_other(bits, 1, bs) : tt_new(bits, 1, bs, NULL, 0), k, false);
+  if (bias)
+    b = dev_new(L->step2 ? every_other(bits, 1, bs) : tt_new(bits, 1, bs, NULL, 0), k, false);
   dev_tensor* g = dev_new(tt_new(bits, nd, ys, NULL, 0), k, false);
-  dev_tensor* y = dev_new(tt_zeros(bits, nd, ys), k, true);
-  dev_tensor* t = dev_new(tt_zeros(bits, nd, ts), k, true);
+  dev_tensor* y = dev_new(tt_output(bits, nd, ys), k, true);
+  dev_tensor* t = dev_new(tt_output(bits, nd, ts), k, true);
   ref R = reference(x->h, U->h, V->h, b ? b->h : NULL, g->h, M, in, out, r);
   double tol = k == K_F64 ? 1e-12 : k == K_F32 ? 2e-5 * sqrt((double)(in + out + M + 1)) : 3e-2;
 
@@ -277,10 +279,10 @@ static void run_case(kind k, int64_t M, int64_t in, int64_t out, int64_t r, bool
    * with the saved t when we have it, else recomputed. */
   for (int variant = 0; variant < 3; ++variant) {
     bool want_x = variant != 1, want_U = variant != 2, want_all = variant == 0;
-    dev_tensor* gx = want_x ? dev_new(tt_zeros(bits, nd, xs), k, true) : NULL;
-    dev_tensor* gU = want_U ? dev_new(tt_zeros(bits, 2, us), k, true) : NULL;
-    dev_tensor* gV = want_all ? dev_new(tt_zeros(bits, 2, vs), k, true) : NULL;
-    dev_tensor* gb = want_all ? dev_new(tt_zeros(bits, 1, bs), k, true) : NULL;
+    dev_tensor* gx = want_x ? dev_new(tt_output(bits, nd, xs), k, true) : NULL;
+    dev_tensor* gU = want_U ? dev_new(tt_output(bits, 2, us), k, true) : NULL;
+    dev_tensor* gV = want_all ? dev_new(tt_output(bits, 2, vs), k, true) : NULL;
+    dev_tensor* gb = want_all ? dev_new(tt_output(bits, 1, bs), k, true) : NULL;
     const DLTensor* tin = keep_t ? &t->dl : NULL;
     c = make_ctx();
     st = fct_lowrank_linear_backward_workspace(&c, &g->dl, &x->dl, &U->dl, &V->dl, tin,
@@ -358,7 +360,7 @@ static void test_errors(void) {
   dev_tensor* x = dev_new(tt_new(32, 2, xs, NULL, 0), K_F32, false);
   dev_tensor* U = dev_new(tt_new(32, 2, us, NULL, 0), K_F32, false);
   dev_tensor* V = dev_new(tt_new(32, 2, vs, NULL, 0), K_F32, false);
-  dev_tensor* y = dev_new(tt_zeros(32, 2, ys), K_F32, true);
+  dev_tensor* y = dev_new(tt_output(32, 2, ys), K_F32, true);
   dev_tensor* b = dev_new(tt_new(32, 1, bs, NULL, 0), K_F32, false);
   dev_tensor* U64 = dev_new(tt_new(64, 2, us, NULL, 0), K_F64, false);
   dev_tensor* xs2 = dev_new(every_other(32, 2, xs), K_F32, false);

@@ -1,5 +1,6 @@
 #include "test_util.h"
 
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -55,14 +56,18 @@ test_tensor* tt_new(int bits, int ndim, const int64_t* shape, const int* order, 
   return t;
 }
 
-test_tensor* tt_zeros(int bits, int ndim, const int64_t* shape) {
+test_tensor* tt_output(int bits, int ndim, const int64_t* shape) {
   test_tensor* t = alloc(bits, ndim, shape);
   int64_t s = 1;
   for (int k = ndim - 1; k >= 0; --k) {
     t->strides[k] = s;
     s *= shape[k] > 0 ? shape[k] : 1;
   }
-  t->buf = calloc((size_t)s + 1, (size_t)(bits / 8));
+  t->buf = malloc(((size_t)s + 1) * (size_t)(bits / 8));
+  for (int64_t i = 0; i <= s; ++i) {
+    if (bits == 32) ((float*)t->buf)[i] = NAN;
+    else ((double*)t->buf)[i] = NAN;
+  }
   t->dl.data = t->buf;
   return t;
 }

@@ -21,8 +21,9 @@ typedef struct test_tensor {
  * (so that gap > 0 gives non-foldable strides). Filled with random values in
  * [-1, -0.1] U [0.1, 1] (never zero). bits: 32 or 64. */
 test_tensor* tt_new(int bits, int ndim, const int64_t* shape, const int* order, int64_t gap);
-/* Dense row-major, zero-filled (outputs). */
-test_tensor* tt_zeros(int bits, int ndim, const int64_t* shape);
+/* Dense row-major, filled with NaN so that an element an op fails to write
+ * shows (outputs). */
+test_tensor* tt_output(int bits, int ndim, const int64_t* shape);
 void tt_free(test_tensor* t);
 double tt_get(const test_tensor* t, const int64_t* idx);
 void tt_set(test_tensor* t, const int64_t* idx, double v);
