@@ -85,8 +85,9 @@ def test_opcheck(device):
             torch.library.opcheck(torch.ops.factorch.lowrank_linear_backward, args)
 
 
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_torch_compile_fullgraph(device):
+def test_torch_compile_fullgraph(device, backend):
     torch._dynamo.reset()
     model = torch.nn.Sequential(
         factorch.nn.FactorizedLinear(16, 32, rank=4, device=device),
@@ -94,7 +95,7 @@ def test_torch_compile_fullgraph(device):
         factorch.nn.FactorizedLinear(32, 8, rank=4, bias=False, device=device),
     )
     x = torch.randn(5, 16, device=device)
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(model, fullgraph=True, backend=backend)
     y = compiled(x)
     torch.testing.assert_close(y, model(x))
     y.sum().backward()
