@@ -5,7 +5,7 @@ PyTorch, with forward and backward kernels in C (OpenBLAS) and CUDA C (cuBLAS).
 from __future__ import annotations
 
 from . import _lib, _ops, functional, nn  # noqa: F401  (_ops registers fakes/autograd)
-from ._config import get_check_finite, set_check_finite, set_num_threads
+from ._config import get_check_finite, set_check_finite
 
 __version__ = _lib.version()
 
@@ -22,7 +22,6 @@ __all__ = [
     "nn",
     "set_check_finite",
     "get_check_finite",
-    "set_num_threads",
     "cuda_available",
     "__version__",
 ]

@@ -22,11 +22,4 @@ def get_check_finite() -> dict[str, bool]:
     return dict(_check_finite)
 
 
-def set_num_threads(n: int) -> int:
-    """Threads of the CPU BLAS; returns the number in force."""
-    if n < 1:
-        raise ValueError(f"n: expected a positive number of threads, got {n}")
-    return _lib.core.fct_cpu_set_num_threads(n)
-
-
 set_check_finite(**_check_finite)

@@ -6,6 +6,7 @@
  * Optional arguments are avoided (freeing an optional's heap slot from C is
  * possible only from torch 2.13): an absent bias is an empty tensor.
  */
+#include "factorch.h"
 #include "lowrank_linear_glue.h"
 #include "torch_shim.h"
 
@@ -28,6 +29,13 @@ enum { kNumOps = sizeof kOps / sizeof kOps[0] };
 static TorchLibraryHandle g_def, g_cpu, g_cuda;
 static int g_status = -1;
 
+/* CPU kernels run their blocks in torch's thread pool rather than OpenBLAS's:
+ * two pools spinning on the same cores starve each other (factorch.h). */
+static int torch_threads(void) {
+  uint32_t n = 1;
+  return torch_get_num_threads(&n) == 0 && n > 0 ? (int)n : 1;
+}
+
 /* 0 when every op registered; read by Python to report a failed load. */
 __attribute__((visibility("default"))) int fct_torch_registration_status(void) {
   return g_status;
@@ -44,4 +52,5 @@ __attribute__((constructor)) static void fct_register(void) {
     rc |= aoti_torch_library_impl(g_cuda, kOps[i].name, kOps[i].kernel);
   }
   g_status = rc;
+  fct_cpu_set_thread_pool(torch_parallel_for, torch_threads);
 }

@@ -63,6 +63,12 @@ AOTITorchError aoti_torch_delete_tensor_object(AtenTensorHandle t);
 void aoti_torch_check(bool cond, const char* func, const char* file, uint32_t line,
                       const char* msg);
 
+/* torch's intra-op thread pool (stable shim, torch >= 2.10). */
+typedef void (*fct_torch_parallel_func)(int64_t begin, int64_t end, void* ctx);
+AOTITorchError torch_parallel_for(int64_t begin, int64_t end, int64_t grain_size,
+                                  fct_torch_parallel_func func, void* ctx);
+AOTITorchError torch_get_num_threads(uint32_t* out_num_threads);
+
 /* CUDA-only (libtorch_cuda); looked up at run time, see tensor_view.c. */
 typedef struct CUDAGuardOpaque* CUDAGuardHandle;
 typedef AOTITorchError (*fct_get_stream_fn)(int32_t device_index, void** ret_stream);

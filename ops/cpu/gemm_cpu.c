@@ -3,6 +3,7 @@
 #include "gemm_cpu.h"
 
 #include <cblas.h>
+#include <stdatomic.h>
 #include <string.h>
 
 /* How BLAS reads a view: row-major as stored (NoTrans, ld = rs), or a
@@ -67,14 +68,10 @@ static void outer(fct_dtype dt, const fct_mat* A, const fct_mat* B, const fct_ma
   }
 }
 
-void fct_cpu_gemm(fct_dtype dt, const fct_mat* A, const fct_mat* B, const fct_mat* C,
-                  double beta) {
+/* One thread's share of a GEMM (OpenBLAS runs it in the calling thread). */
+static void gemm_serial(fct_dtype dt, const fct_mat* A, const fct_mat* B, const fct_mat* C,
+                        double beta) {
   int64_t m = C->rows, n = C->cols, k = A->cols;
-  if (m == 0 || n == 0) return;
-  if (k == 0) {
-    if (beta == 0.0) zero_rows(dt, C);
-    return; /* beta == 1: C unchanged */
-  }
   /* An outer product (k == 1, e.g. weight gradients of one token): one
    * streaming pass over C; GEMM would pack both operands for nothing. */
   if (k == 1) {
@@ -105,7 +102,79 @@ void fct_cpu_gemm(fct_dtype dt, const fct_mat* A, const fct_mat* B, const fct_ma
                       (double*)C->data, (blasint)C->rs);
 }
 
+/* ------------------------------------------------------------------------- */
+/* Threads. A host framework (torch) may install its thread pool; then every  */
+/* GEMM is split into one block per pool thread and OpenBLAS runs each block  */
+/* in the calling thread. Two thread pools that both spin-wait on the same    */
+/* cores (torch's OpenMP and OpenBLAS's pthreads) were measured to slow a     */
+/* small training loop down 30x; one pool cannot collide with itself.         */
+/* ------------------------------------------------------------------------- */
+
+static _Atomic(fct_parallel_for_fn) g_parallel_for;
+static _Atomic(fct_num_threads_fn) g_num_threads;
+
+void fct_cpu_set_thread_pool(fct_parallel_for_fn parallel_for, fct_num_threads_fn num_threads) {
+  if (parallel_for && num_threads) scipy_openblas_set_num_threads(1);
+  atomic_store(&g_num_threads, num_threads);
+  atomic_store(&g_parallel_for, parallel_for);
+}
+
 int fct_cpu_set_num_threads(int n) {
   if (n > 0) scipy_openblas_set_num_threads(n);
   return scipy_openblas_get_num_threads();
+}
+
+typedef struct gemm_job {
+  fct_dtype dt;
+  const fct_mat *A, *B, *C;
+  double beta;
+  bool split_rows; /* else split the columns of B and C */
+  int64_t step;    /* rows or columns per block */
+} gemm_job;
+
+static void gemm_blocks(int64_t begin, int64_t end, void* arg) {
+  const gemm_job* j = arg;
+  size_t es = fct_dtype_bytes(j->dt);
+  for (int64_t b = begin; b < end; ++b) {
+    fct_mat A = *j->A, B = *j->B, C = *j->C;
+    int64_t dim = j->split_rows ? C.rows : C.cols;
+    int64_t lo = b * j->step, hi = lo + j->step < dim ? lo + j->step : dim;
+    if (lo >= hi) continue;
+    if (j->split_rows) { /* C [lo:hi, :] = A [lo:hi, :] · B */
+      A.data += lo * A.rs * (int64_t)es;
+      C.data += lo * C.rs * (int64_t)es;
+      A.rows = C.rows = hi - lo;
+    } else { /* C [:, lo:hi] = A · B [:, lo:hi] */
+      B.data += lo * B.cs * (int64_t)es;
+      C.data += lo * (int64_t)es;
+      B.cols = C.cols = hi - lo;
+    }
+    gemm_serial(j->dt, &A, &B, &C, j->beta);
+  }
+}
+
+void fct_cpu_gemm(fct_dtype dt, const fct_mat* A, const fct_mat* B, const fct_mat* C,
+                  double beta) {
+  int64_t m = C->rows, n = C->cols, k = A->cols;
+  if (m == 0 || n == 0) return;
+  if (k == 0) {
+    if (beta == 0.0) zero_rows(dt, C);
+    return; /* beta == 1: C unchanged */
+  }
+  fct_parallel_for_fn pfor = atomic_load(&g_parallel_for);
+  fct_num_threads_fn nthreads = atomic_load(&g_num_threads);
+  int threads = pfor && nthreads ? nthreads() : 1;
+  /* Below ~2^20 multiply-adds a block is too small to pay for a wake-up. */
+  if (threads <= 1 || (double)m * (double)n * (double)k < (double)(1 << 20)) {
+    gemm_serial(dt, A, B, C, beta);
+    return;
+  }
+  /* Split the longer side of C into one block per thread, in multiples of 16
+   * so that column blocks of a float row start on a cache line. */
+  gemm_job job = {dt, A, B, C, beta, m >= n, 0};
+  int64_t dim = job.split_rows ? m : n;
+  int64_t step = (dim + threads - 1) / threads;
+  job.step = (step + 15) / 16 * 16;
+  int64_t blocks = (dim + job.step - 1) / job.step;
+  if (blocks <= 1 || pfor(0, blocks, 1, gemm_blocks, &job) != 0) gemm_serial(dt, A, B, C, beta);
 }

@@ -136,6 +136,159 @@ FCT_API fct_status fct_lowrank_linear_backward(
     DLTensor* grad_x /* nullable */, DLTensor* grad_U /* nullable */,
     DLTensor* grad_V /* nullable */, DLTensor* grad_bias /* nullable */);
 
+/* ========================================================================= */
+/* Decompositions (issue 5): truncated and randomized SVD, CP-ALS,            */
+/* Tucker-HOOI, TT-SVD.                                                       */
+/*                                                                            */
+/* Not autograd ops: each call reads one tensor and writes its factors.       */
+/*  - dtypes: float32 and float64 (input and outputs share the dtype). The    */
+/*    arithmetic is float64 throughout, except that randomized_svd reads its  */
+/*    matrix in the matrix's own dtype (its only O(m·n) work) and            */
+/*    orthogonalises in float64.                                             */
+/*  - devices: svd and randomized_svd on cpu and cuda (cuSOLVER + cuBLAS;    */
+/*    these synchronise ctx->stream to return the error on the host); cp,    */
+/*    tucker and tensor_train on cpu only (FCT_ERR_UNSUPPORTED on cuda).     */
+/*  - The input may have any strides; it is read, never written. Outputs are */
+/*    dense row-major (C-contiguous) and must not overlap the input or each  */
+/*    other. Inputs holding NaN/Inf fail with FCT_ERR_NOT_FINITE (always     */
+/*    checked, whatever ctx->flags says); impossible ranks fail with         */
+/*    FCT_ERR_INVALID_VALUE naming the argument. Zero and rank-deficient     */
+/*    inputs are fine (a zero input gives zero factors and error 0).         */
+/*  - Deterministic: the same input, options, seed and device give the same  */
+/*    bits (the counter-based RNG does not depend on threads).               */
+/*  - Workspace: ask the *_workspace function with the same arguments; it    */
+/*    includes LAPACK's (the *_work variants are used, so LAPACK does not    */
+/*    allocate). Host pointers (errors, ranks, info, options, mode_sizes,    */
+/*    max_ranks) are borrowed and never kept.                                */
+/* ========================================================================= */
+
+/* What a decomposition reports besides its factors. */
+typedef struct fct_decomp_info {
+  double rel_error;  /* ||X − X̂||_F / ||X||_F, 0 when X is zero. Iterative
+                        methods and randomized_svd compute it from norms
+                        (accurate to about 1e-8 absolute). */
+  int32_t n_iter;    /* iterations run (CP, Tucker), else 0 */
+  int32_t converged; /* 1 when tol stopped the iterations before n_iter_max */
+} fct_decomp_info;
+
+/* Truncated SVD A ≈ U·diag(S)·Vh (LAPACK gesdd / cuSOLVER gesvd, float64).
+ *   A [m, n]; U [m, r]; Vh [r, n]; S [s] with r <= s <= min(m, n) receives
+ *   the s largest singular values (s > r gives the tail, e.g. to choose a
+ *   rank by energy). 1 <= r <= min(m, n). Signs: the largest-magnitude entry
+ *   of each column of U is positive. Cost: O(m·n·min(m, n)) time, O(m·n)
+ *   workspace. info (nullable) receives the exact relative error. */
+FCT_API fct_status fct_svd_workspace(const fct_context* ctx, const DLTensor* A,
+                                     const DLTensor* U, const DLTensor* S,
+                                     const DLTensor* Vh, size_t* bytes);
+FCT_API fct_status fct_svd(fct_context* ctx, const DLTensor* A, DLTensor* U,
+                           DLTensor* S, DLTensor* Vh,
+                           fct_decomp_info* info /* nullable */);
+
+/* Randomized SVD (Halko, Martinsson, Tropp 2011, with power iterations):
+ * sketch k = min(r + n_oversamples, min(m, n)) columns, n_iter power
+ * iterations (each re-orthonormalised), then the SVD of the k x n
+ * projection. A [m, n] is read 2·n_iter + 2 times; workspace is
+ * O((m + n)·k) (plus m·n when A's strides are neither row- nor
+ * column-major, to pack it). Shapes as fct_svd with S [r]. */
+typedef struct fct_rsvd_options {
+  int64_t n_oversamples; /* >= 0 */
+  int32_t n_iter;        /* >= 0 power iterations */
+  int32_t reserved_;     /* 0 */
+  uint64_t seed;
+} fct_rsvd_options;
+
+FCT_API fct_status fct_randomized_svd_workspace(const fct_context* ctx, const DLTensor* A,
+                                                const DLTensor* U, const DLTensor* S,
+                                                const DLTensor* Vh,
+                                                const fct_rsvd_options* opts, size_t* bytes);
+FCT_API fct_status fct_randomized_svd(fct_context* ctx, const DLTensor* A, DLTensor* U,
+                                      DLTensor* S, DLTensor* Vh,
+                                      const fct_rsvd_options* opts,
+                                      fct_decomp_info* info /* nullable */);
+
+/* Initialisations of CP and Tucker. */
+#define FCT_INIT_SVD 0    /* leading left singular vectors of each unfolding */
+#define FCT_INIT_RANDOM 1 /* uniform [0, 1) entries from the seed */
+#define FCT_INIT_GIVEN 2  /* the factors (and CP weights) passed in hold the
+                             starting point; they are read, then overwritten */
+
+/* CP-ALS: X [I_0, ..., I_{N-1}] (N >= 2) ≈ Σ_r weights[r] · A_0[:, r] ∘ ... ∘
+ * A_{N-1}[:, r]. factors[n] is [I_n, R] (R >= 1 may exceed every I_n),
+ * weights [R]. Each sweep solves the normal equations of every mode in turn,
+ * (Hadamard product of the other factors' Gram matrices + l2_reg·I) by
+ * Cholesky, falling back to a pseudo-inverse when singular. Stops when the
+ * relative error changes by less than tol between sweeps (TensorLy's
+ * "abs_rec_error") or after n_iter_max sweeps. normalize_factors: 1 gives
+ * unit-norm factor columns with their scale in weights; 0 gives weights of
+ * 1 and the scale spread evenly over the factors. Cost per sweep: about
+ * 2·N·numel·R flops; workspace O(numel + R·numel / min_n I_n).
+ * errors (nullable, n_iter_max doubles) receives the error after each sweep. */
+typedef struct fct_cp_options {
+  int32_t n_iter_max;        /* >= 0 */
+  int32_t init;              /* FCT_INIT_* */
+  double tol;                /* >= 0 */
+  double l2_reg;             /* >= 0 */
+  uint64_t seed;
+  int32_t normalize_factors; /* 0 or 1 */
+  int32_t reserved_;         /* 0 */
+} fct_cp_options;
+
+FCT_API fct_status fct_cp_als_workspace(const fct_context* ctx, const DLTensor* X,
+                                        int n_factors, const DLTensor* const* factors,
+                                        const DLTensor* weights, const fct_cp_options* opts,
+                                        size_t* bytes);
+FCT_API fct_status fct_cp_als(fct_context* ctx, const DLTensor* X, int n_factors,
+                              DLTensor* const* factors, DLTensor* weights,
+                              const fct_cp_options* opts, double* errors /* nullable */,
+                              fct_decomp_info* info /* nullable */);
+
+/* Tucker by HOOI: X ≈ core ×_0 U_0 ×_1 U_1 ... with orthonormal U_n
+ * [I_n, R_n] (1 <= R_n <= I_n) and core [R_0, ..., R_{N-1}]. Starts from the
+ * HOSVD (FCT_INIT_SVD), orthonormalised random factors, or given factors;
+ * each sweep replaces U_n by the leading left singular vectors of
+ * X ×_{m≠n} U_mᵀ. Stops as CP does. Cost per sweep: about
+ * 2·N·numel·min_n R_n flops plus one symmetric eigensolver per mode;
+ * workspace O(numel). */
+typedef struct fct_tucker_options {
+  int32_t n_iter_max; /* >= 0 */
+  int32_t init;       /* FCT_INIT_* */
+  double tol;         /* >= 0 */
+  uint64_t seed;
+} fct_tucker_options;
+
+FCT_API fct_status fct_tucker_hooi_workspace(const fct_context* ctx, const DLTensor* X,
+                                             const DLTensor* core, int n_factors,
+                                             const DLTensor* const* factors,
+                                             const fct_tucker_options* opts, size_t* bytes);
+FCT_API fct_status fct_tucker_hooi(fct_context* ctx, const DLTensor* X, DLTensor* core,
+                                   int n_factors, DLTensor* const* factors,
+                                   const fct_tucker_options* opts,
+                                   double* errors /* nullable */,
+                                   fct_decomp_info* info /* nullable */);
+
+/* TT-SVD (Oseledets 2011). X is read in its logical row-major order as a
+ * tensor of n_modes modes of sizes mode_sizes (NULL: X's own dims; their
+ * product must equal X's numel, e.g. pairs of dims merged for a TT-matrix).
+ * Rank k (between cores k-1 and k, k = 0..n_modes, ranks[0] = ranks[N] = 1)
+ * is the smallest whose discarded singular values have a norm <= eps·||X||
+ * / sqrt(N - 1) (eps = 0: only numerically zero ones are dropped), capped
+ * by max_ranks[k] (NULL: no cap; entries >= 1; the ends must be 1).
+ * Core k, [ranks[k], mode_sizes[k], ranks[k+1]] row-major, is written into
+ * `cores` (1-D, the elements fct_tensor_train_capacity returns) right after
+ * core k-1. ranks (n_modes + 1 int64) receives the ranks. Cost: one SVD per
+ * mode, the first of a [n_0, numel / n_0] matrix; workspace O(numel). */
+FCT_API fct_status fct_tensor_train_capacity(const fct_context* ctx, const DLTensor* X,
+                                             int n_modes, const int64_t* mode_sizes,
+                                             const int64_t* max_ranks, int64_t* elements);
+FCT_API fct_status fct_tensor_train_workspace(const fct_context* ctx, const DLTensor* X,
+                                              int n_modes, const int64_t* mode_sizes,
+                                              const int64_t* max_ranks, double eps,
+                                              const DLTensor* cores, size_t* bytes);
+FCT_API fct_status fct_tensor_train(fct_context* ctx, const DLTensor* X, int n_modes,
+                                    const int64_t* mode_sizes, const int64_t* max_ranks,
+                                    double eps, DLTensor* cores, int64_t* ranks,
+                                    fct_decomp_info* info /* nullable */);
+
 /* ------------------------------------------------------------------------- */
 /* Backends                                                                   */
 /* ------------------------------------------------------------------------- */
@@ -144,8 +297,26 @@ FCT_API fct_status fct_lowrank_linear_backward(
 FCT_API int fct_cuda_available(void);
 
 /* Number of threads the CPU BLAS uses (<= 0 leaves it unchanged); returns the
- * number in force. */
+ * number in force. Has no effect on splitting while a thread pool is set. */
 FCT_API int fct_cpu_set_num_threads(int n);
+
+/* CPU threading. By default the CPU kernels use OpenBLAS's threads. A host
+ * framework with a thread pool of its own should install it here: then each
+ * GEMM is split into one block per pool thread and OpenBLAS runs single-
+ * threaded inside them, because two pools spin-waiting on the same cores slow
+ * each other down badly. libfactorch_torch installs torch's pool on load.
+ *
+ * parallel_for must call body(b, e, arg) over sub-ranges [b, e) covering
+ * [begin, end) exactly once, possibly concurrently, and return 0 (nonzero:
+ * it did not run; factorch then computes serially). num_threads returns the
+ * pool's size. Both NULL: back to OpenBLAS's threads (whose count is then 1
+ * until fct_cpu_set_num_threads). */
+typedef void (*fct_parallel_body)(int64_t begin, int64_t end, void* arg);
+typedef int32_t (*fct_parallel_for_fn)(int64_t begin, int64_t end, int64_t grain,
+                                       fct_parallel_body body, void* arg);
+typedef int (*fct_num_threads_fn)(void);
+FCT_API void fct_cpu_set_thread_pool(fct_parallel_for_fn parallel_for,
+                                     fct_num_threads_fn num_threads);
 
 #ifdef __cplusplus
 }

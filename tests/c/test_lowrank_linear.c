@@ -192,7 +192,17 @@ static void run_case(int bits, int64_t M, int64_t in, int64_t out, int64_t r, bo
   tt_free(x); tt_free(U); tt_free(V); tt_free(b); tt_free(g); tt_free(y); tt_free(t);
 }
 
-static void test_values(void) {
+/* A stand-in thread pool: runs each block alone, in reverse order, so that a
+ * block depending on another's result or on running in order would show. */
+static int32_t reverse_pool(int64_t begin, int64_t end, int64_t grain, fct_parallel_body body,
+                            void* arg) {
+  (void)grain;
+  for (int64_t i = end - 1; i >= begin; --i) body(i, i + 1, arg);
+  return 0;
+}
+static int three_threads(void) { return 3; }
+
+static void test_values(bool big) {
   static const layout_case layouts[] = {
       {"contiguous", 2, {0, 0, 0}, 0, 0},
       {"x col-major, U/V transposed", 2, {1, 0, 0}, 0, 1},
@@ -208,13 +218,18 @@ static void test_values(void) {
       {5, 8, 6, 0},  {4, 0, 6, 2},                     /* rank 0, in = 0 */
       {64, 40, 72, 16},
   };
+  static const int64_t big_shapes[][4] = {
+      /* large enough for every GEMM to be split across the pool's threads */
+      {300, 128, 96, 40}, {1, 2048, 1024, 600}, {2, 1100, 1000, 700},
+  };
+  const int64_t(*sh)[4] = big ? big_shapes : shapes;
+  size_t nsh = big ? sizeof big_shapes / sizeof big_shapes[0] : sizeof shapes / sizeof shapes[0];
   for (int bits = 32; bits <= 64; bits += 32)
-    for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; ++s)
+    for (size_t s = 0; s < nsh; ++s)
       for (size_t l = 0; l < sizeof layouts / sizeof layouts[0]; ++l)
         for (int bias = 0; bias < 2; ++bias) {
-          if (layouts[l].x_ndim == 3 && shapes[s][0] % 2) continue;
-          run_case(bits, shapes[s][0], shapes[s][1], shapes[s][2], shapes[s][3], bias, bias,
-                   &layouts[l]);
+          if (layouts[l].x_ndim == 3 && sh[s][0] % 2) continue;
+          run_case(bits, sh[s][0], sh[s][1], sh[s][2], sh[s][3], bias, bias, &layouts[l]);
         }
 }
 
@@ -355,7 +370,11 @@ static void test_errors(void) {
 }
 
 int main(void) {
-  test_values();
+  test_values(false); /* OpenBLAS's own threads */
+  fct_cpu_set_thread_pool(reverse_pool, three_threads);
+  test_values(false);
+  test_values(true);
+  fct_cpu_set_thread_pool(NULL, NULL);
   test_errors();
   free(g_ws);
   return test_report();

@@ -2,6 +2,7 @@
 // the same types as torch's own headers (which are C++, hence this file is
 // C++; it is a test, not part of the plugin). Compiles = passes.
 #include <torch/csrc/inductor/aoti_torch/c/shim.h>
+#include <torch/csrc/stable/c/shim.h>
 
 #include <cstdio>
 #include <type_traits>
@@ -36,6 +37,9 @@ SAME_SIG(aoti_torch_empty_strided,
          AOTITorchError (*)(int64_t, const int64_t*, const int64_t*, int32_t, int32_t, int32_t,
                             AtenTensorHandle*));
 SAME_SIG(aoti_torch_delete_tensor_object, AOTITorchError (*)(AtenTensorHandle));
+SAME_SIG(torch_parallel_for,
+         AOTITorchError (*)(int64_t, int64_t, int64_t, void (*)(int64_t, int64_t, void*), void*));
+SAME_SIG(torch_get_num_threads, AOTITorchError (*)(uint32_t*));
 SAME_SIG(aoti_torch_check, void (*)(bool, const char*, const char*, uint32_t, const char*));
 
 int main() {

@@ -1,0 +1,237 @@
+/* What the decomposition entry points share (see decompose.h). */
+#include <limits.h>
+#include <math.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "decompose.h"
+
+void* fct_arena_take(fct_arena* a, size_t n, size_t elem) {
+  size_t bytes;
+  if (!fct_mul_ok(n, elem, &bytes) || a->used > SIZE_MAX - bytes - FCT_WS_ALIGN) {
+    a->overflow = true;
+    return NULL;
+  }
+  size_t off = fct_ws_take(&a->used, bytes);
+  return a->base ? a->base + off : NULL;
+}
+
+fct_status fct_arena_check(fct_context* ctx, const fct_arena* a) {
+  if (a->overflow) return fct_fail(ctx, FCT_ERR_OVERFLOW, "workspace: its size overflows size_t");
+  if (ctx->workspace_bytes < a->used || (a->used > 0 && !ctx->workspace))
+    return fct_fail(ctx, FCT_ERR_WORKSPACE, "workspace: expected at least %zu bytes, got %zu%s",
+                    a->used, ctx->workspace ? ctx->workspace_bytes : (size_t)0,
+                    ctx->workspace ? "" : " (NULL)");
+  return FCT_OK;
+}
+
+fct_status fct_dec_check_int(fct_context* ctx, const char* what, int64_t v) {
+  if (v < 0 || v > INT_MAX)
+    return fct_fail(ctx, FCT_ERR_OVERFLOW, "%s: %lld does not fit LAPACK's 32-bit indices", what,
+                    (long long)v);
+  return FCT_OK;
+}
+
+fct_status fct_dec_check_input(fct_context* ctx, const char* name, const DLTensor* X,
+                               int min_ndim, int max_ndim) {
+  FCT_TRY_(fct_check_tensor(ctx, name, X, 0));
+  fct_dtype dt = fct_dtype_of(X->dtype);
+  if (dt != FCT_F32 && dt != FCT_F64)
+    return fct_fail(ctx, FCT_ERR_DTYPE, "%s: expected dtype float32 or float64, got %s", name,
+                    fct_dtype_name(X->dtype));
+  if (X->ndim < min_ndim || X->ndim > max_ndim) {
+    if (min_ndim == max_ndim)
+      return fct_fail(ctx, FCT_ERR_NDIM, "%s: expected %d dims, got %d", name, min_ndim, X->ndim);
+    return fct_fail(ctx, FCT_ERR_NDIM, "%s: expected %d to %d dims, got %d", name, min_ndim,
+                    max_ndim, X->ndim);
+  }
+  for (int i = 0; i < X->ndim; ++i) {
+    if (X->shape[i] > INT_MAX)
+      return fct_fail(ctx, FCT_ERR_OVERFLOW,
+                      "%s: size %lld of dim %d does not fit LAPACK's 32-bit indices", name,
+                      (long long)X->shape[i], i);
+  }
+  return FCT_OK;
+}
+
+static bool is_row_major(const DLTensor* t) {
+  if (!t->strides) return true;
+  int64_t s = 1;
+  for (int i = t->ndim - 1; i >= 0; --i) {
+    if (t->shape[i] != 1 && t->strides[i] != s) return false;
+    s *= t->shape[i];
+  }
+  return true;
+}
+
+fct_status fct_dec_check_output(fct_context* ctx, const char* name, const DLTensor* t,
+                                const DLTensor* X, int ndim, const int64_t* shape) {
+  FCT_TRY_(fct_check_tensor(ctx, name, t, 0));
+  FCT_TRY_(fct_check_same(ctx, name, t, "the input", X));
+  bool ok = t->ndim == ndim;
+  for (int i = 0; ok && i < ndim; ++i) ok = t->shape[i] == shape[i];
+  if (!ok) {
+    char want[160] = "", got[160] = "";
+    size_t a = 0, b = 0;
+    for (int i = 0; i < ndim && a < sizeof want - 24; ++i)
+      a += (size_t)snprintf(want + a, sizeof want - a, "%s%lld", i ? ", " : "", (long long)shape[i]);
+    for (int i = 0; i < t->ndim && b < sizeof got - 24; ++i)
+      b += (size_t)snprintf(got + b, sizeof got - b, "%s%lld", i ? ", " : "",
+                            (long long)t->shape[i]);
+    return fct_fail(ctx, FCT_ERR_SHAPE, "%s: expected shape [%s], got [%s]", name, want, got);
+  }
+  if (!is_row_major(t))
+    return fct_fail(ctx, FCT_ERR_LAYOUT, "%s: expected a dense row-major (C-contiguous) output",
+                    name);
+  return fct_check_disjoint(ctx, name, t, "the input", X);
+}
+
+/* Calls fn on every innermost row of X (any strides), in row-major order. */
+typedef void (*row_fn)(const char* row, int64_t n, int64_t stride, fct_dtype dt, void* arg);
+
+static void for_each_row(const DLTensor* X, row_fn fn, void* arg) {
+  if (fct_numel(X) <= 0) return;
+  int64_t st[FCT_MAX_DIMS], idx[FCT_MAX_DIMS] = {0};
+  fct_strides(X, st);
+  int nd = X->ndim;
+  fct_dtype dt = fct_dtype_of(X->dtype);
+  int64_t es = (int64_t)fct_dtype_bytes(dt);
+  if (nd == 0) {
+    fn(fct_data(X), 1, 1, dt, arg);
+    return;
+  }
+  int64_t n = X->shape[nd - 1], s = st[nd - 1];
+  for (;;) {
+    const char* p = fct_data(X);
+    for (int d = 0; d < nd - 1; ++d) p += idx[d] * st[d] * es;
+    fn(p, n, s, dt, arg);
+    int d = nd - 2;
+    while (d >= 0 && ++idx[d] == X->shape[d]) idx[d--] = 0;
+    if (d < 0) return;
+  }
+}
+
+typedef struct scan_state {
+  double sumsq;
+  int64_t bad;
+} scan_state;
+
+static void scan_row(const char* row, int64_t n, int64_t s, fct_dtype dt, void* arg) {
+  scan_state* st = arg;
+  double acc = 0.0;
+  int64_t bad = 0;
+  if (dt == FCT_F32) {
+    const float* r = (const float*)row;
+    for (int64_t j = 0; j < n; ++j) {
+      double v = r[j * s];
+      bad += !isfinite(v);
+      acc += v * v;
+    }
+  } else {
+    const double* r = (const double*)row;
+    for (int64_t j = 0; j < n; ++j) {
+      double v = r[j * s];
+      bad += !isfinite(v);
+      acc += v * v;
+    }
+  }
+  st->sumsq += acc;
+  st->bad += bad;
+}
+
+fct_status fct_dec_scan_cpu(fct_context* ctx, const char* name, const DLTensor* X,
+                            double* sumsq) {
+  scan_state st = {0.0, 0};
+  for_each_row(X, scan_row, &st);
+  if (st.bad)
+    return fct_fail(ctx, FCT_ERR_NOT_FINITE,
+                    "%s: holds %lld NaN/Inf values; a decomposition needs finite input", name,
+                    (long long)st.bad);
+  if (!isfinite(st.sumsq))
+    return fct_fail(ctx, FCT_ERR_NOT_FINITE,
+                    "%s: its squared Frobenius norm overflows float64 (values near %s's "
+                    "largest); rescale it first",
+                    name, fct_dtype_name(X->dtype));
+  *sumsq = st.sumsq;
+  return FCT_OK;
+}
+
+static void load_row(const char* row, int64_t n, int64_t s, fct_dtype dt, void* arg) {
+  double** dst = arg;
+  double* d = *dst;
+  if (dt == FCT_F32) {
+    const float* r = (const float*)row;
+    for (int64_t j = 0; j < n; ++j) d[j] = r[j * s];
+  } else if (s == 1) {
+    memcpy(d, row, (size_t)n * sizeof(double));
+  } else {
+    const double* r = (const double*)row;
+    for (int64_t j = 0; j < n; ++j) d[j] = r[j * s];
+  }
+  *dst = d + n;
+}
+
+void fct_dec_load_f64(const DLTensor* X, double* dst) {
+  for_each_row(X, load_row, &dst);
+}
+
+bool fct_dec_dense_f64(const DLTensor* X) {
+  return fct_dtype_of(X->dtype) == FCT_F64 && X->device.device_type == kDLCPU && is_row_major(X);
+}
+
+void fct_dec_store(DLTensor* out, const double* src, int64_t rows, int64_t cols, int64_t rs,
+                   int64_t cs) {
+  char* base = fct_data(out);
+  bool f32 = fct_dtype_of(out->dtype) == FCT_F32;
+  for (int64_t i = 0; i < rows; ++i) {
+    const double* s = src + i * rs;
+    if (f32) {
+      float* d = (float*)base + i * cols;
+      for (int64_t j = 0; j < cols; ++j) d[j] = (float)s[j * cs];
+    } else {
+      double* d = (double*)base + i * cols;
+      for (int64_t j = 0; j < cols; ++j) d[j] = s[j * cs];
+    }
+  }
+}
+
+void fct_dec_fix_signs(double* U, int64_t m, int64_t urs, int64_t ucs, double* V, int64_t n,
+                       int64_t vrs, int64_t vcs, int64_t k) {
+  for (int64_t j = 0; j < k; ++j) {
+    double big = 0.0;
+    int64_t at = 0;
+    for (int64_t i = 0; i < m; ++i) {
+      double a = fabs(U[i * urs + j * ucs]);
+      if (a > big) big = a, at = i;
+    }
+    if (U[at * urs + j * ucs] >= 0.0) continue;
+    for (int64_t i = 0; i < m; ++i) U[i * urs + j * ucs] = -U[i * urs + j * ucs];
+    for (int64_t c = 0; c < n; ++c) V[j * vrs + c * vcs] = -V[j * vrs + c * vcs];
+  }
+}
+
+/* Set once by libfactorch_cuda's constructor (like the lowrank backend). */
+static _Atomic(const fct_decompose_backend*) g_cuda_decompose = NULL;
+
+void fct_register_cuda_decompose(const fct_decompose_backend* backend) {
+  atomic_store(&g_cuda_decompose, backend);
+}
+
+fct_status fct_cuda_decompose_for(fct_context* ctx, const char* name,
+                                  const fct_decompose_backend** out) {
+  *out = atomic_load(&g_cuda_decompose);
+  if (*out) return FCT_OK;
+  return fct_fail(ctx, FCT_ERR_UNSUPPORTED,
+                  "%s: is a cuda tensor, but factorch's CUDA backend is not loaded (built "
+                  "without CUDA, or libfactorch_cuda could not be loaded)",
+                  name);
+}
+
+fct_status fct_dec_cpu_only(fct_context* ctx, const char* op, const char* name,
+                            const DLTensor* X) {
+  if (X->device.device_type == kDLCPU) return FCT_OK;
+  return fct_fail(ctx, FCT_ERR_UNSUPPORTED,
+                  "%s: is a %s tensor, but %s runs on the cpu only; copy it to the cpu first", name,
+                  fct_device_name(X->device.device_type), op);
+}
