@@ -30,6 +30,7 @@ setup: $(STAMPS)/build
 build: $(STAMPS)/build
 
 demo: build
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r <($(PY) tools/requirements.py --only demo)
 	$(PY) examples/convert_dense_model.py
 
 # Every test: C tests, C tests again under ASan+UBSan, then pytest.
@@ -50,7 +51,7 @@ test-py: build
 	$(PY) -m pytest tests/python
 
 bench: build
-	$(PY) -m pip install --quiet --disable-pip-version-check -r <($(PY) tools/requirements.py bench)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r <($(PY) tools/requirements.py --only bench)
 	$(PY) bench/bench_lowrank_linear.py --write bench/RESULTS.md
 
 clean:
