@@ -17,9 +17,13 @@ from typing import Callable
 import torch
 
 
-def time_call(fn: Callable[[], object], min_time: float = 0.05, max_iters: int = 10_000) -> float:
-    """Seconds per call of fn, averaged over enough calls to last min_time."""
-    fn()
+def time_call(fn: Callable[[], object], min_time: float = 0.05, max_iters: int = 10_000,
+              warm_up: bool = True) -> float:
+    """Seconds per call of fn, averaged over enough calls to last min_time
+    (warm_up=False: fn is already warm, skip the untimed first call, which
+    matters when one call takes seconds)."""
+    if warm_up:
+        fn()
     n, elapsed = 1, 0.0
     while True:
         t0 = time.perf_counter()
@@ -33,8 +37,11 @@ def time_call(fn: Callable[[], object], min_time: float = 0.05, max_iters: int =
         n = min(max_iters, max(n * 2, int(n * min_time / max(elapsed, 1e-9) * 1.2)))
 
 
-def interleaved(cands: dict[str, Callable[[], object]], rounds: int, min_time: float) -> dict:
-    """Median seconds per call of each candidate over `rounds` rotated rounds."""
+def interleaved(cands: dict[str, Callable[[], object]], rounds: int, min_time: float,
+                warm_each: bool = True) -> dict:
+    """Median seconds per call of each candidate over `rounds` rotated rounds
+    (warm_each=False: no untimed call before each sample, only the first
+    warm-up of all candidates)."""
     names = list(cands)
     samples: dict[str, list[float]] = {n: [] for n in names}
     for fn in cands.values():  # warm-up: allocator, BLAS threads, caches
@@ -42,7 +49,7 @@ def interleaved(cands: dict[str, Callable[[], object]], rounds: int, min_time: f
     for r in range(rounds):
         order = names[r % len(names):] + names[: r % len(names)]
         for n in order:
-            samples[n].append(time_call(cands[n], min_time))
+            samples[n].append(time_call(cands[n], min_time, warm_up=warm_each))
     return {n: statistics.median(s) for n, s in samples.items()}
 
 

@@ -82,3 +82,173 @@ def _lowrank_linear_backward(ctx, grad_y, _grad_t):
 torch.library.register_autograd(
     "factorch::lowrank_linear", _lowrank_linear_backward, setup_context=_lowrank_linear_setup
 )
+
+
+# --------------------------------------------------------------------------
+# Tensorized layers (CP, Tucker, TT). `weights` is the layer's flat parameter
+# holding every factor or core back to back (factorch/_tensorized.py gives
+# the layout); the mode sizes and ranks are int lists. The fakes only read
+# shapes, so they work under torch.compile and torch.export.
+# --------------------------------------------------------------------------
+def _prod(values):
+    out = 1
+    for v in values:
+        out *= v
+    return out
+
+
+def _check_tensorized(x, weights, bias, numel, out, what):
+    torch._check(x.dim() >= 1, lambda: f"x: expected at least 1 dim, got {x.dim()}")
+    torch._check(
+        weights.dim() == 1 and weights.shape[0] == numel,
+        lambda: f"weights: expected a contiguous 1-D tensor of {numel} elements ({what}), "
+        f"got shape {list(weights.shape)}",
+    )
+    torch._check(
+        weights.dtype == x.dtype,
+        lambda: f"weights: expected dtype {x.dtype} (the dtype of x), got {weights.dtype}",
+    )
+    if bias.numel() != 0:
+        torch._check(
+            bias.dim() == 1 and bias.shape[0] == out,
+            lambda: f"bias: expected shape [{out}], got {list(bias.shape)}",
+        )
+
+
+def _check_in(x, in_modes, whose):
+    n = _prod(in_modes)
+    torch._check(
+        x.shape[-1] == n,
+        lambda: f"x: expected a last dim of {n} (in: the product of the {whose}), "
+        f"got {x.shape[-1]}",
+    )
+
+
+def _grads_fake(x, weights, out, need_x, need_weights, need_bias):
+    def make(need, shape):
+        return x.new_empty(shape if need else (0,))
+
+    return make(need_x, x.shape), make(need_weights, weights.shape), make(need_bias, (out,))
+
+
+def _cp_numel(in_modes, out_modes, rank):
+    return rank * (sum(in_modes) + sum(out_modes))
+
+
+@torch.library.register_fake("factorch::cp_linear")
+def _cp_linear_fake(x, weights, bias, in_modes, out_modes, rank):
+    out = _prod(out_modes)
+    _check_tensorized(x, weights, bias, _cp_numel(in_modes, out_modes, rank), out,
+                      "the CP factors [mode, rank] of in_modes then out_modes")
+    _check_in(x, in_modes, "mode sizes of in_factors")
+    lead = x.shape[:-1]
+    return x.new_empty((*lead, out)), x.new_empty((*lead, rank))
+
+
+@torch.library.register_fake("factorch::cp_linear_backward")
+def _cp_linear_backward_fake(grad_y, x, weights, z, in_modes, out_modes, rank, need_x,
+                             need_weights, need_bias):
+    return _grads_fake(x, weights, _prod(out_modes), need_x, need_weights, need_bias)
+
+
+def _cp_linear_setup(ctx, inputs, output):
+    x, weights, bias, in_modes, out_modes, rank = inputs
+    _, z = output
+    ctx.save_for_backward(x, weights, z)
+    ctx.args = (in_modes, out_modes, rank)
+    ctx.has_bias = bias.numel() != 0
+    ctx.mark_non_differentiable(z)
+
+
+def _cp_linear_backward(ctx, grad_y, _grad_z):
+    x, weights, z = ctx.saved_tensors
+    nx, nw, nb = ctx.needs_input_grad[:3]
+    nb = nb and ctx.has_bias
+    gx, gw, gb = ops.cp_linear_backward(grad_y, x, weights, z, *ctx.args, nx, nw, nb)
+    return (gx if nx else None, gw if nw else None, gb if nb else None, None, None, None)
+
+
+torch.library.register_autograd(
+    "factorch::cp_linear", _cp_linear_backward, setup_context=_cp_linear_setup
+)
+
+
+def _tucker_numel(in_modes, out_modes, in_ranks, out_ranks):
+    return (_prod(in_ranks) * _prod(out_ranks) + sum(i * t for i, t in zip(in_modes, in_ranks))
+            + sum(o * s for o, s in zip(out_modes, out_ranks)))
+
+
+@torch.library.register_fake("factorch::tucker_linear")
+def _tucker_linear_fake(x, weights, bias, in_modes, out_modes, in_ranks, out_ranks):
+    out = _prod(out_modes)
+    torch._check(len(in_ranks) == len(in_modes),
+                 lambda: f"in_ranks: expected {len(in_modes)} ranks (one per input mode)")
+    torch._check(len(out_ranks) == len(out_modes),
+                 lambda: f"out_ranks: expected {len(out_modes)} ranks (one per output mode)")
+    _check_tensorized(x, weights, bias, _tucker_numel(in_modes, out_modes, in_ranks, out_ranks),
+                      out, "the Tucker core then the factors of in_modes then out_modes")
+    _check_in(x, in_modes, "mode sizes of in_factors")
+    return x.new_empty((*x.shape[:-1], out))
+
+
+@torch.library.register_fake("factorch::tucker_linear_backward")
+def _tucker_linear_backward_fake(grad_y, x, weights, in_modes, out_modes, in_ranks, out_ranks,
+                                 need_x, need_weights, need_bias):
+    return _grads_fake(x, weights, _prod(out_modes), need_x, need_weights, need_bias)
+
+
+def _tensorized_setup(ctx, inputs, output):
+    x, weights, bias, *args = inputs
+    ctx.save_for_backward(x, weights)
+    ctx.args = tuple(args)
+    ctx.has_bias = bias.numel() != 0
+
+
+def _tensorized_backward(op):
+    def backward(ctx, grad_y):
+        x, weights = ctx.saved_tensors
+        nx, nw, nb = ctx.needs_input_grad[:3]
+        nb = nb and ctx.has_bias
+        gx, gw, gb = op(grad_y, x, weights, *ctx.args, nx, nw, nb)
+        return (gx if nx else None, gw if nw else None, gb if nb else None) + (None,) * len(ctx.args)
+
+    return backward
+
+
+torch.library.register_autograd(
+    "factorch::tucker_linear",
+    _tensorized_backward(ops.tucker_linear_backward),
+    setup_context=_tensorized_setup,
+)
+
+
+def _tt_numel(in_modes, out_modes, ranks):
+    return sum(ranks[k] * i * o * ranks[k + 1] for k, (i, o) in enumerate(zip(in_modes, out_modes)))
+
+
+@torch.library.register_fake("factorch::tt_linear")
+def _tt_linear_fake(x, weights, bias, in_modes, out_modes, ranks):
+    out = _prod(out_modes)
+    d = len(in_modes)
+    torch._check(len(out_modes) == d,
+                 lambda: f"out_modes: expected {d} output mode sizes (as many as in_modes)")
+    torch._check(len(ranks) == d + 1 and ranks[0] == 1 and ranks[-1] == 1,
+                 lambda: f"ranks: expected d + 1 = {d + 1} ranks starting and ending with 1, "
+                 f"got {list(ranks)}")
+    _check_tensorized(x, weights, bias, _tt_numel(in_modes, out_modes, ranks), out,
+                      "the TT cores [r_k, i_k, o_k, r_(k+1)] one after the other")
+    _check_in(x, in_modes, "cores' input modes")
+    return x.new_empty((*x.shape[:-1], out))
+
+
+@torch.library.register_fake("factorch::tt_linear_backward")
+def _tt_linear_backward_fake(grad_y, x, weights, in_modes, out_modes, ranks, need_x,
+                             need_weights, need_bias):
+    return _grads_fake(x, weights, _prod(out_modes), need_x, need_weights, need_bias)
+
+
+torch.library.register_autograd(
+    "factorch::tt_linear",
+    _tensorized_backward(ops.tt_linear_backward),
+    setup_context=_tensorized_setup,
+)

@@ -25,3 +25,130 @@ def lowrank_linear(x: Tensor, U: Tensor, V: Tensor, bias: Tensor | None = None) 
     if bias is None:
         bias = x.new_empty(0)
     return ops.lowrank_linear(x, U, V, bias)[0]
+
+
+# --------------------------------------------------------------------------
+# Tensorized layers. The ops take every factor or core in ONE flat tensor
+# (what FactorizedLinear keeps as its parameter, so it calls them with no
+# copy); these functions take them as lists, check them, and concatenate.
+# --------------------------------------------------------------------------
+def _bias(x: Tensor, bias: Tensor | None) -> Tensor:
+    return x.new_empty(0) if bias is None else bias
+
+
+def _check_list(name: str, ts, ndim: int, what: str) -> list[Tensor]:
+    ts = list(ts)
+    if not ts:
+        raise ValueError(f"{name}: expected at least one tensor {what}")
+    for k, t in enumerate(ts):
+        if not isinstance(t, Tensor) or t.dim() != ndim:
+            got = f"{t.dim()} dims" if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"{name}[{k}]: expected a {ndim}-dim tensor {what}, got {got}")
+    return ts
+
+
+def _flat(ts) -> Tensor:
+    return torch.cat([t.reshape(-1) for t in ts])
+
+
+def cp_linear_flat(x: Tensor, weights: Tensor, bias: Tensor | None, in_modes, out_modes,
+                   rank: int) -> Tensor:
+    """:func:`cp_linear` on the flat parameter layout (A_k then B_k, each
+    [mode, rank] row-major, back to back)."""
+    return ops.cp_linear(x, weights, _bias(x, bias), list(in_modes), list(out_modes), rank)[0]
+
+
+def tucker_linear_flat(x: Tensor, weights: Tensor, bias: Tensor | None, in_modes, out_modes,
+                       in_ranks, out_ranks) -> Tensor:
+    """:func:`tucker_linear` on the flat layout (core, then V_k, then U_k)."""
+    return ops.tucker_linear(x, weights, _bias(x, bias), list(in_modes), list(out_modes),
+                             list(in_ranks), list(out_ranks))
+
+
+def tt_linear_flat(x: Tensor, weights: Tensor, bias: Tensor | None, in_modes, out_modes,
+                   ranks) -> Tensor:
+    """:func:`tt_linear` on the flat layout (the cores back to back)."""
+    return ops.tt_linear(x, weights, _bias(x, bias), list(in_modes), list(out_modes),
+                         list(ranks))
+
+
+def cp_linear(x: Tensor, in_factors, out_factors, bias: Tensor | None = None) -> Tensor:
+    """``y = x @ W.T + bias`` with ``W[(o), (i)] = Σ_r ∏ A_k[i_k, r] · ∏ B_k[o_k, r]``.
+
+    Args:
+        x: ``[..., in]`` with ``in = ∏ i_k``; any strides.
+        in_factors: ``A_k [i_k, R]``, one per input mode (the first is the
+            slowest index of x's last dim).
+        out_factors: ``B_k [o_k, R]``, one per output mode.
+        bias: ``[out]`` or None.
+
+    W is never formed: the C op builds column blocks of the Khatri–Rao
+    products and runs GEMMs (``torch.ops.factorch.cp_linear``); one op
+    forward, one backward. Differentiable in every argument.
+    """
+    A = _check_list("in_factors", in_factors, 2, "[i_k, R]")
+    B = _check_list("out_factors", out_factors, 2, "[o_k, R]")
+    R = A[0].shape[1]
+    for name, fs in (("in_factors", A), ("out_factors", B)):
+        for k, f in enumerate(fs):
+            if f.shape[1] != R:
+                raise ValueError(
+                    f"{name}[{k}]: expected [mode, R] with R = {R} (the rank of in_factors[0]), "
+                    f"got {list(f.shape)}"
+                )
+    return cp_linear_flat(x, _flat(A + B), bias, [f.shape[0] for f in A],
+                          [f.shape[0] for f in B], R)
+
+
+def tucker_linear(x: Tensor, core: Tensor, in_factors, out_factors,
+                  bias: Tensor | None = None) -> Tensor:
+    """``y = x @ W.T + bias`` with
+    ``W[(o), (i)] = Σ core[s_1..s_q, t_1..t_p] · ∏ U_k[o_k, s_k] · ∏ V_k[i_k, t_k]``.
+
+    Args:
+        x: ``[..., in]``, ``in = ∏ i_k``.
+        core: ``[s_1, .., s_q, t_1, .., t_p]`` (output ranks first).
+        in_factors: ``V_k [i_k, t_k]``.
+        out_factors: ``U_k [o_k, s_k]``.
+        bias: ``[out]`` or None.
+    """
+    V = _check_list("in_factors", in_factors, 2, "[i_k, t_k]")
+    U = _check_list("out_factors", out_factors, 2, "[o_k, s_k]")
+    t = [v.shape[1] for v in V]
+    s = [u.shape[1] for u in U]
+    if not isinstance(core, Tensor) or tuple(core.shape) != (*s, *t):
+        got = list(core.shape) if isinstance(core, Tensor) else type(core).__name__
+        raise ValueError(
+            f"core: expected shape {[*s, *t]} (the ranks of out_factors, then of in_factors), "
+            f"got {got}"
+        )
+    return tucker_linear_flat(x, _flat([core] + V + U), bias, [v.shape[0] for v in V],
+                              [u.shape[0] for u in U], t, s)
+
+
+def tt_linear(x: Tensor, cores, bias: Tensor | None = None) -> Tensor:
+    """``y = x @ W.T + bias`` with the TT-matrix
+    ``W[(o), (i)] = G_1[:, i_1, o_1, :] ··· G_d[:, i_d, o_d, :]``.
+
+    Args:
+        x: ``[..., in]``, ``in = ∏ i_k``.
+        cores: ``G_k [r_(k-1), i_k, o_k, r_k]`` with ``r_0 = r_d = 1``.
+        bias: ``[out]`` or None.
+
+    The C op merges groups of neighbouring cores and sweeps x through them
+    in the order its cost model finds cheapest for the batch size.
+    """
+    G = _check_list("cores", cores, 4, "[r_(k-1), i_k, o_k, r_k]")
+    ranks = [G[0].shape[0]]
+    for k, g in enumerate(G):
+        if g.shape[0] != ranks[-1]:
+            want = "1 (r_0 = 1)" if k == 0 else f"{ranks[-1]} (the last dim of cores[{k - 1}])"
+            raise ValueError(f"cores[{k}]: expected a first dim of {want}, got {list(g.shape)}")
+        ranks.append(g.shape[3])
+    if ranks[0] != 1 or ranks[-1] != 1:
+        raise ValueError(
+            f"cores: expected r_0 = r_d = 1 (the first dim of cores[0] and the last of "
+            f"cores[{len(G) - 1}]), got {ranks[0]} and {ranks[-1]}"
+        )
+    return tt_linear_flat(x, _flat(G), bias, [g.shape[1] for g in G], [g.shape[2] for g in G],
+                          ranks)

@@ -5,23 +5,53 @@
  *
  * Optional arguments are avoided (freeing an optional's heap slot from C is
  * possible only from torch 2.13): an absent bias is an empty tensor.
+ *
+ * Ops with `int[]` arguments (the tensorized layers' mode sizes and ranks)
+ * are registered with torch_library_impl and build version 2.10, from which
+ * on a list reaches the kernel as a StableListHandle that C can read and
+ * free (torch_list_*); the others keep aoti_torch_library_impl.
  */
 #include "factorch.h"
 #include "lowrank_linear_glue.h"
+#include "tensorized_glue.h"
 #include "torch_shim.h"
 
 typedef struct op_entry {
   const char* schema;
   const char* name;
   fct_boxed_kernel kernel;
+  bool lists; /* takes int[] arguments: register with torch_library_impl */
 } op_entry;
 
 static const op_entry kOps[] = {
     {"lowrank_linear(Tensor x, Tensor U, Tensor V, Tensor bias) -> (Tensor, Tensor)",
-     "lowrank_linear", fct_lowrank_linear_kernel},
+     "lowrank_linear", fct_lowrank_linear_kernel, false},
     {"lowrank_linear_backward(Tensor grad_y, Tensor x, Tensor U, Tensor V, Tensor t, "
      "bool need_x, bool need_U, bool need_V, bool need_bias) -> (Tensor, Tensor, Tensor, Tensor)",
-     "lowrank_linear_backward", fct_lowrank_linear_backward_kernel},
+     "lowrank_linear_backward", fct_lowrank_linear_backward_kernel, false},
+    /* Tensorized linear layers (issue 3): weights is the flat parameter
+     * holding every factor or core (torch_glue/cp_linear_glue.c etc.). */
+    {"cp_linear(Tensor x, Tensor weights, Tensor bias, int[] in_modes, int[] out_modes, "
+     "int rank) -> (Tensor, Tensor)",
+     "cp_linear", fct_cp_linear_kernel, true},
+    {"cp_linear_backward(Tensor grad_y, Tensor x, Tensor weights, Tensor z, int[] in_modes, "
+     "int[] out_modes, int rank, bool need_x, bool need_weights, bool need_bias) "
+     "-> (Tensor, Tensor, Tensor)",
+     "cp_linear_backward", fct_cp_linear_backward_kernel, true},
+    {"tucker_linear(Tensor x, Tensor weights, Tensor bias, int[] in_modes, int[] out_modes, "
+     "int[] in_ranks, int[] out_ranks) -> Tensor",
+     "tucker_linear", fct_tucker_linear_kernel, true},
+    {"tucker_linear_backward(Tensor grad_y, Tensor x, Tensor weights, int[] in_modes, "
+     "int[] out_modes, int[] in_ranks, int[] out_ranks, bool need_x, bool need_weights, "
+     "bool need_bias) -> (Tensor, Tensor, Tensor)",
+     "tucker_linear_backward", fct_tucker_linear_backward_kernel, true},
+    {"tt_linear(Tensor x, Tensor weights, Tensor bias, int[] in_modes, int[] out_modes, "
+     "int[] ranks) -> Tensor",
+     "tt_linear", fct_tt_linear_kernel, true},
+    {"tt_linear_backward(Tensor grad_y, Tensor x, Tensor weights, int[] in_modes, "
+     "int[] out_modes, int[] ranks, bool need_x, bool need_weights, bool need_bias) "
+     "-> (Tensor, Tensor, Tensor)",
+     "tt_linear_backward", fct_tt_linear_backward_kernel, true},
 };
 enum { kNumOps = sizeof kOps / sizeof kOps[0] };
 
@@ -48,8 +78,13 @@ __attribute__((constructor)) static void fct_register(void) {
   rc |= aoti_torch_library_init_impl("factorch", "CUDA", __FILE__, __LINE__, &g_cuda);
   for (int i = 0; rc == 0 && i < kNumOps; ++i) {
     rc |= aoti_torch_library_def(g_def, kOps[i].schema);
-    rc |= aoti_torch_library_impl(g_cpu, kOps[i].name, kOps[i].kernel);
-    rc |= aoti_torch_library_impl(g_cuda, kOps[i].name, kOps[i].kernel);
+    if (kOps[i].lists) {
+      rc |= torch_library_impl(g_cpu, kOps[i].name, kOps[i].kernel, FCT_TORCH_VERSION_2_10);
+      rc |= torch_library_impl(g_cuda, kOps[i].name, kOps[i].kernel, FCT_TORCH_VERSION_2_10);
+    } else {
+      rc |= aoti_torch_library_impl(g_cpu, kOps[i].name, kOps[i].kernel);
+      rc |= aoti_torch_library_impl(g_cuda, kOps[i].name, kOps[i].kernel);
+    }
   }
   g_status = rc;
   fct_cpu_set_thread_pool(torch_parallel_for, torch_threads);

@@ -8,6 +8,7 @@
 #define FCT_TORCH_SHIM_H
 
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 
 #ifdef __cplusplus
@@ -68,6 +69,22 @@ typedef void (*fct_torch_parallel_func)(int64_t begin, int64_t end, void* ctx);
 AOTITorchError torch_parallel_for(int64_t begin, int64_t end, int64_t grain_size,
                                   fct_torch_parallel_func func, void* ctx);
 AOTITorchError torch_get_num_threads(uint32_t* out_num_threads);
+
+/* Kernels registered with torch_library_impl and a build version >= 2.10
+ * receive list arguments (`int[]`) as an owned StableListHandle of
+ * StableIValues: read them with torch_list_size / torch_list_get_item and
+ * free them with torch_delete_list (stable shim, torch >= 2.10). */
+typedef struct StableListOpaque* StableListHandle;
+AOTITorchError torch_library_impl(TorchLibraryHandle self, const char* name, fct_boxed_kernel fn,
+                                  uint64_t extension_build_version);
+AOTITorchError torch_list_size(StableListHandle list_handle, size_t* size);
+AOTITorchError torch_list_get_item(StableListHandle list_handle, size_t index,
+                                   StableIValue* element);
+AOTITorchError torch_delete_list(StableListHandle list_handle);
+/* The build version passed to torch_library_impl: the oldest torch whose
+ * conventions the kernels follow (TORCH_VERSION_2_10_0 in torch's
+ * headers/version.h). */
+#define FCT_TORCH_VERSION_2_10 ((2ULL << 56) | (10ULL << 48))
 
 /* CUDA-only (libtorch_cuda); looked up at run time, see tensor_view.c. */
 typedef struct CUDAGuardOpaque* CUDAGuardHandle;

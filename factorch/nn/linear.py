@@ -9,8 +9,19 @@ from torch import Tensor, nn
 
 from .. import functional as F
 from .._rank import check_rank, truncated_svd_factors
+from .._tensorized import (
+    Layout,
+    check_tensorized_shape,
+    init_,
+    plan_info,
+    reconstruct,
+    resolve_rank,
+    views,
+)
 
-FACTORIZATIONS = ("lowrank",)
+FACTORIZATIONS = ("lowrank", "cp", "tucker", "tt")
+
+_FLAT_OPS = {"cp": F.cp_linear_flat, "tucker": F.tucker_linear_flat, "tt": F.tt_linear_flat}
 
 
 def _check_factorization(factorization: str) -> None:
@@ -33,15 +44,35 @@ class FactorizedLinear(nn.Module):
     ``V [r, in]`` (truncated SVD). The forward and backward each run as one
     fused C op (``torch.ops.factorch.lowrank_linear`` and its backward).
 
+    ``factorization="cp" | "tucker" | "tt"``: W is tensorized as
+    ``W[(o_1..o_d), (i_1..i_d)]`` (``in = ∏ i_k``, ``out = ∏ o_k``) and kept as
+    a CP decomposition (rank R: a factor ``[i_k, R]`` per input mode and
+    ``[o_k, R]`` per output mode), a Tucker decomposition (a core and a factor
+    per mode) or a tensor train (cores ``[r_(k-1), i_k, o_k, r_k]``). All the
+    factors live in ONE flat parameter, ``factors`` (views: ``in_factors``,
+    ``out_factors``, ``core``, ``cores``); one C op per direction contracts x
+    with them in the order its cost model picks for the batch size.
+
     Args:
         in_features, out_features: as for ``nn.Linear``.
-        factorization: ``"lowrank"``.
-        rank: an int in ``[1, min(in, out)]``, or a float in ``(0, 1]``: the
-            fraction of the dense weight's parameter count to keep.
+        factorization: ``"lowrank"``, ``"cp"``, ``"tucker"`` or ``"tt"``.
+        rank: lowrank: an int in ``[1, min(in, out)]``, or a float in
+            ``(0, 1]``, the fraction of the dense weight's parameter count to
+            keep. cp: an int R or a fraction. tucker: an int (every mode,
+            capped at its size), ``((t_1..t_p), (s_1..s_q))`` or a fraction.
+            tt: an int (every inner rank), the d - 1 inner ranks (or d + 1
+            with the 1s at the ends), or a fraction; ranks above
+            ``_tensorized.tt_max_ranks`` are allowed but redundant. A
+            fraction gives balanced ranks within that parameter count.
+            ``"same"``: the dense layer's parameter count (fraction 1.0).
+        tensorized_shape: ``((i_1, .., i_d), (o_1, .., o_d))``, or None to
+            factor in_features and out_features into balanced modes (about 8
+            each: 4096 -> (8, 8, 8, 8)). Not for lowrank.
         bias, device, dtype: as for ``nn.Linear``.
 
     Random initialisation gives the output the variance ``nn.Linear``'s
-    default initialisation gives: ``Var(W_ij) = r·Var(U)·Var(V) = 1/(3·in)``.
+    default initialisation gives, ``Var(W_ij) = 1/(3·in)``; for lowrank
+    ``Var(W_ij) = r·Var(U)·Var(V)``, the others in factorch/_tensorized.py.
     """
 
     def __init__(
@@ -49,7 +80,8 @@ class FactorizedLinear(nn.Module):
         in_features: int,
         out_features: int,
         factorization: str = "lowrank",
-        rank: int | float | None = None,
+        rank=None,
+        tensorized_shape=None,
         bias: bool = True,
         device=None,
         dtype=None,
@@ -59,10 +91,27 @@ class FactorizedLinear(nn.Module):
         self.in_features = _check_features("in_features", in_features)
         self.out_features = _check_features("out_features", out_features)
         self.factorization = factorization
-        self.rank = check_rank(rank, in_features, out_features)
         kw = {"device": device, "dtype": dtype}
-        self.U = nn.Parameter(torch.empty(out_features, self.rank, **kw))
-        self.V = nn.Parameter(torch.empty(self.rank, in_features, **kw))
+        self._layout: Layout | None = None
+        if factorization == "lowrank":
+            if tensorized_shape is not None:
+                raise ValueError(
+                    "tensorized_shape: only for factorization='cp', 'tucker' or 'tt'; a "
+                    "lowrank layer factors the [out, in] matrix as it is"
+                )
+            self.rank = check_rank(rank, in_features, out_features)
+            self.U = nn.Parameter(torch.empty(out_features, self.rank, **kw))
+            self.V = nn.Parameter(torch.empty(self.rank, in_features, **kw))
+        else:
+            ins, outs = check_tensorized_shape(
+                tensorized_shape, in_features, out_features, same_length=factorization == "tt"
+            )
+            self._layout = Layout(factorization, ins, outs, resolve_rank(factorization, rank, ins, outs))
+            self.tensorized_shape = (ins, outs)
+            #: cp: R; tucker: ((t_1..t_p), (s_1..s_q)); tt: (1, r_1, .., r_(d-1), 1).
+            self.rank = self._layout.rank
+            self._op_args = self._layout.op_args()
+            self.factors = nn.Parameter(torch.empty(self._layout.num_parameters, **kw))
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features, **kw))
         else:
@@ -73,13 +122,16 @@ class FactorizedLinear(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        # V: variance 1/in keeps t = x·Vᵀ at the scale of x; U: variance
-        # 1/(3r) then gives W = U·V nn.Linear's variance 1/(3·in).
-        bound_v = math.sqrt(3.0 / self.in_features)
-        bound_u = 1.0 / math.sqrt(self.rank)
         with torch.no_grad():
-            self.V.uniform_(-bound_v, bound_v)
-            self.U.uniform_(-bound_u, bound_u)
+            if self._layout is None:
+                # V: variance 1/in keeps t = x·Vᵀ at the scale of x; U: variance
+                # 1/(3r) then gives W = U·V nn.Linear's variance 1/(3·in).
+                bound_v = math.sqrt(3.0 / self.in_features)
+                bound_u = 1.0 / math.sqrt(self.rank)
+                self.V.uniform_(-bound_v, bound_v)
+                self.U.uniform_(-bound_u, bound_u)
+            else:
+                init_(self._layout, self.factors)
             if self.bias is not None:
                 b = 1.0 / math.sqrt(self.in_features)
                 self.bias.uniform_(-b, b)
@@ -90,7 +142,45 @@ class FactorizedLinear(nn.Module):
                 f"x: expected a last dim of in_features = {self.in_features}, "
                 f"got shape {list(x.shape)}"
             )
-        return F.lowrank_linear(x, self.U, self.V, self.bias)
+        if self._layout is None:
+            return F.lowrank_linear(x, self.U, self.V, self.bias)
+        return _FLAT_OPS[self.factorization](x, self.factors, self.bias, *self._op_args)
+
+    # ------------------------------------------------------------------
+    # Views of the flat parameter (cp, tucker, tt)
+    # ------------------------------------------------------------------
+    def _views(self, what: str, allowed: tuple) -> list[Tensor]:
+        # TypeError, not AttributeError: nn.Module.__getattr__ would replace an
+        # AttributeError raised in a property by a message without the reason.
+        if self.factorization not in allowed:
+            raise TypeError(
+                f"{what}: a {self.factorization!r} layer has none (only {', '.join(allowed)})"
+            )
+        return views(self._layout, self.factors)
+
+    @property
+    def in_factors(self) -> list[Tensor]:
+        """cp: ``A_k [i_k, R]``; tucker: ``V_k [i_k, t_k]`` (views of ``factors``)."""
+        vs = self._views("in_factors", ("cp", "tucker"))
+        p = len(self._layout.in_modes)
+        return vs[:p] if self.factorization == "cp" else vs[1 : 1 + p]
+
+    @property
+    def out_factors(self) -> list[Tensor]:
+        """cp: ``B_k [o_k, R]``; tucker: ``U_k [o_k, s_k]`` (views of ``factors``)."""
+        vs = self._views("out_factors", ("cp", "tucker"))
+        p = len(self._layout.in_modes)
+        return vs[p:] if self.factorization == "cp" else vs[1 + p :]
+
+    @property
+    def core(self) -> Tensor:
+        """tucker: the core ``[s_1..s_q, t_1..t_p]`` (a view of ``factors``)."""
+        return self._views("core", ("tucker",))[0]
+
+    @property
+    def cores(self) -> list[Tensor]:
+        """tt: ``G_k [r_(k-1), i_k, o_k, r_k]`` (views of ``factors``)."""
+        return self._views("cores", ("tt",))
 
     # ------------------------------------------------------------------
     # Conversion
@@ -110,10 +200,21 @@ class FactorizedLinear(nn.Module):
         parameter count) or ``energy`` (fraction of the squared singular
         values kept) sets the rank. The relative Frobenius error of the
         weight is stored in ``reconstruction_error``.
+
+        Only ``factorization="lowrank"`` for now: CP, Tucker and TT need the
+        C decompositions (CP-ALS, Tucker-HOOI, TT-SVD), which are not wired
+        into this layer yet.
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear: expected an nn.Linear, got {type(linear).__name__}")
         _check_factorization(factorization)
+        if factorization != "lowrank":
+            raise NotImplementedError(
+                f"from_linear: factorization={factorization!r} needs the C decompositions "
+                "(CP-ALS, Tucker-HOOI, TT-SVD), which are not wired into FactorizedLinear yet; "
+                f"build FactorizedLinear(..., factorization={factorization!r}) and train it, "
+                "or use factorization='lowrank'"
+            )
         W = linear.weight
         U, V, err = truncated_svd_factors(W, rank=rank, ratio=ratio, energy=energy)
         layer = cls(
@@ -134,16 +235,20 @@ class FactorizedLinear(nn.Module):
         return layer
 
     def to_linear(self) -> nn.Linear:
-        """The dense ``nn.Linear`` with weight ``U · V``."""
+        """The dense ``nn.Linear`` with the weight the factors represent."""
+        ref = self.U if self._layout is None else self.factors
         dense = nn.Linear(
             self.in_features,
             self.out_features,
             bias=self.bias is not None,
-            device=self.U.device,
-            dtype=self.U.dtype,
+            device=ref.device,
+            dtype=ref.dtype,
         )
         with torch.no_grad():
-            dense.weight.copy_(self.U @ self.V)
+            if self._layout is None:
+                dense.weight.copy_(self.U @ self.V)
+            else:
+                dense.weight.copy_(reconstruct(self._layout, self.factors))
             if self.bias is not None:
                 dense.bias.copy_(self.bias)
         return dense
@@ -158,15 +263,28 @@ class FactorizedLinear(nn.Module):
     @property
     def compression_ratio(self) -> float:
         """Dense weight parameters over factor parameters (biases excluded)."""
-        return (self.in_features * self.out_features) / (self.U.numel() + self.V.numel())
+        kept = self.U.numel() + self.V.numel() if self._layout is None else self.factors.numel()
+        return (self.in_features * self.out_features) / kept
 
     def flops(self, batch: int = 1) -> int:
-        """Multiply-adds ×2 of one forward over ``batch`` rows."""
-        return 2 * batch * self.rank * (self.in_features + self.out_features)
+        """Multiply-adds ×2 of one forward over ``batch`` rows (cp, tucker,
+        tt: of the contraction order the C kernels choose for that batch,
+        weight-side merges included)."""
+        if self._layout is None:
+            return 2 * batch * self.rank * (self.in_features + self.out_features)
+        return plan_info(self._layout, batch, self.factors.device, self.factors.dtype)["forward_flops"]
+
+    def plan(self, batch: int = 1) -> dict:
+        """What the C kernels would do for ``batch`` rows (cp, tucker, tt):
+        FLOPs forward and backward, workspace bytes, the contraction order."""
+        if self._layout is None:
+            raise TypeError("plan: only for factorization='cp', 'tucker' or 'tt'")
+        return plan_info(self._layout, batch, self.factors.device, self.factors.dtype)
 
     def extra_repr(self) -> str:
+        shape = "" if self._layout is None else f", tensorized_shape={self.tensorized_shape}"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"factorization={self.factorization!r}, rank={self.rank}, "
+            f"factorization={self.factorization!r}, rank={self.rank}{shape}, "
             f"bias={self.bias is not None}"
         )

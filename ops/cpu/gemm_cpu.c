@@ -52,7 +52,9 @@ static void outer(fct_dtype dt, const fct_mat* A, const fct_mat* B, const fct_ma
       float a = ((const float*)A->data)[i * A->rs];
       const float* b = (const float*)B->data;
       float* c = (float*)C->data + i * C->rs;
-      if (beta == 0.0)
+      if (B->cs == 1 && beta == 0.0) /* the usual case, kept apart to vectorise */
+        for (int64_t j = 0; j < C->cols; ++j) c[j] = a * b[j];
+      else if (beta == 0.0)
         for (int64_t j = 0; j < C->cols; ++j) c[j] = a * b[j * B->cs];
       else
         for (int64_t j = 0; j < C->cols; ++j) c[j] = a * b[j * B->cs] + (float)beta * c[j];
@@ -60,7 +62,9 @@ static void outer(fct_dtype dt, const fct_mat* A, const fct_mat* B, const fct_ma
       double a = ((const double*)A->data)[i * A->rs];
       const double* b = (const double*)B->data;
       double* c = (double*)C->data + i * C->rs;
-      if (beta == 0.0)
+      if (B->cs == 1 && beta == 0.0)
+        for (int64_t j = 0; j < C->cols; ++j) c[j] = a * b[j];
+      else if (beta == 0.0)
         for (int64_t j = 0; j < C->cols; ++j) c[j] = a * b[j * B->cs];
       else
         for (int64_t j = 0; j < C->cols; ++j) c[j] = a * b[j * B->cs] + beta * c[j];
@@ -177,4 +181,125 @@ void fct_cpu_gemm(fct_dtype dt, const fct_mat* A, const fct_mat* B, const fct_ma
   job.step = (step + 15) / 16 * 16;
   int64_t blocks = (dim + job.step - 1) / job.step;
   if (blocks <= 1 || pfor(0, blocks, 1, gemm_blocks, &job) != 0) gemm_serial(dt, A, B, C, beta);
+}
+
+/* ------------------------------------------------------------------------- */
+/* Batches (the tensorized linear ops). Small products are spread over the    */
+/* pool one whole product per task: splitting a GEMM below ~2^20 multiply-    */
+/* adds costs more in wake-ups than it gains, and a loop of them would leave  */
+/* every thread but one idle.                                                 */
+/* ------------------------------------------------------------------------- */
+
+static fct_mat shifted(const fct_mat* m, int64_t elems, size_t es) {
+  fct_mat r = *m;
+  r.data += elems * (int64_t)es;
+  return r;
+}
+
+typedef struct batch_job {
+  fct_dtype dt;
+  const fct_mat *A, *B, *C;
+  double beta;
+  int64_t sa, sb, sc;
+} batch_job;
+
+static void batch_blocks(int64_t begin, int64_t end, void* arg) {
+  const batch_job* j = arg;
+  size_t es = fct_dtype_bytes(j->dt);
+  for (int64_t b = begin; b < end; ++b) {
+    fct_mat A = shifted(j->A, b * j->sa, es), B = shifted(j->B, b * j->sb, es);
+    fct_mat C = shifted(j->C, b * j->sc, es);
+    gemm_serial(j->dt, &A, &B, &C, j->beta);
+  }
+}
+
+void fct_cpu_gemm_batched(fct_dtype dt, const fct_mat* A, const fct_mat* B, const fct_mat* C,
+                          double beta, int64_t batch, int64_t sa, int64_t sb, int64_t sc) {
+  size_t es = fct_dtype_bytes(dt);
+  int64_t m = C->rows, n = C->cols, k = A->cols;
+  if (batch <= 0 || m == 0 || n == 0) return;
+  fct_parallel_for_fn pfor = atomic_load(&g_parallel_for);
+  fct_num_threads_fn nthreads = atomic_load(&g_num_threads);
+  int threads = pfor && nthreads ? nthreads() : 1;
+  bool small = (double)m * (double)n * (double)k < (double)(1 << 20);
+  if (k == 0 || batch == 1 || threads <= 1 || !small) {
+    for (int64_t b = 0; b < batch; ++b) {
+      fct_mat Ab = shifted(A, b * sa, es), Bb = shifted(B, b * sb, es), Cb = shifted(C, b * sc, es);
+      fct_cpu_gemm(dt, &Ab, &Bb, &Cb, beta);
+    }
+    return;
+  }
+  batch_job job = {dt, A, B, C, beta, sa, sb, sc};
+  int64_t grain = (batch + 4 * threads - 1) / (4 * threads);
+  if (pfor(0, batch, grain, batch_blocks, &job) != 0) batch_blocks(0, batch, &job);
+}
+
+/* A reduction C = Σ_b A_b·B_b + beta·C is split over C's rows or columns,
+ * each block summing every b in order: deterministic, and no scratch. */
+typedef struct reduce_job {
+  fct_dtype dt;
+  const fct_mat *A, *B, *C;
+  double beta;
+  int64_t batch, sa, sb;
+  bool split_rows;
+  int64_t step;
+} reduce_job;
+
+static void reduce_blocks(int64_t begin, int64_t end, void* arg) {
+  const reduce_job* j = arg;
+  size_t es = fct_dtype_bytes(j->dt);
+  for (int64_t blk = begin; blk < end; ++blk) {
+    int64_t dim = j->split_rows ? j->C->rows : j->C->cols;
+    int64_t lo = blk * j->step, hi = lo + j->step < dim ? lo + j->step : dim;
+    if (lo >= hi) continue;
+    for (int64_t b = 0; b < j->batch; ++b) {
+      fct_mat A = shifted(j->A, b * j->sa, es), B = shifted(j->B, b * j->sb, es), C = *j->C;
+      if (j->split_rows) {
+        A.data += lo * A.rs * (int64_t)es;
+        C.data += lo * C.rs * (int64_t)es;
+        A.rows = C.rows = hi - lo;
+      } else {
+        B.data += lo * B.cs * (int64_t)es;
+        C.data += lo * (int64_t)es;
+        B.cols = C.cols = hi - lo;
+      }
+      gemm_serial(j->dt, &A, &B, &C, b == 0 ? j->beta : 1.0);
+    }
+  }
+}
+
+void fct_cpu_gemm_reduce(fct_dtype dt, const fct_mat* A, const fct_mat* B, const fct_mat* C,
+                         double beta, int64_t batch, int64_t sa, int64_t sb) {
+  size_t es = fct_dtype_bytes(dt);
+  int64_t m = C->rows, n = C->cols, k = A->cols;
+  if (m == 0 || n == 0) return;
+  if (batch <= 0 || k == 0) {
+    if (beta == 0.0) zero_rows(dt, C);
+    return;
+  }
+  fct_parallel_for_fn pfor = atomic_load(&g_parallel_for);
+  fct_num_threads_fn nthreads = atomic_load(&g_num_threads);
+  int threads = pfor && nthreads ? nthreads() : 1;
+  double work = (double)m * (double)n * (double)k * (double)batch;
+  if (threads <= 1 || work < (double)(1 << 20) || (m < 32 && n < 32)) {
+    for (int64_t b = 0; b < batch; ++b) {
+      fct_mat Ab = shifted(A, b * sa, es), Bb = shifted(B, b * sb, es);
+      fct_cpu_gemm(dt, &Ab, &Bb, C, b == 0 ? beta : 1.0);
+    }
+    return;
+  }
+  reduce_job job = {dt, A, B, C, beta, batch, sa, sb, m >= n, 0};
+  int64_t dim = job.split_rows ? m : n;
+  int64_t step = (dim + threads - 1) / threads;
+  job.step = (step + 15) / 16 * 16;
+  int64_t blocks = (dim + job.step - 1) / job.step;
+  if (blocks <= 1 || pfor(0, blocks, 1, reduce_blocks, &job) != 0) reduce_blocks(0, blocks, &job);
+}
+
+void fct_cpu_parallel(int64_t n, int64_t grain, fct_parallel_body body, void* arg) {
+  if (n <= 0) return;
+  fct_parallel_for_fn pfor = atomic_load(&g_parallel_for);
+  fct_num_threads_fn nthreads = atomic_load(&g_num_threads);
+  int threads = pfor && nthreads ? nthreads() : 1;
+  if (threads <= 1 || n <= grain || pfor(0, n, grain, body, arg) != 0) body(0, n, arg);
 }

@@ -117,6 +117,13 @@ static const fct_backend kCudaBackend = {
     fct_cuda_lowrank_forward,  /* lowrank_forward */
     fct_cuda_lowrank_backward, /* lowrank_backward */
     fct_cuda_count_nonfinite,  /* count_nonfinite */
+    fct_cuda_gemm_entry,        /* gemm */
+    fct_cuda_gemm_reduce_entry, /* gemm_reduce */
+    fct_cuda_fill_rows_entry,   /* fill_rows */
+    fct_cuda_column_sums_entry, /* column_sums */
+    fct_cuda_zero_entry,        /* zero */
+    fct_cuda_khatri_rao,        /* khatri_rao */
+    fct_cuda_khatri_rao_grad,   /* khatri_rao_grad */
 };
 
 /* Runs when libfactorch_cuda is loaded. Must not touch CUDA: initialising

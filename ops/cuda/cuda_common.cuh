@@ -60,6 +60,44 @@ fct_status fct_cuda_count_nonfinite(fct_context* ctx, const DLTensor* t, char* s
 fct_status fct_cuda_lowrank_forward(fct_context* ctx, const fct_lowrank_plan* p);
 fct_status fct_cuda_lowrank_backward(fct_context* ctx, const fct_lowrank_plan* p);
 
+/* GEMMs on row-major views (gemm_cuda.cu) and row kernels (rows_cuda.cu),
+ * run inside an entered env (env->blas set for the GEMMs). Semantics as the
+ * fct_backend entries gemm / gemm_reduce / fill_rows / zero / column_sums. */
+fct_status fct_cuda_gemm(fct_context* ctx, const fct_cuda_env* env, fct_dtype dt,
+                         const fct_mat* A, const fct_mat* B, const fct_mat* C, double beta);
+fct_status fct_cuda_gemm_batched(fct_context* ctx, const fct_cuda_env* env, fct_dtype dt,
+                                 const fct_mat* A, const fct_mat* B, const fct_mat* C,
+                                 double beta, int64_t batch, int64_t sa, int64_t sb, int64_t sc);
+fct_status fct_cuda_gemm_reduce(fct_context* ctx, const fct_cuda_env* env, fct_dtype dt,
+                                const fct_mat* A, const fct_mat* B, const fct_mat* C,
+                                double beta, int64_t batch, int64_t sa, int64_t sb, char* scratch,
+                                size_t scratch_bytes);
+fct_status fct_cuda_fill_rows(fct_context* ctx, const fct_cuda_env* env, fct_dtype dt,
+                              const fct_mat* y, const char* bias, int64_t bs);
+fct_status fct_cuda_zero_rows(fct_context* ctx, const fct_cuda_env* env, fct_dtype dt,
+                              const fct_mat* c);
+fct_status fct_cuda_column_sums(fct_context* ctx, const fct_cuda_env* env, fct_dtype dt,
+                                const fct_mat* g, char* gb);
+
+/* The tensorized linear ops' primitives (tensor_kernels_cuda.cu). */
+fct_status fct_cuda_gemm_entry(fct_context* ctx, int device, fct_dtype dt, const fct_mat* A,
+                               const fct_mat* B, const fct_mat* C, double beta, int64_t batch,
+                               int64_t sa, int64_t sb, int64_t sc);
+fct_status fct_cuda_gemm_reduce_entry(fct_context* ctx, int device, fct_dtype dt,
+                                      const fct_mat* A, const fct_mat* B, const fct_mat* C,
+                                      double beta, int64_t batch, int64_t sa, int64_t sb,
+                                      char* scratch, size_t scratch_bytes);
+fct_status fct_cuda_fill_rows_entry(fct_context* ctx, int device, fct_dtype dt,
+                                    const fct_mat* y, const char* bias, int64_t bs);
+fct_status fct_cuda_column_sums_entry(fct_context* ctx, int device, fct_dtype dt,
+                                      const fct_mat* g, char* out);
+fct_status fct_cuda_zero_entry(fct_context* ctx, int device, fct_dtype dt, const fct_mat* C);
+fct_status fct_cuda_khatri_rao(fct_context* ctx, int device, fct_dtype dt, int nf,
+                               const fct_mat* F, const fct_mat* out);
+fct_status fct_cuda_khatri_rao_grad(fct_context* ctx, int device, fct_dtype dt,
+                                    const fct_mat* gK, int64_t npre, int64_t nk, int64_t nsuf,
+                                    const fct_mat* pre, const fct_mat* suf, const fct_mat* gF);
+
 } /* extern "C" */
 
 #endif /* FCT_CUDA_COMMON_CUH */

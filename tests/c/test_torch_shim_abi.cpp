@@ -40,6 +40,13 @@ SAME_SIG(aoti_torch_delete_tensor_object, AOTITorchError (*)(AtenTensorHandle));
 SAME_SIG(torch_parallel_for,
          AOTITorchError (*)(int64_t, int64_t, int64_t, void (*)(int64_t, int64_t, void*), void*));
 SAME_SIG(torch_get_num_threads, AOTITorchError (*)(uint32_t*));
+SAME_SIG(torch_library_impl,
+         AOTITorchError (*)(TorchLibraryHandle, const char*, void (*)(StableIValue*, uint64_t, uint64_t),
+                            uint64_t));
+SAME_SIG(torch_list_size, AOTITorchError (*)(StableListHandle, size_t*));
+SAME_SIG(torch_list_get_item, AOTITorchError (*)(StableListHandle, size_t, StableIValue*));
+SAME_SIG(torch_delete_list, AOTITorchError (*)(StableListHandle));
+static_assert(FCT_TORCH_VERSION_2_10 == TORCH_VERSION_2_10_0, "build version of list kernels");
 SAME_SIG(aoti_torch_check, void (*)(bool, const char*, const char*, uint32_t, const char*));
 
 int main() {

@@ -1,0 +1,662 @@
+/*
+ * CP linear entry points (factorch.h): W[(o), (i)] = Σ_r ∏ A_k[i_k, r] ∏ B_k[o_k, r],
+ *   z [M, R] = x · KR(A),   y [M, out] = z · KR(B)ᵀ + b,
+ * where KR(A) [in, R] is the Khatri–Rao (column-wise Kronecker) product of
+ * the input factors, and its gradients. Device independent: checks, plan,
+ * workspace layout, then a sequence of backend primitives (backend.h).
+ *
+ * Contraction order. Forming KR(A) costs in·R multiplies, independent of M,
+ * and turns both contractions into GEMMs of 2·M·R·in and 2·M·R·out FLOPs.
+ * Contracting x with one factor at a time instead costs the same 2·M·in·R
+ * for the first factor (and more after it) and leaves an intermediate of
+ * M·(in/i_1)·R elements, so it only pays when M < i_k / 2, and then saves
+ * less than the GEMV's own cost: the order is always x → z → y.
+ *
+ * Cost model: what remains to choose is how many columns of KR to build at
+ * a time (Rc). Per chunk the blocks KR(A)[:, c] [in, Rc] and KR(B)[:, c]
+ * [out, Rc] are built in the workspace and every batch-sized operand is
+ * streamed once more: small chunks keep the blocks in cache but stream the
+ * batch R/Rc times, large chunks stream it once but spill the blocks to
+ * memory (2·(in+out)·R elements of traffic) and need more workspace.
+ * chunk_cost() prices both in FLOP-equivalents (linear_common.h) and the
+ * cheapest of Rc ∈ {R, 64, 128, 256, ...} is taken.
+ */
+#include <math.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "linear_common.h"
+
+/* One side of the factorization: the factors and their mode sizes. */
+typedef struct cp_side {
+  int n;
+  int64_t modes[FCT_MAX_MODES];
+  int64_t size; /* ∏ modes */
+  const DLTensor* const* f;
+} cp_side;
+
+typedef struct cp_shape {
+  cp_side in, out;
+  int64_t R, M;
+  size_t es;
+  bool cuda;
+} cp_shape;
+
+/* What a call computes besides the forward's y. */
+typedef struct cp_needs {
+  bool backward;
+  bool z_given;          /* forward: z is an output; backward: z is an input */
+  bool gx, gb, gin, gout; /* backward outputs asked for */
+  bool pack_x, pack_g;
+  bool check;            /* FCT_FLAG_CHECK_FINITE */
+  bool small;            /* FCT_FLAG_SMALL_CHUNKS */
+} cp_needs;
+
+typedef struct cp_plan {
+  cp_shape s;
+  cp_needs n;
+  int64_t Rc;
+  size_t off_x, off_g, off_kin, off_kout, off_z, off_gz, off_gk, off_pre, off_suf, off_scratch;
+  size_t bytes;
+  double flops;
+} cp_plan;
+
+/* ------------------------------------------------------------------------- */
+/* Checks                                                                     */
+/* ------------------------------------------------------------------------- */
+
+static fct_status check_side(fct_context* ctx, const char* list, int n, const DLTensor* const* f,
+                             const DLTensor* x, int64_t* R, const char* r_from, cp_side* side) {
+  char nm[48];
+  if (n < 1 || n > FCT_MAX_MODES)
+    return fct_fail(ctx, FCT_ERR_INVALID_VALUE, "%s: expected 1 to %d factors, got %d", list,
+                    FCT_MAX_MODES, n);
+  if (!f)
+    return fct_fail(ctx, FCT_ERR_NULL_ARGUMENT, "%s: expected an array of %d tensors, got NULL",
+                    list, n);
+  side->n = n;
+  side->f = f;
+  side->size = 1;
+  for (int k = 0; k < n; ++k) {
+    const char* name = fct_item_name(nm, sizeof nm, list, k);
+    TRY(fct_check_param(ctx, name, f[k], x, 2, "[mode, R]"));
+    if (*R < 0) {
+      *R = f[k]->shape[1];
+      if (*R < 1)
+        return fct_fail(ctx, FCT_ERR_SHAPE, "%s: expected a rank R >= 1 (its last dim), got %lld",
+                        name, (long long)*R);
+    }
+    if (f[k]->shape[1] != *R)
+      return fct_fail(ctx, FCT_ERR_SHAPE,
+                      "%s: expected [mode, R] with R = %lld (the last dim of %s), got [%lld, %lld]",
+                      name, (long long)*R, r_from, (long long)f[k]->shape[0],
+                      (long long)f[k]->shape[1]);
+    if (f[k]->shape[0] < 1)
+      return fct_fail(ctx, FCT_ERR_SHAPE, "%s: expected a mode size >= 1, got 0", name);
+    side->modes[k] = f[k]->shape[0];
+    if (__builtin_mul_overflow(side->size, side->modes[k], &side->size) ||
+        !fct_fits_int(side->size))
+      return fct_fail(ctx, FCT_ERR_OVERFLOW, "%s: the product of the mode sizes must be < 2^31",
+                      list);
+  }
+  return FCT_OK;
+}
+
+static fct_status check_shape(fct_context* ctx, const DLTensor* x, int n_in,
+                              const DLTensor* const* A, int n_out, const DLTensor* const* B,
+                              cp_shape* s) {
+  memset(s, 0, sizeof *s);
+  TRY(fct_check_input_rows(ctx, "x", x, &s->M));
+  s->R = -1;
+  TRY(check_side(ctx, "in_factors", n_in, A, x, &s->R, "in_factors[0]", &s->in));
+  TRY(check_side(ctx, "out_factors", n_out, B, x, &s->R, "in_factors[0]", &s->out));
+  if (!fct_fits_int(s->R))
+    return fct_fail(ctx, FCT_ERR_OVERFLOW, "in_factors[0]: the rank must be < 2^31");
+  int64_t last = x->shape[x->ndim - 1];
+  if (last != s->in.size)
+    return fct_fail(ctx, FCT_ERR_SHAPE,
+                    "x: expected a last dim of %lld (in: the product of the mode sizes of "
+                    "in_factors), got %lld",
+                    (long long)s->in.size, (long long)last);
+  s->es = fct_dtype_bytes(fct_dtype_of(x->dtype));
+  s->cuda = x->device.device_type == kDLCUDA;
+  return FCT_OK;
+}
+
+/* ------------------------------------------------------------------------- */
+/* Plan                                                                       */
+/* ------------------------------------------------------------------------- */
+
+/* FLOPs of one pass (the chunking does not change them). Building a
+ * Khatri–Rao block costs about 1.2 multiplies per element (the products of
+ * the leading factors are shared); its factor gradients about 3·n_modes. */
+static double pass_flops(const cp_shape* s, const cp_needs* n) {
+  double M = (double)s->M, in = (double)s->in.size, out = (double)s->out.size, R = (double)s->R;
+  if (!n->backward) return 2 * M * R * (in + out) + 1.2 * (in + out) * R;
+  double f = 1.2 * (in + out) * R;
+  if (n->gx || n->gin) f += 2 * M * out * R;   /* gz = grad_y · KR(B) */
+  if (n->gx) f += 2 * M * R * in;              /* grad_x = gz · KR(A)ᵀ */
+  if (n->gout) f += 2 * M * out * R + (n->z_given ? 0 : 2 * M * in * R) + 3.0 * s->out.n * out * R;
+  if (n->gin) f += 2 * M * in * R + 3.0 * s->in.n * in * R;
+  if (n->gb) f += M * out;
+  return f;
+}
+
+/* Cost of a pass with chunks of Rc columns (see the top of the file):
+ * batch-sized operands streamed once per chunk, Khatri–Rao blocks spilled
+ * when they outgrow the cache budget, and the calls. */
+static double chunk_cost(const cp_shape* s, const cp_needs* n, const fct_machine* mc, int64_t Rc) {
+  double M = (double)s->M, in = (double)s->in.size, out = (double)s->out.size, R = (double)s->R;
+  double nch = ceil(R / (double)Rc), es = (double)s->es;
+  double stream, calls;
+  if (!n->backward) {
+    stream = nch * M * in + (2 * nch - 1) * M * out + M * R; /* x; y read+written; z */
+    calls = 4 * nch;
+  } else {
+    stream = 4 * M * R; /* gz written and read twice, z read */
+    if (n->gx || n->gin) stream += nch * M * out;
+    if (n->gx) stream += (2 * nch - 1) * M * in;
+    if (n->gout) stream += nch * M * (out + (n->z_given ? 0 : in));
+    if (n->gin) stream += nch * M * in;
+    /* GEMMs, and one factor-gradient kernel per factor; the Khatri–Rao
+     * builds of the partial products are small and run serially. */
+    calls = 6 * nch + nch * (s->in.n + s->out.n);
+  }
+  bool spills = (in + out) * (double)Rc * es > (double)mc->chunk_bytes;
+  double bytes = es * (stream + (spills ? 2 * (in + out) * R : 0));
+  return mc->flop_per_byte * bytes + mc->call_flops * calls;
+}
+
+/* Largest count of rows of a prefix or suffix Khatri–Rao product needed by
+ * the factor gradients of one side. */
+static int64_t max_partial(const cp_side* side) {
+  int64_t best = 1;
+  for (int k = 0; k < side->n; ++k) {
+    int64_t pre = 1, suf = 1;
+    for (int j = 0; j < k; ++j) pre *= side->modes[j];
+    for (int j = k + 1; j < side->n; ++j) suf *= side->modes[j];
+    if (pre > best) best = pre;
+    if (suf > best) best = suf;
+  }
+  return best;
+}
+
+static void lay_out(cp_plan* p, fct_layout* L) {
+  const cp_shape* s = &p->s;
+  const cp_needs* n = &p->n;
+  int64_t M = s->M, Rc = p->Rc, in = s->in.size, out = s->out.size;
+  size_t es = s->es;
+  memset(L, 0, sizeof *L);
+  if (n->pack_x) p->off_x = fct_layout_take(L, M * in, es);
+  if (n->pack_g) p->off_g = fct_layout_take(L, M * out, es);
+  bool fwd = !n->backward;
+  bool kin = fwd || n->gx || (n->gout && !n->z_given);
+  bool kout = fwd || n->gx || n->gin;
+  if (kin) p->off_kin = fct_layout_take(L, in * Rc, es);
+  if (kout) p->off_kout = fct_layout_take(L, out * Rc, es);
+  if ((fwd && !n->z_given) || (!fwd && n->gout && !n->z_given))
+    p->off_z = fct_layout_take(L, M * Rc, es);
+  if (!fwd && (n->gx || n->gin)) p->off_gz = fct_layout_take(L, M * Rc, es);
+  if (!fwd && (n->gin || n->gout)) {
+    int64_t rows = 0, part = 1;
+    if (n->gin) {
+      rows = in;
+      part = max_partial(&s->in);
+    }
+    if (n->gout) {
+      rows = out > rows ? out : rows;
+      int64_t po = max_partial(&s->out);
+      part = po > part ? po : part;
+    }
+    p->off_gk = fct_layout_take(L, rows * Rc, es);
+    p->off_pre = fct_layout_take(L, part * Rc, es);
+    p->off_suf = fct_layout_take(L, part * Rc, es);
+  }
+  if (n->check) p->off_scratch = fct_layout_take(L, 256, 1);
+}
+
+static fct_status make_plan(fct_context* ctx, const cp_shape* s, const cp_needs* n, cp_plan* p) {
+  memset(p, 0, sizeof *p);
+  p->s = *s;
+  p->n = *n;
+  fct_machine mc = fct_machine_for(s->cuda);
+  /* Candidates: R itself, and powers of two from 64 below it. Workspace
+   * beyond the cap is refused unless nothing smaller exists. */
+  size_t cap = mc.workspace_cap;
+  double best_cost = INFINITY;
+  int64_t best_rc = s->R;
+  size_t best_bytes = SIZE_MAX;
+  bool have = false, best_fits = false;
+  for (int64_t rc = s->R;;) {
+    p->Rc = rc;
+    fct_layout L;
+    lay_out(p, &L);
+    size_t bytes = L.overflow ? SIZE_MAX : L.cursor;
+    bool fits = bytes <= cap;
+    double c = chunk_cost(s, n, &mc, rc);
+    /* Fitting candidates beat the others; among fitting ones the cheapest
+     * (the larger on ties, seen first); otherwise the smallest workspace. */
+    bool take = !have || (fits && !best_fits) ||
+                (fits == best_fits && (fits ? c < best_cost : bytes < best_bytes));
+    if (take) {
+      have = true;
+      best_fits = fits;
+      best_cost = c;
+      best_rc = rc;
+      best_bytes = bytes;
+    }
+    if (rc <= 64) break;
+    int64_t next = 64;
+    while (next * 2 < rc) next *= 2;
+    rc = next;
+  }
+  p->Rc = n->small && s->R > 3 ? 3 : best_rc;
+  fct_layout L;
+  lay_out(p, &L);
+  TRY(fct_layout_done(ctx, &L, &p->bytes));
+  p->flops = pass_flops(s, n);
+  return FCT_OK;
+}
+
+/* ------------------------------------------------------------------------- */
+/* Execution helpers                                                          */
+/* ------------------------------------------------------------------------- */
+
+/* Columns [c0, c0 + rc) of a factor as an fct_mat (any strides). */
+static fct_mat factor_cols(const DLTensor* f, int64_t c0, int64_t rc, size_t es) {
+  int64_t st[2];
+  fct_strides(f, st);
+  fct_mat m = {fct_data(f) + c0 * st[1] * (int64_t)es, f->shape[0], rc, st[0], st[1]};
+  return m;
+}
+
+/* out [∏ modes of factors lo..hi-1, rc] = KR of those factors' columns. */
+static fct_status build_kr(const fct_exec* e, const cp_side* side, int lo, int hi, int64_t c0,
+                           int64_t rc, char* dst, int64_t* rows) {
+  fct_mat F[FCT_MAX_MODES];
+  int64_t n = 1;
+  for (int k = lo; k < hi; ++k) {
+    F[k - lo] = factor_cols(side->f[k], c0, rc, e->es);
+    n *= side->modes[k];
+  }
+  fct_mat out = fct_dense(dst, n, rc);
+  *rows = n;
+  return e->be->khatri_rao(e->ctx, e->device, e->dt, hi - lo, F, &out);
+}
+
+/* Gradients of the factors of one side, columns [c0, c0 + rc), from
+ * gK [∏ modes, rc] = the gradient of the side's Khatri–Rao block. */
+static fct_status side_grads(const fct_exec* e, const cp_plan* p, const cp_side* side,
+                             const fct_mat* gK, DLTensor* const* grads, int64_t c0, int64_t rc) {
+  for (int k = 0; k < side->n; ++k) {
+    if (!grads[k]) continue;
+    int64_t npre, nsuf;
+    char* pre = fct_ws_at(e, p->off_pre);
+    char* suf = fct_ws_at(e, p->off_suf);
+    TRY(build_kr(e, side, 0, k, c0, rc, pre, &npre));
+    TRY(build_kr(e, side, k + 1, side->n, c0, rc, suf, &nsuf));
+    fct_mat P = fct_dense(pre, npre, rc), S = fct_dense(suf, nsuf, rc);
+    fct_mat G = {fct_data(grads[k]) + c0 * (int64_t)e->es, side->modes[k], rc, p->s.R, 1};
+    TRY(e->be->khatri_rao_grad(e->ctx, e->device, e->dt, gK, npre, side->modes[k], nsuf, &P, &S,
+                               &G));
+  }
+  return FCT_OK;
+}
+
+/* A batched input as a BLAS-readable [M, n] view: as it is, or packed. */
+static fct_status input_view(const fct_exec* e, const DLTensor* t, bool pack, size_t off,
+                             int64_t M, int64_t n, fct_mat* m) {
+  if (!pack) {
+    fct_fold(t, m);
+    return FCT_OK;
+  }
+  TRY(e->be->pack(e->ctx, t, fct_ws_at(e, off)));
+  *m = fct_dense(fct_ws_at(e, off), M, n);
+  return FCT_OK;
+}
+
+static bool any(DLTensor* const* ts, int n) {
+  for (int i = 0; ts && i < n; ++i)
+    if (ts[i]) return true;
+  return false;
+}
+
+/* Every argument with its name, for overlap checks and NaN reports. */
+typedef struct cp_args {
+  const char* names[40];
+  const DLTensor* ts[40];
+  char buf[40][32];
+  int n;
+} cp_args;
+
+static void add_arg(cp_args* a, const char* name, const DLTensor* t) {
+  snprintf(a->buf[a->n], sizeof a->buf[a->n], "%s", name);
+  a->names[a->n] = a->buf[a->n];
+  a->ts[a->n++] = t;
+}
+
+static void add_list(cp_args* a, const char* list, int n, const DLTensor* const* ts) {
+  for (int k = 0; k < n; ++k) {
+    fct_item_name(a->buf[a->n], sizeof a->buf[a->n], list, k);
+    a->names[a->n] = a->buf[a->n];
+    a->ts[a->n++] = ts ? ts[k] : NULL;
+  }
+}
+
+/* Outputs are the arguments from index `first_out` on. */
+static fct_status check_overlaps(fct_context* ctx, const cp_args* a, int first_out) {
+  for (int i = first_out; i < a->n; ++i) TRY(fct_check_disjoint_all(ctx, i, a->names, a->ts, a->n));
+  return FCT_OK;
+}
+
+/* ------------------------------------------------------------------------- */
+/* Forward                                                                    */
+/* ------------------------------------------------------------------------- */
+
+static fct_status forward_plan(fct_context* ctx, const DLTensor* x, int n_in,
+                               const DLTensor* const* A, int n_out, const DLTensor* const* B,
+                               const DLTensor* bias, const DLTensor* y, const DLTensor* z,
+                               cp_plan* p) {
+  if (!ctx) return FCT_ERR_NULL_ARGUMENT;
+  cp_shape s;
+  TRY(check_shape(ctx, x, n_in, A, n_out, B, &s));
+  if (bias) TRY(fct_check_vector(ctx, "bias", bias, x, s.out.size, "out: the product of the "
+                                 "mode sizes of out_factors"));
+  fct_mat m;
+  TRY(fct_check_batched(ctx, "y", y, x, s.out.size, "out: the product of the mode sizes of "
+                        "out_factors"));
+  TRY(fct_check_contiguous_output(ctx, "y", y, s.M, s.out.size, &m));
+  if (z) {
+    TRY(fct_check_batched(ctx, "z", z, x, s.R, "R: the rank"));
+    TRY(fct_check_contiguous_output(ctx, "z", z, s.M, s.R, &m));
+  }
+  cp_args a;
+  a.n = 0;
+  add_arg(&a, "x", x);
+  add_list(&a, "in_factors", n_in, A);
+  add_list(&a, "out_factors", n_out, B);
+  add_arg(&a, "bias", bias);
+  int first_out = a.n;
+  add_arg(&a, "y", y);
+  add_arg(&a, "z", z);
+  TRY(check_overlaps(ctx, &a, first_out));
+  cp_needs n = {0};
+  n.z_given = z != NULL;
+  n.pack_x = fct_input_needs_pack(x, &m);
+  n.check = ctx->flags & FCT_FLAG_CHECK_FINITE;
+  n.small = ctx->flags & FCT_FLAG_SMALL_CHUNKS;
+  return make_plan(ctx, &s, &n, p);
+}
+
+fct_status fct_cp_linear_forward_workspace(const fct_context* ctx, const DLTensor* x, int n_in,
+                                           const DLTensor* const* in_factors, int n_out,
+                                           const DLTensor* const* out_factors,
+                                           const DLTensor* bias, const DLTensor* y,
+                                           const DLTensor* z, size_t* bytes) {
+  if (!ctx || !bytes) return FCT_ERR_NULL_ARGUMENT;
+  fct_context c = *ctx; /* the query may write an error message, nothing else */
+  cp_plan p;
+  TRY(forward_plan(&c, x, n_in, in_factors, n_out, out_factors, bias, y, z, &p));
+  *bytes = p.bytes;
+  return FCT_OK;
+}
+
+fct_status fct_cp_linear_forward(fct_context* ctx, const DLTensor* x, int n_in,
+                                 const DLTensor* const* in_factors, int n_out,
+                                 const DLTensor* const* out_factors, const DLTensor* bias,
+                                 DLTensor* y, DLTensor* z) {
+  cp_plan p;
+  fct_exec e;
+  TRY(forward_plan(ctx, x, n_in, in_factors, n_out, out_factors, bias, y, z, &p));
+  TRY(fct_exec_begin(ctx, "x", x, &e));
+  const cp_shape* s = &p.s;
+  if (s->M == 0) return FCT_OK;
+  TRY(fct_check_workspace(ctx, p.bytes));
+  fct_mat X, Y = fct_dense(fct_data(y), s->M, s->out.size);
+  TRY(input_view(&e, x, p.n.pack_x, p.off_x, s->M, s->in.size, &X));
+  int64_t bst = 1;
+  if (bias) {
+    int64_t st[1];
+    fct_strides(bias, st);
+    bst = st[0];
+    TRY(e.be->fill_rows(ctx, e.device, e.dt, &Y, fct_data(bias), bst));
+  }
+  for (int64_t c0 = 0; c0 < s->R; c0 += p.Rc) {
+    int64_t rc = s->R - c0 < p.Rc ? s->R - c0 : p.Rc, rows;
+    char* kin = fct_ws_at(&e, p.off_kin);
+    char* kout = fct_ws_at(&e, p.off_kout);
+    TRY(build_kr(&e, &s->in, 0, s->in.n, c0, rc, kin, &rows));
+    TRY(build_kr(&e, &s->out, 0, s->out.n, c0, rc, kout, &rows));
+    fct_mat Kin = fct_dense(kin, s->in.size, rc), Kout = fct_dense(kout, s->out.size, rc);
+    fct_mat Z = z ? (fct_mat){fct_data(z) + c0 * (int64_t)e.es, s->M, rc, s->R, 1}
+                  : fct_dense(fct_ws_at(&e, p.off_z), s->M, rc);
+    TRY(fct_x_gemm(&e, &X, &Kin, &Z, 0.0));              /* z_c [M, rc] = x · KR(A)_c */
+    fct_mat KoutT = fct_mat_t(Kout);
+    TRY(fct_x_gemm(&e, &Z, &KoutT, &Y, (c0 > 0 || bias) ? 1.0 : 0.0)); /* y += z_c · KR(B)_cᵀ */
+  }
+  if (p.n.check) {
+    cp_args a;
+    a.n = 0;
+    add_arg(&a, "x", x);
+    add_list(&a, "in_factors", n_in, in_factors);
+    add_list(&a, "out_factors", n_out, out_factors);
+    add_arg(&a, "bias", bias);
+    TRY(fct_check_finite(ctx, e.be, fct_ws_at(&e, p.off_scratch), "y", y, a.names, a.ts, a.n));
+  }
+  return FCT_OK;
+}
+
+/* ------------------------------------------------------------------------- */
+/* Backward                                                                   */
+/* ------------------------------------------------------------------------- */
+
+static fct_status backward_plan(fct_context* ctx, const DLTensor* g, const DLTensor* x, int n_in,
+                                const DLTensor* const* A, int n_out, const DLTensor* const* B,
+                                const DLTensor* z, const DLTensor* gx,
+                                const DLTensor* const* gA, const DLTensor* const* gB,
+                                const DLTensor* gb, cp_plan* p) {
+  if (!ctx) return FCT_ERR_NULL_ARGUMENT;
+  cp_shape s;
+  TRY(check_shape(ctx, x, n_in, A, n_out, B, &s));
+  const char* out_what = "out: the product of the mode sizes of out_factors";
+  TRY(fct_check_batched(ctx, "grad_y", g, x, s.out.size, out_what));
+  if (z) TRY(fct_check_batched(ctx, "z", z, x, s.R, "R: the rank"));
+  fct_mat m;
+  if (gx) {
+    TRY(fct_check_batched(ctx, "grad_x", gx, x, s.in.size, "in, the last dim of x"));
+    TRY(fct_check_contiguous_output(ctx, "grad_x", gx, s.M, s.in.size, &m));
+  }
+  char nm[48];
+  for (int side = 0; side < 2; ++side) {
+    const DLTensor* const* gr = side ? gB : gA;
+    const DLTensor* const* f = side ? B : A;
+    int nf = side ? n_out : n_in;
+    const char* list = side ? "grad_out_factors" : "grad_in_factors";
+    for (int k = 0; gr && k < nf; ++k) {
+      if (!gr[k]) continue;
+      const char* name = fct_item_name(nm, sizeof nm, list, k);
+      TRY(fct_check_param(ctx, name, gr[k], x, 2, "[mode, R]"));
+      if (gr[k]->shape[0] != f[k]->shape[0] || gr[k]->shape[1] != s.R)
+        return fct_fail(ctx, FCT_ERR_SHAPE, "%s: expected the shape of its factor [%lld, %lld]",
+                        name, (long long)f[k]->shape[0], (long long)s.R);
+      TRY(fct_check_contiguous_output(ctx, name, gr[k], f[k]->shape[0], s.R, &m));
+    }
+  }
+  if (gb) {
+    TRY(fct_check_vector(ctx, "grad_bias", gb, x, s.out.size, out_what));
+    TRY(fct_check_contiguous_output(ctx, "grad_bias", gb, 1, s.out.size, &m));
+  }
+  cp_args a;
+  a.n = 0;
+  add_arg(&a, "grad_y", g);
+  add_arg(&a, "x", x);
+  add_list(&a, "in_factors", n_in, A);
+  add_list(&a, "out_factors", n_out, B);
+  add_arg(&a, "z", z);
+  int first_out = a.n;
+  add_arg(&a, "grad_x", gx);
+  add_list(&a, "grad_in_factors", n_in, gA);
+  add_list(&a, "grad_out_factors", n_out, gB);
+  add_arg(&a, "grad_bias", gb);
+  TRY(check_overlaps(ctx, &a, first_out));
+
+  cp_needs n = {0};
+  n.backward = true;
+  n.z_given = z != NULL;
+  n.gx = gx != NULL;
+  n.gb = gb != NULL;
+  n.gin = any((DLTensor* const*)gA, n_in);
+  n.gout = any((DLTensor* const*)gB, n_out);
+  n.check = ctx->flags & FCT_FLAG_CHECK_FINITE;
+  n.small = ctx->flags & FCT_FLAG_SMALL_CHUNKS;
+  bool uses_x = n.gin || (n.gout && !n.z_given);
+  bool uses_g = n.gx || n.gin || n.gout || n.gb;
+  n.pack_x = uses_x && fct_input_needs_pack(x, &m);
+  n.pack_g = uses_g && fct_input_needs_pack(g, &m);
+  if (z && n.gout && fct_input_needs_pack(z, &m))
+    n.z_given = false; /* recomputing beats teaching every step odd strides */
+  return make_plan(ctx, &s, &n, p);
+}
+
+fct_status fct_cp_linear_backward_workspace(const fct_context* ctx, const DLTensor* grad_y,
+                                            const DLTensor* x, int n_in,
+                                            const DLTensor* const* in_factors, int n_out,
+                                            const DLTensor* const* out_factors,
+                                            const DLTensor* z, const DLTensor* grad_x,
+                                            const DLTensor* const* grad_in_factors,
+                                            const DLTensor* const* grad_out_factors,
+                                            const DLTensor* grad_bias, size_t* bytes) {
+  if (!ctx || !bytes) return FCT_ERR_NULL_ARGUMENT;
+  fct_context c = *ctx;
+  cp_plan p;
+  TRY(backward_plan(&c, grad_y, x, n_in, in_factors, n_out, out_factors, z, grad_x,
+                    grad_in_factors, grad_out_factors, grad_bias, &p));
+  *bytes = p.bytes;
+  return FCT_OK;
+}
+
+fct_status fct_cp_linear_backward(fct_context* ctx, const DLTensor* grad_y, const DLTensor* x,
+                                  int n_in, const DLTensor* const* in_factors, int n_out,
+                                  const DLTensor* const* out_factors, const DLTensor* z,
+                                  DLTensor* grad_x, DLTensor* const* grad_in_factors,
+                                  DLTensor* const* grad_out_factors, DLTensor* grad_bias) {
+  cp_plan p;
+  fct_exec e;
+  TRY(backward_plan(ctx, grad_y, x, n_in, in_factors, n_out, out_factors, z, grad_x,
+                    (const DLTensor* const*)grad_in_factors,
+                    (const DLTensor* const*)grad_out_factors, grad_bias, &p));
+  TRY(fct_exec_begin(ctx, "x", x, &e));
+  const cp_needs* n = &p.n;
+  if (!n->gx && !n->gin && !n->gout && !n->gb) return FCT_OK;
+  TRY(fct_check_workspace(ctx, p.bytes));
+  const cp_shape* s = &p.s;
+  int64_t M = s->M, in = s->in.size, out = s->out.size;
+  /* Finiteness is checked on what scales with the batch (grad_y before,
+   * grad_x after), as the low-rank op does. */
+  if (n->check && M > 0)
+    TRY(fct_check_finite_grad(ctx, e.be, fct_ws_at(&e, p.off_scratch), grad_y, "cp_linear"));
+  fct_mat G = {0}, X = {0};
+  if (n->gx || n->gin || n->gout || n->gb)
+    TRY(input_view(&e, grad_y, n->pack_g, p.off_g, M, out, &G));
+  if (n->gin || (n->gout && !n->z_given)) TRY(input_view(&e, x, n->pack_x, p.off_x, M, in, &X));
+  if (n->gb) TRY(e.be->column_sums(ctx, e.device, e.dt, &G, fct_data(grad_bias)));
+  fct_mat Gx = n->gx ? fct_dense(fct_data(grad_x), M, in) : (fct_mat){0};
+  for (int64_t c0 = 0; c0 < s->R && (n->gx || n->gin || n->gout); c0 += p.Rc) {
+    int64_t rc = s->R - c0 < p.Rc ? s->R - c0 : p.Rc, rows;
+    fct_mat Kin = fct_dense(fct_ws_at(&e, p.off_kin), in, rc);
+    fct_mat Kout = fct_dense(fct_ws_at(&e, p.off_kout), out, rc);
+    if (n->gx || (n->gout && !n->z_given))
+      TRY(build_kr(&e, &s->in, 0, s->in.n, c0, rc, Kin.data, &rows));
+    if (n->gx || n->gin) TRY(build_kr(&e, &s->out, 0, s->out.n, c0, rc, Kout.data, &rows));
+    fct_mat Z = {0};
+    if (n->gout) {
+      if (n->z_given) {
+        fct_fold(z, &Z);
+        Z.data += c0 * Z.cs * (int64_t)e.es;
+        Z.cols = rc;
+      } else {
+        Z = fct_dense(fct_ws_at(&e, p.off_z), M, rc);
+        TRY(fct_x_gemm(&e, &X, &Kin, &Z, 0.0)); /* z_c = x · KR(A)_c */
+      }
+    }
+    fct_mat GZ = {0};
+    if (n->gx || n->gin) {
+      GZ = fct_dense(fct_ws_at(&e, p.off_gz), M, rc);
+      TRY(fct_x_gemm(&e, &G, &Kout, &GZ, 0.0)); /* gz [M, rc] = grad_y · KR(B)_c */
+    }
+    if (n->gx) {
+      fct_mat KinT = fct_mat_t(Kin);
+      TRY(fct_x_gemm(&e, &GZ, &KinT, &Gx, c0 > 0 ? 1.0 : 0.0)); /* grad_x += gz · KR(A)_cᵀ */
+    }
+    if (n->gout) {
+      fct_mat GK = fct_dense(fct_ws_at(&e, p.off_gk), out, rc), Gt = fct_mat_t(G);
+      TRY(fct_x_gemm(&e, &Gt, &Z, &GK, 0.0)); /* gKR(B)_c [out, rc] = grad_yᵀ · z_c */
+      TRY(side_grads(&e, &p, &s->out, &GK, grad_out_factors, c0, rc));
+    }
+    if (n->gin) {
+      fct_mat GK = fct_dense(fct_ws_at(&e, p.off_gk), in, rc), Xt = fct_mat_t(X);
+      TRY(fct_x_gemm(&e, &Xt, &GZ, &GK, 0.0)); /* gKR(A)_c [in, rc] = xᵀ · gz */
+      TRY(side_grads(&e, &p, &s->in, &GK, grad_in_factors, c0, rc));
+    }
+  }
+  if (n->check && n->gx) {
+    cp_args a;
+    a.n = 0;
+    add_arg(&a, "grad_y", grad_y);
+    add_arg(&a, "x", x);
+    add_list(&a, "in_factors", n_in, in_factors);
+    add_list(&a, "out_factors", n_out, out_factors);
+    TRY(fct_check_finite(ctx, e.be, fct_ws_at(&e, p.off_scratch), "grad_x", grad_x, a.names,
+                         a.ts, a.n));
+  }
+  return FCT_OK;
+}
+
+/* ------------------------------------------------------------------------- */
+/* Plan report                                                                */
+/* ------------------------------------------------------------------------- */
+
+static fct_status side_from_modes(int n, const int64_t* modes, cp_side* side, const char* name) {
+  if (n < 1 || n > FCT_MAX_MODES || !modes) return FCT_ERR_INVALID_VALUE;
+  side->n = n;
+  side->size = 1;
+  for (int k = 0; k < n; ++k) {
+    if (modes[k] < 1) return FCT_ERR_SHAPE;
+    side->modes[k] = modes[k];
+    if (__builtin_mul_overflow(side->size, modes[k], &side->size)) return FCT_ERR_OVERFLOW;
+  }
+  (void)name;
+  return FCT_OK;
+}
+
+fct_status fct_cp_linear_plan(int n_in, const int64_t* in_modes, int n_out,
+                              const int64_t* out_modes, int64_t rank, int64_t batch,
+                              DLDevice device, DLDataType dtype, fct_linear_plan_info* info) {
+  if (!info) return FCT_ERR_NULL_ARGUMENT;
+  cp_shape s;
+  memset(&s, 0, sizeof s);
+  TRY(side_from_modes(n_in, in_modes, &s.in, "in_modes"));
+  TRY(side_from_modes(n_out, out_modes, &s.out, "out_modes"));
+  if (rank < 1 || batch < 0 || fct_dtype_of(dtype) == FCT_DTYPE_INVALID)
+    return FCT_ERR_INVALID_VALUE;
+  s.R = rank;
+  s.M = batch;
+  s.es = fct_dtype_bytes(fct_dtype_of(dtype));
+  s.cuda = device.device_type == kDLCUDA;
+  cp_needs nf = {0}, nb = {0};
+  nf.z_given = true;
+  nb.backward = nb.z_given = nb.gx = nb.gb = nb.gin = nb.gout = true;
+  cp_plan pf, pb;
+  TRY(make_plan(NULL, &s, &nf, &pf));
+  TRY(make_plan(NULL, &s, &nb, &pb));
+  memset(info, 0, sizeof *info);
+  info->forward_flops = pf.flops;
+  info->backward_flops = pb.flops;
+  info->forward_workspace = pf.bytes;
+  info->backward_workspace = pb.bytes;
+  snprintf(info->plan, sizeof info->plan,
+           "cp: z = x·KR(in) then y = z·KR(out)^T, Khatri-Rao blocks of %lld columns "
+           "(forward), %lld (backward), R = %lld",
+           (long long)pf.Rc, (long long)pb.Rc, (long long)s.R);
+  return FCT_OK;
+}

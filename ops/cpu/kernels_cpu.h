@@ -1,0 +1,38 @@
+/* kernels_cpu.h (internal): the CPU backend's element kernels, shared by the
+ * low-rank op's kernels and the primitives table (backend_cpu.c). */
+#ifndef FCT_KERNELS_CPU_H
+#define FCT_KERNELS_CPU_H
+
+#include "backend.h"
+
+/* Every row of y [rows, cols] = bias [cols] (element stride bs). */
+void fct_cpu_fill_rows(fct_dtype dt, const fct_mat* y, const char* bias, int64_t bs);
+
+/* out [cols] = column sums of g [rows, cols], accumulated in float64. */
+void fct_cpu_column_sums(fct_dtype dt, const fct_mat* g, char* out);
+
+/* The fct_backend entries (backend.h documents each). */
+fct_status fct_cpu_pack(fct_context* ctx, const DLTensor* src, char* dst);
+fct_status fct_cpu_count_nonfinite(fct_context* ctx, const DLTensor* t, char* scratch,
+                                   int64_t* count);
+fct_status fct_cpu_lowrank_forward(fct_context* ctx, const fct_lowrank_plan* p);
+fct_status fct_cpu_lowrank_backward(fct_context* ctx, const fct_lowrank_plan* p);
+fct_status fct_cpu_gemm_entry(fct_context* ctx, int device, fct_dtype dt, const fct_mat* A,
+                              const fct_mat* B, const fct_mat* C, double beta, int64_t batch,
+                              int64_t sa, int64_t sb, int64_t sc);
+fct_status fct_cpu_gemm_reduce_entry(fct_context* ctx, int device, fct_dtype dt,
+                                     const fct_mat* A, const fct_mat* B, const fct_mat* C,
+                                     double beta, int64_t batch, int64_t sa, int64_t sb,
+                                     char* scratch, size_t scratch_bytes);
+fct_status fct_cpu_fill_rows_entry(fct_context* ctx, int device, fct_dtype dt, const fct_mat* y,
+                                   const char* bias, int64_t bs);
+fct_status fct_cpu_column_sums_entry(fct_context* ctx, int device, fct_dtype dt,
+                                     const fct_mat* g, char* out);
+fct_status fct_cpu_zero_entry(fct_context* ctx, int device, fct_dtype dt, const fct_mat* C);
+fct_status fct_cpu_khatri_rao(fct_context* ctx, int device, fct_dtype dt, int nf,
+                              const fct_mat* F, const fct_mat* out);
+fct_status fct_cpu_khatri_rao_grad(fct_context* ctx, int device, fct_dtype dt, const fct_mat* gK,
+                                   int64_t npre, int64_t nk, int64_t nsuf, const fct_mat* pre,
+                                   const fct_mat* suf, const fct_mat* gF);
+
+#endif

@@ -1,0 +1,219 @@
+/* CPU element kernels: bias rows, column sums, zeroing, and the Khatri–Rao
+ * product and its factor gradient (CP layers), plus the fct_backend entries
+ * of the tensorized linear ops' primitives (backend.h). float32/float64. */
+#include <string.h>
+
+#include "gemm_cpu.h"
+#include "kernels_cpu.h"
+
+/* ------------------------------------------------------------------------- */
+/* Rows                                                                       */
+/* ------------------------------------------------------------------------- */
+
+void fct_cpu_fill_rows(fct_dtype dt, const fct_mat* y, const char* bias, int64_t bs) {
+  for (int64_t i = 0; i < y->rows; ++i) {
+    if (dt == FCT_F32) {
+      float* row = (float*)y->data + i * y->rs;
+      const float* b = (const float*)bias;
+      for (int64_t j = 0; j < y->cols; ++j) row[j] = b[j * bs];
+    } else {
+      double* row = (double*)y->data + i * y->rs;
+      const double* b = (const double*)bias;
+      for (int64_t j = 0; j < y->cols; ++j) row[j] = b[j * bs];
+    }
+  }
+}
+
+/* g is read row by row, so the sums stay in cache for typical widths. */
+void fct_cpu_column_sums(fct_dtype dt, const fct_mat* g, char* out) {
+  enum { CHUNK = 512 };
+  double acc[CHUNK];
+  for (int64_t j0 = 0; j0 < g->cols; j0 += CHUNK) {
+    int64_t nj = g->cols - j0 < CHUNK ? g->cols - j0 : CHUNK;
+    memset(acc, 0, sizeof acc);
+    for (int64_t i = 0; i < g->rows; ++i) {
+      if (dt == FCT_F32) {
+        const float* row = (const float*)g->data + i * g->rs + j0 * g->cs;
+        for (int64_t j = 0; j < nj; ++j) acc[j] += row[j * g->cs];
+      } else {
+        const double* row = (const double*)g->data + i * g->rs + j0 * g->cs;
+        for (int64_t j = 0; j < nj; ++j) acc[j] += row[j * g->cs];
+      }
+    }
+    for (int64_t j = 0; j < nj; ++j) {
+      if (dt == FCT_F32) ((float*)out)[j0 + j] = (float)acc[j];
+      else ((double*)out)[j0 + j] = acc[j];
+    }
+  }
+}
+
+/* ------------------------------------------------------------------------- */
+/* Khatri–Rao product                                                         */
+/* ------------------------------------------------------------------------- */
+
+/* Columns are independent, so the pool splits them; within a block of
+ * columns the product is built in place, one factor at a time:
+ *   out[(p, a), c] = out[p, c] · F_k[a, c]
+ * written for p and a descending, so row p is read before any write reaches
+ * it (the write index p·n_k + a is >= p, equal only for the last write of
+ * row p). That costs ∏n·(1 + 1/n_last + ...) multiplies, not ∏n·(nf - 1). */
+typedef struct kr_job {
+  fct_dtype dt;
+  int nf;
+  const fct_mat* F;
+  const fct_mat* out;
+  int64_t step; /* columns per task */
+} kr_job;
+
+#define KR_BODY(T)                                                                    \
+  do {                                                                                \
+    T* o = (T*)j->out->data;                                                          \
+    const int64_t ors = j->out->rs;                                                   \
+    if (j->nf == 0) {                                                                 \
+      for (int64_t c = c0; c < c1; ++c) o[c] = (T)1;                                  \
+      break;                                                                          \
+    }                                                                                 \
+    const fct_mat* F0 = &j->F[0];                                                     \
+    for (int64_t a = 0; a < F0->rows; ++a) {                                          \
+      const T* f = (const T*)F0->data + a * F0->rs;                                   \
+      for (int64_t c = c0; c < c1; ++c) o[a * ors + c] = f[c * F0->cs];               \
+    }                                                                                 \
+    int64_t n = F0->rows;                                                             \
+    for (int k = 1; k < j->nf; ++k) {                                                 \
+      const fct_mat* Fk = &j->F[k];                                                   \
+      int64_t nk = Fk->rows;                                                          \
+      for (int64_t p = n - 1; p >= 0; --p) {                                          \
+        for (int64_t a = nk - 1; a >= 0; --a) {                                       \
+          const T* src = o + p * ors;                                                 \
+          const T* f = (const T*)Fk->data + a * Fk->rs;                               \
+          T* dst = o + (p * nk + a) * ors;                                            \
+          for (int64_t c = c0; c < c1; ++c) dst[c] = src[c] * f[c * Fk->cs];         \
+        }                                                                             \
+      }                                                                               \
+      n *= nk;                                                                        \
+    }                                                                                 \
+  } while (0)
+
+static void kr_blocks(int64_t begin, int64_t end, void* arg) {
+  const kr_job* j = arg;
+  for (int64_t blk = begin; blk < end; ++blk) {
+    int64_t c0 = blk * j->step, c1 = c0 + j->step < j->out->cols ? c0 + j->step : j->out->cols;
+    if (j->dt == FCT_F32) KR_BODY(float);
+    else KR_BODY(double);
+  }
+}
+
+fct_status fct_cpu_khatri_rao(fct_context* ctx, int device, fct_dtype dt, int nf,
+                              const fct_mat* F, const fct_mat* out) {
+  (void)ctx;
+  (void)device;
+  if (out->rows == 0 || out->cols == 0) return FCT_OK;
+  kr_job job = {dt, nf, F, out, 64};
+  int64_t blocks = (out->cols + job.step - 1) / job.step;
+  /* Below ~1M products one thread is as fast as a fork/join of the pool
+   * (and does not wait for a descheduled thread when the machine is busy). */
+  int64_t grain = out->rows * out->cols >= ((int64_t)1 << 20) ? 1 : blocks;
+  fct_cpu_parallel(blocks, grain, kr_blocks, &job);
+  return FCT_OK;
+}
+
+/* gF[a, c] = Σ_{p, s} gK[(p, a, s), c] · pre[p, c] · suf[s, c], summed in
+ * float64 (up to ∏n / n_k terms). Tasks: one per (a, block of columns). */
+typedef struct krg_job {
+  fct_dtype dt;
+  const fct_mat *gK, *pre, *suf, *gF;
+  int64_t npre, nk, nsuf;
+  int64_t step, nblocks;
+} krg_job;
+
+#define KRG_BLOCK 256
+
+#define KRG_BODY(T)                                                                  \
+  do {                                                                               \
+    for (int64_t p = 0; p < j->npre; ++p) {                                          \
+      const T* pr = (const T*)j->pre->data + p * j->pre->rs;                         \
+      for (int64_t s = 0; s < j->nsuf; ++s) {                                        \
+        const T* su = (const T*)j->suf->data + s * j->suf->rs;                       \
+        const T* g = (const T*)j->gK->data + ((p * j->nk + a) * j->nsuf + s) * j->gK->rs; \
+        for (int64_t c = c0; c < c1; ++c)                                            \
+          acc[c - c0] += (double)(g[c * j->gK->cs] * pr[c * j->pre->cs]) * su[c * j->suf->cs]; \
+      }                                                                              \
+    }                                                                                \
+    T* out = (T*)j->gF->data + a * j->gF->rs;                                        \
+    for (int64_t c = c0; c < c1; ++c) out[c] = (T)acc[c - c0];                       \
+  } while (0)
+
+static void krg_tasks(int64_t begin, int64_t end, void* arg) {
+  const krg_job* j = arg;
+  double acc[KRG_BLOCK];
+  for (int64_t t = begin; t < end; ++t) {
+    int64_t a = t / j->nblocks, blk = t % j->nblocks;
+    int64_t c0 = blk * j->step, c1 = c0 + j->step < j->gF->cols ? c0 + j->step : j->gF->cols;
+    memset(acc, 0, sizeof acc);
+    if (j->dt == FCT_F32) KRG_BODY(float);
+    else KRG_BODY(double);
+  }
+}
+
+fct_status fct_cpu_khatri_rao_grad(fct_context* ctx, int device, fct_dtype dt, const fct_mat* gK,
+                                   int64_t npre, int64_t nk, int64_t nsuf, const fct_mat* pre,
+                                   const fct_mat* suf, const fct_mat* gF) {
+  (void)ctx;
+  (void)device;
+  if (gF->rows == 0 || gF->cols == 0) return FCT_OK;
+  krg_job job = {dt, gK, pre, suf, gF, npre, nk, nsuf, KRG_BLOCK, 0};
+  job.nblocks = (gF->cols + KRG_BLOCK - 1) / KRG_BLOCK;
+  int64_t tasks = nk * job.nblocks;
+  int64_t grain = npre * nsuf * nk * gF->cols >= ((int64_t)1 << 18) ? 1 : tasks;
+  fct_cpu_parallel(tasks, grain, krg_tasks, &job);
+  return FCT_OK;
+}
+
+/* ------------------------------------------------------------------------- */
+/* fct_backend entries                                                        */
+/* ------------------------------------------------------------------------- */
+
+fct_status fct_cpu_gemm_entry(fct_context* ctx, int device, fct_dtype dt, const fct_mat* A,
+                              const fct_mat* B, const fct_mat* C, double beta, int64_t batch,
+                              int64_t sa, int64_t sb, int64_t sc) {
+  (void)ctx;
+  (void)device;
+  fct_cpu_gemm_batched(dt, A, B, C, beta, batch, sa, sb, sc);
+  return FCT_OK;
+}
+
+fct_status fct_cpu_gemm_reduce_entry(fct_context* ctx, int device, fct_dtype dt,
+                                     const fct_mat* A, const fct_mat* B, const fct_mat* C,
+                                     double beta, int64_t batch, int64_t sa, int64_t sb,
+                                     char* scratch, size_t scratch_bytes) {
+  (void)ctx;
+  (void)device;
+  (void)scratch;
+  (void)scratch_bytes;
+  fct_cpu_gemm_reduce(dt, A, B, C, beta, batch, sa, sb);
+  return FCT_OK;
+}
+
+fct_status fct_cpu_fill_rows_entry(fct_context* ctx, int device, fct_dtype dt, const fct_mat* y,
+                                   const char* bias, int64_t bs) {
+  (void)ctx;
+  (void)device;
+  fct_cpu_fill_rows(dt, y, bias, bs);
+  return FCT_OK;
+}
+
+fct_status fct_cpu_column_sums_entry(fct_context* ctx, int device, fct_dtype dt,
+                                     const fct_mat* g, char* out) {
+  (void)ctx;
+  (void)device;
+  fct_cpu_column_sums(dt, g, out);
+  return FCT_OK;
+}
+
+fct_status fct_cpu_zero_entry(fct_context* ctx, int device, fct_dtype dt, const fct_mat* C) {
+  (void)ctx;
+  (void)device;
+  size_t es = fct_dtype_bytes(dt);
+  for (int64_t i = 0; i < C->rows; ++i) memset(C->data + i * C->rs * (int64_t)es, 0, (size_t)C->cols * es);
+  return FCT_OK;
+}

@@ -1,0 +1,43 @@
+/* Float64 references shared by the tests of the tensorized linear ops
+ * (CP, Tucker, TT): a dense W reconstructed naively from the factors, then
+ * y = x·Wᵀ + b and its gradients; factor gradients by the multilinearity of
+ * W (see ref_param_grad), independent of how the ops contract. */
+#ifndef FCT_TEST_TENSORIZED_H
+#define FCT_TEST_TENSORIZED_H
+
+#include "test_util.h"
+
+/* Dense row-major float64 copy of a test tensor's logical elements. */
+double* tz_to_double(const test_tensor* t);
+
+/* W [out, in] from the parameters (dense float64 copies, in the op's order). */
+typedef void (*tz_reconstruct_fn)(const void* model, double* const* params, double* W);
+
+/* y [M, out] = x [M, in] · Wᵀ + b (b nullable). */
+void tz_forward(const double* x, const double* W, const double* b, int64_t M, int64_t in,
+                int64_t out, double* y);
+
+/* gx [M, in] = g · W, gW [out, in] = gᵀ · x, gb [out] = Σ_M g. */
+void tz_backward(const double* x, const double* W, const double* g, int64_t M, int64_t in,
+                 int64_t out, double* gx, double* gW, double* gb);
+
+/* grad [nk] of ⟨gW, W⟩ w.r.t. params[k] (nk elements): W is linear in each
+ * parameter tensor, so the derivative along entry p is ⟨gW, W(params[k] =
+ * e_p)⟩, computed by reconstructing W with params[k] replaced by e_p. */
+void tz_param_grad(tz_reconstruct_fn fn, const void* model, double** params, int k, int64_t nk,
+                   const double* gW, int64_t in, int64_t out, double* grad);
+
+/* max |a - ref| / max(|ref|, 1e-300) over a tensor folded to [rows, cols];
+ * Inf when a holds NaN (an element never written). 0 when empty. */
+double tz_rel_err(const test_tensor* a, const double* ref, int64_t rows, int64_t cols);
+
+/* Context with the shared error buffer; workspace of at least `bytes`. */
+extern char tz_err[512];
+fct_context tz_ctx(uint32_t flags);
+void tz_workspace(fct_context* c, size_t bytes);
+void tz_free_workspace(void);
+
+/* got == want and the message names `name`. */
+void tz_expect_fail(fct_status got, fct_status want, const char* name, const char* what);
+
+#endif

@@ -1,0 +1,315 @@
+/*
+ * tt_linear forward and backward against a float64 reference that forms W
+ * naively from the cores (test_tensorized.c): d = 1 to 4 cores, ranks from 1
+ * to the largest meaningful ones, rectangular and size-1 modes, M = 1,
+ * M = 0, batch dims, transposed/gapped x, cores stored with odd strides
+ * (packed), the chunked paths (FCT_FLAG_SMALL_CHUNKS), several subsets of
+ * gradients. The cases are chosen so that the cost model picks every kind of
+ * plan (merged and single groups, both sweep directions); the test checks
+ * that it did. Then bad arguments. Outputs start NaN-filled.
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "test_tensorized.h"
+
+typedef struct tt_case {
+  int64_t M;
+  int d;
+  int64_t in[4], out[4], r[5];
+} tt_case;
+
+typedef struct tt_model {
+  int d;
+  int64_t in[4], out[4], r[5], nin, nout;
+} tt_model;
+
+/* W[o, i] = G_0[:, i_0, o_0, :] ··· G_(d-1)[:, i_(d-1), o_(d-1), :] (1 x 1). */
+static void tt_reconstruct(const void* mp, double* const* P, double* W) {
+  const tt_model* m = mp;
+  double v[64], nv[64];
+  for (int64_t o = 0; o < m->nout; ++o)
+    for (int64_t i = 0; i < m->nin; ++i) {
+      int64_t oi[4], ii[4], rem = i;
+      for (int k = m->d - 1; k >= 0; --k) ii[k] = rem % m->in[k], rem /= m->in[k];
+      rem = o;
+      for (int k = m->d - 1; k >= 0; --k) oi[k] = rem % m->out[k], rem /= m->out[k];
+      v[0] = 1.0; /* row vector of length r_k */
+      for (int k = 0; k < m->d; ++k) {
+        int64_t r0 = m->r[k], r1 = m->r[k + 1], I = m->in[k], O = m->out[k];
+        for (int64_t b = 0; b < r1; ++b) {
+          double s = 0;
+          for (int64_t a = 0; a < r0; ++a)
+            s += v[a] * P[k][((a * I + ii[k]) * O + oi[k]) * r1 + b];
+          nv[b] = s;
+        }
+        memcpy(v, nv, sizeof(double) * (size_t)r1);
+      }
+      W[o * m->nin + i] = v[0];
+    }
+}
+
+typedef struct layout_case {
+  const char* name;
+  int x3d, x_colmajor;
+  int64_t gap;
+  int core_odd; /* cores stored with permuted dims (need packing) */
+} layout_case;
+
+static int g_seen_merged, g_seen_single, g_seen_ltr, g_seen_rtl;
+
+static void note_plan(const tt_model* m, int64_t M) {
+  fct_linear_plan_info info;
+  int64_t r[5];
+  memcpy(r, m->r, sizeof r);
+  fct_status st = fct_tt_linear_plan(m->d, m->in, m->out, r, M, (DLDevice){kDLCPU, 0},
+                                     (DLDataType){kDLFloat, 64, 1}, &info);
+  CHECK(st == FCT_OK, "tt plan: status %d", st);
+  if (strstr(info.plan, "-")) ++g_seen_merged;
+  if (strstr(info.plan, "] ") || strstr(info.plan, "groups [0] ")) ++g_seen_single;
+  if (strstr(info.plan, "left-to-right")) ++g_seen_ltr;
+  if (strstr(info.plan, "right-to-left")) ++g_seen_rtl;
+}
+
+static void run_case(int bits, const tt_case* cc, const layout_case* L, bool bias,
+                     uint32_t flags) {
+  char label[256];
+  snprintf(label, sizeof label, "f%d M=%lld d=%d r1=%lld %s bias=%d flags=%u", bits,
+           (long long)cc->M, cc->d, (long long)cc->r[1], L->name, bias, flags);
+  tt_model m;
+  memset(&m, 0, sizeof m);
+  m.d = cc->d;
+  m.nin = m.nout = 1;
+  for (int k = 0; k < m.d; ++k) {
+    m.in[k] = cc->in[k];
+    m.out[k] = cc->out[k];
+    m.nin *= m.in[k];
+    m.nout *= m.out[k];
+  }
+  for (int k = 0; k <= m.d; ++k) m.r[k] = cc->r[k];
+  int64_t M = cc->M, in = m.nin, out = m.nout;
+  if (bits == 64 && !flags && !L->x3d && !L->x_colmajor && !L->gap && !L->core_odd && bias)
+    note_plan(&m, M);
+  int nd = L->x3d ? 3 : 2;
+  int64_t xs[3], ys[3];
+  if (nd == 3) {
+    xs[0] = 2; xs[1] = M / 2; xs[2] = in;
+  } else {
+    xs[0] = M; xs[1] = in;
+  }
+  memcpy(ys, xs, sizeof xs);
+  ys[nd - 1] = out;
+  int col[3] = {1, 0, 0}, odd[4] = {2, 0, 3, 1};
+  test_tensor* x = tt_new(bits, nd, xs, L->x_colmajor ? col : NULL, L->gap);
+  test_tensor* G[4];
+  double* P[4];
+  const DLTensor* dG[4];
+  for (int k = 0; k < m.d; ++k) {
+    int64_t sh[4] = {m.r[k], m.in[k], m.out[k], m.r[k + 1]};
+    G[k] = tt_new(bits, 4, sh, L->core_odd ? odd : NULL, 0);
+    P[k] = tz_to_double(G[k]);
+    dG[k] = &G[k]->dl;
+  }
+  int64_t bs[1] = {out};
+  test_tensor* b = bias ? tt_new(bits, 1, bs, NULL, 0) : NULL;
+  test_tensor* g = tt_new(bits, nd, ys, NULL, 0);
+  test_tensor* y = tt_output(bits, nd, ys);
+
+  double* W = calloc((size_t)(in * out) + 1, sizeof(double));
+  tt_reconstruct(&m, P, W);
+  double* xd = calloc((size_t)(M * in) + 1, sizeof(double));
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t j = 0; j < in; ++j) xd[i * in + j] = tt_get2(x, i, j);
+  double* gd = tz_to_double(g);
+  double* bd = b ? tz_to_double(b) : NULL;
+  double* yr = calloc((size_t)(M * out) + 1, sizeof(double));
+  tz_forward(xd, W, bd, M, in, out, yr);
+  double* gxr = calloc((size_t)(M * in) + 1, sizeof(double));
+  double* gWr = calloc((size_t)(in * out) + 1, sizeof(double));
+  double* gbr = calloc((size_t)out + 1, sizeof(double));
+  tz_backward(xd, W, gd, M, in, out, gxr, gWr, gbr);
+  double* gPr[4];
+  for (int k = 0; k < m.d; ++k) {
+    int64_t nk = tt_numel(G[k]);
+    gPr[k] = calloc((size_t)nk + 1, sizeof(double));
+    tz_param_grad(tt_reconstruct, &m, P, k, nk, gWr, in, out, gPr[k]);
+  }
+  double rsum = 0;
+  for (int k = 0; k <= m.d; ++k) rsum += (double)m.r[k];
+  double tol = bits == 64 ? 1e-11 : 4e-5 * sqrt((double)(in + out + M + 1) * rsum);
+
+  fct_context c = tz_ctx(flags);
+  size_t bytes = 0;
+  fct_status st = fct_tt_linear_forward_workspace(&c, &x->dl, m.d, dG, b ? &b->dl : NULL,
+                                                  &y->dl, &bytes);
+  CHECK(st == FCT_OK, "%s: forward workspace: %s", label, tz_err);
+  tz_workspace(&c, bytes);
+  st = fct_tt_linear_forward(&c, &x->dl, m.d, dG, b ? &b->dl : NULL, &y->dl);
+  CHECK(st == FCT_OK, "%s: forward: %s", label, tz_err);
+  double e = tz_rel_err(y, yr, M, out);
+  CHECK(e <= tol, "%s: y error %.3g > %.3g", label, e, tol);
+
+  /* Variants: everything; grad_x only; cores only (all); the last core and
+   * the bias only. */
+  for (int variant = 0; variant < 4; ++variant) {
+    bool want_x = variant <= 1, want_b = variant == 0 || variant == 3;
+    test_tensor* gx = tt_output(bits, nd, xs);
+    test_tensor* gb = tt_output(bits, 1, bs);
+    test_tensor* gG[4];
+    DLTensor* dgG[4];
+    for (int k = 0; k < m.d; ++k) {
+      gG[k] = tt_output(bits, 4, G[k]->shape);
+      dgG[k] = (variant == 0 || variant == 2 || (variant == 3 && k == m.d - 1)) ? &gG[k]->dl
+                                                                              : NULL;
+    }
+    c = tz_ctx(flags);
+    st = fct_tt_linear_backward_workspace(&c, &g->dl, &x->dl, m.d, dG, want_x ? &gx->dl : NULL,
+                                          (const DLTensor* const*)dgG,
+                                          want_b ? &gb->dl : NULL, &bytes);
+    CHECK(st == FCT_OK, "%s: backward workspace %d: %s", label, variant, tz_err);
+    tz_workspace(&c, bytes);
+    st = fct_tt_linear_backward(&c, &g->dl, &x->dl, m.d, dG, want_x ? &gx->dl : NULL, dgG,
+                                want_b ? &gb->dl : NULL);
+    CHECK(st == FCT_OK, "%s: backward %d: %s", label, variant, tz_err);
+    if (want_x) {
+      e = tz_rel_err(gx, gxr, M, in);
+      CHECK(e <= tol, "%s: grad_x error %.3g (variant %d)", label, e, variant);
+    }
+    if (want_b) {
+      e = tz_rel_err(gb, gbr, 1, out);
+      CHECK(e <= tol, "%s: grad_bias error %.3g (variant %d)", label, e, variant);
+    }
+    for (int k = 0; k < m.d; ++k) {
+      if (!dgG[k]) continue;
+      int64_t rows = m.r[k] * m.in[k] * m.out[k];
+      e = tz_rel_err(gG[k], gPr[k], rows, m.r[k + 1]);
+      CHECK(e <= tol, "%s: grad_cores[%d] error %.3g (variant %d)", label, k, e, variant);
+    }
+    tt_free(gx);
+    tt_free(gb);
+    for (int k = 0; k < m.d; ++k) tt_free(gG[k]);
+  }
+  for (int k = 0; k < m.d; ++k) free(P[k]), free(gPr[k]), tt_free(G[k]);
+  free(W); free(xd); free(gd); free(bd); free(yr); free(gxr); free(gWr); free(gbr);
+  tt_free(x); tt_free(b); tt_free(g); tt_free(y);
+}
+
+static void test_values(void) {
+  static const tt_case cases[] = {
+      {5, 1, {6}, {4}, {1, 1}},                               /* one core: a dense W */
+      {5, 2, {2, 3}, {4, 2}, {1, 3, 1}},
+      {9, 3, {2, 2, 2}, {3, 2, 2}, {1, 2, 2, 1}},             /* small ranks */
+      {12, 3, {3, 3, 3}, {3, 3, 3}, {1, 9, 9, 1}},            /* the largest ranks */
+      {8, 3, {4, 4, 4}, {2, 1, 2}, {1, 3, 2, 1}},             /* in >> out, size-1 mode */
+      {8, 3, {2, 1, 2}, {4, 4, 4}, {1, 2, 3, 1}},             /* out >> in */
+      {6, 4, {2, 2, 2, 2}, {2, 2, 2, 2}, {1, 3, 4, 3, 1}},
+      {40, 4, {2, 2, 2, 2}, {2, 2, 2, 2}, {1, 4, 16, 4, 1}},  /* large ranks: merging */
+      {1, 3, {3, 2, 2}, {2, 2, 3}, {1, 4, 3, 1}},             /* M = 1 */
+      {0, 2, {2, 2}, {3, 2}, {1, 2, 1}},                      /* empty batch */
+  };
+  static const layout_case layouts[] = {
+      {"contiguous", 0, 0, 0, 0},
+      {"x col-major, odd cores", 0, 1, 0, 1},
+      {"x gapped rows", 0, 0, 3, 0},
+      {"x 3-D", 1, 0, 0, 0},
+  };
+  for (int bits = 32; bits <= 64; bits += 32)
+    for (size_t ci = 0; ci < sizeof cases / sizeof cases[0]; ++ci)
+      for (size_t li = 0; li < sizeof layouts / sizeof layouts[0]; ++li)
+        for (int bias = 0; bias < 2; ++bias) {
+          if (layouts[li].x3d && cases[ci].M % 2) continue;
+          run_case(bits, &cases[ci], &layouts[li], bias, 0);
+          if (li <= 1) run_case(bits, &cases[ci], &layouts[li], bias, FCT_FLAG_SMALL_CHUNKS);
+        }
+  CHECK(g_seen_merged && g_seen_single && g_seen_ltr && g_seen_rtl,
+        "the cases cover every kind of plan: merged %d, single %d, ltr %d, rtl %d",
+        g_seen_merged, g_seen_single, g_seen_ltr, g_seen_rtl);
+}
+
+static void test_errors(void) {
+  int64_t xs[2] = {4, 6}, c0[4] = {1, 2, 3, 2}, c1[4] = {2, 3, 2, 1}, ys[2] = {4, 6};
+  test_tensor* x = tt_new(32, 2, xs, NULL, 0);
+  test_tensor* G0 = tt_new(32, 4, c0, NULL, 0);
+  test_tensor* G1 = tt_new(32, 4, c1, NULL, 0);
+  test_tensor* y = tt_output(32, 2, ys);
+  const DLTensor* G[2] = {&G0->dl, &G1->dl};
+  fct_context c = tz_ctx(0);
+  tz_workspace(&c, 1 << 20);
+  fct_status st = fct_tt_linear_forward(&c, &x->dl, 2, G, NULL, &y->dl);
+  CHECK(st == FCT_OK, "valid call: %s", tz_err);
+  G1->shape[0] = 3;
+  st = fct_tt_linear_forward(&c, &x->dl, 2, G, NULL, &y->dl);
+  tz_expect_fail(st, FCT_ERR_SHAPE, "cores[1]: expected a first dim of 2", "rank chain");
+  G1->shape[0] = 2;
+  G0->shape[0] = 2;
+  st = fct_tt_linear_forward(&c, &x->dl, 2, G, NULL, &y->dl);
+  tz_expect_fail(st, FCT_ERR_SHAPE, "cores[0]: expected a first dim of 1", "r_0 != 1");
+  G0->shape[0] = 1;
+  G1->shape[3] = 2;
+  st = fct_tt_linear_forward(&c, &x->dl, 2, G, NULL, &y->dl);
+  tz_expect_fail(st, FCT_ERR_SHAPE, "cores[1]: expected a last dim of 1", "r_d != 1");
+  G1->shape[3] = 1;
+  G0->shape[3] = 0;
+  G1->shape[0] = 0;
+  st = fct_tt_linear_forward(&c, &x->dl, 2, G, NULL, &y->dl);
+  tz_expect_fail(st, FCT_ERR_SHAPE, "cores[0]", "rank 0");
+  G0->shape[3] = 2;
+  G1->shape[0] = 2;
+  G0->dl.ndim = 3;
+  st = fct_tt_linear_forward(&c, &x->dl, 2, G, NULL, &y->dl);
+  tz_expect_fail(st, FCT_ERR_NDIM, "cores[0]", "3-D core");
+  G0->dl.ndim = 4;
+  xs[1] = 5;
+  test_tensor* x5 = tt_new(32, 2, xs, NULL, 0);
+  st = fct_tt_linear_forward(&c, &x5->dl, 2, G, NULL, &y->dl);
+  tz_expect_fail(st, FCT_ERR_SHAPE, "x: expected a last dim of 6", "in mismatch");
+  st = fct_tt_linear_forward(&c, &x->dl, 9, G, NULL, &y->dl);
+  tz_expect_fail(st, FCT_ERR_INVALID_VALUE, "d", "9 cores");
+  st = fct_tt_linear_forward(&c, &x->dl, 2, NULL, NULL, &y->dl);
+  tz_expect_fail(st, FCT_ERR_NULL_ARGUMENT, "cores", "NULL cores");
+  c.workspace_bytes = 8;
+  st = fct_tt_linear_forward(&c, &x->dl, 2, G, NULL, &y->dl);
+  tz_expect_fail(st, FCT_ERR_WORKSPACE, "workspace", "small workspace");
+  tz_workspace(&c, 1 << 20);
+  int64_t i0[4] = {0, 1, 1, 1};
+  tt_set(G0, i0, INFINITY);
+  c.flags = FCT_FLAG_CHECK_FINITE;
+  st = fct_tt_linear_forward(&c, &x->dl, 2, G, NULL, &y->dl);
+  tz_expect_fail(st, FCT_ERR_NOT_FINITE, "cores[0]", "Inf in a core");
+  c.flags = 0;
+  tt_set(G0, i0, 0.5);
+  test_tensor* g = tt_new(32, 2, ys, NULL, 0);
+  test_tensor* gG1 = tt_output(32, 4, c0); /* G0's shape */
+  DLTensor* gG[2] = {NULL, &gG1->dl};
+  st = fct_tt_linear_backward(&c, &g->dl, &x->dl, 2, G, NULL, gG, NULL);
+  tz_expect_fail(st, FCT_ERR_SHAPE, "grad_cores[1]", "grad core shape");
+  DLTensor* gGa[2] = {&G1->dl, NULL};
+  st = fct_tt_linear_backward(&c, &g->dl, &x->dl, 2, G, NULL, gGa, NULL);
+  tz_expect_fail(st, FCT_ERR_SHAPE, "grad_cores[0]", "grad core of another's shape");
+
+  /* The cost model on the benchmark's layer: 4096 x 4096 as (8, 8, 8, 8),
+   * ranks 50: pairs of merged cores for a large batch. */
+  int64_t modes[4] = {8, 8, 8, 8}, ranks[5] = {1, 50, 50, 50, 1};
+  fct_linear_plan_info info;
+  st = fct_tt_linear_plan(4, modes, modes, ranks, 2048, (DLDevice){kDLCPU, 0},
+                          (DLDataType){kDLFloat, 32, 1}, &info);
+  CHECK(st == FCT_OK && strstr(info.plan, "forward: groups [0-1] [2-3]"), "tt plan: %d %s", st,
+        info.plan);
+  CHECK(info.forward_flops < 2.0 * 2048 * 64 * 64 * 64 * 50 * 2 * 1.01 &&
+            info.forward_flops > 2.0 * 2048 * 64 * 64 * 64 * 50 * 2,
+        "tt plan flops %g", info.forward_flops);
+  ranks[1] = 0;
+  st = fct_tt_linear_plan(4, modes, modes, ranks, 2048, (DLDevice){kDLCPU, 0},
+                          (DLDataType){kDLFloat, 32, 1}, &info);
+  CHECK(st == FCT_ERR_SHAPE, "tt plan with a zero rank: %d", st);
+
+  tt_free(x); tt_free(x5); tt_free(G0); tt_free(G1); tt_free(y); tt_free(g); tt_free(gG1);
+}
+
+int main(void) {
+  test_values();
+  test_errors();
+  tz_free_workspace();
+  return test_report();
+}

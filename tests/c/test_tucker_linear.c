@@ -1,0 +1,310 @@
+/*
+ * tucker_linear forward and backward against a float64 reference that forms
+ * W naively from the core and factors (test_tensorized.c): 1 to 3 modes per
+ * side, ranks below, equal to and above the mode sizes, modes of size 1,
+ * M = 1, M = 0, batch dims, transposed/gapped x, factors and core stored
+ * column-major (packed), the chunked paths (FCT_FLAG_SMALL_CHUNKS), several
+ * subsets of gradients; then bad arguments. Outputs start NaN-filled.
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "test_tensorized.h"
+
+typedef struct tk_case {
+  int64_t M;
+  int n_in, n_out;
+  int64_t in[4], t[4], out[4], s[4];
+} tk_case;
+
+typedef struct tk_model {
+  int n_in, n_out;
+  int64_t in[4], t[4], out[4], s[4];
+  int64_t nin, nout, S, T;
+} tk_model;
+
+/* params: core [S, T], V_0.. [i_k, t_k], U_0.. [o_k, s_k]. */
+static void tk_reconstruct(const void* mp, double* const* P, double* W) {
+  const tk_model* m = mp;
+  for (int64_t o = 0; o < m->nout; ++o)
+    for (int64_t i = 0; i < m->nin; ++i) {
+      int64_t oi[4], ii[4], rem = i;
+      for (int k = m->n_in - 1; k >= 0; --k) ii[k] = rem % m->in[k], rem /= m->in[k];
+      rem = o;
+      for (int k = m->n_out - 1; k >= 0; --k) oi[k] = rem % m->out[k], rem /= m->out[k];
+      double acc = 0;
+      for (int64_t sv = 0; sv < m->S; ++sv) {
+        int64_t sk[4];
+        rem = sv;
+        for (int k = m->n_out - 1; k >= 0; --k) sk[k] = rem % m->s[k], rem /= m->s[k];
+        double us = 1;
+        for (int k = 0; k < m->n_out; ++k) us *= P[1 + m->n_in + k][oi[k] * m->s[k] + sk[k]];
+        for (int64_t tv = 0; tv < m->T; ++tv) {
+          int64_t tk[4];
+          rem = tv;
+          for (int k = m->n_in - 1; k >= 0; --k) tk[k] = rem % m->t[k], rem /= m->t[k];
+          double vs = 1;
+          for (int k = 0; k < m->n_in; ++k) vs *= P[1 + k][ii[k] * m->t[k] + tk[k]];
+          acc += P[0][sv * m->T + tv] * us * vs;
+        }
+      }
+      W[o * m->nin + i] = acc;
+    }
+}
+
+typedef struct layout_case {
+  const char* name;
+  int x3d, x_colmajor;
+  int64_t gap;
+  int p_colmajor; /* core and factors stored column-major */
+} layout_case;
+
+static void run_case(int bits, const tk_case* cc, const layout_case* L, bool bias,
+                     uint32_t flags) {
+  char label[256];
+  snprintf(label, sizeof label, "f%d M=%lld n_in=%d n_out=%d %s bias=%d flags=%u", bits,
+           (long long)cc->M, cc->n_in, cc->n_out, L->name, bias, flags);
+  tk_model m;
+  memset(&m, 0, sizeof m);
+  m.n_in = cc->n_in;
+  m.n_out = cc->n_out;
+  m.nin = m.nout = m.S = m.T = 1;
+  for (int k = 0; k < m.n_in; ++k) {
+    m.in[k] = cc->in[k];
+    m.t[k] = cc->t[k];
+    m.nin *= m.in[k];
+    m.T *= m.t[k];
+  }
+  for (int k = 0; k < m.n_out; ++k) {
+    m.out[k] = cc->out[k];
+    m.s[k] = cc->s[k];
+    m.nout *= m.out[k];
+    m.S *= m.s[k];
+  }
+  int64_t M = cc->M, in = m.nin, out = m.nout;
+  int nd = L->x3d ? 3 : 2;
+  int64_t xs[3], ys[3];
+  if (nd == 3) {
+    xs[0] = 2; xs[1] = M / 2; xs[2] = in;
+  } else {
+    xs[0] = M; xs[1] = in;
+  }
+  memcpy(ys, xs, sizeof xs);
+  ys[nd - 1] = out;
+  int col[3] = {1, 0, 0};
+  const int* pc = L->p_colmajor ? col : NULL;
+  test_tensor* x = tt_new(bits, nd, xs, L->x_colmajor ? col : NULL, L->gap);
+  int np = 1 + m.n_in + m.n_out;
+  test_tensor* Pt[9];
+  double* P[9];
+  int64_t csh[2] = {m.S, m.T};
+  Pt[0] = tt_new(bits, 2, csh, pc, 0);
+  for (int k = 0; k < m.n_in; ++k) {
+    int64_t sh[2] = {m.in[k], m.t[k]};
+    Pt[1 + k] = tt_new(bits, 2, sh, pc, 0);
+  }
+  for (int k = 0; k < m.n_out; ++k) {
+    int64_t sh[2] = {m.out[k], m.s[k]};
+    Pt[1 + m.n_in + k] = tt_new(bits, 2, sh, pc, 0);
+  }
+  for (int k = 0; k < np; ++k) P[k] = tz_to_double(Pt[k]);
+  const DLTensor *dV[4], *dU[4];
+  for (int k = 0; k < m.n_in; ++k) dV[k] = &Pt[1 + k]->dl;
+  for (int k = 0; k < m.n_out; ++k) dU[k] = &Pt[1 + m.n_in + k]->dl;
+  int64_t bs[1] = {out};
+  test_tensor* b = bias ? tt_new(bits, 1, bs, NULL, 0) : NULL;
+  test_tensor* g = tt_new(bits, nd, ys, NULL, 0);
+  test_tensor* y = tt_output(bits, nd, ys);
+
+  double* W = calloc((size_t)(in * out) + 1, sizeof(double));
+  tk_reconstruct(&m, P, W);
+  double* xd = calloc((size_t)(M * in) + 1, sizeof(double));
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t j = 0; j < in; ++j) xd[i * in + j] = tt_get2(x, i, j);
+  double* gd = tz_to_double(g);
+  double* bd = b ? tz_to_double(b) : NULL;
+  double* yr = calloc((size_t)(M * out) + 1, sizeof(double));
+  tz_forward(xd, W, bd, M, in, out, yr);
+  double* gxr = calloc((size_t)(M * in) + 1, sizeof(double));
+  double* gWr = calloc((size_t)(in * out) + 1, sizeof(double));
+  double* gbr = calloc((size_t)out + 1, sizeof(double));
+  tz_backward(xd, W, gd, M, in, out, gxr, gWr, gbr);
+  double* gPr[9];
+  for (int k = 0; k < np; ++k) {
+    int64_t nk = tt_numel(Pt[k]);
+    gPr[k] = calloc((size_t)nk + 1, sizeof(double));
+    tz_param_grad(tk_reconstruct, &m, P, k, nk, gWr, in, out, gPr[k]);
+  }
+  double tol = bits == 64 ? 1e-11 : 3e-5 * sqrt((double)(in + out + m.S + m.T + M + 1));
+
+  fct_context c = tz_ctx(flags);
+  size_t bytes = 0;
+  fct_status st = fct_tucker_linear_forward_workspace(&c, &x->dl, &Pt[0]->dl, m.n_in, dV,
+                                                      m.n_out, dU, b ? &b->dl : NULL, &y->dl,
+                                                      &bytes);
+  CHECK(st == FCT_OK, "%s: forward workspace: %s", label, tz_err);
+  tz_workspace(&c, bytes);
+  st = fct_tucker_linear_forward(&c, &x->dl, &Pt[0]->dl, m.n_in, dV, m.n_out, dU,
+                                 b ? &b->dl : NULL, &y->dl);
+  CHECK(st == FCT_OK, "%s: forward: %s", label, tz_err);
+  double e = tz_rel_err(y, yr, M, out);
+  CHECK(e <= tol, "%s: y error %.3g > %.3g", label, e, tol);
+
+  /* Variants: everything; grad_x only; core + output factors + bias; the
+   * input factors but the first. */
+  for (int variant = 0; variant < 4; ++variant) {
+    bool want_x = variant <= 1, want_core = variant == 0 || variant == 2;
+    bool want_b = variant == 0 || variant == 2;
+    test_tensor* gx = tt_output(bits, nd, xs);
+    test_tensor* gb = tt_output(bits, 1, bs);
+    test_tensor* gP[9];
+    for (int k = 0; k < np; ++k) gP[k] = tt_output(bits, 2, Pt[k]->shape);
+    DLTensor *gV[4], *gU[4];
+    for (int k = 0; k < m.n_in; ++k)
+      gV[k] = (variant == 0 || (variant == 3 && (k > 0 || m.n_in == 1))) ? &gP[1 + k]->dl : NULL;
+    for (int k = 0; k < m.n_out; ++k)
+      gU[k] = (variant == 0 || variant == 2) ? &gP[1 + m.n_in + k]->dl : NULL;
+    c = tz_ctx(flags);
+    st = fct_tucker_linear_backward_workspace(
+        &c, &g->dl, &x->dl, &Pt[0]->dl, m.n_in, dV, m.n_out, dU, want_x ? &gx->dl : NULL,
+        want_core ? &gP[0]->dl : NULL, (const DLTensor* const*)gV, (const DLTensor* const*)gU,
+        want_b ? &gb->dl : NULL, &bytes);
+    CHECK(st == FCT_OK, "%s: backward workspace %d: %s", label, variant, tz_err);
+    tz_workspace(&c, bytes);
+    st = fct_tucker_linear_backward(&c, &g->dl, &x->dl, &Pt[0]->dl, m.n_in, dV, m.n_out, dU,
+                                    want_x ? &gx->dl : NULL, want_core ? &gP[0]->dl : NULL, gV,
+                                    gU, want_b ? &gb->dl : NULL);
+    CHECK(st == FCT_OK, "%s: backward %d: %s", label, variant, tz_err);
+    if (want_x) {
+      e = tz_rel_err(gx, gxr, M, in);
+      CHECK(e <= tol, "%s: grad_x error %.3g (variant %d)", label, e, variant);
+    }
+    if (want_b) {
+      e = tz_rel_err(gb, gbr, 1, out);
+      CHECK(e <= tol, "%s: grad_bias error %.3g (variant %d)", label, e, variant);
+    }
+    if (want_core) {
+      e = tz_rel_err(gP[0], gPr[0], m.S, m.T);
+      CHECK(e <= tol, "%s: grad_core error %.3g (variant %d)", label, e, variant);
+    }
+    for (int k = 0; k < m.n_in; ++k) {
+      if (!gV[k]) continue;
+      e = tz_rel_err(gP[1 + k], gPr[1 + k], m.in[k], m.t[k]);
+      CHECK(e <= tol, "%s: grad_in_factors[%d] error %.3g (variant %d)", label, k, e, variant);
+    }
+    for (int k = 0; k < m.n_out; ++k) {
+      if (!gU[k]) continue;
+      e = tz_rel_err(gP[1 + m.n_in + k], gPr[1 + m.n_in + k], m.out[k], m.s[k]);
+      CHECK(e <= tol, "%s: grad_out_factors[%d] error %.3g (variant %d)", label, k, e, variant);
+    }
+    tt_free(gx);
+    tt_free(gb);
+    for (int k = 0; k < np; ++k) tt_free(gP[k]);
+  }
+  for (int k = 0; k < np; ++k) free(P[k]), free(gPr[k]), tt_free(Pt[k]);
+  free(W); free(xd); free(gd); free(bd); free(yr); free(gxr); free(gWr); free(gbr);
+  tt_free(x); tt_free(b); tt_free(g); tt_free(y);
+}
+
+static void test_values(void) {
+  static const tk_case cases[] = {
+      {5, 2, 1, {2, 3}, {2, 2}, {4}, {3}},
+      {1, 3, 2, {3, 2, 2}, {2, 1, 2}, {2, 3}, {2, 2}}, /* M = 1 */
+      {0, 2, 2, {2, 2}, {1, 2}, {3, 1}, {2, 1}},       /* empty batch */
+      {7, 1, 1, {4}, {4}, {5}, {5}},                   /* square factors */
+      {6, 2, 2, {3, 3}, {4, 5}, {2, 3}, {3, 4}},       /* ranks above the modes */
+      {4, 2, 2, {1, 3}, {1, 2}, {2, 1}, {2, 1}},       /* modes of size 1 */
+      {34, 2, 2, {4, 4}, {2, 3}, {4, 4}, {3, 2}},
+  };
+  static const layout_case layouts[] = {
+      {"contiguous", 0, 0, 0, 0},
+      {"x col-major, core/factors col-major", 0, 1, 0, 1},
+      {"x gapped rows", 0, 0, 3, 0},
+      {"x 3-D", 1, 0, 0, 0},
+  };
+  for (int bits = 32; bits <= 64; bits += 32)
+    for (size_t ci = 0; ci < sizeof cases / sizeof cases[0]; ++ci)
+      for (size_t li = 0; li < sizeof layouts / sizeof layouts[0]; ++li)
+        for (int bias = 0; bias < 2; ++bias) {
+          if (layouts[li].x3d && cases[ci].M % 2) continue;
+          run_case(bits, &cases[ci], &layouts[li], bias, 0);
+          if (li <= 1) run_case(bits, &cases[ci], &layouts[li], bias, FCT_FLAG_SMALL_CHUNKS);
+        }
+}
+
+static void test_errors(void) {
+  int64_t xs[2] = {4, 6}, v0[2] = {2, 2}, v1[2] = {3, 2}, u0[2] = {5, 3}, cs[2] = {3, 4},
+          ys[2] = {4, 5};
+  test_tensor* x = tt_new(32, 2, xs, NULL, 0);
+  test_tensor* V0 = tt_new(32, 2, v0, NULL, 0);
+  test_tensor* V1 = tt_new(32, 2, v1, NULL, 0);
+  test_tensor* U0 = tt_new(32, 2, u0, NULL, 0);
+  test_tensor* core = tt_new(32, 2, cs, NULL, 0);
+  test_tensor* y = tt_output(32, 2, ys);
+  const DLTensor* V[2] = {&V0->dl, &V1->dl};
+  const DLTensor* U[1] = {&U0->dl};
+  fct_context c = tz_ctx(0);
+  tz_workspace(&c, 1 << 20);
+  fct_status st = fct_tucker_linear_forward(&c, &x->dl, &core->dl, 2, V, 1, U, NULL, &y->dl);
+  CHECK(st == FCT_OK, "valid call: %s", tz_err);
+  core->shape[1] = 5;
+  st = fct_tucker_linear_forward(&c, &x->dl, &core->dl, 2, V, 1, U, NULL, &y->dl);
+  tz_expect_fail(st, FCT_ERR_SHAPE, "core", "core shape");
+  core->shape[1] = 4;
+  V1->shape[0] = 4; /* in = 8 */
+  st = fct_tucker_linear_forward(&c, &x->dl, &core->dl, 2, V, 1, U, NULL, &y->dl);
+  tz_expect_fail(st, FCT_ERR_SHAPE, "x: expected a last dim of 8", "in mismatch");
+  V1->shape[0] = 3;
+  V1->shape[1] = 0;
+  st = fct_tucker_linear_forward(&c, &x->dl, &core->dl, 2, V, 1, U, NULL, &y->dl);
+  tz_expect_fail(st, FCT_ERR_SHAPE, "in_factors[1]", "rank 0");
+  V1->shape[1] = 2;
+  V0->dl.ndim = 3;
+  st = fct_tucker_linear_forward(&c, &x->dl, &core->dl, 2, V, 1, U, NULL, &y->dl);
+  tz_expect_fail(st, FCT_ERR_NDIM, "in_factors[0]", "3-D factor");
+  V0->dl.ndim = 2;
+  st = fct_tucker_linear_forward(&c, &x->dl, &core->dl, 2, V, 0, U, NULL, &y->dl);
+  tz_expect_fail(st, FCT_ERR_INVALID_VALUE, "out_factors", "no output factors");
+  y->shape[1] = 6;
+  st = fct_tucker_linear_forward(&c, &x->dl, &core->dl, 2, V, 1, U, NULL, &y->dl);
+  tz_expect_fail(st, FCT_ERR_SHAPE, "y", "y shape");
+  y->shape[1] = 5;
+  c.workspace_bytes = 8;
+  st = fct_tucker_linear_forward(&c, &x->dl, &core->dl, 2, V, 1, U, NULL, &y->dl);
+  tz_expect_fail(st, FCT_ERR_WORKSPACE, "workspace", "small workspace");
+  tz_workspace(&c, 1 << 20);
+  int64_t i11[2] = {1, 1};
+  tt_set(core, i11, NAN);
+  c.flags = FCT_FLAG_CHECK_FINITE;
+  st = fct_tucker_linear_forward(&c, &x->dl, &core->dl, 2, V, 1, U, NULL, &y->dl);
+  tz_expect_fail(st, FCT_ERR_NOT_FINITE, "core", "NaN in the core");
+  c.flags = 0;
+  tt_set(core, i11, 0.25);
+  test_tensor* g = tt_new(32, 2, ys, NULL, 0);
+  test_tensor* gcore = tt_output(32, 2, v1); /* wrong shape */
+  st = fct_tucker_linear_backward(&c, &g->dl, &x->dl, &core->dl, 2, V, 1, U, NULL, &gcore->dl,
+                                  NULL, NULL, NULL);
+  tz_expect_fail(st, FCT_ERR_SHAPE, "grad_core", "grad_core shape");
+  st = fct_tucker_linear_backward(&c, &g->dl, &x->dl, &core->dl, 2, V, 1, U, &x->dl, NULL, NULL,
+                                  NULL, NULL);
+  tz_expect_fail(st, FCT_ERR_LAYOUT, "grad_x", "grad_x aliases x");
+
+  int64_t modes[4] = {8, 8, 8, 8}, ranks[4] = {6, 6, 6, 6};
+  fct_linear_plan_info info;
+  st = fct_tucker_linear_plan(4, modes, ranks, 4, modes, ranks, 2048, (DLDevice){kDLCPU, 0},
+                              (DLDataType){kDLFloat, 32, 1}, &info);
+  CHECK(st == FCT_OK && info.forward_flops > 2.0 * 2048 * 1296 * 1296 &&
+            info.forward_flops < 2.0 * 2048 * 4096 * 4096 / 5 && strstr(info.plan, "tucker"),
+        "tucker plan: %d %g %s", st, info.forward_flops, info.plan);
+
+  tt_free(x); tt_free(V0); tt_free(V1); tt_free(U0); tt_free(core); tt_free(y); tt_free(g);
+  tt_free(gcore);
+}
+
+int main(void) {
+  test_values();
+  test_errors();
+  tz_free_workspace();
+  return test_report();
+}

@@ -1,0 +1,135 @@
+/* Helpers shared by the boxed kernels of the CP, Tucker and TT linear ops
+ * (see tensorized_glue.h). */
+#include "tensorized_glue.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+
+void fct_take_ints(StableIValue slot, int cap, fct_ints* out) {
+  StableListHandle l = (StableListHandle)(uintptr_t)slot;
+  memset(out, 0, sizeof *out);
+  if (!l) return;
+  size_t n = 0;
+  if (torch_list_size(l, &n) == 0) {
+    out->total = n;
+    for (size_t i = 0; i < n && i < (size_t)cap; ++i) {
+      StableIValue v = 0;
+      if (torch_list_get_item(l, i, &v) != 0) break;
+      memcpy(&out->v[i], &v, sizeof(int64_t));
+      out->n = (int)i + 1;
+    }
+  }
+  torch_delete_list(l);
+}
+
+void fct_take_tensors(fct_call* c, const StableIValue* stack, int n, AtenTensorHandle* h,
+                      DLTensor* dl) {
+  for (int i = 0; i < n; ++i) {
+    h[i] = (AtenTensorHandle)(uintptr_t)stack[i];
+    c->owned.h[c->owned.n++] = h[i];
+    fct_torch_view(h[i], &dl[i]);
+  }
+}
+
+bool fct_check_ints(fct_call* c, const char* name, const fct_ints* ints, int lo, int hi,
+                    const char* what) {
+  bool ok = ints->total >= (size_t)lo && ints->total <= (size_t)hi && ints->n == (int)ints->total;
+  for (int i = 0; ok && i < ints->n; ++i) ok = ints->v[i] >= 1;
+  if (ok) return true;
+  char list[128] = "";
+  size_t len = 0;
+  for (int i = 0; i < ints->n && len + 24 < sizeof list; ++i)
+    len += (size_t)snprintf(list + len, sizeof list - len, "%s%lld", i ? ", " : "",
+                            (long long)ints->v[i]);
+  snprintf(c->error, sizeof c->error, "%s: expected %d to %d %s, each >= 1, got [%s%s]", name, lo,
+           hi, what, list, ints->total > (size_t)ints->n ? ", ..." : "");
+  return false;
+}
+
+void fct_carve_init(fct_carve* cv) {
+  memset(cv, 0, sizeof *cv);
+}
+
+void fct_carve_add(fct_carve* cv, int ndim, const int64_t* shape) {
+  if (cv->n >= FCT_GLUE_MAX_VIEWS) {
+    cv->total = -1;
+    return;
+  }
+  DLTensor* t = &cv->t[cv->n];
+  int64_t numel = 1;
+  for (int i = 0; i < ndim; ++i) {
+    cv->shape[cv->n][i] = shape[i];
+    if (cv->total >= 0 && __builtin_mul_overflow(numel, shape[i], &numel)) cv->total = -1;
+  }
+  if (cv->total >= 0 && __builtin_add_overflow(cv->total, numel, &cv->total)) cv->total = -1;
+  t->ndim = ndim;
+  t->shape = cv->shape[cv->n];
+  t->strides = NULL; /* compact row-major */
+  cv->in[cv->n] = t;
+  cv->out[cv->n] = t;
+  ++cv->n;
+}
+
+void fct_carve_copy(fct_carve* dst, const fct_carve* src) {
+  *dst = *src;
+  for (int i = 0; i < dst->n; ++i) { /* the copy's pointers must point into the copy */
+    dst->t[i].shape = dst->shape[i];
+    dst->in[i] = &dst->t[i];
+    dst->out[i] = &dst->t[i];
+  }
+}
+
+bool fct_carve_bind(fct_call* c, fct_carve* cv, const DLTensor* flat, const DLTensor* x,
+                    const char* name, const char* what) {
+  fct_context* ctx = &c->ctx;
+  if (fct_check_tensor(ctx, name, flat, 1) != FCT_OK) return false;
+  if (fct_check_same(ctx, name, flat, "x", x) != FCT_OK) return false;
+  int64_t n = flat->shape[0];
+  if (cv->total < 0) {
+    snprintf(c->error, sizeof c->error, "%s: the sizes of %s overflow int64", name, what);
+    return false;
+  }
+  if (flat->ndim != 1 || n != cv->total || (n > 1 && flat->strides && flat->strides[0] != 1)) {
+    snprintf(c->error, sizeof c->error,
+             "%s: expected a contiguous 1-D tensor of %lld elements (%s), got %d dims with %lld "
+             "elements",
+             name, (long long)cv->total, what, flat->ndim, (long long)fct_numel(flat));
+    return false;
+  }
+  char* base = fct_data(flat);
+  size_t es = (size_t)flat->dtype.bits / 8;
+  int64_t off = 0;
+  for (int i = 0; i < cv->n; ++i) {
+    DLTensor* t = &cv->t[i];
+    t->data = base + off * (int64_t)es;
+    t->byte_offset = 0;
+    t->device = flat->device;
+    t->dtype = flat->dtype;
+    off += fct_numel(t);
+  }
+  return true;
+}
+
+void fct_glue_fail(fct_call* c, fct_status st, const char* fmt, ...) {
+  if (fmt) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(c->error, sizeof c->error, fmt, ap);
+    va_end(ap);
+  }
+  fct_call_end(c, st, NULL, 0);
+}
+
+bool fct_batched_shape(const DLTensor* x, int64_t last, int64_t* shape, int* ndim) {
+  if (x->ndim < 1 || x->ndim > FCT_MAX_DIMS) return false;
+  for (int i = 0; i < x->ndim - 1; ++i) shape[i] = x->shape[i];
+  shape[x->ndim - 1] = last;
+  *ndim = x->ndim;
+  return true;
+}
+
+AtenTensorHandle fct_call_none(fct_call* c, int32_t dtype) {
+  int64_t zero = 0;
+  return fct_call_empty(c, dtype, 1, &zero);
+}

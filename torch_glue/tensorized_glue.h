@@ -1,0 +1,81 @@
+/*
+ * tensorized_glue.h (internal): what the boxed kernels of the CP, Tucker and
+ * TT linear ops share. Each layer keeps ONE flat parameter tensor holding
+ * all its factors or cores back to back (row-major each); the schema passes
+ * it with the mode sizes and ranks as int lists, and the kernel carves
+ * zero-copy DLTensor views of the factors out of it (and views of the flat
+ * gradient the same way, so the C ops write every factor's gradient in
+ * place: no torch.cat, no copies).
+ */
+#ifndef FCT_TENSORIZED_GLUE_H
+#define FCT_TENSORIZED_GLUE_H
+
+#include "fct_tensor.h"
+#include "tensor_view.h"
+
+void fct_cp_linear_kernel(StableIValue* stack, uint64_t num_args, uint64_t num_outputs);
+void fct_cp_linear_backward_kernel(StableIValue* stack, uint64_t num_args, uint64_t num_outputs);
+void fct_tucker_linear_kernel(StableIValue* stack, uint64_t num_args, uint64_t num_outputs);
+void fct_tucker_linear_backward_kernel(StableIValue* stack, uint64_t num_args,
+                                       uint64_t num_outputs);
+void fct_tt_linear_kernel(StableIValue* stack, uint64_t num_args, uint64_t num_outputs);
+void fct_tt_linear_backward_kernel(StableIValue* stack, uint64_t num_args, uint64_t num_outputs);
+
+/* ------------------------------------------------------------------------- */
+/* Shared helpers (tensorized_glue.c)                                         */
+/* ------------------------------------------------------------------------- */
+
+#define FCT_GLUE_MAX_VIEWS (2 * FCT_MAX_MODES + 1)
+
+/* An int[] argument. */
+typedef struct fct_ints {
+  int64_t v[FCT_MAX_MODES + 1];
+  int n;        /* entries read (at most the capacity) */
+  size_t total; /* entries in the list */
+} fct_ints;
+
+/* Reads the list in `slot` and frees it (the kernel owns it). */
+void fct_take_ints(StableIValue slot, int cap, fct_ints* out);
+
+/* `n` tensor inputs from the stack: owned handles recorded in c, views. */
+void fct_take_tensors(fct_call* c, const StableIValue* stack, int n, AtenTensorHandle* h,
+                      DLTensor* dl);
+
+/* False (message in c) unless `ints` holds between lo and hi entries, each
+ * >= 1. what: the role, e.g. "the input mode sizes". */
+bool fct_check_ints(fct_call* c, const char* name, const fct_ints* ints, int lo, int hi,
+                    const char* what);
+
+/* Views carved, in order, out of a flat tensor. */
+typedef struct fct_carve {
+  DLTensor t[FCT_GLUE_MAX_VIEWS];
+  int64_t shape[FCT_GLUE_MAX_VIEWS][4];
+  const DLTensor* in[FCT_GLUE_MAX_VIEWS]; /* &t[i], for the C API's arrays */
+  DLTensor* out[FCT_GLUE_MAX_VIEWS];
+  int n;
+  int64_t total; /* elements; -1 after an overflow */
+} fct_carve;
+
+void fct_carve_init(fct_carve* cv);
+void fct_carve_add(fct_carve* cv, int ndim, const int64_t* shape);
+/* dst = the same views as src (not yet bound). */
+void fct_carve_copy(fct_carve* dst, const fct_carve* src);
+
+/* Points the views into `flat`, which must be a 1-D contiguous tensor of
+ * cv->total elements with x's dtype and device; false with a message in c
+ * naming `name` otherwise (`what` says which parameters it should hold). */
+bool fct_carve_bind(fct_call* c, fct_carve* cv, const DLTensor* flat, const DLTensor* x,
+                    const char* name, const char* what);
+
+/* Writes the message into c and raises it (does not return). */
+void fct_glue_fail(fct_call* c, fct_status st, const char* fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+/* Shape [*lead(x), last] of a batched output, or false when x's rank is
+ * out of range (then the C op names x). */
+bool fct_batched_shape(const DLTensor* x, int64_t last, int64_t* shape, int* ndim);
+
+/* An empty [0] tensor of x's dtype (a gradient not asked for). */
+AtenTensorHandle fct_call_none(fct_call* c, int32_t dtype);
+
+#endif

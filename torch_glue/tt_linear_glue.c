@@ -1,0 +1,127 @@
+/*
+ * Boxed torch kernels of the Tensor-Train linear ops (schemas in register.c):
+ *   factorch::tt_linear(x, weights, bias, in_modes, out_modes, ranks) -> y
+ *   factorch::tt_linear_backward(grad_y, x, weights, in_modes, out_modes, ranks,
+ *                                need_x, need_weights, need_bias) -> (gx, gweights, gb)
+ * weights: the flat parameter, the cores G_k [r_k, i_k, o_k, r_(k+1)]
+ * row-major, back to back; ranks holds d + 1 values, the ends 1.
+ * The C ops: ops/tt_linear.c.
+ */
+#include <stdio.h>
+
+#include "tensorized_glue.h"
+
+static const char kWhat[] = "the TT cores [r_k, i_k, o_k, r_(k+1)] one after the other";
+
+typedef struct tt_args {
+  fct_ints im, om, r;
+} tt_args;
+
+static void take_args(const StableIValue* slots, tt_args* a) {
+  fct_take_ints(slots[0], FCT_MAX_MODES, &a->im);
+  fct_take_ints(slots[1], FCT_MAX_MODES, &a->om);
+  fct_take_ints(slots[2], FCT_MAX_MODES + 1, &a->r);
+}
+
+static void tt_views(fct_call* c, const tt_args* a, const DLTensor* flat, const DLTensor* x,
+                     fct_carve* cv, int64_t* out) {
+  if (!fct_check_ints(c, "in_modes", &a->im, 1, FCT_MAX_MODES, "input mode sizes") ||
+      !fct_check_ints(c, "out_modes", &a->om, a->im.n, a->im.n,
+                      "output mode sizes (as many as in_modes)") ||
+      !fct_check_ints(c, "ranks", &a->r, a->im.n + 1, a->im.n + 1, "ranks (d + 1)"))
+    fct_call_end(c, FCT_ERR_INVALID_VALUE, NULL, 0);
+  int d = a->im.n;
+  if (a->r.v[0] != 1 || a->r.v[d] != 1)
+    fct_glue_fail(c, FCT_ERR_INVALID_VALUE,
+                  "ranks: expected the first and last of the d + 1 ranks to be 1, got %lld and "
+                  "%lld",
+                  (long long)a->r.v[0], (long long)a->r.v[d]);
+  *out = 1;
+  for (int k = 0; k < d; ++k)
+    if (__builtin_mul_overflow(*out, a->om.v[k], out))
+      fct_glue_fail(c, FCT_ERR_OVERFLOW, "out_modes: the product overflows int64");
+  fct_carve_init(cv);
+  for (int k = 0; k < d; ++k)
+    fct_carve_add(cv, 4, (int64_t[4]){a->r.v[k], a->im.v[k], a->om.v[k], a->r.v[k + 1]});
+  if (!fct_carve_bind(c, cv, flat, x, "weights", kWhat)) fct_call_end(c, FCT_ERR_SHAPE, NULL, 0);
+}
+
+void fct_tt_linear_kernel(StableIValue* stack, uint64_t num_args, uint64_t num_outputs) {
+  (void)num_args;
+  (void)num_outputs;
+  fct_call c = {0};
+  AtenTensorHandle in[3];
+  DLTensor d[3]; /* x, weights, bias */
+  fct_take_tensors(&c, stack, 3, in, d);
+  tt_args a;
+  take_args(stack + 3, &a);
+  if (!fct_call_begin(&c, in[0])) fct_call_end(&c, FCT_ERR_CUDA, NULL, 0);
+  fct_carve cv;
+  int64_t out;
+  tt_views(&c, &a, &d[1], &d[0], &cv, &out);
+  const DLTensor* bias = fct_numel(&d[2]) == 0 ? NULL : &d[2];
+
+  AtenTensorHandle res[1] = {NULL};
+  DLTensor dy;
+  int64_t shape[FCT_MAX_DIMS];
+  int nd;
+  bool sane = fct_batched_shape(&d[0], out, shape, &nd);
+  if (sane) {
+    int32_t dtype;
+    aoti_torch_get_dtype(in[0], &dtype);
+    res[0] = fct_call_empty(&c, dtype, nd, shape);
+    if (!res[0]) fct_call_end(&c, FCT_ERR_WORKSPACE, NULL, 0);
+    fct_torch_view(res[0], &dy);
+  }
+  size_t bytes = 0;
+  fct_status st = fct_tt_linear_forward_workspace(&c.ctx, &d[0], a.im.n, cv.in, bias,
+                                                  sane ? &dy : NULL, &bytes);
+  if (st == FCT_OK && !fct_call_workspace(&c, bytes)) st = FCT_ERR_WORKSPACE;
+  if (st == FCT_OK) st = fct_tt_linear_forward(&c.ctx, &d[0], a.im.n, cv.in, bias, &dy);
+  fct_call_end(&c, st, res, 1);
+  stack[0] = (StableIValue)(uintptr_t)res[0];
+}
+
+void fct_tt_linear_backward_kernel(StableIValue* stack, uint64_t num_args, uint64_t num_outputs) {
+  (void)num_args;
+  (void)num_outputs;
+  fct_call c = {0};
+  AtenTensorHandle in[3];
+  DLTensor d[3]; /* grad_y, x, weights */
+  fct_take_tensors(&c, stack, 3, in, d);
+  tt_args a;
+  take_args(stack + 3, &a);
+  bool need_x = (stack[6] & 0xff) != 0, need_w = (stack[7] & 0xff) != 0,
+       need_b = (stack[8] & 0xff) != 0;
+  if (!fct_call_begin(&c, in[1])) fct_call_end(&c, FCT_ERR_CUDA, NULL, 0);
+  fct_carve cv, gcv;
+  int64_t out;
+  tt_views(&c, &a, &d[2], &d[1], &cv, &out);
+
+  int32_t dtype;
+  aoti_torch_get_dtype(in[1], &dtype);
+  AtenTensorHandle res[3];
+  DLTensor dgx, dgw, dgb;
+  bool sane = d[1].ndim >= 1 && d[1].ndim <= FCT_MAX_DIMS;
+  res[0] = need_x && sane ? fct_call_empty(&c, dtype, d[1].ndim, d[1].shape) : fct_call_none(&c, dtype);
+  res[1] = need_w ? fct_call_empty(&c, dtype, 1, &cv.total) : fct_call_none(&c, dtype);
+  res[2] = need_b ? fct_call_empty(&c, dtype, 1, &out) : fct_call_none(&c, dtype);
+  if (!res[0] || !res[1] || !res[2]) fct_call_end(&c, FCT_ERR_WORKSPACE, NULL, 0);
+  fct_torch_view(res[0], &dgx);
+  fct_torch_view(res[1], &dgw);
+  fct_torch_view(res[2], &dgb);
+  fct_carve_copy(&gcv, &cv);
+  if (need_w && !fct_carve_bind(&c, &gcv, &dgw, &d[1], "grad_weights", kWhat))
+    fct_call_end(&c, FCT_ERR_SHAPE, NULL, 0);
+  DLTensor* gx = need_x && sane ? &dgx : NULL;
+  DLTensor* const* gG = need_w ? gcv.out : NULL;
+  DLTensor* gb = need_b ? &dgb : NULL;
+  size_t bytes = 0;
+  fct_status st = fct_tt_linear_backward_workspace(&c.ctx, &d[0], &d[1], a.im.n, cv.in, gx,
+                                                   (const DLTensor* const*)gG, gb, &bytes);
+  if (st == FCT_OK && !fct_call_workspace(&c, bytes)) st = FCT_ERR_WORKSPACE;
+  if (st == FCT_OK)
+    st = fct_tt_linear_backward(&c.ctx, &d[0], &d[1], a.im.n, cv.in, gx, gG, gb);
+  fct_call_end(&c, st, res, 3);
+  for (int i = 0; i < 3; ++i) stack[i] = (StableIValue)(uintptr_t)res[i];
+}
