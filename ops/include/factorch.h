@@ -184,12 +184,14 @@ FCT_API fct_status fct_svd(fct_context* ctx, const DLTensor* A, DLTensor* U,
                            DLTensor* S, DLTensor* Vh,
                            fct_decomp_info* info /* nullable */);
 
-/* Randomized SVD (Halko, Martinsson, Tropp 2011, with power iterations):
- * sketch k = min(r + n_oversamples, min(m, n)) columns, n_iter power
- * iterations (each re-orthonormalised), then the SVD of the k x n
- * projection. A [m, n] is read 2·n_iter + 2 times; workspace is
- * O((m + n)·k) (plus m·n when A's strides are neither row- nor
- * column-major, to pack it). Shapes as fct_svd with S [r]. */
+/* Randomized SVD (Halko, Martinsson, Tropp 2011): sketch k = min(r +
+ * n_oversamples, min(m, n)) columns, n_iter power iterations (shifted by
+ * half the smallest Ritz value squared, after dashSVD, which at the same
+ * n_oversamples and n_iter halves the excess error of the plain iteration;
+ * each re-orthonormalised), then the SVD of the k x n projection.
+ * A [m, n] is read 2·n_iter + 2 times; workspace is O((m + n)·k) (plus
+ * m·n when A's strides are neither row- nor column-major, to pack it).
+ * Shapes as fct_svd with S [r]. */
 typedef struct fct_rsvd_options {
   int64_t n_oversamples; /* >= 0 */
   int32_t n_iter;        /* >= 0 power iterations */
@@ -207,7 +209,9 @@ FCT_API fct_status fct_randomized_svd(fct_context* ctx, const DLTensor* A, DLTen
                                       fct_decomp_info* info /* nullable */);
 
 /* Initialisations of CP and Tucker. */
-#define FCT_INIT_SVD 0    /* leading left singular vectors of each unfolding */
+#define FCT_INIT_SVD 0    /* leading left singular vectors of each unfolding
+                             (CP: a mode smaller than the rank starts from one
+                             least-squares update against the others) */
 #define FCT_INIT_RANDOM 1 /* uniform [0, 1) entries from the seed */
 #define FCT_INIT_GIVEN 2  /* the factors (and CP weights) passed in hold the
                              starting point; they are read, then overwritten */
@@ -221,7 +225,9 @@ FCT_API fct_status fct_randomized_svd(fct_context* ctx, const DLTensor* A, DLTen
  * "abs_rec_error") or after n_iter_max sweeps. normalize_factors: 1 gives
  * unit-norm factor columns with their scale in weights; 0 gives weights of
  * 1 and the scale spread evenly over the factors. Cost per sweep: about
- * 2·N·numel·R flops; workspace O(numel + R·numel / min_n I_n).
+ * 4·numel·R flops (two GEMMs of a dimension tree splitting the dims
+ * into two groups of balanced size); workspace numel (none when X is dense
+ * float64) + O(R·(size of the larger group) + Σ I_n·R + R²) doubles.
  * errors (nullable, n_iter_max doubles) receives the error after each sweep. */
 typedef struct fct_cp_options {
   int32_t n_iter_max;        /* >= 0 */
@@ -288,6 +294,152 @@ FCT_API fct_status fct_tensor_train(fct_context* ctx, const DLTensor* X, int n_m
                                     const int64_t* mode_sizes, const int64_t* max_ranks,
                                     double eps, DLTensor* cores, int64_t* ranks,
                                     fct_decomp_info* info /* nullable */);
+
+/* ========================================================================= */
+/* Tensorized linear layers (issue 3): CP, Tucker and Tensor-Train.          */
+/*                                                                            */
+/* The weight W [out, in] is a tensor network over in = ∏ i_k and            */
+/* out = ∏ o_k, multi-indices row-major (i_1 slowest, as x.reshape(...,      */
+/* i_1, .., i_d) numbers them). y = x·Wᵀ + bias and its gradients are         */
+/* computed from the factors directly, never forming W: one call per layer   */
+/* and direction, intermediates in the workspace. Each call chooses its      */
+/* contraction order and chunking from the shapes and the batch size M by a  */
+/* cost model (FLOPs + memory traffic + per-call overheads); the             */
+/* fct_*_linear_plan functions report the choice without computing.         */
+/*  - dtypes and devices as the low-rank op: float32/float64 on CPU and CUDA, */
+/*    bfloat16/float16 on CUDA (float32 accumulation inside the GEMMs; the    */
+/*    intermediates are stored in the tensors' dtype).                       */
+/*  - Inputs (x, grad_y, factors, cores) may have any strides; they are       */
+/*    packed into the workspace where needed. Outputs (y, z, gradients) must  */
+/*    be C-contiguous (dense row-major) and must not overlap any other       */
+/*    argument. Gradients are overwritten, never accumulated; each output,   */
+/*    and each entry of an array of gradient outputs, may be NULL (not       */
+/*    computed; an array pointer may be NULL too).                           */
+/*  - Every mode size and rank must be >= 1; at most FCT_MAX_MODES modes per */
+/*    side (CP, Tucker) or cores (TT). M = 0 is fine (gradients of the       */
+/*    factors are then zero).                                               */
+/*  - FCT_FLAG_CHECK_FINITE checks y (forward), grad_y and grad_x (backward) */
+/*    as the low-rank op does.                                               */
+/*  - Pointers are borrowed: arrays of tensors and of sizes are read during  */
+/*    the call only.                                                         */
+/* ========================================================================= */
+
+#define FCT_MAX_MODES 8
+
+/* For fct_context.flags: the tensorized linear ops process the batch (Tucker,
+ * TT) or the rank (CP) in chunks of at most 3 rows or columns, whatever the
+ * cost model prefers: the smallest workspace and many chunks. Slow; meant
+ * for tests of the chunked paths. */
+#define FCT_FLAG_SMALL_CHUNKS 2u
+
+/* What a tensorized linear op would do for a batch (fct_*_linear_plan). */
+typedef struct fct_linear_plan_info {
+  double forward_flops;      /* 2 × multiply-adds of the forward for the batch */
+  double backward_flops;     /* of the backward computing every gradient */
+  size_t forward_workspace;  /* bytes, for C-contiguous x and grad_y */
+  size_t backward_workspace;
+  char plan[256];            /* the contraction order chosen, in words */
+} fct_linear_plan_info;
+
+/* CP: W[(o_1..o_q), (i_1..i_p)] = Σ_r ∏_k A_k[i_k, r] · ∏_k B_k[o_k, r].    */
+/*   x [..., in], in_factors A_k [i_k, R] (k < n_in), out_factors B_k      */
+/*   [o_k, R] (k < n_out), bias [out] or NULL.                              */
+/*   z [..., R] = x · KR(A)   (KR: the Khatri–Rao product, [in, R])          */
+/*   y [..., out] = z · KR(B)ᵀ + bias                                        */
+/* The Khatri–Rao products are built in chunks of columns in the workspace   */
+/* (chunk size from the cost model); z (nullable) is what the backward needs */
+/* to skip recomputing x · KR(A).                                           */
+FCT_API fct_status fct_cp_linear_forward_workspace(
+    const fct_context* ctx, const DLTensor* x, int n_in, const DLTensor* const* in_factors,
+    int n_out, const DLTensor* const* out_factors, const DLTensor* bias /* nullable */,
+    const DLTensor* y, const DLTensor* z /* nullable */, size_t* bytes);
+FCT_API fct_status fct_cp_linear_forward(
+    fct_context* ctx, const DLTensor* x, int n_in, const DLTensor* const* in_factors,
+    int n_out, const DLTensor* const* out_factors, const DLTensor* bias /* nullable */,
+    DLTensor* y, DLTensor* z /* nullable */);
+/* Gradients given grad_y [..., out]; z from the forward (nullable: then
+ * recomputed chunk by chunk when grad_out_factors are asked for). */
+FCT_API fct_status fct_cp_linear_backward_workspace(
+    const fct_context* ctx, const DLTensor* grad_y, const DLTensor* x, int n_in,
+    const DLTensor* const* in_factors, int n_out, const DLTensor* const* out_factors,
+    const DLTensor* z, const DLTensor* grad_x, const DLTensor* const* grad_in_factors,
+    const DLTensor* const* grad_out_factors, const DLTensor* grad_bias, size_t* bytes);
+FCT_API fct_status fct_cp_linear_backward(
+    fct_context* ctx, const DLTensor* grad_y, const DLTensor* x, int n_in,
+    const DLTensor* const* in_factors, int n_out, const DLTensor* const* out_factors,
+    const DLTensor* z /* nullable */, DLTensor* grad_x /* nullable */,
+    DLTensor* const* grad_in_factors /* nullable */,
+    DLTensor* const* grad_out_factors /* nullable */, DLTensor* grad_bias /* nullable */);
+FCT_API fct_status fct_cp_linear_plan(int n_in, const int64_t* in_modes, int n_out,
+                                      const int64_t* out_modes, int64_t rank, int64_t batch,
+                                      DLDevice device, DLDataType dtype,
+                                      fct_linear_plan_info* info);
+
+/* Tucker: W[(o), (i)] = Σ_{s, t} core[s, t] ∏_k U_k[o_k, s_k] ∏_k V_k[i_k, t_k] */
+/*   core [S, T]: the core tensor [s_1..s_q, t_1..t_p] as a matrix           */
+/*   (S = ∏ s_k, T = ∏ t_k); in_factors V_k [i_k, t_k]; out_factors U_k      */
+/*   [o_k, s_k]; x, y, bias as for CP.                                       */
+/* Order: project x on every input factor (last mode first), multiply by    */
+/* the core, expand on every output factor (first mode first): each step is */
+/* one GEMM over all rows of a chunk, with no transposes; the cost model    */
+/* sizes the chunks.                                                        */
+/* The backward recomputes the forward's intermediates (they cost memory     */
+/* traffic, not FLOPs) instead of keeping them.                              */
+FCT_API fct_status fct_tucker_linear_forward_workspace(
+    const fct_context* ctx, const DLTensor* x, const DLTensor* core, int n_in,
+    const DLTensor* const* in_factors, int n_out, const DLTensor* const* out_factors,
+    const DLTensor* bias /* nullable */, const DLTensor* y, size_t* bytes);
+FCT_API fct_status fct_tucker_linear_forward(
+    fct_context* ctx, const DLTensor* x, const DLTensor* core, int n_in,
+    const DLTensor* const* in_factors, int n_out, const DLTensor* const* out_factors,
+    const DLTensor* bias /* nullable */, DLTensor* y);
+FCT_API fct_status fct_tucker_linear_backward_workspace(
+    const fct_context* ctx, const DLTensor* grad_y, const DLTensor* x, const DLTensor* core,
+    int n_in, const DLTensor* const* in_factors, int n_out, const DLTensor* const* out_factors,
+    const DLTensor* grad_x, const DLTensor* grad_core, const DLTensor* const* grad_in_factors,
+    const DLTensor* const* grad_out_factors, const DLTensor* grad_bias, size_t* bytes);
+FCT_API fct_status fct_tucker_linear_backward(
+    fct_context* ctx, const DLTensor* grad_y, const DLTensor* x, const DLTensor* core,
+    int n_in, const DLTensor* const* in_factors, int n_out, const DLTensor* const* out_factors,
+    DLTensor* grad_x /* nullable */, DLTensor* grad_core /* nullable */,
+    DLTensor* const* grad_in_factors /* nullable */,
+    DLTensor* const* grad_out_factors /* nullable */, DLTensor* grad_bias /* nullable */);
+FCT_API fct_status fct_tucker_linear_plan(int n_in, const int64_t* in_modes,
+                                          const int64_t* in_ranks, int n_out,
+                                          const int64_t* out_modes, const int64_t* out_ranks,
+                                          int64_t batch, DLDevice device, DLDataType dtype,
+                                          fct_linear_plan_info* info);
+
+/* Tensor-Train matrix: W[(o), (i)] = G_1[:, i_1, o_1, :] ··· G_d[:, i_d, o_d, :] */
+/*   cores G_k [r_(k-1), i_k, o_k, r_k] (k < d, r_0 = r_d = 1); x, y, bias as */
+/*   for CP.                                                                 */
+/* Order: the cores are cut into groups of consecutive cores, each group     */
+/* merged into one core in the workspace (a cost independent of M), and x    */
+/* is swept through the groups right to left or left to right; the cost     */
+/* model picks the grouping, the direction and the rows per chunk (a group   */
+/* of all d >= 2 cores, which would be W, is never chosen). The backward    */
+/* recomputes the sweep's intermediates chunk by chunk.                     */
+FCT_API fct_status fct_tt_linear_forward_workspace(const fct_context* ctx, const DLTensor* x,
+                                                   int d, const DLTensor* const* cores,
+                                                   const DLTensor* bias /* nullable */,
+                                                   const DLTensor* y, size_t* bytes);
+FCT_API fct_status fct_tt_linear_forward(fct_context* ctx, const DLTensor* x, int d,
+                                         const DLTensor* const* cores,
+                                         const DLTensor* bias /* nullable */, DLTensor* y);
+FCT_API fct_status fct_tt_linear_backward_workspace(
+    const fct_context* ctx, const DLTensor* grad_y, const DLTensor* x, int d,
+    const DLTensor* const* cores, const DLTensor* grad_x, const DLTensor* const* grad_cores,
+    const DLTensor* grad_bias, size_t* bytes);
+FCT_API fct_status fct_tt_linear_backward(fct_context* ctx, const DLTensor* grad_y,
+                                          const DLTensor* x, int d,
+                                          const DLTensor* const* cores,
+                                          DLTensor* grad_x /* nullable */,
+                                          DLTensor* const* grad_cores /* nullable */,
+                                          DLTensor* grad_bias /* nullable */);
+/* ranks: d + 1 values with ranks[0] = ranks[d] = 1. */
+FCT_API fct_status fct_tt_linear_plan(int d, const int64_t* in_modes, const int64_t* out_modes,
+                                      const int64_t* ranks, int64_t batch, DLDevice device,
+                                      DLDataType dtype, fct_linear_plan_info* info);
 
 /* ------------------------------------------------------------------------- */
 /* Backends                                                                   */
