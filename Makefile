@@ -9,7 +9,7 @@ C_SOURCES := CMakeLists.txt pyproject.toml $(wildcard ops/*.[ch] ops/*/*.[ch] op
   ops/*/*.cuh dlpack_bridge/*.[ch] torch_glue/*.[ch] tests/c/*.c tests/c/*.h tests/c/*.cpp)
 ASAN_DIR := build/asan
 
-.PHONY: all setup build demo test test-c test-asan test-py bench clean
+.PHONY: all setup build demo test test-c test-asan test-py bench clean bench-decompose
 
 all: build
 
@@ -53,6 +53,12 @@ test-py: build
 bench: build
 	$(PY) -m pip install --quiet --disable-pip-version-check -r <($(PY) tools/requirements.py --only bench)
 	$(PY) bench/bench_lowrank_linear.py --write bench/RESULTS.md
+
+# Decompositions (issue 5) against TensorLy and torch: about 10 minutes on 2
+# cores; `bench/bench_decompose.py --quick` checks the script in seconds.
+bench-decompose: build
+	$(PY) -m pip install --quiet --disable-pip-version-check -r <($(PY) tools/requirements.py --only bench)
+	$(PY) bench/bench_decompose.py --write bench/RESULTS.md
 
 clean:
 	rm -rf build $(STAMPS) factorch/_libs

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from . import _lib, _ops, functional, nn  # noqa: F401  (_ops registers fakes/autograd)
 from ._config import get_check_finite, set_check_finite
+from . import decompose  # noqa: E402  (decompositions in C: svd, randomized_svd, cp, tucker, TT)
 
 __version__ = _lib.version()
 
@@ -20,6 +21,7 @@ cuda_load_error = _lib.cuda_load_error
 __all__ = [
     "functional",
     "nn",
+    "decompose",
     "set_check_finite",
     "get_check_finite",
     "cuda_available",

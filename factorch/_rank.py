@@ -7,6 +7,8 @@ import math
 import torch
 from torch import Tensor
 
+from .decompose import svd
+
 
 def lowrank_rank_for_ratio(in_features: int, out_features: int, ratio: float) -> int:
     """Largest rank whose factors U [out, r] and V [r, in] hold at most
@@ -69,9 +71,9 @@ def select_rank(
 
 
 def truncated_svd_factors(weight: Tensor, rank=None, ratio=None, energy=None):
-    """W [out, in] ≈ U [out, r] · V [r, in] by truncated SVD in float64, the
-    singular values split evenly (U = P·√S, V = √S·Qᵀ) so that both factors
-    have the same scale.
+    """W [out, in] ≈ U [out, r] · V [r, in] by truncated SVD in float64
+    (factorch.decompose.svd, LAPACK in C), the singular values split evenly
+    (U = P·√S, V = √S·Qᵀ) so that both factors have the same scale.
 
     Returns (U, V, relative Frobenius error of the truncation), U and V in
     the weight's dtype and device.
@@ -81,11 +83,17 @@ def truncated_svd_factors(weight: Tensor, rank=None, ratio=None, energy=None):
     if not torch.isfinite(weight).all():
         raise ValueError("weight: expected finite values, found NaN or Inf")
     w = weight.detach().double()
-    P, S, Qh = torch.linalg.svd(w, full_matrices=False)
-    r = select_rank(weight, rank, ratio, energy, singular_values=S)
-    root = S[:r].sqrt()
-    U = P[:, :r] * root
-    V = root[:, None] * Qh[:r]
-    total = torch.linalg.vector_norm(S)
-    err = (torch.linalg.vector_norm(S[r:]) / total).item() if total > 0 else 0.0
+    if energy is None:  # the rank is known: only its factors are written
+        r = select_rank(weight, rank, ratio, energy)
+        res = svd(w, r)
+        P, S, Qh, err = res.U, res.S, res.Vh, res.rel_error
+    else:  # all singular values first, to find the rank holding `energy`
+        res = svd(w)
+        r = select_rank(weight, rank, ratio, energy, singular_values=res.S)
+        P, S, Qh = res.U[:, :r], res.S[:r], res.Vh[:r]
+        total = torch.linalg.vector_norm(res.S)
+        err = (torch.linalg.vector_norm(res.S[r:]) / total).item() if total > 0 else 0.0
+    root = S.sqrt()
+    U = P * root
+    V = root[:, None] * Qh
     return U.to(weight.dtype), V.to(weight.dtype), err

@@ -1,12 +1,14 @@
 /*
  * decompose.h (internal): what the decomposition entry points
- * (ops/decompose/*.c) share: argument checks, the scan for NaN/Inf, loading
+ * (ops/decompose/) share: argument checks, the scan for NaN/Inf, loading
  * inputs as float64 and storing float64 results in the output's dtype, a
  * workspace arena, and the table through which libfactorch_cuda provides
  * svd and randomized_svd for CUDA tensors.
  */
 #ifndef FCT_DECOMPOSE_H
 #define FCT_DECOMPOSE_H
+
+#include <stdint.h>
 
 #include "fct_tensor.h"
 
@@ -31,15 +33,32 @@ typedef struct fct_arena {
   bool overflow;   /* a size overflowed size_t */
 } fct_arena;
 
-/* n elements of `elem` bytes, FCT_WS_ALIGN aligned; NULL while sizing. */
-void* fct_arena_take(fct_arena* a, size_t n, size_t elem);
+/* n elements of `elem` bytes, FCT_WS_ALIGN aligned; NULL while sizing.
+ * (Inline: libfactorch_cuda lays out its workspaces with it too.) */
+static inline void* fct_arena_take(fct_arena* a, size_t n, size_t elem) {
+  size_t bytes;
+  if (!fct_mul_ok(n, elem, &bytes) || a->used > SIZE_MAX - bytes - FCT_WS_ALIGN) {
+    a->overflow = true;
+    return NULL;
+  }
+  size_t off = fct_ws_take(&a->used, bytes);
+  return a->base ? a->base + off : NULL;
+}
+
 static inline double* fct_arena_f64(fct_arena* a, size_t n) {
   return (double*)fct_arena_take(a, n, sizeof(double));
 }
 
 /* Fails with FCT_ERR_OVERFLOW when the arena overflowed, FCT_ERR_WORKSPACE
  * when ctx's workspace is smaller than a->used. */
-fct_status fct_arena_check(fct_context* ctx, const fct_arena* a);
+static inline fct_status fct_arena_check(fct_context* ctx, const fct_arena* a) {
+  if (a->overflow) return fct_fail(ctx, FCT_ERR_OVERFLOW, "workspace: its size overflows size_t");
+  if (ctx->workspace_bytes < a->used || (a->used > 0 && !ctx->workspace))
+    return fct_fail(ctx, FCT_ERR_WORKSPACE, "workspace: expected at least %zu bytes, got %zu%s",
+                    a->used, ctx->workspace ? ctx->workspace_bytes : (size_t)0,
+                    ctx->workspace ? "" : " (NULL)");
+  return FCT_OK;
+}
 
 /* ------------------------------------------------------------------------- */
 /* Checks                                                                     */
@@ -70,11 +89,12 @@ bool fct_dec_dense_f64(const DLTensor* X);
  * src[i·rs + j·cs] (float64, strides in elements). */
 void fct_dec_store(DLTensor* out, const double* src, int64_t rows, int64_t cols, int64_t rs,
                    int64_t cs);
-/* Flips the sign of column j of U (col-major [m, k], ld m) and row j of Vt
- * (col-major [k, n], ld k... given as element strides) so that the entry of
- * largest magnitude of U's column is positive: a deterministic sign
- * convention for singular vectors. u(i, j) = U[i·urs + j·ucs],
- * v(j, c) = V[j·vrs + c·vcs]. */
+/* CPU: X (any strides) -> dense row-major dst in X's own dtype. */
+void fct_dec_pack(const DLTensor* X, char* dst);
+/* A deterministic sign for singular pairs: flips column j of U and row j of
+ * V (j < k) together so that the entry of largest magnitude in U's column is
+ * positive. u(i, j) = U[i·urs + j·ucs] for i < m, v(j, c) = V[j·vrs + c·vcs]
+ * for c < n. */
 void fct_dec_fix_signs(double* U, int64_t m, int64_t urs, int64_t ucs, double* V, int64_t n,
                        int64_t vrs, int64_t vcs, int64_t k);
 
@@ -94,6 +114,13 @@ typedef struct fct_svd_plan {
   int32_t n_iter;
   uint64_t seed;
 } fct_svd_plan;
+
+/* Checks the arguments of svd (randomized: S must be [r]) and fills p. */
+fct_status fct_dec_svd_plan(fct_context* ctx, const DLTensor* A, const DLTensor* U,
+                            const DLTensor* S, const DLTensor* Vh, bool randomized,
+                            fct_svd_plan* p);
+/* sqrt(Σ_{j>=r} s_j² / Σ_j s_j²) over q singular values, 0 when all are 0. */
+double fct_dec_tail_error(const double* s, int64_t q, int64_t r);
 
 typedef struct fct_decompose_backend {
   /* Workspace bytes (may need the device: cuSOLVER's buffer queries). */

@@ -5,26 +5,8 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "cpu/gemm_cpu.h"
 #include "decompose.h"
-
-void* fct_arena_take(fct_arena* a, size_t n, size_t elem) {
-  size_t bytes;
-  if (!fct_mul_ok(n, elem, &bytes) || a->used > SIZE_MAX - bytes - FCT_WS_ALIGN) {
-    a->overflow = true;
-    return NULL;
-  }
-  size_t off = fct_ws_take(&a->used, bytes);
-  return a->base ? a->base + off : NULL;
-}
-
-fct_status fct_arena_check(fct_context* ctx, const fct_arena* a) {
-  if (a->overflow) return fct_fail(ctx, FCT_ERR_OVERFLOW, "workspace: its size overflows size_t");
-  if (ctx->workspace_bytes < a->used || (a->used > 0 && !ctx->workspace))
-    return fct_fail(ctx, FCT_ERR_WORKSPACE, "workspace: expected at least %zu bytes, got %zu%s",
-                    a->used, ctx->workspace ? ctx->workspace_bytes : (size_t)0,
-                    ctx->workspace ? "" : " (NULL)");
-  return FCT_OK;
-}
 
 fct_status fct_dec_check_int(fct_context* ctx, const char* what, int64_t v) {
   if (v < 0 || v > INT_MAX)
@@ -35,11 +17,12 @@ fct_status fct_dec_check_int(fct_context* ctx, const char* what, int64_t v) {
 
 fct_status fct_dec_check_input(fct_context* ctx, const char* name, const DLTensor* X,
                                int min_ndim, int max_ndim) {
-  FCT_TRY_(fct_check_tensor(ctx, name, X, 0));
+  if (!X) return fct_fail(ctx, FCT_ERR_NULL_ARGUMENT, "%s: expected a tensor, got NULL", name);
   fct_dtype dt = fct_dtype_of(X->dtype);
   if (dt != FCT_F32 && dt != FCT_F64)
     return fct_fail(ctx, FCT_ERR_DTYPE, "%s: expected dtype float32 or float64, got %s", name,
                     fct_dtype_name(X->dtype));
+  FCT_TRY_(fct_check_tensor(ctx, name, X, 0));
   if (X->ndim < min_ndim || X->ndim > max_ndim) {
     if (min_ndim == max_ndim)
       return fct_fail(ctx, FCT_ERR_NDIM, "%s: expected %d dims, got %d", name, min_ndim, X->ndim);
@@ -140,10 +123,65 @@ static void scan_row(const char* row, int64_t n, int64_t s, fct_dtype dt, void* 
   st->bad += bad;
 }
 
+/* The whole-tensor passes (scan, load, pack) run over blocks of dim 0 in
+ * the host's thread pool. The number of blocks depends only on the shape,
+ * and the partial sums are added in block order: the same bits whatever
+ * the number of threads. */
+#define SCAN_BLOCKS 16
+
+static int64_t n_blocks(const DLTensor* X) {
+  if (X->ndim == 0 || fct_numel(X) <= 0) return 1;
+  int64_t n = X->shape[0] < SCAN_BLOCKS ? X->shape[0] : SCAN_BLOCKS;
+  /* below ~64K elements a wake-up costs more than the pass */
+  return fct_numel(X) < (1 << 16) ? 1 : n;
+}
+
+/* Rows [lo, hi) of dim 0 of X as a tensor of their own. */
+static DLTensor block_of(const DLTensor* X, int64_t nb, int64_t b, int64_t shape0[FCT_MAX_DIMS],
+                         int64_t strides[FCT_MAX_DIMS], int64_t* first_row) {
+  DLTensor v = *X;
+  if (X->ndim == 0 || nb <= 1) {
+    *first_row = 0;
+    return v;
+  }
+  int64_t rows = X->shape[0], lo = rows * b / nb, hi = rows * (b + 1) / nb;
+  fct_strides(X, strides);
+  for (int i = 0; i < X->ndim; ++i) shape0[i] = X->shape[i];
+  shape0[0] = hi - lo;
+  v.shape = shape0;
+  v.strides = strides;
+  v.byte_offset += (uint64_t)(lo * strides[0] * (int64_t)fct_dtype_bytes(fct_dtype_of(X->dtype)));
+  *first_row = lo;
+  return v;
+}
+
+typedef struct pass_job {
+  const DLTensor* X;
+  int64_t nb;
+  scan_state* parts; /* scan */
+  char* dst;         /* load / pack */
+  bool f64;          /* load: convert to float64, else pack in X's dtype */
+} pass_job;
+
+static void scan_blocks(int64_t begin, int64_t end, void* arg) {
+  const pass_job* j = arg;
+  for (int64_t b = begin; b < end; ++b) {
+    int64_t sh[FCT_MAX_DIMS], st[FCT_MAX_DIMS], lo;
+    DLTensor v = block_of(j->X, j->nb, b, sh, st, &lo);
+    j->parts[b] = (scan_state){0.0, 0};
+    for_each_row(&v, scan_row, &j->parts[b]);
+  }
+}
+
 fct_status fct_dec_scan_cpu(fct_context* ctx, const char* name, const DLTensor* X,
                             double* sumsq) {
-  scan_state st = {0.0, 0};
-  for_each_row(X, scan_row, &st);
+  scan_state parts[SCAN_BLOCKS], st = {0.0, 0};
+  pass_job job = {X, n_blocks(X), parts, NULL, false};
+  fct_cpu_parallel(job.nb, 1, scan_blocks, &job);
+  for (int64_t b = 0; b < job.nb; ++b) {
+    st.sumsq += parts[b].sumsq;
+    st.bad += parts[b].bad;
+  }
   if (st.bad)
     return fct_fail(ctx, FCT_ERR_NOT_FINITE,
                     "%s: holds %lld NaN/Inf values; a decomposition needs finite input", name,
@@ -172,8 +210,45 @@ static void load_row(const char* row, int64_t n, int64_t s, fct_dtype dt, void* 
   *dst = d + n;
 }
 
+static void pack_row(const char* row, int64_t n, int64_t s, fct_dtype dt, void* arg) {
+  char** dst = arg;
+  size_t es = fct_dtype_bytes(dt);
+  if (s == 1) {
+    memcpy(*dst, row, (size_t)n * es);
+  } else if (dt == FCT_F32) {
+    for (int64_t j = 0; j < n; ++j) ((float*)*dst)[j] = ((const float*)row)[j * s];
+  } else {
+    for (int64_t j = 0; j < n; ++j) ((double*)*dst)[j] = ((const double*)row)[j * s];
+  }
+  *dst += (size_t)n * es;
+}
+
+static void copy_blocks(int64_t begin, int64_t end, void* arg) {
+  const pass_job* j = arg;
+  int64_t numel = fct_numel(j->X);
+  int64_t per_row = j->X->ndim && j->X->shape[0] ? numel / j->X->shape[0] : numel;
+  size_t es = j->f64 ? sizeof(double) : fct_dtype_bytes(fct_dtype_of(j->X->dtype));
+  for (int64_t b = begin; b < end; ++b) {
+    int64_t sh[FCT_MAX_DIMS], st[FCT_MAX_DIMS], lo;
+    DLTensor v = block_of(j->X, j->nb, b, sh, st, &lo);
+    char* d = j->dst + (size_t)(lo * per_row) * es;
+    if (j->f64) {
+      double* dd = (double*)d;
+      for_each_row(&v, load_row, &dd);
+    } else {
+      for_each_row(&v, pack_row, &d);
+    }
+  }
+}
+
 void fct_dec_load_f64(const DLTensor* X, double* dst) {
-  for_each_row(X, load_row, &dst);
+  pass_job job = {X, n_blocks(X), NULL, (char*)dst, true};
+  fct_cpu_parallel(job.nb, 1, copy_blocks, &job);
+}
+
+void fct_dec_pack(const DLTensor* X, char* dst) {
+  pass_job job = {X, n_blocks(X), NULL, dst, false};
+  fct_cpu_parallel(job.nb, 1, copy_blocks, &job);
 }
 
 bool fct_dec_dense_f64(const DLTensor* X) {

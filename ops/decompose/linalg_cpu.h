@@ -14,7 +14,10 @@
 #include <stdbool.h>
 #include <stdint.h>
 
-/* C [m, n] = alpha·op(A)·op(B) + beta·C; op(X) = Xᵀ when tX. */
+/* C [m, n] = alpha·op(A)·op(B) + beta·C; op(X) = Xᵀ when tX. With
+ * alpha == 1 this runs through fct_cpu_gemm, i.e. split over the host's
+ * thread pool when one is installed (under torch OpenBLAS itself is
+ * single-threaded); else one OpenBLAS call. */
 void fct_la_gemm(bool tA, bool tB, int64_t m, int64_t n, int64_t k, double alpha,
                  const double* A, int64_t lda, const double* B, int64_t ldb, double beta,
                  double* C, int64_t ldc);
@@ -34,6 +37,41 @@ void fct_la_symmetrize(int64_t n, double* C, int64_t ldc);
 int64_t fct_la_orth_lwork(int64_t m, int64_t k);
 void fct_la_orth(int64_t m, int64_t k, double* A, int64_t lda, double* tau, double* work,
                  int64_t lwork);
+/* The same, also returning the triangular factor R [k, k] (ld k, zeros
+ * below the diagonal): A = Q·R on entry. */
+void fct_la_orth_r(int64_t m, int64_t k, double* A, int64_t lda, double* R, double* tau,
+                   double* work, int64_t lwork);
+
+/* Orthonormalises Y [m, k] (m >= k) in place with shifted CholeskyQR3
+ * (Fukaya et al. 2020): three rounds of Gram matrix (syrk over row blocks
+ * in the thread pool), Cholesky of k×k and a triangular solve split by
+ * rows, all BLAS-3 and parallel, where Householder QR (fct_la_orth) runs
+ * LAPACK's panels on one thread. The shift of the first round keeps the
+ * Cholesky factorisation defined up to cond(Y) ~ 1/eps; when it still
+ * fails (Y rank-deficient) the rest is done by Householder QR. The third
+ * round runs only when the second started far from orthonormal.
+ * basis_only: one (shifted) round, which leaves Y spanning the same space
+ * with cond(Y) = O(1) (orthonormal to about cond(Y_in)²·eps): enough for
+ * the intermediate bases of a power iteration. R (nullable) receives
+ * Y_in = Y_out·R, k×k upper triangular. Scratch: fct_la_orth_fast_scratch
+ * doubles. */
+int64_t fct_la_orth_fast_scratch(int64_t m, int64_t k);
+void fct_la_orth_fast(int64_t m, int64_t k, double* Y, int64_t ldy, double* R, bool basis_only,
+                      double* scratch);
+
+/* The smallest eigenvalue of the symmetric A [n, n] (upper triangle read,
+ * A destroyed); 0 when LAPACK fails. */
+int64_t fct_la_eigmin_scratch(int64_t n);
+double fct_la_eigmin(int64_t n, double* A, int64_t lda, double* scratch);
+
+/* Singular values only of A [n, n] (destroyed), descending (gesdd 'N').
+ * iwork: 8·n ints. Returns LAPACK's info. */
+int64_t fct_la_svdvals_lwork(int64_t n);
+int fct_la_svdvals(int64_t n, double* A, double* s, double* work, int64_t lwork, int* iwork);
+
+/* B [m, k] = B·R for an upper triangular R [k, k] (trmm). */
+void fct_la_mul_upper_right(int64_t m, int64_t k, const double* R, int64_t ldr, double* B,
+                            int64_t ldb);
 
 /* Thin SVD A [m, n] = U·diag(s)·VT (gesdd, jobz 'S'), q = min(m, n):
  * U [m, q], VT [q, n], s descending. A is destroyed. iwork: 8·q ints.

@@ -37,11 +37,22 @@ FCT_HD double fct_rng_uniform(uint64_t seed, uint64_t stream, uint64_t i) {
   return (double)(fct_mix64(key + i * 0xD1B54A32D192ED03ull) >> 11) * 0x1.0p-53;
 }
 
-/* Standard normal. 1 - u lies in (0, 1], so the log is finite. */
+/* Standard normals 2·pair and 2·pair + 1 (both Box-Muller branches from
+ * one pair of uniforms). 1 - u lies in (0, 1], so the log is finite. */
+FCT_HD void fct_rng_normal_pair(uint64_t seed, uint64_t stream, uint64_t pair, double* a,
+                                double* b) {
+  double u1 = fct_rng_uniform(seed, stream, 2 * pair);
+  double u2 = fct_rng_uniform(seed, stream, 2 * pair + 1);
+  double rad = sqrt(-2.0 * log(1.0 - u1)), ang = 6.283185307179586 * u2;
+  *a = rad * cos(ang);
+  *b = rad * sin(ang);
+}
+
+/* Standard normal number i (the same value the pairs give). */
 FCT_HD double fct_rng_normal(uint64_t seed, uint64_t stream, uint64_t i) {
-  double u1 = fct_rng_uniform(seed, stream, 2 * i);
-  double u2 = fct_rng_uniform(seed, stream, 2 * i + 1);
-  return sqrt(-2.0 * log(1.0 - u1)) * cos(6.283185307179586 * u2);
+  double a, b;
+  fct_rng_normal_pair(seed, stream, i >> 1, &a, &b);
+  return (i & 1) ? b : a;
 }
 
 #endif /* FCT_RNG_H */

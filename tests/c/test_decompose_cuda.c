@@ -1,0 +1,194 @@
+/*
+ * svd and randomized_svd on the CUDA backend (cuSOLVER + cuBLAS) against the
+ * CPU implementation on the same matrices: float32 and float64, tall and
+ * wide, row-major, column-major and gapped (packed on the GPU) strides, on
+ * a non-default stream; the same sketch (counter-based RNG) on both sides,
+ * so the factors agree up to rounding. Then NaN input and a short workspace.
+ * Exits 77 (ctest: skipped) without a GPU.
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cuda_runtime_api.h>
+
+#include "test_util.h"
+
+static cudaStream_t g_stream;
+static char g_err[512];
+
+static bool cuda_ok(cudaError_t e, const char* what) {
+  CHECK(e == cudaSuccess, "%s: %s", what, cudaGetErrorString(e));
+  return e == cudaSuccess;
+}
+
+/* Bytes from the first to one past the last element of t. */
+static size_t span_bytes(const test_tensor* t) {
+  int64_t last = 0;
+  for (int i = 0; i < t->dl.ndim; ++i) last += (t->shape[i] - 1) * t->strides[i];
+  return (size_t)(last + 1) * (size_t)(t->dl.dtype.bits / 8);
+}
+
+/* A device copy of t (same shape and strides), or of an output's shape. */
+static DLTensor to_device(const test_tensor* t, void** mem) {
+  DLTensor d = t->dl;
+  size_t bytes = span_bytes(t);
+  cuda_ok(cudaMalloc(mem, bytes), "cudaMalloc");
+  cuda_ok(cudaMemcpy(*mem, t->dl.data, bytes, cudaMemcpyHostToDevice), "upload");
+  d.data = *mem;
+  d.device = (DLDevice){kDLCUDA, 0};
+  return d;
+}
+
+static void from_device(test_tensor* t, const void* mem) {
+  cuda_ok(cudaMemcpy(t->dl.data, mem, span_bytes(t), cudaMemcpyDeviceToHost), "download");
+}
+
+typedef struct result {
+  test_tensor *U, *S, *Vh;
+  fct_decomp_info info;
+  fct_status st;
+} result;
+
+static void free_result(result* r) {
+  tt_free(r->U);
+  tt_free(r->S);
+  tt_free(r->Vh);
+}
+
+/* Runs (randomized) svd of A with rank r on the CPU (dev == false) or the
+ * GPU; outputs come back to the host. */
+static result run(const test_tensor* A, int64_t r, bool randomized, bool dev) {
+  int bits = A->dl.dtype.bits;
+  int64_t m = A->shape[0], n = A->shape[1];
+  int64_t us[2] = {m, r}, ss[1] = {r}, vs[2] = {r, n};
+  result out = {tt_output(bits, 2, us), tt_output(bits, 1, ss), tt_output(bits, 2, vs),
+                {0, 0, 0}, FCT_OK};
+  fct_rsvd_options o = {6, 2, 0, 11};
+  fct_context c = {0};
+  c.error = g_err;
+  c.error_bytes = sizeof g_err;
+  g_err[0] = 0;
+  DLTensor a = A->dl, u = out.U->dl, s = out.S->dl, v = out.Vh->dl;
+  void *ma = NULL, *mu = NULL, *ms = NULL, *mv = NULL, *ws = NULL;
+  if (dev) {
+    a = to_device(A, &ma);
+    u = to_device(out.U, &mu);
+    s = to_device(out.S, &ms);
+    v = to_device(out.Vh, &mv);
+    c.stream = g_stream;
+  }
+  size_t bytes = 0;
+  out.st = randomized ? fct_randomized_svd_workspace(&c, &a, &u, &s, &v, &o, &bytes)
+                      : fct_svd_workspace(&c, &a, &u, &s, &v, &bytes);
+  if (out.st == FCT_OK) {
+    if (dev) cuda_ok(cudaMalloc(&ws, bytes ? bytes : 1), "cudaMalloc workspace");
+    else ws = aligned_alloc(256, (bytes + 256) / 256 * 256);
+    c.workspace = ws;
+    c.workspace_bytes = bytes;
+    out.st = randomized ? fct_randomized_svd(&c, &a, &u, &s, &v, &o, &out.info)
+                        : fct_svd(&c, &a, &u, &s, &v, &out.info);
+  }
+  if (dev) {
+    cuda_ok(cudaStreamSynchronize(g_stream), "sync");
+    from_device(out.U, mu);
+    from_device(out.S, ms);
+    from_device(out.Vh, mv);
+    cudaFree(ma); cudaFree(mu); cudaFree(ms); cudaFree(mv); cudaFree(ws);
+  } else {
+    free(ws);
+  }
+  return out;
+}
+
+static double max_diff(const test_tensor* a, const test_tensor* b) {
+  double d = 0;
+  int64_t rows = a->dl.ndim == 2 ? a->shape[0] : 1, cols = a->shape[a->dl.ndim - 1];
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j) d = fmax(d, fabs(tt_get2(a, i, j) - tt_get2(b, i, j)));
+  return d;
+}
+
+/* A rank-`rank` matrix with singular values 2^-j plus a little noise, so
+ * that the singular values are distinct and the vectors well defined. */
+static void fill_planted(test_tensor* A, int64_t rank) {
+  int64_t m = A->shape[0], n = A->shape[1];
+  double* u = malloc((size_t)(m * rank) * sizeof(double));
+  double* v = malloc((size_t)(n * rank) * sizeof(double));
+  for (int64_t e = 0; e < m * rank; ++e) u[e] = sin(0.7 * (double)e + 1.0);
+  for (int64_t e = 0; e < n * rank; ++e) v[e] = cos(1.3 * (double)e + 0.5);
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t c = 0; c < n; ++c) {
+      double s = 1e-3 * sin((double)(i * n + c));
+      for (int64_t j = 0; j < rank; ++j) s += pow(0.5, (double)j) * u[i * rank + j] * v[c * rank + j];
+      int64_t idx[2] = {i, c};
+      tt_set(A, idx, s);
+    }
+  free(u);
+  free(v);
+}
+
+static void compare(int bits, int64_t m, int64_t n, int64_t r, const int* order, int64_t gap,
+                    bool randomized) {
+  char label[128];
+  snprintf(label, sizeof label, "%s f%d [%lld, %lld] r=%lld order=%s gap=%lld",
+           randomized ? "rsvd" : "svd", bits, (long long)m, (long long)n, (long long)r,
+           order ? "T" : "-", (long long)gap);
+  int64_t shape[2] = {m, n};
+  test_tensor* A = tt_new(bits, 2, shape, order, gap);
+  fill_planted(A, r + 2);
+  result cpu = run(A, r, randomized, false);
+  result gpu = run(A, r, randomized, true);
+  CHECK(cpu.st == FCT_OK && gpu.st == FCT_OK, "%s: cpu %d gpu %d (%s)", label, cpu.st, gpu.st,
+        g_err);
+  if (cpu.st == FCT_OK && gpu.st == FCT_OK) {
+    double tol = bits == 64 ? 1e-8 : 2e-3;
+    CHECK(max_diff(cpu.S, gpu.S) <= tol, "%s: S differs by %.3g", label, max_diff(cpu.S, gpu.S));
+    CHECK(max_diff(cpu.U, gpu.U) <= tol, "%s: U differs by %.3g", label, max_diff(cpu.U, gpu.U));
+    CHECK(max_diff(cpu.Vh, gpu.Vh) <= tol, "%s: Vh differs by %.3g", label,
+          max_diff(cpu.Vh, gpu.Vh));
+    CHECK(fabs(cpu.info.rel_error - gpu.info.rel_error) <= (bits == 64 ? 1e-7 : 1e-3),
+          "%s: rel_error cpu %.9f gpu %.9f", label, cpu.info.rel_error, gpu.info.rel_error);
+  }
+  free_result(&cpu);
+  free_result(&gpu);
+  tt_free(A);
+}
+
+static void bad_inputs(void) {
+  int64_t shape[2] = {12, 9};
+  test_tensor* A = tt_new(64, 2, shape, NULL, 0);
+  ((double*)A->buf)[5] = NAN;
+  result g = run(A, 3, false, true);
+  CHECK(g.st == FCT_ERR_NOT_FINITE && strstr(g_err, "A: holds 1 NaN/Inf"), "svd NaN: %d %s",
+        g.st, g_err);
+  free_result(&g);
+  g = run(A, 3, true, true);
+  CHECK(g.st == FCT_ERR_NOT_FINITE, "rsvd NaN: %d %s", g.st, g_err);
+  free_result(&g);
+  tt_free(A);
+}
+
+int main(void) {
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
+    printf("no CUDA device: skipped\n");
+    return 77;
+  }
+  if (!fct_cuda_available()) {
+    fprintf(stderr, "libfactorch_cuda is not loaded\n");
+    return 1;
+  }
+  cuda_ok(cudaStreamCreate(&g_stream), "cudaStreamCreate");
+  int T[2] = {1, 0};
+  for (int bits = 32; bits <= 64; bits += 32)
+    for (int rnd = 0; rnd <= 1; ++rnd) {
+      compare(bits, 40, 30, 4, NULL, 0, rnd);
+      compare(bits, 30, 50, 5, NULL, 0, rnd);
+      compare(bits, 33, 33, 3, T, 0, rnd);
+      compare(bits, 36, 20, 4, NULL, 3, rnd);
+    }
+  bad_inputs();
+  cudaStreamDestroy(g_stream);
+  return test_report();
+}
