@@ -182,12 +182,6 @@ def test_state_dict_round_trip(fact, tmp_path):
 
 
 @pytest.mark.parametrize("fact", FACTS)
-def test_from_linear_is_not_wired_yet(fact):
-    with pytest.raises(NotImplementedError, match=rf"from_linear: factorization='{fact}' needs the C decompositions"):
-        FactorizedLinear.from_linear(nn.Linear(64, 48), factorization=fact, rank=3)
-
-
-@pytest.mark.parametrize("fact", FACTS)
 @pytest.mark.parametrize("device", DEVICES)
 def test_training_lowers_the_loss(device, fact):
     torch.manual_seed(4)
@@ -220,3 +214,65 @@ def test_layout_parameter_counts():
     assert Layout("cp", (2, 3), (4,), 5).num_parameters == 5 * 9
     assert Layout("tucker", (2, 3), (4,), ((2, 2), (3,))).num_parameters == 3 * 4 + 2 * 2 + 3 * 2 + 4 * 3
     assert Layout("tt", (2, 3), (4, 2), (1, 3, 1)).num_parameters == 2 * 4 * 3 + 3 * 3 * 2
+
+
+# --------------------------------------------------------------------------
+# from_linear for cp / tucker / tt (C decompositions: CP-ALS, HOOI, TT-SVD)
+# --------------------------------------------------------------------------
+PLANTED = [
+    ("cp", 6),
+    ("tucker", ((2, 2, 2), (3, 2, 2))),
+    ("tt", (1, 3, 3, 1)),
+]
+SHAPE = ((4, 4, 4), (4, 4, 3))
+
+
+@pytest.mark.parametrize("factorization, rank", PLANTED)
+def test_from_linear_recovers_a_planted_factorization(factorization, rank):
+    torch.manual_seed(0)
+    src = FactorizedLinear(64, 48, factorization, rank=rank, tensorized_shape=SHAPE,
+                           dtype=torch.float64)
+    dense = src.to_linear()
+    layer = FactorizedLinear.from_linear(dense, factorization, rank=rank, tensorized_shape=SHAPE)
+    assert layer.reconstruction_error < 1e-6
+    x = torch.randn(7, 64, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), dense(x), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("factorization", ["cp", "tucker", "tt"])
+def test_from_linear_error_is_the_weight_error_and_bounds_outputs(factorization):
+    torch.manual_seed(1)
+    dense = torch.nn.Linear(64, 48, dtype=torch.float64)
+    layer = FactorizedLinear.from_linear(dense, factorization, ratio=0.3, tensorized_shape=SHAPE)
+    W, Wf = dense.weight.detach(), layer.to_linear().weight.detach()
+    err = ((Wf - W).norm() / W.norm()).item()
+    assert err == pytest.approx(layer.reconstruction_error, rel=1e-6, abs=1e-9)
+    assert 0 < err < 1 and layer.compression_ratio > 2
+    x = torch.randn(32, 64, dtype=torch.float64)
+    # ||(W - Wf)·x|| <= ||W - Wf||_F·||x||: outputs are off by at most the weight error.
+    diff = (layer(x) - dense(x)).norm(dim=1)
+    assert (diff <= err * W.norm() * x.norm(dim=1) + 1e-9).all()
+
+
+def test_from_linear_tt_energy_sets_the_error_bound():
+    torch.manual_seed(2)
+    dense = torch.nn.Linear(64, 48, dtype=torch.float64)
+    for energy in (0.5, 0.9, 0.99):
+        layer = FactorizedLinear.from_linear(dense, "tt", energy=energy, tensorized_shape=SHAPE)
+        assert layer.reconstruction_error <= (1 - energy) ** 0.5 + 1e-12
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(factorization="cp", energy=0.9), ValueError, "energy: not defined for factorization='cp'"),
+        (dict(factorization="tucker"), ValueError, "exactly one of rank, ratio or energy, got none"),
+        (dict(factorization="tt", ratio=2.0), ValueError, r"ratio: expected a fraction in \(0, 1\]"),
+        (dict(factorization="cp", rank=0), ValueError, "rank"),
+        (dict(factorization="tt", rank=2, tensorized_shape=((4, 4, 5), (4, 4, 3))), ValueError,
+         "tensorized_shape"),
+    ],
+)
+def test_from_linear_tensorized_argument_errors(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        FactorizedLinear.from_linear(torch.nn.Linear(64, 48), **kwargs)
