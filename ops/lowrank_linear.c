@@ -356,24 +356,22 @@ fct_status fct_lowrank_linear_backward(fct_context* ctx, const DLTensor* g, cons
   TRY(fct_backend_for(ctx, "x", x, &be));
   if (!gx && !gU && !gV && !gb) return FCT_OK;
   TRY(bind(ctx, be, &L, &p));
-  /* Finiteness is checked on what scales with the batch (grad_y before,
-   * grad_x after): a NaN in x, U or V was already caught by the forward, and
-   * scanning the weight gradients would cost as much as computing them when
-   * M is small. */
-  const bool check = ctx->flags & FCT_FLAG_CHECK_FINITE;
-  if (check) {
+  /* Finiteness is checked on what scales with the batch: grad_x (whose
+   * diagnosis names grad_y when that is where NaN came from), or grad_y when
+   * grad_x is not asked for. A NaN in x, U or V was already caught by the
+   * forward, and scanning the weight gradients would cost as much as
+   * computing them when M is small. */
+  TRY(be->lowrank_backward(ctx, &p));
+  if (ctx->flags & FCT_FLAG_CHECK_FINITE) {
+    const char* names[] = {"grad_y", "x", "U", "V"};
+    const DLTensor* ins[] = {g, x, U, V};
+    if (gx) return check_finite(ctx, be, p.scratch, "grad_x", gx, names, ins, 4);
     int64_t bad = 0;
     TRY(be->count_nonfinite(ctx, g, p.scratch, &bad));
     if (bad)
       return fct_fail(ctx, FCT_ERR_NOT_FINITE,
                       "grad_y: %lld NaN/Inf values in the gradient flowing into lowrank_linear",
                       (long long)bad);
-  }
-  TRY(be->lowrank_backward(ctx, &p));
-  if (check) {
-    const char* names[] = {"grad_y", "x", "U", "V"};
-    const DLTensor* ins[] = {g, x, U, V};
-    TRY(check_finite(ctx, be, p.scratch, "grad_x", gx, names, ins, 4));
   }
   return FCT_OK;
 }

@@ -369,11 +369,31 @@ static void test_errors(void) {
   tt_free(U64);
 }
 
+/* An output large enough to be scanned for NaN in blocks on the pool: the
+ * one NaN (in the last row of x) is found wherever it lands. */
+static void test_big_nan_scan(void) {
+  int64_t xs[2] = {600, 8}, us[2] = {450, 2}, vs[2] = {2, 8}, ys[2] = {600, 450};
+  test_tensor* x = tt_new(32, 2, xs, NULL, 0);
+  test_tensor* U = tt_new(32, 2, us, NULL, 0);
+  test_tensor* V = tt_new(32, 2, vs, NULL, 0);
+  test_tensor* y = tt_output(32, 2, ys);
+  int64_t last[2] = {599, 3};
+  tt_set(x, last, INFINITY);
+  fct_context c = make_ctx();
+  c.flags = FCT_FLAG_CHECK_FINITE;
+  ensure_ws(&c, 1 << 16);
+  fct_status st = fct_lowrank_linear_forward(&c, &x->dl, &U->dl, &V->dl, NULL, &y->dl, NULL);
+  expect_fail(st, FCT_ERR_NOT_FINITE, "x", "Inf in x, blocked scan");
+  CHECK(strstr(g_err, "450 NaN/Inf") != NULL, "every value of y's last row counted: %s", g_err);
+  tt_free(x); tt_free(U); tt_free(V); tt_free(y);
+}
+
 int main(void) {
   test_values(false); /* OpenBLAS's own threads */
   fct_cpu_set_thread_pool(reverse_pool, three_threads);
   test_values(false);
   test_values(true);
+  test_big_nan_scan();
   fct_cpu_set_thread_pool(NULL, NULL);
   test_errors();
   free(g_ws);
