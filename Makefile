@@ -9,7 +9,7 @@ C_SOURCES := CMakeLists.txt pyproject.toml $(wildcard ops/*.[ch] ops/*/*.[ch] op
   ops/*/*.cuh dlpack_bridge/*.[ch] torch_glue/*.[ch] tests/c/*.c tests/c/*.h tests/c/*.cpp)
 ASAN_DIR := build/asan
 
-.PHONY: all setup build demo test test-c test-asan test-py bench clean bench-decompose
+.PHONY: all setup build demo test test-c test-asan test-py bench clean
 
 all: build
 
@@ -50,15 +50,18 @@ test-asan: $(STAMPS)/deps
 test-py: build
 	$(PY) -m pytest tests/python
 
-bench: build
-	$(PY) -m pip install --quiet --disable-pip-version-check -r <($(PY) tools/requirements.py --only bench)
-	$(PY) bench/bench_lowrank_linear.py --write bench/RESULTS.md
+# Benchmarks against the anchors (tensorly, tensorly-torch, torchtt); each
+# writes its section of bench/RESULTS.md. Run on a quiet machine: they time
+# 2 cores. `bench-<name>` runs one.
+BENCH_NAMES := lowrank_linear factorized_linear decompose
+bench: $(addprefix bench-,$(BENCH_NAMES))
 
-# Decompositions (issue 5) against TensorLy and torch: about 10 minutes on 2
-# cores; `bench/bench_decompose.py --quick` checks the script in seconds.
-bench-decompose: build
+$(STAMPS)/bench-deps: $(STAMPS)/build
 	$(PY) -m pip install --quiet --disable-pip-version-check -r <($(PY) tools/requirements.py --only bench)
-	$(PY) bench/bench_decompose.py --write bench/RESULTS.md
+	touch $@
+
+bench-%: $(STAMPS)/bench-deps
+	$(PY) bench/bench_$*.py --write bench/RESULTS.md
 
 clean:
 	rm -rf build $(STAMPS) factorch/_libs

@@ -69,7 +69,7 @@ def main(argv=None) -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--write", metavar="RESULTS.md", help="write the table into this file")
     args = ap.parse_args(argv)
-    cmd = "make bench  # = .venv/bin/python bench/bench_lowrank_linear.py " + " ".join(
+    cmd = "make bench-lowrank_linear  # = .venv/bin/python bench/bench_lowrank_linear.py " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
     )
 

@@ -9,12 +9,7 @@
 #include <string.h>
 
 #include "backend.h"
-
-#define TRY(expr)                \
-  do {                           \
-    fct_status s_ = (expr);      \
-    if (s_ != FCT_OK) return s_; \
-  } while (0)
+#include "linear_common.h"
 
 /* An input that BLAS may have to read from a packed copy in the workspace. */
 typedef struct operand {
@@ -33,9 +28,6 @@ typedef struct layout {
   bool t_in_ws, gt_in_ws, scratch;
   size_t bytes;
 } layout;
-
-/* BLAS takes int32 sizes and leading dims. */
-static bool fits_int(int64_t v) { return v >= 0 && v <= INT_MAX; }
 
 static void add_operand(layout* L, const char* name, const DLTensor* t, fct_mat* view) {
   operand* o = &L->ops[L->nops++];
@@ -80,11 +72,6 @@ static fct_status finish_layout(fct_context* ctx, layout* L, const fct_lowrank_p
   return FCT_OK;
 }
 
-static fct_mat dense_view(char* data, int64_t rows, int64_t cols) {
-  fct_mat m = {data, rows, cols, cols > 0 ? cols : 1, 1};
-  return m;
-}
-
 /* Points the plan at the workspace and packs the inputs that need it. */
 static fct_status bind(fct_context* ctx, const fct_backend* be, layout* L, fct_lowrank_plan* p) {
   if (ctx->workspace_bytes < L->bytes || (L->bytes > 0 && !ctx->workspace))
@@ -96,10 +83,10 @@ static fct_status bind(fct_context* ctx, const fct_backend* be, layout* L, fct_l
     operand* o = &L->ops[i];
     if (!o->pack) continue;
     TRY(be->pack(ctx, o->t, ws + o->off));
-    *o->view = dense_view(ws + o->off, o->view->rows, o->view->cols);
+    *o->view = fct_dense(ws + o->off, o->view->rows, o->view->cols);
   }
-  if (L->t_in_ws) p->t = dense_view(ws + L->off_t, p->M, p->r);
-  if (L->gt_in_ws) p->gt = dense_view(ws + L->off_gt, p->M, p->r);
+  if (L->t_in_ws) p->t = fct_dense(ws + L->off_t, p->M, p->r);
+  if (L->gt_in_ws) p->gt = fct_dense(ws + L->off_gt, p->M, p->r);
   p->scratch = L->scratch ? ws + L->off_scratch : NULL;
   return FCT_OK;
 }
@@ -110,31 +97,6 @@ static fct_status check_matrix(fct_context* ctx, const char* name, const DLTenso
   if (t->ndim != 2)
     return fct_fail(ctx, FCT_ERR_NDIM, "%s: expected 2 dims %s, got %d", name, what, t->ndim);
   return fct_check_same(ctx, name, t, "x", ref);
-}
-
-/* t must be [*lead(x), last]. */
-static fct_status check_batched(fct_context* ctx, const char* name, const DLTensor* t,
-                                const DLTensor* x, int64_t last, const char* last_name) {
-  TRY(fct_check_tensor(ctx, name, t, 1));
-  TRY(fct_check_same(ctx, name, t, "x", x));
-  bool ok = t->ndim == x->ndim && t->shape[t->ndim - 1] == last;
-  for (int i = 0; ok && i < x->ndim - 1; ++i) ok = t->shape[i] == x->shape[i];
-  if (!ok)
-    return fct_fail(ctx, FCT_ERR_SHAPE,
-                    "%s: expected the leading dims of x and a last dim of %lld (%s), got a "
-                    "tensor of %d dims with last dim %lld",
-                    name, (long long)last, last_name, t->ndim, (long long)t->shape[t->ndim - 1]);
-  return FCT_OK;
-}
-
-static fct_status check_vector(fct_context* ctx, const char* name, const DLTensor* t,
-                               const DLTensor* x, int64_t n, const char* n_name) {
-  TRY(fct_check_tensor(ctx, name, t, 1));
-  TRY(fct_check_same(ctx, name, t, "x", x));
-  if (t->ndim != 1 || t->shape[0] != n)
-    return fct_fail(ctx, FCT_ERR_SHAPE, "%s: expected shape [%lld] (%s), got %d dims", name,
-                    (long long)n, n_name, t->ndim);
-  return FCT_OK;
 }
 
 /* Checks x, U, V and fills the sizes of the plan. */
@@ -161,54 +123,12 @@ static fct_status check_factors(fct_context* ctx, const DLTensor* x, const DLTen
     if (__builtin_mul_overflow(p->M, x->shape[i], &p->M))
       return fct_fail(ctx, FCT_ERR_OVERFLOW, "x: the batch size overflows int64");
   }
-  if (!fits_int(p->M) || !fits_int(p->in) || !fits_int(p->out) || !fits_int(p->r))
+  if (!fct_fits_int(p->M) || !fct_fits_int(p->in) || !fct_fits_int(p->out) ||
+      !fct_fits_int(p->r))
     return fct_fail(ctx, FCT_ERR_OVERFLOW,
                     "x/U/V: sizes (M=%lld, in=%lld, out=%lld, r=%lld) must each be < 2^31 for "
                     "BLAS",
                     (long long)p->M, (long long)p->in, (long long)p->out, (long long)p->r);
-  return FCT_OK;
-}
-
-/* Fails when output ts[self] shares memory with any other of ts[0..n). */
-static fct_status check_disjoint_all(fct_context* ctx, int self, const char* const* names,
-                                     const DLTensor* const* ts, int n) {
-  for (int i = 0; i < n; ++i) {
-    if (i == self || !ts[self]) continue;
-    TRY(fct_check_disjoint(ctx, names[self], ts[self], names[i], ts[i]));
-  }
-  return FCT_OK;
-}
-
-/* Names the inputs that hold NaN/Inf after output `name` was found to. */
-static fct_status report_nonfinite(fct_context* ctx, const fct_backend* be, char* scratch,
-                                   const char* name, int64_t bad, const char* const* names,
-                                   const DLTensor* const* ins, int n) {
-  char list[128] = "";
-  size_t len = 0;
-  for (int i = 0; i < n; ++i) {
-    if (!ins[i]) continue;
-    int64_t c = 0;
-    TRY(be->count_nonfinite(ctx, ins[i], scratch, &c));
-    if (c > 0 && len + 16 < sizeof list)
-      len += (size_t)snprintf(list + len, sizeof list - len, "%s%s", len ? ", " : "", names[i]);
-  }
-  if (len)
-    return fct_fail(ctx, FCT_ERR_NOT_FINITE,
-                    "%s: %lld NaN/Inf values in the result; the inputs %s hold NaN or Inf", name,
-                    (long long)bad, list);
-  return fct_fail(ctx, FCT_ERR_NOT_FINITE,
-                  "%s: %lld NaN/Inf values in the result although all inputs are finite "
-                  "(overflow in %s)",
-                  name, (long long)bad, fct_dtype_name(ins[0]->dtype));
-}
-
-static fct_status check_finite(fct_context* ctx, const fct_backend* be, char* scratch,
-                               const char* name, const DLTensor* out, const char* const* names,
-                               const DLTensor* const* ins, int n) {
-  if (!out) return FCT_OK;
-  int64_t bad = 0;
-  TRY(be->count_nonfinite(ctx, out, scratch, &bad));
-  if (bad) return report_nonfinite(ctx, be, scratch, name, bad, names, ins, n);
   return FCT_OK;
 }
 
@@ -222,22 +142,22 @@ static fct_status forward_plan(fct_context* ctx, const DLTensor* x, const DLTens
   if (!ctx) return FCT_ERR_NULL_ARGUMENT;
   TRY(check_factors(ctx, x, U, V, p));
   if (bias) {
-    TRY(check_vector(ctx, "bias", bias, x, p->out, "out, the first dim of U"));
+    TRY(fct_check_vector(ctx, "bias", bias, x, p->out, "out, the first dim of U"));
     int64_t st[1];
     fct_strides(bias, st);
     p->bias = fct_data(bias);
     p->bias_stride = st[0];
   }
-  TRY(check_batched(ctx, "y", y, x, p->out, "out, the first dim of U"));
+  TRY(fct_check_batched(ctx, "y", y, x, p->out, "out, the first dim of U"));
   TRY(fct_check_output(ctx, "y", y, &p->y));
   if (t) {
-    TRY(check_batched(ctx, "t", t, x, p->r, "r, the first dim of V"));
+    TRY(fct_check_batched(ctx, "t", t, x, p->r, "r, the first dim of V"));
     TRY(fct_check_output(ctx, "t", t, &p->t));
   }
   const char* names[] = {"x", "U", "V", "bias", "t", "y"};
   const DLTensor* ts[] = {x, U, V, bias, t, y};
-  TRY(check_disjoint_all(ctx, 5, names, ts, 6));
-  TRY(check_disjoint_all(ctx, 4, names, ts, 5));
+  TRY(fct_check_disjoint_all(ctx, 5, names, ts, 6));
+  TRY(fct_check_disjoint_all(ctx, 4, names, ts, 5));
 
   memset(L, 0, sizeof *L);
   add_operand(L, "x", x, &p->x);
@@ -273,7 +193,7 @@ fct_status fct_lowrank_linear_forward(fct_context* ctx, const DLTensor* x, const
   if (ctx->flags & FCT_FLAG_CHECK_FINITE) {
     const char* names[] = {"x", "U", "V", "bias"};
     const DLTensor* ins[] = {x, U, V, bias};
-    TRY(check_finite(ctx, be, p.scratch, "y", y, names, ins, 4));
+    TRY(fct_check_finite(ctx, be, p.scratch, "y", y, names, ins, 4));
   }
   return FCT_OK;
 }
@@ -288,10 +208,10 @@ static fct_status backward_plan(fct_context* ctx, const DLTensor* g, const DLTen
                                 const DLTensor* gb, fct_lowrank_plan* p, layout* L) {
   if (!ctx) return FCT_ERR_NULL_ARGUMENT;
   TRY(check_factors(ctx, x, U, V, p));
-  TRY(check_batched(ctx, "grad_y", g, x, p->out, "out, the first dim of U"));
-  if (t) TRY(check_batched(ctx, "t", t, x, p->r, "r, the first dim of V"));
+  TRY(fct_check_batched(ctx, "grad_y", g, x, p->out, "out, the first dim of U"));
+  if (t) TRY(fct_check_batched(ctx, "t", t, x, p->r, "r, the first dim of V"));
   if (gx) {
-    TRY(check_batched(ctx, "grad_x", gx, x, p->in, "in, the last dim of x"));
+    TRY(fct_check_batched(ctx, "grad_x", gx, x, p->in, "in, the last dim of x"));
     TRY(fct_check_output(ctx, "grad_x", gx, &p->gx));
   }
   if (gU) {
@@ -310,13 +230,13 @@ static fct_status backward_plan(fct_context* ctx, const DLTensor* g, const DLTen
   }
   if (gb) {
     fct_mat m;
-    TRY(check_vector(ctx, "grad_bias", gb, x, p->out, "out, the first dim of U"));
+    TRY(fct_check_vector(ctx, "grad_bias", gb, x, p->out, "out, the first dim of U"));
     TRY(fct_check_output(ctx, "grad_bias", gb, &m));
     p->gb = m.data;
   }
   const char* names[] = {"grad_y", "x", "U", "V", "t", "grad_x", "grad_U", "grad_V", "grad_bias"};
   const DLTensor* ts[] = {g, x, U, V, t, gx, gU, gV, gb};
-  for (int i = 5; i < 9; ++i) TRY(check_disjoint_all(ctx, i, names, ts, 9));
+  for (int i = 5; i < 9; ++i) TRY(fct_check_disjoint_all(ctx, i, names, ts, 9));
 
   bool need_gt = gx || gV;
   bool need_t = gU != NULL;
@@ -365,13 +285,8 @@ fct_status fct_lowrank_linear_backward(fct_context* ctx, const DLTensor* g, cons
   if (ctx->flags & FCT_FLAG_CHECK_FINITE) {
     const char* names[] = {"grad_y", "x", "U", "V"};
     const DLTensor* ins[] = {g, x, U, V};
-    if (gx) return check_finite(ctx, be, p.scratch, "grad_x", gx, names, ins, 4);
-    int64_t bad = 0;
-    TRY(be->count_nonfinite(ctx, g, p.scratch, &bad));
-    if (bad)
-      return fct_fail(ctx, FCT_ERR_NOT_FINITE,
-                      "grad_y: %lld NaN/Inf values in the gradient flowing into lowrank_linear",
-                      (long long)bad);
+    if (gx) return fct_check_finite(ctx, be, p.scratch, "grad_x", gx, names, ins, 4);
+    TRY(fct_check_finite_grad(ctx, be, p.scratch, g, "lowrank_linear"));
   }
   return FCT_OK;
 }
