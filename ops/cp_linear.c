@@ -321,34 +321,6 @@ static bool any(DLTensor* const* ts, int n) {
   return false;
 }
 
-/* Every argument with its name, for overlap checks and NaN reports. */
-typedef struct cp_args {
-  const char* names[40];
-  const DLTensor* ts[40];
-  char buf[40][32];
-  int n;
-} cp_args;
-
-static void add_arg(cp_args* a, const char* name, const DLTensor* t) {
-  snprintf(a->buf[a->n], sizeof a->buf[a->n], "%s", name);
-  a->names[a->n] = a->buf[a->n];
-  a->ts[a->n++] = t;
-}
-
-static void add_list(cp_args* a, const char* list, int n, const DLTensor* const* ts) {
-  for (int k = 0; k < n; ++k) {
-    fct_item_name(a->buf[a->n], sizeof a->buf[a->n], list, k);
-    a->names[a->n] = a->buf[a->n];
-    a->ts[a->n++] = ts ? ts[k] : NULL;
-  }
-}
-
-/* Outputs are the arguments from index `first_out` on. */
-static fct_status check_overlaps(fct_context* ctx, const cp_args* a, int first_out) {
-  for (int i = first_out; i < a->n; ++i) TRY(fct_check_disjoint_all(ctx, i, a->names, a->ts, a->n));
-  return FCT_OK;
-}
-
 /* ------------------------------------------------------------------------- */
 /* Forward                                                                    */
 /* ------------------------------------------------------------------------- */
@@ -370,16 +342,16 @@ static fct_status forward_plan(fct_context* ctx, const DLTensor* x, int n_in,
     TRY(fct_check_batched(ctx, "z", z, x, s.R, "R: the rank"));
     TRY(fct_check_contiguous_output(ctx, "z", z, s.M, s.R, &m));
   }
-  cp_args a;
+  fct_args a;
   a.n = 0;
-  add_arg(&a, "x", x);
-  add_list(&a, "in_factors", n_in, A);
-  add_list(&a, "out_factors", n_out, B);
-  add_arg(&a, "bias", bias);
+  fct_args_add(&a, "x", x);
+  fct_args_add_list(&a, "in_factors", n_in, A);
+  fct_args_add_list(&a, "out_factors", n_out, B);
+  fct_args_add(&a, "bias", bias);
   int first_out = a.n;
-  add_arg(&a, "y", y);
-  add_arg(&a, "z", z);
-  TRY(check_overlaps(ctx, &a, first_out));
+  fct_args_add(&a, "y", y);
+  fct_args_add(&a, "z", z);
+  TRY(fct_args_check_overlaps(ctx, &a, first_out));
   cp_needs n = {0};
   n.z_given = z != NULL;
   n.pack_x = fct_input_needs_pack(x, &m);
@@ -435,12 +407,12 @@ fct_status fct_cp_linear_forward(fct_context* ctx, const DLTensor* x, int n_in,
     TRY(fct_x_gemm(&e, &Z, &KoutT, &Y, (c0 > 0 || bias) ? 1.0 : 0.0)); /* y += z_c · KR(B)_cᵀ */
   }
   if (p.n.check) {
-    cp_args a;
+    fct_args a;
     a.n = 0;
-    add_arg(&a, "x", x);
-    add_list(&a, "in_factors", n_in, in_factors);
-    add_list(&a, "out_factors", n_out, out_factors);
-    add_arg(&a, "bias", bias);
+    fct_args_add(&a, "x", x);
+    fct_args_add_list(&a, "in_factors", n_in, in_factors);
+    fct_args_add_list(&a, "out_factors", n_out, out_factors);
+    fct_args_add(&a, "bias", bias);
     TRY(fct_check_finite(ctx, e.be, fct_ws_at(&e, p.off_scratch), "y", y, a.names, a.ts, a.n));
   }
   return FCT_OK;
@@ -486,19 +458,19 @@ static fct_status backward_plan(fct_context* ctx, const DLTensor* g, const DLTen
     TRY(fct_check_vector(ctx, "grad_bias", gb, x, s.out.size, out_what));
     TRY(fct_check_contiguous_output(ctx, "grad_bias", gb, 1, s.out.size, &m));
   }
-  cp_args a;
+  fct_args a;
   a.n = 0;
-  add_arg(&a, "grad_y", g);
-  add_arg(&a, "x", x);
-  add_list(&a, "in_factors", n_in, A);
-  add_list(&a, "out_factors", n_out, B);
-  add_arg(&a, "z", z);
+  fct_args_add(&a, "grad_y", g);
+  fct_args_add(&a, "x", x);
+  fct_args_add_list(&a, "in_factors", n_in, A);
+  fct_args_add_list(&a, "out_factors", n_out, B);
+  fct_args_add(&a, "z", z);
   int first_out = a.n;
-  add_arg(&a, "grad_x", gx);
-  add_list(&a, "grad_in_factors", n_in, gA);
-  add_list(&a, "grad_out_factors", n_out, gB);
-  add_arg(&a, "grad_bias", gb);
-  TRY(check_overlaps(ctx, &a, first_out));
+  fct_args_add(&a, "grad_x", gx);
+  fct_args_add_list(&a, "grad_in_factors", n_in, gA);
+  fct_args_add_list(&a, "grad_out_factors", n_out, gB);
+  fct_args_add(&a, "grad_bias", gb);
+  TRY(fct_args_check_overlaps(ctx, &a, first_out));
 
   cp_needs n = {0};
   n.backward = true;
@@ -600,12 +572,12 @@ fct_status fct_cp_linear_backward(fct_context* ctx, const DLTensor* grad_y, cons
     }
   }
   if (n->check && n->gx) {
-    cp_args a;
+    fct_args a;
     a.n = 0;
-    add_arg(&a, "grad_y", grad_y);
-    add_arg(&a, "x", x);
-    add_list(&a, "in_factors", n_in, in_factors);
-    add_list(&a, "out_factors", n_out, out_factors);
+    fct_args_add(&a, "grad_y", grad_y);
+    fct_args_add(&a, "x", x);
+    fct_args_add_list(&a, "in_factors", n_in, in_factors);
+    fct_args_add_list(&a, "out_factors", n_out, out_factors);
     TRY(fct_check_finite(ctx, e.be, fct_ws_at(&e, p.off_scratch), "grad_x", grad_x, a.names,
                          a.ts, a.n));
   }

@@ -200,6 +200,26 @@ fct_status fct_x_permute(const fct_exec* e, const char* data, int ndim, const in
   return e->be->pack(e->ctx, &v, dst);
 }
 
+void fct_args_add(fct_args* a, const char* name, const DLTensor* t) {
+  snprintf(a->buf[a->n], sizeof a->buf[a->n], "%s", name);
+  a->names[a->n] = a->buf[a->n];
+  a->ts[a->n++] = t;
+}
+
+void fct_args_add_list(fct_args* a, const char* list, int n, const DLTensor* const* ts) {
+  for (int k = 0; k < n; ++k) {
+    fct_item_name(a->buf[a->n], sizeof a->buf[a->n], list, k);
+    a->names[a->n] = a->buf[a->n];
+    a->ts[a->n++] = ts ? ts[k] : NULL;
+  }
+}
+
+fct_status fct_args_check_overlaps(fct_context* ctx, const fct_args* a, int first_out) {
+  for (int i = first_out; i < a->n; ++i)
+    TRY(fct_check_disjoint_all(ctx, i, a->names, a->ts, a->n));
+  return FCT_OK;
+}
+
 /* ------------------------------------------------------------------------- */
 /* Finite checks (as ops/lowrank_linear.c words them)                         */
 /* ------------------------------------------------------------------------- */

@@ -102,6 +102,23 @@ fct_mat fct_dense(char* data, int64_t rows, int64_t cols);
 fct_status fct_check_disjoint_all(fct_context* ctx, int self, const char* const* names,
                                   const DLTensor* const* ts, int n);
 
+/* Every argument of a call with its name ("x", "cores[2]", ...), for the
+ * overlap checks and NaN reports of the tensorized ops. */
+#define FCT_MAX_ARGS 40
+typedef struct fct_args {
+  const char* names[FCT_MAX_ARGS];
+  const DLTensor* ts[FCT_MAX_ARGS];
+  char buf[FCT_MAX_ARGS][32];
+  int n;
+} fct_args;
+
+void fct_args_add(fct_args* a, const char* name, const DLTensor* t);
+/* list[0], list[1], ... for the n tensors ts (NULL: n absent ones). */
+void fct_args_add_list(fct_args* a, const char* list, int n, const DLTensor* const* ts);
+/* Outputs are the arguments from index first_out on: each must not overlap
+ * any other argument. */
+fct_status fct_args_check_overlaps(fct_context* ctx, const fct_args* a, int first_out);
+
 /* Bytes of `count` elements of dt, or FCT_ERR_OVERFLOW naming `name`. */
 fct_status fct_elems_bytes(fct_context* ctx, const char* name, int64_t count, fct_dtype dt,
                            size_t* bytes);

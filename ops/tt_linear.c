@@ -508,33 +508,6 @@ static fct_status rows_base(const fct_exec* e, const DLTensor* t, bool pack, siz
   return FCT_OK;
 }
 
-/* Arguments and names, for overlap checks and NaN reports. */
-typedef struct tt_args {
-  const char* names[24];
-  const DLTensor* ts[24];
-  char buf[24][32];
-  int n;
-} tt_args;
-
-static void add_arg(tt_args* a, const char* name, const DLTensor* t) {
-  snprintf(a->buf[a->n], sizeof a->buf[a->n], "%s", name);
-  a->names[a->n] = a->buf[a->n];
-  a->ts[a->n++] = t;
-}
-
-static void add_list(tt_args* a, const char* list, int n, const DLTensor* const* ts) {
-  for (int k = 0; k < n; ++k) {
-    fct_item_name(a->buf[a->n], sizeof a->buf[a->n], list, k);
-    a->names[a->n] = a->buf[a->n];
-    a->ts[a->n++] = ts ? ts[k] : NULL;
-  }
-}
-
-static fct_status check_overlaps(fct_context* ctx, const tt_args* a, int first_out) {
-  for (int i = first_out; i < a->n; ++i) TRY(fct_check_disjoint_all(ctx, i, a->names, a->ts, a->n));
-  return FCT_OK;
-}
-
 static void init_params(tt_plan* p, const DLTensor* const* cores) {
   const tt_shape* s = &p->s;
   for (int k = 0; k < s->d; ++k)
@@ -556,14 +529,14 @@ static fct_status forward_plan(fct_context* ctx, const DLTensor* x, int d,
   fct_mat m;
   TRY(fct_check_batched(ctx, "y", y, x, p->s.out_size, out_what));
   TRY(fct_check_contiguous_output(ctx, "y", y, p->s.M, p->s.out_size, &m));
-  tt_args a;
+  fct_args a;
   a.n = 0;
-  add_arg(&a, "x", x);
-  add_list(&a, "cores", d, cores);
-  add_arg(&a, "bias", bias);
+  fct_args_add(&a, "x", x);
+  fct_args_add_list(&a, "cores", d, cores);
+  fct_args_add(&a, "bias", bias);
   int first_out = a.n;
-  add_arg(&a, "y", y);
-  TRY(check_overlaps(ctx, &a, first_out));
+  fct_args_add(&a, "y", y);
+  TRY(fct_args_check_overlaps(ctx, &a, first_out));
   p->n.pack_x = !fct_is_contiguous(x);
   p->n.check = ctx->flags & FCT_FLAG_CHECK_FINITE;
   p->n.small = ctx->flags & FCT_FLAG_SMALL_CHUNKS;
@@ -618,11 +591,11 @@ fct_status fct_tt_linear_forward(fct_context* ctx, const DLTensor* x, int d,
     }
   }
   if (p.n.check) {
-    tt_args a;
+    fct_args a;
     a.n = 0;
-    add_arg(&a, "x", x);
-    add_list(&a, "cores", d, cores);
-    add_arg(&a, "bias", bias);
+    fct_args_add(&a, "x", x);
+    fct_args_add_list(&a, "cores", d, cores);
+    fct_args_add(&a, "bias", bias);
     TRY(fct_check_finite(ctx, e.be, fct_ws_at(&e, p.off_scratch), "y", y, a.names, a.ts, a.n));
   }
   return FCT_OK;
@@ -666,16 +639,16 @@ static fct_status backward_plan(fct_context* ctx, const DLTensor* g, const DLTen
     TRY(fct_check_vector(ctx, "grad_bias", gb, x, s->out_size, out_what));
     TRY(fct_check_contiguous_output(ctx, "grad_bias", gb, 1, s->out_size, &m));
   }
-  tt_args a;
+  fct_args a;
   a.n = 0;
-  add_arg(&a, "grad_y", g);
-  add_arg(&a, "x", x);
-  add_list(&a, "cores", d, cores);
+  fct_args_add(&a, "grad_y", g);
+  fct_args_add(&a, "x", x);
+  fct_args_add_list(&a, "cores", d, cores);
   int first_out = a.n;
-  add_arg(&a, "grad_x", gx);
-  add_list(&a, "grad_cores", d, gcores);
-  add_arg(&a, "grad_bias", gb);
-  TRY(check_overlaps(ctx, &a, first_out));
+  fct_args_add(&a, "grad_x", gx);
+  fct_args_add_list(&a, "grad_cores", d, gcores);
+  fct_args_add(&a, "grad_bias", gb);
+  TRY(fct_args_check_overlaps(ctx, &a, first_out));
   n->gx = gx != NULL;
   n->gb = gb != NULL;
   bool work = n->gx || n->any_gcore;
@@ -871,11 +844,11 @@ fct_status fct_tt_linear_backward(fct_context* ctx, const DLTensor* grad_y, cons
   for (int g = 0; g < p.G; ++g)
     if (p.grp[g].grad) TRY(group_grads(&e, &p, g, grad_cores));
   if (n->check && grad_x) {
-    tt_args a;
+    fct_args a;
     a.n = 0;
-    add_arg(&a, "grad_y", grad_y);
-    add_arg(&a, "x", x);
-    add_list(&a, "cores", d, cores);
+    fct_args_add(&a, "grad_y", grad_y);
+    fct_args_add(&a, "x", x);
+    fct_args_add_list(&a, "cores", d, cores);
     TRY(fct_check_finite(ctx, e.be, fct_ws_at(&e, p.off_scratch), "grad_x", grad_x, a.names,
                          a.ts, a.n));
   }

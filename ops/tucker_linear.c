@@ -281,39 +281,12 @@ static fct_status bind_params(const fct_exec* e, tk_plan* p) {
   return FCT_OK;
 }
 
-/* Arguments and names, for overlap checks and NaN reports. */
-typedef struct tk_args {
-  const char* names[40];
-  const DLTensor* ts[40];
-  char buf[40][32];
-  int n;
-} tk_args;
-
-static void add_arg(tk_args* a, const char* name, const DLTensor* t) {
-  snprintf(a->buf[a->n], sizeof a->buf[a->n], "%s", name);
-  a->names[a->n] = a->buf[a->n];
-  a->ts[a->n++] = t;
-}
-
-static void add_list(tk_args* a, const char* list, int n, const DLTensor* const* ts) {
-  for (int k = 0; k < n; ++k) {
-    fct_item_name(a->buf[a->n], sizeof a->buf[a->n], list, k);
-    a->names[a->n] = a->buf[a->n];
-    a->ts[a->n++] = ts ? ts[k] : NULL;
-  }
-}
-
-static fct_status check_overlaps(fct_context* ctx, const tk_args* a, int first_out) {
-  for (int i = first_out; i < a->n; ++i) TRY(fct_check_disjoint_all(ctx, i, a->names, a->ts, a->n));
-  return FCT_OK;
-}
-
-static void add_inputs(tk_args* a, const DLTensor* x, const DLTensor* core, int n_in,
+static void add_inputs(fct_args* a, const DLTensor* x, const DLTensor* core, int n_in,
                        const DLTensor* const* V, int n_out, const DLTensor* const* U) {
-  add_arg(a, "x", x);
-  add_arg(a, "core", core);
-  add_list(a, "in_factors", n_in, V);
-  add_list(a, "out_factors", n_out, U);
+  fct_args_add(a, "x", x);
+  fct_args_add(a, "core", core);
+  fct_args_add_list(a, "in_factors", n_in, V);
+  fct_args_add_list(a, "out_factors", n_out, U);
 }
 
 /* ------------------------------------------------------------------------- */
@@ -378,13 +351,13 @@ static fct_status forward_plan(fct_context* ctx, const DLTensor* x, const DLTens
   fct_mat m;
   TRY(fct_check_batched(ctx, "y", y, x, p->s.out.size, out_what));
   TRY(fct_check_contiguous_output(ctx, "y", y, p->s.M, p->s.out.size, &m));
-  tk_args a;
+  fct_args a;
   a.n = 0;
   add_inputs(&a, x, core, n_in, V, n_out, U);
-  add_arg(&a, "bias", bias);
+  fct_args_add(&a, "bias", bias);
   int first_out = a.n;
-  add_arg(&a, "y", y);
-  TRY(check_overlaps(ctx, &a, first_out));
+  fct_args_add(&a, "y", y);
+  TRY(fct_args_check_overlaps(ctx, &a, first_out));
   p->n.pack_x = !fct_is_contiguous(x);
   p->n.check = ctx->flags & FCT_FLAG_CHECK_FINITE;
   p->n.small = ctx->flags & FCT_FLAG_SMALL_CHUNKS;
@@ -451,10 +424,10 @@ fct_status fct_tucker_linear_forward(fct_context* ctx, const DLTensor* x, const 
     }
   }
   if (p.n.check) {
-    tk_args a;
+    fct_args a;
     a.n = 0;
     add_inputs(&a, x, core, n_in, in_factors, n_out, out_factors);
-    add_arg(&a, "bias", bias);
+    fct_args_add(&a, "bias", bias);
     TRY(fct_check_finite(ctx, e.be, fct_ws_at(&e, p.off_scratch), "y", y, a.names, a.ts, a.n));
   }
   return FCT_OK;
@@ -508,17 +481,17 @@ static fct_status backward_plan(fct_context* ctx, const DLTensor* g, const DLTen
     TRY(fct_check_vector(ctx, "grad_bias", gb, x, s->out.size, out_what));
     TRY(fct_check_contiguous_output(ctx, "grad_bias", gb, 1, s->out.size, &m));
   }
-  tk_args a;
+  fct_args a;
   a.n = 0;
-  add_arg(&a, "grad_y", g);
+  fct_args_add(&a, "grad_y", g);
   add_inputs(&a, x, core, n_in, V, n_out, U);
   int first_out = a.n;
-  add_arg(&a, "grad_x", gx);
-  add_arg(&a, "grad_core", gcore);
-  add_list(&a, "grad_in_factors", n_in, gV);
-  add_list(&a, "grad_out_factors", n_out, gU);
-  add_arg(&a, "grad_bias", gb);
-  TRY(check_overlaps(ctx, &a, first_out));
+  fct_args_add(&a, "grad_x", gx);
+  fct_args_add(&a, "grad_core", gcore);
+  fct_args_add_list(&a, "grad_in_factors", n_in, gV);
+  fct_args_add_list(&a, "grad_out_factors", n_out, gU);
+  fct_args_add(&a, "grad_bias", gb);
+  TRY(fct_args_check_overlaps(ctx, &a, first_out));
   n->gx = gx != NULL;
   n->gcore = gcore != NULL;
   n->gb = gb != NULL;
@@ -704,9 +677,9 @@ fct_status fct_tucker_linear_backward(fct_context* ctx, const DLTensor* grad_y,
                        grad_out_factors, Mc, m0 > 0 ? 1.0 : 0.0));
   }
   if (n->check && grad_x) {
-    tk_args a;
+    fct_args a;
     a.n = 0;
-    add_arg(&a, "grad_y", grad_y);
+    fct_args_add(&a, "grad_y", grad_y);
     add_inputs(&a, x, core, n_in, in_factors, n_out, out_factors);
     TRY(fct_check_finite(ctx, e.be, fct_ws_at(&e, p.off_scratch), "grad_x", grad_x, a.names,
                          a.ts, a.n));
