@@ -133,3 +133,24 @@ AtenTensorHandle fct_call_none(fct_call* c, int32_t dtype) {
   int64_t zero = 0;
   return fct_call_empty(c, dtype, 1, &zero);
 }
+
+void fct_alloc_grads(fct_call* c, AtenTensorHandle xh, const DLTensor* x, const fct_carve* cv,
+                     fct_carve* gcv, int64_t out, bool need_x, bool need_w, bool need_b,
+                     const char* what, fct_grads* g) {
+  int32_t dtype;
+  aoti_torch_get_dtype(xh, &dtype);
+  bool sane = x->ndim >= 1 && x->ndim <= FCT_MAX_DIMS;
+  g->res[0] =
+      need_x && sane ? fct_call_empty(c, dtype, x->ndim, x->shape) : fct_call_none(c, dtype);
+  g->res[1] = need_w ? fct_call_empty(c, dtype, 1, &cv->total) : fct_call_none(c, dtype);
+  g->res[2] = need_b ? fct_call_empty(c, dtype, 1, &out) : fct_call_none(c, dtype);
+  if (!g->res[0] || !g->res[1] || !g->res[2]) fct_call_end(c, FCT_ERR_WORKSPACE, NULL, 0);
+  fct_torch_view(g->res[0], &g->dgx);
+  fct_torch_view(g->res[1], &g->dgw);
+  fct_torch_view(g->res[2], &g->dgb);
+  fct_carve_copy(gcv, cv);
+  if (need_w && !fct_carve_bind(c, gcv, &g->dgw, x, "grad_weights", what))
+    fct_call_end(c, FCT_ERR_SHAPE, NULL, 0);
+  g->gx = need_x && sane ? &g->dgx : NULL;
+  g->gb = need_b ? &g->dgb : NULL;
+}

@@ -78,4 +78,20 @@ bool fct_batched_shape(const DLTensor* x, int64_t last, int64_t* shape, int* ndi
 /* An empty [0] tensor of x's dtype (a gradient not asked for). */
 AtenTensorHandle fct_call_none(fct_call* c, int32_t dtype);
 
+/* The gradients a tensorized backward kernel returns, allocated through
+ * torch: grad_x like x, the flat grad_weights (its factor views carved into
+ * gcv like cv), grad_bias [out]; an empty [0] tensor stands for a gradient
+ * not asked for. Fails the call (raising into Python) on allocation or
+ * carving errors. */
+typedef struct fct_grads {
+  AtenTensorHandle res[3]; /* grad_x, grad_weights, grad_bias: returned to torch */
+  DLTensor dgx, dgw, dgb;
+  DLTensor* gx; /* for the C op: NULL when not asked for (or x's rank is bad) */
+  DLTensor* gb; /* NULL when not asked for */
+} fct_grads;
+
+void fct_alloc_grads(fct_call* c, AtenTensorHandle xh, const DLTensor* x, const fct_carve* cv,
+                     fct_carve* gcv, int64_t out, bool need_x, bool need_w, bool need_b,
+                     const char* what, fct_grads* g);
+
 #endif

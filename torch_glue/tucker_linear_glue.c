@@ -107,26 +107,13 @@ void fct_tucker_linear_backward_kernel(StableIValue* stack, uint64_t num_args,
   tk_views(&c, &a, &d[2], &d[1], &cv, &out);
   int n_in = a.im.n, n_out = a.om.n;
 
-  int32_t dtype;
-  aoti_torch_get_dtype(in[1], &dtype);
-  AtenTensorHandle res[3];
-  DLTensor dgx, dgw, dgb;
-  bool sane = d[1].ndim >= 1 && d[1].ndim <= FCT_MAX_DIMS;
-  res[0] = need_x && sane ? fct_call_empty(&c, dtype, d[1].ndim, d[1].shape) : fct_call_none(&c, dtype);
-  res[1] = need_w ? fct_call_empty(&c, dtype, 1, &cv.total) : fct_call_none(&c, dtype);
-  res[2] = need_b ? fct_call_empty(&c, dtype, 1, &out) : fct_call_none(&c, dtype);
-  if (!res[0] || !res[1] || !res[2]) fct_call_end(&c, FCT_ERR_WORKSPACE, NULL, 0);
-  fct_torch_view(res[0], &dgx);
-  fct_torch_view(res[1], &dgw);
-  fct_torch_view(res[2], &dgb);
-  fct_carve_copy(&gcv, &cv);
-  if (need_w && !fct_carve_bind(&c, &gcv, &dgw, &d[1], "grad_weights", kWhat))
-    fct_call_end(&c, FCT_ERR_SHAPE, NULL, 0);
-  DLTensor* gx = need_x && sane ? &dgx : NULL;
+  fct_grads g;
+  fct_alloc_grads(&c, in[1], &d[1], &cv, &gcv, out, need_x, need_w, need_b, kWhat, &g);
+  DLTensor* gx = g.gx;
   DLTensor* gcore = need_w ? gcv.out[0] : NULL;
   DLTensor* const* gV = need_w ? gcv.out + 1 : NULL;
   DLTensor* const* gU = need_w ? gcv.out + 1 + n_in : NULL;
-  DLTensor* gb = need_b ? &dgb : NULL;
+  DLTensor* gb = g.gb;
   size_t bytes = 0;
   fct_status st = fct_tucker_linear_backward_workspace(
       &c.ctx, &d[0], &d[1], cv.in[0], n_in, cv.in + 1, n_out, cv.in + 1 + n_in, gx, gcore,
@@ -135,6 +122,6 @@ void fct_tucker_linear_backward_kernel(StableIValue* stack, uint64_t num_args,
   if (st == FCT_OK)
     st = fct_tucker_linear_backward(&c.ctx, &d[0], &d[1], cv.in[0], n_in, cv.in + 1, n_out,
                                     cv.in + 1 + n_in, gx, gcore, gV, gU, gb);
-  fct_call_end(&c, st, res, 3);
-  for (int i = 0; i < 3; ++i) stack[i] = (StableIValue)(uintptr_t)res[i];
+  fct_call_end(&c, st, g.res, 3);
+  for (int i = 0; i < 3; ++i) stack[i] = (StableIValue)(uintptr_t)g.res[i];
 }
