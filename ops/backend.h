@@ -31,6 +31,18 @@ typedef struct fct_lowrank_plan {
   char* scratch;
 } fct_lowrank_plan;
 
+/* Geometry of one 2-D convolution over [C, H, W] items (a 1-D one has
+ * H = kh = 1). Padding is given before each axis (top, left); what lies after
+ * is implied by the output size. */
+typedef struct fct_conv_geom {
+  int64_t C, H, W;    /* input channels (per group of the im2col), height, width */
+  int64_t kh, kw;     /* kernel */
+  int64_t sh, sw;     /* stride */
+  int64_t pt, pl;     /* padding before: top, left */
+  int64_t dh, dw;     /* dilation */
+  int64_t OH, OW;     /* output size */
+} fct_conv_geom;
+
 typedef struct fct_backend {
   /* dst (dense row-major, numel elements) = src (any strides). */
   fct_status (*pack)(fct_context* ctx, const DLTensor* src, char* dst);
@@ -82,6 +94,43 @@ typedef struct fct_backend {
   fct_status (*khatri_rao_grad)(fct_context* ctx, int device, fct_dtype dt, const fct_mat* gK,
                                 int64_t npre, int64_t nk, int64_t nsuf, const fct_mat* pre,
                                 const fct_mat* suf, const fct_mat* gF);
+
+  /* Primitives of the factorized convolutions (issue 4; the algorithm is
+   * ops/conv_chain.c). Tensors are dense NCHW blocks of n items, each
+   * [C, H, W] in and [C, OH, OW] out (geometry in fct_conv_geom). */
+
+  /* col [n, C·kh·kw, OH·OW] = the patches of in [n, C, H, W]:
+   *   col[b, (c, i, j), (oh, ow)] = in[b, c, oh·sh − pt + i·dh, ow·sw − pl + j·dw]
+   * and 0 where that falls in the padding. */
+  fct_status (*im2col)(fct_context* ctx, int device, fct_dtype dt, const fct_conv_geom* g,
+                       int64_t n, const char* in, char* col);
+  /* The adjoint of im2col: in [n, C, H, W] = Σ of the col entries read from
+   * each element (overwrites in; elements no patch reads become 0). */
+  fct_status (*col2im)(fct_context* ctx, int device, fct_dtype dt, const fct_conv_geom* g,
+                       int64_t n, const char* col, char* in);
+  /* Depthwise convolution, one filter w [C, kh, kw] per channel:
+   *   out[b, c, oh, ow] = Σ_{i,j} w[c, i, j] · in[b, c, oh·sh − pt + i·dh, ow·sw − pl + j·dw]
+   * out [n, C, OH, OW]; and its two adjoints: gin [n, C, H, W] (overwritten)
+   * from gout, and gw [C, kh, kw] = beta·gw + Σ_b (beta 0 or 1). */
+  fct_status (*depthwise_forward)(fct_context* ctx, int device, fct_dtype dt,
+                                  const fct_conv_geom* g, int64_t n, const char* in,
+                                  const char* w, char* out);
+  fct_status (*depthwise_backward_input)(fct_context* ctx, int device, fct_dtype dt,
+                                         const fct_conv_geom* g, int64_t n, const char* gout,
+                                         const char* w, char* gin);
+  fct_status (*depthwise_backward_weight)(fct_context* ctx, int device, fct_dtype dt,
+                                          const fct_conv_geom* g, int64_t n, const char* in,
+                                          const char* gout, char* gw, double beta);
+  /* out [n, C, P] (dense) += bias[c] along every (b, p); bias has element
+   * stride bs. */
+  fct_status (*channel_bias)(fct_context* ctx, int device, fct_dtype dt, int64_t n, int64_t C,
+                             int64_t P, char* out, const char* bias, int64_t bs);
+  /* sums [C] (dense) = Σ_{b, p} g[b, c, p] over g [n, C, P] (dense);
+   * accumulated in float64 on CPU, float32/float64 on CUDA. */
+  fct_status (*channel_sums)(fct_context* ctx, int device, fct_dtype dt, int64_t n, int64_t C,
+                             int64_t P, const char* g, char* sums);
+
+  /* Factorized embeddings: add their primitives below this line. */
 } fct_backend;
 
 /* Scratch bytes backend->gemm_reduce needs on a device of this kind for a

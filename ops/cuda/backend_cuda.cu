@@ -110,27 +110,28 @@ fct_status fct_cuda_leave(fct_context* ctx, const fct_cuda_env* env, fct_status 
   return status;
 }
 
-/* Positional: designated initializers are C++20. Static storage: libfactorch
- * keeps the pointer for the life of the process. */
-static const fct_backend kCudaBackend = {
-    fct_cuda_pack,             /* pack */
-    fct_cuda_lowrank_forward,  /* lowrank_forward */
-    fct_cuda_lowrank_backward, /* lowrank_backward */
-    fct_cuda_count_nonfinite,  /* count_nonfinite */
-    fct_cuda_gemm_entry,        /* gemm */
-    fct_cuda_gemm_reduce_entry, /* gemm_reduce */
-    fct_cuda_fill_rows_entry,   /* fill_rows */
-    fct_cuda_column_sums_entry, /* column_sums */
-    fct_cuda_zero_entry,        /* zero */
-    fct_cuda_khatri_rao,        /* khatri_rao */
-    fct_cuda_khatri_rao_grad,   /* khatri_rao_grad */
-};
+/* Static storage: libfactorch keeps the pointer for the life of the process.
+ * Filled by name in the constructor (designated initializers are C++20, and
+ * positional ones break silently when fct_backend gains a field). */
+static fct_backend kCudaBackend;
 
 /* Runs when libfactorch_cuda is loaded. Must not touch CUDA: initialising
  * the driver from a constructor would cost every process that merely loads
  * the library, and fails in forked children. */
 __attribute__((constructor)) static void register_cuda_backend(void) {
-  fct_register_cuda_backend(&kCudaBackend);
+  fct_backend* b = &kCudaBackend;
+  b->pack = fct_cuda_pack;
+  b->lowrank_forward = fct_cuda_lowrank_forward;
+  b->lowrank_backward = fct_cuda_lowrank_backward;
+  b->count_nonfinite = fct_cuda_count_nonfinite;
+  b->gemm = fct_cuda_gemm_entry;
+  b->gemm_reduce = fct_cuda_gemm_reduce_entry;
+  b->fill_rows = fct_cuda_fill_rows_entry;
+  b->column_sums = fct_cuda_column_sums_entry;
+  b->zero = fct_cuda_zero_entry;
+  b->khatri_rao = fct_cuda_khatri_rao;
+  b->khatri_rao_grad = fct_cuda_khatri_rao_grad;
+  fct_register_cuda_backend(b);
 }
 
 } /* extern "C" */
