@@ -252,3 +252,178 @@ torch.library.register_autograd(
     _tensorized_backward(ops.tt_linear_backward),
     setup_context=_tensorized_setup,
 )
+
+
+# --------------------------------------------------------------------------
+# conv_chain(x, weights, bias, stages, out_shape, keep) -> (y, saved): every
+# factorized convolution as a chain of convolution stages (ops/conv_chain.c).
+# stages: 16 ints per stage (fct_conv_stage's fields, factorch.h); weights:
+# each stage's [out_channels, in_channels / groups, kh, kw] back to back;
+# saved: the intermediate activations the backward reads (empty when keep is
+# false, for inference).
+# --------------------------------------------------------------------------
+STAGE_INTS = 16
+
+
+def conv_stage_out_numel(stage) -> int:
+    """Elements per image a stage writes (stage: its 16 ints)."""
+    b, _ci, h, w, co, kh, kw, sh, sw, pt, pl, pb, pr, dh, dw, _g = stage
+    oh = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
+    ow = (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
+    return b * co * oh * ow
+
+
+def _conv_stages(stages):
+    torch._check(
+        len(stages) > 0 and len(stages) % STAGE_INTS == 0,
+        lambda: f"stages: expected {STAGE_INTS} ints per stage, got {len(stages)}",
+    )
+    return [stages[i:i + STAGE_INTS] for i in range(0, len(stages), STAGE_INTS)]
+
+
+def _conv_weights_numel(stages):
+    return sum(st[4] * (st[1] // st[15]) * st[5] * st[6] for st in stages)
+
+
+@torch.library.register_fake("factorch::conv_chain")
+def _conv_chain_fake(x, weights, bias, stages, out_shape, keep):
+    st = _conv_stages(stages)
+    _check_tensorized(x, weights, bias, _conv_weights_numel(st), out_shape[0],
+                      "each stage's weight [out_channels, in_channels / groups, kh, kw]")
+    saved = sum(conv_stage_out_numel(s) for s in st[:-1])
+    n = x.shape[0]
+    return x.new_empty((n, *out_shape)), x.new_empty((n * saved if keep else 0,))
+
+
+@torch.library.register_fake("factorch::conv_chain_backward")
+def _conv_chain_backward_fake(grad_y, x, weights, saved, stages, need_x, need_weights,
+                              need_bias):
+    return _grads_fake(x, weights, grad_y.shape[1], need_x, need_weights, need_bias)
+
+
+def _conv_chain_setup(ctx, inputs, output):
+    x, weights, bias, stages, _out_shape, _keep = inputs
+    ctx.save_for_backward(x, weights, output[1])
+    ctx.stages = stages
+    ctx.has_bias = bias.numel() != 0
+
+
+def _conv_chain_backward(ctx, grad_y, _grad_saved):
+    x, weights, saved = ctx.saved_tensors
+    nx, nw, nb = ctx.needs_input_grad[:3]
+    nb = nb and ctx.has_bias
+    gx, gw, gb = ops.conv_chain_backward(grad_y, x, weights, saved, ctx.stages, nx, nw, nb)
+    return gx if nx else None, gw if nw else None, gb if nb else None, None, None, None
+
+
+torch.library.register_autograd(
+    "factorch::conv_chain", _conv_chain_backward, setup_context=_conv_chain_setup
+)
+
+
+# --------------------------------------------------------------------------
+# Factorized embeddings (issue 4). y = T[indices] for a table T kept as U·V
+# (lowrank_embedding) or as TT cores in one flat tensor (tt_embedding, the
+# tensorized layers' layout with the vocabulary modes as input modes and the
+# embedding modes as output modes). padding_idx is -1 for none; indices are
+# not differentiable. The range of the indices is data: checked by the C
+# kernels, not by the fakes.
+# --------------------------------------------------------------------------
+def _check_indices(indices):
+    torch._check(
+        indices.dtype in (torch.int64, torch.int32),
+        lambda: f"indices: expected dtype int64 or int32, got {indices.dtype}",
+    )
+    torch._check(
+        indices.dim() <= 7,
+        lambda: f"indices: expected 0 to 7 dims (the output adds one), got {indices.dim()}",
+    )
+
+
+@torch.library.register_fake("factorch::lowrank_embedding")
+def _lowrank_embedding_fake(indices, U, V, padding_idx):
+    _check_indices(indices)
+    torch._check(U.dim() == 2, lambda: f"U: expected 2 dims [num_embeddings, R], got {U.dim()}")
+    torch._check(V.dim() == 2, lambda: f"V: expected 2 dims [R, embedding_dim], got {V.dim()}")
+    torch._check(
+        V.shape[0] == U.shape[1],
+        lambda: f"V: expected [R, embedding_dim] with R = {U.shape[1]} (the last dim of U), "
+        f"got {list(V.shape)}",
+    )
+    torch._check(
+        V.dtype == U.dtype,
+        lambda: f"V: expected dtype {U.dtype} (the dtype of U), got {V.dtype}",
+    )
+    return U.new_empty((*indices.shape, V.shape[1]))
+
+
+@torch.library.register_fake("factorch::lowrank_embedding_backward")
+def _lowrank_embedding_backward_fake(grad_y, indices, U, V, padding_idx, need_U, need_V):
+    return U.new_empty(U.shape if need_U else (0,)), V.new_empty(V.shape if need_V else (0,))
+
+
+def _lowrank_embedding_setup(ctx, inputs, output):
+    indices, U, V, padding_idx = inputs
+    ctx.save_for_backward(indices, U, V)
+    ctx.padding_idx = padding_idx
+
+
+def _lowrank_embedding_backward(ctx, grad_y):
+    indices, U, V = ctx.saved_tensors
+    nU, nV = ctx.needs_input_grad[1:3]
+    gU, gV = ops.lowrank_embedding_backward(grad_y, indices, U, V, ctx.padding_idx, nU, nV)
+    return None, gU if nU else None, gV if nV else None, None
+
+
+torch.library.register_autograd(
+    "factorch::lowrank_embedding", _lowrank_embedding_backward,
+    setup_context=_lowrank_embedding_setup,
+)
+
+
+def _tt_embedding_dim(weights, modes, dims, ranks):
+    d = len(modes)
+    torch._check(len(dims) == d,
+                 lambda: f"dims: expected {d} embedding mode sizes (as many as modes)")
+    torch._check(len(ranks) == d + 1 and ranks[0] == 1 and ranks[-1] == 1,
+                 lambda: f"ranks: expected d + 1 = {d + 1} ranks starting and ending with 1, "
+                 f"got {list(ranks)}")
+    numel = _tt_numel(modes, dims, ranks)
+    torch._check(
+        weights.dim() == 1 and weights.shape[0] == numel,
+        lambda: f"weights: expected a contiguous 1-D tensor of {numel} elements (the TT cores "
+        f"[r_k, n_k, m_k, r_(k+1)] one after the other), got shape {list(weights.shape)}",
+    )
+    return _prod(dims)
+
+
+@torch.library.register_fake("factorch::tt_embedding")
+def _tt_embedding_fake(indices, weights, num_embeddings, modes, dims, ranks, padding_idx):
+    _check_indices(indices)
+    dim = _tt_embedding_dim(weights, modes, dims, ranks)
+    return weights.new_empty((*indices.shape, dim))
+
+
+@torch.library.register_fake("factorch::tt_embedding_backward")
+def _tt_embedding_backward_fake(grad_y, indices, weights, num_embeddings, modes, dims, ranks,
+                                padding_idx):
+    return weights.new_empty(weights.shape)
+
+
+def _tt_embedding_setup(ctx, inputs, output):
+    indices, weights, *args = inputs
+    ctx.save_for_backward(indices, weights)
+    ctx.args = tuple(args)  # num_embeddings, modes, dims, ranks, padding_idx
+
+
+def _tt_embedding_backward(ctx, grad_y):
+    indices, weights = ctx.saved_tensors
+    gw = None
+    if ctx.needs_input_grad[1]:
+        gw = ops.tt_embedding_backward(grad_y, indices, weights, *ctx.args)
+    return (None, gw) + (None,) * len(ctx.args)
+
+
+torch.library.register_autograd(
+    "factorch::tt_embedding", _tt_embedding_backward, setup_context=_tt_embedding_setup
+)

@@ -152,3 +152,82 @@ def tt_linear(x: Tensor, cores, bias: Tensor | None = None) -> Tensor:
         )
     return tt_linear_flat(x, _flat(G), bias, [g.shape[1] for g in G], [g.shape[2] for g in G],
                           ranks)
+
+
+# --------------------------------------------------------------------------
+# Factorized embeddings (issue 4): y = T[indices] for a table T [num, dim]
+# kept factorized; y has shape indices.shape + (dim,). Indices: int64 or
+# int32, any shape, on the factors' device; out-of-range ones raise a
+# RuntimeError naming `indices`. padding_idx (None, or an index, negative
+# ones counted from the end as in nn.Embedding): its lookups give zero rows
+# and pass no gradient. Differentiable in the factors.
+# --------------------------------------------------------------------------
+def _padding_idx(padding_idx, num: int) -> int:
+    """nn.Embedding's padding_idx as the ops take it (-1: none)."""
+    if padding_idx is None:
+        return -1
+    if isinstance(padding_idx, bool) or not isinstance(padding_idx, int) or not (
+        -num <= padding_idx < num
+    ):
+        raise ValueError(
+            f"padding_idx: expected None or an int in [-{num}, {num}) (num_embeddings = {num}), "
+            f"got {padding_idx!r}"
+        )
+    return padding_idx + num if padding_idx < 0 else padding_idx
+
+
+def lowrank_embedding(indices: Tensor, U: Tensor, V: Tensor, padding_idx=None) -> Tensor:
+    """``(U @ V)[indices]`` without forming ``U @ V``: the rows of ``U`` the
+    indices pick, times ``V`` (``torch.ops.factorch.lowrank_embedding``; its
+    backward scatter-adds into the looked-up rows of ``U`` only).
+
+    Args:
+        indices: int64/int32 tensor of any shape.
+        U: ``[num_embeddings, R]``.
+        V: ``[R, embedding_dim]``.
+        padding_idx: None or a row whose lookups give zeros and no gradient.
+    """
+    num = U.shape[0] if isinstance(U, Tensor) and U.dim() >= 1 else 0
+    return ops.lowrank_embedding(indices, U, V, _padding_idx(padding_idx, num))
+
+
+def tt_embedding_flat(indices: Tensor, weights: Tensor, num_embeddings: int, modes, dims, ranks,
+                      padding_idx=None) -> Tensor:
+    """:func:`tt_embedding` on the flat layout (the cores back to back)."""
+    return ops.tt_embedding(indices, weights, int(num_embeddings), list(modes), list(dims),
+                            list(ranks), _padding_idx(padding_idx, int(num_embeddings)))
+
+
+def tt_embedding(indices: Tensor, cores, num_embeddings: int | None = None,
+                 padding_idx=None) -> Tensor:
+    """Rows of the TT (TT-Rec) table: row i, with digits ``(i_1..i_d)`` of
+    ``i`` in the mixed radix ``(n_1..n_d)`` (``i_1`` slowest), is
+    ``G_1[:, i_1, :, :] ··· G_d[:, i_d, :, :]`` reshaped to
+    ``embedding_dim = ∏ m_k``.
+
+    Args:
+        indices: int64/int32 tensor of any shape.
+        cores: ``G_k [r_(k-1), n_k, m_k, r_k]`` with ``r_0 = r_d = 1``.
+        num_embeddings: rows in use, at most ``∏ n_k`` (None: all of them).
+        padding_idx: None or a row whose lookups give zeros and no gradient.
+
+    One C op per direction, the chain of small products run per index; the
+    backward writes the gradients of the looked-up slices only.
+    """
+    G = _check_list("cores", cores, 4, "[r_(k-1), n_k, m_k, r_k]")
+    ranks = [G[0].shape[0]]
+    for k, g in enumerate(G):
+        if g.shape[0] != ranks[-1]:
+            want = "1 (r_0 = 1)" if k == 0 else f"{ranks[-1]} (the last dim of cores[{k - 1}])"
+            raise ValueError(f"cores[{k}]: expected a first dim of {want}, got {list(g.shape)}")
+        ranks.append(g.shape[3])
+    if ranks[-1] != 1:
+        raise ValueError(f"cores[{len(G) - 1}]: expected a last dim of 1 (r_d = 1), "
+                         f"got {ranks[-1]}")
+    modes = [g.shape[1] for g in G]
+    total = 1
+    for n in modes:
+        total *= n
+    num = total if num_embeddings is None else num_embeddings
+    return tt_embedding_flat(indices, _flat(G), num, modes, [g.shape[2] for g in G], ranks,
+                             padding_idx)

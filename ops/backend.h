@@ -43,6 +43,29 @@ typedef struct fct_conv_geom {
   int64_t OH, OW;     /* output size */
 } fct_conv_geom;
 
+/* Factorized embeddings: the shape of a TT embedding table, as its backend
+ * primitives read it (ops/tt_embedding.c fills it). Cores are numbered from
+ * 0 here: core k is G_k [r[k], n[k], m[k], r[k+1]], dense, r[0] = r[d] = 1.
+ * Index i's digit k is (i / div[k]) % n[k]. The chain state after cores
+ * 0..k-1 is S_k [D[k], r[k]] with D[k] = m[0]···m[k-1]; S_1..S_(d-1) are the
+ * intermediates (elements max_state at most, states in all), S_d is the row. */
+typedef struct fct_tt_emb_geom {
+  int d;
+  int64_t n[FCT_MAX_MODES], m[FCT_MAX_MODES], r[FCT_MAX_MODES + 1];
+  int64_t div[FCT_MAX_MODES], D[FCT_MAX_MODES + 1];
+  const char* core[FCT_MAX_MODES];
+  int64_t dim;                        /* D[d] */
+  int64_t max_state;                  /* max_(1<=k<d) D[k]·r[k], >= 1 */
+  int64_t states;                     /* Σ_(1<=k<d) D[k]·r[k] */
+  int64_t state_off[FCT_MAX_MODES];   /* S_k's offset among the states (k >= 1) */
+  int64_t gbuf;                       /* max(dim, max_state): a state's gradient */
+  int64_t slices;                     /* Σ_k r[k]·m[k]·r[k+1]: one index's slices */
+  int64_t slice_off[FCT_MAX_MODES];   /* core k's slice among them */
+  int64_t fwd_work, bwd_work;         /* accumulator elements per index: 2·max_state,
+                                         states + 2·gbuf */
+  double flops;                       /* forward FLOPs per index */
+} fct_tt_emb_geom;
+
 typedef struct fct_backend {
   /* dst (dense row-major, numel elements) = src (any strides). */
   fct_status (*pack)(fct_context* ctx, const DLTensor* src, char* dst);
@@ -130,7 +153,52 @@ typedef struct fct_backend {
   fct_status (*channel_sums)(fct_context* ctx, int device, fct_dtype dt, int64_t n, int64_t C,
                              int64_t P, const char* g, char* sums);
 
+  /* Host workers, for algorithms that split their own work (ops/conv_chain.c
+   * gives each CPU thread its own images: one pool dispatch per call rather
+   * than one per GEMM). workers(): how many (>= 1); parallel(): body over
+   * [0, n) on them. NULL on CUDA: one worker, the device parallelises inside
+   * each primitive. Primitives called from inside `parallel` run serially. */
+  int (*workers)(void);
+  void (*parallel)(int64_t n, int64_t grain, fct_parallel_body body, void* arg);
+
   /* Factorized embeddings: add their primitives below this line. */
+
+  /* (ops/lowrank_embedding.c, ops/tt_embedding.c.) idx arrays are dense
+   * int64 in the workspace, -1 marking an entry to skip (padding). */
+
+  /* Reads `indices` (int64/int32, any shape and strides) at the row-major
+   * positions [begin, begin + count). out (nullable) [count] = the values,
+   * -1 where a value equals padding_idx (>= 0) or lies outside [0, num).
+   * bad (nullable): *bad = how many lie outside [0, num), *bad_pos the
+   * position of the first of them and *bad_value its value (host values;
+   * on CUDA a stream sync). scratch: 256 bytes of workspace. */
+  fct_status (*embedding_indices)(fct_context* ctx, const DLTensor* indices, int64_t begin,
+                                  int64_t count, int64_t num, int64_t padding_idx, int64_t* out,
+                                  char* scratch, int64_t* bad, int64_t* bad_pos,
+                                  int64_t* bad_value);
+  /* out [n, src.cols] (dense) row j = src row idx[j] (src: any strides), or
+   * zeros where idx[j] < 0. */
+  fct_status (*embedding_gather)(fct_context* ctx, int device, fct_dtype dt, const fct_mat* src,
+                                 const int64_t* idx, int64_t n, char* out);
+  /* dst [P, num, Q] (dense) += the rows of src: for j < n with idx[j] >= 0
+   * and a = (idx[j] / div) % num,
+   *   dst[p, a, q] += src[j·ss + p·Q + q].
+   * CPU: each destination sums in j order (deterministic); CUDA: atomicAdd. */
+  fct_status (*embedding_scatter_add)(fct_context* ctx, int device, fct_dtype dt, int64_t n,
+                                      const int64_t* idx, int64_t div, const char* src,
+                                      int64_t ss, int64_t P, int64_t num, int64_t Q, char* dst);
+  /* y [n, g.dim] (dense) row j = the TT row idx[j] (zeros where idx[j] < 0).
+   * work: n·g.fwd_work accumulator elements (float, or double for float64). */
+  fct_status (*tt_embedding_rows)(fct_context* ctx, int device, fct_dtype dt,
+                                  const fct_tt_emb_geom* g, const int64_t* idx, int64_t n,
+                                  char* y, char* work);
+  /* For j < n with idx[j] >= 0: slices [n, g.slices] (dense) row j = the
+   * gradients of the slices G_k[:, i_k] its row used (at g.slice_off[k], each
+   * [r[k], m[k]·r[k+1]]) given gy [n, g.dim] (dense); rows with idx[j] < 0
+   * are left as they are. work: n·g.bwd_work accumulator elements. */
+  fct_status (*tt_embedding_grad)(fct_context* ctx, int device, fct_dtype dt,
+                                  const fct_tt_emb_geom* g, const int64_t* idx, int64_t n,
+                                  const char* gy, char* slices, char* work);
 } fct_backend;
 
 /* Scratch bytes backend->gemm_reduce needs on a device of this kind for a

@@ -12,6 +12,7 @@
  * free (torch_list_*); the others keep aoti_torch_library_impl.
  */
 #include "factorch.h"
+#include "embedding_glue.h" /* factorized embeddings */
 #include "lowrank_linear_glue.h"
 #include "tensorized_glue.h"
 #include "torch_shim.h"
@@ -52,6 +53,27 @@ static const op_entry kOps[] = {
      "int[] out_modes, int[] ranks, bool need_x, bool need_weights, bool need_bias) "
      "-> (Tensor, Tensor, Tensor)",
      "tt_linear_backward", fct_tt_linear_backward_kernel, true},
+    /* Factorized convolutions (issue 4): a chain of convolution stages
+     * (torch_glue/conv_glue.c; layouts in factorch/nn/conv.py). */
+    {"conv_chain(Tensor x, Tensor weights, Tensor bias, int[] stages, int[] out_shape, "
+     "bool keep) -> (Tensor, Tensor)",
+     "conv_chain", fct_conv_chain_kernel, true},
+    {"conv_chain_backward(Tensor grad_y, Tensor x, Tensor weights, Tensor saved, int[] stages, "
+     "bool need_x, bool need_weights, bool need_bias) -> (Tensor, Tensor, Tensor)",
+     "conv_chain_backward", fct_conv_chain_backward_kernel, true},
+    /* Factorized embeddings (issue 4; torch_glue/embedding_glue.c).
+     * padding_idx: -1 for none. TT weights: the flat parameter of cores. */
+    {"lowrank_embedding(Tensor indices, Tensor U, Tensor V, int padding_idx) -> Tensor",
+     "lowrank_embedding", fct_lowrank_embedding_kernel, false},
+    {"lowrank_embedding_backward(Tensor grad_y, Tensor indices, Tensor U, Tensor V, "
+     "int padding_idx, bool need_U, bool need_V) -> (Tensor, Tensor)",
+     "lowrank_embedding_backward", fct_lowrank_embedding_backward_kernel, false},
+    {"tt_embedding(Tensor indices, Tensor weights, int num_embeddings, int[] modes, "
+     "int[] dims, int[] ranks, int padding_idx) -> Tensor",
+     "tt_embedding", fct_tt_embedding_kernel, true},
+    {"tt_embedding_backward(Tensor grad_y, Tensor indices, Tensor weights, int num_embeddings, "
+     "int[] modes, int[] dims, int[] ranks, int padding_idx) -> Tensor",
+     "tt_embedding_backward", fct_tt_embedding_backward_kernel, true},
 };
 enum { kNumOps = sizeof kOps / sizeof kOps[0] };
 

@@ -6,21 +6,26 @@
 #include <stdio.h>
 #include <string.h>
 
-void fct_take_ints(StableIValue slot, int cap, fct_ints* out) {
+size_t fct_take_int_array(StableIValue slot, int cap, int64_t* v, int* n) {
   StableListHandle l = (StableListHandle)(uintptr_t)slot;
-  memset(out, 0, sizeof *out);
-  if (!l) return;
-  size_t n = 0;
-  if (torch_list_size(l, &n) == 0) {
-    out->total = n;
-    for (size_t i = 0; i < n && i < (size_t)cap; ++i) {
-      StableIValue v = 0;
-      if (torch_list_get_item(l, i, &v) != 0) break;
-      memcpy(&out->v[i], &v, sizeof(int64_t));
-      out->n = (int)i + 1;
+  size_t total = 0;
+  *n = 0;
+  if (!l) return 0;
+  if (torch_list_size(l, &total) == 0) {
+    for (size_t i = 0; i < total && i < (size_t)cap; ++i) {
+      StableIValue item = 0;
+      if (torch_list_get_item(l, i, &item) != 0) break;
+      memcpy(&v[i], &item, sizeof(int64_t));
+      *n = (int)i + 1;
     }
   }
   torch_delete_list(l);
+  return total;
+}
+
+void fct_take_ints(StableIValue slot, int cap, fct_ints* out) {
+  memset(out, 0, sizeof *out);
+  out->total = fct_take_int_array(slot, cap, out->v, &out->n);
 }
 
 void fct_take_tensors(fct_call* c, const StableIValue* stack, int n, AtenTensorHandle* h,

@@ -20,6 +20,9 @@ void fct_tucker_linear_backward_kernel(StableIValue* stack, uint64_t num_args,
                                        uint64_t num_outputs);
 void fct_tt_linear_kernel(StableIValue* stack, uint64_t num_args, uint64_t num_outputs);
 void fct_tt_linear_backward_kernel(StableIValue* stack, uint64_t num_args, uint64_t num_outputs);
+void fct_conv_chain_kernel(StableIValue* stack, uint64_t num_args, uint64_t num_outputs);
+void fct_conv_chain_backward_kernel(StableIValue* stack, uint64_t num_args,
+                                    uint64_t num_outputs);
 
 /* ------------------------------------------------------------------------- */
 /* Shared helpers (tensorized_glue.c)                                         */
@@ -36,6 +39,8 @@ typedef struct fct_ints {
 
 /* Reads the list in `slot` and frees it (the kernel owns it). */
 void fct_take_ints(StableIValue slot, int cap, fct_ints* out);
+/* The same into v [cap]: *n entries read; returns the list's length. */
+size_t fct_take_int_array(StableIValue slot, int cap, int64_t* v, int* n);
 
 /* `n` tensor inputs from the stack: owned handles recorded in c, views. */
 void fct_take_tensors(fct_call* c, const StableIValue* stack, int n, AtenTensorHandle* h,

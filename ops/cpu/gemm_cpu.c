@@ -296,6 +296,13 @@ void fct_cpu_gemm_reduce(fct_dtype dt, const fct_mat* A, const fct_mat* B, const
   if (blocks <= 1 || pfor(0, blocks, 1, reduce_blocks, &job) != 0) reduce_blocks(0, blocks, &job);
 }
 
+int fct_cpu_workers(void) {
+  fct_parallel_for_fn pfor = atomic_load(&g_parallel_for);
+  fct_num_threads_fn nthreads = atomic_load(&g_num_threads);
+  int threads = pfor && nthreads ? nthreads() : 1;
+  return threads > 1 ? threads : 1;
+}
+
 void fct_cpu_parallel(int64_t n, int64_t grain, fct_parallel_body body, void* arg) {
   if (n <= 0) return;
   fct_parallel_for_fn pfor = atomic_load(&g_parallel_for);

@@ -21,6 +21,10 @@ void fct_cpu_gemm_batched(fct_dtype dt, const fct_mat* A, const fct_mat* B, cons
 void fct_cpu_gemm_reduce(fct_dtype dt, const fct_mat* A, const fct_mat* B, const fct_mat* C,
                          double beta, int64_t batch, int64_t sa, int64_t sb);
 
+/* Threads of the installed pool (1 without one: OpenBLAS then threads each
+ * call itself). */
+int fct_cpu_workers(void);
+
 /* body over [0, n) in the installed thread pool (serially without one, or
  * when n <= grain). */
 void fct_cpu_parallel(int64_t n, int64_t grain, fct_parallel_body body, void* arg);

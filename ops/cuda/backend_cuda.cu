@@ -6,6 +6,7 @@
 #include <pthread.h>
 
 #include "cuda_common.cuh"
+#include "embedding_cuda.cuh" /* factorized embeddings */
 
 /* cuBLAS handles are not safe to share between threads that use them at the
  * same time, and each belongs to the device current at its creation: keep
@@ -131,6 +132,19 @@ __attribute__((constructor)) static void register_cuda_backend(void) {
   b->zero = fct_cuda_zero_entry;
   b->khatri_rao = fct_cuda_khatri_rao;
   b->khatri_rao_grad = fct_cuda_khatri_rao_grad;
+  b->im2col = fct_cuda_im2col;
+  b->col2im = fct_cuda_col2im;
+  b->depthwise_forward = fct_cuda_depthwise_forward;
+  b->depthwise_backward_input = fct_cuda_depthwise_backward_input;
+  b->depthwise_backward_weight = fct_cuda_depthwise_backward_weight;
+  b->channel_bias = fct_cuda_channel_bias;
+  b->channel_sums = fct_cuda_channel_sums;
+  /* Factorized embeddings (ops/cuda/embedding_cuda.cu). */
+  b->embedding_indices = fct_cuda_embedding_indices;
+  b->embedding_gather = fct_cuda_embedding_gather;
+  b->embedding_scatter_add = fct_cuda_embedding_scatter_add;
+  b->tt_embedding_rows = fct_cuda_tt_embedding_rows;
+  b->tt_embedding_grad = fct_cuda_tt_embedding_grad;
   fct_register_cuda_backend(b);
 }
 

@@ -98,6 +98,25 @@ fct_status fct_cuda_khatri_rao_grad(fct_context* ctx, int device, fct_dtype dt,
                                     const fct_mat* gK, int64_t npre, int64_t nk, int64_t nsuf,
                                     const fct_mat* pre, const fct_mat* suf, const fct_mat* gF);
 
+/* The factorized convolutions' primitives (conv_kernels_cuda.cu). */
+fct_status fct_cuda_im2col(fct_context* ctx, int device, fct_dtype dt, const fct_conv_geom* g,
+                           int64_t n, const char* in, char* col);
+fct_status fct_cuda_col2im(fct_context* ctx, int device, fct_dtype dt, const fct_conv_geom* g,
+                           int64_t n, const char* col, char* in);
+fct_status fct_cuda_depthwise_forward(fct_context* ctx, int device, fct_dtype dt,
+                                      const fct_conv_geom* g, int64_t n, const char* in,
+                                      const char* w, char* out);
+fct_status fct_cuda_depthwise_backward_input(fct_context* ctx, int device, fct_dtype dt,
+                                             const fct_conv_geom* g, int64_t n, const char* gout,
+                                             const char* w, char* gin);
+fct_status fct_cuda_depthwise_backward_weight(fct_context* ctx, int device, fct_dtype dt,
+                                              const fct_conv_geom* g, int64_t n, const char* in,
+                                              const char* gout, char* gw, double beta);
+fct_status fct_cuda_channel_bias(fct_context* ctx, int device, fct_dtype dt, int64_t n,
+                                 int64_t C, int64_t P, char* out, const char* bias, int64_t bs);
+fct_status fct_cuda_channel_sums(fct_context* ctx, int device, fct_dtype dt, int64_t n, int64_t C,
+                                 int64_t P, const char* g, char* sums);
+
 } /* extern "C" */
 
 #endif /* FCT_CUDA_COMMON_CUH */

@@ -442,6 +442,149 @@ FCT_API fct_status fct_tt_linear_plan(int d, const int64_t* in_modes, const int6
                                       DLDataType dtype, fct_linear_plan_info* info);
 
 /* ------------------------------------------------------------------------- */
+/* Factorized convolutions: a chain of convolution stages (ops/conv_chain.c)  */
+/* ------------------------------------------------------------------------- */
+
+/* Every factorized convolution is a chain of small convolutions applied one
+ * after the other to each image, in one op call, forward and backward:
+ *   CP:      1x1 C_in->R, depthwise kh x 1, depthwise 1 x kw, 1x1 R->C_out
+ *   Tucker2: 1x1 C_in->R1, kh x kw R1->R2, 1x1 R2->C_out
+ *   lowrank: kh x kw C_in->R, 1x1 R->C_out
+ *   TT:      the spatial core on every input channel, then one 1x1 stage per
+ *            TT core over the channel modes (factorch/nn/conv.py builds it).
+ * A stage sees each image's memory as `batch` items [in_channels, in_h,
+ * in_w] (its input being the previous stage's output, reinterpreted: only
+ * the element counts must agree) and maps each item to [out_channels, OH,
+ * OW] with one weight [out_channels, in_channels / groups, kh, kw] shared by
+ * the items, where OH = (in_h + pad_top + pad_bottom − dil_h·(kh − 1) − 1) /
+ * stride_h + 1 (likewise OW) must be >= 1. Every size is >= 1 (padding >= 0),
+ * groups divide both channel counts. */
+typedef struct fct_conv_stage {
+  int64_t batch, in_channels, in_h, in_w, out_channels;
+  int64_t kh, kw, stride_h, stride_w;
+  int64_t pad_top, pad_left, pad_bottom, pad_right;
+  int64_t dil_h, dil_w, groups;
+} fct_conv_stage;
+
+#define FCT_MAX_STAGES 16
+
+/* Elements per image of stage s's output, and of everything the forward
+ * keeps for the backward (the outputs of every stage but the last). 0 with a
+ * message in ctx (nullable) when a stage is invalid. */
+FCT_API int64_t fct_conv_stage_out_numel(const fct_conv_stage* stage);
+FCT_API fct_status fct_conv_chain_check(fct_context* ctx /* nullable */, int n_stages,
+                                        const fct_conv_stage* stages /* [n_stages], borrowed */,
+                                        int64_t* saved_per_image /* out, nullable */);
+
+/* x [N, ...] (any strides; the elements of one image count
+ * stages[0].batch·in_channels·in_h·in_w), weights[s] the stages' weights
+ * (borrowed, any strides), bias [C_y] or NULL, added along y's dim 1.
+ * y [N, C_y, ...] C-contiguous, holding the last stage's output per image.
+ * saved: NULL, or a C-contiguous tensor of N·saved_per_image elements
+ * (fct_conv_chain_check) that receives the intermediate activations, stage
+ * by stage, for the backward; without it they live in the workspace. */
+FCT_API fct_status fct_conv_chain_forward_workspace(
+    const fct_context* ctx, const DLTensor* x, int n_stages, const fct_conv_stage* stages,
+    const DLTensor* const* weights, const DLTensor* bias /* nullable */, const DLTensor* y,
+    const DLTensor* saved /* nullable */, size_t* bytes);
+FCT_API fct_status fct_conv_chain_forward(fct_context* ctx, const DLTensor* x, int n_stages,
+                                          const fct_conv_stage* stages,
+                                          const DLTensor* const* weights,
+                                          const DLTensor* bias /* nullable */, DLTensor* y,
+                                          DLTensor* saved /* nullable */);
+/* Gradients of the forward's x, weights and bias from grad_y (any strides).
+ * saved: what the forward wrote (required when n_stages > 1). grad_x,
+ * grad_weights[s] (shaped as the weights) and grad_bias are C-contiguous
+ * outputs (caller-owned); NULL (or a NULL grad_weights array) skips them. */
+FCT_API fct_status fct_conv_chain_backward_workspace(
+    const fct_context* ctx, const DLTensor* grad_y, const DLTensor* x, int n_stages,
+    const fct_conv_stage* stages, const DLTensor* const* weights,
+    const DLTensor* saved /* nullable when n_stages == 1 */, const DLTensor* grad_x,
+    const DLTensor* const* grad_weights, const DLTensor* grad_bias, size_t* bytes);
+FCT_API fct_status fct_conv_chain_backward(
+    fct_context* ctx, const DLTensor* grad_y, const DLTensor* x, int n_stages,
+    const fct_conv_stage* stages, const DLTensor* const* weights,
+    const DLTensor* saved /* nullable when n_stages == 1 */, DLTensor* grad_x /* nullable */,
+    DLTensor* const* grad_weights /* nullable, entries too */, DLTensor* grad_bias /* nullable */);
+
+/* ========================================================================= */
+/* Factorized embeddings (issue 4): low-rank and Tensor-Train (TT-Rec).      */
+/*                                                                            */
+/* A table T [num, dim] kept factorized: y = T[indices] and the gradients of */
+/* the factors given grad_y, computed from the looked-up rows only (T is     */
+/* never formed). Entry points: ops/lowrank_embedding.c, ops/tt_embedding.c. */
+/*  - indices: int64 or int32, any shape (0 to 7 dims) and strides, on the   */
+/*    factors' device; y [*indices.shape, dim]. Every index must lie in      */
+/*    [0, num): otherwise FCT_ERR_INVALID_VALUE naming `indices` (how many,  */
+/*    the first one's position and value). On CUDA this check costs one      */
+/*    stream sync per call.                                                  */
+/*  - padding_idx: -1 (none) or an index in [0, num) whose lookups give a    */
+/*    zero row and pass no gradient (nn.Embedding's padding row, which is    */
+/*    zero and never updated). Other values: FCT_ERR_INVALID_VALUE.          */
+/*  - dtypes and devices as the linear ops: float32/float64 on CPU and CUDA, */
+/*    bfloat16/float16 on CUDA. Factors and grad_y may have any strides      */
+/*    (packed into the workspace where a kernel needs them dense); outputs   */
+/*    (y, gradients) must be C-contiguous and must not overlap any other     */
+/*    argument.                                                              */
+/*  - Gradients are overwritten, never accumulated: zero except in the rows  */
+/*    (lowrank) or core slices (TT) that the indices touch, so the cost is   */
+/*    proportional to the batch plus one zero-fill. CPU: deterministic (each */
+/*    row's contributions are summed in index order, whatever the threads).  */
+/*    CUDA: atomicAdd, so the order of the additions, and the last bits of a */
+/*    row looked up more than once, vary from run to run; 16-bit dtypes add  */
+/*    in their own precision.                                                */
+/*  - Empty index tensors are fine (y is empty, gradients are zero).         */
+/*  - FCT_FLAG_CHECK_FINITE scans y (forward) and grad_y (backward).         */
+/*    FCT_FLAG_SMALL_CHUNKS: chunks of at most 3 indices (tests).            */
+/*  - Pointers are borrowed; arrays of cores are read during the call only.  */
+/* ========================================================================= */
+
+/* Low-rank: T = U·V, U [num, R], V [R, dim].                                 */
+/*   forward:  y[n] = U[indices[n]] · V   (gather rows of U, one GEMM a chunk) */
+/*   backward: grad_V [R, dim] = Σ_n U[indices[n]]ᵀ · grad_y[n]   (GEMMs)     */
+/*             grad_U [num, R] = 0, then row indices[n] += grad_y[n] · Vᵀ     */
+/*             (a GEMM per chunk, then a scatter-add of its rows)            */
+FCT_API fct_status fct_lowrank_embedding_forward_workspace(
+    const fct_context* ctx, const DLTensor* indices, const DLTensor* U, const DLTensor* V,
+    int64_t padding_idx, const DLTensor* y, size_t* bytes);
+FCT_API fct_status fct_lowrank_embedding_forward(fct_context* ctx, const DLTensor* indices,
+                                                 const DLTensor* U, const DLTensor* V,
+                                                 int64_t padding_idx, DLTensor* y);
+FCT_API fct_status fct_lowrank_embedding_backward_workspace(
+    const fct_context* ctx, const DLTensor* grad_y, const DLTensor* indices, const DLTensor* U,
+    const DLTensor* V, int64_t padding_idx, const DLTensor* grad_U, const DLTensor* grad_V,
+    size_t* bytes);
+FCT_API fct_status fct_lowrank_embedding_backward(
+    fct_context* ctx, const DLTensor* grad_y, const DLTensor* indices, const DLTensor* U,
+    const DLTensor* V, int64_t padding_idx, DLTensor* grad_U /* nullable */,
+    DLTensor* grad_V /* nullable */);
+
+/* Tensor-Train (TT-Rec): num <= ∏ n_k (the vocabulary padded up), dim =     */
+/* ∏ m_k, cores G_k [r_(k-1), n_k, m_k, r_k] (k = 1..d, r_0 = r_d = 1).      */
+/* Row i, with digits (i_1..i_d) in the mixed radix (n_1..n_d), i_1 slowest: */
+/*   T[i] = G_1[:, i_1, :, :] ··· G_d[:, i_d, :, :]  reshaped to [dim]       */
+/* (m_1 slowest): the rows of fct_tt_linear's W transposed, with input modes */
+/* n_k and output modes m_k. Per index a chain of d − 1 small products, left */
+/* to right: 2·Σ_(k>=2) (m_1···m_(k-1))·r_(k-1)·m_k·r_k FLOPs. The backward   */
+/* keeps the chain's states and runs it back, giving per index the gradient  */
+/* of every slice G_k[:, i_k, :, :], scatter-added into grad_cores.          */
+FCT_API fct_status fct_tt_embedding_forward_workspace(
+    const fct_context* ctx, const DLTensor* indices, int d, const DLTensor* const* cores,
+    int64_t num_embeddings, int64_t padding_idx, const DLTensor* y, size_t* bytes);
+FCT_API fct_status fct_tt_embedding_forward(fct_context* ctx, const DLTensor* indices, int d,
+                                            const DLTensor* const* cores,
+                                            int64_t num_embeddings, int64_t padding_idx,
+                                            DLTensor* y);
+FCT_API fct_status fct_tt_embedding_backward_workspace(
+    const fct_context* ctx, const DLTensor* grad_y, const DLTensor* indices, int d,
+    const DLTensor* const* cores, int64_t num_embeddings, int64_t padding_idx,
+    const DLTensor* const* grad_cores, size_t* bytes);
+FCT_API fct_status fct_tt_embedding_backward(
+    fct_context* ctx, const DLTensor* grad_y, const DLTensor* indices, int d,
+    const DLTensor* const* cores, int64_t num_embeddings, int64_t padding_idx,
+    DLTensor* const* grad_cores /* nullable, entries too */);
+
+/* ------------------------------------------------------------------------- */
 /* Backends                                                                   */
 /* ------------------------------------------------------------------------- */
 
