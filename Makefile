@@ -9,7 +9,7 @@ C_SOURCES := CMakeLists.txt pyproject.toml $(wildcard ops/*.[ch] ops/*/*.[ch] op
   ops/*/*.cuh dlpack_bridge/*.[ch] torch_glue/*.[ch] tests/c/*.c tests/c/*.h tests/c/*.cpp)
 ASAN_DIR := build/asan
 
-.PHONY: all setup build demo test test-c test-asan test-py bench clean
+.PHONY: all setup build demo test test-c test-asan test-py bench clean fashion-mnist example-fashion-mnist
 
 all: build
 
@@ -33,6 +33,26 @@ demo: build
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r <($(PY) tools/requirements.py --only demo)
 	$(PY) examples/convert_dense_model.py
 
+# Fashion-MNIST for examples/train_fashion_mnist.py: Debian's dataset-fashion-mnist
+# package, fetched with `apt-get download` (no root) and unpacked into .data/
+# (git-ignored). Nothing to fetch when the package is installed system-wide.
+FMNIST_SYS := /usr/share/datasets/fashion-mnist
+FMNIST_DIR := .data/fashion-mnist
+fashion-mnist:
+	@test -f $(FMNIST_SYS)/t10k-labels-idx1-ubyte.gz || $(MAKE) --no-print-directory $(FMNIST_DIR)/.fetched
+
+$(FMNIST_DIR)/.fetched:
+	rm -rf .data/deb && mkdir -p .data/deb $(FMNIST_DIR)
+	cd .data/deb && apt-get download dataset-fashion-mnist
+	dpkg-deb -x .data/deb/dataset-fashion-mnist_*_all.deb .data/deb/root
+	cp .data/deb/root$(FMNIST_SYS)/*-ubyte.gz $(FMNIST_DIR)/
+	rm -rf .data/deb
+	touch $@
+
+# Dense vs CP vs Tucker convolutions trained on Fashion-MNIST (ARGS=--quick: a smoke test).
+example-fashion-mnist: build fashion-mnist
+	$(PY) examples/train_fashion_mnist.py $(ARGS)
+
 # Every test: C tests, C tests again under ASan+UBSan, then pytest.
 test: test-c test-asan test-py
 
@@ -53,7 +73,7 @@ test-py: build
 # Benchmarks against the anchors (tensorly, tensorly-torch, torchtt); each
 # writes its section of bench/RESULTS.md. Run on a quiet machine: they time
 # 2 cores. `bench-<name>` runs one.
-BENCH_NAMES := lowrank_linear factorized_linear decompose
+BENCH_NAMES := lowrank_linear factorized_linear factorized_conv decompose
 bench: $(addprefix bench-,$(BENCH_NAMES))
 
 $(STAMPS)/bench-deps: $(STAMPS)/build
