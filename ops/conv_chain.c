@@ -518,7 +518,13 @@ fct_status fct_conv_chain_forward_workspace(const fct_context* ctx, const DLTens
 /* ------------------------------------------------------------------------- */
 
 /* What every worker reads, and each worker's status and messages. */
-typedef struct cc_job {
+typedef struct cc_job cc_job;
+/* What one worker runs: images [i_begin, i_end) with its region at base. */
+typedef fct_status (*cc_images_fn)(const fct_exec* e, const cc_job* j, char* base,
+                                   int64_t i_begin, int64_t i_end);
+
+struct cc_job {
+  cc_images_fn images;
   const fct_exec* e;
   const cc_plan* p;
   const char *xb, *gyb;                 /* dense x and grad_y */
@@ -528,7 +534,7 @@ typedef struct cc_job {
   int64_t bst;
   fct_status st[CC_MAX_WORKERS];
   char err[CC_MAX_WORKERS][256];
-} cc_job;
+};
 
 /* Worker w's exec (own error buffer), region and image range. */
 static void worker_begin(cc_job* j, int w, fct_context* wctx, fct_exec* we, char** base,
@@ -545,16 +551,30 @@ static void worker_begin(cc_job* j, int w, fct_context* wctx, fct_exec* we, char
   *i_end = *i_begin + share < p->N ? *i_begin + share : p->N;
 }
 
-static fct_status run_workers(cc_job* j, fct_parallel_body body) {
+static void worker_body(int64_t w0, int64_t w1, void* arg) {
+  cc_job* j = arg;
+  for (int64_t w = w0; w < w1; ++w) {
+    fct_context wctx;
+    fct_exec we;
+    char* base;
+    int64_t b, e;
+    worker_begin(j, (int)w, &wctx, &we, &base, &b, &e);
+    j->st[w] = j->images(&we, j, base, b, e);
+  }
+}
+
+/* j->images on every worker (in the backend's pool when there are several);
+ * the first failure is reported in the caller's context. */
+static fct_status run_workers(cc_job* j) {
   const cc_plan* p = j->p;
   for (int w = 0; w < p->T; ++w) {
     j->st[w] = FCT_OK;
     j->err[w][0] = 0;
   }
   if (p->T > 1)
-    j->e->be->parallel(p->T, 1, body, j);
+    j->e->be->parallel(p->T, 1, worker_body, j);
   else
-    body(0, 1, j);
+    worker_body(0, 1, j);
   for (int w = 0; w < p->T; ++w)
     if (j->st[w] != FCT_OK) return fct_fail(j->e->ctx, j->st[w], "%s", j->err[w]);
   return FCT_OK;
@@ -591,18 +611,6 @@ static fct_status forward_images(const fct_exec* e, const cc_job* j, char* base,
   return FCT_OK;
 }
 
-static void forward_worker(int64_t w0, int64_t w1, void* arg) {
-  cc_job* j = arg;
-  for (int64_t w = w0; w < w1; ++w) {
-    fct_context wctx;
-    fct_exec we;
-    char* base;
-    int64_t b, e;
-    worker_begin(j, (int)w, &wctx, &we, &base, &b, &e);
-    j->st[w] = forward_images(&we, j, base, b, e);
-  }
-}
-
 fct_status fct_conv_chain_forward(fct_context* ctx, const DLTensor* x, int n,
                                   const fct_conv_stage* stages, const DLTensor* const* weights,
                                   const DLTensor* bias, DLTensor* y, DLTensor* saved) {
@@ -622,7 +630,8 @@ fct_status fct_conv_chain_forward(fct_context* ctx, const DLTensor* x, int n,
   j->bias = bias ? fct_data(bias) : NULL;
   j->bst = 1;
   if (bias) fct_strides(bias, &j->bst);
-  TRY(run_workers(j, forward_worker));
+  j->images = forward_images;
+  TRY(run_workers(j));
   if (p.check) {
     fct_args a;
     a.n = 0;
@@ -748,18 +757,6 @@ static fct_status backward_images(const fct_exec* e, const cc_job* j, char* base
   return FCT_OK;
 }
 
-static void backward_worker(int64_t w0, int64_t w1, void* arg) {
-  cc_job* j = arg;
-  for (int64_t w = w0; w < w1; ++w) {
-    fct_context wctx;
-    fct_exec we;
-    char* base;
-    int64_t b, e;
-    worker_begin(j, (int)w, &wctx, &we, &base, &b, &e);
-    j->st[w] = backward_images(&we, j, base, b, e);
-  }
-}
-
 fct_status fct_conv_chain_backward(fct_context* ctx, const DLTensor* grad_y, const DLTensor* x,
                                    int n, const fct_conv_stage* stages,
                                    const DLTensor* const* weights, const DLTensor* saved,
@@ -789,7 +786,8 @@ fct_status fct_conv_chain_backward(fct_context* ctx, const DLTensor* grad_y, con
   for (int s = 0; grad_weights && s < p.S; ++s) j->gw[s] = fct_data(grad_weights[s]);
   if (grad_bias)
     TRY(e.be->channel_sums(ctx, e.device, e.dt, p.N, p.Cy, p.Py, j->gyb, fct_data(grad_bias)));
-  TRY(run_workers(j, backward_worker));
+  j->images = backward_images;
+  TRY(run_workers(j));
   if (p.gw && p.T > 1) {
     /* grad_weights[s] = Σ_w partial_w[s]: the partials are the rows of a
      * [T, wnumel] view with rows worker_bytes apart. */
