@@ -24,9 +24,10 @@
  * rank-sized channel counts, so they are small next to x), or, for
  * inference, into two chunk-sized workspace buffers. Images are processed in
  * chunks sized so that the chunk's im2col buffer and intermediates stay
- * within FCT_*_CHUNK_BYTES·2 (one image at least): on the CPU the GEMMs of
- * one 56x56 image are large enough to split over every thread, and a small
- * chunk keeps col in cache between im2col and its GEMM.
+ * within 2·FCT_*_CHUNK_BYTES (one image at least), so col is still in cache
+ * when its GEMM reads it. On the CPU each thread of the pool takes its own
+ * share of the images (plan_layout says why); on CUDA one worker runs the
+ * chunks and the device parallelises inside each primitive.
  */
 #include <string.h>
 
@@ -307,8 +308,9 @@ static fct_status plan_shape(fct_context* ctx, const DLTensor* x, int n,
  * the gradients of the intermediates (backward), two buffers of the largest
  * one, per image of its chunk; in the backward with several workers also
  * its partial weight gradients, summed in worker order at the end
- * (deterministic for a given thread count). */
-static fct_status plan_layout(fct_context* ctx, cc_plan* p, const fct_backend* be) {
+ * (deterministic for a given thread count). layout_for lays it out for at
+ * most T workers. */
+static fct_status layout_for(fct_context* ctx, cc_plan* p, int T) {
   fct_machine mc = fct_machine_for(p->cuda);
   int64_t col = 0, mid = 0;
   p->wnumel = 0;
@@ -317,17 +319,15 @@ static fct_status plan_layout(fct_context* ctx, cc_plan* p, const fct_backend* b
     if (i < p->S - 1 && p->s[i].out_numel > mid) mid = p->s[i].out_numel;
     p->wnumel += p->s[i].w.rows * p->s[i].w.cols; /* bounded by the weights' numel */
   }
-  int T = be->workers && be->parallel ? be->workers() : 1;
-  if (T > CC_MAX_WORKERS) T = CC_MAX_WORKERS;
   if ((int64_t)T > p->N) T = p->N > 0 ? (int)p->N : 1;
   if (T < 1) T = 1;
-  p->T = T;
   int64_t share = (p->N + T - 1) / T; /* images per worker, at most */
   /* Only as many workers as shares: with N = 4 on 3 threads the shares are
    * 2, 2, 0, and a worker without images never writes its partial weight
    * gradients, which the backward sums all the same. ceil(N / share)
    * workers give worker_begin the same share and none of them is empty. */
-  if (p->N > 0) p->T = T = (int)((p->N + share - 1) / share);
+  if (p->N > 0) T = (int)((p->N + share - 1) / share);
+  p->T = T;
   bool buffers = p->backward || !p->keep;
   double per_image = ((double)col + (buffers ? 2.0 * (double)mid : 0.0)) * (double)p->es;
   double budget = 2.0 * (double)mc.chunk_bytes;
@@ -373,6 +373,18 @@ static fct_status plan_layout(fct_context* ctx, cc_plan* p, const fct_backend* b
   if (__builtin_mul_overflow((int64_t)p->worker_bytes, (int64_t)T, &wb)) L.overflow = true;
   p->off_worker = fct_layout_take(&L, wb, 1);
   return fct_layout_done(ctx, &L, &p->bytes);
+}
+
+static fct_status plan_layout(fct_context* ctx, cc_plan* p, const fct_backend* be) {
+  int T = be->workers && be->parallel ? be->workers() : 1;
+  if (T > CC_MAX_WORKERS) T = CC_MAX_WORKERS;
+  TRY(layout_for(ctx, p, T));
+  /* Many threads times a large im2col buffer: rather one worker whose
+   * primitives split over the threads than gigabytes of workspace. */
+  fct_machine mc = fct_machine_for(p->cuda);
+  if (p->T > 1 && (double)p->worker_bytes * p->T > 4.0 * (double)mc.workspace_cap)
+    TRY(layout_for(ctx, p, 1));
+  return FCT_OK;
 }
 
 static void add_inputs(fct_args* a, const DLTensor* x, const cc_plan* p,

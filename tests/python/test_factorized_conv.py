@@ -417,3 +417,19 @@ def test_from_conv1d_and_bad_arguments():
         bad.weight[0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="finite"):
         FactorizedConv2d.from_conv(bad, "tucker", rank=2)
+
+
+def test_large_im2col_falls_back_to_one_worker():
+    """An im2col buffer of ~150 MB per image: one worker per thread would need
+    that much per thread, so the op runs the images one after the other with
+    the primitives split over the threads instead (ops/conv_chain.c,
+    plan_layout). The result is the same."""
+    torch.manual_seed(12)
+    layer = FactorizedConv2d(64, 8, 3, factorization="lowrank", rank=4, padding=1)
+    x = torch.randn(2, 64, 256, 256, requires_grad=True)
+    y = layer(x)
+    dense = layer.to_conv()
+    torch.testing.assert_close(y, dense(x), rtol=1e-4, atol=1e-4)
+    g = torch.randn_like(y)
+    gx, = torch.autograd.grad(y, x, g)
+    torch.testing.assert_close(gx, torch.autograd.grad(dense(x), x, g)[0], rtol=1e-4, atol=1e-4)
