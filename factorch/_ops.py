@@ -97,8 +97,22 @@ def _prod(values):
     return out
 
 
+def _check_devices(ref_name, ref, **tensors):
+    """Every tensor on ref's device. A fake also runs when only SOME of the
+    arguments are meta tensors (the dispatcher then picks the Meta kernel for
+    a call on CPU tensors); without this check such a call returned an
+    uninitialised CPU tensor instead of raising (tests/python/test_fuzz_ops.py)."""
+    for name, t in tensors.items():
+        torch._check(
+            t.device == ref.device,
+            lambda: f"{name}: expected device {ref.device} (the device of {ref_name}), "
+            f"got {t.device}",
+        )
+
+
 def _check_tensorized(x, weights, bias, numel, out, what):
     torch._check(x.dim() >= 1, lambda: f"x: expected at least 1 dim, got {x.dim()}")
+    _check_devices("x", x, weights=weights, bias=bias)
     torch._check(
         weights.dim() == 1 and weights.shape[0] == numel,
         lambda: f"weights: expected a contiguous 1-D tensor of {numel} elements ({what}), "
@@ -273,12 +287,53 @@ def conv_stage_out_numel(stage) -> int:
     return b * co * oh * ow
 
 
+MAX_STAGES = 16  # FCT_MAX_STAGES
+
+
 def _conv_stages(stages):
     torch._check(
-        len(stages) > 0 and len(stages) % STAGE_INTS == 0,
-        lambda: f"stages: expected {STAGE_INTS} ints per stage, got {len(stages)}",
+        0 < len(stages) <= MAX_STAGES * STAGE_INTS and len(stages) % STAGE_INTS == 0,
+        lambda: f"stages: expected {STAGE_INTS} ints per stage for 1 to {MAX_STAGES} stages, "
+        f"got {len(stages)} ints",
     )
-    return [stages[i:i + STAGE_INTS] for i in range(0, len(stages), STAGE_INTS)]
+    st = [stages[i:i + STAGE_INTS] for i in range(0, len(stages), STAGE_INTS)]
+    _check_conv_stages(st)
+    return st
+
+
+def _check_conv_stages(st):
+    """The checks of fct_conv_chain_check (ops/conv_chain.c), all but the C
+    kernels' int32 GEMM limits, so that the fakes (meta tensors,
+    torch.compile) reject what the C op rejects, naming `stages`. Before, a
+    stride or groups of 0 raised ZeroDivisionError here and negative or huge
+    sizes failed in new_empty (tests/python/test_fuzz_ops.py). One
+    torch._check per condition: they may be symbolic."""
+    prev = None
+    for i, s in enumerate(st):
+        b, ci, h, w, co, kh, kw, sh, sw, pt, pl, pb, pr, dh, dw, g = s
+        for name, v, lo in (("batch", b, 1), ("in_channels", ci, 1), ("in_h", h, 1),
+                            ("in_w", w, 1), ("out_channels", co, 1), ("kh", kh, 1),
+                            ("kw", kw, 1), ("stride_h", sh, 1), ("stride_w", sw, 1),
+                            ("pad_top", pt, 0), ("pad_left", pl, 0), ("pad_bottom", pb, 0),
+                            ("pad_right", pr, 0), ("dil_h", dh, 1), ("dil_w", dw, 1),
+                            ("groups", g, 1)):
+            torch._check(v >= lo, lambda: f"stages[{i}]: {name} must be >= {lo}, got {v}")
+        for v in (ci, co):
+            torch._check(v % g == 0,
+                         lambda: f"stages[{i}]: groups ({g}) must divide in_channels ({ci}) "
+                         f"and out_channels ({co})")
+        for k, d, n in ((kh, dh, h + pt + pb), (kw, dw, w + pl + pr)):
+            torch._check(d * (k - 1) < n,
+                         lambda: f"stages[{i}]: the kernel (with dilation) is larger than the "
+                         "padded input")
+        out = conv_stage_out_numel(s)
+        for v in (b * ci * h * w, out):
+            torch._check(v < 2**63, lambda: f"stages[{i}]: sizes overflow int64")
+        if prev is not None:
+            torch._check(b * ci * h * w == prev,
+                         lambda: f"stages[{i}]: reads {b * ci * h * w} elements per image "
+                         f"(batch·in_channels·in_h·in_w) but stages[{i - 1}] writes {prev}")
+        prev = out
 
 
 def _conv_weights_numel(stages):
@@ -288,6 +343,16 @@ def _conv_weights_numel(stages):
 @torch.library.register_fake("factorch::conv_chain")
 def _conv_chain_fake(x, weights, bias, stages, out_shape, keep):
     st = _conv_stages(stages)
+    last = conv_stage_out_numel(st[-1])
+
+    def what():
+        return (f"out_shape: expected 1 to 7 non-negative sizes multiplying to {last} (the "
+                f"elements per image the last stage writes), got {list(out_shape)}")
+
+    torch._check(1 <= len(out_shape) <= 7, what)
+    for v in out_shape:
+        torch._check(v >= 0, what)
+    torch._check(_prod(out_shape) == last, what)
     _check_tensorized(x, weights, bias, _conv_weights_numel(st), out_shape[0],
                       "each stage's weight [out_channels, in_channels / groups, kh, kw]")
     saved = sum(conv_stage_out_numel(s) for s in st[:-1])
@@ -298,6 +363,8 @@ def _conv_chain_fake(x, weights, bias, stages, out_shape, keep):
 @torch.library.register_fake("factorch::conv_chain_backward")
 def _conv_chain_backward_fake(grad_y, x, weights, saved, stages, need_x, need_weights,
                               need_bias):
+    _check_devices("x", x, grad_y=grad_y, weights=weights, saved=saved)
+    _conv_stages(stages)
     return _grads_fake(x, weights, grad_y.shape[1], need_x, need_weights, need_bias)
 
 
@@ -343,6 +410,7 @@ def _check_indices(indices):
 @torch.library.register_fake("factorch::lowrank_embedding")
 def _lowrank_embedding_fake(indices, U, V, padding_idx):
     _check_indices(indices)
+    _check_devices("U", U, indices=indices, V=V)
     torch._check(U.dim() == 2, lambda: f"U: expected 2 dims [num_embeddings, R], got {U.dim()}")
     torch._check(V.dim() == 2, lambda: f"V: expected 2 dims [R, embedding_dim], got {V.dim()}")
     torch._check(
@@ -359,6 +427,7 @@ def _lowrank_embedding_fake(indices, U, V, padding_idx):
 
 @torch.library.register_fake("factorch::lowrank_embedding_backward")
 def _lowrank_embedding_backward_fake(grad_y, indices, U, V, padding_idx, need_U, need_V):
+    _check_devices("U", U, grad_y=grad_y, indices=indices, V=V)
     return U.new_empty(U.shape if need_U else (0,)), V.new_empty(V.shape if need_V else (0,))
 
 
@@ -400,6 +469,7 @@ def _tt_embedding_dim(weights, modes, dims, ranks):
 @torch.library.register_fake("factorch::tt_embedding")
 def _tt_embedding_fake(indices, weights, num_embeddings, modes, dims, ranks, padding_idx):
     _check_indices(indices)
+    _check_devices("weights", weights, indices=indices)
     dim = _tt_embedding_dim(weights, modes, dims, ranks)
     return weights.new_empty((*indices.shape, dim))
 
@@ -407,6 +477,7 @@ def _tt_embedding_fake(indices, weights, num_embeddings, modes, dims, ranks, pad
 @torch.library.register_fake("factorch::tt_embedding_backward")
 def _tt_embedding_backward_fake(grad_y, indices, weights, num_embeddings, modes, dims, ranks,
                                 padding_idx):
+    _check_devices("weights", weights, grad_y=grad_y, indices=indices)
     return weights.new_empty(weights.shape)
 
 

@@ -9,6 +9,7 @@
  * y = [N, *out_shape]; saved: the intermediates for the backward ([0] when
  * keep is false). The C op: ops/conv_chain.c.
  */
+#include <stdio.h>
 #include <string.h>
 
 #include "tensorized_glue.h"
@@ -74,6 +75,25 @@ void fct_conv_chain_kernel(StableIValue* stack, uint64_t num_args, uint64_t num_
   if (out_total < 1 || out_total > FCT_MAX_DIMS - 1 || (size_t)n_out != out_total)
     fct_glue_fail(&c, FCT_ERR_INVALID_VALUE, "out_shape: expected 1 to %d sizes, got %zu",
                   FCT_MAX_DIMS - 1, out_total);
+  /* out_shape must hold what the last stage writes per image. Checked here,
+   * before y is allocated from it: the C op could only name y (an argument
+   * the caller never passed), and huge sizes (2^62, or a product overflowing
+   * int64) failed the allocation as "out of memory?" instead. */
+  int64_t per_y = 1;
+  bool out_ok = true;
+  for (int i = 0; i < n_out; ++i)
+    out_ok = out_ok && out_shape[i] >= 0 && !__builtin_mul_overflow(per_y, out_shape[i], &per_y);
+  int64_t last = fct_conv_stage_out_numel(&a.st[a.n - 1]);
+  if (!out_ok || per_y != last) {
+    char got[160] = "";
+    for (int i = 0, len = 0; i < n_out && len + 24 < (int)sizeof got; ++i)
+      len += snprintf(got + len, sizeof got - (size_t)len, "%s%lld", i ? ", " : "",
+                      (long long)out_shape[i]);
+    fct_glue_fail(&c, FCT_ERR_SHAPE,
+                  "out_shape: expected non-negative sizes multiplying to %lld (the elements per "
+                  "image the last stage writes), got [%s]",
+                  (long long)last, got);
+  }
   if (!fct_call_begin(&c, in[0])) fct_call_end(&c, FCT_ERR_CUDA, NULL, 0);
   fct_carve cv;
   cv_views(&c, &a, &d[1], &d[0], &cv);
@@ -84,12 +104,7 @@ void fct_conv_chain_kernel(StableIValue* stack, uint64_t num_args, uint64_t num_
   int64_t N = d[0].ndim >= 1 ? d[0].shape[0] : 0;
   int64_t shape[FCT_MAX_DIMS];
   shape[0] = N;
-  for (int i = 0; i < n_out; ++i) {
-    if (out_shape[i] < 0)
-      fct_glue_fail(&c, FCT_ERR_INVALID_VALUE, "out_shape: sizes must be >= 0, got %lld",
-                    (long long)out_shape[i]);
-    shape[i + 1] = out_shape[i];
-  }
+  for (int i = 0; i < n_out; ++i) shape[i + 1] = out_shape[i]; /* checked above */
   int64_t per_image = 0, saved_n = 0;
   fct_conv_chain_check(&c.ctx, a.n, a.st, &per_image);
   if (keep && __builtin_mul_overflow(N, per_image, &saved_n))

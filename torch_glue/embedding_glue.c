@@ -53,9 +53,11 @@ void fct_lowrank_embedding_kernel(StableIValue* stack, uint64_t num_args, uint64
   DLTensor dy;
   int64_t shape[FCT_MAX_DIMS];
   int nd = 0;
-  /* y is shaped only when U and V are matrices; otherwise the query below
-   * names the bad argument. */
-  bool sane = d[1].ndim == 2 && d[2].ndim == 2 && lookup_shape(&d[0], d[2].shape[1], shape, &nd);
+  /* y is shaped only when U and V are matrices and embedding_dim fits BLAS;
+   * otherwise the query below names the bad argument (an expanded V of 2^40
+   * columns failed y's allocation as "out of memory?" before). */
+  bool sane = d[1].ndim == 2 && d[2].ndim == 2 && d[2].shape[1] <= INT32_MAX &&
+              lookup_shape(&d[0], d[2].shape[1], shape, &nd);
   if (sane) {
     int32_t dtype;
     aoti_torch_get_dtype(in[1], &dtype);
@@ -85,10 +87,13 @@ void fct_lowrank_embedding_backward_kernel(StableIValue* stack, uint64_t num_arg
   if (!fct_call_begin(&c, in[2])) fct_call_end(&c, FCT_ERR_CUDA, NULL, 0);
 
   /* grad_U like U, grad_V like V; an empty [0] tensor for one not asked
-   * for (or when U/V are not matrices: the query then names them). */
+   * for (or when U/V are not matrices, or R or embedding_dim is too wide for
+   * BLAS: the query then names them; an expanded V of 2^40 columns failed
+   * grad_V's allocation as "out of memory?" before). */
   int32_t dtype;
   aoti_torch_get_dtype(in[2], &dtype);
-  bool sane = d[2].ndim == 2 && d[3].ndim == 2;
+  bool sane = d[2].ndim == 2 && d[3].ndim == 2 && d[2].shape[1] <= INT32_MAX &&
+              d[3].shape[1] <= INT32_MAX;
   const DLTensor* like[2] = {&d[2], &d[3]};
   AtenTensorHandle res[2];
   DLTensor dg[2];

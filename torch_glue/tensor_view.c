@@ -115,7 +115,13 @@ AtenTensorHandle fct_call_empty(fct_call* c, int32_t dtype, int64_t ndim, const 
   int64_t s = 1;
   for (int64_t i = ndim - 1; i >= 0; --i) {
     strides[i] = s;
-    s *= sizes[i] > 0 ? sizes[i] : 1;
+    /* Checked: sizes come from the caller's lists and tensors (an expanded
+     * batch, TT embedding dims multiplying past 2^63 / rows); `s *=`
+     * overflowed here (UB) before torch refused the size. */
+    if (sizes[i] < 0 || __builtin_mul_overflow(s, sizes[i] > 0 ? sizes[i] : 1, &s)) {
+      fail(c, "factorch: an output's sizes are negative or overflow int64");
+      return NULL;
+    }
   }
   AtenTensorHandle h = NULL;
   if (c->owned.n >= FCT_MAX_HANDLES ||

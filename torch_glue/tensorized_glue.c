@@ -88,6 +88,11 @@ void fct_carve_copy(fct_carve* dst, const fct_carve* src) {
 bool fct_carve_bind(fct_call* c, fct_carve* cv, const DLTensor* flat, const DLTensor* x,
                     const char* name, const char* what) {
   fct_context* ctx = &c->ctx;
+  /* x first: the flat tensor is compared with it, and an x of a bad dtype
+   * (int64, or None: an undefined tensor) was reported as "weights: expected
+   * dtype int64 (the dtype of x)", naming the wrong argument. Every caller's
+   * x needs >= 1 dim, as its C op then checks too. */
+  if (x != flat && fct_check_tensor(ctx, "x", x, 1) != FCT_OK) return false;
   if (fct_check_tensor(ctx, name, flat, 1) != FCT_OK) return false;
   if (fct_check_same(ctx, name, flat, "x", x) != FCT_OK) return false;
   int64_t n = flat->shape[0];

@@ -20,7 +20,12 @@ typedef struct span {
 } span;
 
 static int64_t floor_div(int64_t a, int64_t b) { /* b > 0 */
-  return a >= 0 ? a / b : -((-a + b - 1) / b);
+  /* Not -((-a + b - 1) / b): that overflowed (UB) for strides near 2^63,
+   * which the stage checks accept when the output stays small (stride_w =
+   * 2^63 - 1, pad_left = 2): the span then started one output early and the
+   * loops read (im2col, forward) or wrote (col2im, backward) before the
+   * plane. -(a + 1) cannot overflow for a < 0. */
+  return a >= 0 ? a / b : -(-(a + 1) / b) - 1;
 }
 
 static span valid_span(int64_t L, int64_t OL, int64_t s, int64_t off) {

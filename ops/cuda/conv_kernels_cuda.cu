@@ -50,6 +50,17 @@ static geom_i<I> geom_as(const fct_conv_geom* g) {
 static bool fits_int32(const fct_conv_geom* g, int64_t n) {
   const int64_t step = (int64_t)FCT_CUDA_MAX_BLOCKS * FCT_CUDA_THREADS;
   const int64_t lim = INT32_MAX - step;
+  /* Every term bounded first: strides, paddings and dilations near 2^63 pass
+   * the stage checks when the output stays small (ops/conv_chain.c), and
+   * OH·sh, kh·dh and the sums below then overflowed int64 (UB), possibly
+   * into a small reach and the int32 kernels with truncated geometry (the
+   * CPU kernels' span arithmetic had the same overflow:
+   * tests/python/test_fuzz_ops.py). Such calls take the int64 kernels. */
+  const int64_t big = (int64_t)1 << 30;
+  const int64_t terms[] = {g->H, g->W, g->kh, g->kw, g->sh, g->sw, g->pt, g->pl,
+                           g->dh, g->dw, g->OH, g->OW};
+  for (size_t t = 0; t < sizeof terms / sizeof terms[0]; ++t)
+    if (terms[t] >= big) return false;
   int64_t in = n * g->C * g->H * g->W;
   int64_t col = n * g->C * g->kh * g->kw * g->OH * g->OW;
   int64_t reach_h = (g->OH * g->sh > g->H ? g->OH * g->sh : g->H) + g->pt + g->kh * g->dh;
