@@ -141,26 +141,10 @@ static void take_args(const StableIValue* slots, tte_args* a) {
 /* Carves the core views out of `flat`; *dim = ∏ m_k. Raises on bad lists. */
 static void tte_views(fct_call* c, const tte_args* a, const DLTensor* flat, fct_carve* cv,
                       int64_t* dim) {
-  if (!fct_check_ints(c, "modes", &a->n, 1, FCT_MAX_MODES, "vocabulary mode sizes") ||
-      !fct_check_ints(c, "dims", &a->m, a->n.n, a->n.n,
-                      "embedding mode sizes (as many as modes)") ||
-      !fct_check_ints(c, "ranks", &a->r, a->n.n + 1, a->n.n + 1, "ranks (d + 1)"))
-    fct_call_end(c, FCT_ERR_INVALID_VALUE, NULL, 0);
-  int d = a->n.n;
-  if (a->r.v[0] != 1 || a->r.v[d] != 1)
-    fct_glue_fail(c, FCT_ERR_INVALID_VALUE,
-                  "ranks: expected the first and last of the d + 1 ranks to be 1, got %lld and "
-                  "%lld",
-                  (long long)a->r.v[0], (long long)a->r.v[d]);
-  *dim = 1;
-  for (int k = 0; k < d; ++k)
-    if (__builtin_mul_overflow(*dim, a->m.v[k], dim))
-      fct_glue_fail(c, FCT_ERR_OVERFLOW, "dims: the product overflows int64");
-  fct_carve_init(cv);
-  for (int k = 0; k < d; ++k)
-    fct_carve_add(cv, 4, (int64_t[4]){a->r.v[k], a->n.v[k], a->m.v[k], a->r.v[k + 1]});
+  fct_tt_lists l = {"modes", "vocabulary mode sizes", "dims",
+                    "embedding mode sizes (as many as modes)", &a->n, &a->m, &a->r};
   /* The flat parameter is its own reference for dtype and device. */
-  if (!fct_carve_bind(c, cv, flat, flat, "weights", kWhat)) fct_call_end(c, FCT_ERR_SHAPE, NULL, 0);
+  fct_tt_carve(c, &l, flat, flat, kWhat, cv, dim);
 }
 
 void fct_tt_embedding_kernel(StableIValue* stack, uint64_t num_args, uint64_t num_outputs) {

@@ -164,3 +164,26 @@ void fct_alloc_grads(fct_call* c, AtenTensorHandle xh, const DLTensor* x, const 
   g->gx = need_x && sane ? &g->dgx : NULL;
   g->gb = need_b ? &g->dgb : NULL;
 }
+
+void fct_tt_carve(fct_call* c, const fct_tt_lists* l, const DLTensor* flat, const DLTensor* ref,
+                  const char* what, fct_carve* cv, int64_t* prod_b) {
+  if (!fct_check_ints(c, l->a_name, l->a, 1, FCT_MAX_MODES, l->a_what) ||
+      !fct_check_ints(c, l->b_name, l->b, l->a->n, l->a->n, l->b_what) ||
+      !fct_check_ints(c, "ranks", l->r, l->a->n + 1, l->a->n + 1, "ranks (d + 1)"))
+    fct_call_end(c, FCT_ERR_INVALID_VALUE, NULL, 0);
+  int d = l->a->n;
+  const int64_t* r = l->r->v;
+  if (r[0] != 1 || r[d] != 1)
+    fct_glue_fail(c, FCT_ERR_INVALID_VALUE,
+                  "ranks: expected the first and last of the d + 1 ranks to be 1, got %lld and "
+                  "%lld",
+                  (long long)r[0], (long long)r[d]);
+  *prod_b = 1;
+  for (int k = 0; k < d; ++k)
+    if (__builtin_mul_overflow(*prod_b, l->b->v[k], prod_b))
+      fct_glue_fail(c, FCT_ERR_OVERFLOW, "%s: the product overflows int64", l->b_name);
+  fct_carve_init(cv);
+  for (int k = 0; k < d; ++k)
+    fct_carve_add(cv, 4, (int64_t[4]){r[k], l->a->v[k], l->b->v[k], r[k + 1]});
+  if (!fct_carve_bind(c, cv, flat, ref, "weights", what)) fct_call_end(c, FCT_ERR_SHAPE, NULL, 0);
+}

@@ -72,6 +72,17 @@ void fct_carve_copy(fct_carve* dst, const fct_carve* src);
 bool fct_carve_bind(fct_call* c, fct_carve* cv, const DLTensor* flat, const DLTensor* x,
                     const char* name, const char* what);
 
+/* TT cores [r_k, a_k, b_k, r_(k+1)] (k < d) carved out of `flat`, after
+ * checking the lists: a (d mode sizes), b (as many), r (d + 1 ranks, the
+ * ends 1); names and roles for the messages. *prod_b = ∏ b_k. ref gives the
+ * dtype and device `flat` must have. Raises on bad lists (does not return). */
+typedef struct fct_tt_lists {
+  const char *a_name, *a_what, *b_name, *b_what;
+  const fct_ints *a, *b, *r;
+} fct_tt_lists;
+void fct_tt_carve(fct_call* c, const fct_tt_lists* l, const DLTensor* flat, const DLTensor* ref,
+                  const char* what, fct_carve* cv, int64_t* prod_b);
+
 /* Writes the message into c and raises it (does not return). */
 void fct_glue_fail(fct_call* c, fct_status st, const char* fmt, ...)
     __attribute__((format(printf, 3, 4)));

@@ -25,25 +25,9 @@ static void take_args(const StableIValue* slots, tt_args* a) {
 
 static void tt_views(fct_call* c, const tt_args* a, const DLTensor* flat, const DLTensor* x,
                      fct_carve* cv, int64_t* out) {
-  if (!fct_check_ints(c, "in_modes", &a->im, 1, FCT_MAX_MODES, "input mode sizes") ||
-      !fct_check_ints(c, "out_modes", &a->om, a->im.n, a->im.n,
-                      "output mode sizes (as many as in_modes)") ||
-      !fct_check_ints(c, "ranks", &a->r, a->im.n + 1, a->im.n + 1, "ranks (d + 1)"))
-    fct_call_end(c, FCT_ERR_INVALID_VALUE, NULL, 0);
-  int d = a->im.n;
-  if (a->r.v[0] != 1 || a->r.v[d] != 1)
-    fct_glue_fail(c, FCT_ERR_INVALID_VALUE,
-                  "ranks: expected the first and last of the d + 1 ranks to be 1, got %lld and "
-                  "%lld",
-                  (long long)a->r.v[0], (long long)a->r.v[d]);
-  *out = 1;
-  for (int k = 0; k < d; ++k)
-    if (__builtin_mul_overflow(*out, a->om.v[k], out))
-      fct_glue_fail(c, FCT_ERR_OVERFLOW, "out_modes: the product overflows int64");
-  fct_carve_init(cv);
-  for (int k = 0; k < d; ++k)
-    fct_carve_add(cv, 4, (int64_t[4]){a->r.v[k], a->im.v[k], a->om.v[k], a->r.v[k + 1]});
-  if (!fct_carve_bind(c, cv, flat, x, "weights", kWhat)) fct_call_end(c, FCT_ERR_SHAPE, NULL, 0);
+  fct_tt_lists l = {"in_modes", "input mode sizes", "out_modes",
+                    "output mode sizes (as many as in_modes)", &a->im, &a->om, &a->r};
+  fct_tt_carve(c, &l, flat, x, kWhat, cv, out);
 }
 
 void fct_tt_linear_kernel(StableIValue* stack, uint64_t num_args, uint64_t num_outputs) {
