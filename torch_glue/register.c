@@ -54,11 +54,14 @@ static const op_entry kOps[] = {
      "-> (Tensor, Tensor, Tensor)",
      "tt_linear_backward", fct_tt_linear_backward_kernel, true},
     /* Factorized convolutions (issue 4): a chain of convolution stages
-     * (torch_glue/conv_glue.c; layouts in factorch/nn/conv.py). */
-    {"conv_chain(Tensor x, Tensor weights, Tensor bias, int[] stages, int[] out_shape, "
+     * (torch_glue/conv_glue.c; layouts in factorch/_conv_layout.py). The
+     * stage lists hold the input's height and width, so they are SymInt[]:
+     * torch.export and dynamic torch.compile keep the sizes symbolic (an
+     * int[] would specialise them); eager calls hand C plain int64s. */
+    {"conv_chain(Tensor x, Tensor weights, Tensor bias, SymInt[] stages, SymInt[] out_shape, "
      "bool keep) -> (Tensor, Tensor)",
      "conv_chain", fct_conv_chain_kernel, true},
-    {"conv_chain_backward(Tensor grad_y, Tensor x, Tensor weights, Tensor saved, int[] stages, "
+    {"conv_chain_backward(Tensor grad_y, Tensor x, Tensor weights, Tensor saved, SymInt[] stages, "
      "bool need_x, bool need_weights, bool need_bias) -> (Tensor, Tensor, Tensor)",
      "conv_chain_backward", fct_conv_chain_backward_kernel, true},
     /* Factorized embeddings (issue 4; torch_glue/embedding_glue.c).

@@ -198,6 +198,23 @@ def test_compile_fullgraph_and_export(fact):
     torch.testing.assert_close(ep.module()(xx), layer(xx))
 
 
+def test_export_and_compile_with_dynamic_sizes():
+    """The stage list is SymInt[]: batch, height and width can stay symbolic."""
+    torch.manual_seed(13)
+    layer = _layer("tucker", dtype=torch.float32, kernel_size=3, stride=2, padding=1)
+    dims = {0: torch.export.Dim("n", min=2, max=64), 2: torch.export.Dim("h", min=4, max=64),
+            3: torch.export.Dim("w", min=4, max=64)}
+    ep = torch.export.export(layer, (torch.randn(4, 8, 10, 10),), dynamic_shapes={"x": dims})
+    for shape in ((3, 8, 13, 9), (5, 8, 6, 17)):
+        xx = torch.randn(*shape)
+        torch.testing.assert_close(ep.module()(xx), layer(xx))
+    compiled = torch.compile(layer, fullgraph=True, dynamic=True, backend="aot_eager")
+    for shape in ((3, 8, 13, 9), (5, 8, 6, 17)):
+        xx = torch.randn(*shape, requires_grad=True)
+        torch.testing.assert_close(compiled(xx), layer(xx))
+        compiled(xx).sum().backward()
+
+
 @pytest.mark.parametrize("fact", FACTS)
 def test_init_gives_the_dense_output_variance(fact):
     torch.manual_seed(7)
