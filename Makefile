@@ -73,7 +73,7 @@ test-py: build
 # Benchmarks against the anchors (tensorly, tensorly-torch, torchtt); each
 # writes its section of bench/RESULTS.md. Run on a quiet machine: they time
 # 2 cores. `bench-<name>` runs one.
-BENCH_NAMES := lowrank_linear factorized_linear factorized_conv decompose
+BENCH_NAMES := lowrank_linear factorized_linear factorized_conv factorized_embedding decompose
 bench: $(addprefix bench-,$(BENCH_NAMES))
 
 $(STAMPS)/bench-deps: $(STAMPS)/build
