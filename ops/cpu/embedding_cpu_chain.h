@@ -3,17 +3,30 @@
  * type, included by embedding_cpu.c once per type with
  *   T   the element (and accumulation) type: float or double
  *   SUF a suffix for the function names: f32 or f64
- * Geometry and workspace: fct_tt_emb_geom (backend.h). The products are a
- * few hundred to a few thousand multiply-adds each, too small for BLAS
- * calls: plain loops whose innermost loop runs along contiguous memory.
+ * Geometry and workspace: fct_tt_emb_geom (backend.h). Small products (the
+ * usual TT-Rec ranks: a few thousand multiply-adds) run as plain loops whose
+ * innermost loop runs along contiguous memory; large ones (from
+ * FCT_CHAIN_BLAS multiply-adds, e.g. [16, 159]·[159, 2544] for a Llama-2
+ * table at 10x) through fct_cpu_gemm, which was 5-10x faster there. Inside
+ * the pool's per-index tasks that GEMM runs serially; for a single index it
+ * splits over the threads.
  */
 #define FCT_CAT_(a, b) a##_##b
 #define FCT_CAT(a, b) FCT_CAT_(a, b)
 #define FN(name) FCT_CAT(name, SUF)
+#define FCT_CHAIN_DT (sizeof(T) == 4 ? FCT_F32 : FCT_F64)
+#ifndef FCT_CHAIN_BLAS
+#define FCT_CHAIN_BLAS ((int64_t)1 << 15)
+#endif
 
 /* out [D, C] = S [D, r] · A [r, C], A's rows rs apart. */
 static void FN(chain_mul)(const T* S, const T* A, int64_t rs, int64_t D, int64_t r, int64_t C,
                           T* out) {
+  if (D * r * C >= FCT_CHAIN_BLAS) {
+    fct_mat mS = {(char*)S, D, r, r, 1}, mA = {(char*)A, r, C, rs, 1}, mO = {(char*)out, D, C, C, 1};
+    fct_cpu_gemm(FCT_CHAIN_DT, &mS, &mA, &mO, 0.0);
+    return;
+  }
   for (int64_t x = 0; x < D; ++x) {
     T* o = out + x * C;
     for (int64_t c = 0; c < C; ++c) o[c] = 0;
@@ -27,6 +40,12 @@ static void FN(chain_mul)(const T* S, const T* A, int64_t rs, int64_t D, int64_t
 
 /* gA [r, C] = S [D, r]ᵀ · gS [D, C] */
 static void FN(chain_mul_tn)(const T* S, const T* gS, int64_t D, int64_t r, int64_t C, T* gA) {
+  if (D * r * C >= FCT_CHAIN_BLAS) {
+    fct_mat mSt = fct_mat_t((fct_mat){(char*)S, D, r, r, 1});
+    fct_mat mG = {(char*)gS, D, C, C, 1}, mO = {(char*)gA, r, C, C, 1};
+    fct_cpu_gemm(FCT_CHAIN_DT, &mSt, &mG, &mO, 0.0);
+    return;
+  }
   for (int64_t t = 0; t < r * C; ++t) gA[t] = 0;
   for (int64_t x = 0; x < D; ++x) {
     const T* g = gS + x * C;
@@ -41,6 +60,12 @@ static void FN(chain_mul_tn)(const T* S, const T* gS, int64_t D, int64_t r, int6
 /* out [D, r] = gS [D, C] · A [r, C]ᵀ, A's rows rs apart. */
 static void FN(chain_mul_nt)(const T* gS, const T* A, int64_t rs, int64_t D, int64_t r, int64_t C,
                              T* out) {
+  if (D * r * C >= FCT_CHAIN_BLAS) {
+    fct_mat mG = {(char*)gS, D, C, C, 1}, mO = {(char*)out, D, r, r, 1};
+    fct_mat mAt = fct_mat_t((fct_mat){(char*)A, r, C, rs, 1});
+    fct_cpu_gemm(FCT_CHAIN_DT, &mG, &mAt, &mO, 0.0);
+    return;
+  }
   for (int64_t x = 0; x < D; ++x) {
     const T* g = gS + x * C;
     for (int64_t a = 0; a < r; ++a) {
@@ -130,5 +155,6 @@ static void FN(chain_grad)(const fct_tt_emb_geom* g, const int64_t* idx, int64_t
 }
 
 #undef FN
+#undef FCT_CHAIN_DT
 #undef FCT_CAT
 #undef FCT_CAT_
