@@ -398,18 +398,6 @@ static fct_status bind_weights(const fct_exec* e, cc_plan* p) {
   return FCT_OK;
 }
 
-/* x (or grad_y) as dense images: in place, or packed once into the workspace. */
-static fct_status images_base(const fct_exec* e, const DLTensor* t, bool pack, size_t off,
-                              const char** base) {
-  if (!pack) {
-    *base = fct_data(t);
-    return FCT_OK;
-  }
-  TRY(e->be->pack(e->ctx, t, fct_ws_at(e, off)));
-  *base = fct_ws_at(e, off);
-  return FCT_OK;
-}
-
 static inline char* at(const char* base, int64_t elems, size_t es) {
   return (char*)base + elems * (int64_t)es;
 }
@@ -539,7 +527,7 @@ struct cc_job {
   cc_images_fn images;
   const fct_exec* e;
   const cc_plan* p;
-  const char *xb, *gyb;                 /* dense x and grad_y */
+  char *xb, *gyb;                       /* dense x and grad_y (read only) */
   char *y, *saved, *gx;                 /* outputs (gx: NULL when not asked for) */
   char* gw[FCT_MAX_STAGES];             /* weight gradients, or NULL */
   const char* bias;
@@ -636,12 +624,11 @@ fct_status fct_conv_chain_forward(fct_context* ctx, const DLTensor* x, int n,
   cc_job* j = &(cc_job){0};
   j->e = &e;
   j->p = &p;
-  TRY(images_base(&e, x, p.pack_x, p.off_x, &j->xb));
+  TRY(fct_x_dense_base(&e, x, p.pack_x, p.off_x, &j->xb));
   j->y = fct_data(y);
   j->saved = saved ? fct_data(saved) : NULL;
   j->bias = bias ? fct_data(bias) : NULL;
-  j->bst = 1;
-  if (bias) fct_strides(bias, &j->bst);
+  j->bst = fct_vector_stride(bias);
   j->images = forward_images;
   TRY(run_workers(j));
   if (p.check) {
@@ -791,8 +778,8 @@ fct_status fct_conv_chain_backward(fct_context* ctx, const DLTensor* grad_y, con
   cc_job* j = &(cc_job){0};
   j->e = &e;
   j->p = &p;
-  if (p.gw) TRY(images_base(&e, x, p.pack_x, p.off_x, &j->xb));
-  TRY(images_base(&e, grad_y, p.pack_g, p.off_g, &j->gyb));
+  if (p.gw) TRY(fct_x_dense_base(&e, x, p.pack_x, p.off_x, &j->xb));
+  TRY(fct_x_dense_base(&e, grad_y, p.pack_g, p.off_g, &j->gyb));
   j->saved = saved ? fct_data(saved) : NULL;
   j->gx = grad_x ? fct_data(grad_x) : NULL;
   for (int s = 0; grad_weights && s < p.S; ++s) j->gw[s] = fct_data(grad_weights[s]);

@@ -386,13 +386,8 @@ fct_status fct_cp_linear_forward(fct_context* ctx, const DLTensor* x, int n_in,
   TRY(fct_check_workspace(ctx, p.bytes));
   fct_mat X, Y = fct_dense(fct_data(y), s->M, s->out.size);
   TRY(input_view(&e, x, p.n.pack_x, p.off_x, s->M, s->in.size, &X));
-  int64_t bst = 1;
-  if (bias) {
-    int64_t st[1];
-    fct_strides(bias, st);
-    bst = st[0];
-    TRY(e.be->fill_rows(ctx, e.device, e.dt, &Y, fct_data(bias), bst));
-  }
+  if (bias)
+    TRY(e.be->fill_rows(ctx, e.device, e.dt, &Y, fct_data(bias), fct_vector_stride(bias)));
   for (int64_t c0 = 0; c0 < s->R; c0 += p.Rc) {
     int64_t rc = s->R - c0 < p.Rc ? s->R - c0 : p.Rc, rows;
     char* kin = fct_ws_at(&e, p.off_kin);

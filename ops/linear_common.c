@@ -275,3 +275,21 @@ size_t fct_gemm_reduce_scratch(bool cuda, fct_dtype dt, int64_t m, int64_t n, in
   if (chunk > (size_t)batch) chunk = (size_t)batch;
   return chunk * one;
 }
+
+fct_status fct_x_dense_base(const fct_exec* e, const DLTensor* t, bool pack, size_t off,
+                            char** base) {
+  if (!pack) {
+    *base = fct_data(t);
+    return FCT_OK;
+  }
+  TRY(e->be->pack(e->ctx, t, fct_ws_at(e, off)));
+  *base = fct_ws_at(e, off);
+  return FCT_OK;
+}
+
+int64_t fct_vector_stride(const DLTensor* v) {
+  if (!v) return 1;
+  int64_t st[1];
+  fct_strides(v, st);
+  return st[0];
+}

@@ -187,6 +187,14 @@ static inline fct_status fct_x_gemm_batched(const fct_exec* e, const fct_mat* A,
 struct fct_exec;
 fct_status fct_param_bind(const struct fct_exec* e, fct_param* p);
 
+/* t's elements as dense row-major memory: t's own when !pack (t is
+ * C-contiguous), else packed once into the workspace at off. */
+fct_status fct_x_dense_base(const fct_exec* e, const DLTensor* t, bool pack, size_t off,
+                            char** base);
+
+/* The element stride of a 1-D tensor (a bias); 1 for NULL. */
+int64_t fct_vector_stride(const DLTensor* v);
+
 /* dst (dense, row-major order of the view) = a strided view of src memory:
  * ndim dims of `shape` with element `strides`, starting at `data`. */
 fct_status fct_x_permute(const fct_exec* e, const char* data, int ndim, const int64_t* shape,

@@ -143,10 +143,8 @@ static fct_status forward_plan(fct_context* ctx, const DLTensor* x, const DLTens
   TRY(check_factors(ctx, x, U, V, p));
   if (bias) {
     TRY(fct_check_vector(ctx, "bias", bias, x, p->out, "out, the first dim of U"));
-    int64_t st[1];
-    fct_strides(bias, st);
     p->bias = fct_data(bias);
-    p->bias_stride = st[0];
+    p->bias_stride = fct_vector_stride(bias);
   }
   TRY(fct_check_batched(ctx, "y", y, x, p->out, "out, the first dim of U"));
   TRY(fct_check_output(ctx, "y", y, &p->y));

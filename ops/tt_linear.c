@@ -496,18 +496,6 @@ static fct_status sweep_step(const fct_exec* e, const tt_plan* p, int j, int64_t
   return fct_x_gemm_batched(e, &C, &U, &Y, beta, Bt, 0, st->c * st->q, st->n * st->q);
 }
 
-/* x (or grad_y) rows as contiguous memory: in place, or packed once. */
-static fct_status rows_base(const fct_exec* e, const DLTensor* t, bool pack, size_t off,
-                            char** base) {
-  if (!pack) {
-    *base = fct_data(t);
-    return FCT_OK;
-  }
-  TRY(e->be->pack(e->ctx, t, fct_ws_at(e, off)));
-  *base = fct_ws_at(e, off);
-  return FCT_OK;
-}
-
 static void init_params(tt_plan* p, const DLTensor* const* cores) {
   const tt_shape* s = &p->s;
   for (int k = 0; k < s->d; ++k)
@@ -567,13 +555,8 @@ fct_status fct_tt_linear_forward(fct_context* ctx, const DLTensor* x, int d,
   TRY(fct_check_workspace(ctx, p.bytes));
   TRY(build_groups(&e, &p));
   char* xb;
-  TRY(rows_base(&e, x, p.n.pack_x, p.off_x, &xb));
-  int64_t bst = 1;
-  if (bias) {
-    int64_t st[1];
-    fct_strides(bias, st);
-    bst = st[0];
-  }
+  TRY(fct_x_dense_base(&e, x, p.n.pack_x, p.off_x, &xb));
+  int64_t bst = fct_vector_stride(bias);
   char* buf[2] = {fct_ws_at(&e, p.off_a), fct_ws_at(&e, p.off_b)};
   for (int64_t m0 = 0; m0 < s->M; m0 += p.Mc) {
     int64_t Mc = s->M - m0 < p.Mc ? s->M - m0 : p.Mc;
@@ -818,7 +801,7 @@ fct_status fct_tt_linear_backward(fct_context* ctx, const DLTensor* grad_y, cons
   if (n->check && s->M > 0)
     TRY(fct_check_finite_grad(ctx, e.be, fct_ws_at(&e, p.off_scratch), grad_y, "tt_linear"));
   char *xb = NULL, *gb = NULL;
-  TRY(rows_base(&e, grad_y, n->pack_g, p.off_g, &gb));
+  TRY(fct_x_dense_base(&e, grad_y, n->pack_g, p.off_g, &gb));
   if (n->gb) {
     fct_mat G = fct_dense(gb, s->M, s->out_size);
     TRY(e.be->column_sums(ctx, e.device, e.dt, &G, fct_data(grad_bias)));
@@ -833,7 +816,7 @@ fct_status fct_tt_linear_backward(fct_context* ctx, const DLTensor* grad_y, cons
     return FCT_OK;
   }
   TRY(build_groups(&e, &p));
-  if (n->any_gcore) TRY(rows_base(&e, x, n->pack_x, p.off_x, &xb));
+  if (n->any_gcore) TRY(fct_x_dense_base(&e, x, n->pack_x, p.off_x, &xb));
   for (int64_t m0 = 0; m0 < s->M; m0 += p.Mc) {
     int64_t Mc = s->M - m0 < p.Mc ? s->M - m0 : p.Mc;
     char* gx = grad_x ? fct_data(grad_x) + m0 * s->in_size * (int64_t)e.es : NULL;

@@ -323,18 +323,6 @@ static fct_status core_step(const fct_exec* e, const tk_plan* p, int64_t Mc, con
   return fct_x_gemm(e, &p->core.m, &B, &C, 0.0);
 }
 
-/* x (or grad_y) rows as contiguous memory: in place, or packed once. */
-static fct_status rows_base(const fct_exec* e, const DLTensor* t, bool pack, size_t off,
-                            char** base) {
-  if (!pack) {
-    *base = fct_data(t);
-    return FCT_OK;
-  }
-  TRY(e->be->pack(e->ctx, t, fct_ws_at(e, off)));
-  *base = fct_ws_at(e, off);
-  return FCT_OK;
-}
-
 /* ------------------------------------------------------------------------- */
 /* Forward                                                                    */
 /* ------------------------------------------------------------------------- */
@@ -392,13 +380,8 @@ fct_status fct_tucker_linear_forward(fct_context* ctx, const DLTensor* x, const 
   TRY(fct_check_workspace(ctx, p.bytes));
   TRY(bind_params(&e, &p));
   char* xb;
-  TRY(rows_base(&e, x, p.n.pack_x, p.off_x, &xb));
-  int64_t bst = 1;
-  if (bias) {
-    int64_t st[1];
-    fct_strides(bias, st);
-    bst = st[0];
-  }
+  TRY(fct_x_dense_base(&e, x, p.n.pack_x, p.off_x, &xb));
+  int64_t bst = fct_vector_stride(bias);
   char* buf[2] = {fct_ws_at(&e, p.off_a), fct_ws_at(&e, p.off_b)};
   for (int64_t m0 = 0; m0 < s->M; m0 += p.Mc) {
     int64_t Mc = s->M - m0 < p.Mc ? s->M - m0 : p.Mc;
@@ -661,14 +644,14 @@ fct_status fct_tucker_linear_backward(fct_context* ctx, const DLTensor* grad_y,
     TRY(fct_check_finite_grad(ctx, e.be, fct_ws_at(&e, p.off_scratch), grad_y, "tucker_linear"));
   TRY(bind_params(&e, &p));
   char *xb = NULL, *gb = NULL;
-  TRY(rows_base(&e, grad_y, n->pack_g, p.off_g, &gb));
+  TRY(fct_x_dense_base(&e, grad_y, n->pack_g, p.off_g, &gb));
   if (n->gb) {
     fct_mat G = fct_dense(gb, s->M, s->out.size);
     TRY(e.be->column_sums(ctx, e.device, e.dt, &G, fct_data(grad_bias)));
   }
   if (!work) return FCT_OK;
   if (s->M == 0) return zero_grads(&e, &p, grad_core, grad_in_factors, grad_out_factors);
-  TRY(rows_base(&e, x, n->pack_x, p.off_x, &xb));
+  TRY(fct_x_dense_base(&e, x, n->pack_x, p.off_x, &xb));
   for (int64_t m0 = 0; m0 < s->M; m0 += p.Mc) {
     int64_t Mc = s->M - m0 < p.Mc ? s->M - m0 : p.Mc;
     char* gx = grad_x ? fct_data(grad_x) + m0 * s->in.size * (int64_t)e.es : NULL;
