@@ -21,9 +21,10 @@ static const char kWhat[] = "each stage's weight [out_channels, in_channels / gr
 typedef struct cv_args {
   int n;
   fct_conv_stage st[FCT_MAX_STAGES];
+  int64_t saved_per_image; /* elements the forward keeps per image */
 } cv_args;
 
-/* Reads the stage list; on a malformed one raises naming `stages`. */
+/* Reads and checks the stage list; on a malformed one raises naming `stages`. */
 static void take_stages(fct_call* c, StableIValue slot, cv_args* a) {
   int64_t v[FCT_MAX_STAGES * FCT_STAGE_INTS];
   int got = 0;
@@ -43,7 +44,7 @@ static void take_stages(fct_call* c, StableIValue slot, cv_args* a) {
   fct_context q = {0}; /* c->ctx is set up later, by fct_call_begin */
   q.error = c->error;
   q.error_bytes = sizeof c->error;
-  fct_status chk = fct_conv_chain_check(&q, a->n, a->st, NULL);
+  fct_status chk = fct_conv_chain_check(&q, a->n, a->st, &a->saved_per_image);
   if (chk != FCT_OK) fct_call_end(c, chk, NULL, 0);
 }
 
@@ -105,9 +106,8 @@ void fct_conv_chain_kernel(StableIValue* stack, uint64_t num_args, uint64_t num_
   int64_t shape[FCT_MAX_DIMS];
   shape[0] = N;
   for (int i = 0; i < n_out; ++i) shape[i + 1] = out_shape[i]; /* checked above */
-  int64_t per_image = 0, saved_n = 0;
-  fct_conv_chain_check(&c.ctx, a.n, a.st, &per_image);
-  if (keep && __builtin_mul_overflow(N, per_image, &saved_n))
+  int64_t saved_n = 0;
+  if (keep && __builtin_mul_overflow(N, a.saved_per_image, &saved_n))
     fct_glue_fail(&c, FCT_ERR_OVERFLOW, "x: N times the saved activations overflows");
   AtenTensorHandle res[2] = {fct_call_empty(&c, dtype, n_out + 1, shape),
                              fct_call_empty(&c, dtype, 1, keep ? &saved_n : &(int64_t){0})};
