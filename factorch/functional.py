@@ -47,6 +47,19 @@ def _check_list(name: str, ts, ndim: int, what: str) -> list[Tensor]:
     return ts
 
 
+def _tt_chain_ranks(G) -> list:
+    """r_0 .. r_d of TT cores [r_(k-1), a_k, b_k, r_k], checking that each
+    core's first dim is the last dim of the one before (the ends are the
+    callers' to check)."""
+    ranks = [G[0].shape[0]]
+    for k, g in enumerate(G):
+        if g.shape[0] != ranks[-1]:
+            raise ValueError(f"cores[{k}]: expected a first dim of {ranks[-1]} (the last dim of "
+                             f"cores[{k - 1}]), got {list(g.shape)}")
+        ranks.append(g.shape[3])
+    return ranks
+
+
 def _flat(ts) -> Tensor:
     return torch.cat([t.reshape(-1) for t in ts])
 
@@ -139,12 +152,7 @@ def tt_linear(x: Tensor, cores, bias: Tensor | None = None) -> Tensor:
     in the order its cost model finds cheapest for the batch size.
     """
     G = _check_list("cores", cores, 4, "[r_(k-1), i_k, o_k, r_k]")
-    ranks = [G[0].shape[0]]
-    for k, g in enumerate(G):
-        if g.shape[0] != ranks[-1]:
-            want = "1 (r_0 = 1)" if k == 0 else f"{ranks[-1]} (the last dim of cores[{k - 1}])"
-            raise ValueError(f"cores[{k}]: expected a first dim of {want}, got {list(g.shape)}")
-        ranks.append(g.shape[3])
+    ranks = _tt_chain_ranks(G)
     if ranks[0] != 1 or ranks[-1] != 1:
         raise ValueError(
             f"cores: expected r_0 = r_d = 1 (the first dim of cores[0] and the last of "
@@ -215,12 +223,7 @@ def tt_embedding(indices: Tensor, cores, num_embeddings: int | None = None,
     backward writes the gradients of the looked-up slices only.
     """
     G = _check_list("cores", cores, 4, "[r_(k-1), n_k, m_k, r_k]")
-    ranks = [G[0].shape[0]]
-    for k, g in enumerate(G):
-        if g.shape[0] != ranks[-1]:
-            want = "1 (r_0 = 1)" if k == 0 else f"{ranks[-1]} (the last dim of cores[{k - 1}])"
-            raise ValueError(f"cores[{k}]: expected a first dim of {want}, got {list(g.shape)}")
-        ranks.append(g.shape[3])
+    ranks = _tt_chain_ranks(G)
     if ranks[-1] != 1:
         raise ValueError(f"cores[{len(G) - 1}]: expected a last dim of 1 (r_d = 1), "
                          f"got {ranks[-1]}")
