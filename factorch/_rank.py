@@ -50,17 +50,23 @@ def rank_for_energy(singular_values: Tensor, energy: float) -> int:
     return min(r, singular_values.numel())
 
 
-def select_rank(
-    weight: Tensor, rank=None, ratio=None, energy=None, singular_values: Tensor | None = None
-) -> int:
-    """Exactly one of rank / ratio / energy decides the rank of a [out, in]
-    weight's factorization."""
+def check_one_rank_rule(rank, ratio, energy) -> None:
+    """Exactly one of rank / ratio / energy must be given (from_linear,
+    from_conv, from_embedding)."""
     given = [n for n, v in (("rank", rank), ("ratio", ratio), ("energy", energy)) if v is not None]
     if len(given) != 1:
         raise ValueError(
             "expected exactly one of rank, ratio or energy, got "
             + (", ".join(given) if given else "none")
         )
+
+
+def select_rank(
+    weight: Tensor, rank=None, ratio=None, energy=None, singular_values: Tensor | None = None
+) -> int:
+    """Exactly one of rank / ratio / energy decides the rank of a [out, in]
+    weight's factorization."""
+    check_one_rank_rule(rank, ratio, energy)
     out_features, in_features = weight.shape
     if rank is not None:
         return check_rank(rank, in_features, out_features)

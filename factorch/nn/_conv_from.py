@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from .. import decompose as D
 from .._conv_layout import FACTORIZATIONS, resolve_rank
-from .._rank import rank_for_energy, truncated_svd_factors
+from .._rank import check_one_rank_rule, rank_for_energy, truncated_svd_factors
 
 
 def _unfold_rank(W: Tensor, mode: int, energy: float) -> int:
@@ -21,11 +21,7 @@ def _unfold_rank(W: Tensor, mode: int, energy: float) -> int:
 
 
 def _check_one(rank, ratio, energy):
-    given = [n for n, v in (("rank", rank), ("ratio", ratio), ("energy", energy)) if v is not None]
-    if len(given) != 1:
-        raise ValueError(
-            "expected exactly one of rank, ratio or energy, got " + (", ".join(given) or "none")
-        )
+    check_one_rank_rule(rank, ratio, energy)
     for name, v in (("ratio", ratio), ("energy", energy)):
         if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool)
                                   and 0 < v <= 1):

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from .. import decompose as D
 from .. import functional as F
-from .._rank import lowrank_rank_for_ratio, truncated_svd_factors
+from .._rank import check_one_rank_rule, lowrank_rank_for_ratio, truncated_svd_factors
 from .._tensorized import MAX_MODES, Layout, balanced_modes, reconstruct, resolve_rank, views
 
 FACTORIZATIONS = ("lowrank", "tt")
@@ -291,12 +291,7 @@ class FactorizedEmbedding(nn.Module):
                 "embedding: max_norm and scale_grad_by_freq are not supported by "
                 "FactorizedEmbedding"
             )
-        given = [n for n, v in (("rank", rank), ("ratio", ratio), ("energy", energy))
-                 if v is not None]
-        if len(given) != 1:
-            raise ValueError(
-                "expected exactly one of rank, ratio or energy, got " + (", ".join(given) or "none")
-            )
+        check_one_rank_rule(rank, ratio, energy)
         W = embedding.weight.detach()
         if not torch.isfinite(W).all():
             raise ValueError("weight: expected finite values, found NaN or Inf")

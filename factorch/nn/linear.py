@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from .. import decompose as D
 from .. import functional as F
-from .._rank import check_rank, truncated_svd_factors
+from .._rank import check_one_rank_rule, check_rank, truncated_svd_factors
 from .._tensorized import (
     Layout,
     check_tensorized_shape,
@@ -293,11 +293,7 @@ def _from_linear_tensorized(cls, linear, factorization, rank, ratio, energy, ten
     """The cp / tucker / tt branch of FactorizedLinear.from_linear: decompose
     the tensorized weight, build the layer with the ranks found, copy the
     factors into its flat parameter. Returns (layer, relative error)."""
-    given = [n for n, v in (("rank", rank), ("ratio", ratio), ("energy", energy)) if v is not None]
-    if len(given) != 1:
-        raise ValueError(
-            "expected exactly one of rank, ratio or energy, got " + (", ".join(given) or "none")
-        )
+    check_one_rank_rule(rank, ratio, energy)
     if energy is not None and factorization != "tt":
         raise ValueError(
             f"energy: not defined for factorization={factorization!r}; give rank or ratio"
