@@ -238,15 +238,8 @@ static fct_status check_weights(fct_context* ctx, const char* list, cc_plan* p,
                       name, (long long)want[0], (long long)want[1], (long long)want[2],
                       (long long)want[3], i, (long long)w[i]->shape[0], (long long)w[i]->shape[1],
                       (long long)w[i]->shape[2], (long long)w[i]->shape[3]);
-    if (output && !fct_is_contiguous(w[i]))
-      return fct_fail(ctx, FCT_ERR_LAYOUT, "%s: expected a C-contiguous output", name);
+    if (output) TRY(fct_check_dense_output(ctx, name, w[i]));
   }
-  return FCT_OK;
-}
-
-static fct_status check_dense_output(fct_context* ctx, const char* name, const DLTensor* t) {
-  if (!fct_is_contiguous(t))
-    return fct_fail(ctx, FCT_ERR_LAYOUT, "%s: expected a C-contiguous output", name);
   return FCT_OK;
 }
 
@@ -483,7 +476,7 @@ static fct_status forward_plan(fct_context* ctx, const DLTensor* x, int n,
                                cc_plan* p) {
   memset(p, 0, sizeof *p);
   TRY(plan_shape(ctx, x, n, stages, weights, bias, y, "y", saved, p));
-  TRY(check_dense_output(ctx, "y", y));
+  TRY(fct_check_dense_output(ctx, "y", y));
   fct_args a;
   a.n = 0;
   add_inputs(&a, x, p, weights);
@@ -663,7 +656,7 @@ static fct_status backward_plan(fct_context* ctx, const DLTensor* grad_y, const 
   p->gb = grad_bias != NULL;
   if (grad_x) {
     TRY(check_images(ctx, "grad_x", grad_x, x, p->N, p->s[0].in_numel, "as x"));
-    TRY(check_dense_output(ctx, "grad_x", grad_x));
+    TRY(fct_check_dense_output(ctx, "grad_x", grad_x));
   }
   if (grad_weights) {
     for (int i = 0; i < p->S; ++i)
@@ -673,7 +666,7 @@ static fct_status backward_plan(fct_context* ctx, const DLTensor* grad_y, const 
   }
   if (grad_bias) {
     TRY(fct_check_vector(ctx, "grad_bias", grad_bias, x, p->Cy, "C_y: grad_y's channels"));
-    TRY(check_dense_output(ctx, "grad_bias", grad_bias));
+    TRY(fct_check_dense_output(ctx, "grad_bias", grad_bias));
   }
   fct_args a;
   a.n = 0;

@@ -92,11 +92,16 @@ fct_mat fct_dense(char* data, int64_t rows, int64_t cols) {
   return m;
 }
 
-fct_status fct_check_contiguous_output(fct_context* ctx, const char* name, const DLTensor* t,
-                                       int64_t rows, int64_t cols, fct_mat* m) {
+fct_status fct_check_dense_output(fct_context* ctx, const char* name, const DLTensor* t) {
   if (!fct_is_contiguous(t))
     return fct_fail(ctx, FCT_ERR_LAYOUT, "%s: expected a C-contiguous (dense row-major) output",
                     name);
+  return FCT_OK;
+}
+
+fct_status fct_check_contiguous_output(fct_context* ctx, const char* name, const DLTensor* t,
+                                       int64_t rows, int64_t cols, fct_mat* m) {
+  TRY(fct_check_dense_output(ctx, name, t));
   *m = fct_dense(fct_data(t), rows, cols);
   return FCT_OK;
 }

@@ -86,6 +86,9 @@ fct_status fct_check_param(fct_context* ctx, const char* name, const DLTensor* t
 /* Dense row-major (C-contiguous) tensors; empty ones count as such. */
 bool fct_is_contiguous(const DLTensor* t);
 
+/* An output must be C-contiguous (message naming it otherwise). */
+fct_status fct_check_dense_output(fct_context* ctx, const char* name, const DLTensor* t);
+
 /* An output must be C-contiguous; m = its [rows, cols] row-major view. */
 fct_status fct_check_contiguous_output(fct_context* ctx, const char* name, const DLTensor* t,
                                        int64_t rows, int64_t cols, fct_mat* m);
