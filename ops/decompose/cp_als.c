@@ -1,6 +1,9 @@
 /*
  * CP decomposition by alternating least squares (Kolda & Bader 2009, §3.4),
- * CPU, float64: entry points and the algorithm.
+ * float64, on the CPU or a GPU (engine.h): entry points and the algorithm.
+ * The contractions with X (the partial MTTKRPs, the SVD initialisation)
+ * run on the engine; the factor algebra, O((Σ I_n)·R + R²) per update,
+ * runs on the host in both cases.
  *
  * The model is Σ_r λ_r · A_0[:, r] ∘ ... ∘ A_{N-1}[:, r] with unit-norm
  * columns (the scale lives in λ, which keeps the normal equations well
@@ -23,6 +26,7 @@
 #include <limits.h>
 #include <math.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "decompose.h"
@@ -43,43 +47,60 @@ typedef struct cp_plan {
   fct_cp_options o;
 } cp_plan;
 
+/* Host buffers hold the factor algebra (O((Σ I_n + Π larger group)·R +
+ * R²)); engine buffers hold what touches X. On the CPU both are one
+ * arena; on a GPU the host ones are allocated by cp_run. */
 typedef struct cp_bufs {
+  /* engine memory */
   double* X;                 /* NULL: read the input in place */
+  double* stage;             /* [max I_n, R]: factors in and out */
+  double *sv, *scan;         /* scratch of top_left_sv and scan */
+  double *KRd, *Pd;          /* GPU copies of kr and P (NULL on the CPU) */
+  /* host memory */
   double* A[CP_MAX_MODES];   /* [I_n, R] column-major */
   double* G[CP_MAX_MODES];   /* A_nᵀA_n [R, R] */
-  double *lam, *M, *H, *V, *Gt, *solve, *init;
+  double *lam, *M, *H, *V, *Gt, *solve;
   double *P[2];          /* P[g]: X contracted with the OTHER group's factors,
                             [size[g], R], feeding group g's MTTKRPs */
-  double *kr, *half;     /* scratch of fct_cp_partial and fct_mttkrp_half */
+  double *kr, *half;     /* a Khatri-Rao product; fct_mttkrp_half's scratch */
 } cp_bufs;
 
-static void cp_layout(const cp_plan* p, fct_arena* a, cp_bufs* b, bool in_place) {
+/* dev: the engine's arena; host: the host's (the same one on the CPU). */
+static fct_status cp_layout(const fct_dec_run* r, const cp_plan* p, fct_arena* dev,
+                            fct_arena* host, cp_bufs* b, bool in_place) {
   int64_t R = p->R, maxI = 0, init = 0;
   memset(b, 0, sizeof *b);
-  if (!in_place) b->X = fct_arena_f64(a, (size_t)p->numel);
+  if (!in_place) b->X = fct_arena_f64(dev, (size_t)p->numel);
   for (int n = 0; n < p->d.N; ++n) {
-    int64_t In = p->d.I[n];
-    b->A[n] = fct_arena_f64(a, (size_t)(In * R));
-    b->G[n] = fct_arena_f64(a, (size_t)(R * R));
+    int64_t In = p->d.dim[n];
+    b->A[n] = fct_arena_f64(host, (size_t)(In * R));
+    b->G[n] = fct_arena_f64(host, (size_t)(R * R));
     maxI = In > maxI ? In : maxI;
     if (p->o.init == FCT_INIT_SVD) {
-      int64_t k = R < In ? R : In;
-      int64_t s = fct_top_left_sv_scratch(&p->d, n, k);
+      int64_t k = R < In ? R : In, s;
+      FCT_TRY_(r->e->top_left_sv_scratch(r, &p->d, n, k, &s));
       init = s > init ? s : init;
     }
   }
-  b->lam = fct_arena_f64(a, (size_t)R);
-  b->M = fct_arena_f64(a, (size_t)(maxI * R));
-  b->H = fct_arena_f64(a, (size_t)(R * R));
-  b->V = fct_arena_f64(a, (size_t)(R * R));
-  b->Gt = fct_arena_f64(a, (size_t)(R * R));
+  b->stage = fct_arena_f64(dev, (size_t)(maxI * R));
+  b->sv = fct_arena_f64(dev, (size_t)init);
+  b->scan = fct_arena_f64(dev, (size_t)r->e->scan_scratch);
   int64_t big = p->size[0] > p->size[1] ? p->size[0] : p->size[1];
-  b->P[0] = fct_arena_f64(a, (size_t)(p->size[0] * R));
-  b->P[1] = fct_arena_f64(a, (size_t)(p->size[1] * R));
-  b->kr = fct_arena_f64(a, (size_t)(big * R));
-  b->half = fct_arena_f64(a, (size_t)(3 * big));
-  b->solve = fct_arena_f64(a, (size_t)fct_la_solve_spd_scratch(maxI, R));
-  b->init = fct_arena_f64(a, (size_t)init);
+  if (!r->e->host) {
+    b->KRd = fct_arena_f64(dev, (size_t)(big * R));
+    b->Pd = fct_arena_f64(dev, (size_t)(big * R));
+  }
+  b->lam = fct_arena_f64(host, (size_t)R);
+  b->M = fct_arena_f64(host, (size_t)(maxI * R));
+  b->H = fct_arena_f64(host, (size_t)(R * R));
+  b->V = fct_arena_f64(host, (size_t)(R * R));
+  b->Gt = fct_arena_f64(host, (size_t)(R * R));
+  b->P[0] = fct_arena_f64(host, (size_t)(p->size[0] * R));
+  b->P[1] = fct_arena_f64(host, (size_t)(p->size[1] * R));
+  b->kr = fct_arena_f64(host, (size_t)(big * R));
+  b->half = fct_arena_f64(host, (size_t)(3 * big));
+  b->solve = fct_arena_f64(host, (size_t)fct_la_solve_spd_scratch(maxI, R));
+  return FCT_OK;
 }
 
 /* Unit-norm columns of A [In, R]; norms[r] = the old norms (0 stays 0). */
@@ -115,55 +136,45 @@ static void gram(const double* A, int64_t In, int64_t R, double* G) {
  * from random columns, which on such tensors often leaves ALS in a swamp. */
 static bool has_small_modes(const cp_plan* p) {
   for (int n = 1; n < p->d.N; ++n)
-    if (p->d.I[n] < p->R) return true;
+    if (p->d.dim[n] < p->R) return true;
   return false;
 }
 
 /* Starting factors: unit-norm columns, scale in lam. */
-static fct_status cp_init(fct_context* ctx, const cp_plan* p, cp_bufs* b, const double* X) {
+static fct_status cp_init(const fct_dec_run* r, const cp_plan* p, cp_bufs* b, const double* X) {
+  const fct_dec_engine* e = r->e;
   int64_t R = p->R;
   bool small = has_small_modes(p);
-  for (int64_t r = 0; r < R; ++r) b->lam[r] = 1.0;
+  for (int64_t j = 0; j < R; ++j) b->lam[j] = 1.0;
   for (int n = 0; n < p->d.N; ++n) {
-    int64_t In = p->d.I[n];
+    int64_t In = p->d.dim[n];
     double* A = b->A[n];
     uint64_t stream = FCT_RNG_FACTOR(n);
-    if (p->o.init == FCT_INIT_GIVEN) {
-      /* factor n row-major [In, R] -> column-major */
-      const DLTensor* F = p->F[n];
-      bool f32 = fct_dtype_of(F->dtype) == FCT_F32;
-      const char* src = fct_data(F);
-      for (int64_t i = 0; i < In; ++i)
-        for (int64_t r = 0; r < R; ++r)
-          A[i + r * In] = f32 ? ((const float*)src)[i * R + r] : ((const double*)src)[i * R + r];
+    if (p->o.init == FCT_INIT_GIVEN) { /* factor n row-major [In, R] -> column-major */
+      FCT_TRY_(e->load_transposed(r, p->F[n], In, R, b->stage));
+      FCT_TRY_(e->to_host(r, A, b->stage, (size_t)(In * R) * sizeof(double)));
       continue;
     }
     bool svd = p->o.init == FCT_INIT_SVD && (n > 0 || p->o.n_iter_max == 0 || small);
     int64_t k = svd ? (R < In ? R : In) : 0;
     if (svd) {
-      int info = fct_top_left_sv(X, &p->d, n, k, A, NULL, p->o.seed, stream, b->init);
-      if (info)
-        return fct_fail(ctx, FCT_ERR_BLAS,
-                        "tensor: LAPACK dsyevr failed (info %d) in the SVD initialisation of "
-                        "mode %d",
-                        info, n);
+      FCT_TRY_(e->top_left_sv(r, X, &p->d, n, k, b->stage, p->o.seed, stream, b->sv));
+      FCT_TRY_(e->to_host(r, A, b->stage, (size_t)(In * k) * sizeof(double)));
     }
     /* Random entries, uniform [0, 1) as TensorLy draws them, for the columns
      * the SVD cannot give (R > I_n) or all of them. */
-    for (int64_t r = k; r < R; ++r)
+    for (int64_t j = k; j < R; ++j)
       for (int64_t i = 0; i < In; ++i)
-        A[i + r * In] = fct_rng_uniform(p->o.seed, stream, (uint64_t)(i + r * In));
+        A[i + j * In] = fct_rng_uniform(p->o.seed, stream, (uint64_t)(i + j * In));
   }
   if (p->o.init == FCT_INIT_GIVEN && p->w) {
-    const char* src = fct_data(p->w);
-    bool f32 = fct_dtype_of(p->w->dtype) == FCT_F32;
-    for (int64_t r = 0; r < R; ++r)
-      b->lam[r] = f32 ? ((const float*)src)[r] : ((const double*)src)[r];
+    FCT_TRY_(e->load_transposed(r, p->w, 1, R, b->stage));
+    FCT_TRY_(e->to_host(r, b->lam, b->stage, (size_t)R * sizeof(double)));
   }
   for (int n = 0; n < p->d.N; ++n) {
-    normalize_columns(b->A[n], p->d.I[n], R, b->M);
-    for (int64_t r = 0; r < R; ++r) b->lam[r] *= b->M[r];
-    gram(b->A[n], p->d.I[n], R, b->G[n]);
+    normalize_columns(b->A[n], p->d.dim[n], R, b->M);
+    for (int64_t j = 0; j < R; ++j) b->lam[j] *= b->M[j];
+    gram(b->A[n], p->d.dim[n], R, b->G[n]);
   }
   return FCT_OK;
 }
@@ -177,36 +188,59 @@ static void group_mttkrp(const cp_plan* p, cp_bufs* b, int n) {
                   b->half);
 }
 
-/* P[g] from X and the other group's current factors. */
-static void refresh_partial(const cp_plan* p, cp_bufs* b, const double* X, int g) {
-  fct_cp_partial(X, &p->d, p->h, 1 - g, (const double* const*)b->A, p->R, b->P[g], b->kr);
+/* P[g] from X and the other group's current factors: their Khatri-Rao
+ * product is formed on the host, X contracted with it by the engine. */
+static fct_status refresh_partial(const fct_dec_run* r, const cp_plan* p, cp_bufs* b,
+                                  const double* X, int g) {
+  int other = 1 - g;
+  int64_t R = p->R, T = p->size[other], S = p->size[g];
+  int64_t left = p->size[0], right = p->size[1];
+  fct_cp_kr(&p->d, p->h, other, (const double* const*)b->A, R, b->kr);
+  const double* kr = b->kr;
+  double* P = b->P[g];
+  if (b->KRd) {
+    FCT_TRY_(r->e->to_device(r, b->KRd, kr, (size_t)(T * R) * sizeof(double)));
+    kr = b->KRd;
+    P = b->Pd;
+  }
+  /* X row-major [left, right] is column-major Xcm [right, left]. */
+  if (other) /* P [left, R] = Xcmᵀ·KR_right */
+    FCT_TRY_(r->e->gemm(r, true, false, left, R, right, X, right, kr, right, P, left));
+  else /* P [right, R] = Xcm·KR_left */
+    FCT_TRY_(r->e->gemm(r, false, false, right, R, left, X, right, kr, left, P, right));
+  if (b->Pd) FCT_TRY_(r->e->to_host(r, b->P[g], P, (size_t)(S * R) * sizeof(double)));
+  return FCT_OK;
 }
 
 /* b->M = the last mode's MTTKRP from scratch. */
-static void last_mttkrp(const cp_plan* p, cp_bufs* b, const double* X) {
-  refresh_partial(p, b, X, 1);
+static fct_status last_mttkrp(const fct_dec_run* r, const cp_plan* p, cp_bufs* b,
+                              const double* X) {
+  FCT_TRY_(refresh_partial(r, p, b, X, 1));
   group_mttkrp(p, b, p->d.N - 1);
+  return FCT_OK;
 }
 
 /* Relative error of [[lam; A]] from scratch (used when no sweep ran). */
-static double cp_error(const cp_plan* p, cp_bufs* b, const double* X, double sumsq) {
+static fct_status cp_error(const fct_dec_run* r, const cp_plan* p, cp_bufs* b, const double* X,
+                           double sumsq, double* err) {
   int N = p->d.N, n = N - 1;
-  int64_t R = p->R, In = p->d.I[n];
-  last_mttkrp(p, b, X);
+  int64_t R = p->R, In = p->d.dim[n];
+  FCT_TRY_(last_mttkrp(r, p, b, X));
   double ip = 0, nh = 0;
-  for (int64_t r = 0; r < R; ++r)
-    for (int64_t i = 0; i < In; ++i) ip += b->lam[r] * b->A[n][i + r * In] * b->M[i + r * In];
+  for (int64_t j = 0; j < R; ++j)
+    for (int64_t i = 0; i < In; ++i) ip += b->lam[j] * b->A[n][i + j * In] * b->M[i + j * In];
   hadamard_others(p, b, -1, b->H);
-  for (int64_t r = 0; r < R; ++r)
-    for (int64_t s = 0; s < R; ++s) nh += b->lam[r] * b->lam[s] * b->H[r + s * R];
+  for (int64_t j = 0; j < R; ++j)
+    for (int64_t k = 0; k < R; ++k) nh += b->lam[j] * b->lam[k] * b->H[j + k * R];
   double e2 = sumsq - 2 * ip + nh;
-  return e2 > 0 ? sqrt(e2 / sumsq) : 0.0;
+  *err = e2 > 0 ? sqrt(e2 / sumsq) : 0.0;
+  return FCT_OK;
 }
 
 /* One ALS update of mode n from its MTTKRP in b->M. On the last mode, *ip
  * and *nh receive ⟨X, X̂⟩ and ||X̂||² of the updated model. */
 static void cp_update(const cp_plan* p, cp_bufs* b, int n, double* ip, double* nh) {
-  int64_t R = p->R, In = p->d.I[n], RR = R * R;
+  int64_t R = p->R, In = p->d.dim[n], RR = R * R;
   double* A = b->A[n];
   hadamard_others(p, b, n, b->H);
   memcpy(A, b->M, (size_t)(In * R) * sizeof(double));
@@ -230,62 +264,68 @@ static void cp_update(const cp_plan* p, cp_bufs* b, int n, double* ip, double* n
 }
 
 /* See has_small_modes: one ALS update of each small mode, in order. */
-static void cp_refine_small_modes(const cp_plan* p, cp_bufs* b, const double* X) {
-  if (p->o.init != FCT_INIT_SVD || p->o.n_iter_max == 0 || !has_small_modes(p)) return;
+static fct_status cp_refine_small_modes(const fct_dec_run* r, const cp_plan* p, cp_bufs* b,
+                                        const double* X) {
+  if (p->o.init != FCT_INIT_SVD || p->o.n_iter_max == 0 || !has_small_modes(p)) return FCT_OK;
   for (int n = 1; n < p->d.N; ++n) {
-    if (p->d.I[n] >= p->R) continue;
+    if (p->d.dim[n] >= p->R) continue;
     double ip, nh;
-    refresh_partial(p, b, X, n >= p->h);
+    FCT_TRY_(refresh_partial(r, p, b, X, n >= p->h));
     group_mttkrp(p, b, n);
     cp_update(p, b, n, &ip, &nh);
   }
+  return FCT_OK;
 }
 
-static void cp_store(const cp_plan* p, cp_bufs* b) {
+static fct_status cp_store(const fct_dec_run* r, const cp_plan* p, cp_bufs* b) {
+  const fct_dec_engine* e = r->e;
   int N = p->d.N;
   int64_t R = p->R;
   if (!p->o.normalize_factors) { /* λ_r^(1/N) into every factor, weights 1 */
     for (int n = 0; n < N; ++n)
-      for (int64_t r = 0; r < R; ++r) {
-        double s = pow(b->lam[r], 1.0 / N);
-        for (int64_t i = 0; i < p->d.I[n]; ++i) b->A[n][i + r * p->d.I[n]] *= s;
+      for (int64_t j = 0; j < R; ++j) {
+        double s = pow(b->lam[j], 1.0 / N);
+        for (int64_t i = 0; i < p->d.dim[n]; ++i) b->A[n][i + j * p->d.dim[n]] *= s;
       }
-    for (int64_t r = 0; r < R; ++r) b->lam[r] = 1.0;
+    for (int64_t j = 0; j < R; ++j) b->lam[j] = 1.0;
   }
-  for (int n = 0; n < N; ++n) fct_dec_store(p->F[n], b->A[n], p->d.I[n], R, 1, p->d.I[n]);
-  fct_dec_store(p->w, b->lam, 1, R, 0, 1);
+  for (int n = 0; n < N; ++n) {
+    int64_t In = p->d.dim[n];
+    FCT_TRY_(e->to_device(r, b->stage, b->A[n], (size_t)(In * R) * sizeof(double)));
+    FCT_TRY_(e->store(r, p->F[n], 0, b->stage, In, R, 1, In));
+  }
+  FCT_TRY_(e->to_device(r, b->stage, b->lam, (size_t)R * sizeof(double)));
+  return e->store(r, p->w, 0, b->stage, 1, R, 0, 1);
 }
 
-static fct_status cp_run(fct_context* ctx, const cp_plan* p, double* errors,
-                         fct_decomp_info* info) {
-  bool in_place = fct_dec_dense_f64(p->X);
-  fct_arena ar = {(char*)ctx->workspace, 0, false};
-  cp_bufs b;
-  cp_layout(p, &ar, &b, in_place);
-  FCT_TRY_(fct_arena_check(ctx, &ar));
+static fct_status cp_solve(const fct_dec_run* r, const cp_plan* p, cp_bufs* b, bool in_place,
+                           double* errors, fct_decomp_info* info) {
+  const fct_dec_engine* e = r->e;
+  const double* X = in_place ? (const double*)fct_data(p->X) : b->X;
+  if (!in_place) FCT_TRY_(e->load(r, p->X, b->X));
   double sumsq;
-  FCT_TRY_(fct_dec_scan_cpu(ctx, "tensor", p->X, &sumsq));
+  FCT_TRY_(e->scan(r, "tensor", X, p->numel, &sumsq, b->scan));
   fct_decomp_info res = {0.0, 0, 0};
   if (sumsq == 0) { /* zero (or empty) tensor: zero model, no error */
-    for (int n = 0; n < p->d.N; ++n) memset(b.A[n], 0, (size_t)(p->d.I[n] * p->R) * sizeof(double));
-    memset(b.lam, 0, (size_t)p->R * sizeof(double));
-    cp_store(p, &b);
+    for (int n = 0; n < p->d.N; ++n)
+      memset(b->A[n], 0, (size_t)(p->d.dim[n] * p->R) * sizeof(double));
+    memset(b->lam, 0, (size_t)p->R * sizeof(double));
+    FCT_TRY_(cp_store(r, p, b));
     res.converged = 1;
     if (info) *info = res;
     return FCT_OK;
   }
-  const double* X = in_place ? (const double*)fct_data(p->X) : b.X;
-  if (!in_place) fct_dec_load_f64(p->X, b.X);
-  FCT_TRY_(cp_init(ctx, p, &b, X));
-  cp_refine_small_modes(p, &b, X);
-  double err = p->o.n_iter_max == 0 ? cp_error(p, &b, X, sumsq) : 0.0, prev = 0.0;
+  FCT_TRY_(cp_init(r, p, b, X));
+  FCT_TRY_(cp_refine_small_modes(r, p, b, X));
+  double err = 0.0, prev = 0.0;
+  if (p->o.n_iter_max == 0) FCT_TRY_(cp_error(r, p, b, X, sumsq, &err));
   for (int32_t it = 0; it < p->o.n_iter_max; ++it) {
     double ip = 0, nh = 0;
     for (int n = 0; n < p->d.N; ++n) {
-      if (n == 0) refresh_partial(p, &b, X, 0);     /* right group fixed now */
-      if (n == p->h) refresh_partial(p, &b, X, 1);  /* left group updated */
-      group_mttkrp(p, &b, n);
-      cp_update(p, &b, n, &ip, &nh);
+      if (n == 0) FCT_TRY_(refresh_partial(r, p, b, X, 0));     /* right group fixed now */
+      if (n == p->h) FCT_TRY_(refresh_partial(r, p, b, X, 1));  /* left group updated */
+      group_mttkrp(p, b, n);
+      cp_update(p, b, n, &ip, &nh);
     }
     double e2 = sumsq - 2 * ip + nh;
     err = e2 > 0 ? sqrt(e2 / sumsq) : 0.0;
@@ -298,9 +338,38 @@ static fct_status cp_run(fct_context* ctx, const cp_plan* p, double* errors,
     prev = err;
   }
   res.rel_error = err;
-  cp_store(p, &b);
+  FCT_TRY_(cp_store(r, p, b));
   if (info) *info = res;
   return FCT_OK;
+}
+
+/* On the CPU one arena, the caller's workspace; on a GPU the host buffers
+ * come from malloc (the workspace is device memory). */
+static fct_status cp_run(const fct_dec_run* r, const cp_plan* p, double* errors,
+                         fct_decomp_info* info) {
+  fct_context* ctx = r->ctx;
+  bool in_place = fct_dec_dense_f64(p->X);
+  fct_arena dev = {(char*)ctx->workspace, 0, false};
+  cp_bufs b;
+  if (r->e->host) {
+    FCT_TRY_(cp_layout(r, p, &dev, &dev, &b, in_place));
+    FCT_TRY_(fct_arena_check(ctx, &dev));
+    return cp_solve(r, p, &b, in_place, errors, info);
+  }
+  fct_arena sizing = {NULL, 0, false};
+  FCT_TRY_(cp_layout(r, p, &dev, &sizing, &b, in_place));
+  FCT_TRY_(fct_arena_check(ctx, &dev));
+  if (sizing.overflow) return fct_fail(ctx, FCT_ERR_OVERFLOW, "cp: host buffers overflow size_t");
+  char* mem = malloc(sizing.used ? sizing.used : 1);
+  if (!mem)
+    return fct_fail(ctx, FCT_ERR_WORKSPACE, "cp: cannot allocate %zu bytes of host buffers",
+                    sizing.used);
+  fct_arena host = {mem, 0, false};
+  dev = (fct_arena){(char*)ctx->workspace, 0, false};
+  fct_status st = cp_layout(r, p, &dev, &host, &b, in_place);
+  if (st == FCT_OK) st = cp_solve(r, p, &b, in_place, errors, info);
+  free(mem);
+  return st;
 }
 
 /* ------------------------------------------------------------------------- */
@@ -311,14 +380,13 @@ static fct_status cp_check(fct_context* ctx, const DLTensor* X, int nf, DLTensor
                            const DLTensor* w, const fct_cp_options* o, cp_plan* p) {
   if (!o) return fct_fail(ctx, FCT_ERR_NULL_ARGUMENT, "opts: expected options, got NULL");
   FCT_TRY_(fct_dec_check_input(ctx, "tensor", X, 2, CP_MAX_MODES));
-  FCT_TRY_(fct_dec_cpu_only(ctx, "cp", "tensor", X));
   memset(p, 0, sizeof *p);
   p->X = X;
   p->F = F;
   p->w = (DLTensor*)w;
   p->o = *o;
   p->d.N = X->ndim;
-  for (int n = 0; n < X->ndim; ++n) p->d.I[n] = X->shape[n];
+  for (int n = 0; n < X->ndim; ++n) p->d.dim[n] = X->shape[n];
   p->numel = fct_numel(X);
   if (p->numel > INT_MAX)
     return fct_fail(ctx, FCT_ERR_OVERFLOW,
@@ -373,9 +441,12 @@ fct_status fct_cp_als_workspace(const fct_context* ctx, const DLTensor* X, int n
   fct_context c = *ctx;
   cp_plan p;
   FCT_TRY_(cp_check(&c, X, n_factors, (DLTensor* const*)factors, weights, opts, &p));
-  fct_arena a = {NULL, 0, false};
+  fct_dec_run r;
+  FCT_TRY_(fct_dec_run_for(&c, "tensor", X, &r));
+  fct_arena a = {NULL, 0, false}, host = {NULL, 0, false};
   cp_bufs b;
-  cp_layout(&p, &a, &b, fct_dec_dense_f64(X));
+  bool in_place = fct_dec_dense_f64(X);
+  FCT_TRY_(cp_layout(&r, &p, &a, r.e->host ? &a : &host, &b, in_place));
   if (a.overflow) return fct_fail(&c, FCT_ERR_OVERFLOW, "workspace: its size overflows size_t");
   *bytes = a.used;
   return FCT_OK;
@@ -387,5 +458,7 @@ fct_status fct_cp_als(fct_context* ctx, const DLTensor* X, int n_factors, DLTens
   if (!ctx) return FCT_ERR_NULL_ARGUMENT;
   cp_plan p;
   FCT_TRY_(cp_check(ctx, X, n_factors, factors, weights, opts, &p));
-  return cp_run(ctx, &p, errors, info);
+  fct_dec_run r;
+  FCT_TRY_(fct_dec_run_for(ctx, "tensor", X, &r));
+  return cp_run(&r, &p, errors, info);
 }

@@ -3,13 +3,15 @@
  * (ops/decompose/) share: argument checks, the scan for NaN/Inf, loading
  * inputs as float64 and storing float64 results in the output's dtype, a
  * workspace arena, and the table through which libfactorch_cuda provides
- * svd and randomized_svd for CUDA tensors.
+ * svd and randomized_svd for CUDA tensors, and the engine (engine.h) on
+ * which CP, Tucker and TT run there.
  */
 #ifndef FCT_DECOMPOSE_H
 #define FCT_DECOMPOSE_H
 
 #include <stdint.h>
 
+#include "engine.h"
 #include "fct_tensor.h"
 
 #ifdef __cplusplus
@@ -81,8 +83,8 @@ fct_status fct_dec_scan_cpu(fct_context* ctx, const char* name, const DLTensor* 
                             double* sumsq);
 /* CPU: X (any strides, float32/float64) -> dense row-major float64 dst. */
 void fct_dec_load_f64(const DLTensor* X, double* dst);
-/* True when X is float64, on the cpu and dense row-major: it can be read in
- * place instead of loaded. */
+/* True when X holds float64 in dense row-major order (on any device): the
+ * engine reads it in place instead of loading it. */
 bool fct_dec_dense_f64(const DLTensor* X);
 
 /* CPU: out (dense row-major [rows, cols], float32/float64) [i, j] =
@@ -128,6 +130,7 @@ typedef struct fct_decompose_backend {
   fct_status (*svd)(fct_context* ctx, const fct_svd_plan* p, fct_decomp_info* info);
   fct_status (*rsvd_workspace)(fct_context* ctx, const fct_svd_plan* p, size_t* bytes);
   fct_status (*rsvd)(fct_context* ctx, const fct_svd_plan* p, fct_decomp_info* info);
+  const fct_dec_engine* engine; /* CP-ALS, Tucker-HOOI and TT-SVD */
 } fct_decompose_backend;
 
 /* Called by libfactorch_cuda when it is loaded (static storage). */
@@ -135,9 +138,6 @@ FCT_API void fct_register_cuda_decompose(const fct_decompose_backend* backend);
 /* The CUDA table, or FCT_ERR_UNSUPPORTED naming `name` when not loaded. */
 fct_status fct_cuda_decompose_for(fct_context* ctx, const char* name,
                                   const fct_decompose_backend** out);
-/* FCT_ERR_UNSUPPORTED for the cpu-only decompositions given a cuda tensor. */
-fct_status fct_dec_cpu_only(fct_context* ctx, const char* op, const char* name,
-                            const DLTensor* X);
 
 #ifdef __cplusplus
 }

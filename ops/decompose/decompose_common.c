@@ -3,6 +3,7 @@
 #include <math.h>
 #include <stdatomic.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "cpu/gemm_cpu.h"
@@ -252,7 +253,7 @@ void fct_dec_pack(const DLTensor* X, char* dst) {
 }
 
 bool fct_dec_dense_f64(const DLTensor* X) {
-  return fct_dtype_of(X->dtype) == FCT_F64 && X->device.device_type == kDLCPU && is_row_major(X);
+  return fct_dtype_of(X->dtype) == FCT_F64 && is_row_major(X);
 }
 
 void fct_dec_store(DLTensor* out, const double* src, int64_t rows, int64_t cols, int64_t rs,
@@ -303,10 +304,25 @@ fct_status fct_cuda_decompose_for(fct_context* ctx, const char* name,
                   name);
 }
 
-fct_status fct_dec_cpu_only(fct_context* ctx, const char* op, const char* name,
-                            const DLTensor* X) {
-  if (X->device.device_type == kDLCPU) return FCT_OK;
-  return fct_fail(ctx, FCT_ERR_UNSUPPORTED,
-                  "%s: is a %s tensor, but %s runs on the cpu only; copy it to the cpu first", name,
-                  fct_device_name(X->device.device_type), op);
+fct_status fct_dec_run_for(fct_context* ctx, const char* name, const DLTensor* X,
+                           fct_dec_run* r) {
+  r->ctx = ctx;
+  r->e = &fct_dec_cpu_engine;
+  r->device = 0;
+  if (X->device.device_type == kDLCPU) {
+    const char* split = getenv("FACTORCH_TEST_DEVICE_PATH");
+    if (split && strcmp(split, "1") == 0) r->e = &fct_dec_cpu_engine_split;
+    return FCT_OK;
+  }
+  if (X->device.device_type != kDLCUDA)
+    return fct_fail(ctx, FCT_ERR_DEVICE, "%s: expected a cpu or cuda tensor, got a %s tensor",
+                    name, fct_device_name(X->device.device_type));
+  const fct_decompose_backend* be;
+  FCT_TRY_(fct_cuda_decompose_for(ctx, name, &be));
+  if (!be->engine)
+    return fct_fail(ctx, FCT_ERR_UNSUPPORTED, "%s: the loaded CUDA backend has no decomposition "
+                    "engine", name);
+  r->e = be->engine;
+  r->device = X->device.device_id;
+  return FCT_OK;
 }

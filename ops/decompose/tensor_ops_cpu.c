@@ -15,19 +15,6 @@
  * sweep of a 24³ tensor 30x slower. */
 #define SMALL_WORK (double)(1 << 20)
 
-int64_t fct_dims_numel(const fct_dims* d) {
-  int64_t n = 1;
-  for (int i = 0; i < d->N; ++i) n *= d->I[i];
-  return n;
-}
-
-void fct_dims_split(const fct_dims* d, int n, int64_t* L, int64_t* Rt) {
-  *L = 1;
-  *Rt = 1;
-  for (int m = 0; m < n; ++m) *L *= d->I[m];
-  for (int m = n + 1; m < d->N; ++m) *Rt *= d->I[m];
-}
-
 /* col [T] = A_lo[:, r] ⊗ ... ⊗ A_{hi-1}[:, r] (mode lo varies slowest, as in
  * X's row-major order), T = Π I_m; hi > lo. Expanded in place from the last
  * mode outwards: block i of the longer vector is a[i] times the shorter
@@ -35,16 +22,16 @@ void fct_dims_split(const fct_dims* d, int n, int64_t* L, int64_t* Rt) {
  * the source, is scaled last. */
 static void kron_col(const fct_dims* d, int lo, int hi, const double* const* A, int64_t r,
                      double* col) {
-  int64_t len = d->I[hi - 1];
+  int64_t len = d->dim[hi - 1];
   memcpy(col, A[hi - 1] + r * len, (size_t)len * sizeof(double));
   for (int m = hi - 2; m >= lo; --m) {
-    const double* a = A[m] + r * d->I[m];
-    for (int64_t i = d->I[m] - 1; i >= 0; --i) {
+    const double* a = A[m] + r * d->dim[m];
+    for (int64_t i = d->dim[m] - 1; i >= 0; --i) {
       double s = a[i];
       double* dst = col + i * len;
       for (int64_t j = 0; j < len; ++j) dst[j] = s * col[j];
     }
-    len *= d->I[m];
+    len *= d->dim[m];
   }
 }
 
@@ -53,7 +40,7 @@ int fct_cp_split(const fct_dims* d) {
   int best = 1;
   int64_t best_max = INT64_MAX, left = 1, total = fct_dims_numel(d);
   for (int h = 1; h < d->N; ++h) {
-    left *= d->I[h - 1];
+    left *= d->dim[h - 1];
     int64_t right = total / (left > 0 ? left : 1);
     int64_t mx = left > right ? left : right;
     if (mx < best_max) best_max = mx, best = h;
@@ -64,27 +51,20 @@ int fct_cp_split(const fct_dims* d) {
 void fct_cp_group_dims(const fct_dims* d, int h, int group, fct_dims* sub) {
   int lo = group ? h : 0, hi = group ? d->N : h;
   sub->N = hi - lo;
-  for (int m = lo; m < hi; ++m) sub->I[m - lo] = d->I[m];
+  for (int m = lo; m < hi; ++m) sub->dim[m - lo] = d->dim[m];
 }
 
-void fct_cp_partial(const double* X, const fct_dims* d, int h, int group,
-                    const double* const* A, int64_t R, double* P, double* scratch) {
-  int64_t left = 1, right = 1;
-  for (int m = 0; m < h; ++m) left *= d->I[m];
-  for (int m = h; m < d->N; ++m) right *= d->I[m];
+void fct_cp_kr(const fct_dims* d, int h, int group, const double* const* A, int64_t R,
+               double* KR) {
   int lo = group ? h : 0, hi = group ? d->N : h;
-  int64_t T = group ? right : left;
-  for (int64_t r = 0; r < R; ++r) kron_col(d, lo, hi, A, r, scratch + r * T);
-  /* X row-major [left, right] is column-major Xcm [right, left]. */
-  if (group) /* P [left, R] = Xcmᵀ·KR_right */
-    fct_la_gemm(true, false, left, R, right, 1.0, X, right, scratch, right, 0.0, P, left);
-  else /* P [right, R] = Xcm·KR_left */
-    fct_la_gemm(false, false, right, R, left, 1.0, X, right, scratch, left, 0.0, P, right);
+  int64_t T = 1;
+  for (int m = lo; m < hi; ++m) T *= d->dim[m];
+  for (int64_t r = 0; r < R; ++r) kron_col(d, lo, hi, A, r, KR + r * T);
 }
 
 void fct_mttkrp_half(const double* P, const fct_dims* sub, int n, const double* const* A,
                      int64_t R, double* M, double* scratch) {
-  int64_t L, Rt, In = sub->I[n], T = fct_dims_numel(sub);
+  int64_t L, Rt, In = sub->dim[n], T = fct_dims_numel(sub);
   fct_dims_split(sub, n, &L, &Rt);
   double* kl = scratch;
   double* kr = kl + T;
@@ -109,7 +89,7 @@ void fct_mttkrp_half(const double* P, const fct_dims* sub, int n, const double* 
 
 void fct_mode_product_t(const double* X, const fct_dims* d, int n, const double* U, int64_t Rn,
                         double* Y) {
-  int64_t L, Rt, In = d->I[n];
+  int64_t L, Rt, In = d->dim[n];
   fct_dims_split(d, n, &L, &Rt);
   if (Rt == 1) {
     /* Y [L, Rn] = X [L, I_n]·U, i.e. column-major Yᵀ = Uᵀ·Xᵀ. */
@@ -134,7 +114,7 @@ void fct_mode_product_t(const double* X, const fct_dims* d, int n, const double*
 
 /* G [I_n, I_n] = Y_(n)·Y_(n)ᵀ = Σ_l Y_lᵀ·Y_l over slabs Y_l [I_n, Rt]. */
 static void mode_gram(const double* Y, const fct_dims* d, int n, double* G) {
-  int64_t L, Rt, In = d->I[n];
+  int64_t L, Rt, In = d->dim[n];
   fct_dims_split(d, n, &L, &Rt);
   if (Rt == 1) {
     fct_la_syrk(false, In, L, 1.0, Y, In, 0.0, G, In);
@@ -155,7 +135,7 @@ static void mode_gram(const double* Y, const fct_dims* d, int n, double* G) {
 static int64_t ints_as_doubles(int64_t n) { return (n + 1) / 2 + 1; }
 
 int64_t fct_top_left_sv_scratch(const fct_dims* d, int n, int64_t k) {
-  int64_t In = d->I[n], P = fct_dims_numel(d) / (In > 0 ? In : 1);
+  int64_t In = d->dim[n], P = fct_dims_numel(d) / (In > 0 ? In : 1);
   int64_t lw, liw;
   if (In <= P) {
     fct_la_syevr_lwork(In, k, &lw, &liw);
@@ -169,7 +149,7 @@ int64_t fct_top_left_sv_scratch(const fct_dims* d, int n, int64_t k) {
 
 int fct_top_left_sv(const double* Y, const fct_dims* d, int n, int64_t k, double* U,
                     double* s2, uint64_t seed, uint64_t stream, double* scratch) {
-  int64_t In = d->I[n], P = fct_dims_numel(d) / (In > 0 ? In : 1);
+  int64_t In = d->dim[n], P = fct_dims_numel(d) / (In > 0 ? In : 1);
   int64_t lw, liw;
   if (In <= P) {
     fct_la_syevr_lwork(In, k, &lw, &liw);

@@ -13,16 +13,8 @@
 
 #include <stdint.h>
 
+#include "engine.h"
 #include "linalg_cpu.h"
-
-typedef struct fct_dims {
-  int N;
-  int64_t I[8];
-} fct_dims;
-
-int64_t fct_dims_numel(const fct_dims* d);
-/* L = Π_{m<n} I_m and Rt = Π_{m>n} I_m. */
-void fct_dims_split(const fct_dims* d, int n, int64_t* L, int64_t* Rt);
 
 /* The MTTKRPs of a CP-ALS sweep, M_n = X_(n)·(⊙_{m≠n} A_m) [I_n, R], by a
  * two-level dimension tree: the modes are split at h into a left group
@@ -33,16 +25,17 @@ void fct_dims_split(const fct_dims* d, int n, int64_t* L, int64_t* Rt);
  * large dimension, so BLAS runs near peak) instead of N MTTKRPs over X.
  *
  * fct_cp_split picks h (the most balanced split, 1 <= h < N; 1 for N == 1).
- * fct_cp_partial: P [Π other group, R] (column-major) = X contracted with
- *   the KR product of `group`'s factors (group 0: left, 1: right);
- *   scratch: the KR product, Π group · R doubles.
+ * fct_cp_kr: KR [Π group, R] (column-major) = the Khatri-Rao product of
+ *   `group`'s factors (group 0: left, 1: right), mode lo varying slowest
+ *   as in X's row-major order; cp_als.c contracts X with it (one GEMM on
+ *   the decomposition's engine) into P [Π other group, R].
  * fct_mttkrp_half: M [I_n, R] for mode n of the OTHER group from P; sub
  *   describes that group's dims, n is counted within it, A its factors;
  *   scratch: 3·Π sub doubles. */
 int fct_cp_split(const fct_dims* d);
 void fct_cp_group_dims(const fct_dims* d, int h, int group, fct_dims* sub);
-void fct_cp_partial(const double* X, const fct_dims* d, int h, int group,
-                    const double* const* A, int64_t R, double* P, double* scratch);
+void fct_cp_kr(const fct_dims* d, int h, int group, const double* const* A, int64_t R,
+               double* KR);
 void fct_mttkrp_half(const double* P, const fct_dims* sub, int n, const double* const* A,
                      int64_t R, double* M, double* scratch);
 

@@ -1,6 +1,6 @@
 /*
- * Tensor-Train decomposition by TT-SVD (Oseledets 2011, Algorithm 1), CPU,
- * float64: entry points and the algorithm.
+ * Tensor-Train decomposition by TT-SVD (Oseledets 2011, Algorithm 1),
+ * float64, on the CPU or a GPU (engine.h): entry points and the algorithm.
  *
  *   C = X as a [n_0, n_1·...·n_{N-1}] matrix
  *   for k = 0 .. N-2: C [r_k·n_k, rest] = U·diag(s)·Vᵀ (thin SVD, dgesdd);
@@ -22,10 +22,11 @@
 #include <float.h>
 #include <limits.h>
 #include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "decompose.h"
-#include "linalg_cpu.h"
 
 #define TT_MAX_MODES 64
 
@@ -40,9 +41,7 @@ typedef struct tt_plan {
 } tt_plan;
 
 typedef struct tt_bufs {
-  double *C, *U, *VT, *s, *work;
-  int* iwork;
-  int64_t lwork;
+  double *C, *U, *VT, *s, *work, *scan;
 } tt_bufs;
 
 /* Sizes of step k for the largest ranks: C is [a, b], q = min(a, b). */
@@ -54,15 +53,15 @@ static void step_dims(const tt_plan* p, int k, int64_t* a, int64_t* b, int64_t* 
   *q = *a < *b ? *a : *b;
 }
 
-static void tt_layout(const tt_plan* p, fct_arena* ar, tt_bufs* t) {
+static fct_status tt_layout(const fct_dec_run* r, const tt_plan* p, fct_arena* ar, tt_bufs* t) {
   int64_t u = 0, vt = 0, q = 0, lw = 1;
   for (int k = 0; k + 1 < p->N; ++k) {
-    int64_t a, b, qk;
+    int64_t a, b, qk, l;
     step_dims(p, k, &a, &b, &qk);
     u = b * qk > u ? b * qk : u;
     vt = qk * a > vt ? qk * a : vt;
     q = qk > q ? qk : q;
-    int64_t l = fct_la_gesdd_lwork(b, a);
+    FCT_TRY_(r->e->svd_scratch(r, b, a, &l));
     lw = l > lw ? l : lw;
   }
   t->C = fct_arena_f64(ar, (size_t)p->numel);
@@ -70,21 +69,8 @@ static void tt_layout(const tt_plan* p, fct_arena* ar, tt_bufs* t) {
   t->VT = fct_arena_f64(ar, (size_t)vt);
   t->s = fct_arena_f64(ar, (size_t)q);
   t->work = fct_arena_f64(ar, (size_t)lw);
-  t->iwork = (int*)fct_arena_take(ar, (size_t)(8 * q), sizeof(int));
-  t->lwork = lw;
-}
-
-/* cores[off + i·cols + j] = src[i·rs + j·cs] in the output's dtype. */
-static void store_at(DLTensor* cores, int64_t off, const double* src, int64_t rows, int64_t cols,
-                     int64_t rs, int64_t cs) {
-  bool f32 = fct_dtype_of(cores->dtype) == FCT_F32;
-  char* base = fct_data(cores);
-  for (int64_t i = 0; i < rows; ++i)
-    for (int64_t j = 0; j < cols; ++j) {
-      double v = src[i * rs + j * cs];
-      if (f32) ((float*)base)[off + i * cols + j] = (float)v;
-      else ((double*)base)[off + i * cols + j] = v;
-    }
+  t->scan = fct_arena_f64(ar, (size_t)r->e->scan_scratch);
+  return FCT_OK;
 }
 
 /* The rank to keep from s[0..q): the smallest whose tail norm² <= tail2
@@ -111,40 +97,37 @@ static int64_t choose_rank(const double* s, int64_t q, double tail2, int64_t cap
   return r;
 }
 
-static fct_status tt_run(fct_context* ctx, const tt_plan* p, int64_t* ranks,
-                         fct_decomp_info* info) {
-  fct_arena ar = {(char*)ctx->workspace, 0, false};
-  tt_bufs t;
-  tt_layout(p, &ar, &t);
-  FCT_TRY_(fct_arena_check(ctx, &ar));
+/* s_host: the singular values on the host (t->s itself on the CPU). */
+static fct_status tt_steps(const fct_dec_run* r, const tt_plan* p, tt_bufs* t, double* s_host,
+                           int64_t* ranks, fct_decomp_info* info) {
+  const fct_dec_engine* e = r->e;
+  FCT_TRY_(e->load(r, p->X, t->C));
   double sumsq;
-  FCT_TRY_(fct_dec_scan_cpu(ctx, "tensor", p->X, &sumsq));
-  fct_dec_load_f64(p->X, t.C);
+  FCT_TRY_(e->scan(r, "tensor", t->C, p->numel, &sumsq, t->scan));
   double tail2 = p->eps > 0 && p->N > 1 ? p->eps * p->eps * sumsq / (double)(p->N - 1) : -1.0;
   double err2 = 0;
-  int64_t r = 1, off = 0;
+  int64_t rk = 1, off = 0;
   ranks[0] = 1;
   for (int k = 0; k + 1 < p->N; ++k) {
-    int64_t a = r * p->n[k], b = 1;
+    int64_t a = rk * p->n[k], b = 1;
     for (int j = k + 1; j < p->N; ++j) b *= p->n[j];
     int64_t q = a < b ? a : b;
-    int rc = fct_la_gesdd(b, a, t.C, b, t.s, t.U, b, t.VT, q, t.work, t.lwork, t.iwork);
-    if (rc != 0)
-      return fct_fail(ctx, FCT_ERR_BLAS, "tensor: LAPACK dgesdd failed to converge (info %d) at "
-                      "core %d", rc, k);
+    char what[32];
+    snprintf(what, sizeof what, "core %d", k);
+    FCT_TRY_(e->svd(r, b, a, t->C, t->s, t->U, t->VT, t->work, what));
+    FCT_TRY_(e->to_host(r, s_host, t->s, (size_t)q * sizeof(double)));
     double dropped;
-    int64_t rn = choose_rank(t.s, q, tail2, p->rmax[k + 1], a, b, &dropped);
+    int64_t rn = choose_rank(s_host, q, tail2, p->rmax[k + 1], a, b, &dropped);
     err2 += dropped;
-    /* core k [r, n_k, rn] row-major: element (row, j) = VT'[j + row·q]. */
-    store_at(p->cores, off, t.VT, a, rn, q, 1);
+    /* core k [rk, n_k, rn] row-major: element (row, j) = VT'[j + row·q]. */
+    FCT_TRY_(e->store(r, p->cores, off, t->VT, a, rn, q, 1));
     off += a * rn;
     /* next C [rn, b] row-major: row j = s_j · U'[:, j]. */
-    for (int64_t j = 0; j < rn; ++j)
-      for (int64_t c = 0; c < b; ++c) t.C[j * b + c] = t.s[j] * t.U[c + j * b];
-    r = rn;
+    FCT_TRY_(e->copy(r, t->C, t->U, rn, b, b, 1, t->s));
+    rk = rn;
     ranks[k + 1] = rn;
   }
-  store_at(p->cores, off, t.C, 1, r * p->n[p->N - 1], 0, 1);
+  FCT_TRY_(e->store(r, p->cores, off, t->C, 1, rk * p->n[p->N - 1], 0, 1));
   ranks[p->N] = 1;
   if (info) {
     info->rel_error = sumsq > 0 ? sqrt(err2 / sumsq) : 0.0;
@@ -152,6 +135,29 @@ static fct_status tt_run(fct_context* ctx, const tt_plan* p, int64_t* ranks,
     info->converged = 1;
   }
   return FCT_OK;
+}
+
+static fct_status tt_run(const fct_dec_run* r, const tt_plan* p, int64_t* ranks,
+                         fct_decomp_info* info) {
+  fct_arena ar = {(char*)r->ctx->workspace, 0, false};
+  tt_bufs t;
+  FCT_TRY_(tt_layout(r, p, &ar, &t));
+  FCT_TRY_(fct_arena_check(r->ctx, &ar));
+  if (r->e->host) return tt_steps(r, p, &t, t.s, ranks, info);
+  /* The rank choice reads the singular values on the host. */
+  int64_t q = 1;
+  for (int k = 0; k + 1 < p->N; ++k) {
+    int64_t a, b, qk;
+    step_dims(p, k, &a, &b, &qk);
+    q = qk > q ? qk : q;
+  }
+  double* s_host = malloc((size_t)q * sizeof(double));
+  if (!s_host)
+    return fct_fail(r->ctx, FCT_ERR_WORKSPACE, "tensor_train: cannot allocate %lld host doubles",
+                    (long long)q);
+  fct_status st = tt_steps(r, p, &t, s_host, ranks, info);
+  free(s_host);
+  return st;
 }
 
 /* ------------------------------------------------------------------------- */
@@ -167,7 +173,6 @@ static int64_t min3(int64_t a, int64_t b, int64_t c) {
 static fct_status tt_check(fct_context* ctx, const DLTensor* X, int N, const int64_t* sizes,
                            const int64_t* caps, double eps, tt_plan* p) {
   FCT_TRY_(fct_dec_check_input(ctx, "tensor", X, 0, FCT_MAX_DIMS));
-  FCT_TRY_(fct_dec_cpu_only(ctx, "tensor_train", "tensor", X));
   memset(p, 0, sizeof *p);
   p->X = X;
   p->eps = eps;
@@ -258,9 +263,11 @@ fct_status fct_tensor_train_workspace(const fct_context* ctx, const DLTensor* X,
   tt_plan p;
   FCT_TRY_(tt_check(&c, X, n_modes, mode_sizes, max_ranks, eps, &p));
   FCT_TRY_(tt_check_cores(&c, &p, cores));
+  fct_dec_run r;
+  FCT_TRY_(fct_dec_run_for(&c, "tensor", X, &r));
   fct_arena a = {NULL, 0, false};
   tt_bufs t;
-  tt_layout(&p, &a, &t);
+  FCT_TRY_(tt_layout(&r, &p, &a, &t));
   if (a.overflow) return fct_fail(&c, FCT_ERR_OVERFLOW, "workspace: its size overflows size_t");
   *bytes = a.used;
   return FCT_OK;
@@ -275,5 +282,7 @@ fct_status fct_tensor_train(fct_context* ctx, const DLTensor* X, int n_modes,
   FCT_TRY_(tt_check(ctx, X, n_modes, mode_sizes, max_ranks, eps, &p));
   FCT_TRY_(tt_check_cores(ctx, &p, cores));
   p.cores = cores;
-  return tt_run(ctx, &p, ranks, info);
+  fct_dec_run r;
+  FCT_TRY_(fct_dec_run_for(ctx, "tensor", X, &r));
+  return tt_run(&r, &p, ranks, info);
 }

@@ -1,6 +1,7 @@
 /*
  * Tucker decomposition by higher-order orthogonal iteration (De Lathauwer,
- * De Moor, Vandewalle 2000), CPU, float64: entry points and the algorithm.
+ * De Moor, Vandewalle 2000), float64, on the CPU or a GPU (engine.h): entry
+ * points and the algorithm.
  *
  *   init: HOSVD, U_n = leading R_n left singular vectors of X_(n)
  *   sweep: for each n, Y = X ×_{m≠n} U_mᵀ, U_n = leading R_n left singular
@@ -9,9 +10,9 @@
  *
  * The products X ×_m U_mᵀ are applied in the order that shrinks the tensor
  * fastest (largest I_m / R_m first), so a sweep costs about
- * 2·N·numel·R_first flops; the singular vectors come from the Gram matrix
- * of the smaller side of the (small) unfolding Y_(n) and a partial
- * symmetric eigensolver (tensor_ops_cpu.c). Mode 0's initial factor is
+ * 2·N·numel·R_first flops; the singular vectors of the (small) unfolding
+ * Y_(n) come from the engine's top_left_sv (CPU: Gram matrix of its
+ * smaller side and a partial symmetric eigensolver; GPU: gesvd). Mode 0's initial factor is
  * never read by the first sweep, so the HOSVD skips it.
  */
 #include <limits.h>
@@ -21,7 +22,7 @@
 
 #include "decompose.h"
 #include "rng.h"
-#include "tensor_ops_cpu.h"
+#include "engine.h"
 
 #define TK_MAX_MODES FCT_MAX_DIMS
 
@@ -39,148 +40,148 @@ typedef struct tk_plan {
 typedef struct tk_bufs {
   double* X; /* NULL: read the input in place */
   double* U[TK_MAX_MODES];
-  double *bufA, *bufB, *sv, *tau, *owork;
-  int64_t olwork;
+  double *bufA, *bufB, *sv, *orth, *scan;
 } tk_bufs;
 
-/* Y = X ×_{m≠skip} U_mᵀ (skip = -1: every mode), ping-ponging between a
- * and b; returns where the result is and its dims. With U == NULL only the
- * dims are followed and *peak receives the largest intermediate. */
-static const double* contract(const tk_plan* p, const double* X, int skip, double* const* U,
-                              double* a, double* b, fct_dims* out, int64_t* peak) {
+/* The dims of X ×_{m≠skip} U_mᵀ (skip = -1: every mode), and *peak the
+ * largest intermediate on the way (contract's order). */
+static fct_dims contracted_dims(const tk_plan* p, int skip, int64_t* peak) {
   fct_dims d = p->d;
-  const double* cur = X;
-  double* dst = a;
   int64_t numel = p->numel;
-  if (peak) *peak = 0;
+  *peak = 0;
   for (int j = 0; j < p->d.N; ++j) {
     int m = p->order[j];
     if (m == skip) continue;
-    numel = numel / d.I[m] * p->R[m];
-    if (U) fct_mode_product_t(cur, &d, m, U[m], p->R[m], dst);
-    d.I[m] = p->R[m];
-    if (peak && numel > *peak) *peak = numel;
+    numel = numel / d.dim[m] * p->R[m];
+    d.dim[m] = p->R[m];
+    if (numel > *peak) *peak = numel;
+  }
+  return d;
+}
+
+/* *Y = X ×_{m≠skip} U_mᵀ, ping-ponging between a and b; *out its dims. */
+static fct_status contract(const fct_dec_run* r, const tk_plan* p, const double* X, int skip,
+                           double* const* U, double* a, double* b, fct_dims* out,
+                           const double** Y) {
+  fct_dims d = p->d;
+  const double* cur = X;
+  double* dst = a;
+  for (int j = 0; j < p->d.N; ++j) {
+    int m = p->order[j];
+    if (m == skip) continue;
+    FCT_TRY_(r->e->mode_product_t(r, cur, &d, m, U[m], p->R[m], dst));
+    d.dim[m] = p->R[m];
     cur = dst;
     dst = dst == a ? b : a;
   }
   *out = d;
-  return cur;
+  *Y = cur;
+  return FCT_OK;
 }
 
-static void tk_layout(const tk_plan* p, fct_arena* ar, tk_bufs* b, bool in_place) {
+static int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+
+static fct_status tk_layout(const fct_dec_run* r, const tk_plan* p, fct_arena* ar, tk_bufs* b,
+                            bool in_place) {
+  const fct_dec_engine* e = r->e;
   memset(b, 0, sizeof *b);
   if (!in_place) b->X = fct_arena_f64(ar, (size_t)p->numel);
-  int64_t peak = 0, sv = 0, ow = 1;
+  int64_t peak = 0, sv = 0, ow = 0, s;
   for (int n = 0; n < p->d.N; ++n) {
-    b->U[n] = fct_arena_f64(ar, (size_t)(p->d.I[n] * p->R[n]));
-    fct_dims dy;
+    b->U[n] = fct_arena_f64(ar, (size_t)(p->d.dim[n] * p->R[n]));
     int64_t pk;
-    contract(p, NULL, n, NULL, NULL, NULL, &dy, &pk);
-    peak = pk > peak ? pk : peak;
-    int64_t s = fct_top_left_sv_scratch(&dy, n, p->R[n]);
-    sv = s > sv ? s : sv;
+    fct_dims dy = contracted_dims(p, n, &pk);
+    peak = max64(peak, pk);
+    FCT_TRY_(e->top_left_sv_scratch(r, &dy, n, p->R[n], &s));
+    sv = max64(sv, s);
     if (p->o.init == FCT_INIT_SVD) {
-      s = fct_top_left_sv_scratch(&p->d, n, p->R[n]);
-      sv = s > sv ? s : sv;
+      FCT_TRY_(e->top_left_sv_scratch(r, &p->d, n, p->R[n], &s));
+      sv = max64(sv, s);
+    } else {
+      FCT_TRY_(e->orth_scratch(r, p->d.dim[n], p->R[n], &s));
+      ow = max64(ow, s);
     }
-    s = fct_la_orth_lwork(p->d.I[n], p->R[n]);
-    ow = s > ow ? s : ow;
   }
-  fct_dims dc;
   int64_t pk;
-  contract(p, NULL, -1, NULL, NULL, NULL, &dc, &pk);
-  peak = pk > peak ? pk : peak;
+  contracted_dims(p, -1, &pk);
+  peak = max64(peak, pk);
   b->bufA = fct_arena_f64(ar, (size_t)peak);
   b->bufB = fct_arena_f64(ar, (size_t)peak);
   b->sv = fct_arena_f64(ar, (size_t)sv);
-  int64_t maxR = 1;
-  for (int n = 0; n < p->d.N; ++n) maxR = p->R[n] > maxR ? p->R[n] : maxR;
-  b->tau = fct_arena_f64(ar, (size_t)maxR);
-  b->owork = fct_arena_f64(ar, (size_t)ow);
-  b->olwork = ow;
+  b->orth = fct_arena_f64(ar, (size_t)ow);
+  b->scan = fct_arena_f64(ar, (size_t)e->scan_scratch);
+  return FCT_OK;
 }
 
-static fct_status sv_failed(fct_context* ctx, int info, int n) {
-  return fct_fail(ctx, FCT_ERR_BLAS, "tensor: LAPACK dsyevr failed (info %d) for mode %d", info,
-                  n);
-}
-
-static fct_status tk_init(fct_context* ctx, const tk_plan* p, tk_bufs* b, const double* X) {
+static fct_status tk_init(const fct_dec_run* r, const tk_plan* p, tk_bufs* b, const double* X) {
+  const fct_dec_engine* e = r->e;
   for (int n = 0; n < p->d.N; ++n) {
-    int64_t In = p->d.I[n], Rn = p->R[n];
+    int64_t In = p->d.dim[n], Rn = p->R[n];
     double* U = b->U[n];
     if (p->o.init == FCT_INIT_SVD) {
       if (n == 0 && p->o.n_iter_max > 0) continue; /* never read */
-      int info = fct_top_left_sv(X, &p->d, n, Rn, U, NULL, p->o.seed, FCT_RNG_FACTOR(n), b->sv);
-      if (info) return sv_failed(ctx, info, n);
+      FCT_TRY_(e->top_left_sv(r, X, &p->d, n, Rn, U, p->o.seed, FCT_RNG_FACTOR(n), b->sv));
       continue;
     }
-    if (p->o.init == FCT_INIT_GIVEN) {
-      const DLTensor* F = p->F[n];
-      bool f32 = fct_dtype_of(F->dtype) == FCT_F32;
-      const char* src = fct_data(F);
-      for (int64_t i = 0; i < In; ++i)
-        for (int64_t r = 0; r < Rn; ++r)
-          U[i + r * In] = f32 ? ((const float*)src)[i * Rn + r] : ((const double*)src)[i * Rn + r];
-    } else {
-      for (int64_t e = 0; e < In * Rn; ++e)
-        U[e] = fct_rng_uniform(p->o.seed, FCT_RNG_FACTOR(n), (uint64_t)e);
-    }
-    fct_la_orth(In, Rn, U, In, b->tau, b->owork, b->olwork); /* HOOI wants orthonormal */
+    if (p->o.init == FCT_INIT_GIVEN)
+      FCT_TRY_(e->load_transposed(r, p->F[n], In, Rn, U));
+    else
+      FCT_TRY_(e->uniform(r, U, In * Rn, p->o.seed, FCT_RNG_FACTOR(n)));
+    FCT_TRY_(e->orth(r, In, Rn, U, b->orth)); /* HOOI wants orthonormal */
   }
   return FCT_OK;
 }
 
-static double sum_squares(const double* v, int64_t n) {
-  double s = 0;
-  for (int64_t i = 0; i < n; ++i) s += v[i] * v[i];
-  return s;
+/* sqrt((||X||² − ||core||²) / ||X||²): the factors are orthonormal. */
+static fct_status tk_error(const fct_dec_run* r, double sumsq, const double* core, int64_t n,
+                           double* scratch, double* err) {
+  double c2;
+  FCT_TRY_(r->e->scan(r, "core", core, n, &c2, scratch));
+  double e2 = sumsq - c2;
+  *err = sumsq > 0 && e2 > 0 ? sqrt(e2 / sumsq) : 0.0;
+  return FCT_OK;
 }
 
-static double tk_error(double sumsq, const double* core, int64_t n) {
-  double e2 = sumsq - sum_squares(core, n);
-  return e2 > 0 ? sqrt(e2 / sumsq) : 0.0;
-}
-
-static fct_status tk_run(fct_context* ctx, const tk_plan* p, double* errors,
+static fct_status tk_run(const fct_dec_run* r, const tk_plan* p, double* errors,
                          fct_decomp_info* info) {
+  const fct_dec_engine* e = r->e;
+  fct_context* ctx = r->ctx;
   bool in_place = fct_dec_dense_f64(p->X);
   fct_arena ar = {(char*)ctx->workspace, 0, false};
   tk_bufs b;
-  tk_layout(p, &ar, &b, in_place);
+  FCT_TRY_(tk_layout(r, p, &ar, &b, in_place));
   FCT_TRY_(fct_arena_check(ctx, &ar));
-  double sumsq;
-  FCT_TRY_(fct_dec_scan_cpu(ctx, "tensor", p->X, &sumsq));
   const double* X = in_place ? (const double*)fct_data(p->X) : b.X;
-  if (!in_place) fct_dec_load_f64(p->X, b.X);
+  if (!in_place) FCT_TRY_(e->load(r, p->X, b.X));
+  double sumsq;
+  FCT_TRY_(e->scan(r, "tensor", X, p->numel, &sumsq, b.scan));
   fct_decomp_info res = {0.0, 0, 0};
   /* A zero tensor goes through the same steps: its factors are orthonormal
-   * (syevr on a zero Gram matrix), its core zero. */
+   * (the singular vectors of a zero unfolding), its core zero. */
   double* const* U = b.U;
-  FCT_TRY_(tk_init(ctx, p, &b, X));
+  FCT_TRY_(tk_init(r, p, &b, X));
   fct_dims dc;
   int64_t ncore = 1;
   for (int n = 0; n < p->d.N; ++n) ncore *= p->R[n];
   const double* core = NULL;
   double err = 0.0, prev = 0.0;
   if (p->o.n_iter_max == 0) {
-    core = contract(p, X, -1, U, b.bufA, b.bufB, &dc, NULL);
-    err = sumsq > 0 ? tk_error(sumsq, core, ncore) : 0.0;
+    FCT_TRY_(contract(r, p, X, -1, U, b.bufA, b.bufB, &dc, &core));
+    FCT_TRY_(tk_error(r, sumsq, core, ncore, b.scan, &err));
   }
   for (int32_t it = 0; it < p->o.n_iter_max; ++it) {
     for (int n = 0; n < p->d.N; ++n) {
       fct_dims dy;
-      const double* Y = contract(p, X, n, U, b.bufA, b.bufB, &dy, NULL);
-      int info_sv = fct_top_left_sv(Y, &dy, n, p->R[n], U[n], NULL, p->o.seed,
-                                    FCT_RNG_FACTOR(n), b.sv);
-      if (info_sv) return sv_failed(ctx, info_sv, n);
+      const double* Y;
+      FCT_TRY_(contract(r, p, X, n, U, b.bufA, b.bufB, &dy, &Y));
+      FCT_TRY_(e->top_left_sv(r, Y, &dy, n, p->R[n], U[n], p->o.seed, FCT_RNG_FACTOR(n), b.sv));
       if (n == p->d.N - 1) { /* core = Y ×_n U_nᵀ, into the other buffer */
         double* dst = Y == b.bufA ? b.bufB : b.bufA;
-        fct_mode_product_t(Y, &dy, n, U[n], p->R[n], dst);
+        FCT_TRY_(e->mode_product_t(r, Y, &dy, n, U[n], p->R[n], dst));
         core = dst;
       }
     }
-    err = sumsq > 0 ? tk_error(sumsq, core, ncore) : 0.0;
+    FCT_TRY_(tk_error(r, sumsq, core, ncore, b.scan, &err));
     if (errors) errors[it] = err;
     res.n_iter = it + 1;
     if (it >= 1 && fabs(prev - err) < p->o.tol) {
@@ -190,8 +191,9 @@ static fct_status tk_run(fct_context* ctx, const tk_plan* p, double* errors,
     prev = err;
   }
   res.rel_error = err;
-  for (int n = 0; n < p->d.N; ++n) fct_dec_store(p->F[n], U[n], p->d.I[n], p->R[n], 1, p->d.I[n]);
-  fct_dec_store(p->core, core, 1, ncore, 0, 1);
+  for (int n = 0; n < p->d.N; ++n)
+    FCT_TRY_(e->store(r, p->F[n], 0, U[n], p->d.dim[n], p->R[n], 1, p->d.dim[n]));
+  FCT_TRY_(e->store(r, p->core, 0, core, 1, ncore, 0, 1));
   if (info) *info = res;
   return FCT_OK;
 }
@@ -204,14 +206,13 @@ static fct_status tk_check(fct_context* ctx, const DLTensor* X, const DLTensor* 
                            DLTensor* const* F, const fct_tucker_options* o, tk_plan* p) {
   if (!o) return fct_fail(ctx, FCT_ERR_NULL_ARGUMENT, "opts: expected options, got NULL");
   FCT_TRY_(fct_dec_check_input(ctx, "tensor", X, 2, TK_MAX_MODES));
-  FCT_TRY_(fct_dec_cpu_only(ctx, "tucker", "tensor", X));
   memset(p, 0, sizeof *p);
   p->X = X;
   p->core = (DLTensor*)core;
   p->F = F;
   p->o = *o;
   p->d.N = X->ndim;
-  for (int n = 0; n < X->ndim; ++n) p->d.I[n] = X->shape[n];
+  for (int n = 0; n < X->ndim; ++n) p->d.dim[n] = X->shape[n];
   p->numel = fct_numel(X);
   if (p->numel > INT_MAX)
     return fct_fail(ctx, FCT_ERR_OVERFLOW,
@@ -252,7 +253,7 @@ static fct_status tk_check(fct_context* ctx, const DLTensor* X, const DLTensor* 
   for (int i = 1; i < p->d.N; ++i)
     for (int j = i; j > 0; --j) {
       int a = p->order[j - 1], c = p->order[j];
-      if ((double)p->d.I[c] / (double)p->R[c] > (double)p->d.I[a] / (double)p->R[a]) {
+      if ((double)p->d.dim[c] / (double)p->R[c] > (double)p->d.dim[a] / (double)p->R[a]) {
         p->order[j - 1] = c;
         p->order[j] = a;
       }
@@ -268,9 +269,11 @@ fct_status fct_tucker_hooi_workspace(const fct_context* ctx, const DLTensor* X,
   fct_context c = *ctx;
   tk_plan p;
   FCT_TRY_(tk_check(&c, X, core, n_factors, (DLTensor* const*)factors, opts, &p));
+  fct_dec_run r;
+  FCT_TRY_(fct_dec_run_for(&c, "tensor", X, &r));
   fct_arena a = {NULL, 0, false};
   tk_bufs b;
-  tk_layout(&p, &a, &b, fct_dec_dense_f64(X));
+  FCT_TRY_(tk_layout(&r, &p, &a, &b, fct_dec_dense_f64(X)));
   if (a.overflow) return fct_fail(&c, FCT_ERR_OVERFLOW, "workspace: its size overflows size_t");
   *bytes = a.used;
   return FCT_OK;
@@ -282,5 +285,7 @@ fct_status fct_tucker_hooi(fct_context* ctx, const DLTensor* X, DLTensor* core, 
   if (!ctx) return FCT_ERR_NULL_ARGUMENT;
   tk_plan p;
   FCT_TRY_(tk_check(ctx, X, core, n_factors, factors, opts, &p));
-  return tk_run(ctx, &p, errors, info);
+  fct_dec_run r;
+  FCT_TRY_(fct_dec_run_for(ctx, "tensor", X, &r));
+  return tk_run(&r, &p, errors, info);
 }

@@ -703,6 +703,73 @@ static void test_tt(int bits, const int* order, int64_t gap) {
 /* Zero input, NaN, bad arguments                                             */
 /* ------------------------------------------------------------------------- */
 
+/* ------------------------------------------------------------------------- */
+/* The algorithms' GPU path, on the CPU                                       */
+/* ------------------------------------------------------------------------- */
+
+static bool same_tensor(const test_tensor* a, const test_tensor* b) {
+  return tt_numel(a) == tt_numel(b) &&
+         memcmp(a->dl.data, b->dl.data, (size_t)tt_numel(a) * (a->dl.dtype.bits / 8)) == 0;
+}
+
+/* FACTORCH_TEST_DEVICE_PATH=1 runs CP, Tucker and TT on a CPU engine that
+ * claims separate memory: CP's host buffers come from malloc and its
+ * Khatri-Rao products and partial contractions go through to_device and
+ * to_host, TT reads its singular values through to_host, as on a GPU. The
+ * arithmetic is the CPU's, so the results must be the same bits. */
+static void test_device_path(void) {
+  int64_t s3[3] = {5, 9, 4};
+  int P[3] = {2, 0, 1};
+  for (int bits = 32; bits <= 64; bits += 32) {
+    test_tensor* X = tt_new(bits, 3, s3, P, 1); /* strided: loaded, not read in place */
+    double* v = gauss_array(5 * 9 * 4);
+    fill(X, v);
+    free(v);
+    fct_cp_options co = {15, FCT_INIT_SVD, 0, 0.01, 4, 1, 0};
+    int64_t R[3] = {3, 2, 4};
+    fct_tucker_options to = {3, FCT_INIT_SVD, 0, 0};
+    int64_t caps[4] = {1, 3, 2, 1};
+    for (int init = FCT_INIT_SVD; init <= FCT_INIT_RANDOM; ++init) {
+      co.init = to.init = init;
+      cp_out c0 = run_cp(X, 6, co); /* rank 6 > I_2: the small-mode start */
+      tk_out t0 = run_tucker(X, R, to);
+      tt_out v0 = run_tt(X, 3, NULL, caps, 0.0);
+      setenv("FACTORCH_TEST_DEVICE_PATH", "1", 1);
+      cp_out c1 = run_cp(X, 6, co);
+      tk_out t1 = run_tucker(X, R, to);
+      tt_out v1 = run_tt(X, 3, NULL, caps, 0.0);
+      unsetenv("FACTORCH_TEST_DEVICE_PATH");
+      CHECK(c0.st == FCT_OK && c1.st == FCT_OK && t0.st == FCT_OK && t1.st == FCT_OK &&
+                v0.st == FCT_OK && v1.st == FCT_OK,
+            "device path f%d init %d: %d %d %d %d %d %d (%s)", bits, init, c0.st, c1.st, t0.st,
+            t1.st, v0.st, v1.st, g_err);
+      if (c1.st == FCT_OK && c0.st == FCT_OK) {
+        bool same = same_tensor(c0.w, c1.w) && c0.info.rel_error == c1.info.rel_error &&
+                    c0.info.n_iter == c1.info.n_iter;
+        for (int n = 0; n < 3; ++n) same = same && same_tensor(c0.F[n], c1.F[n]);
+        CHECK(same, "cp device path f%d init %d: results differ (%.17g vs %.17g)", bits, init,
+              c0.info.rel_error, c1.info.rel_error);
+      }
+      if (t1.st == FCT_OK && t0.st == FCT_OK) {
+        bool same = same_tensor(t0.core, t1.core) && t0.info.rel_error == t1.info.rel_error;
+        for (int n = 0; n < 3; ++n) same = same && same_tensor(t0.F[n], t1.F[n]);
+        CHECK(same, "tucker device path f%d init %d: results differ", bits, init);
+      }
+      if (v1.st == FCT_OK && v0.st == FCT_OK)
+        CHECK(same_tensor(v0.cores, v1.cores) && v0.info.rel_error == v1.info.rel_error &&
+                  memcmp(v0.ranks, v1.ranks, sizeof v0.ranks) == 0,
+              "tt device path f%d: results differ", bits);
+      free_cp(&c0, 3);
+      free_cp(&c1, 3);
+      free_tk(&t0, 3);
+      free_tk(&t1, 3);
+      tt_free(v0.cores);
+      tt_free(v1.cores);
+    }
+    tt_free(X);
+  }
+}
+
 static void test_zero_inputs(void) {
   int64_t s2[2] = {6, 4}, s3[3] = {3, 4, 5};
   test_tensor* A = tt_new(64, 2, s2, NULL, 0);
@@ -813,17 +880,26 @@ static void test_bad_arguments(void) {
   expect(c.st, FCT_ERR_NOT_FINITE, "tensor: holds 1 NaN/Inf", "cp NaN");
   free_cp(&c, 3);
   {
-    /* a cuda tensor: cp is cpu only */
-    int64_t fs[2] = {3, 2};
-    test_tensor* F = tt_output(64, 2, fs);
-    DLTensor cu = X->dl;
-    cu.device = (DLDevice){kDLCUDA, 0};
-    DLTensor* fp[3] = {&F->dl, &F->dl, &F->dl};
+    /* cuda tensors while the CUDA backend is not loaded (this test links
+     * libfactorch only) */
+    int64_t fs[3][2] = {{3, 2}, {4, 2}, {5, 2}}, ws[1] = {2};
+    test_tensor *F[3], *W = tt_output(64, 1, ws);
+    DLTensor cu = X->dl, cf[3], cw = W->dl;
+    DLTensor* fp[3];
+    cu.device = cw.device = (DLDevice){kDLCUDA, 0};
+    for (int n = 0; n < 3; ++n) {
+      F[n] = tt_output(64, 2, fs[n]);
+      cf[n] = F[n]->dl;
+      cf[n].device = cu.device;
+      fp[n] = &cf[n];
+    }
     fct_context cc = make_ctx();
     size_t bytes;
-    expect(fct_cp_als_workspace(&cc, &cu, 3, (const DLTensor* const*)fp, &F->dl, &co, &bytes),
-           FCT_ERR_UNSUPPORTED, "runs on the cpu only", "cp cuda");
-    tt_free(F);
+    expect(fct_cp_als_workspace(&cc, &cu, 3, (const DLTensor* const*)fp, &cw, &co, &bytes),
+           FCT_ERR_UNSUPPORTED, "tensor: is a cuda tensor, but factorch's CUDA backend is not "
+           "loaded", "cp cuda without backend");
+    for (int n = 0; n < 3; ++n) tt_free(F[n]);
+    tt_free(W);
   }
   int64_t R[3] = {2, 5, 2};
   fct_tucker_options to = {5, FCT_INIT_SVD, 1e-8, 0};
@@ -868,6 +944,7 @@ int main(void) {
   test_randomized_near_optimal();
   test_cp_options();
   test_tucker_options();
+  test_device_path();
   test_zero_inputs();
   test_bad_arguments();
   free(g_ws);
