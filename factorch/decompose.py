@@ -18,10 +18,10 @@ dtype and device. Argument names and meanings follow TensorLy
 ``random_state=None`` means seed 0 (deterministic), and ``cp`` normalises
 its factors by default.
 
-``svd`` and ``randomized_svd`` run on CUDA tensors with cuSOLVER/cuBLAS when
-factorch's CUDA backend is loaded; ``cp``, ``tucker`` and the TT
-decompositions run on the CPU (CUDA tensors are copied there and the
-results copied back).
+Every function runs on CUDA tensors with cuBLAS/cuSOLVER when factorch's
+CUDA backend is loaded (else they are copied to the cpu and the results
+copied back). ``cp`` keeps its small factor algebra (O((Σ I_n)·rank +
+rank²) per mode) on the host and contracts the tensor on the GPU.
 
 Every function computes in float64 (``randomized_svd`` reads the matrix in
 its own dtype and orthogonalises in float64), is deterministic for a given
@@ -105,9 +105,10 @@ def _empty(like, shape, is_torch):
     return np.empty(tuple(shape), dtype=like.dtype)
 
 
-def _cpu_copy(x):
-    """For the CPU-only decompositions: (array on the cpu, device to return to)."""
-    if isinstance(x, torch.Tensor) and x.device.type != "cpu":
+def _cpu_unless_cuda_backend(x):
+    """(array to decompose, device to return the results to): a CUDA tensor
+    is copied to the cpu only when factorch was built without CUDA."""
+    if _cuda_without_backend(x):
         return x.cpu(), x.device
     return x, None
 
@@ -429,7 +430,7 @@ def cp(tensor, rank: int, init="svd", n_iter_max: int = 100, tol: float = 1e-8,
     Cost per sweep: ~2·N·numel·rank flops.
     """
     X, is_torch = _prepare(tensor, "tensor")
-    X, back = _cpu_copy(X)
+    X, back = _cpu_unless_cuda_backend(X)
     if X.ndim < 2:
         raise ValueError(f"tensor: expected at least 2 dims, got {X.ndim}")
     R = _check_int("rank", rank, 1, 2**31 - 1)
@@ -496,7 +497,7 @@ def tucker(tensor, rank=None, n_iter_max: int = 100, tol: float = 1e-8, init="sv
     ``n_iter_max`` sweeps (``n_iter_max=0`` returns the HOSVD).
     """
     X, is_torch = _prepare(tensor, "tensor")
-    X, back = _cpu_copy(X)
+    X, back = _cpu_unless_cuda_backend(X)
     if X.ndim < 2:
         raise ValueError(f"tensor: expected at least 2 dims, got {X.ndim}")
     shape = _shape(X)
@@ -593,7 +594,7 @@ def tensor_train(tensor, rank=None, eps: float | None = None) -> TTResult:
     numerically zero singular values dropped). ``rel_error`` is exact.
     """
     X, is_torch = _prepare(tensor, "tensor")
-    X, back = _cpu_copy(X)
+    X, back = _cpu_unless_cuda_backend(X)
     shape = _shape(X)
     if X.ndim < 1:
         raise ValueError("tensor: expected at least 1 dim, got 0")
@@ -615,7 +616,7 @@ def tensor_train_matrix(tensor, rank=None, eps: float | None = None) -> TTMatrix
     The permutation is a strided view, packed once by the C side.
     """
     X, is_torch = _prepare(tensor, "tensor")
-    X, back = _cpu_copy(X)
+    X, back = _cpu_unless_cuda_backend(X)
     shape = _shape(X)
     if X.ndim < 2 or X.ndim % 2:
         raise ValueError(f"tensor: expected an even number of dims (I_0..I_d-1, J_0..J_d-1), got "

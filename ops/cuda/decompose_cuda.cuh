@@ -22,6 +22,13 @@ typedef struct fct_scan_result {
   long long bad;
 } fct_scan_result;
 
+/* An N-D strided view (shape and element strides) passed to a kernel by
+ * value. */
+typedef struct fct_nd {
+  int ndim;
+  int64_t shape[FCT_MAX_DIMS], strides[FCT_MAX_DIMS];
+} fct_nd;
+
 /* Blocks of the scan's first pass (its partial sums live in the
  * workspace: FCT_SCAN_BLOCKS doubles and as many long longs). */
 #define FCT_SCAN_BLOCKS 1024
@@ -71,6 +78,26 @@ fct_status fct_cudec_tail_error(fct_context* ctx, const fct_cuda_env* env, const
 /* *err = sqrt(max(0, scan->sumsq − Σ_{j<r} s_j²) / scan->sumsq). */
 fct_status fct_cudec_kept_error(fct_context* ctx, const fct_cuda_env* env, const double* s,
                                 int64_t r, const fct_scan_result* scan, double* err);
+
+/* dst (n doubles, dense) = the tensor at x (dtype dt) viewed through nd, in
+ * its logical row-major order. */
+fct_status fct_cudec_load_nd(fct_context* ctx, const fct_cuda_env* env, fct_dtype dt,
+                             const char* x, const fct_nd* nd, double* dst, int64_t n);
+/* a[e] = fct_rng_normal (normal) or fct_rng_uniform of (seed, stream,
+ * first + e), e < n. */
+fct_status fct_cudec_rng(fct_context* ctx, const fct_cuda_env* env, double* a, int64_t n,
+                         uint64_t seed, uint64_t stream, uint64_t first, bool normal);
+/* src [A, B, C] (dense row-major) -> dst [B, A, C] (!swap_last) or
+ * [A, C, B] (swap_last). */
+fct_status fct_cudec_permute3(fct_context* ctx, const fct_cuda_env* env, const double* src,
+                              int64_t A, int64_t B, int64_t C, double* dst, bool swap_last);
+/* This thread's cuSOLVER handle for env's device, bound to env's stream
+ * (svd_cuda.cu). */
+fct_status fct_cudec_solver(fct_context* ctx, const fct_cuda_env* env, cusolverDnHandle_t* out);
+/* FCT_OK, or FCT_ERR_BLAS naming `what` and cuSOLVER's status. */
+fct_status fct_cudec_solver_check(fct_context* ctx, cusolverStatus_t st, const char* what);
+/* The engine (engine.h) of CP, Tucker and TT on CUDA (engine_cuda.cu). */
+extern const fct_dec_engine fct_cudec_engine;
 
 } /* extern "C" */
 

@@ -197,6 +197,52 @@ static __global__ void error_kernel(const double* s, int64_t q, int64_t r,
   }
 }
 
+
+/* dst[e] (dense row-major) = X's element e in its logical row-major order. */
+template <typename T>
+static __global__ void load_nd_kernel(const T* x, fct_nd nd, double* dst, int64_t n) {
+  int64_t step = (int64_t)gridDim.x * blockDim.x;
+  for (int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; e < n; e += step) {
+    int64_t rest = e, off = 0;
+    for (int d = nd.ndim - 1; d >= 0; --d) {
+      int64_t i = rest % nd.shape[d];
+      rest /= nd.shape[d];
+      off += i * nd.strides[d];
+    }
+    dst[e] = (double)x[off];
+  }
+}
+
+static __global__ void rng_kernel(double* a, int64_t n, uint64_t seed, uint64_t stream,
+                                  uint64_t first, int normal) {
+  int64_t step = (int64_t)gridDim.x * blockDim.x;
+  for (int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; e < n; e += step) {
+    uint64_t i = first + (uint64_t)e;
+    a[e] = normal ? fct_rng_normal(seed, stream, i) : fct_rng_uniform(seed, stream, i);
+  }
+}
+
+/* src [A, B, C] row-major -> dst [B, A, C] (swap_last 0) or [A, C, B] (1). */
+static __global__ void permute3_kernel(const double* src, int64_t A, int64_t B, int64_t C,
+                                       double* dst, int swap_last) {
+  int64_t n = A * B * C, step = (int64_t)gridDim.x * blockDim.x;
+  for (int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; e < n; e += step) {
+    int64_t a, b, c;
+    if (!swap_last) {
+      b = e / (A * C);
+      int64_t rem = e - b * (A * C);
+      a = rem / C;
+      c = rem - a * C;
+    } else {
+      a = e / (C * B);
+      int64_t rem = e - a * (C * B);
+      c = rem / B;
+      b = rem - c * B;
+    }
+    dst[e] = src[(a * B + b) * C + c];
+  }
+}
+
 /* ------------------------------------------------------------------------- */
 /* Launchers                                                                  */
 /* ------------------------------------------------------------------------- */
@@ -315,6 +361,29 @@ fct_status fct_cudec_kept_error(fct_context* ctx, const fct_cuda_env* env, const
                                 int64_t r, const fct_scan_result* scan, double* err) {
   error_kernel<<<1, RED_THREADS, 0, env->stream>>>(s, r, r, scan, err);
   return fct_cuda_check_launch(ctx, "error_kernel");
+}
+
+fct_status fct_cudec_load_nd(fct_context* ctx, const fct_cuda_env* env, fct_dtype dt,
+                             const char* x, const fct_nd* nd, double* dst, int64_t n) {
+  if (n == 0) return FCT_OK;
+  if (dt == FCT_F32) load_nd_kernel<float><<<LAUNCH(n)>>>((const float*)x, *nd, dst, n);
+  else load_nd_kernel<double><<<LAUNCH(n)>>>((const double*)x, *nd, dst, n);
+  return fct_cuda_check_launch(ctx, "load_nd_kernel");
+}
+
+fct_status fct_cudec_rng(fct_context* ctx, const fct_cuda_env* env, double* a, int64_t n,
+                         uint64_t seed, uint64_t stream, uint64_t first, bool normal) {
+  if (n == 0) return FCT_OK;
+  rng_kernel<<<LAUNCH(n)>>>(a, n, seed, stream, first, normal ? 1 : 0);
+  return fct_cuda_check_launch(ctx, "rng_kernel");
+}
+
+fct_status fct_cudec_permute3(fct_context* ctx, const fct_cuda_env* env, const double* src,
+                              int64_t A, int64_t B, int64_t C, double* dst, bool swap_last) {
+  int64_t n = A * B * C;
+  if (n == 0) return FCT_OK;
+  permute3_kernel<<<LAUNCH(n)>>>(src, A, B, C, dst, swap_last ? 1 : 0);
+  return fct_cuda_check_launch(ctx, "permute3_kernel");
 }
 
 } /* extern "C" */

@@ -50,25 +50,25 @@ static void make_solver_key(void) {
   g_solver_key_ok = pthread_key_create(&g_solver_key, destroy_solvers) == 0;
 }
 
-static fct_status solver_check(fct_context* ctx, cusolverStatus_t st, const char* what) {
+fct_status fct_cudec_solver_check(fct_context* ctx, cusolverStatus_t st, const char* what) {
   if (st == CUSOLVER_STATUS_SUCCESS) return FCT_OK;
   return fct_fail(ctx, FCT_ERR_BLAS, "%s failed: cusolver status %d", what, (int)st);
 }
 
 /* This thread's solver for env's device, bound to env's stream. */
-static fct_status solver_for(fct_context* ctx, const fct_cuda_env* env, cusolverDnHandle_t* out) {
+fct_status fct_cudec_solver(fct_context* ctx, const fct_cuda_env* env, cusolverDnHandle_t* out) {
   int dev = env->device;
   if (dev < 0 || dev >= SOLVER_MAX_DEVICES)
     return fct_fail(ctx, FCT_ERR_UNSUPPORTED, "cuda device %d: at most %d devices are supported",
                     dev, SOLVER_MAX_DEVICES);
   if (!t_solvers[dev]) {
     cusolverDnHandle_t h = NULL;
-    FCT_TRY(solver_check(ctx, cusolverDnCreate(&h), "cusolverDnCreate"));
+    FCT_TRY(fct_cudec_solver_check(ctx, cusolverDnCreate(&h), "cusolverDnCreate"));
     t_solvers[dev] = h;
     pthread_once(&g_solver_once, make_solver_key);
     if (g_solver_key_ok) pthread_setspecific(g_solver_key, t_solvers);
   }
-  FCT_TRY(solver_check(ctx, cusolverDnSetStream(t_solvers[dev], env->stream),
+  FCT_TRY(fct_cudec_solver_check(ctx, cusolverDnSetStream(t_solvers[dev], env->stream),
                        "cusolverDnSetStream"));
   *out = t_solvers[dev];
   return FCT_OK;
@@ -137,7 +137,7 @@ static fct_status svd_layout(fct_context* ctx, cusolverDnHandle_t h, const fct_s
   b->rows = p->n >= p->m ? p->n : p->m; /* tall orientation for gesvd */
   b->cols = p->n >= p->m ? p->m : p->n;
   b->q = b->cols;
-  FCT_TRY(solver_check(ctx, cusolverDnDgesvd_bufferSize(h, (int)b->rows, (int)b->cols, &b->lwork),
+  FCT_TRY(fct_cudec_solver_check(ctx, cusolverDnDgesvd_bufferSize(h, (int)b->rows, (int)b->cols, &b->lwork),
                        "cusolverDnDgesvd_bufferSize"));
   b->part_sum = fct_arena_f64(a, FCT_SCAN_BLOCKS);
   b->part_bad = (long long*)fct_arena_take(a, FCT_SCAN_BLOCKS, sizeof(long long));
@@ -158,7 +158,7 @@ static fct_status svd_layout(fct_context* ctx, cusolverDnHandle_t h, const fct_s
 static fct_status svd_workspace_in(fct_context* ctx, const fct_cuda_env* env,
                                    const fct_svd_plan* p, size_t* bytes) {
   cusolverDnHandle_t h = NULL;
-  FCT_TRY(solver_for(ctx, env, &h));
+  FCT_TRY(fct_cudec_solver(ctx, env, &h));
   fct_arena a = {NULL, 0, false};
   svd_bufs b;
   FCT_TRY(svd_layout(ctx, h, p, &a, &b));
@@ -169,7 +169,7 @@ static fct_status svd_workspace_in(fct_context* ctx, const fct_cuda_env* env,
 static fct_status svd_in(fct_context* ctx, const fct_cuda_env* env, const fct_svd_plan* p,
                          fct_decomp_info* info) {
   cusolverDnHandle_t h = NULL;
-  FCT_TRY(solver_for(ctx, env, &h));
+  FCT_TRY(fct_cudec_solver(ctx, env, &h));
   fct_arena a = {(char*)ctx->workspace, 0, false};
   svd_bufs b;
   FCT_TRY(svd_layout(ctx, h, p, &a, &b));
@@ -182,7 +182,7 @@ static fct_status svd_in(fct_context* ctx, const fct_cuda_env* env, const fct_sv
   bool wide = p->n >= p->m;
   int64_t q = b.q;
   FCT_TRY(fct_cudec_load_f64(ctx, env, p->dt, &p->a, b.W, wide ? p->n : 1, wide ? 1 : p->m));
-  FCT_TRY(solver_check(ctx,
+  FCT_TRY(fct_cudec_solver_check(ctx,
                        cusolverDnDgesvd(h, 'S', 'S', (int)b.rows, (int)b.cols, b.W, (int)b.rows,
                                         b.s, b.U, (int)b.rows, b.VT, (int)q, b.work, b.lwork,
                                         b.rwork, b.info),
@@ -223,19 +223,19 @@ static fct_status rsvd_layout(fct_context* ctx, cusolverDnHandle_t h, const fct_
    * memory, on the host): while sizing there is no workspace yet, so hand
    * them a dummy non-NULL address rather than risk a NULL check. */
   double* any = a->base ? (double*)a->base : (double*)(uintptr_t)FCT_WS_ALIGN;
-  FCT_TRY(solver_check(ctx, cusolverDnDgeqrf_bufferSize(h, (int)m, (int)k, any, (int)m, &l[0]),
+  FCT_TRY(fct_cudec_solver_check(ctx, cusolverDnDgeqrf_bufferSize(h, (int)m, (int)k, any, (int)m, &l[0]),
                        "cusolverDnDgeqrf_bufferSize"));
-  FCT_TRY(solver_check(ctx, cusolverDnDgeqrf_bufferSize(h, (int)n, (int)k, any, (int)n, &l[1]),
+  FCT_TRY(fct_cudec_solver_check(ctx, cusolverDnDgeqrf_bufferSize(h, (int)n, (int)k, any, (int)n, &l[1]),
                        "cusolverDnDgeqrf_bufferSize"));
-  FCT_TRY(solver_check(ctx, cusolverDnDorgqr_bufferSize(h, (int)m, (int)k, (int)k, any, (int)m,
+  FCT_TRY(fct_cudec_solver_check(ctx, cusolverDnDorgqr_bufferSize(h, (int)m, (int)k, (int)k, any, (int)m,
                                                         any, &l[2]),
                        "cusolverDnDorgqr_bufferSize"));
-  FCT_TRY(solver_check(ctx, cusolverDnDorgqr_bufferSize(h, (int)n, (int)k, (int)k, any, (int)n,
+  FCT_TRY(fct_cudec_solver_check(ctx, cusolverDnDorgqr_bufferSize(h, (int)n, (int)k, (int)k, any, (int)n,
                                                         any, &l[3]),
                        "cusolverDnDorgqr_bufferSize"));
-  FCT_TRY(solver_check(ctx, cusolverDnDgesvd_bufferSize(h, (int)n, (int)k, &l[4]),
+  FCT_TRY(fct_cudec_solver_check(ctx, cusolverDnDgesvd_bufferSize(h, (int)n, (int)k, &l[4]),
                        "cusolverDnDgesvd_bufferSize"));
-  FCT_TRY(solver_check(ctx, cusolverDnDgesvd_bufferSize(h, (int)k, (int)k, &l[5]),
+  FCT_TRY(fct_cudec_solver_check(ctx, cusolverDnDgesvd_bufferSize(h, (int)k, (int)k, &l[5]),
                        "cusolverDnDgesvd_bufferSize"));
   b->lwork = 1;
   for (int i = 0; i < 6; ++i) b->lwork = l[i] > b->lwork ? l[i] : b->lwork;
@@ -307,11 +307,11 @@ static fct_status from_f64(fct_context* ctx, const fct_cuda_env* env, fct_dtype 
 /* Q [rows, k] = orth(Q) in place; R (nullable) receives the triangle. */
 static fct_status orth(fct_context* ctx, const fct_cuda_env* env, cusolverDnHandle_t h,
                        rsvd_bufs* b, int64_t rows, int64_t k, double* Q, double* R) {
-  FCT_TRY(solver_check(ctx, cusolverDnDgeqrf(h, (int)rows, (int)k, Q, (int)rows, b->tau, b->work,
+  FCT_TRY(fct_cudec_solver_check(ctx, cusolverDnDgeqrf(h, (int)rows, (int)k, Q, (int)rows, b->tau, b->work,
                                              b->lwork, b->info),
                        "cusolverDnDgeqrf"));
   if (R) FCT_TRY(fct_cudec_copy_upper(ctx, env, Q, rows, k, R));
-  return solver_check(ctx, cusolverDnDorgqr(h, (int)rows, (int)k, (int)k, Q, (int)rows, b->tau,
+  return fct_cudec_solver_check(ctx, cusolverDnDorgqr(h, (int)rows, (int)k, (int)k, Q, (int)rows, b->tau,
                                             b->work, b->lwork, b->info),
                       "cusolverDnDorgqr");
 }
@@ -319,7 +319,7 @@ static fct_status orth(fct_context* ctx, const fct_cuda_env* env, cusolverDnHand
 static fct_status rsvd_workspace_in(fct_context* ctx, const fct_cuda_env* env,
                                     const fct_svd_plan* p, size_t* bytes) {
   cusolverDnHandle_t h = NULL;
-  FCT_TRY(solver_for(ctx, env, &h));
+  FCT_TRY(fct_cudec_solver(ctx, env, &h));
   fct_arena a = {NULL, 0, false};
   rsvd_bufs b;
   FCT_TRY(rsvd_layout(ctx, h, p, &a, &b));
@@ -330,7 +330,7 @@ static fct_status rsvd_workspace_in(fct_context* ctx, const fct_cuda_env* env,
 static fct_status rsvd_in(fct_context* ctx, const fct_cuda_env* env, const fct_svd_plan* p,
                           fct_decomp_info* info) {
   cusolverDnHandle_t h = NULL;
-  FCT_TRY(solver_for(ctx, env, &h));
+  FCT_TRY(fct_cudec_solver(ctx, env, &h));
   fct_arena ar = {(char*)ctx->workspace, 0, false};
   rsvd_bufs b;
   FCT_TRY(rsvd_layout(ctx, h, p, &ar, &b));
@@ -361,7 +361,7 @@ static fct_status rsvd_in(fct_context* ctx, const fct_cuda_env* env, const fct_s
     /* singular values of Rz only, into s (α = s[k-1]²/2, read on device) */
     /* (U and VT are not referenced with 'N'; valid buffers and leading
      * dimensions all the same.) */
-    FCT_TRY(solver_check(ctx, cusolverDnDgesvd(h, 'N', 'N', (int)k, (int)k, b.sv, (int)k, b.s,
+    FCT_TRY(fct_cudec_solver_check(ctx, cusolverDnDgesvd(h, 'N', 'N', (int)k, (int)k, b.sv, (int)k, b.s,
                                                b.UbT, (int)k, b.Vb, (int)k, b.work, b.lwork,
                                                b.rwork, b.info),
                          "cusolverDnDgesvd"));
@@ -379,7 +379,7 @@ static fct_status rsvd_in(fct_context* ctx, const fct_cuda_env* env, const fct_s
   FCT_TRY(from_f64(ctx, env, dt, b.Q, b.Yd, m * k));
   FCT_TRY(a_mul(ctx, env, p, &A, true, b.Yd, b.Om)); /* Bᵀ = Aᵀ·Q [n, k] */
   FCT_TRY(to_f64(ctx, env, dt, b.Om, b.Z, n * k));
-  FCT_TRY(solver_check(ctx, cusolverDnDgesvd(h, 'S', 'S', (int)n, (int)k, b.Z, (int)n, b.s, b.Vb,
+  FCT_TRY(fct_cudec_solver_check(ctx, cusolverDnDgesvd(h, 'S', 'S', (int)n, (int)k, b.Z, (int)n, b.s, b.Vb,
                                              (int)n, b.UbT, (int)k, b.work, b.lwork, b.rwork,
                                              b.info),
                        "cusolverDnDgesvd"));
@@ -441,6 +441,7 @@ static const fct_decompose_backend kCudaDecompose = {
     cuda_svd,           /* svd */
     cuda_rsvd_workspace, /* rsvd_workspace */
     cuda_rsvd,          /* rsvd */
+    &fct_cudec_engine,  /* engine: CP, Tucker, TT (engine_cuda.cu) */
 };
 
 /* Like the lowrank backend: registration only, no CUDA call at load. */

@@ -145,9 +145,12 @@ FCT_API fct_status fct_lowrank_linear_backward(
 /*    arithmetic is float64 throughout, except that randomized_svd reads its  */
 /*    matrix in the matrix's own dtype (its only O(m·n) work) and            */
 /*    orthogonalises in float64.                                             */
-/*  - devices: svd and randomized_svd on cpu and cuda (cuSOLVER + cuBLAS;    */
-/*    these synchronise ctx->stream to return the error on the host); cp,    */
-/*    tucker and tensor_train on cpu only (FCT_ERR_UNSUPPORTED on cuda).     */
+/*  - devices: cpu and cuda (cuSOLVER + cuBLAS; the calls synchronise       */
+/*    ctx->stream to return errors and ranks on the host). On cuda, cp       */
+/*    keeps its factor algebra on the host in memory it allocates (failing   */
+/*    with FCT_ERR_WORKSPACE when it cannot); tensor_train allocates its     */
+/*    singular values' host copy. FCT_ERR_UNSUPPORTED on cuda when           */
+/*    libfactorch_cuda is not loaded.                                        */
 /*  - The input may have any strides; it is read, never written. Outputs are */
 /*    dense row-major (C-contiguous) and must not overlap the input or each  */
 /*    other. Inputs holding NaN/Inf fail with FCT_ERR_NOT_FINITE (always     */

@@ -3,8 +3,9 @@
  * CPU implementation on the same matrices: float32 and float64, tall and
  * wide, row-major, column-major and gapped (packed on the GPU) strides, on
  * a non-default stream; the same sketch (counter-based RNG) on both sides,
- * so the factors agree up to rounding. Then NaN input and a short workspace.
- * Exits 77 (ctest: skipped) without a GPU.
+ * so the factors agree up to rounding. Then CP, Tucker and TT on the CUDA
+ * engine against the CPU engine (status, error, ranks), NaN input and a
+ * short workspace. Exits 77 (ctest: skipped) without a GPU.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -169,6 +170,145 @@ static void bad_inputs(void) {
   tt_free(A);
 }
 
+/* ------------------------------------------------------------------------- */
+/* CP, Tucker and TT: the CUDA engine against the CPU engine                  */
+/* ------------------------------------------------------------------------- */
+
+enum { DEC_CP, DEC_TUCKER, DEC_TT };
+
+typedef struct dec_result {
+  fct_status st;
+  fct_decomp_info info;
+  int64_t ranks[4];
+  double out_sumsq; /* Σ of the squared outputs: the same factors give the same */
+} dec_result;
+
+static double sumsq_of(const test_tensor* t) {
+  double s = 0;
+  int64_t last = t->shape[t->dl.ndim - 1];
+  for (int64_t e = 0; e < tt_numel(t); ++e) {
+    double v = tt_get2(t, e / last, e % last);
+    s += v * v;
+  }
+  return s;
+}
+
+/* Runs `which` on X [6, 7, 8] (rank 3 everywhere) on the CPU or the GPU
+ * with a workspace of the queried size minus `short_by` bytes. */
+static dec_result run_dec(int which, const test_tensor* X, bool dev, size_t short_by) {
+  int bits = X->dl.dtype.bits;
+  dec_result res = {FCT_OK, {0, 0, 0}, {0}, 0};
+  test_tensor* outs[5] = {NULL};
+  int nout = 0;
+  int64_t R = 3;
+  if (which == DEC_CP || which == DEC_TUCKER) {
+    for (int n = 0; n < 3; ++n) {
+      int64_t fs[2] = {X->shape[n], R};
+      outs[nout++] = tt_output(bits, 2, fs);
+    }
+    int64_t ws[3] = {R, R, R};
+    outs[nout++] = tt_output(bits, which == DEC_CP ? 1 : 3, ws);
+  } else {
+    int64_t cap[1] = {6 * 3 + 3 * 7 * 3 + 3 * 8};
+    outs[nout++] = tt_output(bits, 1, cap);
+  }
+  fct_context c = {0};
+  c.error = g_err;
+  c.error_bytes = sizeof g_err;
+  g_err[0] = 0;
+  DLTensor x = X->dl, o[5];
+  void *mx = NULL, *mo[5] = {NULL}, *ws = NULL;
+  for (int i = 0; i < nout; ++i) o[i] = outs[i]->dl;
+  if (dev) {
+    x = to_device(X, &mx);
+    for (int i = 0; i < nout; ++i) o[i] = to_device(outs[i], &mo[i]);
+    c.stream = g_stream;
+  }
+  DLTensor* F[3] = {&o[0], &o[1], &o[2]};
+  fct_cp_options co = {20, FCT_INIT_RANDOM, 0, 0, 3, 1, 0};
+  fct_tucker_options to = {4, FCT_INIT_SVD, 0, 0};
+  int64_t caps[4] = {1, R, R, 1};
+  size_t bytes = 0;
+  if (which == DEC_CP)
+    res.st = fct_cp_als_workspace(&c, &x, 3, (const DLTensor* const*)F, &o[3], &co, &bytes);
+  else if (which == DEC_TUCKER)
+    res.st = fct_tucker_hooi_workspace(&c, &x, &o[3], 3, (const DLTensor* const*)F, &to, &bytes);
+  else
+    res.st = fct_tensor_train_workspace(&c, &x, 3, NULL, caps, 0.0, &o[0], &bytes);
+  if (res.st == FCT_OK) {
+    if (dev) cuda_ok(cudaMalloc(&ws, bytes ? bytes : 1), "cudaMalloc workspace");
+    else ws = aligned_alloc(256, (bytes + 256) / 256 * 256);
+    c.workspace = ws;
+    c.workspace_bytes = bytes - (short_by < bytes ? short_by : bytes);
+    if (which == DEC_CP)
+      res.st = fct_cp_als(&c, &x, 3, F, &o[3], &co, NULL, &res.info);
+    else if (which == DEC_TUCKER)
+      res.st = fct_tucker_hooi(&c, &x, &o[3], 3, F, &to, NULL, &res.info);
+    else
+      res.st = fct_tensor_train(&c, &x, 3, NULL, caps, 0.0, &o[0], res.ranks, &res.info);
+  }
+  if (dev) {
+    cuda_ok(cudaStreamSynchronize(g_stream), "sync");
+    for (int i = 0; i < nout; ++i) from_device(outs[i], mo[i]);
+    cudaFree(mx);
+    for (int i = 0; i < nout; ++i) cudaFree(mo[i]);
+    cudaFree(ws);
+  } else {
+    free(ws);
+  }
+  /* CP (same host-side random start) and TT (unique up to signs) give the
+   * same factors; Tucker's core has the same norm whatever the bases. */
+  int last = which == DEC_TT ? 0 : nout - 1;
+  res.out_sumsq = res.st == FCT_OK ? sumsq_of(outs[last]) : 0;
+  for (int i = 0; i < nout; ++i) tt_free(outs[i]);
+  return res;
+}
+
+static void compare_engines(int bits, const int* order, int64_t gap) {
+  int64_t shape[3] = {6, 7, 8};
+  test_tensor* X = tt_new(bits, 3, shape, order, gap);
+  for (int64_t e = 0; e < 6 * 7 * 8; ++e) { /* rank 3 plus a little noise */
+    int64_t i = e / 56, j = (e / 8) % 7, k = e % 8, idx[3] = {i, j, k};
+    double v = 1e-3 * sin((double)e);
+    for (int r = 0; r < 3; ++r)
+      v += pow(0.6, r) * sin(1.0 + i * (r + 1.0)) * cos(0.5 + j * (r + 0.7)) *
+           sin(0.3 + k * (r + 1.3));
+    tt_set(X, idx, v);
+  }
+  const char* names[3] = {"cp", "tucker", "tt"};
+  double tol = bits == 64 ? 1e-8 : 1e-4;
+  for (int which = DEC_CP; which <= DEC_TT; ++which) {
+    dec_result cpu = run_dec(which, X, false, 0), gpu = run_dec(which, X, true, 0);
+    CHECK(cpu.st == FCT_OK && gpu.st == FCT_OK, "%s f%d gap %lld: cpu %d gpu %d (%s)",
+          names[which], bits, (long long)gap, cpu.st, gpu.st, g_err);
+    if (cpu.st != FCT_OK || gpu.st != FCT_OK) continue;
+    CHECK(fabs(cpu.info.rel_error - gpu.info.rel_error) <= tol,
+          "%s f%d: rel_error cpu %.10f gpu %.10f", names[which], bits, cpu.info.rel_error,
+          gpu.info.rel_error);
+    CHECK(fabs(cpu.out_sumsq - gpu.out_sumsq) <= tol * (1 + cpu.out_sumsq),
+          "%s f%d: outputs' norm² cpu %.10f gpu %.10f", names[which], bits, cpu.out_sumsq,
+          gpu.out_sumsq);
+    CHECK(cpu.info.n_iter == gpu.info.n_iter, "%s: n_iter %d vs %d", names[which],
+          cpu.info.n_iter, gpu.info.n_iter);
+    for (int k = 0; k < 4 && which == DEC_TT; ++k)
+      CHECK(cpu.ranks[k] == gpu.ranks[k], "tt: rank %d cpu %lld gpu %lld", k,
+            (long long)cpu.ranks[k], (long long)gpu.ranks[k]);
+  }
+  /* a workspace one byte short, and NaN input, on the GPU */
+  for (int which = DEC_CP; which <= DEC_TT; ++which) {
+    dec_result g = run_dec(which, X, true, 1);
+    CHECK(g.st == FCT_ERR_WORKSPACE, "%s short workspace: %d %s", names[which], g.st, g_err);
+  }
+  int64_t idx[3] = {2, 3, 4};
+  tt_set(X, idx, NAN);
+  for (int which = DEC_CP; which <= DEC_TT; ++which) {
+    dec_result g = run_dec(which, X, true, 0);
+    CHECK(g.st == FCT_ERR_NOT_FINITE && strstr(g_err, "tensor: holds 1 NaN/Inf"),
+          "%s NaN: %d %s", names[which], g.st, g_err);
+  }
+  tt_free(X);
+}
+
 int main(void) {
   int count = 0;
   if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
@@ -189,6 +329,11 @@ int main(void) {
       compare(bits, 36, 20, 4, NULL, 3, rnd);
     }
   bad_inputs();
+  int P[3] = {2, 0, 1};
+  for (int bits = 32; bits <= 64; bits += 32) {
+    compare_engines(bits, NULL, 0);
+    compare_engines(bits, P, 2); /* strided: loaded on the GPU through its strides */
+  }
   cudaStreamDestroy(g_stream);
   return test_report();
 }

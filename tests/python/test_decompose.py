@@ -411,10 +411,39 @@ def test_tensor_train_bad_arguments():
         D.tensor_train(X, rank=2)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cpu_only_decompositions_accept_cuda_tensors():
-    X = planted_cp((5, 6, 7), 2).cuda()
-    res = D.cp(X, 2)
-    assert res.weights.device == X.device and rel(res.to_tensor(), X) < 1e-6
-    assert D.tucker(X, 2).core.device == X.device
-    assert D.tensor_train(X, rank=2).factors[0].device == X.device
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device and factorch's CUDA backend")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_cp_tucker_tt_match_the_cpu(dtype):
+    """CP, Tucker and TT on the CUDA engine (cuBLAS/cuSOLVER) against the CPU
+    engine: same errors, same reconstructions, outputs on the input's device
+    and dtype; strided input; NaN rejected on the GPU too."""
+    tol = 1e-9 if dtype == torch.float64 else 2e-4
+    X = (planted_cp((9, 10, 11), 3) + 1e-3 * torch.randn(9, 10, 11, dtype=torch.float64,
+                                                       generator=torch.Generator().manual_seed(5)))
+    X = X.to(dtype)
+    Xs = X.cuda().transpose(0, 2).contiguous().transpose(0, 2)  # strided on the GPU
+    assert not Xs.is_contiguous()
+    runs = [
+        lambda T: D.cp(T, 3, init="random", n_iter_max=30, tol=0),  # same host-side init
+        lambda T: D.cp(T, 3, n_iter_max=30, tol=0),
+        lambda T: D.tucker(T, 3, n_iter_max=5, tol=0),
+        lambda T: D.tucker(T, 3, init="random", n_iter_max=5, tol=0),
+        lambda T: D.tucker(T, [9, 2, 2], n_iter_max=3, tol=0),  # a mode larger than the rest
+        lambda T: D.tensor_train(T, rank=[1, 3, 4, 1]),
+        lambda T: D.tensor_train(T, eps=1e-2),
+        lambda T: D.tensor_train_matrix(T.reshape(3, 3, 10, 11)[:, :, :2, :2], rank=2),
+    ]
+    for i, fn in enumerate(runs):
+        c = fn(X)
+        for T in (X.cuda(), Xs):
+            g = fn(T)
+            out = g.to_tensor()
+            assert out.is_cuda and out.dtype == dtype, i
+            assert g.rel_error == pytest.approx(c.rel_error, abs=tol * 10), i
+            torch.testing.assert_close(out.cpu(), c.to_tensor(), atol=tol * 100, rtol=0)
+            if hasattr(c, "rank"):
+                assert g.rank == c.rank, i
+    with pytest.raises(ValueError, match="tensor: holds 1 NaN/Inf values"):
+        B = X.cuda().clone()
+        B[1, 2, 3] = float("nan")
+        D.tucker(B, 2)
