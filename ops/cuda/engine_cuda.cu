@@ -373,7 +373,12 @@ static fct_status orth_in(const fct_dec_run* r, cusolverDnHandle_t h, int64_t m,
       "cusolverDnDorgqr");
 }
 
+/* The cuSOLVER entries, run through one body (la_body, after the
+ * top_left_sv code below): which one, and its arguments. */
+typedef enum la_op { LA_SVD_NEED, LA_SVD, LA_ORTH_NEED, LA_ORTH, LA_TLSV_NEED, LA_TLSV } la_op;
+
 typedef struct la_args {
+  la_op op;
   int64_t m, n, k;
   double *A, *s, *U, *VT, *scratch;
   const char* what;
@@ -385,31 +390,21 @@ typedef struct la_args {
   uint64_t seed, stream;
 } la_args;
 
-static fct_status svd_scratch_body(const fct_dec_run* r, const fct_cuda_env* env, void* arg) {
-  la_args* a = (la_args*)arg;
-  cusolverDnHandle_t h;
-  FCT_TRY(fct_cudec_solver(r->ctx, env, &h));
-  return svd_need(r, h, a->m, a->n, a->doubles);
-}
+static fct_status run_la(const fct_dec_run* r, la_args* a);
 
 static fct_status cu_svd_scratch(const fct_dec_run* r, int64_t m, int64_t n, int64_t* doubles) {
   la_args a = {};
+  a.op = LA_SVD_NEED;
   a.m = m;
   a.n = n;
   a.doubles = doubles;
-  return on_device(r, false, svd_scratch_body, &a);
-}
-
-static fct_status svd_body(const fct_dec_run* r, const fct_cuda_env* env, void* arg) {
-  la_args* a = (la_args*)arg;
-  cusolverDnHandle_t h;
-  FCT_TRY(fct_cudec_solver(r->ctx, env, &h));
-  return svd_in(r, env, h, a->m, a->n, a->A, a->s, a->U, a->VT, a->scratch, a->what);
+  return run_la(r, &a);
 }
 
 static fct_status cu_svd(const fct_dec_run* r, int64_t m, int64_t n, double* A, double* s,
                          double* U, double* VT, double* scratch, const char* what) {
   la_args a = {};
+  a.op = LA_SVD;
   a.m = m;
   a.n = n;
   a.A = A;
@@ -418,39 +413,27 @@ static fct_status cu_svd(const fct_dec_run* r, int64_t m, int64_t n, double* A, 
   a.VT = VT;
   a.scratch = scratch;
   a.what = what;
-  return on_device(r, true, svd_body, &a);
-}
-
-static fct_status orth_scratch_body(const fct_dec_run* r, const fct_cuda_env* env, void* arg) {
-  la_args* a = (la_args*)arg;
-  cusolverDnHandle_t h;
-  FCT_TRY(fct_cudec_solver(r->ctx, env, &h));
-  return orth_need(r, h, a->m, a->k, a->doubles);
+  return run_la(r, &a);
 }
 
 static fct_status cu_orth_scratch(const fct_dec_run* r, int64_t m, int64_t k, int64_t* doubles) {
   la_args a = {};
+  a.op = LA_ORTH_NEED;
   a.m = m;
   a.k = k;
   a.doubles = doubles;
-  return on_device(r, false, orth_scratch_body, &a);
-}
-
-static fct_status orth_body(const fct_dec_run* r, const fct_cuda_env* env, void* arg) {
-  la_args* a = (la_args*)arg;
-  cusolverDnHandle_t h;
-  FCT_TRY(fct_cudec_solver(r->ctx, env, &h));
-  return orth_in(r, h, a->m, a->k, a->A, a->scratch);
+  return run_la(r, &a);
 }
 
 static fct_status cu_orth(const fct_dec_run* r, int64_t m, int64_t k, double* A,
                           double* scratch) {
   la_args a = {};
+  a.op = LA_ORTH;
   a.m = m;
   a.k = k;
   a.A = A;
   a.scratch = scratch;
-  return on_device(r, false, orth_body, &a);
+  return run_la(r, &a);
 }
 
 /* ------------------------------------------------------------------------- */
@@ -482,40 +465,30 @@ static tlsv_dims tlsv_dims_of(const fct_dims* d, int n) {
 }
 
 static fct_status tlsv_need(const fct_dec_run* r, cusolverDnHandle_t h, const fct_dims* d, int n,
-                           int64_t k, int64_t* doubles, int64_t* svd_part) {
+                           int64_t k, int64_t* doubles) {
   tlsv_dims t = tlsv_dims_of(d, n);
   int64_t sv, ow = 0;
   FCT_TRY(svd_need(r, h, t.rows, t.cols, &sv));
   if (t.tall_y && k > t.P) FCT_TRY(orth_need(r, h, t.In, k, &ow));
-  if (svd_part) *svd_part = sv;
   *doubles = 2 * t.rows * t.cols + t.q + t.q * t.cols + (sv > ow ? sv : ow);
   return FCT_OK;
-}
-
-static fct_status tlsv_scratch_body(const fct_dec_run* r, const fct_cuda_env* env, void* arg) {
-  la_args* a = (la_args*)arg;
-  cusolverDnHandle_t h;
-  FCT_TRY(fct_cudec_solver(r->ctx, env, &h));
-  return tlsv_need(r, h, a->d, a->mode, a->k, a->doubles, NULL);
 }
 
 static fct_status cu_top_left_sv_scratch(const fct_dec_run* r, const fct_dims* d, int n,
                                          int64_t k, int64_t* doubles) {
   la_args a = {};
+  a.op = LA_TLSV_NEED;
   a.d = d;
   a.mode = n;
   a.k = k;
   a.doubles = doubles;
-  return on_device(r, false, tlsv_scratch_body, &a);
+  return run_la(r, &a);
 }
 
-static fct_status tlsv_body(const fct_dec_run* r, const fct_cuda_env* env, void* arg) {
-  la_args* a = (la_args*)arg;
-  cusolverDnHandle_t h;
-  FCT_TRY(fct_cudec_solver(r->ctx, env, &h));
+static fct_status tlsv_in(const fct_dec_run* r, const fct_cuda_env* env, cusolverDnHandle_t h,
+                         const la_args* a) {
   tlsv_dims t = tlsv_dims_of(a->d, a->mode);
-  int64_t need, k = a->k;
-  FCT_TRY(tlsv_need(r, h, a->d, a->mode, k, &need, NULL));
+  int64_t k = a->k;
   double* Z = a->scratch;
   double* Zu = Z + t.rows * t.cols;
   double* s = Zu + t.rows * t.cols;
@@ -541,6 +514,7 @@ static fct_status cu_top_left_sv(const fct_dec_run* r, const double* Y, const fc
                                  int64_t k, double* U, uint64_t seed, uint64_t stream,
                                  double* scratch) {
   la_args a = {};
+  a.op = LA_TLSV;
   a.Y = Y;
   a.d = d;
   a.mode = n;
@@ -549,7 +523,27 @@ static fct_status cu_top_left_sv(const fct_dec_run* r, const double* Y, const fc
   a.seed = seed;
   a.stream = stream;
   a.scratch = scratch;
-  return on_device(r, true, tlsv_body, &a);
+  return run_la(r, &a);
+}
+
+static fct_status la_body(const fct_dec_run* r, const fct_cuda_env* env, void* arg) {
+  la_args* a = (la_args*)arg;
+  cusolverDnHandle_t h;
+  FCT_TRY(fct_cudec_solver(r->ctx, env, &h));
+  switch (a->op) {
+    case LA_SVD_NEED: return svd_need(r, h, a->m, a->n, a->doubles);
+    case LA_SVD: return svd_in(r, env, h, a->m, a->n, a->A, a->s, a->U, a->VT, a->scratch, a->what);
+    case LA_ORTH_NEED: return orth_need(r, h, a->m, a->k, a->doubles);
+    case LA_ORTH: return orth_in(r, h, a->m, a->k, a->A, a->scratch);
+    case LA_TLSV_NEED: return tlsv_need(r, h, a->d, a->mode, a->k, a->doubles);
+    case LA_TLSV: return tlsv_in(r, env, h, a);
+  }
+  return fct_fail(r->ctx, FCT_ERR_INVALID_VALUE, "engine: unknown solver operation %d", (int)a->op);
+}
+
+/* The SVDs use cuBLAS too (geam transposes). */
+static fct_status run_la(const fct_dec_run* r, la_args* a) {
+  return on_device(r, a->op == LA_SVD || a->op == LA_TLSV, la_body, a);
 }
 
 const fct_dec_engine fct_cudec_engine = {
