@@ -273,8 +273,8 @@ torch.library.register_autograd(
 # factorized convolution as a chain of convolution stages (ops/conv_chain.c).
 # stages: 16 ints per stage (fct_conv_stage's fields, factorch.h); weights:
 # each stage's [out_channels, in_channels / groups, kh, kw] back to back;
-# saved: the intermediate activations the backward reads (empty when keep is
-# false, for inference).
+# saved: the intermediate activations the backward reads, all but the
+# recomputed depthwise ones (empty when keep is false, for inference).
 # --------------------------------------------------------------------------
 STAGE_INTS = 16
 
@@ -288,6 +288,20 @@ def conv_stage_out_numel(stage) -> int:
 
 
 MAX_STAGES = 16  # FCT_MAX_STAGES
+
+
+def conv_stage_recomputed(i, n_stages, stage) -> bool:
+    """ops/conv_chain.c's rule: a depthwise stage inside the chain (CP's
+    filters) is not saved by the forward; the backward recomputes it."""
+    ci, co, g = stage[1], stage[4], stage[15]
+    return 0 < i < n_stages - 1 and g > 1 and ci == g and co == g
+
+
+def conv_saved_per_image(st) -> int:
+    """Elements per image of `saved` (fct_conv_chain_check): the outputs of
+    every stage but the last and the recomputed ones."""
+    return sum(conv_stage_out_numel(s) for i, s in enumerate(st[:-1])
+               if not conv_stage_recomputed(i, len(st), s))
 
 
 def _conv_stages(stages):
@@ -355,7 +369,7 @@ def _conv_chain_fake(x, weights, bias, stages, out_shape, keep):
     torch._check(_prod(out_shape) == last, what)
     _check_tensorized(x, weights, bias, _conv_weights_numel(st), out_shape[0],
                       "each stage's weight [out_channels, in_channels / groups, kh, kw]")
-    saved = sum(conv_stage_out_numel(s) for s in st[:-1])
+    saved = conv_saved_per_image(st)
     n = x.shape[0]
     return x.new_empty((n, *out_shape)), x.new_empty((n * saved if keep else 0,))
 

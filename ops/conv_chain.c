@@ -19,10 +19,15 @@
  * and the input gradient gin_g = W_gᵀ · gout_g (through col2im for im2col
  * stages, reusing the col buffer once gW is done).
  *
- * Memory: the forward writes every intermediate activation into `saved`
+ * Memory: the forward writes the intermediate activations into `saved`
  * (the backward needs each stage's input for its weight gradient; they have
  * rank-sized channel counts, so they are small next to x), or, for
- * inference, into two chunk-sized workspace buffers. Images are processed in
+ * inference, into two chunk-sized workspace buffers. A depthwise stage
+ * inside the chain (CP's kh x 1 and 1 x kw filters) is not saved: its
+ * output costs kh·kw multiply-adds per element to recompute from its input
+ * (saved, or itself recomputed), which the backward does chunk by chunk
+ * into workspace buffers; for CP that keeps one rank-sized activation per
+ * image instead of three. Images are processed in
  * chunks sized so that the chunk's im2col buffer and intermediates stay
  * within 2·FCT_*_CHUNK_BYTES (one image at least), so col is still in cache
  * when its GEMM reads it. On the CPU each thread of the pool takes its own
@@ -50,6 +55,8 @@ typedef struct cc_plan {
   cc_stage s[FCT_MAX_STAGES];
   int64_t N, Cy, Py;
   int64_t saved_per_image, saved_off[FCT_MAX_STAGES]; /* per image, stage s's block */
+  bool recompute[FCT_MAX_STAGES]; /* stage s's output is not saved (chain_init) */
+  bool any_recompute;
   fct_dtype dt;
   size_t es;
   bool cuda, backward, keep, pack_x, pack_g, check;
@@ -60,6 +67,7 @@ typedef struct cc_plan {
   size_t off_x, off_g, off_scratch, bytes;
   /* inside each worker's region, which starts at off_worker + w·worker_bytes */
   size_t off_worker, worker_bytes, off_col, off_a, off_b, off_red, red_bytes, off_part;
+  size_t off_rc[FCT_MAX_STAGES]; /* backward: stage s's recomputed output (recompute[s]) */
 } cc_plan;
 
 #define CC_MAX_WORKERS 64
@@ -179,6 +187,10 @@ static fct_status chain_init(fct_context* ctx, int n, const fct_conv_stage* stag
                       "but stages[%d] writes %lld",
                       i, (long long)p->s[i].in_numel, i - 1, (long long)p->s[i - 1].out_numel);
     if (i < n - 1) {
+      /* The middle depthwise stages are recomputed, not saved (top). */
+      p->recompute[i] = i > 0 && p->s[i].kind == CC_DEPTHWISE;
+      p->any_recompute |= p->recompute[i];
+      if (p->recompute[i]) continue;
       p->saved_off[i] = p->saved_per_image;
       if (__builtin_add_overflow(p->saved_per_image, p->s[i].out_numel, &p->saved_per_image))
         return fct_fail(ctx, FCT_ERR_OVERFLOW, "stages: the saved activations overflow int64");
@@ -306,10 +318,13 @@ static fct_status plan_shape(fct_context* ctx, const DLTensor* x, int n,
 static fct_status layout_for(fct_context* ctx, cc_plan* p, int T) {
   fct_machine mc = fct_machine_for(p->cuda);
   int64_t col = 0, mid = 0;
+  double rc = 0; /* elements per image of the recomputed outputs (sized below with checks) */
   p->wnumel = 0;
+  bool rc_bufs = p->backward && p->gw && p->any_recompute;
   for (int i = 0; i < p->S; ++i) {
     if (p->s[i].col_numel > col) col = p->s[i].col_numel;
     if (i < p->S - 1 && p->s[i].out_numel > mid) mid = p->s[i].out_numel;
+    if (rc_bufs && p->recompute[i]) rc += (double)p->s[i].out_numel;
     p->wnumel += p->s[i].w.rows * p->s[i].w.cols; /* bounded by the weights' numel */
   }
   if ((int64_t)T > p->N) T = p->N > 0 ? (int)p->N : 1;
@@ -321,8 +336,9 @@ static fct_status layout_for(fct_context* ctx, cc_plan* p, int T) {
    * workers give worker_begin the same share and none of them is empty. */
   if (p->N > 0) T = (int)((p->N + share - 1) / share);
   p->T = T;
-  bool buffers = p->backward || !p->keep;
-  double per_image = ((double)col + (buffers ? 2.0 * (double)mid : 0.0)) * (double)p->es;
+  bool buffers = p->backward || !p->keep || p->any_recompute;
+  double per_image =
+      ((double)col + (buffers ? 2.0 * (double)mid : 0.0) + rc) * (double)p->es;
   double budget = 2.0 * (double)mc.chunk_bytes;
   int64_t Nc = per_image > 0 ? (int64_t)(budget / per_image) : share;
   if (Nc < 1) Nc = 1;
@@ -347,6 +363,12 @@ static fct_status layout_for(fct_context* ctx, cc_plan* p, int T) {
   if (buffers) {
     p->off_a = fct_layout_take(&W, bn, p->es);
     p->off_b = fct_layout_take(&W, bn, p->es);
+  }
+  for (int i = 0; rc_bufs && i < p->S; ++i) {
+    int64_t n;
+    if (!p->recompute[i]) continue;
+    if (__builtin_mul_overflow(Nc, p->s[i].out_numel, &n)) W.overflow = true;
+    p->off_rc[i] = fct_layout_take(&W, n, p->es);
   }
   /* gemm_reduce keeps partial sums there on CUDA (0 bytes on the CPU). */
   p->red_bytes = 0;
@@ -590,7 +612,7 @@ static fct_status forward_images(const fct_exec* e, const cc_job* j, char* base,
       char* out;
       if (s == p->S - 1)
         out = at(j->y, i0 * c->out_numel, e->es);
-      else if (p->keep) /* stage s's block holds all N images */
+      else if (p->keep && !p->recompute[s]) /* stage s's block holds all N images */
         out = at(j->saved, p->N * p->saved_off[s] + i0 * c->out_numel, e->es);
       else
         out = buf[s & 1];
@@ -711,9 +733,20 @@ static fct_status zero_dense(const fct_exec* e, DLTensor* t) {
   return e->be->zero(e->ctx, e->device, e->dt, &m);
 }
 
+/* The input of stage s for the chunk of images starting at i0: x, a block
+ * of saved, or the worker's recomputed output of stage s - 1. */
+static const char* stage_input(const cc_job* j, const char* base, int s, int64_t i0) {
+  const cc_plan* p = j->p;
+  size_t es = j->e->es;
+  if (s == 0) return at(j->xb, i0 * p->s[0].in_numel, es);
+  if (p->recompute[s - 1]) return base + p->off_rc[s - 1];
+  return at(j->saved, p->N * p->saved_off[s - 1] + i0 * p->s[s].in_numel, es);
+}
+
 /* Worker w's images, chunk by chunk, stages last to first. Weight
  * gradients go to j->gw directly with one worker, else to the worker's
- * partials (summed afterwards); the first chunk overwrites them. */
+ * partials (summed afterwards); the first chunk overwrites them. The
+ * outputs the forward did not save are recomputed first, per chunk. */
 static fct_status backward_images(const fct_exec* e, const cc_job* j, char* base,
                                   int64_t i_begin, int64_t i_end) {
   const cc_plan* p = j->p;
@@ -730,12 +763,13 @@ static fct_status backward_images(const fct_exec* e, const cc_job* j, char* base
     int64_t nc = i_end - i0 < p->Nc ? i_end - i0 : p->Nc;
     double beta = i0 == i_begin ? 0.0 : 1.0;
     const char* g = at(j->gyb, i0 * p->s[p->S - 1].out_numel, e->es);
+    for (int s = 0; p->gw && s < p->S; ++s)
+      if (p->recompute[s])
+        TRY(stage_forward(e, &p->s[s], nc * p->s[s].st.batch, stage_input(j, base, s, i0), col,
+                          base + p->off_rc[s]));
     for (int s = p->S - 1; s >= 0; --s) {
       const cc_stage* c = &p->s[s];
-      const char* in = NULL;
-      if (p->gw)
-        in = s == 0 ? at(j->xb, i0 * c->in_numel, e->es)
-                    : at(j->saved, p->N * p->saved_off[s - 1] + i0 * c->in_numel, e->es);
+      const char* in = p->gw ? stage_input(j, base, s, i0) : NULL;
       char* gin = NULL;
       if (s > 0)
         gin = buf[s & 1];

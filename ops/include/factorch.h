@@ -472,8 +472,11 @@ typedef struct fct_conv_stage {
 #define FCT_MAX_STAGES 16
 
 /* Elements per image of stage s's output, and of everything the forward
- * keeps for the backward (the outputs of every stage but the last). 0 with a
- * message in ctx (nullable) when a stage is invalid. */
+ * keeps for the backward: the outputs of every stage but the last, except
+ * the depthwise stages inside the chain (groups > 1 = in_channels =
+ * out_channels, e.g. CP's filters), which the backward recomputes from
+ * their inputs. 0 with a message in ctx (nullable) when a stage is
+ * invalid. */
 FCT_API int64_t fct_conv_stage_out_numel(const fct_conv_stage* stage);
 FCT_API fct_status fct_conv_chain_check(fct_context* ctx /* nullable */, int n_stages,
                                         const fct_conv_stage* stages /* [n_stages], borrowed */,
@@ -484,8 +487,9 @@ FCT_API fct_status fct_conv_chain_check(fct_context* ctx /* nullable */, int n_s
  * (borrowed, any strides), bias [C_y] or NULL, added along y's dim 1.
  * y [N, C_y, ...] C-contiguous, holding the last stage's output per image.
  * saved: NULL, or a C-contiguous tensor of N·saved_per_image elements
- * (fct_conv_chain_check) that receives the intermediate activations, stage
- * by stage, for the backward; without it they live in the workspace. */
+ * (fct_conv_chain_check) that receives the intermediate activations the
+ * backward reads, stage by stage (N images of a stage, then the next kept
+ * stage); without it they live in the workspace. */
 FCT_API fct_status fct_conv_chain_forward_workspace(
     const fct_context* ctx, const DLTensor* x, int n_stages, const fct_conv_stage* stages,
     const DLTensor* const* weights, const DLTensor* bias /* nullable */, const DLTensor* y,

@@ -39,7 +39,7 @@ import torch
 
 import factorch
 from factorch import _lib
-from factorch._ops import STAGE_INTS, conv_stage_out_numel
+from factorch._ops import STAGE_INTS, conv_stage_out_numel, conv_stage_recomputed
 from factorch.nn import FactorizedConv1d, FactorizedConv2d
 
 ops = torch.ops.factorch
@@ -338,7 +338,7 @@ def ref_chain(x, w, bias, stages, out_shape):
         assert n == 0 or cur.shape[1] == b * ci * h * wd, f"stages[{i}] reads a different size"
         out = _stage_conv(cur, W, s) if n else cur.new_empty(0)
         cur = out.reshape(n, per[i])
-        if i < len(st) - 1:
+        if i < len(st) - 1 and not conv_stage_recomputed(i, len(st), s):
             blocks.append(cur.reshape(-1))
     y = cur.reshape(n, *out_shape)
     if bias is not None and bias.numel():  # None: an undefined tensor, read as no bias
@@ -352,7 +352,8 @@ def ref_chain(x, w, bias, stages, out_shape):
 def ref_chain_backward(gy, x, w, saved, stages):
     """(grad_x, grad_weights, grad_bias) in float64: the input gradients through
     the chain, each stage's weight gradient from ITS INPUT AS GIVEN (x, then
-    the blocks of `saved`), as the C op reads them."""
+    the blocks of `saved`, the recomputed stages' outputs computed again from
+    their own inputs), as the C op reads them."""
     st = split_stages(stages)
     n = x.shape[0]
     per = [conv_stage_out_numel(s) for s in st]
@@ -364,14 +365,20 @@ def ref_chain_backward(gy, x, w, saved, stages):
     if n == 0:
         return torch.zeros(x.shape, dtype=torch.float64), torch.zeros_like(w64), gb
     sv = saved.detach().double().reshape(-1)
-    offs = [0]
-    for p in per[:-1]:
-        offs.append(offs[-1] + n * p)
+    S = len(st)
+    outs, off = [], 0  # each stage's output as the backward reads it
+    for i in range(S - 1):
+        if conv_stage_recomputed(i, S, st[i]):
+            src = outs[i - 1]
+            outs.append(_stage_conv(src, ws[i], st[i]).reshape(n, per[i]))
+        else:
+            outs.append(sv[off:off + n * per[i]].reshape(n, per[i]))
+            off += n * per[i]
     gws = []
     g = gy64.reshape(n, per[-1])
-    for i in range(len(st) - 1, -1, -1):
-        inp = (x.detach().double().reshape(n, -1) if i == 0
-               else sv[offs[i - 1]:offs[i]].reshape(n, ins_numel[i]))
+    for i in range(S - 1, -1, -1):
+        inp = x.detach().double().reshape(n, -1) if i == 0 else outs[i - 1]
+        assert inp.shape[1] == ins_numel[i]
         inp = inp.clone().requires_grad_()
         W = ws[i].clone().requires_grad_()
         out = _stage_conv(inp, W, st[i]).reshape(n, per[i])
@@ -391,7 +398,9 @@ def verify_conv_forward(c: ConvCall):
         per = [conv_stage_out_numel(s) for s in st]
         want = (n, *[int(v) for v in out_shape])
         assert tuple(y.shape) == want, f"y: shape {tuple(y.shape)}, the fake says {want}"
-        ws = (n * sum(per[:-1]),) if keep else (0,)
+        kept = sum(p for i, (p, s) in enumerate(zip(per[:-1], st))
+                   if not conv_stage_recomputed(i, len(st), s))
+        ws = (n * kept,) if keep else (0,)
         assert tuple(saved.shape) == ws, f"saved: shape {tuple(saved.shape)}, the fake says {ws}"
         assert y.dtype == x.dtype and saved.dtype == x.dtype and y.device == x.device
         if x.device.type == "meta":
