@@ -411,6 +411,33 @@ def test_tensor_train_bad_arguments():
         D.tensor_train(X, rank=2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gpu_path_of_the_algorithms_on_the_cpu(dtype, monkeypatch):
+    """FACTORCH_TEST_DEVICE_PATH=1: the CPU engine keeps host and engine
+    memory apart, so CP, Tucker and TT take the code path they take on a
+    GPU (host buffers allocated apart, data moved through to_host and
+    to_device), with the CPU's arithmetic: the same bits as the plain run."""
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(6, 7, 8, generator=g, dtype=torch.float64).to(dtype)
+    X = X.transpose(0, 2).contiguous().transpose(0, 2)  # strided: loaded, not read in place
+    runs = [
+        lambda T: D.cp(T, 9, n_iter_max=12, tol=0, l2_reg=1e-3),  # rank 9 > I_0: small modes
+        lambda T: D.cp(T, 3, init="random", n_iter_max=12, tol=0, normalize_factors=False),
+        lambda T: D.tucker(T, [3, 2, 4], n_iter_max=3, tol=0),
+        lambda T: D.tucker(T, [6, 2, 2], init="random", n_iter_max=3, tol=0),
+        lambda T: D.tensor_train(T, eps=0.3),
+        lambda T: D.tensor_train_matrix(T[:, :6, :6].reshape(6, 2, 3, 6).permute(0, 1, 3, 2)
+                                        .reshape(6, 2, 6, 3)[:2, :, :2, :], rank=2),
+    ]
+    for i, fn in enumerate(runs):
+        plain = fn(X)
+        monkeypatch.setenv("FACTORCH_TEST_DEVICE_PATH", "1")
+        split = fn(X)
+        monkeypatch.delenv("FACTORCH_TEST_DEVICE_PATH")
+        assert split.rel_error == plain.rel_error, i
+        torch.testing.assert_close(split.to_tensor(), plain.to_tensor(), rtol=0, atol=0)
+
+
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device and factorch's CUDA backend")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_cuda_cp_tucker_tt_match_the_cpu(dtype):
