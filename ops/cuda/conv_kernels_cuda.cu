@@ -61,8 +61,16 @@ static bool fits_int32(const fct_conv_geom* g, int64_t n) {
                            g->dh, g->dw, g->OH, g->OW};
   for (size_t t = 0; t < sizeof terms / sizeof terms[0]; ++t)
     if (terms[t] >= big) return false;
-  int64_t in = n * g->C * g->H * g->W;
-  int64_t col = n * g->C * g->kh * g->kw * g->OH * g->OW;
+  /* One image at least: with n = 0 the kernels still index weights and
+   * per-image planes (C·kh·kw). Products checked: col is not bounded by the
+   * stage checks for depthwise stages. */
+  int64_t n1 = n > 0 ? n : 1, in, col;
+  const int64_t in_f[] = {n1, g->C, g->H, g->W}, col_f[] = {n1, g->C, g->kh, g->kw, g->OH, g->OW};
+  in = col = 1;
+  for (size_t t = 0; t < sizeof in_f / sizeof in_f[0]; ++t)
+    if (__builtin_mul_overflow(in, in_f[t], &in)) return false;
+  for (size_t t = 0; t < sizeof col_f / sizeof col_f[0]; ++t)
+    if (__builtin_mul_overflow(col, col_f[t], &col)) return false;
   int64_t reach_h = (g->OH * g->sh > g->H ? g->OH * g->sh : g->H) + g->pt + g->kh * g->dh;
   int64_t reach_w = (g->OW * g->sw > g->W ? g->OW * g->sw : g->W) + g->pl + g->kw * g->dw;
   return in < lim && col < lim && reach_h < ((int64_t)1 << 30) && reach_w < ((int64_t)1 << 30);
