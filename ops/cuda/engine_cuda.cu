@@ -5,7 +5,9 @@
  * geqrf + orgqr) and the element kernels of decompose_kernels_cuda.cu.
  *
  * Differences from the CPU engine, same results up to rounding and the
- * signs of singular vectors:
+ * signs of singular vectors (where an unfolding is rank-deficient, e.g. a
+ * zero tensor, the completion beyond its rank differs: both are orthonormal,
+ * as engine.h allows):
  *  - top_left_sv takes the singular vectors of the unfolding from gesvd of
  *    its tall orientation (a transposed copy of the tensor), where the CPU
  *    engine uses the eigenvectors of its Gram matrix; beyond the
@@ -40,7 +42,7 @@ static fct_status on_device(const fct_dec_run* r, bool blas, body_fn body, void*
   return fct_cuda_leave(r->ctx, &env, body(r, &env, arg));
 }
 
-static fct_status sync(const fct_dec_run* r, const fct_cuda_env* env) {
+static fct_status stream_sync(const fct_dec_run* r, const fct_cuda_env* env) {
   return fct_cuda_check(r->ctx, cudaStreamSynchronize(env->stream), "cudaStreamSynchronize");
 }
 
@@ -48,7 +50,7 @@ static fct_status d2h(const fct_dec_run* r, const fct_cuda_env* env, void* dst, 
                       size_t bytes) {
   FCT_TRY(fct_cuda_check(r->ctx, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost,
                                                  env->stream), "cudaMemcpyAsync"));
-  return sync(r, env);
+  return stream_sync(r, env);
 }
 
 /* ------------------------------------------------------------------------- */
@@ -167,7 +169,7 @@ static fct_status bytes_body(const fct_dec_run* r, const fct_cuda_env* env, void
   FCT_TRY(fct_cuda_check(r->ctx, cudaMemcpyAsync(a->dst, a->src, a->bytes,
                                                  cudaMemcpyHostToDevice, env->stream),
                          "cudaMemcpyAsync"));
-  return sync(r, env); /* the host buffer is rewritten by the caller next */
+  return stream_sync(r, env); /* the host buffer is rewritten by the caller next */
 }
 
 static fct_status cu_to_host(const fct_dec_run* r, void* dst, const void* src, size_t bytes) {
@@ -273,6 +275,10 @@ static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 static fct_status gesvd_lwork(const fct_dec_run* r, cusolverDnHandle_t h, int64_t rows,
                               int64_t cols, int64_t* out) {
   int lw = 0;
+  if (rows == 0 || cols == 0) { /* nothing to factor (an empty mode); no query */
+    *out = 1;
+    return FCT_OK;
+  }
   FCT_TRY(fct_cudec_solver_check(r->ctx, cusolverDnDgesvd_bufferSize(h, (int)rows, (int)cols, &lw),
                                  "cusolverDnDgesvd_bufferSize"));
   *out = lw > 1 ? lw : 1;
@@ -342,6 +348,10 @@ static fct_status svd_in(const fct_dec_run* r, const fct_cuda_env* env, cusolver
 /* Scratch of orth_in: tau [k], work, info. */
 static fct_status orth_need(const fct_dec_run* r, cusolverDnHandle_t h, int64_t m, int64_t k,
                             int64_t* doubles) {
+  if (m == 0 || k == 0) { /* nothing to orthonormalise; no query */
+    *doubles = k + 2;
+    return FCT_OK;
+  }
   /* The size queries take pointers they never dereference. */
   double* any = (double*)(uintptr_t)FCT_WS_ALIGN;
   int l1 = 0, l2 = 0;

@@ -63,6 +63,13 @@ static fct_status tt_layout(const fct_dec_run* r, const tt_plan* p, fct_arena* a
     q = qk > q ? qk : q;
     FCT_TRY_(r->e->svd_scratch(r, b, a, &l));
     lw = l > lw ? l : lw;
+    /* At run time a = r_k·n_k may be smaller than sized, and a wide step
+     * (a > b) may turn tall: size that orientation too (an engine's SVD
+     * may take another path for it, as gesvd on CUDA does). */
+    if (a > b) {
+      FCT_TRY_(r->e->svd_scratch(r, b, b, &l));
+      lw = l > lw ? l : lw;
+    }
   }
   t->C = fct_arena_f64(ar, (size_t)p->numel);
   t->U = fct_arena_f64(ar, (size_t)u);
