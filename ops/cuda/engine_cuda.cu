@@ -285,64 +285,75 @@ static fct_status gesvd_lwork(const fct_dec_run* r, cusolverDnHandle_t h, int64_
   return FCT_OK;
 }
 
-/* Scratch of svd_in: [T, U2, VT2 when m < n], work, rwork [q], info. */
-static fct_status svd_need(const fct_dec_run* r, cusolverDnHandle_t h, int64_t m, int64_t n,
-                           int64_t* doubles) {
-  int64_t q = min64(m, n), lw;
-  FCT_TRY(gesvd_lwork(r, h, m >= n ? m : n, q, &lw));
-  *doubles = (m < n ? 2 * n * m + m * m : 0) + lw + q + 1;
+/* Scratch of gesvd_tall: work, rwork [cols], info. */
+static fct_status gesvd_tall_need(const fct_dec_run* r, cusolverDnHandle_t h, int64_t rows,
+                                  int64_t cols, int64_t* doubles) {
+  int64_t lw;
+  FCT_TRY(gesvd_lwork(r, h, rows, cols, &lw));
+  *doubles = lw + cols + 1;
   return FCT_OK;
 }
 
-/* Thin SVD A [m, n] (destroyed) = U [m, q]·diag(s)·VT [q, n]; fails when
- * gesvd does not converge (one sync, to read its info). */
-static fct_status svd_in(const fct_dec_run* r, const fct_cuda_env* env, cusolverDnHandle_t h,
-                         int64_t m, int64_t n, double* A, double* s, double* U, double* VT,
-                         double* scratch, const char* what) {
-  int64_t q = min64(m, n), lw;
-  FCT_TRY(gesvd_lwork(r, h, m >= n ? m : n, q, &lw));
-  if (q == 0) return FCT_OK;
-  const double one = 1.0, zero = 0.0;
-  double* cur = scratch;
-  double *T = NULL, *U2 = NULL, *VT2 = NULL;
-  if (m < n) {
-    T = cur;
-    U2 = T + n * m;
-    VT2 = U2 + n * m;
-    cur = VT2 + m * m;
-  }
-  double* work = cur;
-  double* rwork = work + lw;
-  int* info = (int*)(rwork + q);
-  if (m >= n) {
-    FCT_TRY(fct_cudec_solver_check(
-        r->ctx, cusolverDnDgesvd(h, 'S', 'S', (int)m, (int)n, A, (int)m, s, U, (int)m, VT, (int)q,
-                                 work, (int)lw, rwork, info),
-        "cusolverDnDgesvd"));
-  } else { /* Aᵀ [n, m] = U2·S·VT2, so A = VT2ᵀ·S·U2ᵀ */
-    FCT_TRY(fct_cublas_check(r->ctx,
-                             cublasDgeam(env->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)n, (int)m, &one,
-                                         A, (int)m, &zero, T, (int)n, T, (int)n),
-                             "cublasDgeam"));
-    FCT_TRY(fct_cudec_solver_check(
-        r->ctx, cusolverDnDgesvd(h, 'S', 'S', (int)n, (int)m, T, (int)n, s, U2, (int)n, VT2,
-                                 (int)m, work, (int)lw, rwork, info),
-        "cusolverDnDgesvd"));
-    FCT_TRY(fct_cublas_check(r->ctx,
-                             cublasDgeam(env->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)m, (int)m, &one,
-                                         VT2, (int)m, &zero, U, (int)m, U, (int)m),
-                             "cublasDgeam"));
-    FCT_TRY(fct_cublas_check(r->ctx,
-                             cublasDgeam(env->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)m, (int)n, &one,
-                                         U2, (int)n, &zero, VT, (int)m, VT, (int)m),
-                             "cublasDgeam"));
-  }
+/* gesvd of the tall A [rows, cols] (rows >= cols, destroyed): s [cols],
+ * U [rows, cols] and VT [cols, cols], each formed only when not NULL; fails
+ * when gesvd does not converge (one sync, to read its info). */
+static fct_status gesvd_tall(const fct_dec_run* r, const fct_cuda_env* env, cusolverDnHandle_t h,
+                             int64_t rows, int64_t cols, double* A, double* s, double* U,
+                             double* VT, double* scratch, const char* what) {
+  int64_t lw;
+  FCT_TRY(gesvd_lwork(r, h, rows, cols, &lw));
+  if (cols == 0) return FCT_OK;
+  double* rwork = scratch + lw;
+  int* info = (int*)(rwork + cols);
+  /* A factor not asked for ('N') is not referenced: A stands in for it. */
+  FCT_TRY(fct_cudec_solver_check(
+      r->ctx, cusolverDnDgesvd(h, U ? 'S' : 'N', VT ? 'S' : 'N', (int)rows, (int)cols, A,
+                               (int)rows, s, U ? U : A, (int)rows, VT ? VT : A, (int)cols,
+                               scratch, (int)lw, rwork, info),
+      "cusolverDnDgesvd"));
   int hinfo = 0;
   FCT_TRY(d2h(r, env, &hinfo, info, sizeof hinfo));
   if (hinfo != 0)
     return fct_fail(r->ctx, FCT_ERR_BLAS,
                     "tensor: cuSOLVER gesvd failed to converge (info %d) at %s", hinfo, what);
   return FCT_OK;
+}
+
+/* Scratch of svd_in: [T, U2, VT2 when m < n], then gesvd_tall's. */
+static fct_status svd_need(const fct_dec_run* r, cusolverDnHandle_t h, int64_t m, int64_t n,
+                           int64_t* doubles) {
+  int64_t g;
+  FCT_TRY(gesvd_tall_need(r, h, m >= n ? m : n, min64(m, n), &g));
+  *doubles = (m < n ? 2 * n * m + m * m : 0) + g;
+  return FCT_OK;
+}
+
+/* Thin SVD A [m, n] (destroyed) = U [m, q]·diag(s)·VT [q, n]. cuSOLVER's
+ * gesvd wants rows >= cols: a wide A is transposed first (geam) and the
+ * factors transposed back. */
+static fct_status svd_in(const fct_dec_run* r, const fct_cuda_env* env, cusolverDnHandle_t h,
+                         int64_t m, int64_t n, double* A, double* s, double* U, double* VT,
+                         double* scratch, const char* what) {
+  if (m >= n) return gesvd_tall(r, env, h, m, n, A, s, U, VT, scratch, what);
+  if (m == 0) return FCT_OK;
+  const double one = 1.0, zero = 0.0;
+  double* T = scratch;
+  double* U2 = T + n * m;
+  double* VT2 = U2 + n * m;
+  /* Aᵀ [n, m] = U2·S·VT2, so A = VT2ᵀ·S·U2ᵀ */
+  FCT_TRY(fct_cublas_check(r->ctx,
+                           cublasDgeam(env->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)n, (int)m, &one,
+                                       A, (int)m, &zero, T, (int)n, T, (int)n),
+                           "cublasDgeam"));
+  FCT_TRY(gesvd_tall(r, env, h, n, m, T, s, U2, VT2, VT2 + m * m, what));
+  FCT_TRY(fct_cublas_check(r->ctx,
+                           cublasDgeam(env->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)m, (int)m, &one,
+                                       VT2, (int)m, &zero, U, (int)m, U, (int)m),
+                           "cublasDgeam"));
+  return fct_cublas_check(r->ctx,
+                          cublasDgeam(env->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)m, (int)n, &one,
+                                      U2, (int)n, &zero, VT, (int)m, VT, (int)m),
+                          "cublasDgeam");
 }
 
 /* Scratch of orth_in: tau [k], work, info. */
@@ -456,7 +467,8 @@ static fct_status cu_orth(const fct_dec_run* r, int64_t m, int64_t k, double* A,
  *  I_n > P: Z = Y permuted to [L, Rt, I_n], i.e. Y_(n) column-major
  *    [I_n, P]; its U's columns are; beyond P, random normals made
  *    orthogonal by QR.
- * Scratch: Z, Zu (svd's U), s, VT, svd's scratch, then orth's. */
+ * gesvd forms only the factor used. Scratch: Z, that factor (VT [I_n, I_n]
+ * or U [I_n, P]), s, then gesvd's scratch or orth's. */
 typedef struct tlsv_dims {
   int64_t In, L, Rt, P, rows, cols, q;
   bool tall_y; /* I_n > P */
@@ -478,9 +490,10 @@ static fct_status tlsv_need(const fct_dec_run* r, cusolverDnHandle_t h, const fc
                            int64_t k, int64_t* doubles) {
   tlsv_dims t = tlsv_dims_of(d, n);
   int64_t sv, ow = 0;
-  FCT_TRY(svd_need(r, h, t.rows, t.cols, &sv));
+  FCT_TRY(gesvd_tall_need(r, h, t.rows, t.cols, &sv));
   if (t.tall_y && k > t.P) FCT_TRY(orth_need(r, h, t.In, k, &ow));
-  *doubles = 2 * t.rows * t.cols + t.q + t.q * t.cols + (sv > ow ? sv : ow);
+  int64_t factor = t.tall_y ? t.rows * t.cols : t.cols * t.cols;
+  *doubles = t.rows * t.cols + factor + t.q + (sv > ow ? sv : ow);
   return FCT_OK;
 }
 
@@ -500,14 +513,14 @@ static fct_status tlsv_in(const fct_dec_run* r, const fct_cuda_env* env, cusolve
   tlsv_dims t = tlsv_dims_of(a->d, a->mode);
   int64_t k = a->k;
   double* Z = a->scratch;
-  double* Zu = Z + t.rows * t.cols;
-  double* s = Zu + t.rows * t.cols;
-  double* VT = s + t.q;
-  double* rest = VT + t.q * t.cols;
+  double* F = Z + t.rows * t.cols; /* VT (I_n <= P) or Zu */
+  double* s = F + (t.tall_y ? t.rows * t.cols : t.cols * t.cols);
+  double* rest = s + t.q;
+  double *Zu = t.tall_y ? F : NULL, *VT = t.tall_y ? NULL : F;
   char what[48];
   snprintf(what, sizeof what, "the unfolding of mode %d", a->mode);
   FCT_TRY(fct_cudec_permute3(r->ctx, env, a->Y, t.L, t.In, t.Rt, Z, t.tall_y));
-  FCT_TRY(svd_in(r, env, h, t.rows, t.cols, Z, s, Zu, VT, rest, what));
+  FCT_TRY(gesvd_tall(r, env, h, t.rows, t.cols, Z, s, Zu, VT, rest, what));
   if (!t.tall_y) /* U[:, j] = VT[j, :]: U [I_n, k] column-major is row-major [k, I_n] */
     return fct_cudec_store(r->ctx, env, FCT_F64, (char*)a->U, k, t.In, VT, 1, t.In, NULL, 0);
   int64_t kk = min64(k, t.P);
