@@ -3,6 +3,7 @@ on the same inputs, in one run: time, peak memory and relative error side
 by side.
 
     .venv/bin/python bench/bench_decompose.py [--quick] [--rounds 5] [--write bench/RESULTS.md]
+    python bench/bench_decompose.py --device cuda [--no-full-svd] [--write RESULTS.md]
 
 Cases (the issue's): CP (parafac), Tucker (HOOI) and TT-SVD of 64×64×64 and
 256×256×9 tensors at ranks 16 and 32; truncated SVD (torch.linalg.svd) and
@@ -30,6 +31,13 @@ glibc's malloc_trim has handed freed memory back to the OS so that each
 call's own allocations show; it counts numpy, torch and C allocations alike
 (tracemalloc would miss torch's and C's), measured in a call of its own
 after the timed ones (the full SVDs: in their first timed call).
+
+``--device cuda``: every input on the GPU (factorch's CUDA engine, TensorLy's
+pytorch backend on CUDA tensors, torch.linalg.svd / torch.svd_lowrank on
+CUDA); each call ends with torch.cuda.synchronize(), and peak memory is
+torch's peak allocation during the call (factorch's workspace comes from
+torch's allocator; CP's small host-side factor algebra is not counted). The
+section is "Decompositions (cuda)"; TensorLy's numpy backend is left out.
 
 Floors checked (issue 5): CP and Tucker at least 3x faster than TensorLy's
 fastest backend at equal or lower error; randomized_svd at least as
@@ -90,10 +98,35 @@ except (OSError, AttributeError):  # not glibc
     _malloc_trim = None
 
 
+CUDA = False  # --device cuda (set by main)
+
+
+def synced(fn):
+    """fn, followed by torch.cuda.synchronize() on the GPU (its work is
+    asynchronous)."""
+    if not CUDA:
+        return fn
+
+    def run(*a):
+        out = fn(*a)
+        torch.cuda.synchronize()
+        return out
+    return run
+
+
 def measured(fn):
     """(result, seconds, bytes the resident set grew to above its size before
-    fn(), None where /proc/self/clear_refs is not available)."""
+    fn(), None where /proc/self/clear_refs is not available). On the GPU:
+    torch's peak allocation above what was allocated before."""
     gc.collect()
+    if CUDA:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        t0 = time.perf_counter()
+        out = fn()
+        dt = time.perf_counter() - t0
+        return out, dt, max(0, torch.cuda.max_memory_allocated() - base)
     if _malloc_trim is not None:
         _malloc_trim(0)
     try:
@@ -191,6 +224,8 @@ def tl_rec(backend, rec):
 def tensor_candidates(method, X, R):
     """name -> (call, reconstruction of a result, iterations of a result)."""
     Xt = torch.from_numpy(X)
+    if CUDA:
+        X = Xt = Xt.cuda()
     ranks = [min(R, s) for s in X.shape]
     if method == "CP":
         ours = (lambda: D.cp(X, R, init="svd", n_iter_max=100, tol=1e-8),
@@ -210,11 +245,13 @@ def tensor_candidates(method, X, R):
         ours = (lambda: D.tensor_train(X, rank=R), lambda r: r.to_tensor(), lambda r: None)
         def theirs(T):
             return (lambda: tensor_train(T, R), lambda r: tl.tt_to_tensor(r), lambda r: None)
-    c = {"factorch": ours}
+    c = {"factorch": (synced(ours[0]), *ours[1:])}
     if tl is not None:
         for backend, T in (("numpy", X), ("pytorch", Xt)):
+            if CUDA and backend == "numpy":
+                continue
             call, rec, its = theirs(T)
-            c[f"TensorLy {backend}"] = (tl_call(backend, call), tl_rec(backend, rec), its)
+            c[f"TensorLy {backend}"] = (synced(tl_call(backend, call)), tl_rec(backend, rec), its)
     return c
 
 
@@ -229,7 +266,7 @@ def matrix_candidates(A, r, full_svd: bool):
         c["factorch svd"] = (lambda: D.svd(A, r), lambda res: res.to_tensor())
         c["torch.linalg.svd"] = (lambda: torch.linalg.svd(A, full_matrices=False),
                                  lambda res: (res[0][:, :r] * res[1][:r]) @ res[2][:r])
-    return c
+    return {k: (synced(call), rec) for k, (call, rec) in c.items()}
 
 
 # ---------------------------------------------------------------------------
@@ -265,6 +302,8 @@ def run_matrices(cfg, rounds, full_rounds, full_svd, rows, floors):
     r = cfg["mrank"]
     for m, n in cfg["matrices"]:
         A = decaying_matrix(m, n)
+        if CUDA:
+            A = A.cuda()
         label = f"{m}×{n} r={r} float32"
         cands = matrix_candidates(A, r, full_svd)
         quick = {k: v for k, v in cands.items() if "randomized" in k or "lowrank" in k}
@@ -298,22 +337,30 @@ def main(argv=None) -> None:
     ap.add_argument("--no-full-svd", action="store_true", help="skip torch.linalg.svd / svd")
     ap.add_argument("--only", choices=["tensors", "matrices"], help="run one half of the cases")
     ap.add_argument("--write", metavar="RESULTS.md", help="write the tables into this file")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="where the inputs live (cuda: needs factorch's CUDA backend)")
     args = ap.parse_args(argv)
+    global CUDA
+    CUDA = args.device == "cuda"
+    if CUDA and not (torch.cuda.is_available() and factorch.cuda_available()):
+        sys.exit("--device cuda: needs a CUDA device and factorch's CUDA backend")
     cfg = QUICK if args.quick else FULL
     rounds = args.rounds or (3 if args.quick else 5)
-    cmd = ".venv/bin/python bench/bench_decompose.py " + " ".join(
+    cmd = ("python" if CUDA else ".venv/bin/python") + " bench/bench_decompose.py " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     if tl is None:
         print("tensorly is not installed (pip install tensorly): TensorLy columns skipped")
 
     # Start every thread pool (torch's, OpenBLAS's, numpy's) before timing.
     W = planted_tensor((16, 16, 16), 4)
-    D.cp(W, 4), D.tucker(W, 4), D.randomized_svd(W.reshape(64, 64), 4), np.linalg.svd(W[0])
-    torch.svd_lowrank(torch.from_numpy(W.reshape(64, 64)), q=8)
+    Wt = torch.from_numpy(W).cuda() if CUDA else torch.from_numpy(W)
+    D.cp(Wt, 4), D.tucker(Wt, 4), D.randomized_svd(Wt.reshape(64, 64), 4), np.linalg.svd(W[0])
+    D.tensor_train(Wt, rank=4)
+    torch.svd_lowrank(Wt.reshape(64, 64), q=8)
     if tl is not None:
         parafac(W, 4, n_iter_max=2)
         with tl.backend_context("pytorch"):
-            parafac(torch.from_numpy(W), 4, n_iter_max=2)
+            parafac(Wt, 4, n_iter_max=2)
 
     t0 = time.perf_counter()
     trows, mrows, floors = [], [], []
@@ -330,7 +377,9 @@ def main(argv=None) -> None:
     t3 = markdown_table(["floor", "speed", "error (factorch vs other)", "result"], floors)
     body = (
         f"Command: `{cmd}` ({elapsed:.0f} s)\n\n"
-        f"Machine: {machine()}; factorch {factorch.__version__}"
+        f"Machine: {machine()}"
+        + (f", {torch.cuda.get_device_name()}" if CUDA else "")
+        + f"; factorch {factorch.__version__}"
         + (f", TensorLy {tl.__version__}" if tl is not None else "")
         + f". Median of {rounds} interleaved rounds (full SVDs: {args.full_svd_rounds}). "
         "\"vs factorch\" > 1 means factorch is faster. Methods (inputs, settings, how time, "
@@ -340,7 +389,8 @@ def main(argv=None) -> None:
     print("\n" + t1 + "\n\n" + t2 + "\n\n" + t3)
     print(f"\n{elapsed:.0f} s")
     if args.write:
-        write_section(args.write, "Decompositions (cpu)" + (" — quick" if args.quick else ""), body)
+        write_section(args.write, f"Decompositions ({args.device})" + (" — quick" if args.quick else ""),
+                      body)
 
 
 if __name__ == "__main__":

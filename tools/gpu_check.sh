@@ -38,3 +38,8 @@ ctest --test-dir build/gpu --output-on-failure --timeout 120 2>&1 | tee "$OUT/ct
 export FACTORCH_LIB_DIR=$PWD/build/gpu PYTHONUNBUFFERED=1
 "$PY" -m pytest tests/python -q -x -k "cuda or gpu" 2>&1 | tee "$OUT/pytest_cuda.log" | tail -30
 "$PY" -m pytest tests/python -q 2>&1 | tee "$OUT/pytest_all.log" | tail -15
+
+# The decompositions on the GPU against torch (and TensorLy's pytorch backend
+# when the device has tensorly): bench/bench_decompose.py --device cuda.
+timeout 240 "$PY" bench/bench_decompose.py --device cuda --no-full-svd \
+  --write "$OUT/RESULTS_gpu.md" 2>&1 | tee "$OUT/bench_decompose_gpu.log" | tail -25
