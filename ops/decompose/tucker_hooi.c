@@ -12,8 +12,8 @@
  * fastest (largest I_m / R_m first), so a sweep costs about
  * 2·N·numel·R_first flops; the singular vectors of the (small) unfolding
  * Y_(n) come from the engine's top_left_sv (CPU: Gram matrix of its
- * smaller side and a partial symmetric eigensolver; GPU: gesvd). Mode 0's initial factor is
- * never read by the first sweep, so the HOSVD skips it.
+ * smaller side and a partial symmetric eigensolver; GPU: gesvd). Mode 0's
+ * initial factor is never read by the first sweep, so the HOSVD skips it.
  */
 #include <limits.h>
 #include <math.h>
@@ -21,8 +21,8 @@
 #include <string.h>
 
 #include "decompose.h"
-#include "rng.h"
 #include "engine.h"
+#include "rng.h"
 
 #define TK_MAX_MODES FCT_MAX_DIMS
 
