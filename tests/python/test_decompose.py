@@ -411,6 +411,36 @@ def test_tensor_train_bad_arguments():
         D.tensor_train(X, rank=2)
 
 
+@pytest.mark.parametrize("shape", [(3, 1, 5), (4, 1, 4), (2, 1, 1, 3), (3, 2, 1, 4)])
+def test_cp_reports_its_error_with_size_one_modes(shape):
+    """Two bugs the fuzz (test_fuzz_decompose.py) found: a mode of size 1
+    inside a dimension-tree group was skipped in the MTTKRP (its factor's
+    entry is ±1 once normalised: the sign got lost), so rel_error claimed 0
+    for a model worse than zero."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(*shape, generator=g, dtype=torch.float64)
+    for R in (2, 3, 5):
+        res = D.cp(X, R, n_iter_max=4, tol=0)
+        # rel_error comes from norms: accurate to about 1e-8 absolute (factorch.h)
+        assert res.rel_error == pytest.approx(rel(res.to_tensor(), X), abs=1e-7), (shape, R)
+        assert res.rel_error <= 1
+
+
+def test_tucker_rank_above_the_unfoldings_rank_gives_orthonormal_factors():
+    """dsyevr (index range: inverse iteration) returned columns of norm ~1e3
+    for a cluster of zero eigenvalues, with info 0; the factor is now
+    repaired by QR, and the error is that of the returned factors."""
+    g = torch.Generator().manual_seed(0)
+    X = (torch.randn(7, 2, generator=g, dtype=torch.float64)
+         @ torch.randn(2, 72, generator=g, dtype=torch.float64)).reshape(7, 6, 6, 2)
+    for n_iter_max in (0, 2):
+        res = D.tucker(X, [5, 5, 5, 2], n_iter_max=n_iter_max, tol=0)
+        for U in res.factors:
+            eye = torch.eye(U.shape[1], dtype=U.dtype)
+            assert (U.T @ U - eye).abs().max() < 1e-12
+        assert res.rel_error == pytest.approx(rel(res.to_tensor(), X), abs=1e-9)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_gpu_path_of_the_algorithms_on_the_cpu(dtype, monkeypatch):
     """FACTORCH_TEST_DEVICE_PATH=1: the CPU engine keeps host and engine
