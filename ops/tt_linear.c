@@ -223,9 +223,24 @@ static void make_steps(tt_plan* p) {
     if (p->state[j] > p->max_state) p->max_state = p->state[j];
     p->states_total += p->state[j];
   }
+  /* The temporaries of the merge chain (T, and gT, gP in the backward)
+   * hold a prefix product P_k [r_in, O_(a..k), I_(a..k), r_(k+1)], which
+   * is larger than the merged core when an inner rank exceeds the modes
+   * after it (e.g. ranks 1, 3, 1 around modes of size 1). Sizing them by
+   * the merged cores overran the workspace (heap corruption from Python;
+   * found by tests/python/test_fuzz_linear_ops.py). */
   p->max_chain = 1;
-  for (int g = 0; g < G; ++g)
-    if (p->grp[g].size > p->max_chain) p->max_chain = p->grp[g].size;
+  for (int g = 0; g < G; ++g) {
+    const tt_group* gr = &p->grp[g];
+    int64_t I = 1, O = 1;
+    if (gr->size > p->max_chain) p->max_chain = gr->size;
+    for (int l = gr->a; l <= gr->b; ++l) {
+      I *= p->s.in[l];
+      O *= p->s.out[l];
+      int64_t pk = gr->rin * I * O * p->s.r[l + 1];
+      if (pk > p->max_chain) p->max_chain = pk;
+    }
+  }
 }
 
 /* Is step j one GEMM over all rows of a chunk? (Its trailing size is 1.) */

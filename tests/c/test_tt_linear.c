@@ -207,6 +207,10 @@ static void test_values(void) {
       {40, 4, {2, 2, 2, 2}, {2, 2, 2, 2}, {1, 4, 16, 4, 1}},  /* large ranks: merging */
       {1, 3, {3, 2, 2}, {2, 2, 3}, {1, 4, 3, 1}},             /* M = 1 */
       {0, 2, {2, 2}, {3, 2}, {1, 2, 1}},                      /* empty batch */
+      /* size-1 modes around a rank-3 link (found by test_fuzz_linear_ops.py:
+       * the backward corrupted the heap at M = 2) */
+      {2, 4, {1, 3, 1, 3}, {4, 5, 1, 4}, {1, 1, 3, 1, 1}},
+      {4, 4, {1, 3, 1, 3}, {4, 5, 1, 4}, {1, 1, 3, 1, 1}},
   };
   static const layout_case layouts[] = {
       {"contiguous", 0, 0, 0, 0},
