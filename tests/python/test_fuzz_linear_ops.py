@@ -1,5 +1,5 @@
-"""Seeded fuzz of the tensorized linear ops (torch.ops.factorch.cp_linear,
-tucker_linear, tt_linear) through factorch.functional: random mode counts
+"""Seeded fuzz of the linear ops (torch.ops.factorch.lowrank_linear,
+cp_linear, tucker_linear, tt_linear) through factorch.functional: random mode counts
 and sizes (size-1 modes included), ranks, leading batch shapes (M = 0 and 1
 included), x layouts (transposed, sliced, broadcast), dtypes, bias or none,
 and which gradients are asked for. Half the calls run under torch.no_grad().
@@ -68,10 +68,17 @@ def dense_tt(G):
 
 
 def random_case(r: random.Random):
-    kind = r.choice(["cp", "tucker", "tt"])
+    kind = r.choice(["lowrank", "cp", "tucker", "tt"])
     dtype = r.choice([torch.float32, torch.float64])
     g = torch.Generator().manual_seed(r.getrandbits(48))
-    if kind == "tt":
+    if kind == "lowrank":
+        ins, outs = [r.choice([1, 2, 3, 7, 16, 33])], [r.choice([1, 2, 5, 16, 31])]
+        R = r.randint(1, 9)
+        facs = [torch.randn(outs[0], R, generator=g, dtype=dtype),
+                torch.randn(R, ins[0], generator=g, dtype=dtype)]
+        run = lambda x, fs, b: F.lowrank_linear(x, fs[0], fs[1], b)
+        dense = lambda fs: fs[0] @ fs[1]
+    elif kind == "tt":
         d = r.randint(1, 4)
         ins, outs = modes(r, d), modes(r, d)
         ranks = [1] + [r.randint(1, 4) for _ in range(d - 1)] + [1]
@@ -171,8 +178,8 @@ def test_fuzz_linear_ops_values_and_gradients():
 
 def test_fuzz_linear_ops_bad_arguments():
     r = random.Random(SEED + 1)
-    named = ("x", "in_factors", "out_factors", "core", "cores", "bias", "weights", "in_modes",
-             "out_modes", "rank", "ranks", "in_ranks", "out_ranks")
+    named = ("x", "U", "V", "in_factors", "out_factors", "core", "cores", "bias", "weights",
+             "in_modes", "out_modes", "rank", "ranks", "in_ranks", "out_ranks")
     raised = 0
     for i in range(CALLS // 2):
         kind, x, facs, bias, run, dense = random_case(r)
@@ -180,7 +187,10 @@ def test_fuzz_linear_ops_bad_arguments():
         fs = list(facs)
         n_out = dense([f.double() for f in facs]).shape[0]
         if what == "rank_dim":  # a rank no longer matching its neighbours
-            if kind == "cp":
+            if kind == "lowrank":  # U's columns or V's rows
+                k = r.randrange(2)
+                dim = 1 - k
+            elif kind == "cp":
                 k, dim = r.randrange(len(fs)), 1
             elif kind == "tt":
                 k = r.randrange(len(fs))
