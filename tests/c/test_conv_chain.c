@@ -296,18 +296,6 @@ static chain_case tt_chain(int d, const int64_t* in_modes, const int64_t* out_mo
 /* Running the op                                                             */
 /* ------------------------------------------------------------------------- */
 
-/* A stand-in thread pool: each block alone, in reverse order, so that a
- * worker depending on another's result, or on running first, would show. */
-static int g_pool_calls;
-static int32_t reverse_pool(int64_t begin, int64_t end, int64_t grain, fct_parallel_body body,
-                            void* arg) {
-  (void)grain;
-  ++g_pool_calls;
-  for (int64_t i = end - 1; i >= begin; --i) body(i, i + 1, arg);
-  return 0;
-}
-static int three_threads(void) { return 3; }
-
 /* A workspace of exactly `bytes` (so that ASan sees a write past it), full
  * of NaN bytes (so that reading scratch before writing it shows). */
 static void* g_ws;
@@ -460,7 +448,7 @@ static void run_case(const chain_case* cc, int bits, int64_t N, const layout_cas
   g_tol = bits == 32 ? 2e-5 : 1e-12;
 
   for (int pool = 0; pool < 2; ++pool) {
-    fct_cpu_set_thread_pool(pool ? reverse_pool : NULL, pool ? three_threads : NULL);
+    fct_cpu_set_thread_pool(pool ? tt_reverse_pool : NULL, pool ? tt_three_threads : NULL);
     snprintf(g_label, sizeof g_label, "%s f%d N=%lld %s bias=%d pool=%d", cc->name, bits,
              (long long)N, L->name, bias, pool);
     /* Forward keeping the activations (training), then without (inference). */
@@ -476,12 +464,12 @@ static void run_case(const chain_case* cc, int bits, int64_t N, const layout_cas
                                             &out->dl, sv, &bytes);
       CHECK(st == FCT_OK, "%s: forward workspace (saved=%d): %s", g_label, keep, tz_err);
       set_workspace(&c, bytes);
-      g_pool_calls = 0;
+      tt_pool_calls = 0;
       st = fct_conv_chain_forward(&c, &x->dl, S, cc->st, Wdl, b ? &b->dl : NULL, &out->dl, sv);
       CHECK(st == FCT_OK, "%s: forward (saved=%d): %s", g_label, keep, tz_err);
       check_close(keep ? "y" : "y (saved = NULL)", out, ref.y, mag.y);
       /* With more than one image each pool thread takes its own images. */
-      CHECK(!pool || N < 2 || g_pool_calls >= 1, "%s: the forward did not use the pool",
+      CHECK(!pool || N < 2 || tt_pool_calls >= 1, "%s: the forward did not use the pool",
             g_label);
     }
     if (saved) CHECK(all_finite(saved), "%s: saved not entirely written", g_label);

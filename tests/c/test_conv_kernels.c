@@ -402,18 +402,6 @@ static void test_grid(void) {
 /* Larger geometries: serial vs a stand-in pool                               */
 /* ------------------------------------------------------------------------- */
 
-/* Runs each block alone, in reverse order, so that a block depending on
- * another's result or on running in order would show. */
-static int g_pool_calls;
-static int32_t reverse_pool(int64_t begin, int64_t end, int64_t grain, fct_parallel_body body,
-                            void* arg) {
-  (void)grain;
-  ++g_pool_calls;
-  for (int64_t i = end - 1; i >= begin; --i) body(i, i + 1, arg);
-  return 0;
-}
-static int three_threads(void) { return 3; }
-
 static void test_pool(void) {
   static const struct {
     int64_t n;
@@ -438,11 +426,11 @@ static void test_pool(void) {
       fct_cpu_set_thread_pool(NULL, NULL);
       outs serial = run_all(bits, &g, n, &in);
       check_all(&g, n, &in, &serial);
-      fct_cpu_set_thread_pool(reverse_pool, three_threads);
-      g_pool_calls = 0;
+      fct_cpu_set_thread_pool(tt_reverse_pool, tt_three_threads);
+      tt_pool_calls = 0;
       outs pooled = run_all(bits, &g, n, &in);
       /* the first case is big enough for all eight calls to split */
-      CHECK(k != 0 || g_pool_calls == 8, "%d of 8 calls used the pool %s", g_pool_calls, g_what);
+      CHECK(k != 0 || tt_pool_calls == 8, "%d of 8 calls used the pool %s", tt_pool_calls, g_what);
       fct_cpu_set_thread_pool(NULL, NULL);
       check_all(&g, n, &in, &pooled);
       CHECK(buf_same(&serial.col, &pooled.col) && buf_same(&serial.xi, &pooled.xi) &&

@@ -463,16 +463,6 @@ static void test_tt(uint32_t flags) {
       for (size_t k = 0; k < sizeof kTT / sizeof kTT[0]; ++k) tt_case_run(bits, ib, flags, &kTT[k]);
 }
 
-/* A stand-in thread pool: each block alone, in reverse order, so a block
- * depending on another's result or on running in order would show. */
-static int32_t reverse_pool(int64_t begin, int64_t end, int64_t grain, fct_parallel_body body,
-                            void* arg) {
-  (void)grain;
-  for (int64_t i = end - 1; i >= begin; --i) body(i, i + 1, arg);
-  return 0;
-}
-static int three_threads(void) { return 3; }
-
 /* Batches large enough for the gather, the scatter-add and the TT chains to
  * be split across the pool's tasks (the small cases above stay serial). */
 static const lr_case kBigLowrank = {"big batch", 300, 8, 16, 1, {4096, 0, 0}, false, -1, 0, 0};
@@ -507,7 +497,7 @@ static void test_determinism(void) {
   bool want[3] = {true, true, true};
   fct_cpu_set_thread_pool(NULL, NULL);
   CHECK(tt_backward(0, T, g, I, G, gA, want) == FCT_OK, "determinism serial: %s", g_err);
-  fct_cpu_set_thread_pool(reverse_pool, three_threads);
+  fct_cpu_set_thread_pool(tt_reverse_pool, tt_three_threads);
   CHECK(tt_backward(0, T, g, I, G, gB, want) == FCT_OK, "determinism pool: %s", g_err);
   fct_cpu_set_thread_pool(NULL, NULL);
   for (int k = 0; k < 3; ++k)
@@ -711,7 +701,7 @@ static void test_tt_errors(void) {
 int main(void) {
   test_lowrank(0); /* OpenBLAS's own threads */
   test_tt(0);
-  fct_cpu_set_thread_pool(reverse_pool, three_threads);
+  fct_cpu_set_thread_pool(tt_reverse_pool, tt_three_threads);
   test_lowrank(FCT_FLAG_SMALL_CHUNKS);
   test_tt(FCT_FLAG_SMALL_CHUNKS);
   test_lowrank(FCT_FLAG_CHECK_FINITE);

@@ -145,16 +145,6 @@ static void run_case(int bits, int64_t M, int64_t in, int64_t out, int64_t r, bo
   tt_free(x); tt_free(U); tt_free(V); tt_free(b); tt_free(g); tt_free(y); tt_free(t);
 }
 
-/* A stand-in thread pool: runs each block alone, in reverse order, so that a
- * block depending on another's result or on running in order would show. */
-static int32_t reverse_pool(int64_t begin, int64_t end, int64_t grain, fct_parallel_body body,
-                            void* arg) {
-  (void)grain;
-  for (int64_t i = end - 1; i >= begin; --i) body(i, i + 1, arg);
-  return 0;
-}
-static int three_threads(void) { return 3; }
-
 static void test_values(bool big) {
   static const layout_case layouts[] = {
       {"contiguous", 2, {0, 0, 0}, 0, 0},
@@ -343,7 +333,7 @@ static void test_big_nan_scan(void) {
 
 int main(void) {
   test_values(false); /* OpenBLAS's own threads */
-  fct_cpu_set_thread_pool(reverse_pool, three_threads);
+  fct_cpu_set_thread_pool(tt_reverse_pool, tt_three_threads);
   test_values(false);
   test_values(true);
   test_big_nan_scan();

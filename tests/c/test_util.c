@@ -106,6 +106,18 @@ double tt_get2(const test_tensor* t, int64_t row, int64_t col) {
   return tt_get(t, idx);
 }
 
+int tt_pool_calls;
+
+int32_t tt_reverse_pool(int64_t begin, int64_t end, int64_t grain, fct_parallel_body body,
+                        void* arg) {
+  (void)grain;
+  ++tt_pool_calls;
+  for (int64_t i = end - 1; i >= begin; --i) body(i, i + 1, arg);
+  return 0;
+}
+
+int tt_three_threads(void) { return 3; }
+
 int test_report(void) {
   printf("%d passed, %d failed\n", g_passed, g_failed);
   return g_failed ? 1 : 0;

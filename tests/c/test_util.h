@@ -44,6 +44,15 @@ extern int g_passed, g_failed;
     }                                                               \
   } while (0)
 
+/* A stand-in for the host's thread pool (fct_cpu_set_thread_pool): runs
+ * each block alone, in reverse order, so that a block depending on another's
+ * result or on running in order would show. tt_pool_calls counts its calls;
+ * tt_three_threads reports 3 workers. */
+extern int tt_pool_calls;
+int32_t tt_reverse_pool(int64_t begin, int64_t end, int64_t grain, fct_parallel_body body,
+                        void* arg);
+int tt_three_threads(void);
+
 /* Prints the closing line and returns the exit status. */
 int test_report(void);
 
