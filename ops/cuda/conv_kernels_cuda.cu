@@ -124,10 +124,32 @@ static __global__ void im2col_kernel(geom_i<I> g, I total, const T* __restrict__
   }
 }
 
+/* Calls tap(i, j, oh, ow) for every tap (i, j) and output (oh, ow) that
+ * reads input element (h, w), taps in (i, j) order: the gather of col2im
+ * and of the depthwise input gradient. An output coordinate o reads h when
+ * o·s = h + p − i·d, which decreases with i, so the loops stop at the first
+ * negative value. */
+template <typename I, typename F>
+static __device__ __forceinline__ void for_taps_reading(const geom_i<I>& g, I h, I w, F tap) {
+  for (I i = 0; i < g.kh; ++i) {
+    I th = h + g.pt - i * g.dh;
+    if (th < 0) break;
+    if (th % g.sh != 0) continue;
+    I oh = th / g.sh;
+    if (oh >= g.OH) continue;
+    for (I j = 0; j < g.kw; ++j) {
+      I tw = w + g.pl - j * g.dw;
+      if (tw < 0) break;
+      if (tw % g.sw != 0) continue;
+      I ow = tw / g.sw;
+      if (ow >= g.OW) continue;
+      tap(i, j, oh, ow);
+    }
+  }
+}
+
 /* in [n·C, H, W] = Σ of the col entries that read each element: one thread
- * per input element, gathering over the taps (i, j) in order. An output
- * coordinate o reads h when o·s = h + p − i·d, which decreases with i, so
- * the loops stop at the first negative value. */
+ * per input element (for_taps_reading). */
 template <typename T, typename I>
 static __global__ void col2im_kernel(geom_i<I> g, I total, const T* __restrict__ col,
                                      T* __restrict__ in) {
@@ -140,21 +162,9 @@ static __global__ void col2im_kernel(geom_i<I> g, I total, const T* __restrict__
     I bc = r / g.H;
     const T* cb = col + bc * plane;
     Acc acc = 0;
-    for (I i = 0; i < g.kh; ++i) {
-      I th = h + g.pt - i * g.dh;
-      if (th < 0) break;
-      if (th % g.sh != 0) continue;
-      I oh = th / g.sh;
-      if (oh >= g.OH) continue;
-      for (I j = 0; j < g.kw; ++j) {
-        I tw = w + g.pl - j * g.dw;
-        if (tw < 0) break;
-        if (tw % g.sw != 0) continue;
-        I ow = tw / g.sw;
-        if (ow >= g.OW) continue;
-        acc += (Acc)widen(cb[((i * g.kw + j) * g.OH + oh) * g.OW + ow]);
-      }
-    }
+    for_taps_reading(g, h, w, [&](I i, I j, I oh, I ow) {
+      acc += (Acc)widen(cb[((i * g.kw + j) * g.OH + oh) * g.OW + ow]);
+    });
     narrow(in + idx, acc);
   }
 }
@@ -188,7 +198,7 @@ static __global__ void dw_forward_kernel(geom_i<I> g, I total, const T* __restri
 }
 
 /* gin [n·C, H, W] = the adjoint of dw_forward applied to gout: one thread per
- * input element gathering its outputs as col2im does. */
+ * input element gathering its outputs as col2im does (for_taps_reading). */
 template <typename T, typename I>
 static __global__ void dw_backward_input_kernel(geom_i<I> g, I total, const T* __restrict__ gout,
                                                 const T* __restrict__ w, T* __restrict__ gin) {
@@ -202,21 +212,9 @@ static __global__ void dw_backward_input_kernel(geom_i<I> g, I total, const T* _
     const T* gp = gout + bc * g.OH * g.OW;
     const T* wp = w + c * g.kh * g.kw;
     Acc acc = 0;
-    for (I i = 0; i < g.kh; ++i) {
-      I th = h + g.pt - i * g.dh;
-      if (th < 0) break;
-      if (th % g.sh != 0) continue;
-      I oh = th / g.sh;
-      if (oh >= g.OH) continue;
-      for (I j = 0; j < g.kw; ++j) {
-        I tw = x + g.pl - j * g.dw;
-        if (tw < 0) break;
-        if (tw % g.sw != 0) continue;
-        I ow = tw / g.sw;
-        if (ow >= g.OW) continue;
-        acc += (Acc)widen(wp[i * g.kw + j]) * (Acc)widen(gp[oh * g.OW + ow]);
-      }
-    }
+    for_taps_reading(g, h, x, [&](I i, I j, I oh, I ow) {
+      acc += (Acc)widen(wp[i * g.kw + j]) * (Acc)widen(gp[oh * g.OW + ow]);
+    });
     narrow(gin + idx, acc);
   }
 }
