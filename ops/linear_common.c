@@ -72,6 +72,30 @@ fct_status fct_check_param(fct_context* ctx, const char* name, const DLTensor* t
   return fct_check_same(ctx, name, t, "x", x);
 }
 
+fct_status fct_check_tt_core(fct_context* ctx, const char* name, const DLTensor* core, int k,
+                             int64_t r_prev, const char* dims) {
+  const int64_t* sh = core->shape;
+  if (sh[0] != r_prev && k == 0)
+    return fct_fail(ctx, FCT_ERR_SHAPE, "%s: expected a first dim of 1 (r_0 = 1), got %lld", name,
+                    (long long)sh[0]);
+  if (sh[0] != r_prev)
+    return fct_fail(ctx, FCT_ERR_SHAPE,
+                    "%s: expected a first dim of %lld (the last dim of cores[%d]), got %lld", name,
+                    (long long)r_prev, k - 1, (long long)sh[0]);
+  for (int i = 1; i < 4; ++i)
+    if (sh[i] < 1)
+      return fct_fail(ctx, FCT_ERR_SHAPE,
+                      "%s: expected sizes >= 1 (%s), got [%lld, %lld, %lld, %lld]", name, dims,
+                      (long long)sh[0], (long long)sh[1], (long long)sh[2], (long long)sh[3]);
+  return FCT_OK;
+}
+
+fct_status fct_check_tt_last(fct_context* ctx, int d, int64_t r_d) {
+  if (r_d == 1) return FCT_OK;
+  return fct_fail(ctx, FCT_ERR_SHAPE, "cores[%d]: expected a last dim of 1 (r_d = 1), got %lld",
+                  d - 1, (long long)r_d);
+}
+
 bool fct_is_contiguous(const DLTensor* t) {
   if (fct_numel(t) == 0 || !t->strides) return true;
   int64_t s = 1;

@@ -83,6 +83,14 @@ fct_status fct_check_vector(fct_context* ctx, const char* name, const DLTensor* 
 fct_status fct_check_param(fct_context* ctx, const char* name, const DLTensor* t,
                            const DLTensor* x, int ndim, const char* what);
 
+/* The shape of TT core k of a chain, [r_(k-1), a_k, b_k, r_k] (`dims`
+ * names them in messages): its first dim must be r_prev (r_0 = 1, then the
+ * last dim of the core before) and every size >= 1. The caller checks the
+ * tensor itself first (4 dims, dtype, device). fct_check_tt_last: r_d = 1. */
+fct_status fct_check_tt_core(fct_context* ctx, const char* name, const DLTensor* core, int k,
+                             int64_t r_prev, const char* dims);
+fct_status fct_check_tt_last(fct_context* ctx, int d, int64_t r_d);
+
 /* Dense row-major (C-contiguous) tensors; empty ones count as such. */
 bool fct_is_contiguous(const DLTensor* t);
 

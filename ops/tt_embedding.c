@@ -62,27 +62,13 @@ static fct_status check_args(fct_context* ctx, const DLTensor* indices, int d,
       return fct_fail(ctx, FCT_ERR_NDIM, "%s: expected 4 dims [r_(k-1), n_k, m_k, r_k], got %d",
                       name, cores[k]->ndim);
     if (k > 0) TRY(fct_check_same(ctx, name, cores[k], "cores[0]", cores[0]));
+    TRY(fct_check_tt_core(ctx, name, cores[k], k, g->r[k], "[r_(k-1), n_k, m_k, r_k]"));
     const int64_t* sh = cores[k]->shape;
-    if (sh[0] != g->r[k])
-      return fct_fail(ctx, FCT_ERR_SHAPE,
-                      k == 0 ? "%s: expected a first dim of %lld (r_0 = 1), got %lld"
-                             : "%s: expected a first dim of %lld (the last dim of the core "
-                               "before), got %lld",
-                      name, (long long)g->r[k], (long long)sh[0]);
-    for (int i = 1; i < 4; ++i)
-      if (sh[i] < 1)
-        return fct_fail(ctx, FCT_ERR_SHAPE,
-                        "%s: expected sizes >= 1 ([r_(k-1), n_k, m_k, r_k]), got [%lld, %lld, "
-                        "%lld, %lld]",
-                        name, (long long)sh[0], (long long)sh[1], (long long)sh[2],
-                        (long long)sh[3]);
     g->n[k] = sh[1];
     g->m[k] = sh[2];
     g->r[k + 1] = sh[3];
   }
-  if (g->r[d] != 1)
-    return fct_fail(ctx, FCT_ERR_SHAPE, "cores[%d]: expected a last dim of 1 (r_d = 1), got %lld",
-                    d - 1, (long long)g->r[d]);
+  TRY(fct_check_tt_last(ctx, d, g->r[d]));
   /* Sizes: the padded vocabulary N, the digits' divisors, D_k, the states
    * and the slices, every product checked. */
   p->N = 1;

@@ -118,22 +118,8 @@ static fct_status check_shape(fct_context* ctx, const DLTensor* x, int d,
   for (int k = 0; k < d; ++k) {
     const char* name = fct_item_name(nm, sizeof nm, "cores", k);
     TRY(fct_check_param(ctx, name, cores[k], x, 4, "[r_(k-1), i_k, o_k, r_k]"));
+    TRY(fct_check_tt_core(ctx, name, cores[k], k, s->r[k], "[r_(k-1), i_k, o_k, r_k]"));
     const int64_t* sh = cores[k]->shape;
-    if (k == 0 && sh[0] != 1)
-      return fct_fail(ctx, FCT_ERR_SHAPE, "%s: expected a first dim of 1 (r_0 = 1), got %lld",
-                      name, (long long)sh[0]);
-    if (k > 0 && sh[0] != s->r[k])
-      return fct_fail(ctx, FCT_ERR_SHAPE,
-                      "%s: expected a first dim of %lld (r_%d: the last dim of cores[%d]), got "
-                      "%lld",
-                      name, (long long)s->r[k], k, k - 1, (long long)sh[0]);
-    for (int i = 1; i < 4; ++i)
-      if (sh[i] < 1)
-        return fct_fail(ctx, FCT_ERR_SHAPE,
-                        "%s: expected sizes >= 1 ([r_(k-1), i_k, o_k, r_k]), got [%lld, %lld, "
-                        "%lld, %lld]",
-                        name, (long long)sh[0], (long long)sh[1], (long long)sh[2],
-                        (long long)sh[3]);
     s->in[k] = sh[1];
     s->out[k] = sh[2];
     s->r[k + 1] = sh[3];
@@ -146,9 +132,7 @@ static fct_status check_shape(fct_context* ctx, const DLTensor* x, int d,
                       "%s: the products of the mode sizes and each core's size must be < 2^31",
                       name);
   }
-  if (s->r[d] != 1)
-    return fct_fail(ctx, FCT_ERR_SHAPE, "cores[%d]: expected a last dim of 1 (r_d = 1), got %lld",
-                    d - 1, (long long)s->r[d]);
+  TRY(fct_check_tt_last(ctx, d, s->r[d]));
   int64_t last = x->shape[x->ndim - 1];
   if (last != s->in_size)
     return fct_fail(ctx, FCT_ERR_SHAPE,
