@@ -8,7 +8,7 @@ from . import _lib, _ops, functional, nn  # noqa: F401  (_ops registers fakes/au
 from ._config import get_check_finite, set_check_finite
 from . import decompose  # noqa: E402  (decompositions in C: svd, randomized_svd, cp, tucker, TT)
 from . import data, evaluate  # noqa: E402  (calibration text, perplexity and speed)
-from .compress import CompressionReport, compress, select_targets  # noqa: E402
+from .compression import CompressionReport, compress, select_targets  # noqa: E402
 from .serialize import load_compressed, save_compressed  # noqa: E402
 
 __version__ = _lib.version()

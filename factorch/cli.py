@@ -167,7 +167,7 @@ def speed_table(sp: dict) -> str:
 
 
 def cmd_report(a) -> int:
-    from .compress import CompressionReport
+    from .compression import CompressionReport
 
     p = Path(a.dir) / "report.json"
     if not p.is_file():

@@ -126,7 +126,7 @@ def _version() -> str:
 def save_compressed(model: nn.Module, directory, report=None) -> Path:
     """Writes ``model`` (with its factorch layers) to ``directory``:
     ``model.safetensors`` and ``factorch.json`` (plus ``report.json`` when a
-    :class:`~factorch.compress.CompressionReport` is given). Returns the
+    :class:`~factorch.compression.CompressionReport` is given). Returns the
     folder."""
     st = _safetensors()
     d = Path(directory)

@@ -653,9 +653,11 @@ def _candidates(chosen, stats, method):
 
 
 def _compress_layers(model, chosen, stats, report, ratio, method, factorization, allocation,
-                     progress, alpha, ranks=None):
+                     progress, alpha, ranks=None, spectra=None):
     """Decomposes and replaces `chosen` (statistics in `stats`). `ranks`
-    (name -> rank or None) overrides the allocation."""
+    (name -> rank or None) overrides the allocation; `spectra` (name ->
+    Spectrum), when given, is read and filled instead of decomposing again
+    (the benchmark compares allocations on one set of decompositions)."""
     t_all = time.perf_counter()
     if factorization != "lowrank":
         for name, m in _progress(chosen, progress, "decomposition"):
@@ -673,7 +675,12 @@ def _compress_layers(model, chosen, stats, report, ratio, method, factorization,
     spent = {}
     for c in _progress(cands, progress, "decomposition"):
         t0 = time.perf_counter()
-        c.spectrum = A.spectrum(A.matrix_of(c.module), _whitening(c, method, alpha))
+        if spectra is not None and c.name in spectra:
+            c.spectrum = spectra[c.name]
+        else:
+            c.spectrum = A.spectrum(A.matrix_of(c.module), _whitening(c, method, alpha))
+            if spectra is not None:
+                spectra[c.name] = c.spectrum
         spent[c.name] = time.perf_counter() - t0
     if ranks is not None:
         for c in cands:
