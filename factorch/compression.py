@@ -14,10 +14,15 @@ Methods (``method=``):
 
 Allocation (``allocation=``):
     "uniform"  every targeted layer keeps ``ratio`` of its parameters.
-    "global"   ranks chosen across all targeted layers to minimise the sum of
-               their relative (whitened) output errors under the same total
+    "global"   ranks chosen across all targeted layers under the same total
                parameter budget, greedily from the singular value spectra
-               already computed; a layer that would not save parameters stays
+               already computed (no search by repeated evaluation), to
+               minimise the sum of the layers' (whitened) truncation errors,
+               each weighted by the layer's loss sensitivity (the mean squared
+               gradient of the loss with respect to its output, from one
+               backward pass over a few calibration batches:
+               :func:`layer_sensitivities`); without calibration, the sum of
+               relative errors. A layer that would not save parameters stays
                dense.
 
 Only low-rank layers can be built activation-aware (``factorization=
@@ -82,8 +87,11 @@ class CompressionReport:
     model_params_after: int = 0
     calibration_seconds: float = 0.0
     decomposition_seconds: float = 0.0
-    calibration_rows: int = 0
     peak_statistics_bytes: int = 0  # the largest amount of statistics held at once
+    #: What weighted the layers' errors in a global allocation: "loss" (the
+    #: model's loss gradient), "output" (its output's Jacobian), "relative".
+    sensitivity: str = ""
+    sensitivity_seconds: float = 0.0
 
     @property
     def params_before(self) -> int:
@@ -132,6 +140,8 @@ class CompressionReport:
             f"({self.kept:.3f} kept); model {self.model_params_before:,} -> "
             f"{self.model_params_after:,}; calibration {self.calibration_seconds:.1f} s, "
             f"decomposition {self.decomposition_seconds:.1f} s"
+            + (f", sensitivities ({self.sensitivity}) {self.sensitivity_seconds:.1f} s"
+               if self.sensitivity else "")
         )
         notes = [f"  {lr.name}: {lr.note}" for lr in self.layers if lr.note]
         if notes:
@@ -417,12 +427,18 @@ class _Candidate:
         return max(0, min(r, self.out, self.features))
 
 
-def allocate_global(cands: list[_Candidate], budget: int) -> None:
+def allocate_global(cands: list[_Candidate], budget: int,
+                    weights: dict[str, float] | None = None) -> None:
     """Sets each candidate's rank (None: dense) so that the parameters stay
-    within ``budget`` and the sum of relative squared output errors is
-    greedily minimised: repeatedly grant the step (one more rank, or the
-    switch to dense once the cap is reached) with the largest error removed
-    per parameter that still fits."""
+    within ``budget`` and ``Σ_l w_l · tail_l(r_l)`` is greedily minimised,
+    where ``tail_l(r)`` is the squared (whitened) truncation error of layer
+    l at rank r: repeatedly grant the step (one more rank, or the switch to
+    dense once the cap is reached) that removes the most weighted error per
+    parameter and still fits.
+
+    ``weights`` (name -> w_l): each layer's loss sensitivity (see
+    :func:`layer_sensitivities`); None: ``w_l = 1 / tail_l(0)``, the sum of
+    relative errors."""
     heap = []
     used = 0
     for i, c in enumerate(cands):
@@ -441,7 +457,11 @@ def allocate_global(cands: list[_Candidate], budget: int) -> None:
     def push(i):
         c = cands[i]
         t = tails[i]
-        total = float(t[0]) or 1.0
+        if weights is None:
+            total = float(t[0]) or 1.0
+        else:
+            w = weights.get(c.name, 0.0)
+            total = 1.0 / w if w > 0 else math.inf
         if c.rank < c.cap:
             gain, cost = float(t[c.rank] - t[c.rank + 1]) / total, c.per_rank
         else:
@@ -463,6 +483,104 @@ def allocate_global(cands: list[_Candidate], budget: int) -> None:
             push(i)
         else:
             c.rank = None
+
+
+def _loss_of(model, batch, seed: int):
+    """(loss, what) for the sensitivity pass: the model's own loss when it
+    computes one from ``labels`` (a Hugging Face causal LM given its input
+    ids), otherwise a random projection ``uᵀ y`` of its output y (u standard
+    normal, so that E‖∂(uᵀy)/∂h‖² is the squared Frobenius norm of the
+    output's Jacobian in h: Hutchinson's estimator)."""
+    if isinstance(batch, dict) and "input_ids" in batch and "labels" not in batch and \
+            "labels" in inspect.signature(model.forward).parameters:
+        out = model(**batch, labels=batch["input_ids"])
+        loss = getattr(out, "loss", None)
+        if isinstance(loss, Tensor) and loss.requires_grad:
+            return loss, "loss"
+    else:
+        out = model(**batch) if isinstance(batch, dict) else (
+            model(*batch) if isinstance(batch, (tuple, list)) else model(batch))
+    y = out
+    if not isinstance(y, Tensor):
+        y = getattr(out, "logits", None)
+        if y is None:
+            y = getattr(out, "last_hidden_state", None)
+        if y is None and isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
+            y = out[0]
+    if not isinstance(y, Tensor) or not y.is_floating_point():
+        raise ValueError("allocation='global': cannot find the model's output tensor to "
+                         "measure layer sensitivities (give a model whose forward returns a "
+                         "tensor, or .logits / .last_hidden_state)")
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    u = torch.randn(y.shape, generator=g, dtype=torch.float32).to(y.device, y.dtype)
+    return (y * u).sum(), "output"
+
+
+def layer_sensitivities(model: nn.Module, modules: dict[str, nn.Module], batches,
+                        n_batches: int = 2) -> tuple[dict[str, float], str]:
+    """Each layer's loss sensitivity ``w_l = E_t ‖∂L/∂y_t‖² / out_l``: the
+    mean squared gradient of the loss with respect to the layer's output per
+    token and output unit, from one backward pass over ``n_batches``
+    calibration batches (no weight gradients). Under an isotropic Fisher
+    approximation, truncating layer l so that its outputs change by
+    ``Δy_t`` raises the loss by about ``½ w_l Σ_t ‖Δy_t‖²``, which makes
+    whitened truncation errors of different layers comparable.
+
+    The loss is the model's own (``labels=input_ids``) when it has one,
+    otherwise a random projection of its output. Returns (weights, which)."""
+    device = next(model.parameters()).device
+    sums = {n: 0.0 for n in modules}
+    rows = {n: 0 for n in modules}
+    outs: dict[str, Tensor] = {}
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+
+    def pre(mod, args):  # a leaf where no gradient flows yet: no weight gradients needed
+        x = args[0]
+        if isinstance(x, Tensor) and x.is_floating_point() and not x.requires_grad:
+            return (x.detach().requires_grad_(True), *args[1:])
+        return None
+
+    def post(name):
+        def hook(mod, args, out):
+            outs[name] = out
+        return hook
+
+    handles = []
+    for n, m in modules.items():
+        handles.append(m.register_forward_pre_hook(pre))
+        handles.append(m.register_forward_hook(post(n)))
+    which = "output"
+    was_training = model.training
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        model.eval()
+        with torch.enable_grad():
+            for k, batch in enumerate(batches):
+                if k >= n_batches:
+                    break
+                outs.clear()
+                loss, which = _loss_of(model, _to_device(batch, device), seed=k)
+                names = [n for n in modules if n in outs and outs[n].requires_grad]
+                grads = torch.autograd.grad(loss, [outs[n] for n in names], allow_unused=True)
+                for n, g in zip(names, grads):
+                    if g is None:
+                        continue
+                    sums[n] += float(g.detach().double().square().sum())
+                    rows[n] += g.numel() // g.shape[-1 if isinstance(modules[n], nn.Linear)
+                                                      else 1]
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
+        outs.clear()
+    weights = {}
+    for n, m in modules.items():
+        out_units = m.weight.shape[0]
+        weights[n] = sums[n] / rows[n] / out_units if rows[n] else 0.0
+    return weights, which
 
 
 # --------------------------------------------------------------------------
@@ -587,6 +705,7 @@ def compress(
     sequential: bool = False,
     progress: bool = True,
     alpha: float = 0.5,
+    sensitivity_batches: int = 2,
 ) -> CompressionReport:
     """Replaces the targeted layers of ``model`` in place by factorch layers
     keeping ``ratio`` of their parameters, and returns a
@@ -611,17 +730,34 @@ def compress(
             is fitted to), holding one block's statistics at a time.
         progress: tqdm progress bars (when tqdm is installed).
         alpha: ASVD's exponent.
+        sensitivity_batches: global allocation with calibration: how many
+            calibration batches the sensitivity pass reads
+            (:func:`layer_sensitivities`: one backward pass, no weight
+            gradients); 0 weighs every layer's relative error alike instead.
     """
     _check_args(model, ratio, method, calibration, factorization, allocation, alpha)
+    if isinstance(sensitivity_batches, bool) or not isinstance(sensitivity_batches, int) or \
+            sensitivity_batches < 0:
+        raise ValueError(f"sensitivity_batches: expected an int >= 0, got {sensitivity_batches!r}")
     chosen = select_targets(model, targets, exclude)
     if not chosen:
         raise ValueError("targets: no module of the model matched (nothing to compress)")
     report = CompressionReport(method, allocation, factorization, float(ratio))
     report.model_params_before = sum(p.numel() for p in model.parameters())
     aware = {n: m for n, m in chosen if _activation_aware(m, method)}
+    weights = None
+    if allocation == "global":
+        report.sensitivity = "relative"
+        if aware and sensitivity_batches > 0:
+            t = time.perf_counter()
+            if not isinstance(calibration, (list, tuple)):
+                calibration = list(calibration)  # read more than once
+            weights, report.sensitivity = layer_sensitivities(model, aware, calibration,
+                                                              sensitivity_batches)
+            report.sensitivity_seconds = time.perf_counter() - t
     if sequential and aware:
         _compress_sequential(model, chosen, aware, report, ratio, method, calibration,
-                             allocation, progress, alpha)
+                             allocation, progress, alpha, weights)
     else:
         stats = None
         if aware:
@@ -631,7 +767,7 @@ def compress(
             report.peak_statistics_bytes = col.nbytes
             stats = col
         _compress_layers(model, chosen, stats, report, ratio, method, factorization,
-                         allocation, progress, alpha)
+                         allocation, progress, alpha, weights=weights)
     report.model_params_after = sum(p.numel() for p in model.parameters())
     return report
 
@@ -653,7 +789,7 @@ def _candidates(chosen, stats, method):
 
 
 def _compress_layers(model, chosen, stats, report, ratio, method, factorization, allocation,
-                     progress, alpha, ranks=None, spectra=None):
+                     progress, alpha, ranks=None, spectra=None, weights=None):
     """Decomposes and replaces `chosen` (statistics in `stats`). `ranks`
     (name -> rank or None) overrides the allocation; `spectra` (name ->
     Spectrum), when given, is read and filled instead of decomposing again
@@ -687,7 +823,7 @@ def _compress_layers(model, chosen, stats, report, ratio, method, factorization,
             c.rank = ranks[c.name]
     elif allocation == "global":
         budget = math.floor(ratio * sum(c.dense for c in cands))
-        allocate_global(cands, budget)
+        allocate_global(cands, budget, weights)
     else:
         for c in cands:
             r = lowrank_rank_for_ratio(c.features, c.out, ratio)
@@ -751,12 +887,23 @@ def _capture_block_inputs(model, first_block, batches, progress):
     return captured
 
 
+def _with_hidden(args, kwargs, hidden):
+    """A block's (args, kwargs) with its hidden-state input replaced: the
+    first positional argument, or `hidden_states` when passed by name."""
+    if args:
+        return (hidden, *args[1:]), kwargs
+    if "hidden_states" in kwargs:
+        return (), {**kwargs, "hidden_states": hidden}
+    raise ValueError("sequential: cannot tell which argument of the block is its hidden state "
+                     "(neither a positional argument nor `hidden_states`)")
+
+
 def _block_output(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
 def _compress_sequential(model, chosen, aware, report, ratio, method, calibration, allocation,
-                         progress, alpha):
+                         progress, alpha, weights=None):
     batches = list(calibration)
     ranks = None
     if allocation == "global":  # the budget is shared: spectra of the whole model first
@@ -765,7 +912,7 @@ def _compress_sequential(model, chosen, aware, report, ratio, method, calibratio
         for c in _progress(cands, progress, "spectra"):
             c.spectrum = A.spectrum(A.matrix_of(c.module), _whitening(c, method, alpha))
         budget = math.floor(ratio * sum(c.dense for c in cands))
-        allocate_global(cands, budget)
+        allocate_global(cands, budget, weights)
         ranks = {c.name: c.rank for c in cands}
         report.peak_statistics_bytes = probe.nbytes
         del probe, cands
@@ -798,7 +945,7 @@ def _compress_sequential(model, chosen, aware, report, ratio, method, calibratio
             del col
         t = time.perf_counter()
         with torch.no_grad():  # the next block reads this one's compressed outputs
-            inputs = [((_block_output(block(*args, **kwargs)), *args[1:]), kwargs)
+            inputs = [_with_hidden(args, kwargs, _block_output(block(*args, **kwargs)))
                       for args, kwargs in inputs]
         report.calibration_seconds += time.perf_counter() - t
     rest = [(n, m) for n, m in chosen if n not in done]

@@ -197,7 +197,7 @@ def test_global_allocation_meets_the_budget_and_lowers_the_total_error():
         model = tiny_llama(layers=3, seed=5)
         batches = token_batches(8, 24, model.config.vocab_size, seed=2)
         rep = factorch.compress(model, ratio=0.6, method="svd-llm", calibration=batches,
-                                allocation=alloc, progress=False)
+                                allocation=alloc, progress=False, sensitivity_batches=0)
         results[alloc] = rep
     g = results["global"]
     budget = math.floor(0.6 * g.params_before)
@@ -209,11 +209,68 @@ def test_global_allocation_meets_the_budget_and_lowers_the_total_error():
     assert len(ranks) > 2  # not uniform
 
 
+def _manual_sensitivities(model, names, batches, loss_of):
+    """mean_t ‖∂L/∂y_t‖² / out per layer, by a plain backward with retained
+    output gradients."""
+    outs = {}
+
+    def keep(name):
+        def hook(mod, args, out):
+            out.retain_grad()
+            outs[name] = out
+        return hook
+
+    hooks = [model.get_submodule(n).register_forward_hook(keep(n)) for n in names]
+    sums = {n: 0.0 for n in names}
+    rows = {n: 0 for n in names}
+    for b in batches:
+        outs.clear()
+        model.zero_grad()
+        loss_of(model, b).backward()
+        for n in names:
+            g = outs[n].grad.double()
+            sums[n] += float(g.square().sum())
+            rows[n] += g.numel() // g.shape[-1]
+    for h in hooks:
+        h.remove()
+    return {n: sums[n] / rows[n] / model.get_submodule(n).weight.shape[0] for n in names}
+
+
+def test_layer_sensitivities_are_the_mean_squared_output_gradients():
+    from factorch.compression import layer_sensitivities
+
+    model = tiny_llama(seed=4)
+    batches = token_batches(8, 12, model.config.vocab_size, seed=6)
+    mods = dict(factorch.select_targets(model))
+    w, which = layer_sensitivities(model, mods, batches, n_batches=2)
+    assert which == "loss"
+    ref = _manual_sensitivities(model, list(mods), batches[:2],
+                                lambda m, b: m(**b, labels=b["input_ids"]).loss)
+    for n in mods:
+        assert w[n] == pytest.approx(ref[n], rel=1e-4), n
+    assert all(p.requires_grad for p in model.parameters())  # restored
+    # Without a loss (an encoder): a random projection of the output.
+    bert = tiny_bert()
+    mods = dict(factorch.select_targets(bert))
+    w, which = layer_sensitivities(bert, mods, batches[:1], n_batches=1)
+    assert which == "output" and all(v > 0 for v in w.values())
+
+
+def test_global_allocation_with_sensitivities_meets_the_budget():
+    model = tiny_llama(layers=3, seed=5)
+    batches = token_batches(8, 24, model.config.vocab_size, seed=2)
+    rep = factorch.compress(model, ratio=0.6, method="svd-llm", calibration=batches,
+                            allocation="global", progress=False)
+    assert rep.sensitivity == "loss" and rep.sensitivity_seconds > 0
+    budget = math.floor(0.6 * rep.params_before)
+    assert 0.99 * budget <= rep.params_after <= budget
+
+
 def test_allocate_global_keeps_a_layer_dense_when_that_is_cheapest():
     # Two layers: one with a flat spectrum that needs everything, one trivially rank 1.
     W1 = torch.randn(8, 8, dtype=torch.float64)
     W2 = torch.outer(torch.randn(8, dtype=torch.float64), torch.randn(8, dtype=torch.float64))
-    from factorch.compress import _Candidate, allocate_global
+    from factorch.compression import _Candidate, allocate_global
 
     cands = []
     for name, W in (("a", W1), ("b", W2)):
@@ -296,7 +353,7 @@ def test_cnn_convolutions_compress_activation_aware():
         assert isinstance(new, FactorizedConv2d) and new.factorization == "lowrank"
         old = convs[n]
         y_old = torch.nn.functional.conv2d(feats[n], old.weight, None, old.stride, old.padding)
-        y_new = new(feats[n]) - new.bias.view(1, -1, 1, 1)
+        y_new = (new(feats[n]) - new.bias.view(1, -1, 1, 1)).detach()
         measured = float((y_old - y_new).norm() / y_old.norm())
         assert lr.output_error == pytest.approx(measured, rel=1e-3)
     assert torch.isfinite(model(x)).all()
