@@ -438,7 +438,8 @@ def allocate_global(cands: list[_Candidate], budget: int,
 
     ``weights`` (name -> w_l): each layer's loss sensitivity (see
     :func:`layer_sensitivities`); None: ``w_l = 1 / tail_l(0)``, the sum of
-    relative errors."""
+    relative errors. A layer missing from ``weights`` (no statistics) counts
+    its relative error at the median scale of the others."""
     heap = []
     used = 0
     for i, c in enumerate(cands):
@@ -471,7 +472,16 @@ def allocate_global(cands: list[_Candidate], budget: int,
     for i, c in enumerate(cands):
         if c.rank is not None:
             tails[i] = c.spectrum.tail()
-            push(i)
+    if weights is not None:
+        scaled = sorted(weights[c.name] * float(tails[i][0]) for i, c in enumerate(cands)
+                        if i in tails and c.name in weights)
+        typical = scaled[len(scaled) // 2] if scaled else 1.0
+        weights = dict(weights)
+        for i, c in enumerate(cands):
+            if i in tails and c.name not in weights:
+                weights[c.name] = typical / (float(tails[i][0]) or 1.0)
+    for i in tails:
+        push(i)
     while heap:
         _, i, cost = heapq.heappop(heap)
         if used + cost > budget:
@@ -634,7 +644,17 @@ def _kind(m: nn.Module) -> str:
 
 
 def _activation_aware(module: nn.Module, method: str) -> bool:
-    return method != "svd" and isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d))
+    """Whether `module` gets `method`'s statistics: linears, and convolutions
+    whose patches F.unfold can form (groups=1, zero padding given as ints);
+    the others are factorized from the weight alone, and the report says so."""
+    if method == "svd":
+        return False
+    if isinstance(module, nn.Linear):
+        return True
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        return (module.groups == 1 and module.padding_mode == "zeros"
+                and not isinstance(module.padding, str))
+    return False
 
 
 def _whitening(c: _Candidate, method: str, alpha: float) -> A.Whitening:
@@ -829,8 +849,10 @@ def _compress_layers(model, chosen, stats, report, ratio, method, factorization,
             r = lowrank_rank_for_ratio(c.features, c.out, ratio)
             c.rank = r if r <= c.cap else None
     for c in cands:
-        _finish(c, method if c.stats is not None else "svd", report, model,
-                time.perf_counter() - spent[c.name])
+        plain = method != "svd" and c.stats is None
+        _finish(c, "svd" if plain else method, report, model,
+                time.perf_counter() - spent[c.name],
+                "weight-only SVD: no patch statistics for this convolution" if plain else "")
         c.spectrum = None  # free the SVD as soon as the layer is built
     for name, m in chosen:  # embeddings: weight-only, uniform
         if isinstance(m, nn.Embedding):

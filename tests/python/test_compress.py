@@ -385,3 +385,18 @@ def test_report_table_json_csv_and_plot(tmp_path):
     pytest.importorskip("matplotlib")
     rep.plot(tmp_path / "r.png")
     assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_grouped_convolutions_fall_back_to_the_weight_and_still_get_ranks():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(16, 32, 3, padding=1, groups=2), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(32 * 6 * 6, 10))
+    x = torch.randn(8, 8, 6, 6)
+    rep = factorch.compress(model, ratio=0.5, method="svd-llm", calibration=[x],
+                            allocation="global", progress=False)
+    by = {lr.name: lr for lr in rep.layers}
+    assert by["2"].method == "svd" and "weight-only" in by["2"].note
+    assert by["0"].method == "svd-llm" and by["0"].output_error is not None
+    assert by["2"].rank is None or by["2"].rank > 1
+    assert torch.isfinite(model(x)).all()
