@@ -52,11 +52,13 @@ example-convert-minilm: build models
 FORTUNES_SYS := /usr/share/games/fortunes
 FORTUNES_DIR := .data/fortunes
 fortunes:
-	@test -f $(FORTUNES_SYS)/literature || $(MAKE) --no-print-directory $(FORTUNES_DIR)/.fetched
+	@test -f $(FORTUNES_SYS)/cookie -a -f $(FORTUNES_SYS)/literature || \
+	  $(MAKE) --no-print-directory $(FORTUNES_DIR)/.fetched
 
 $(FORTUNES_DIR)/.fetched:
 	rm -rf .data/deb-fortunes && mkdir -p .data/deb-fortunes $(FORTUNES_DIR)
-	cd .data/deb-fortunes && apt-get download fortunes fortunes-min
+	cd .data/deb-fortunes && { apt-get download fortunes fortunes-min 2>/dev/null || \
+	  { apt-get update -qq && apt-get download fortunes fortunes-min; }; }
 	for f in .data/deb-fortunes/*.deb; do dpkg-deb -x $$f .data/deb-fortunes/root; done
 	cp -L .data/deb-fortunes/root$(FORTUNES_SYS)/* $(FORTUNES_DIR)/
 	rm -rf .data/deb-fortunes

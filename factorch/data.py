@@ -32,7 +32,7 @@ def fortunes_dir() -> Path:
     cands = [os.environ.get("FACTORCH_FORTUNES"), *_FORTUNE_DIRS,
              str(Path.cwd() / ".data" / "fortunes")]
     for c in cands:
-        if c and (Path(c) / "cookie").is_file():
+        if c and all((Path(c) / n).is_file() for n in (*CALIBRATION_FILES, *EVALUATION_FILES)):
             return Path(c)
     raise FileNotFoundError(
         "fortunes: the text files of Debian's fortunes package were not found (looked in "

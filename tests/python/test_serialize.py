@@ -163,3 +163,19 @@ def test_command_line_end_to_end(tmp_path, capsys):
     # Errors are messages with exit code 2, not tracebacks.
     rc = cli.main(["compress", "no-such-model", "--out", str(tmp_path / "x")])
     assert rc == 2 and "model:" in capsys.readouterr().err
+
+
+def test_speed_runs_prefill_and_greedy_decoding_of_both_models():
+    from factorch import evaluate
+
+    dense = tiny_llama(seed=3)
+    comp = tiny_llama(seed=3)
+    factorch.compress(comp, ratio=0.5, method="svd", progress=False)
+    sp = evaluate.speed({"dense": dense, "compressed": comp}, prefill_tokens=24,
+                        prompt_tokens=4, new_tokens=5, rounds=2)
+    for name in ("dense", "compressed"):
+        assert len(sp[name]["prefill_runs"]) == 2 and sp[name]["prefill_s"] > 0
+        assert sp[name]["decode_tok_s"] > 0
+    from factorch.cli import speed_table
+
+    assert "compressed" in speed_table(sp) and "x" in speed_table(sp)
