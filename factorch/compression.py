@@ -619,19 +619,31 @@ def compress(
     report = CompressionReport(method, allocation, factorization, float(ratio))
     report.model_params_before = sum(p.numel() for p in model.parameters())
     aware = {n: m for n, m in chosen if _activation_aware(m, method)}
-    if sequential and aware:
-        _compress_sequential(model, chosen, aware, report, ratio, method, calibration,
+    # The calibration forwards see the model as inference does: in eval mode
+    # no BatchNorm running statistics are updated (a CNN handed over in
+    # training mode was changed by them) and dropout adds no noise. Every
+    # module's mode is put back after, a replacing layer taking the mode of
+    # the module it replaces.
+    modes = {n: m.training for n, m in model.named_modules()}
+    model.eval()
+    try:
+        if sequential and aware:
+            _compress_sequential(model, chosen, aware, report, ratio, method, calibration,
+                                 allocation, progress, alpha)
+        else:
+            stats = None
+            if aware:
+                t = time.perf_counter()
+                col = _collect(model, aware, calibration, method == "svd-llm", progress)
+                report.calibration_seconds = time.perf_counter() - t
+                report.peak_statistics_bytes = col.nbytes
+                stats = col
+            _compress_layers(model, chosen, stats, report, ratio, method, factorization,
                              allocation, progress, alpha)
-    else:
-        stats = None
-        if aware:
-            t = time.perf_counter()
-            col = _collect(model, aware, calibration, method == "svd-llm", progress)
-            report.calibration_seconds = time.perf_counter() - t
-            report.peak_statistics_bytes = col.nbytes
-            stats = col
-        _compress_layers(model, chosen, stats, report, ratio, method, factorization,
-                         allocation, progress, alpha)
+    finally:
+        for n, m in model.named_modules():
+            if n in modes:
+                m.training = modes[n]
     report.model_params_after = sum(p.numel() for p in model.parameters())
     return report
 

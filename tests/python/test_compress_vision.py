@@ -4,6 +4,8 @@ their host model (transformers' patch embeddings cast the pixels to
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -86,3 +88,28 @@ def test_a_model_reading_weight_dtype_compresses_saves_and_loads(tmp_path):
     fresh = factorch.load_compressed(_PatchModel().eval(), tmp_path / "m")
     with torch.no_grad():
         assert torch.equal(fresh(x), out)
+
+
+def test_calibration_runs_in_eval_mode_and_puts_every_mode_back():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1), nn.Dropout(0.5), nn.Flatten(), nn.Linear(16 * 8 * 8, 10))
+    model.train()
+    model[2].eval()  # a mixed model: one module already in eval mode
+    bn = {k: v.clone() for k, v in model[1].state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    calib = [torch.randn(4, 3, 8, 8, generator=g) * 3 + 1 for _ in range(3)]
+
+    with torch.no_grad():  # what conv 2 reads in eval mode (BatchNorm's running statistics)
+        ref = copy.deepcopy(model[:3]).eval()(calib[0])
+    seen = []
+    model[3].register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
+    factorch.compress(model, ratio=0.8, method="svd-llm", calibration=calib, progress=False)
+    # BatchNorm's running statistics untouched by the calibration batches.
+    for k, v in model[1].state_dict().items():
+        assert torch.equal(v, bn[k]), k
+    torch.testing.assert_close(seen[0], ref)
+    # Modes as they were, the new layers with their predecessors'.
+    assert isinstance(model[0], FactorizedConv2d) and isinstance(model[6], FactorizedLinear)
+    assert [m.training for m in model] == [True, True, False, True, True, True, True]
