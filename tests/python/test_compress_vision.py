@@ -113,3 +113,91 @@ def test_calibration_runs_in_eval_mode_and_puts_every_mode_back():
     # Modes as they were, the new layers with their predecessors'.
     assert isinstance(model[0], FactorizedConv2d) and isinstance(model[6], FactorizedLinear)
     assert [m.training for m in model] == [True, True, False, True, True, True, True]
+
+
+# ----------------------------------------------------------------------------
+# A tiny random ViT (transformers) and a small CNN through compress
+# ----------------------------------------------------------------------------
+def _tiny_vit(seed=0):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.ViTConfig(image_size=16, patch_size=4, num_channels=1, hidden_size=32,
+                                 num_hidden_layers=2, num_attention_heads=2,
+                                 intermediate_size=64, num_labels=5)
+    torch.manual_seed(seed)
+    return transformers.ViTForImageClassification(cfg).eval()
+
+
+def _images(n, seed, size=16):
+    """Smooth images (blurred noise): neighbouring pixels correlated, so the
+    patch conv's inputs are far from white."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, size + 4, size + 4, generator=g)
+    return nn.functional.avg_pool2d(x, 5, stride=1)
+
+
+def _cosine(a, b):
+    return float(nn.functional.cosine_similarity(a.flatten(), b.flatten(), 0))
+
+
+def test_tiny_vit_svd_llm_compresses_the_patch_conv_and_keeps_the_logits():
+    model = _tiny_vit()
+    patch = "vit.embeddings.patch_embeddings.projection"
+    # The default targets are the linears of the encoder blocks only: the
+    # patch conv is named explicitly.
+    default = [n for n, _ in factorch.select_targets(model)]
+    assert patch not in default and len(default) == 12
+    calib = [{"pixel_values": _images(16, seed)} for seed in range(3)]
+    x = _images(8, 10)
+    with torch.no_grad():
+        dense = model(pixel_values=x).logits
+    cos = {}
+    for method in ("svd", "svd-llm"):
+        m = _tiny_vit()
+        report = factorch.compress(m, ratio=0.95, method=method, targets=[patch, *default],
+                                   calibration=calib if method != "svd" else None,
+                                   progress=False)
+        conv = m.get_submodule(patch)
+        assert isinstance(conv, FactorizedConv2d) and conv.factorization == "lowrank"
+        assert conv.kernel_size == (4, 4) and conv.stride == (4, 4)
+        first = report.layers[0]
+        assert first.name == patch and first.kind == "Conv2d" and first.rank == conv.rank
+        assert report.kept <= 0.95
+        assert sum(isinstance(mod, FactorizedLinear) for mod in m.modules()) == 12
+        with torch.no_grad():
+            out = m(pixel_values=x).logits  # reads projection.weight.dtype
+        assert torch.isfinite(out).all()
+        cos[method] = _cosine(out, dense)
+    assert cos["svd-llm"] > 0.99
+    assert cos["svd-llm"] > cos["svd"]  # activation-aware keeps the outputs closer
+
+
+@pytest.mark.parametrize("factorization", ["cp", "tucker"])
+def test_cp_and_tucker_convolutions_of_a_small_cnn_through_compress(factorization):
+    from compress_models import SmallCNN
+
+    model = SmallCNN().eval()
+    convs = ["features.0", "features.2", "features.4"]
+    expect = {n: FactorizedConv2d.from_conv(model.get_submodule(n), factorization, ratio=0.7)
+              for n in convs}
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        dense = model(x)
+    report = factorch.compress(model, ratio=0.7, method="svd", factorization=factorization,
+                               targets=convs, progress=False)
+    assert [lr.name for lr in report.layers] == convs
+    for name, lr in zip(convs, report.layers):
+        layer = model.get_submodule(name)
+        assert isinstance(layer, FactorizedConv2d) and layer.factorization == factorization
+        # What the layer's own from_conv builds, with its geometry (padding, stride) kept.
+        assert layer.rank == expect[name].rank and layer.stride == expect[name].stride
+        torch.testing.assert_close(layer.factors, expect[name].factors)
+        assert lr.factorization == factorization and lr.params_after < lr.params_before
+        assert lr.weight_error == pytest.approx(expect[name].reconstruction_error)
+    assert isinstance(model.head, nn.Linear)  # not a target: left alone
+    assert report.model_params_after < report.model_params_before
+    with torch.no_grad():
+        out = model(x)
+    assert torch.isfinite(out).all()
+    # Random kernels are not low-rank (30-60% kernel error at this ratio): a
+    # loose check that the logits still follow the dense ones.
+    assert _cosine(out, dense) > 0.4
