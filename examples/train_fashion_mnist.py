@@ -19,6 +19,16 @@ The three convolutions after the first are factorized with ``rank=1/C`` (C =
 the factors may hold, so the convolutions keep about C times fewer parameters
 (the table shows the ranks the layers chose: CP R, Tucker (R_in, R_out)).
 
+With ``--compress`` the trained dense CNN is then compressed after training,
+without fine-tuning, by ``factorch.compress`` on the same three convolutions
+(``targets``: convs 2-4), at each ``--compress-ratios`` fraction of their
+parameters: CP and Tucker-2 from the kernels alone (``method="svd"``), and
+low-rank with SVD-LLM (``method="svd-llm"``, a few training batches as
+calibration), the same ratio in every conv or ranks allocated across them.
+A second table gives test accuracy, parameters, compression time and
+forward speed (ms per batch of 256 test images, interleaved rounds, medians)
+before and after.
+
 Data: Fashion-MNIST as Debian's ``dataset-fashion-mnist`` package ships it
 (the original IDX files, gzipped), read here with numpy. ``make fashion-mnist``
 fetches the package with ``apt-get download`` (no root) and unpacks the files
@@ -31,14 +41,17 @@ Run (from the repository root; 2-4 minutes on 2 CPU cores, 10 s with --quick):
     .venv/bin/python examples/train_fashion_mnist.py
     .venv/bin/python examples/train_fashion_mnist.py --quick          # smoke test, < 30 s
     .venv/bin/python examples/train_fashion_mnist.py --epochs 5 --compression 8 --write results.md
+    .venv/bin/python examples/train_fashion_mnist.py --only dense --compress   # + 1-2 minutes
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import gzip
 import math
 import shlex
+import statistics
 import struct
 import sys
 import time
@@ -63,6 +76,12 @@ CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
            "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 VARIANTS = [("dense", "nn.Conv2d"), ("cp", "CP"), ("tucker", "Tucker-2")]
 QUICK = {"epochs": 1, "limit": 5000, "test_limit": 1000}
+#: --compress's defaults, and with --quick.
+COMPRESS_DEFAULTS = {"compress_ratios": [0.5, 0.25], "calib_batches": 4, "rounds": 7}
+COMPRESS_QUICK = {"compress_ratios": [0.5], "calib_batches": 2, "rounds": 3}
+#: compress's variants: (factorization, method, allocation).
+COMPRESSED = [("cp", "svd", "uniform"), ("tucker", "svd", "uniform"),
+              ("lowrank", "svd-llm", "uniform"), ("lowrank", "svd-llm", "global")]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -87,11 +106,29 @@ def parse_args(argv=None) -> argparse.Namespace:
                         f"{QUICK['test_limit']} test images (< 30 s)")
     p.add_argument("--write", metavar="FILE.md",
                    help="also write the table into this markdown file (its own section)")
+    p.add_argument("--compress", action="store_true",
+                   help="then compress the trained dense CNN with factorch.compress (CP, "
+                        "Tucker, SVD-LLM low-rank) and compare accuracy, parameters and speed")
+    p.add_argument("--compress-ratios", type=float, nargs="+", default=None, metavar="R",
+                   help="fractions of convs 2-4's parameters kept (default 0.5 0.25; "
+                        "--quick: 0.5)")
+    p.add_argument("--calib-batches", type=int, default=None,
+                   help="training batches read by SVD-LLM's calibration (default 4; --quick: 2)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="speed rounds with --compress (default 7; --quick: 3)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's; on a small shared machine 1 can "
+                        "be faster)")
     args = p.parse_args(argv)
     if args.quick:
         args.epochs = QUICK["epochs"]
         args.limit = args.limit or QUICK["limit"]
         args.test_limit = args.test_limit or QUICK["test_limit"]
+    for name, v in (COMPRESS_QUICK if args.quick else COMPRESS_DEFAULTS).items():
+        if getattr(args, name) is None:
+            setattr(args, name, v)
+    if args.threads is not None and args.threads < 1:
+        p.error("--threads must be >= 1")
     if args.epochs < 1:
         p.error("--epochs must be >= 1")
     if args.batch < 1:
@@ -102,6 +139,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         v = getattr(args, name)
         if v is not None and v < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.compress:
+        if args.only and "dense" not in args.only:
+            p.error("--compress compresses the trained dense CNN: add --only dense")
+        if not all(0 < r <= 1 for r in args.compress_ratios):
+            p.error("--compress-ratios must be in (0, 1]")
+        if args.calib_batches < 1 or args.rounds < 1:
+            p.error("--calib-batches and --rounds must be >= 1")
     return args
 
 
@@ -239,6 +283,23 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 10
     return correct / len(x)
 
 
+@torch.inference_mode()
+def forward_ms(models: dict, run, rounds: int) -> dict:
+    """Median milliseconds of ``run(model)`` for each model: one warm-up call
+    each, then ``rounds`` rounds that time every model once, in turns (a
+    slow spell of a shared machine then hits them all alike)."""
+    for m in models.values():
+        m.eval()
+        run(m)
+    times = {k: [] for k in models}
+    for _ in range(rounds):
+        for k, m in models.items():
+            t0 = time.perf_counter()
+            run(m)
+            times[k].append(time.perf_counter() - t0)
+    return {k: 1000 * statistics.median(v) for k, v in times.items()}
+
+
 def run(factorization: str, label: str, data, args) -> dict:
     x_tr, y_tr, x_te, y_te = data
     torch.manual_seed(args.seed)  # the same init stream for every variant
@@ -247,6 +308,7 @@ def run(factorization: str, label: str, data, args) -> dict:
     t0 = time.perf_counter()
     acc = accuracy(model, x_te, y_te)
     return {
+        "model": model,
         "variant": label,
         "ranks": describe_ranks(model),
         "conv_params": count(conv_layers(model)),
@@ -277,26 +339,83 @@ def table_rows(rows: list[dict]) -> list[list[str]]:
     return out
 
 
-def print_table(rows: list[list[str]]) -> None:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(HEADER)]
-    line = lambda cells: "  ".join(c.ljust(w) if i < 2 else c.rjust(w)  # noqa: E731
+def print_table(rows: list[list[str]], header: list[str] = HEADER, left: int = 2) -> None:
+    """The rows under the header, the first `left` columns left-aligned."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    line = lambda cells: "  ".join(c.ljust(w) if i < left else c.rjust(w)  # noqa: E731
                                    for i, (c, w) in enumerate(zip(cells, widths)))
-    print(line(HEADER))
-    print("-" * len(line(HEADER)))
+    print(line(header))
+    print("-" * len(line(header)))
     for r in rows:
         print(line(r))
 
 
-def write_markdown(path: str, command: str, setup: str, rows: list[list[str]]) -> None:
+def write_markdown(path: str, command: str, setup: str, rows: list[list[str]],
+                   title: str = "Fashion-MNIST CNN: dense vs CP vs Tucker convolutions",
+                   header: list[str] = HEADER) -> None:
     sys.path.insert(0, str(ROOT / "bench"))
     from harness import markdown_table, write_section  # the helper the benchmarks use
 
     if not Path(path).exists():
         Path(path).write_text("# Example results\n\nEach section says how it was produced.\n",
                               encoding="utf-8")
-    body = f"Command: `{command}`\n\n{setup}\n\n" + markdown_table(HEADER, rows)
-    write_section(path, "Fashion-MNIST CNN: dense vs CP vs Tucker convolutions", body)
+    body = f"Command: `{command}`\n\n{setup}\n\n" + markdown_table(header, rows)
+    write_section(path, title, body)
     print(f"\nwrote its section of {path}")
+
+
+# ----------------------------------------------------------------------------
+# --compress: the trained dense CNN through factorch.compress
+# ----------------------------------------------------------------------------
+COMPRESS_HEADER = ["model", "ratio", "ranks (conv 2 / 3 / 4)", "conv params", "total params",
+                   "compress time", "test acc", "ms / 256", "vs dense"]
+
+
+def compress_section(dense: nn.Module, data, args) -> tuple[str, list[list[str]]]:
+    """Compresses copies of the trained dense CNN; returns (setup, table rows)."""
+    x_tr, _, x_te, y_te = data
+    dense.eval()
+    targets = [n for n, m in dense.named_modules()
+               if isinstance(m, nn.Conv2d) and m.in_channels > 1]  # convs 2-4
+    g = torch.Generator().manual_seed(args.seed + 1)
+    pick = torch.randperm(len(x_tr), generator=g)[:args.calib_batches * args.batch]
+    calib = [x_tr[pick[i:i + args.batch]] for i in range(0, len(pick), args.batch)]
+    setup = (f"The dense CNN above after training, compressed without fine-tuning by "
+             f"factorch.compress(targets={targets}: convs 2-4); SVD-LLM calibrated on {len(pick)} "
+             f"training images; speed: forward of 256 test images, {args.rounds} interleaved "
+             f"rounds, medians, {torch.get_num_threads()} CPU threads.")
+    print("\n" + setup)
+    results = [{"label": "dense (trained)", "ratio": "-", "model": dense, "seconds": None,
+                "acc": accuracy(dense, x_te, y_te)}]
+    for ratio in args.compress_ratios:
+        for factorization, method, allocation in COMPRESSED:
+            model = copy.deepcopy(dense)
+            t0 = time.perf_counter()
+            factorch.compress(model, ratio=ratio, method=method, factorization=factorization,
+                              allocation=allocation, targets=targets,
+                              calibration=calib if method != "svd" else None, progress=False)
+            seconds = time.perf_counter() - t0
+            label = f"{factorization} {method}" + (f" {allocation}" if method != "svd" else "")
+            results.append({"label": label, "ratio": f"{ratio:g}", "model": model,
+                            "seconds": seconds, "acc": accuracy(model, x_te, y_te)})
+            print(f"  ratio {ratio:g} {label}: test accuracy {results[-1]['acc']:.2%} "
+                  f"({seconds:.1f} s)", flush=True)
+    x256 = x_te[:256]
+    speed = forward_ms({i: r["model"] for i, r in enumerate(results)}, lambda m: m(x256),
+                       args.rounds)
+    base_ms, base_conv = speed[0], count(conv_layers(dense))
+    rows = []
+    for i, r in enumerate(results):
+        m = r["model"]
+        conv = count(conv_layers(m))
+        ranks = "-" if i == 0 else " / ".join(
+            "dense" if isinstance(m.get_submodule(t), nn.Conv2d)
+            else str(m.get_submodule(t).rank).replace(" ", "") for t in targets)
+        fewer = f" ({base_conv / conv:.1f}x fewer)" if i else ""
+        rows.append([r["label"], r["ratio"], ranks, f"{conv:,}{fewer}", f"{count([m]):,}",
+                     "-" if r["seconds"] is None else f"{r['seconds']:.1f} s", f"{r['acc']:.2%}",
+                     f"{speed[i]:.1f}", f"{base_ms / speed[i]:.2f}x"])
+    return setup, rows
 
 
 def main(argv=None) -> int:
@@ -304,6 +423,8 @@ def main(argv=None) -> int:
     raw = sys.argv[1:] if argv is None else argv
     command = shlex.join([".venv/bin/python", "examples/train_fashion_mnist.py", *raw])
     print(f"reproduce: {command}")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     print(f"factorch {factorch.__version__}, torch {torch.__version__}; "
           f"{torch.get_num_threads()} torch CPU threads (factorch's kernels run in torch's pool)")
 
@@ -333,6 +454,14 @@ def main(argv=None) -> int:
     print_table(rows)
     if args.write:
         write_markdown(args.write, command, setup, rows)
+    if args.compress:
+        dense = next(r["model"] for r in results if r["variant"] == "nn.Conv2d")
+        csetup, crows = compress_section(dense, (x_tr, y_tr, x_te, y_te), args)
+        print()
+        print_table(crows, COMPRESS_HEADER, left=3)
+        if args.write:
+            write_markdown(args.write, command, csetup, crows, header=COMPRESS_HEADER,
+                           title="Fashion-MNIST CNN: the trained dense CNN compressed")
     return 0
 
 

@@ -765,29 +765,41 @@ def compress(
     report = CompressionReport(method, allocation, factorization, float(ratio))
     report.model_params_before = sum(p.numel() for p in model.parameters())
     aware = {n: m for n, m in chosen if _activation_aware(m, method)}
-    weights = None
-    if allocation == "global":
-        report.sensitivity = "relative"
-        if aware and sensitivity_batches > 0:
-            t = time.perf_counter()
-            if not isinstance(calibration, (list, tuple)):
-                calibration = list(calibration)  # read more than once
-            weights, report.sensitivity = layer_sensitivities(model, aware, calibration,
-                                                              sensitivity_batches)
-            report.sensitivity_seconds = time.perf_counter() - t
-    if sequential and aware:
-        _compress_sequential(model, chosen, aware, report, ratio, method, calibration,
-                             allocation, progress, alpha, weights)
-    else:
-        stats = None
-        if aware:
-            t = time.perf_counter()
-            col = _collect(model, aware, calibration, method == "svd-llm", progress)
-            report.calibration_seconds = time.perf_counter() - t
-            report.peak_statistics_bytes = col.nbytes
-            stats = col
-        _compress_layers(model, chosen, stats, report, ratio, method, factorization,
-                         allocation, progress, alpha, weights=weights)
+    # The calibration forwards see the model as inference does: in eval mode
+    # no BatchNorm running statistics are updated (a CNN handed over in
+    # training mode was changed by them) and dropout adds no noise. Every
+    # module's mode is put back after, a replacing layer taking the mode of
+    # the module it replaces.
+    modes = {n: m.training for n, m in model.named_modules()}
+    model.eval()
+    try:
+        weights = None
+        if allocation == "global":
+            report.sensitivity = "relative"
+            if aware and sensitivity_batches > 0:
+                t = time.perf_counter()
+                if not isinstance(calibration, (list, tuple)):
+                    calibration = list(calibration)  # read more than once
+                weights, report.sensitivity = layer_sensitivities(model, aware, calibration,
+                                                                  sensitivity_batches)
+                report.sensitivity_seconds = time.perf_counter() - t
+        if sequential and aware:
+            _compress_sequential(model, chosen, aware, report, ratio, method, calibration,
+                                 allocation, progress, alpha, weights)
+        else:
+            stats = None
+            if aware:
+                t = time.perf_counter()
+                col = _collect(model, aware, calibration, method == "svd-llm", progress)
+                report.calibration_seconds = time.perf_counter() - t
+                report.peak_statistics_bytes = col.nbytes
+                stats = col
+            _compress_layers(model, chosen, stats, report, ratio, method, factorization,
+                             allocation, progress, alpha, weights=weights)
+    finally:
+        for n, m in model.named_modules():
+            if n in modes:
+                m.training = modes[n]
     report.model_params_after = sum(p.numel() for p in model.parameters())
     return report
 

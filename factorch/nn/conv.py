@@ -190,6 +190,17 @@ class _FactorizedConvNd(nn.Module):
         w = self._layout.reconstruct(self.factors.detach())
         return w.reshape(self.out_channels, self.in_channels // self.groups, *self.kernel_size)
 
+    @property
+    def weight(self) -> Tensor:
+        """The dense kernel [C_out, C_in / groups, *kernel_size] the factors
+        represent, formed on each access and differentiable; not a parameter
+        (training updates ``factors``) and never formed by the forward. For
+        code written for nn.Conv that reads ``.weight``: transformers' vision
+        patch embeddings (ViT, CLIP, SigLIP, ...) cast their input to
+        ``projection.weight.dtype`` in every forward."""
+        w = self._layout.reconstruct(self.factors)
+        return w.reshape(self.out_channels, self.in_channels // self.groups, *self.kernel_size)
+
     def _dense_kwargs(self) -> dict:
         return dict(stride=self.stride, padding=self.padding, dilation=self.dilation,
                     groups=self.groups, bias=self.bias is not None,

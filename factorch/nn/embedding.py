@@ -250,6 +250,13 @@ class FactorizedEmbedding(nn.Module):
             t = t * keep
         return t
 
+    @property
+    def weight(self) -> Tensor:
+        """The dense table (:meth:`table`), formed on each access; not a
+        parameter. For code written for nn.Embedding that reads ``.weight``
+        (its dtype or device, a head tied to it)."""
+        return self.table()
+
     def to_embedding(self) -> nn.Embedding:
         """The dense ``nn.Embedding`` with the table the factors represent."""
         ref = self.U if self._layout is None else self.factors

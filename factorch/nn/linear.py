@@ -233,6 +233,17 @@ class FactorizedLinear(nn.Module):
         layer.reconstruction_error = err
         return layer
 
+    @property
+    def weight(self) -> Tensor:
+        """The dense weight [out_features, in_features] the factors represent,
+        formed on each access and differentiable; not a parameter (training
+        updates the factors) and never formed by the forward. For code
+        written for nn.Linear that reads ``.weight`` (its dtype or device, a
+        tied head)."""
+        if self._layout is None:
+            return self.U @ self.V
+        return reconstruct(self._layout, self.factors)
+
     def to_linear(self) -> nn.Linear:
         """The dense ``nn.Linear`` with the weight the factors represent."""
         ref = self.U if self._layout is None else self.factors
