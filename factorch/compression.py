@@ -820,6 +820,29 @@ def _candidates(chosen, stats, method):
     return cands
 
 
+def _each_on_all_cores(fn, items, progress, desc) -> None:
+    """fn(item) for every item, one item per core at a time: the
+    decompositions of a model's many small layers are single-threaded LAPACK
+    calls (OpenBLAS's threads only join the long ones), so they run side by
+    side in threads (ctypes and torch release the GIL), with torch's own
+    pool at one thread meanwhile so that the cores are not oversubscribed."""
+    workers = max(1, min(torch.get_num_threads(), len(items)))
+    if workers == 1:
+        for it in _progress(items, progress, desc):
+            fn(it)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(workers) as ex:
+            for _ in _progress(ex.map(fn, items), progress, desc, total=len(items)):
+                pass
+    finally:
+        torch.set_num_threads(before)
+
+
 def _compress_layers(model, chosen, stats, report, ratio, method, factorization, allocation,
                      progress, alpha, ranks=None, spectra=None, weights=None):
     """Decomposes and replaces `chosen` (statistics in `stats`). `ranks`
@@ -841,15 +864,18 @@ def _compress_layers(model, chosen, stats, report, ratio, method, factorization,
         return
     cands = _candidates(chosen, stats, method)
     spent = {}
-    for c in _progress(cands, progress, "decomposition"):
+
+    def decompose(c):
         t0 = time.perf_counter()
         if spectra is not None and c.name in spectra:
             c.spectrum = spectra[c.name]
         else:
             c.spectrum = A.spectrum(A.matrix_of(c.module), _whitening(c, method, alpha))
-            if spectra is not None:
-                spectra[c.name] = c.spectrum
         spent[c.name] = time.perf_counter() - t0
+
+    _each_on_all_cores(decompose, cands, progress, "decomposition")
+    if spectra is not None:
+        spectra.update((c.name, c.spectrum) for c in cands)
     if ranks is not None:
         for c in cands:
             c.rank = ranks[c.name]
@@ -943,8 +969,10 @@ def _compress_sequential(model, chosen, aware, report, ratio, method, calibratio
     if allocation == "global":  # the budget is shared: spectra of the whole model first
         probe = _collect(model, aware, batches, method == "svd-llm", progress, "allocation")
         cands = _candidates([(n, m) for n, m in chosen if n in aware], probe, method)
-        for c in _progress(cands, progress, "spectra"):
+        def decompose(c):
             c.spectrum = A.spectrum(A.matrix_of(c.module), _whitening(c, method, alpha))
+
+        _each_on_all_cores(decompose, cands, progress, "spectra")
         budget = math.floor(ratio * sum(c.dense for c in cands))
         allocate_global(cands, budget, weights)
         ranks = {c.name: c.rank for c in cands}
