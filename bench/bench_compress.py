@@ -42,17 +42,20 @@ from factorch.cli import speed_table  # noqa: E402
 
 CALIB = "fortunes:" + ",".join(data.CALIBRATION_FILES)
 TEXT = "fortunes:" + ",".join(data.EVALUATION_FILES)
-ROWS = [("svd", "uniform"), ("asvd", "uniform"), ("svd-llm", "uniform"), ("svd-llm", "global")]
+ROWS = [("svd", "uniform"), ("asvd", "uniform"), ("asvd", "global"), ("svd-llm", "uniform"),
+        ("svd-llm", "global")]
 
 
-def compress_from(base, method, allocation, ratio, stats, spectra):
-    """A copy of `base` compressed from precomputed statistics/spectra."""
+def compress_from(base, method, allocation, ratio, stats, spectra, weights):
+    """A copy of `base` compressed from precomputed statistics, spectra and
+    sensitivities (what factorch.compress computes for one call)."""
     model = copy.deepcopy(base)
     chosen = C.select_targets(model)
     report = C.CompressionReport(method, allocation, "lowrank", ratio)
-    st = None if method == "svd" else stats[method == "svd-llm"]
+    st = None if method == "svd" else stats  # ASVD reads the same pass's mean |x|
     C._compress_layers(model, chosen, st, report, ratio, method, "lowrank", allocation, False,
-                       0.5, spectra=spectra[method])
+                       0.5, spectra=spectra[method],
+                       weights=weights if method != "svd" else None)
     return model, report
 
 
@@ -61,7 +64,7 @@ def main() -> None:
     p.add_argument("--write", help="markdown file whose section to replace")
     p.add_argument("--quick", action="store_true", help="8 windows, few rows (smoke test)")
     p.add_argument("--windows", type=int, default=128)
-    p.add_argument("--eval-windows", type=int, default=64)
+    p.add_argument("--eval-windows", type=int, default=48)
     a = p.parse_args()
     if a.quick:
         a.windows, a.eval_windows = 8, 4
@@ -84,14 +87,14 @@ def main() -> None:
     # ---- quality ------------------------------------------------------------
     ppl_dense = evaluate.perplexity(base, tok, TEXT, max_windows=a.eval_windows)
     chosen = dict(C.select_targets(base))
-    stats = {True: C._collect(base, chosen, batches, True, False),
-             False: C._collect(base, chosen, batches, False, False)}
+    stats = C._collect(base, chosen, batches, True, False)
+    weights, _ = C.layer_sensitivities(base, chosen, batches, 2)
     spectra = {"svd": {}, "asvd": {}, "svd-llm": {}}
     quality = [["dense", "-", "-", "1.00", f"{ppl_dense:.2f}", "1.00"]]
     kept_models = {}
     for ratio in (0.8, 0.6):
-        for method, alloc in ROWS if not a.quick else ROWS[2:]:
-            m, r = compress_from(base, method, alloc, ratio, stats, spectra)
+        for method, alloc in ROWS if not a.quick else ROWS[3:]:
+            m, r = compress_from(base, method, alloc, ratio, stats, spectra, weights)
             ppl = evaluate.perplexity(m, tok, TEXT, max_windows=a.eval_windows)
             quality.append([method, alloc, f"{ratio}", f"{r.kept:.3f}", f"{ppl:.5g}",
                             f"{ppl / ppl_dense:.3g}"])
