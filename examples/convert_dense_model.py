@@ -20,10 +20,13 @@ Each row of the table compresses a fresh copy of the dense model to
              that minimises each layer's output error on the calibration data
 
 with ``allocation="uniform"`` (every layer keeps the ratio) or ``"global"``
-(ranks traded between the layers under the same total budget; a layer
-may stay dense). The activation-aware methods are calibrated on fortune
-text (Debian's fortunes, ``factorch.data.CALIBRATION_FILES``; ``make
-fortunes``), never on the sentences they are then judged on: windows of
+(ranks traded between the layers under the same total budget from their
+spectra, each layer's truncation error weighted by its sensitivity: here,
+BertModel having no loss, the gradient of a random projection of the last
+hidden states; a layer may stay dense). The activation-aware methods are
+calibrated on fortune text (Debian's fortunes,
+``factorch.data.CALIBRATION_FILES``; ``make fortunes``), never on the
+sentences they are then judged on: windows of
 ``--seq-len`` tokens framed by [CLS] ... [SEP] the way BERT's tokenizer
 frames a sentence. Short windows are used on purpose: the sentences judged
 are 10-20 tokens, and the statistics of 128-token windows fit them worse.
@@ -240,11 +243,18 @@ def main() -> int:
     square, ffn = (next(lr.rank or "D" for lr in reports["svd", "uniform"].layers
                         if lr.name.endswith(kind))
                    for kind in ("attention.self.query", "intermediate.dense"))
-    for method in ("svd-llm", "asvd"):
+    shown = []
+    for method in ("svd-llm", "asvd", "svd"):
+        ranks = rank_summary(reports[method, "global"])
+        same = next((m for m, r in shown if r == ranks), None)
+        if same is not None:
+            print(f"{method}/global ranks: the same as {same}/global")
+            continue
         print(f"\n{method}/global ranks, encoder layers 0-5 (D: left dense; uniform gives "
               f"every 384x384 layer rank {square}, every FFN layer {ffn}):")
-        for line in rank_summary(reports[method, "global"]):
+        for line in ranks:
             print(f"  {line}")
+        shown.append((method, ranks))
 
     model, emb = checked
     worst, emb_diff, n = roundtrip(model, tok, emb)
