@@ -51,7 +51,7 @@ def test_svd_llm_beats_plain_svd_on_the_first_blocks(smollm2):
     ppl = {}
     for method in ("svd", "svd-llm"):
         model = _fresh(smollm2)
-        rep = factorch.compress(model, ratio=0.6, method=method, calibration=batches,
+        rep = factorch.compress(model, ratio=0.8, method=method, calibration=batches,
                                 targets=r"model\.layers\.[0-2]\..*", progress=False)
         assert len(rep.layers) == 21
         ppl[method] = evaluate.perplexity(model, tok, TEXT, seq_len=128, max_windows=8)
