@@ -117,15 +117,67 @@ static void gemm_serial(fct_dtype dt, const fct_mat* A, const fct_mat* B, const 
 static _Atomic(fct_parallel_for_fn) g_parallel_for;
 static _Atomic(fct_num_threads_fn) g_num_threads;
 
+/* OpenBLAS's thread count is one global, also raised for a while by
+ * fct_cpu_blas_threads_begin: every write to it goes through this lock
+ * (held for a few calls into OpenBLAS, at most the creation of its worker
+ * threads the first time the count rises), so that the count in force
+ * after the last scope closes is the one asked for last. */
+static atomic_flag g_blas_lock = ATOMIC_FLAG_INIT;
+static int g_blas_scopes; /* open scopes */
+static int g_blas_after;  /* OpenBLAS's count once the last scope closes */
+
+static void blas_lock(void) {
+  while (atomic_flag_test_and_set_explicit(&g_blas_lock, memory_order_acquire)) {
+  }
+}
+
+static void blas_unlock(void) { atomic_flag_clear_explicit(&g_blas_lock, memory_order_release); }
+
+/* Sets OpenBLAS's count now, or when the open scopes close. Under the lock. */
+static void blas_set_count(int n) {
+  if (g_blas_scopes > 0) g_blas_after = n;
+  else scipy_openblas_set_num_threads(n);
+}
+
 void fct_cpu_set_thread_pool(fct_parallel_for_fn parallel_for, fct_num_threads_fn num_threads) {
-  if (parallel_for && num_threads) scipy_openblas_set_num_threads(1);
+  if (parallel_for && num_threads) {
+    blas_lock();
+    blas_set_count(1);
+    blas_unlock();
+  }
   atomic_store(&g_num_threads, num_threads);
   atomic_store(&g_parallel_for, parallel_for);
 }
 
 int fct_cpu_set_num_threads(int n) {
-  if (n > 0) scipy_openblas_set_num_threads(n);
-  return scipy_openblas_get_num_threads();
+  blas_lock();
+  if (n > 0) blas_set_count(n);
+  int in_force = scipy_openblas_get_num_threads();
+  blas_unlock();
+  return in_force;
+}
+
+int fct_cpu_blas_threads_begin(void) {
+  fct_parallel_for_fn pfor = atomic_load(&g_parallel_for);
+  fct_num_threads_fn nthreads = atomic_load(&g_num_threads);
+  /* Without a pool OpenBLAS already runs at the count it was given. */
+  int want = pfor && nthreads ? nthreads() : 1;
+  if (want <= 1) return 0;
+  blas_lock();
+  if (g_blas_scopes++ == 0) {
+    g_blas_after = scipy_openblas_get_num_threads();
+    if (want > g_blas_after) scipy_openblas_set_num_threads(want);
+  }
+  blas_unlock();
+  return 1;
+}
+
+void fct_cpu_blas_threads_end(int begun) {
+  if (!begun) return;
+  blas_lock();
+  if (--g_blas_scopes == 0 && scipy_openblas_get_num_threads() != g_blas_after)
+    scipy_openblas_set_num_threads(g_blas_after);
+  blas_unlock();
 }
 
 typedef struct gemm_job {

@@ -6,11 +6,38 @@
 #include <float.h>
 #include <lapacke.h>
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "cpu/gemm_cpu.h"
 
 static inline int64_t max1(int64_t v) { return v > 1 ? v : 1; }
+
+/* LAPACK's bidiagonal and tridiagonal reductions and its QR panels are
+ * sequences of BLAS calls that the host's thread pool cannot split, and
+ * under a pool OpenBLAS is single-threaded (gemm_cpu.c): a 4096² SVD ran
+ * on one of the cores. So a call of at least LAPACK_THREADS_FLOPS (by the
+ * rough counts below; ~0.6 s of one core here: a 1200² SVD) gets OpenBLAS's
+ * threads for its duration (fct_cpu_blas_threads_begin). Shorter ones stay
+ * on one thread: after a threaded call OpenBLAS's workers spin ~0.1 s,
+ * which was measured to slow a loop of small torch matmuls run right after
+ * 3x, while a 1024² SVD gained only 0.1 s from a second thread. */
+#define LAPACK_THREADS_FLOPS 1.6e10
+
+/* FACTORCH_TEST_LAPACK_THREADS=1 (a test hook) gives every call the
+ * threads, so that tests see them on inputs that take milliseconds. */
+static int lapack_threads(double flops) {
+  if (flops < LAPACK_THREADS_FLOPS) {
+    const char* all = getenv("FACTORCH_TEST_LAPACK_THREADS");
+    if (!all || strcmp(all, "1") != 0) return 0;
+  }
+  return fct_cpu_blas_threads_begin();
+}
+
+/* geqrf + orgqr of [m, k]: 2·(2·m·k² − 2/3·k³). */
+static double orth_flops(int64_t m, int64_t k) {
+  return 4.0 * (double)m * (double)k * (double)k - 4.0 / 3.0 * (double)k * (double)k * (double)k;
+}
 
 void fct_la_gemm(bool tA, bool tB, int64_t m, int64_t n, int64_t k, double alpha,
                  const double* A, int64_t lda, const double* B, int64_t ldb, double beta,
@@ -87,21 +114,25 @@ int64_t fct_la_orth_lwork(int64_t m, int64_t k) {
 void fct_la_orth(int64_t m, int64_t k, double* A, int64_t lda, double* tau, double* work,
                  int64_t lwork) {
   if (k == 0 || m == 0) return;
+  int begun = lapack_threads(orth_flops(m, k));
   scipy_LAPACKE_dgeqrf_work(LAPACK_COL_MAJOR, (lapack_int)m, (lapack_int)k, A, (lapack_int)lda,
                             tau, work, (lapack_int)lwork);
   scipy_LAPACKE_dorgqr_work(LAPACK_COL_MAJOR, (lapack_int)m, (lapack_int)k, (lapack_int)k, A,
                             (lapack_int)lda, tau, work, (lapack_int)lwork);
+  fct_cpu_blas_threads_end(begun);
 }
 
 void fct_la_orth_r(int64_t m, int64_t k, double* A, int64_t lda, double* R, double* tau,
                    double* work, int64_t lwork) {
   if (k == 0 || m == 0) return;
+  int begun = lapack_threads(orth_flops(m, k));
   scipy_LAPACKE_dgeqrf_work(LAPACK_COL_MAJOR, (lapack_int)m, (lapack_int)k, A, (lapack_int)lda,
                             tau, work, (lapack_int)lwork);
   for (int64_t j = 0; j < k; ++j)
     for (int64_t i = 0; i < k; ++i) R[i + j * k] = i <= j && i < m ? A[i + j * lda] : 0.0;
   scipy_LAPACKE_dorgqr_work(LAPACK_COL_MAJOR, (lapack_int)m, (lapack_int)k, (lapack_int)k, A,
                             (lapack_int)lda, tau, work, (lapack_int)lwork);
+  fct_cpu_blas_threads_end(begun);
 }
 
 /* B [m, k] = B·R⁻¹, rows split over the thread pool (rows are independent). */
@@ -264,9 +295,11 @@ double fct_la_eigmin(int64_t n, double* A, int64_t lda, double* scratch) {
   double* vals = scratch;
   double* work = vals + n;
   int* iwork = (int*)(work + lw);
+  int begun = lapack_threads(4.0 / 3.0 * (double)n * (double)n * (double)n); /* dsytrd */
   lapack_int info = scipy_LAPACKE_dsyevr_work(
       LAPACK_COL_MAJOR, 'N', 'I', 'U', (lapack_int)n, A, (lapack_int)lda, 0.0, 0.0, 1, 1, 0.0,
       &found, vals, &z, 1, sup, work, (lapack_int)lw, iwork, (lapack_int)liw);
+  fct_cpu_blas_threads_end(begun);
   return info == 0 && found >= 1 ? vals[0] : 0.0;
 }
 
@@ -282,9 +315,12 @@ int64_t fct_la_svdvals_lwork(int64_t n) {
 int fct_la_svdvals(int64_t n, double* A, double* s, double* work, int64_t lwork, int* iwork) {
   if (n == 0) return 0;
   double u = 0, vt = 0;
-  return (int)scipy_LAPACKE_dgesdd_work(LAPACK_COL_MAJOR, 'N', (lapack_int)n, (lapack_int)n, A,
-                                        (lapack_int)n, s, &u, 1, &vt, 1, work,
-                                        (lapack_int)lwork, iwork);
+  int begun = lapack_threads(8.0 / 3.0 * (double)n * (double)n * (double)n); /* dgebrd */
+  int info = (int)scipy_LAPACKE_dgesdd_work(LAPACK_COL_MAJOR, 'N', (lapack_int)n, (lapack_int)n,
+                                            A, (lapack_int)n, s, &u, 1, &vt, 1, work,
+                                            (lapack_int)lwork, iwork);
+  fct_cpu_blas_threads_end(begun);
+  return info;
 }
 
 void fct_la_mul_upper_right(int64_t m, int64_t k, const double* R, int64_t ldr, double* B,
@@ -310,9 +346,15 @@ int64_t fct_la_gesdd_lwork(int64_t m, int64_t n) {
 int fct_la_gesdd(int64_t m, int64_t n, double* A, int64_t lda, double* s, double* U,
                  int64_t ldu, double* VT, int64_t ldvt, double* work, int64_t lwork, int* iwork) {
   if (m == 0 || n == 0) return 0;
-  return (int)scipy_LAPACKE_dgesdd_work(LAPACK_COL_MAJOR, 'S', (lapack_int)m, (lapack_int)n, A,
-                                        (lapack_int)lda, s, U, (lapack_int)ldu, VT,
-                                        (lapack_int)ldvt, work, (lapack_int)lwork, iwork);
+  /* Reduction to bidiagonal form and the products forming U and VT, about
+   * 8·p·q² + 2·q³ for q = min(m, n), p = max(m, n): 0.5 s for 1024² here. */
+  double q = (double)(m < n ? m : n), p = (double)(m < n ? n : m);
+  int begun = lapack_threads(8.0 * p * q * q + 2.0 * q * q * q);
+  int info = (int)scipy_LAPACKE_dgesdd_work(LAPACK_COL_MAJOR, 'S', (lapack_int)m, (lapack_int)n,
+                                            A, (lapack_int)lda, s, U, (lapack_int)ldu, VT,
+                                            (lapack_int)ldvt, work, (lapack_int)lwork, iwork);
+  fct_cpu_blas_threads_end(begun);
+  return info;
 }
 
 void fct_la_syevr_lwork(int64_t n, int64_t k, int64_t* lwork, int64_t* liwork) {
@@ -335,10 +377,14 @@ int fct_la_syevr_top(int64_t n, int64_t k, double* A, int64_t lda, double* w, do
                      int64_t liwork) {
   if (n == 0 || k == 0) return 0;
   lapack_int found = 0;
+  /* dsytrd, then dormtr applying its reflectors to the k eigenvectors. */
+  double dn = (double)n;
+  int begun = lapack_threads(4.0 / 3.0 * dn * dn * dn + 2.0 * dn * dn * (double)k);
   int info = (int)scipy_LAPACKE_dsyevr_work(
       LAPACK_COL_MAJOR, 'V', 'I', 'U', (lapack_int)n, A, (lapack_int)lda, 0.0, 0.0,
       (lapack_int)(n - k + 1), (lapack_int)n, 0.0, &found, w, Z, (lapack_int)ldz, isuppz, work,
       (lapack_int)lwork, iwork, (lapack_int)liwork);
+  fct_cpu_blas_threads_end(begun);
   if (info != 0) return info;
   /* syevr returns them ascending: reverse to descending. */
   for (int64_t a = 0, b = k - 1; a < b; ++a, --b) {

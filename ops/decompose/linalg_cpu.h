@@ -6,7 +6,10 @@
  * transpose. LAPACK is called through the LAPACKE *_work functions with the
  * column-major layout, which neither transpose nor allocate: the caller
  * supplies every workspace (sized by the *_lwork queries, which touch no
- * data).
+ * data). A LAPACK call of about half a second of one core or more runs on
+ * OpenBLAS's own threads, as many as the host's pool has, for its duration
+ * (linalg_cpu.c, LAPACK_THREADS_FLOPS): its results then depend on that
+ * count in the last bits (the same bits for the same count).
  */
 #ifndef FCT_LINALG_CPU_H
 #define FCT_LINALG_CPU_H

@@ -599,7 +599,9 @@ FCT_API fct_status fct_tt_embedding_backward(
 FCT_API int fct_cuda_available(void);
 
 /* Number of threads the CPU BLAS uses (<= 0 leaves it unchanged); returns the
- * number in force. Has no effect on splitting while a thread pool is set. */
+ * number in force. Has no effect on splitting while a thread pool is set.
+ * While a decomposition's long LAPACK call has raised the count (below), n
+ * takes effect when that call ends and the raised count is returned. */
 FCT_API int fct_cpu_set_num_threads(int n);
 
 /* CPU threading. By default the CPU kernels use OpenBLAS's threads. A host
@@ -607,6 +609,11 @@ FCT_API int fct_cpu_set_num_threads(int n);
  * GEMM is split into one block per pool thread and OpenBLAS runs single-
  * threaded inside them, because two pools spin-waiting on the same cores slow
  * each other down badly. libfactorch_torch installs torch's pool on load.
+ *
+ * The one exception: the decompositions' long LAPACK calls (an SVD or an
+ * eigensolver of ~0.5 s or more on one core), which the pool cannot split, run
+ * with OpenBLAS's count raised to num_threads() for their duration, then set
+ * back (ops/cpu/gemm_cpu.h, fct_cpu_blas_threads_begin).
  *
  * parallel_for must call body(b, e, arg) over sub-ranges [b, e) covering
  * [begin, end) exactly once, possibly concurrently, and return 0 (nonzero:

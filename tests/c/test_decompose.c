@@ -7,8 +7,11 @@
  * status codes and messages.
  */
 #include <math.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "test_util.h"
 
@@ -920,6 +923,154 @@ static void test_bad_arguments(void) {
   tt_free(X);
 }
 
+/* ------------------------------------------------------------------------- */
+/* OpenBLAS's threads in the long LAPACK calls                               */
+/* ------------------------------------------------------------------------- */
+
+/* A stand-in pool that runs every range on the calling thread (no shared
+ * state: decompositions run on two threads at once below). */
+static int32_t serial_pool(int64_t begin, int64_t end, int64_t grain, fct_parallel_body body,
+                           void* arg) {
+  (void)grain;
+  body(begin, end, arg);
+  return 0;
+}
+
+static int one_thread(void) { return 1; }
+static int two_threads(void) { return 2; }
+
+/* One fct_svd with a workspace and an error buffer of its own. */
+typedef struct svd_call {
+  const test_tensor* A;
+  svd_out out;
+  atomic_int done;
+} svd_call;
+
+static void* svd_call_run(void* arg) {
+  svd_call* c = arg;
+  int64_t m = c->A->shape[0], n = c->A->shape[1], r = 40;
+  int64_t us[2] = {m, r}, ss[1] = {r}, vs[2] = {r, n};
+  c->out.U = tt_output(64, 2, us);
+  c->out.S = tt_output(64, 1, ss);
+  c->out.Vh = tt_output(64, 2, vs);
+  char err[256] = "";
+  fct_context ctx = {0};
+  ctx.error = err;
+  ctx.error_bytes = sizeof err;
+  size_t bytes = 0;
+  c->out.st = fct_svd_workspace(&ctx, &c->A->dl, &c->out.U->dl, &c->out.S->dl, &c->out.Vh->dl,
+                                &bytes);
+  void* ws = aligned_alloc(256, (bytes + 255) / 256 * 256 + 256);
+  ctx.workspace = ws;
+  ctx.workspace_bytes = bytes;
+  if (c->out.st == FCT_OK)
+    c->out.st = fct_svd(&ctx, &c->A->dl, &c->out.U->dl, &c->out.S->dl, &c->out.Vh->dl, NULL);
+  free(ws);
+  atomic_store(&c->done, 1);
+  return NULL;
+}
+
+/* Runs the calls on threads of their own and polls OpenBLAS's thread count
+ * (fct_cpu_set_num_threads(0)) until they are done; returns the counts seen
+ * (bit c: count c). set_during > 0: asks for that count once a raised one
+ * shows. */
+static unsigned svd_calls_polled(svd_call* calls, int n, int set_during) {
+  pthread_t th[2];
+  for (int i = 0; i < n; ++i) {
+    atomic_store(&calls[i].done, 0);
+    pthread_create(&th[i], NULL, svd_call_run, &calls[i]);
+  }
+  unsigned seen = 0;
+  for (bool all = false; !all;) {
+    all = true;
+    for (int i = 0; i < n; ++i) all = all && atomic_load(&calls[i].done);
+    int now = fct_cpu_set_num_threads(0);
+    if (now > 1 && set_during > 0) {
+      fct_cpu_set_num_threads(set_during);
+      set_during = 0;
+    }
+    seen |= now >= 0 && now < 32 ? 1u << now : 1u << 31;
+    struct timespec ms = {0, 2000000}; /* the poller must not take a core from OpenBLAS */
+    nanosleep(&ms, NULL);
+  }
+  for (int i = 0; i < n; ++i) pthread_join(th[i], NULL);
+  return seen;
+}
+
+static bool same_svd(const svd_out* a, const svd_out* b) {
+  return same_tensor(a->U, b->U) && same_tensor(a->S, b->S) && same_tensor(a->Vh, b->Vh);
+}
+
+static double max_abs_diff(const test_tensor* a, const test_tensor* b) {
+  double worst = 0;
+  const double *x = a->dl.data, *y = b->dl.data;
+  for (int64_t e = 0; e < tt_numel(a); ++e) worst = fmax(worst, fabs(x[e] - y[e]));
+  return worst;
+}
+
+/* Under a host pool OpenBLAS is single-threaded, except in a long LAPACK
+ * call, which gets the pool's thread count and sets it back after: seen by
+ * polling from another thread. FACTORCH_TEST_LAPACK_THREADS=1 makes the
+ * dgesdd of [600, 500] count as long (the real threshold, ~0.6 s of one core,
+ * is tested in tests/python/test_decompose.py). The results stay within
+ * rounding of the single-threaded ones, and are the same bits for the same
+ * count; without the hook this short call is untouched (the same bits as
+ * with a pool of one). Two threads decomposing at once share one raise,
+ * and a count asked for meanwhile is the one left at the end. */
+static void test_lapack_threads(void) {
+  int64_t shape[2] = {600, 500};
+  test_tensor* A = tt_new(64, 2, shape, NULL, 0);
+  double* v = gauss_array(600 * 500);
+  fill(A, v);
+  free(v);
+
+  setenv("FACTORCH_TEST_LAPACK_THREADS", "1", 1);
+  fct_cpu_set_thread_pool(serial_pool, one_thread);
+  CHECK(fct_cpu_set_num_threads(0) == 1, "a pool leaves OpenBLAS at %d threads",
+        fct_cpu_set_num_threads(0));
+  svd_call ref = {A, {0}, 0};
+  unsigned seen = svd_calls_polled(&ref, 1, 0);
+  CHECK(seen == 1u << 1, "lapack threads: a pool of one raised the count (seen 0x%x)", seen);
+
+  fct_cpu_set_thread_pool(serial_pool, two_threads);
+  svd_call one = {A, {0}, 0}, two[2] = {{A, {0}, 0}, {A, {0}, 0}}, plain = {A, {0}, 0};
+  seen = svd_calls_polled(&one, 1, 0);
+  CHECK((seen & 1u << 2) && !(seen & ~(1u << 1 | 1u << 2)),
+        "lapack threads: OpenBLAS ran dgesdd on 0x%x threads (bits), want 2", seen);
+  CHECK(fct_cpu_set_num_threads(0) == 1, "lapack threads: %d threads left after the call",
+        fct_cpu_set_num_threads(0));
+  unsetenv("FACTORCH_TEST_LAPACK_THREADS");
+  svd_call_run(&plain);
+  CHECK(ref.out.st == FCT_OK && one.out.st == FCT_OK && plain.out.st == FCT_OK,
+        "lapack threads: %d %d %d", ref.out.st, one.out.st, plain.out.st);
+  if (ref.out.st == FCT_OK && one.out.st == FCT_OK && plain.out.st == FCT_OK) {
+    double ds = max_abs_diff(one.out.S, ref.out.S) / tt_get2(ref.out.S, 0, 0);
+    double du = max_abs_diff(one.out.U, ref.out.U), dv = max_abs_diff(one.out.Vh, ref.out.Vh);
+    CHECK(ds <= 1e-13 && du <= 1e-9 && dv <= 1e-9,
+          "lapack threads: 2 threads vs 1: S %.3g (relative), U %.3g, Vh %.3g", ds, du, dv);
+    CHECK(same_svd(&plain.out, &ref.out),
+          "lapack threads: a short svd changed with the pool's thread count");
+  }
+
+  setenv("FACTORCH_TEST_LAPACK_THREADS", "1", 1);
+  /* (3 shows once both are done) */
+  seen = svd_calls_polled(two, 2, 3);
+  CHECK((seen & 1u << 2) && !(seen & ~(1u << 1 | 1u << 2 | 1u << 3)),
+        "lapack threads: two svds at once ran on 0x%x threads (bits), want 2", seen);
+  CHECK(fct_cpu_set_num_threads(0) == 3,
+        "lapack threads: %d threads left after a count of 3 was asked for during the calls",
+        fct_cpu_set_num_threads(0));
+  for (int i = 0; i < 2; ++i)
+    CHECK(two[i].out.st == FCT_OK && one.out.st == FCT_OK && same_svd(&two[i].out, &one.out),
+          "lapack threads: svd %d of two at once differs from one alone", i);
+  unsetenv("FACTORCH_TEST_LAPACK_THREADS");
+
+  fct_cpu_set_thread_pool(NULL, NULL);
+  svd_out* outs[] = {&ref.out, &one.out, &plain.out, &two[0].out, &two[1].out};
+  for (size_t i = 0; i < sizeof outs / sizeof outs[0]; ++i) free_svd(outs[i]);
+  tt_free(A);
+}
+
 int main(void) {
   int T[2] = {1, 0};
   for (int bits = 32; bits <= 64; bits += 32) {
@@ -947,6 +1098,7 @@ int main(void) {
   test_device_path();
   test_zero_inputs();
   test_bad_arguments();
+  test_lapack_threads(); /* last: it leaves OpenBLAS single-threaded */
   free(g_ws);
   return test_report();
 }

@@ -4,11 +4,15 @@ DLPack)."""
 
 from __future__ import annotations
 
+import threading
+import time
+
 import numpy as np
 import pytest
 import torch
 
 import factorch
+from factorch import _lib
 from factorch import decompose as D
 
 CUDA = torch.cuda.is_available() and factorch.cuda_available()
@@ -504,3 +508,97 @@ def test_cuda_cp_tucker_tt_match_the_cpu(dtype):
         B = X.cuda().clone()
         B[1, 2, 3] = float("nan")
         D.tucker(B, 2)
+
+# ---------------------------------------------------------------------------
+# Threads: long LAPACK calls run on OpenBLAS's threads, given back after
+# ---------------------------------------------------------------------------
+
+
+def openblas_threads() -> int:
+    return _lib.core.fct_cpu_set_num_threads(0)  # 0: leaves the count as it is
+
+
+def polled(fn):
+    """fn() on a thread of its own (ctypes releases the GIL) while this one
+    polls OpenBLAS's thread count: (fn's result, the counts seen)."""
+    out, seen, done = [], set(), threading.Event()
+
+    def run():
+        try:
+            out.append(fn())
+        except BaseException as e:  # re-raised below
+            out.append(e)
+        finally:
+            done.set()
+
+    t = threading.Thread(target=run)
+    t.start()
+    while not done.is_set():
+        seen.add(openblas_threads())
+        time.sleep(0.002)  # must not take a core from OpenBLAS
+    t.join()
+    if isinstance(out[0], BaseException):
+        raise out[0]
+    return out[0], seen
+
+
+@pytest.fixture
+def two_torch_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_long_lapack_calls_take_torchs_threads_and_give_them_back(two_torch_threads):
+    """Under torch OpenBLAS is single-threaded; a decomposition's LAPACK call
+    of ~0.6 s or more of one core (here a 1300x1200 SVD) runs with OpenBLAS's
+    count raised to torch.get_num_threads(), then set back to 1. Below that,
+    nothing changes: the same bits whatever torch's thread count."""
+    assert openblas_threads() == 1
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(1300, 1200, generator=g, dtype=torch.float64)
+    res, seen = polled(lambda: D.svd(A, 40))
+    assert 2 in seen and seen <= {1, 2}
+    assert openblas_threads() == 1
+    want = torch.linalg.svdvals(A)[:40]
+    torch.testing.assert_close(res.S, want, rtol=1e-12, atol=0)
+    small = A[:200, :150]
+    a = D.svd(small, 20)
+    torch.set_num_threads(1)
+    b = D.svd(small, 20)
+    for x, y in zip((a.U, a.S, a.Vh), (b.U, b.S, b.Vh)):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_every_decomposition_gives_the_threads_back(dtype, two_torch_threads, monkeypatch):
+    """FACTORCH_TEST_LAPACK_THREADS=1 gives every LAPACK call the threads
+    (a test hook): each decomposition leaves OpenBLAS at 1 thread and its
+    results within rounding of the single-threaded ones."""
+    g = torch.Generator().manual_seed(1)
+    M = torch.randn(600, 500, generator=g, dtype=torch.float64).to(dtype)
+    X = torch.randn(12, 13, 14, generator=g, dtype=torch.float64).to(dtype)
+    W = torch.randn(4, 4, 4, 4, 4, 4, generator=g, dtype=torch.float64).to(dtype)
+    runs = [
+        lambda: D.svd(M, 30),
+        lambda: D.randomized_svd(M, 30, n_iter=2),
+        lambda: D.cp(X, 4, n_iter_max=10, tol=0),
+        lambda: D.tucker(X, [4, 5, 6], n_iter_max=3, tol=0),
+        lambda: D.tucker(X, [4, 5, 6], init="random", n_iter_max=3, tol=0),
+        lambda: D.tensor_train(X, rank=[1, 5, 6, 1]),
+        lambda: D.tensor_train_matrix(W, rank=5),
+    ]
+    tol = 1e-9 if dtype == torch.float64 else 1e-5
+    for i, fn in enumerate(runs):
+        plain = fn()
+        monkeypatch.setenv("FACTORCH_TEST_LAPACK_THREADS", "1")
+        threaded, seen = polled(fn)
+        monkeypatch.delenv("FACTORCH_TEST_LAPACK_THREADS")
+        assert openblas_threads() == 1, i
+        assert seen <= {1, 2}, i
+        if i == 0:  # long enough to be seen
+            assert 2 in seen
+        assert threaded.rel_error == pytest.approx(plain.rel_error, abs=tol), i
+        torch.testing.assert_close(threaded.to_tensor(), plain.to_tensor(), atol=tol * 10,
+                                   rtol=0)
