@@ -19,6 +19,7 @@ Memory: the statistics held at the peak, one pass against sequential=True.
 
     .venv/bin/python bench/bench_compress.py --write bench/RESULTS.md   # ~20 min on 2 cores
     .venv/bin/python bench/bench_compress.py --quick                    # smoke test
+    .venv/bin/python bench/bench_compress.py --time-only uniform        # one timed call
 """
 
 from __future__ import annotations
@@ -65,6 +66,8 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="8 windows, few rows (smoke test)")
     p.add_argument("--windows", type=int, default=128)
     p.add_argument("--eval-windows", type=int, default=48)
+    p.add_argument("--time-only", choices=["uniform", "global"],
+                   help="only time one factorch.compress call with this allocation (print it)")
     a = p.parse_args()
     if a.quick:
         a.windows, a.eval_windows = 8, 4
@@ -73,6 +76,15 @@ def main() -> None:
     base, tok = loaded.model, loaded.tokenizer
     batches = data.text_batches(CALIB, tok, 256, a.windows, 8)
     lines = []
+    if a.time_only:
+        t = time.perf_counter()
+        rep = factorch.compress(base, ratio=0.8, method="svd-llm", calibration=batches,
+                                allocation=a.time_only, progress=False)
+        print(f"compress(ratio=0.8, method='svd-llm', allocation={a.time_only!r}, "
+              f"{a.windows} windows): {time.perf_counter() - t:.1f} s; calibration "
+              f"{rep.calibration_seconds:.1f} s, decomposition {rep.decomposition_seconds:.1f} s"
+              + (f", sensitivities {rep.sensitivity_seconds:.1f} s" if rep.sensitivity else ""))
+        return
 
     # ---- time: one public call, end to end --------------------------------
     timed = copy.deepcopy(base)

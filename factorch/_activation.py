@@ -102,10 +102,6 @@ class Whitening:
     note: str = ""
 
 
-def _identity() -> Whitening:
-    return Whitening(None, lambda Qh: Qh)
-
-
 def cholesky_whitening(C: Tensor) -> Whitening:
     """``T = L`` with ``L Lᵀ = C`` (+ a ridge if C is not positive definite).
 

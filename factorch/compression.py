@@ -340,6 +340,7 @@ class _Collector:
 
 
 def _progress(it, progress: bool, desc: str, total=None):
+    """`it` behind a tqdm bar when asked for and tqdm is installed."""
     if not progress:
         return it
     try:

@@ -12,17 +12,8 @@ import torch
 import torch.nn.functional as TF
 from torch import Tensor, nn
 
+from .compression import _progress
 from .data import read_text, tokenize, windows
-
-
-def _progress(it, progress, desc, total=None):
-    if not progress:
-        return it
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return it
-    return tqdm(it, desc=desc, total=total, leave=False)
 
 
 @torch.no_grad()
