@@ -12,7 +12,7 @@ and where the saved model and the per-layer plot are.
 Texts: Debian's fortunes files, calibration and evaluation disjoint
 (factorch.data.CALIBRATION_FILES / EVALUATION_FILES; `make fortunes`).
 
-    .venv/bin/python examples/compress_llm.py                # about 5 minutes on 2 cores
+    .venv/bin/python examples/compress_llm.py                # about 5 minutes on 2 cores (8.5 loaded)
     .venv/bin/python examples/compress_llm.py --quick        # fewer windows, about 2 minutes
     .venv/bin/python examples/compress_llm.py --ratio 0.6 --allocation uniform
 """
@@ -80,7 +80,9 @@ def main() -> None:
           f"(decoder linears {report.params_before:,} -> {report.params_after:,}, "
           f"{report.kept:.2f} kept)")
     print(f"  compression  {took:.0f} s (calibration {report.calibration_seconds:.0f} s, "
-          f"decomposition {report.decomposition_seconds:.0f} s)")
+          f"decomposition {report.decomposition_seconds:.0f} s"
+          + (f", sensitivities {report.sensitivity_seconds:.0f} s" if report.sensitivity else "")
+          + ")")
     print("  speed (CPU, interleaved, medians of 3):")
     print("    " + speed_table(sp).replace("\n", "\n    "))
     print(f"  saved model  {out}/ (model.safetensors + factorch.json; load it into a fresh "
