@@ -12,7 +12,7 @@ and where the saved model and the per-layer plot are.
 Texts: Debian's fortunes files, calibration and evaluation disjoint
 (factorch.data.CALIBRATION_FILES / EVALUATION_FILES; `make fortunes`).
 
-    .venv/bin/python examples/compress_llm.py                # about 5 minutes on 2 cores (8.5 loaded)
+    .venv/bin/python examples/compress_llm.py                # ~5 min on 2 cores (8.5 min on a busy machine)
     .venv/bin/python examples/compress_llm.py --quick        # fewer windows, about 2 minutes
     .venv/bin/python examples/compress_llm.py --ratio 0.6 --allocation uniform
 """
