@@ -403,7 +403,7 @@ torch.library.register_autograd(
 
 
 # --------------------------------------------------------------------------
-# Factorized embeddings (issue 4). y = T[indices] for a table T kept as U·V
+# Factorized embeddings. y = T[indices] for a table T kept as U·V
 # (lowrank_embedding) or as TT cores in one flat tensor (tt_embedding, the
 # tensorized layers' layout with the vocabulary modes as input modes and the
 # embedding modes as output modes). padding_idx is -1 for none; indices are

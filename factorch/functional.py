@@ -163,7 +163,7 @@ def tt_linear(x: Tensor, cores, bias: Tensor | None = None) -> Tensor:
 
 
 # --------------------------------------------------------------------------
-# Factorized embeddings (issue 4): y = T[indices] for a table T [num, dim]
+# Factorized embeddings: y = T[indices] for a table T [num, dim]
 # kept factorized; y has shape indices.shape + (dim,). Indices: int64 or
 # int32, any shape, on the factors' device; out-of-range ones raise a
 # RuntimeError naming `indices`. padding_idx (None, or an index, negative

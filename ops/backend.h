@@ -76,7 +76,7 @@ typedef struct fct_backend {
   fct_status (*count_nonfinite)(fct_context* ctx, const DLTensor* t, char* scratch,
                                 int64_t* count);
 
-  /* Primitives of the tensorized linear ops (CP, Tucker, TT: issue 3). Their
+  /* Primitives of the tensorized linear ops (CP, Tucker, TT). Their
    * algorithms are written once, device independent, in ops/<op>_linear.c
    * as sequences of these calls. `device` is the tensors' device index
    * (ignored on CPU); matrices are fct_mat views in elements. */
@@ -118,7 +118,7 @@ typedef struct fct_backend {
                                 int64_t npre, int64_t nk, int64_t nsuf, const fct_mat* pre,
                                 const fct_mat* suf, const fct_mat* gF);
 
-  /* Primitives of the factorized convolutions (issue 4; the algorithm is
+  /* Primitives of the factorized convolutions (the algorithm is
    * ops/conv_chain.c). Tensors are dense NCHW blocks of n items, each
    * [C, H, W] in and [C, OH, OW] out (geometry in fct_conv_geom). */
 

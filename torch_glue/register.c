@@ -30,7 +30,7 @@ static const op_entry kOps[] = {
     {"lowrank_linear_backward(Tensor grad_y, Tensor x, Tensor U, Tensor V, Tensor t, "
      "bool need_x, bool need_U, bool need_V, bool need_bias) -> (Tensor, Tensor, Tensor, Tensor)",
      "lowrank_linear_backward", fct_lowrank_linear_backward_kernel, false},
-    /* Tensorized linear layers (issue 3): weights is the flat parameter
+    /* Tensorized linear layers: weights is the flat parameter
      * holding every factor or core (torch_glue/cp_linear_glue.c etc.). */
     {"cp_linear(Tensor x, Tensor weights, Tensor bias, int[] in_modes, int[] out_modes, "
      "int rank) -> (Tensor, Tensor)",
@@ -53,7 +53,7 @@ static const op_entry kOps[] = {
      "int[] out_modes, int[] ranks, bool need_x, bool need_weights, bool need_bias) "
      "-> (Tensor, Tensor, Tensor)",
      "tt_linear_backward", fct_tt_linear_backward_kernel, true},
-    /* Factorized convolutions (issue 4): a chain of convolution stages
+    /* Factorized convolutions: a chain of convolution stages
      * (torch_glue/conv_glue.c; layouts in factorch/_conv_layout.py). The
      * stage lists hold the input's height and width, so they are SymInt[]:
      * torch.export and dynamic torch.compile keep the sizes symbolic (an
@@ -64,7 +64,7 @@ static const op_entry kOps[] = {
     {"conv_chain_backward(Tensor grad_y, Tensor x, Tensor weights, Tensor saved, SymInt[] stages, "
      "bool need_x, bool need_weights, bool need_bias) -> (Tensor, Tensor, Tensor)",
      "conv_chain_backward", fct_conv_chain_backward_kernel, true},
-    /* Factorized embeddings (issue 4; torch_glue/embedding_glue.c).
+    /* Factorized embeddings (torch_glue/embedding_glue.c).
      * padding_idx: -1 for none. TT weights: the flat parameter of cores. */
     {"lowrank_embedding(Tensor indices, Tensor U, Tensor V, int padding_idx) -> Tensor",
      "lowrank_embedding", fct_lowrank_embedding_kernel, false},

@@ -1,4 +1,4 @@
-/* CPU primitives of the factorized convolutions (backend.h, issue 4): im2col
+/* CPU primitives of the factorized convolutions (backend.h): im2col
  * and its adjoint col2im, the depthwise convolution and its two adjoints, and
  * the per-channel bias and sums, over dense NCHW blocks of n items.
  * float32/float64. CUDA counterpart: ops/cuda/conv_kernels_cuda.cu.

@@ -1,5 +1,5 @@
 /*
- * CUDA primitives of the factorized convolutions (backend.h, issue 4): im2col
+ * CUDA primitives of the factorized convolutions (backend.h): im2col
  * and its adjoint col2im, the depthwise convolution and its two adjoints, and
  * the per-channel bias and sums, over dense NCHW blocks of n items, on the
  * caller's stream. float32/float64/bfloat16/float16; the 16-bit types

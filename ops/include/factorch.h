@@ -137,7 +137,7 @@ FCT_API fct_status fct_lowrank_linear_backward(
     DLTensor* grad_V /* nullable */, DLTensor* grad_bias /* nullable */);
 
 /* ========================================================================= */
-/* Decompositions (issue 5): truncated and randomized SVD, CP-ALS,            */
+/* Decompositions: truncated and randomized SVD, CP-ALS,                      */
 /* Tucker-HOOI, TT-SVD.                                                       */
 /*                                                                            */
 /* Not autograd ops: each call reads one tensor and writes its factors.       */
@@ -299,7 +299,7 @@ FCT_API fct_status fct_tensor_train(fct_context* ctx, const DLTensor* X, int n_m
                                     fct_decomp_info* info /* nullable */);
 
 /* ========================================================================= */
-/* Tensorized linear layers (issue 3): CP, Tucker and Tensor-Train.          */
+/* Tensorized linear layers: CP, Tucker and Tensor-Train.                     */
 /*                                                                            */
 /* The weight W [out, in] is a tensor network over in = ∏ i_k and            */
 /* out = ∏ o_k, multi-indices row-major (i_1 slowest, as x.reshape(...,      */
@@ -515,7 +515,7 @@ FCT_API fct_status fct_conv_chain_backward(
     DLTensor* const* grad_weights /* nullable, entries too */, DLTensor* grad_bias /* nullable */);
 
 /* ========================================================================= */
-/* Factorized embeddings (issue 4): low-rank and Tensor-Train (TT-Rec).      */
+/* Factorized embeddings: low-rank and Tensor-Train (TT-Rec).                 */
 /*                                                                            */
 /* A table T [num, dim] kept factorized: y = T[indices] and the gradients of */
 /* the factors given grad_y, computed from the looked-up rows only (T is     */

@@ -1,5 +1,5 @@
-/* The CPU backend's primitives of the factorized convolutions (backend.h,
- * issue 4), called through fct_cpu_backend, against naive float64 references
+/* The CPU backend's primitives of the factorized convolutions (backend.h),
+ * called through fct_cpu_backend, against naive float64 references
  * on random inputs that are never zero:
  *  - a grid of geometries: C ∈ {1,3}, H, W ∈ {1,5,7}, kernels 1x1, 3x3, 3x1,
  *    1x3, 2x2, 5x5, strides {1,2,3} and padding {0,1,2} on each axis
