@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .compression import _set_module
 from .nn import FactorizedConv1d, FactorizedConv2d, FactorizedEmbedding, FactorizedLinear
 
 FORMAT = "factorch-compressed"
@@ -237,8 +238,7 @@ def load_compressed(model: nn.Module, directory, check_sha256: bool = True) -> n
 
 def _replace(model: nn.Module, modules) -> None:
     for name, layer in modules:
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, layer)
+        _set_module(model, name, layer)
 
 
 def _load_checked(model: nn.Module, tensors: dict) -> None:
