@@ -35,10 +35,12 @@ class InputStats:
         self.abs_sum = torch.zeros(features, dtype=torch.float64, device=device)
         self.xtx = (torch.zeros(features, features, dtype=dtype, device=device)
                     if second_moment else None)
+        self._moment = None  # XᵀX / N, formed once after the last add
 
     def add(self, rows: Tensor) -> None:
         """rows: [n, features] in any float dtype."""
         r = rows.detach().to(torch.float64)
+        self._moment = None
         self.rows += r.shape[0]
         self.abs_sum += r.abs().sum(0)
         if self.xtx is not None:
@@ -50,11 +52,14 @@ class InputStats:
         return n + (self.xtx.numel() * self.xtx.element_size() if self.xtx is not None else 0)
 
     def second_moment(self) -> Tensor:
-        """``XᵀX / N`` [features, features] in float64."""
+        """``XᵀX / N`` [features, features] in float64 (formed once; layers
+        sharing these statistics, and the report, read the same tensor)."""
         if self.xtx is None or self.rows == 0:
             raise RuntimeError("calibration: no second moment was collected for this layer "
                                "(it saw no calibration input)")
-        return self.xtx.double() / self.rows
+        if self._moment is None:
+            self._moment = self.xtx.double() / self.rows
+        return self._moment
 
     def mean_abs(self) -> Tensor:
         if self.rows == 0:

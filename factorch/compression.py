@@ -262,13 +262,14 @@ def _weight_params(m: nn.Module) -> int:
 # --------------------------------------------------------------------------
 # Calibration
 # --------------------------------------------------------------------------
-def _run(model: nn.Module, batch) -> None:
+def _run(model: nn.Module, batch, **extra):
+    """model(**batch), model(*batch) or model(batch); `extra` keywords go
+    with a dict batch only."""
     if isinstance(batch, dict):
-        model(**batch)
-    elif isinstance(batch, (tuple, list)):
-        model(*batch)
-    else:
-        model(batch)
+        return model(**batch, **extra)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
 
 
 def _to_device(batch, device):
@@ -509,8 +510,7 @@ def _loss_of(model, batch, seed: int):
         if isinstance(loss, Tensor) and loss.requires_grad:
             return loss, "loss"
     else:
-        out = model(**batch) if isinstance(batch, dict) else (
-            model(*batch) if isinstance(batch, (tuple, list)) else model(batch))
+        out = _run(model, batch)
     y = out
     if not isinstance(y, Tensor):
         y = getattr(out, "logits", None)
@@ -865,13 +865,18 @@ def _compress_layers(model, chosen, stats, report, ratio, method, factorization,
         return
     cands = _candidates(chosen, stats, method)
     spent = {}
+    # One whitening per statistics object: q/k/v (gate/up) share theirs.
+    whitenings = {}
+    for c in cands:
+        if id(c.stats) not in whitenings and not (spectra is not None and c.name in spectra):
+            whitenings[id(c.stats)] = _whitening(c, method, alpha)
 
     def decompose(c):
         t0 = time.perf_counter()
         if spectra is not None and c.name in spectra:
             c.spectrum = spectra[c.name]
         else:
-            c.spectrum = A.spectrum(A.matrix_of(c.module), _whitening(c, method, alpha))
+            c.spectrum = A.spectrum(A.matrix_of(c.module), whitenings[id(c.stats)])
         spent[c.name] = time.perf_counter() - t0
 
     _each_on_all_cores(decompose, cands, progress, "decomposition")
@@ -935,10 +940,7 @@ def _capture_block_inputs(model, first_block, batches, progress):
             for batch in _progress(batches, progress, "block inputs", total=_len(batches)):
                 batch = _to_device(batch, device)
                 try:
-                    if isinstance(batch, dict):
-                        model(**batch, **extra)
-                    else:
-                        _run(model, batch)
+                    _run(model, batch, **extra)
                 except _StopForward:
                     pass
     finally:
