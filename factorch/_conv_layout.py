@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from ._ops import STAGE_INTS
-from ._tensorized import check_tensorized_shape
+from ._tensorized import check_tensorized_shape, is_int
 
 FACTORIZATIONS = ("lowrank", "tucker", "cp", "tt")
 
@@ -245,10 +245,6 @@ class ConvLayout:
 # --------------------------------------------------------------------------
 # Ranks
 # --------------------------------------------------------------------------
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def tt_modes(tensorized_shape, in_channels: int, out_channels: int) -> tuple:
     return check_tensorized_shape(tensorized_shape, in_channels, out_channels, same_length=True)
 
@@ -269,7 +265,7 @@ def resolve_rank(factorization: str, rank, geom: ConvGeometry, in_modes=(), out_
         raise ValueError(f"rank: expected an int, a tuple or a fraction in (0, 1], got {rank!r}")
     f = factorization
     if f in ("lowrank", "cp"):
-        if not _is_int(rank) or rank < 1:
+        if not is_int(rank) or rank < 1:
             raise ValueError(f"rank: expected a positive int or a fraction for {f}, got {rank!r}")
         if f == "lowrank" and rank > min(cig * kk, cog):
             raise ValueError(
@@ -278,8 +274,8 @@ def resolve_rank(factorization: str, rank, geom: ConvGeometry, in_modes=(), out_
             )
         return rank
     if f == "tucker":
-        r = (rank, rank) if _is_int(rank) else tuple(rank) if isinstance(rank, (tuple, list)) else None
-        if r is None or len(r) != 2 or not all(_is_int(v) and v >= 1 for v in r):
+        r = (rank, rank) if is_int(rank) else tuple(rank) if isinstance(rank, (tuple, list)) else None
+        if r is None or len(r) != 2 or not all(is_int(v) and v >= 1 for v in r):
             raise ValueError(
                 f"rank: expected an int or (rank_in, rank_out) of positive ints for tucker, "
                 f"got {rank!r}"
@@ -291,9 +287,9 @@ def resolve_rank(factorization: str, rank, geom: ConvGeometry, in_modes=(), out_
             )
         return r
     d = len(in_modes)
-    if _is_int(rank):
+    if is_int(rank):
         r = (rank,) * d
-    elif isinstance(rank, (tuple, list)) and len(rank) == d and all(_is_int(v) for v in rank):
+    elif isinstance(rank, (tuple, list)) and len(rank) == d and all(is_int(v) for v in rank):
         r = tuple(rank)
     else:
         raise ValueError(

@@ -44,12 +44,13 @@ import torch
 from torch import Tensor, nn
 
 from . import _activation as A
+from . import factorizations as FZ
 from ._rank import lowrank_rank_for_ratio
 from .nn import FactorizedConv1d, FactorizedConv2d, FactorizedEmbedding, FactorizedLinear
 
 METHODS = ("svd", "asvd", "svd-llm")
 ALLOCATIONS = ("uniform", "global")
-FACTORIZATIONS = ("lowrank", "cp", "tucker", "tt")
+FACTORIZATIONS = tuple(FZ.REGISTRY)
 _COMPRESSIBLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)
 
 
@@ -598,27 +599,24 @@ def layer_sensitivities(model: nn.Module, modules: dict[str, nn.Module], batches
 # Building the layers
 # --------------------------------------------------------------------------
 def _lowrank_layer(module: nn.Module, U: Tensor, V: Tensor) -> nn.Module:
+    """A low-rank factorch layer replacing `module` (a linear or a
+    convolution, groups=1) with the factors U [out, r], V [r, features]."""
     W = module.weight
     kw = dict(device=W.device, dtype=W.dtype)
     r = U.shape[1]
     if isinstance(module, nn.Linear):
         layer = FactorizedLinear(module.in_features, module.out_features, "lowrank", rank=r,
                                  bias=module.bias is not None, **kw)
-        with torch.no_grad():
-            layer.U.copy_(U)
-            layer.V.copy_(V)
     else:
         cls = FactorizedConv1d if isinstance(module, nn.Conv1d) else FactorizedConv2d
         layer = cls(module.in_channels, module.out_channels, module.kernel_size, "lowrank",
                     rank=r, stride=module.stride, padding=module.padding,
                     dilation=module.dilation, groups=module.groups,
                     bias=module.bias is not None, padding_mode=module.padding_mode, **kw)
-        with torch.no_grad():
-            v_view, u_view = layer.weights
-            v_view.copy_(V.reshape(v_view.shape))
-            u_view.copy_(U.reshape(u_view.shape))
-    if module.bias is not None:
-        with torch.no_grad():
+    with torch.no_grad():  # U and V are views of the layer's one flat parameter
+        layer.U.copy_(U)
+        layer.V.copy_(V)
+        if module.bias is not None:
             layer.bias.copy_(module.bias)
     return layer
 
@@ -700,10 +698,8 @@ def _check_args(model, ratio, method, calibration, factorization, allocation, al
         raise ValueError(f"method: expected one of {list(METHODS)}, got {method!r}")
     if allocation not in ALLOCATIONS:
         raise ValueError(f"allocation: expected one of {list(ALLOCATIONS)}, got {allocation!r}")
-    if factorization not in FACTORIZATIONS:
-        raise ValueError(f"factorization: expected one of {list(FACTORIZATIONS)}, "
-                         f"got {factorization!r}")
-    if factorization != "lowrank" and (method != "svd" or allocation != "uniform"):
+    if not FZ.get(factorization).activation_aware and (method != "svd"
+                                                       or allocation != "uniform"):
         raise ValueError(
             f"factorization={factorization!r}: only method='svd' with allocation='uniform' "
             "(activation-aware methods and global allocation build low-rank layers)")
@@ -851,7 +847,7 @@ def _compress_layers(model, chosen, stats, report, ratio, method, factorization,
     Spectrum), when given, is read and filled instead of decomposing again
     (the benchmark compares allocations on one set of decompositions)."""
     t_all = time.perf_counter()
-    if factorization != "lowrank":
+    if not FZ.get(factorization).activation_aware:  # the weight alone, through from_*
         for name, m in _progress(chosen, progress, "decomposition"):
             t0 = time.perf_counter()
             layer = _plain_layer(m, factorization, ratio)

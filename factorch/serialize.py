@@ -24,10 +24,14 @@ import torch
 from torch import nn
 
 from .compression import _set_module
+from .factorizations import LowRank
 from .nn import FactorizedConv1d, FactorizedConv2d, FactorizedEmbedding, FactorizedLinear
 
 FORMAT = "factorch-compressed"
-FORMAT_VERSION = 1
+#: 2: every factorch layer keeps its factors in one flat ``factors`` tensor.
+#: 1 (read too): low-rank linears and embeddings kept ``U`` and ``V``.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 TENSORS = "model.safetensors"
 META = "factorch.json"
 
@@ -166,11 +170,11 @@ def read_meta(directory) -> dict:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CompressedFormatError(f"{p}: not a factorch compressed model (format "
                                     f"{meta.get('format') if isinstance(meta, dict) else None!r})")
-    if meta.get("format_version") != FORMAT_VERSION:
+    if meta.get("format_version") not in READABLE_VERSIONS:
         raise CompressedFormatError(
             f"{p}: format version {meta.get('format_version')!r} (written by factorch "
-            f"{meta.get('factorch_version')}); this factorch ({_version()}) reads version "
-            f"{FORMAT_VERSION} only")
+            f"{meta.get('factorch_version')}); this factorch ({_version()}) reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}")
     for key, kind in (("layers", dict), ("aliases", dict), ("sha256", str)):
         if not isinstance(meta.get(key), kind):
             raise CompressedFormatError(f"{p}: '{key}' is missing or not a {kind.__name__}")
@@ -226,6 +230,11 @@ def load_compressed(model: nn.Module, directory, check_sha256: bool = True) -> n
         if canon not in tensors:
             raise CompressedFormatError(f"{META}: alias {alias!r} names a missing tensor {canon!r}")
         tensors[alias] = tensors[canon]
+    if meta["format_version"] == 1:
+        for name, spec in meta["layers"].items():
+            if spec["factorization"] == "lowrank" and spec["type"] in ("FactorizedLinear",
+                                                                       "FactorizedEmbedding"):
+                LowRank.upgrade_state_dict(tensors, name + ".")
     olds = [(name, model.get_submodule(name)) for name, _ in plan]
     _replace(model, plan)
     try:

@@ -11,7 +11,8 @@ from torch import Tensor, nn
 
 from .. import decompose as D
 from .._conv_layout import FACTORIZATIONS, resolve_rank
-from .._rank import check_one_rank_rule, rank_for_energy, truncated_svd_factors
+from .._rank import check_one_rank_rule, rank_for_energy
+from ..factorizations import LowRank
 
 
 def _unfold_rank(W: Tensor, mode: int, energy: float) -> int:
@@ -64,7 +65,8 @@ def from_conv(cls, conv, factorization, rank, ratio, energy, tensorized_shape):
             r = resolve_rank(f, float(ratio) if ratio is not None else rank, geom)
         pieces = [[], []]
         for Wg in groups:
-            U, V, _ = truncated_svd_factors(Wg.reshape(cog, -1), rank=r)
+            fac, flat, _ = LowRank.from_dense(Wg.reshape(cog, -1), rank=r)
+            U, V = fac.split(flat)
             pieces[0].append(V.reshape(r, cig, kh, kw))
             pieces[1].append(U.reshape(cog, r, 1, 1))
         ranks = r

@@ -119,6 +119,28 @@ class _FactorizedConvNd(nn.Module):
         views of ``factors`` (layouts in factorch/_conv_layout.py)."""
         return self._layout.views(self.factors)
 
+    def _lowrank_views(self, what: str) -> list[Tensor]:
+        # TypeError, not AttributeError: nn.Module.__getattr__ would replace
+        # an AttributeError raised in a property by one without the reason.
+        if self.factorization != "lowrank":
+            raise TypeError(f"{what}: a {self.factorization!r} convolution has none "
+                            "(only 'lowrank')")
+        return self.weights
+
+    @property
+    def U(self) -> Tensor:
+        """lowrank: ``U [C_out, R]``, the 1x1 stage (a view of ``factors``;
+        with groups, group g's rows multiply its own R channels)."""
+        u = self._lowrank_views("U")[1]
+        return u.view(u.shape[0], u.shape[1])
+
+    @property
+    def V(self) -> Tensor:
+        """lowrank: ``V [g·R, C_in / g · kh · kw]``, the kh×kw stage as a
+        matrix (a view of ``factors``); W_g = U_g · V_g as for a linear layer."""
+        v = self._lowrank_views("V")[0]
+        return v.view(v.shape[0], -1)
+
     # ---- forward ----------------------------------------------------------
     def _check_input(self, x: Tensor) -> Tensor:
         nd = self._nd

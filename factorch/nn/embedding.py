@@ -8,10 +8,10 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .. import decompose as D
 from .. import functional as F
-from .._rank import check_one_rank_rule, lowrank_rank_for_ratio, truncated_svd_factors
-from .._tensorized import MAX_MODES, Layout, balanced_modes, reconstruct, resolve_rank, views
+from .._rank import check_one_rank_rule, lowrank_rank_for_ratio
+from .._tensorized import MAX_MODES, balanced_modes
+from ..factorizations import LowRank, TensorTrain
 
 FACTORIZATIONS = ("lowrank", "tt")
 
@@ -118,23 +118,25 @@ def tt_ranks(rank, ns: tuple, ms: tuple, num: int) -> tuple:
         rank = 1.0
     if isinstance(rank, float):
         rank = _check_fraction("rank", rank) * num / math.prod(ns)
-    return resolve_rank("tt", rank, ns, ms)
+    return TensorTrain.resolve_rank(rank, ns, ms)
 
 
 class FactorizedEmbedding(nn.Module):
     """``y = T[indices]`` with the table ``T [num_embeddings, embedding_dim]``
     stored factorized, never formed.
 
-    ``factorization="lowrank"``: ``T = U · V``, ``U [num, R]``, ``V [R, dim]``.
-    The forward gathers the rows of U the indices pick and multiplies them by
+    ``factorization="lowrank"``: ``T = U · V``, ``U [num, R]``, ``V [R, dim]``,
+    views of ONE flat parameter ``factors`` (V first) as in every factorch
+    layer (layout: factorch.factorizations.LowRank). The forward gathers the rows of U the indices pick and multiplies them by
     V (one C op, ``torch.ops.factorch.lowrank_embedding``); the backward
     computes ``grad_V`` by GEMM and scatter-adds ``grad_y · Vᵀ`` into the
     looked-up rows of ``grad_U`` only.
 
     ``factorization="tt"`` (TT-Rec): the vocabulary is padded up to
     ``∏ n_k >= num_embeddings`` and ``embedding_dim = ∏ m_k``; the cores
-    ``G_k [r_(k-1), n_k, m_k, r_k]`` live in ONE flat parameter, ``factors``
-    (views: ``cores``). Row i, with digits ``(i_1..i_d)`` (``i_1`` slowest),
+    ``G_k [r_(k-1), n_k, m_k, r_k]`` live in the flat ``factors`` (views:
+    ``cores``; layout: factorch.factorizations.TensorTrain of the table's
+    transpose). Row i, with digits ``(i_1..i_d)`` (``i_1`` slowest),
     is ``G_1[:, i_1] ··· G_d[:, i_d]`` reshaped to ``embedding_dim``; the C op
     runs that chain of small products per index, forward and backward, and
     writes gradients into the looked-up slices only.
@@ -179,25 +181,26 @@ class FactorizedEmbedding(nn.Module):
         #: The padding row in [0, num_embeddings), or None.
         self.padding_idx = None if pad < 0 else pad
         kw = {"device": device, "dtype": dtype}
-        self._layout: Layout | None = None
         if factorization == "lowrank":
             if tensorized_shape is not None:
                 raise ValueError(
                     "tensorized_shape: only for factorization='tt'; a lowrank table factors "
                     "the [num_embeddings, embedding_dim] matrix as it is"
                 )
-            self.rank = lowrank_rank(rank, num_embeddings, embedding_dim)
-            self.U = nn.Parameter(torch.empty(num_embeddings, self.rank, **kw))
-            self.V = nn.Parameter(torch.empty(self.rank, embedding_dim, **kw))
+            # The table T [num, dim] as the matrix U [num, R] · V [R, dim].
+            self.layout = LowRank(embedding_dim, num_embeddings,
+                                  lowrank_rank(rank, num_embeddings, embedding_dim))
         else:
             ns, ms = check_tt_shape(tensorized_shape, num_embeddings, embedding_dim)
-            self._layout = Layout("tt", ns, ms, tt_ranks(rank, ns, ms, num_embeddings))
+            # The table (vocabulary padded to ∏ n_k rows) is Wᵀ for the TT
+            # matrix W [dim, ∏ n_k] with input modes ns and output modes ms.
+            self.layout = TensorTrain(ns, ms, tt_ranks(rank, ns, ms, num_embeddings))
             #: ((n_1..n_d), (m_1..m_d)): vocabulary and embedding modes.
             self.tensorized_shape = (ns, ms)
-            #: (1, r_1, .., r_(d-1), 1)
-            self.rank = self._layout.rank
-            self._op_args = self._layout.op_args()  # modes, dims, ranks
-            self.factors = nn.Parameter(torch.empty(self._layout.num_parameters, **kw))
+            self._op_args = self.layout.op_args()  # modes, dims, ranks
+        #: lowrank: R; tt: (1, r_1, .., r_(d-1), 1)
+        self.rank = self.layout.rank
+        self.factors = nn.Parameter(torch.empty(self.layout.num_parameters, **kw))
         #: Relative Frobenius error of the table when built by
         #: ``from_embedding``; None for a randomly initialised layer.
         self.reconstruction_error: float | None = None
@@ -205,33 +208,54 @@ class FactorizedEmbedding(nn.Module):
 
     def reset_parameters(self) -> None:
         with torch.no_grad():
-            if self._layout is None:
+            if self.factorization == "lowrank":
                 std = self.rank ** -0.25  # Var(T_ij) = R · Var(U) · Var(V) = 1
-                self.U.normal_(0.0, std)
-                self.V.normal_(0.0, std)
+                self.factors.normal_(0.0, std)
                 if self.padding_idx is not None:
                     self.U[self.padding_idx].zero_()
             else:
                 # Var(T_ij) = ∏ inner ranks · ∏_k Var(G_k) = 1 with
                 # Var(G_k) = 1 / r_(k-1) (each step's fan-in).
-                r = self._layout.rank
-                for k, v in enumerate(views(self._layout, self.factors)):
+                r = self.layout.rank
+                for k, v in enumerate(self.layout.views(self.factors)):
                     v.normal_(0.0, 1.0 / math.sqrt(r[k]))
 
     def forward(self, indices: Tensor) -> Tensor:
-        if self._layout is None:
-            return F.lowrank_embedding(indices, self.U, self.V, self.padding_idx)
+        if self.factorization == "lowrank":
+            U, V = self.layout.split(self.factors)
+            return F.lowrank_embedding(indices, U, V, self.padding_idx)
         return F.tt_embedding_flat(indices, self.factors, self.num_embeddings, *self._op_args,
                                    self.padding_idx)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if self.factorization == "lowrank":
+            LowRank.upgrade_state_dict(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _only(self, what: str, factorization: str) -> None:
+        # TypeError, not AttributeError: nn.Module.__getattr__ would replace
+        # an AttributeError raised in a property by one without the reason.
+        if self.factorization != factorization:
+            raise TypeError(f"{what}: a {self.factorization!r} table has none "
+                            f"(only {factorization!r})")
+
+    @property
+    def U(self) -> Tensor:
+        """lowrank: ``U [num_embeddings, R]`` (a view of ``factors``)."""
+        self._only("U", "lowrank")
+        return self.layout.split(self.factors)[0]
+
+    @property
+    def V(self) -> Tensor:
+        """lowrank: ``V [R, embedding_dim]`` (a view of ``factors``)."""
+        self._only("V", "lowrank")
+        return self.layout.split(self.factors)[1]
 
     @property
     def cores(self) -> list[Tensor]:
         """tt: ``G_k [r_(k-1), n_k, m_k, r_k]`` (views of ``factors``)."""
-        # TypeError, not AttributeError: nn.Module.__getattr__ would replace
-        # an AttributeError raised in a property by one without the reason.
-        if self._layout is None:
-            raise TypeError("cores: a 'lowrank' table has none (only 'tt')")
-        return views(self._layout, self.factors)
+        self._only("cores", "tt")
+        return self.layout.views(self.factors)
 
     # ------------------------------------------------------------------
     # Conversion
@@ -240,10 +264,9 @@ class FactorizedEmbedding(nn.Module):
         """The dense table [num_embeddings, embedding_dim] the factors
         represent, padding row zero (for conversion and tests; the forward
         never forms it). Differentiable."""
-        if self._layout is None:
-            t = self.U @ self.V
-        else:
-            t = reconstruct(self._layout, self.factors).T[: self.num_embeddings]
+        t = self.layout.to_dense(self.factors)
+        if self.factorization == "tt":
+            t = t.T[: self.num_embeddings]
         if self.padding_idx is not None:
             keep = torch.ones(self.num_embeddings, 1, dtype=t.dtype, device=t.device)
             keep[self.padding_idx] = 0
@@ -259,7 +282,7 @@ class FactorizedEmbedding(nn.Module):
 
     def to_embedding(self) -> nn.Embedding:
         """The dense ``nn.Embedding`` with the table the factors represent."""
-        ref = self.U if self._layout is None else self.factors
+        ref = self.factors
         emb = nn.Embedding(self.num_embeddings, self.embedding_dim, padding_idx=self.padding_idx,
                            device=ref.device, dtype=ref.dtype)
         with torch.no_grad():
@@ -311,30 +334,26 @@ class FactorizedEmbedding(nn.Module):
                 rank = lowrank_rank(rank, num, dim)
             elif ratio is not None:
                 rank = lowrank_rank_for_ratio(dim, num, _check_fraction("ratio", ratio))
-            U, V, _ = truncated_svd_factors(W, rank=rank, energy=energy)
-            layer = cls(num, dim, "lowrank", rank=U.shape[1], **kw)
+            layout, flat, _ = LowRank.from_dense(W, rank=rank, energy=energy)
+            layer = cls(num, dim, "lowrank", rank=layout.rank, **kw)
             with torch.no_grad():
-                layer.U.copy_(U)
-                layer.V.copy_(V)
+                layer.factors.copy_(flat)
                 if layer.padding_idx is not None:
                     layer.U[layer.padding_idx].zero_()
         else:
             ns, ms = check_tt_shape(tensorized_shape, num, dim)
             padded = torch.zeros(math.prod(ns), dim, dtype=torch.float64, device=W.device)
             padded[:num] = W.double()
-            T = padded.reshape(*ns, *ms)
             if energy is not None:
-                e = _check_fraction("energy", energy)
-                res = D.tensor_train_matrix(T, eps=math.sqrt(1.0 - e))
+                layout, flat, _ = TensorTrain.from_dense(padded.T, energy=energy,
+                                                         tensorized_shape=(ns, ms))
             else:
                 frac = _check_fraction("ratio", ratio) if ratio is not None else rank
-                res = D.tensor_train_matrix(T, rank=list(tt_ranks(frac, ns, ms, num)))
-            # TT-SVD may stop below a cap (the rank of an unfolding).
-            ranks = tuple(int(c.shape[0]) for c in res.factors) + (1,)
-            layer = cls(num, dim, "tt", rank=ranks, tensorized_shape=(ns, ms), **kw)
+                layout, flat, _ = TensorTrain.from_dense(
+                    padded.T, rank=tt_ranks(frac, ns, ms, num), tensorized_shape=(ns, ms))
+            layer = cls(num, dim, "tt", rank=layout.rank, tensorized_shape=(ns, ms), **kw)
             with torch.no_grad():
-                for view, core in zip(views(layer._layout, layer.factors), res.factors):
-                    view.copy_(torch.as_tensor(core).reshape(view.shape))
+                layer.factors.copy_(flat)
         with torch.no_grad():
             ref = W.double()
             norm = torch.linalg.vector_norm(ref)
@@ -357,9 +376,9 @@ class FactorizedEmbedding(nn.Module):
     def flops(self, batch: int = 1) -> int:
         """Multiply-adds ×2 of one forward looking up ``batch`` indices
         (lowrank: one row of U times V each; tt: the chain of products)."""
-        if self._layout is None:
+        if self.factorization == "lowrank":
             return 2 * batch * self.rank * self.embedding_dim
-        ms, r = self._layout.out_modes, self._layout.rank
+        ms, r = self.layout.out_modes, self.layout.rank
         per, D_k = 0, ms[0]
         for k in range(1, len(ms)):
             per += 2 * D_k * r[k] * ms[k] * r[k + 1]
@@ -367,7 +386,7 @@ class FactorizedEmbedding(nn.Module):
         return batch * per
 
     def extra_repr(self) -> str:
-        shape = "" if self._layout is None else f", tensorized_shape={self.tensorized_shape}"
+        shape = "" if self.factorization == "lowrank" else f", tensorized_shape={self.tensorized_shape}"
         pad = "" if self.padding_idx is None else f", padding_idx={self.padding_idx}"
         return (
             f"{self.num_embeddings}, {self.embedding_dim}, "

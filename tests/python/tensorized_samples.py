@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from conftest import rand
-from factorch._tensorized import Layout, reconstruct
+from factorch.factorizations import CP, TensorTrain, Tensorized, Tucker
 
 OPS = {
     "cp": torch.ops.factorch.cp_linear,
@@ -26,27 +26,27 @@ BACKWARD_OPS = {
 
 LAYOUTS = {
     "cp": [
-        Layout("cp", (2, 3), (4,), 3),
-        Layout("cp", (2, 2, 2), (3, 2), 5),
-        Layout("cp", (4,), (5,), 1),
-        Layout("cp", (2, 3), (2, 2), 20),  # R above in and out
-        Layout("cp", (1, 3), (2, 1), 2),  # modes of size 1
+        CP((2, 3), (4,), 3),
+        CP((2, 2, 2), (3, 2), 5),
+        CP((4,), (5,), 1),
+        CP((2, 3), (2, 2), 20),  # R above in and out
+        CP((1, 3), (2, 1), 2),  # modes of size 1
     ],
     "tucker": [
-        Layout("tucker", (2, 3), (4,), ((2, 2), (3,))),
-        Layout("tucker", (3, 2, 2), (2, 3), ((2, 1, 2), (2, 2))),
-        Layout("tucker", (4,), (5,), ((4,), (5,))),  # square factors
-        Layout("tucker", (3, 3), (2, 3), ((2, 3), (2, 1))),
-        Layout("tucker", (1, 3), (2, 1), ((1, 2), (2, 1))),
+        Tucker((2, 3), (4,), ((2, 2), (3,))),
+        Tucker((3, 2, 2), (2, 3), ((2, 1, 2), (2, 2))),
+        Tucker((4,), (5,), ((4,), (5,))),  # square factors
+        Tucker((3, 3), (2, 3), ((2, 3), (2, 1))),
+        Tucker((1, 3), (2, 1), ((1, 2), (2, 1))),
     ],
     "tt": [
-        Layout("tt", (2, 3), (4, 2), (1, 3, 1)),
-        Layout("tt", (2, 2, 2), (3, 2, 2), (1, 2, 3, 1)),
-        Layout("tt", (6,), (4,), (1, 1)),  # one core
-        Layout("tt", (3, 3, 3), (3, 3, 3), (1, 9, 9, 1)),  # the largest ranks
-        Layout("tt", (2, 2, 2, 2), (2, 2, 2, 2), (1, 4, 16, 4, 1)),  # merged groups
-        Layout("tt", (4, 4, 4), (2, 1, 2), (1, 3, 2, 1)),  # in >> out
-        Layout("tt", (2, 3), (2, 2), (1, 7, 1)),  # a rank above the unfolding's
+        TensorTrain((2, 3), (4, 2), (1, 3, 1)),
+        TensorTrain((2, 2, 2), (3, 2, 2), (1, 2, 3, 1)),
+        TensorTrain((6,), (4,), (1, 1)),  # one core
+        TensorTrain((3, 3, 3), (3, 3, 3), (1, 9, 9, 1)),  # the largest ranks
+        TensorTrain((2, 2, 2, 2), (2, 2, 2, 2), (1, 4, 16, 4, 1)),  # merged groups
+        TensorTrain((4, 4, 4), (2, 1, 2), (1, 3, 2, 1)),  # in >> out
+        TensorTrain((2, 3), (2, 2), (1, 7, 1)),  # a rank above the unfolding's
     ],
 }
 
@@ -54,7 +54,7 @@ LAYOUTS = {
 @dataclass
 class Sample:
     name: str
-    layout: Layout
+    layout: Tensorized
     x: torch.Tensor
     weights: torch.Tensor
     bias: torch.Tensor | None
@@ -66,7 +66,7 @@ class Sample:
 
     def reference(self):
         """y in float64 from the dense W (autograd flows to x, weights, bias)."""
-        W = reconstruct(self.layout, self.weights.double())
+        W = self.layout.to_dense(self.weights.double())
         y = self.x.double() @ W.T
         return y + self.bias.double() if self.bias is not None else y
 

@@ -130,9 +130,27 @@ def test_state_dict_round_trip(tmp_path):
     b.load_state_dict(torch.load(path))
     x = torch.randn(4, 10)
     torch.testing.assert_close(a(x), b(x))
-    assert set(a.state_dict()) == {"U", "V", "bias"}
+    assert set(a.state_dict()) == {"factors", "bias"}
     with pytest.raises(RuntimeError, match="size mismatch"):
         FactorizedLinear(10, 6, rank=2).load_state_dict(a.state_dict())
+
+
+def test_lowrank_factors_are_views_of_one_flat_parameter_and_old_state_dicts_load():
+    torch.manual_seed(5)
+    a = FactorizedLinear(10, 6, rank=3)
+    assert [n for n, _ in a.named_parameters()] == ["factors", "bias"]
+    U, V = a.U, a.V
+    assert U.shape == (6, 3) and V.shape == (3, 10)
+    assert U.data_ptr() == a.factors.data_ptr() + V.numel() * a.factors.element_size()
+    x = torch.randn(4, 10)
+    torch.testing.assert_close(a(x), x @ (U @ V).T + a.bias)
+    a(x).sum().backward()  # the gradient reaches the flat parameter
+    assert a.factors.grad is not None and a.factors.grad.abs().sum() > 0
+    # A state_dict with separate U and V (before one flat parameter) loads.
+    old = {"U": U.detach().clone(), "V": V.detach().clone(), "bias": a.bias.detach().clone()}
+    b = FactorizedLinear(10, 6, rank=3)
+    b.load_state_dict(old)
+    torch.testing.assert_close(b(x), a(x), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from factorch._tensorized import Layout, auto_tensorized_shape, balanced_modes
+from factorch._tensorized import auto_tensorized_shape, balanced_modes
+from factorch.factorizations import CP, TensorTrain, Tucker
 from factorch.nn import FactorizedLinear
 
 from conftest import DEVICES
@@ -131,7 +132,7 @@ def test_init_output_variance_matches_nn_linear(fact):
 def test_sizes_and_flops(fact):
     layer = FactorizedLinear(4096, 4096, fact, rank={"cp": 1311, "tucker": 4, "tt": 25}[fact],
                              tensorized_shape=((8,) * 4, (8,) * 4))
-    layout = layer._layout
+    layout = layer.layout
     assert layer.num_parameters == layout.num_parameters + 4096
     assert layer.compression_ratio == pytest.approx(4096 * 4096 / layout.num_parameters)
     assert 150 < layer.compression_ratio < 300
@@ -211,9 +212,9 @@ def test_repr_names_the_factorization_and_shape():
 
 
 def test_layout_parameter_counts():
-    assert Layout("cp", (2, 3), (4,), 5).num_parameters == 5 * 9
-    assert Layout("tucker", (2, 3), (4,), ((2, 2), (3,))).num_parameters == 3 * 4 + 2 * 2 + 3 * 2 + 4 * 3
-    assert Layout("tt", (2, 3), (4, 2), (1, 3, 1)).num_parameters == 2 * 4 * 3 + 3 * 3 * 2
+    assert CP((2, 3), (4,), 5).num_parameters == 5 * 9
+    assert Tucker((2, 3), (4,), ((2, 2), (3,))).num_parameters == 3 * 4 + 2 * 2 + 3 * 2 + 4 * 3
+    assert TensorTrain((2, 3), (4, 2), (1, 3, 1)).num_parameters == 2 * 4 * 3 + 3 * 3 * 2
 
 
 # --------------------------------------------------------------------------

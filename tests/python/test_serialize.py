@@ -45,6 +45,30 @@ def test_round_trip_is_bit_exact(tmp_path, tie):
     assert (d / "report.json").is_file()
 
 
+def test_version_1_folders_with_separate_U_and_V_load(tmp_path):
+    """Format 1 kept a low-rank linear's U and V as two tensors; version 2
+    keeps one flat ``factors`` (V then U) in every layer type."""
+    import safetensors.torch as st
+
+    from factorch.serialize import _sha256
+
+    model, batches, d = _compressed(tmp_path)
+    tensors = st.load_file(str(d / "model.safetensors"))
+    meta = json.loads((d / "factorch.json").read_text())
+    assert meta["format_version"] == 2
+    for name, spec in meta["layers"].items():
+        flat = tensors.pop(name + ".factors")
+        r, n_in, n_out = spec["rank"], spec["in_features"], spec["out_features"]
+        tensors[name + ".V"] = flat[: r * n_in].reshape(r, n_in).clone()
+        tensors[name + ".U"] = flat[r * n_in:].reshape(n_out, r).clone()
+    st.save_file(tensors, str(d / "model.safetensors"))
+    (d / "factorch.json").write_text(json.dumps(
+        {**meta, "format_version": 1, "sha256": _sha256(d / "model.safetensors")}))
+    fresh = factorch.load_compressed(tiny_llama(seed=99), d)
+    with torch.no_grad():
+        assert torch.equal(model(**batches[0]).logits, fresh(**batches[0]).logits)
+
+
 def test_round_trip_of_every_layer_type(tmp_path):
     from torch import nn
 
@@ -103,7 +127,7 @@ def test_damaged_foreign_and_mismatched_folders_raise_clearly(tmp_path):
     import safetensors.torch as st
 
     tensors = st.load_file(str(d / "model.safetensors"))
-    gone = "model.layers.0.self_attn.q_proj.U"
+    gone = "model.layers.0.self_attn.q_proj.factors"
     del tensors[gone]
     st.save_file(tensors, str(d / "model.safetensors"))
     from factorch.serialize import _sha256
