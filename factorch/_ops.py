@@ -85,8 +85,69 @@ torch.library.register_autograd(
 
 
 # --------------------------------------------------------------------------
+# lowrank_linear_flat(x, weights, bias, out_features, rank) -> (y, t): the
+# same on a layer's one flat parameter, V [rank, in] then U [out, rank]; its
+# backward returns the factors' gradient as one flat tensor.
+# --------------------------------------------------------------------------
+def _check_lowrank_flat(x, weights, bias, out_features, rank):
+    torch._check(x.dim() >= 1, lambda: f"x: expected at least 1 dim, got {x.dim()}")
+    torch._check(out_features >= 1, lambda: f"out_features: expected >= 1, got {out_features}")
+    torch._check(rank >= 1, lambda: f"rank: expected >= 1, got {rank}")
+    numel = rank * (x.shape[-1] + out_features)
+    torch._check(
+        weights.dim() == 1 and weights.shape[0] == numel,
+        lambda: f"weights: expected a contiguous 1-D tensor of {numel} elements (V [rank, in] "
+        f"then U [out_features, rank]), got {weights.dim()} dims with {weights.numel()} elements",
+    )
+    torch._check(weights.dtype == x.dtype,
+                 lambda: f"weights: expected dtype {x.dtype} (the dtype of x), got {weights.dtype}")
+    if bias.numel() != 0:
+        torch._check(bias.dim() == 1 and bias.shape[0] == out_features,
+                     lambda: f"bias: expected shape [{out_features}], got {list(bias.shape)}")
+
+
+@torch.library.register_fake("factorch::lowrank_linear_flat")
+def _lowrank_linear_flat_fake(x, weights, bias, out_features, rank):
+    _check_lowrank_flat(x, weights, bias, out_features, rank)
+    lead = x.shape[:-1]
+    return x.new_empty((*lead, out_features)), x.new_empty((*lead, rank))
+
+
+@torch.library.register_fake("factorch::lowrank_linear_flat_backward")
+def _lowrank_linear_flat_backward_fake(grad_y, x, weights, t, out_features, rank, need_x,
+                                       need_weights, need_bias):
+    def out(need, shape):
+        return x.new_empty(shape if need else (0,))
+
+    return out(need_x, x.shape), out(need_weights, weights.shape), out(need_bias, (out_features,))
+
+
+def _lowrank_linear_flat_setup(ctx, inputs, output):
+    x, weights, bias, out_features, rank = inputs
+    _, t = output
+    ctx.save_for_backward(x, weights, t)
+    ctx.shape = (out_features, rank)
+    ctx.has_bias = bias.numel() != 0
+    ctx.mark_non_differentiable(t)
+
+
+def _lowrank_linear_flat_backward(ctx, grad_y, _grad_t):
+    x, weights, t = ctx.saved_tensors
+    nx, nw, nb = ctx.needs_input_grad[:3]
+    nb = nb and ctx.has_bias
+    gx, gw, gb = ops.lowrank_linear_flat_backward(grad_y, x, weights, t, *ctx.shape, nx, nw, nb)
+    return gx if nx else None, gw if nw else None, gb if nb else None, None, None
+
+
+torch.library.register_autograd(
+    "factorch::lowrank_linear_flat", _lowrank_linear_flat_backward,
+    setup_context=_lowrank_linear_flat_setup
+)
+
+
+# --------------------------------------------------------------------------
 # Tensorized layers (CP, Tucker, TT). `weights` is the layer's flat parameter
-# holding every factor or core back to back (factorch/_tensorized.py gives
+# holding every factor or core back to back (factorch/factorizations.py gives
 # the layout); the mode sizes and ranks are int lists. The fakes only read
 # shapes, so they work under torch.compile and torch.export.
 # --------------------------------------------------------------------------

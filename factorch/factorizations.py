@@ -153,7 +153,8 @@ class Factorization:
 @register
 class LowRank(Factorization):
     """``W = U · V``, ``U [out, r]``, ``V [r, in]``; one fused C op per
-    direction (torch.ops.factorch.lowrank_linear)."""
+    direction on the flat parameter (torch.ops.factorch.lowrank_linear_flat,
+    whose backward writes both factors' gradients into one flat tensor)."""
 
     name = "lowrank"
     activation_aware = True
@@ -197,8 +198,7 @@ class LowRank(Factorization):
         return U @ V
 
     def linear(self, x, flat, bias):
-        U, V = self.split(flat)
-        return F.lowrank_linear(x, U, V, bias)
+        return F.lowrank_linear_flat(x, flat, bias, self.out_features, self.rank)
 
     def flops(self, batch=1, device="cpu", dtype=torch.float32):
         return 2 * batch * self.rank * (self.in_features + self.out_features)

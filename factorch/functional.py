@@ -27,6 +27,14 @@ def lowrank_linear(x: Tensor, U: Tensor, V: Tensor, bias: Tensor | None = None) 
     return ops.lowrank_linear(x, U, V, bias)[0]
 
 
+def lowrank_linear_flat(x: Tensor, weights: Tensor, bias: Tensor | None, out_features: int,
+                        rank: int) -> Tensor:
+    """:func:`lowrank_linear` on a layer's flat parameter: ``V [rank, in]``
+    then ``U [out_features, rank]``, row-major, back to back. Its gradient
+    is one flat tensor of the same layout."""
+    return ops.lowrank_linear_flat(x, weights, _bias(x, bias), out_features, rank)[0]
+
+
 # --------------------------------------------------------------------------
 # Tensorized layers. The ops take every factor or core in ONE flat tensor
 # (what FactorizedLinear keeps as its parameter, so it calls them with no

@@ -7,5 +7,8 @@
 void fct_lowrank_linear_kernel(StableIValue* stack, uint64_t num_args, uint64_t num_outputs);
 void fct_lowrank_linear_backward_kernel(StableIValue* stack, uint64_t num_args,
                                         uint64_t num_outputs);
+void fct_lowrank_linear_flat_kernel(StableIValue* stack, uint64_t num_args, uint64_t num_outputs);
+void fct_lowrank_linear_flat_backward_kernel(StableIValue* stack, uint64_t num_args,
+                                             uint64_t num_outputs);
 
 #endif

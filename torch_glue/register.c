@@ -30,6 +30,14 @@ static const op_entry kOps[] = {
     {"lowrank_linear_backward(Tensor grad_y, Tensor x, Tensor U, Tensor V, Tensor t, "
      "bool need_x, bool need_U, bool need_V, bool need_bias) -> (Tensor, Tensor, Tensor, Tensor)",
      "lowrank_linear_backward", fct_lowrank_linear_backward_kernel, false},
+    /* The same on a layer's flat parameter: V [rank, in] then U [out_features, rank]. */
+    {"lowrank_linear_flat(Tensor x, Tensor weights, Tensor bias, int out_features, int rank) "
+     "-> (Tensor, Tensor)",
+     "lowrank_linear_flat", fct_lowrank_linear_flat_kernel, false},
+    {"lowrank_linear_flat_backward(Tensor grad_y, Tensor x, Tensor weights, Tensor t, "
+     "int out_features, int rank, bool need_x, bool need_weights, bool need_bias) "
+     "-> (Tensor, Tensor, Tensor)",
+     "lowrank_linear_flat_backward", fct_lowrank_linear_flat_backward_kernel, false},
     /* Tensorized linear layers: weights is the flat parameter
      * holding every factor or core (torch_glue/cp_linear_glue.c etc.). */
     {"cp_linear(Tensor x, Tensor weights, Tensor bias, int[] in_modes, int[] out_modes, "

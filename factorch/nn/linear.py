@@ -25,7 +25,8 @@ class FactorizedLinear(nn.Module):
     ``factorization="lowrank"``: ``W ≈ U · V`` with ``U [out, r]`` and
     ``V [r, in]`` (truncated SVD), views of ONE flat parameter ``factors``
     (V first) as in every factorch layer. The forward and backward each run
-    as one fused C op (``torch.ops.factorch.lowrank_linear`` and its backward).
+    as one fused C op on it (``torch.ops.factorch.lowrank_linear_flat`` and
+    its backward, which writes both factors' gradients into one flat tensor).
 
     ``factorization="cp" | "tucker" | "tt"``: W is tensorized as
     ``W[(o_1..o_d), (i_1..i_d)]`` (``in = ∏ i_k``, ``out = ∏ o_k``) and kept as
