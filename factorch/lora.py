@@ -433,7 +433,8 @@ def _select(model: nn.Module, targets, exclude) -> list[tuple[str, nn.Module]]:
     if exclude is not None:
         chosen = [(n, m) for n, m in chosen if not _matches(n, exclude)]
     if not chosen:
-        raise ValueError(f"targets: no module of model matched {targets!r}" if targets is not None
+        raise ValueError(f"targets: {targets!r} matched no nn.Linear, FactorizedLinear, "
+                         "nn.Embedding or nn.Conv2d of model" if targets is not None
                          else "model: has no nn.Linear or FactorizedLinear outside the output layer")
     return chosen
 
