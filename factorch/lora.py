@@ -295,11 +295,14 @@ def _weight_init_base(layer: LoraLayer, init: str) -> str:
     else:
         raise ValueError(f"init: {init!r} needs a dense or low-rank base (the base keeps the "
                          f"residual of the weight), got factorization={base.factorization!r}")
-    limit = min(layer.in_features, layer.out_features) if kind == "dense" else base.rank
-    if layer.r > limit or (init == "pissa" and kind == "lowrank" and layer.r >= limit):
-        need = f"r < the base's rank {limit}" if kind == "lowrank" and init == "pissa" else \
-            f"r <= {limit} ({'min(in, out)' if kind == 'dense' else 'the base rank'})"
-        raise ValueError(f"r: {init!r} needs {need}, got r = {layer.r}")
+    if kind == "dense":
+        limit, what = min(layer.in_features, layer.out_features), "r <= min(in, out)"
+    elif init == "olora":
+        limit, what = base.rank, "r <= the base's rank"
+    else:  # the residual keeps rank rb - r >= 1
+        limit, what = base.rank - 1, "r < the base's rank"
+    if layer.r > limit:
+        raise ValueError(f"r: {init!r} on this base needs {what} ({limit}), got r = {layer.r}")
     return kind
 
 
@@ -400,15 +403,15 @@ def _output_layers(model: nn.Module) -> set[int]:
         head = getter()
         if isinstance(head, nn.Module):
             out.add(id(head))
-    owners = Counter()
-    for _, m in model.named_modules(remove_duplicate=False):
+    owners: dict[int, set] = {}  # parameter -> the distinct modules holding it
+    for m in model.modules():
         for p in m.parameters(recurse=False):
-            owners[id(p)] += 1
+            owners.setdefault(id(p), set()).add(id(m))
     for name, m in model.named_modules():
         if name.rpartition(".")[2] == "lm_head":
             out.add(id(m))
         w = getattr(m, "weight", None)
-        if isinstance(m, nn.Linear) and isinstance(w, nn.Parameter) and owners[id(w)] > 1:
+        if isinstance(m, nn.Linear) and isinstance(w, nn.Parameter) and len(owners[id(w)]) > 1:
             out.add(id(m))
     return out
 
