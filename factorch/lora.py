@@ -44,6 +44,8 @@ __all__ = [
     "merge",
     "unmerge",
     "merge_and_unload",
+    "unload",
+    "reset_adapter_",
     "save_adapter",
     "load_adapter",
 ]
@@ -264,6 +266,8 @@ def reset_adapter_(layer: LoraLayer, init: str = "default") -> None:
     ``"olora"`` (linear layers with a dense or low-rank base) also change the
     base: see :func:`_pissa_` and :func:`_olora_`. All adapters but PiSSA's
     and OLoRA's start at ``B·A = 0``, so the layer's output is the base's.
+    PiSSA and OLoRA rewrite the base for good: apply them once, to a layer
+    fresh from its original weights (as :func:`add_lora` does).
     """
     if init not in INITS:
         raise ValueError(f"init: expected one of {list(INITS)}, got {init!r}")
@@ -539,10 +543,10 @@ def _merge_plan(layer: LoraLayer, rank, to_dense: bool) -> str:
             "weight (an nn.Linear)")
     if rank is None:
         return "extend"
-    limit = base.rank + layer.r
+    limit = min(base.rank + layer.r, base.in_features, base.out_features)
     if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= limit:
-        raise ValueError(f"rank: expected an int in [1, {limit}] (the base rank plus r), got "
-                         f"{rank!r}")
+        raise ValueError(f"rank: expected an int in [1, {limit}] (the base rank plus r, at most "
+                         f"min(in, out)), got {rank!r}")
     return "truncate"
 
 
