@@ -713,9 +713,11 @@ def save_adapter(model: nn.Module, directory) -> None:
         raise ValueError("model: has no LoRA layers")
     tensors, ranks, alphas = {}, {}, {}
     for name, layer in layers:
+        if not name:
+            raise ValueError("model: is a LoRA layer itself; PEFT's keys name layers inside a "
+                             "model (save the model that holds it)")
         if layer.merged:
-            raise ValueError(f"model: {name or 'the model'} is merged; unmerge it before saving "
-                             "the adapter")
+            raise ValueError(f"model: {name} is merged; unmerge it before saving the adapter")
         if isinstance(layer, LoraConv2d):
             b = layer.base_layer
             if b.dilation != (1, 1) or b.padding_mode != "zeros":
@@ -807,6 +809,7 @@ def load_adapter(model: nn.Module, directory, freeze_base: bool = True) -> nn.Mo
     for field, unused in _UNSUPPORTED.items():
         if field in cfg and cfg[field] not in unused:
             raise ValueError(f"{ADAPTER_CONFIG}: {field} = {cfg[field]!r} is not supported")
+    flags = [(p, p.requires_grad) for p in model.parameters()]
     targets = cfg.get("target_modules")
     if isinstance(targets, (list, tuple, set)):
         targets = list(targets)
@@ -815,7 +818,17 @@ def load_adapter(model: nn.Module, directory, freeze_base: bool = True) -> nn.Mo
                      rslora=cfg.get("use_rslora", False), rank_pattern=cfg.get("rank_pattern"),
                      alpha_pattern=cfg.get("alpha_pattern"), exclude=cfg.get("exclude_modules"),
                      freeze_base=freeze_base)
-    saved = load_file(path_w)
+    try:
+        _copy_adapter_tensors(model, load_file(path_w))
+    except Exception:
+        model = unload(model)  # the model as it came
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        raise
+    return model
+
+
+def _copy_adapter_tensors(model: nn.Module, saved: dict) -> None:
     places = {}
     for name, layer in lora_layers(model):
         for attr, p in zip(("lora_embedding_A", "lora_embedding_B") if isinstance(layer, LoraEmbedding)
@@ -835,4 +848,3 @@ def load_adapter(model: nn.Module, directory, freeze_base: bool = True) -> nn.Mo
                 raise ValueError(f"{ADAPTER_WEIGHTS}: {key} has shape {list(t.shape)}, the layer "
                                  f"expects {list(p.shape)}")
             p.copy_(t)
-    return model

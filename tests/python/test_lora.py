@@ -677,6 +677,8 @@ def test_load_adapter_rejects_what_it_cannot_do(tmp_path):
     wrong.fc1 = nn.Linear(24, 17)
     with pytest.raises(ValueError, match="shape"):
         lora.load_adapter(wrong, tmp_path / "fc1")
+    assert type(wrong.fc1) is nn.Linear  # left as it came
+    assert all(p.requires_grad for p in wrong.parameters())
 
 
 try:
