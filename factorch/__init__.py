@@ -10,6 +10,7 @@ from . import decompose  # noqa: E402  (decompositions in C: svd, randomized_svd
 from . import data, evaluate  # noqa: E402  (calibration text, perplexity and speed)
 from .compression import CompressionReport, compress, select_targets  # noqa: E402
 from .serialize import load_compressed, save_compressed  # noqa: E402
+from . import lora  # noqa: E402  (LoRA adapters, merge, PEFT's format)
 
 __version__ = _lib.version()
 
@@ -30,6 +31,7 @@ __all__ = [
     "CompressionReport",
     "save_compressed",
     "load_compressed",
+    "lora",
     "data",
     "evaluate",
     "set_check_finite",

@@ -242,3 +242,47 @@ def tt_embedding(indices: Tensor, cores, num_embeddings: int | None = None,
     num = total if num_embeddings is None else num_embeddings
     return tt_embedding_flat(indices, _flat(G), num, modes, [g.shape[2] for g in G], ranks,
                              padding_idx)
+
+
+# --------------------------------------------------------------------------
+# LoRA linear. TEMPORARY pure-torch stand-in with the exact signature of the
+# fused C op written on another branch; the merge replaces this block with
+# the wrapper of that op. factorch.lora's layers are written against it.
+# --------------------------------------------------------------------------
+def lora_linear(x: Tensor, A: Tensor, B: Tensor, scale: float, *, weight: Tensor | None = None,
+                bias: Tensor | None = None, U: Tensor | None = None, V: Tensor | None = None,
+                base_out: Tensor | None = None, dropout: float = 0.0,
+                generator: torch.Generator | None = None) -> Tensor:
+    """``y = base + scale · (drop(x) · Aᵀ) · Bᵀ``.
+
+    Args:
+        x: ``[..., in]``.
+        A: ``[r, in]``; B: ``[out, r]``.
+        scale: the adapter's scale (alpha / r, or alpha / √r for rsLoRA).
+        weight, bias: a dense base ``x · Wᵀ + bias`` (W ``[out, in]``), or
+        U, V, bias: a low-rank base ``(x · Vᵀ) · Uᵀ + bias``, or
+        base_out: the base's output ``[..., out]``, computed by the caller
+            (exactly one of the three bases).
+        dropout: probability of inverted dropout on the adapter's input
+            (pass 0.0 in eval).
+        generator: the random generator of the dropout mask.
+    """
+    dense, lowrank, given = weight is not None, U is not None or V is not None, base_out is not None
+    if dense + lowrank + given != 1:
+        raise ValueError("expected exactly one base: weight, (U, V) or base_out")
+    if lowrank and (U is None or V is None):
+        raise ValueError("U, V: a low-rank base needs both U and V")
+    if given and bias is not None:
+        raise ValueError("bias: not used with base_out (base_out is the whole base output)")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout!r}")
+    if dense:
+        base = torch.nn.functional.linear(x, weight, bias)
+    elif lowrank:
+        base = torch.nn.functional.linear(torch.nn.functional.linear(x, V), U, bias)
+    else:
+        base = base_out
+    if dropout > 0.0:
+        keep = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) >= dropout
+        x = x * keep / (1.0 - dropout)
+    return base + scale * torch.nn.functional.linear(torch.nn.functional.linear(x, A), B)
