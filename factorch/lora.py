@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from . import decompose as D
 from . import functional as F
 from .compression import _check_patterns, _matches, _set_module
+from .factorizations import LowRank
 from .nn import FactorizedLinear
 
 __all__ = [
@@ -321,11 +322,9 @@ def _factor_svd(U: Tensor, V: Tensor):
 
 
 def _set_lowrank_factors(base: FactorizedLinear, U: Tensor, V: Tensor) -> None:
-    """Replaces a low-rank layer's factors, keeping its Parameter objects (the
+    """Replaces a low-rank layer's factors, keeping its Parameter object (the
     rank may change)."""
-    base.U.data = U.to(base.U.dtype).contiguous()
-    base.V.data = V.to(base.V.dtype).contiguous()
-    base.rank = U.shape[1]
+    base.set_factors(*LowRank.from_factors(U.to(base.factors.dtype), V.to(base.factors.dtype)))
 
 
 def _pissa_(layer: LoraLinear) -> None:

@@ -177,6 +177,21 @@ class FactorizedLinear(nn.Module):
                 layer.bias.copy_(bias)
         return layer
 
+    def set_factors(self, layout: FZ.Factorization, flat: Tensor) -> None:
+        """Replaces the factors by ``flat`` in ``layout`` (the same
+        factorization and features; the ranks may change), keeping the
+        ``factors`` Parameter object (an optimizer holding it keeps it)."""
+        if (layout.name, layout.in_features, layout.out_features) != (
+                self.factorization, self.in_features, self.out_features):
+            raise ValueError(f"layout: expected a {self.factorization!r} layout of "
+                             f"{self.in_features} -> {self.out_features}, got {layout!r}")
+        if flat.shape != (layout.num_parameters,):
+            raise ValueError(f"flat: expected [{layout.num_parameters}] for {layout!r}, got "
+                             f"{list(flat.shape)}")
+        self.layout = layout
+        self.rank = layout.rank
+        self.factors.data = flat.detach().to(self.factors.device, self.factors.dtype).contiguous()
+
     @classmethod
     def from_linear(
         cls,

@@ -178,3 +178,22 @@ def test_training_lowers_the_loss(device):
 
 def test_repr_names_the_factorization():
     assert "factorization='lowrank', rank=3" in repr(FactorizedLinear(10, 6, rank=3))
+
+
+def test_set_factors_changes_the_rank_in_place_and_checks_the_layout():
+    from factorch.factorizations import LowRank, TensorTrain
+
+    torch.manual_seed(6)
+    a = FactorizedLinear(10, 6, rank=3)
+    param = a.factors
+    U, V = torch.randn(6, 5), torch.randn(5, 10)
+    a.set_factors(*LowRank.from_factors(U, V))
+    assert a.factors is param and a.rank == 5 and a.layout.rank == 5
+    x = torch.randn(4, 10)
+    torch.testing.assert_close(a(x), x @ (U @ V).T + a.bias)
+    with pytest.raises(ValueError, match="layout: expected a 'lowrank' layout of 10 -> 6"):
+        a.set_factors(*LowRank.from_factors(torch.randn(7, 2), torch.randn(2, 10)))
+    with pytest.raises(ValueError, match="layout: expected a 'lowrank' layout"):
+        a.set_factors(TensorTrain((10,), (6,), (1, 1)), torch.randn(60))
+    with pytest.raises(ValueError, match=r"flat: expected \[32\]"):
+        a.set_factors(LowRank(10, 6, 2), torch.randn(31))

@@ -87,13 +87,13 @@ def test_linear_gradcheck_float64():
     params = dict(layer.named_parameters())
     x = torch.randn(3, 12, dtype=D64, requires_grad=True)
 
-    def f(x, A, B, U, V):
-        p = dict(params, **{"lora_A.weight": A, "lora_B.weight": B, "base_layer.U": U,
-                            "base_layer.V": V})
+    def f(x, A, B, factors):  # the low-rank base's U and V are views of factors
+        p = dict(params, **{"lora_A.weight": A, "lora_B.weight": B,
+                            "base_layer.factors": factors})
         return torch.func.functional_call(layer, p, (x,))
 
     args = (x, *(params[k].detach().clone().requires_grad_(True) for k in
-                 ("lora_A.weight", "lora_B.weight", "base_layer.U", "base_layer.V")))
+                 ("lora_A.weight", "lora_B.weight", "base_layer.factors")))
     assert torch.autograd.gradcheck(f, args)
 
 
@@ -364,7 +364,7 @@ def test_state_dict_keys_and_round_trip(tmp_path):
     _randomize_adapters(m)
     keys = set(m.state_dict())
     for k in ("layers.0.q_proj.base_layer.weight", "layers.0.q_proj.lora_A.weight",
-              "layers.0.q_proj.lora_B.weight", "layers.1.v_proj.base_layer.U",
+              "layers.0.q_proj.lora_B.weight", "layers.1.v_proj.base_layer.factors",
               "embed.base_layer.weight", "embed.lora_embedding_A", "embed.lora_embedding_B"):
         assert k in keys
     torch.save(m.state_dict(), tmp_path / "sd.pt")
