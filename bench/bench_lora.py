@@ -20,7 +20,7 @@ Every round times each candidate of a case in a rotated order; the figure
 is the median over rounds and ratios are taken between medians of the
 same run ("overhead" = factorch / base − 1).
 
-    .venv/bin/python bench/bench_lora.py [--rounds 7] [--quick] [--write bench/RESULTS.md]
+    .venv/bin/python bench/bench_lora.py [--rounds 7] [--threads N] [--quick] [--write bench/RESULTS.md]
 """
 
 from __future__ import annotations
@@ -117,8 +117,11 @@ def main(argv=None) -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--min-time", type=float, default=0.2, help="seconds per timing sample")
     ap.add_argument("--quick", action="store_true", help="2 rounds of short samples, to check the script")
+    ap.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--write", metavar="RESULTS.md", help="write the table into this file")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.quick:
         args.rounds, args.min_time = 2, 0.02
     cmd = ".venv/bin/python bench/bench_lora.py " + " ".join(
@@ -151,7 +154,8 @@ def main(argv=None) -> None:
     )
     print("\n" + table)
     if args.write:
-        write_section(args.write, "LoRA linear (cpu)", body)
+        title = "LoRA linear (cpu)" if not args.threads else f"LoRA linear (cpu, {args.threads} thread{'s' if args.threads > 1 else ''})"
+        write_section(args.write, title, body)
 
 
 if __name__ == "__main__":
