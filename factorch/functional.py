@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import Tensor
@@ -297,10 +298,10 @@ def lora_linear(x: Tensor, A: Tensor, B: Tensor, scale, *, weight: Tensor | None
         raise ValueError(f"{'V' if V is None else 'U'}: a low-rank base needs both U and V")
     if bias is not None and base_out is not None:
         raise ValueError("bias: expected None with base_out (the base layer adds its own bias)")
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not (
+    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not (
             0.0 <= dropout < 1.0):
         raise ValueError(f"dropout: expected a float p in [0, 1), got {dropout!r}")
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
         raise ValueError(f"scale: expected a finite float, got {scale!r}")
     _check_no_tangents("lora_linear", x=x, A=A, B=B, weight=weight, bias=bias, U=U, V=V,
                        base_out=base_out)
