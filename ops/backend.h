@@ -199,6 +199,20 @@ typedef struct fct_backend {
   fct_status (*tt_embedding_grad)(fct_context* ctx, int device, fct_dtype dt,
                                   const fct_tt_emb_geom* g, const int64_t* idx, int64_t n,
                                   const char* gy, char* slices, char* work);
+
+  /* LoRA linear (ops/lora_linear.c). */
+
+  /* C = alpha·A·B + beta·C: one product (the adapter's, scaled by LoRA's
+   * s), otherwise as gemm. */
+  fct_status (*gemm_scaled)(fct_context* ctx, int device, fct_dtype dt, double alpha,
+                            const fct_mat* A, const fct_mat* B, const fct_mat* C, double beta);
+  /* Inverted dropout (ops/lora_dropout.h):
+   *   out[i, j] = in[i, j] · scale  when fct_dropout_bits(seed, i·cols + j) >= threshold,
+   *               0                  otherwise,
+   * for in, out [rows, cols]; in may have any strides, out is row-major
+   * (cs == 1) and may be in itself (in place, same view). */
+  fct_status (*dropout)(fct_context* ctx, int device, fct_dtype dt, const fct_mat* in,
+                        const fct_mat* out, uint64_t seed, uint64_t threshold, double scale);
 } fct_backend;
 
 /* Scratch bytes backend->gemm_reduce needs on a device of this kind for a

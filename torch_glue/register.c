@@ -13,6 +13,7 @@
  */
 #include "factorch.h"
 #include "embedding_glue.h" /* factorized embeddings */
+#include "lora_linear_glue.h"
 #include "lowrank_linear_glue.h"
 #include "tensorized_glue.h"
 #include "torch_shim.h"
@@ -85,6 +86,17 @@ static const op_entry kOps[] = {
     {"tt_embedding_backward(Tensor grad_y, Tensor indices, Tensor weights, int num_embeddings, "
      "int[] modes, int[] dims, int[] ranks, int padding_idx) -> Tensor",
      "tt_embedding_backward", fct_tt_embedding_backward_kernel, true},
+    /* LoRA linear (torch_glue/lora_linear_glue.c): base_kind 0 dense (W),
+     * 1 low-rank (U, V), 2 given (base_out); absent tensors are empty ones.
+     * seed: a one-element int64 cpu tensor, read only when dropout > 0. */
+    {"lora_linear(Tensor x, Tensor A, Tensor B, Tensor W, Tensor U, Tensor V, Tensor base_out, "
+     "Tensor bias, Tensor seed, int base_kind, float scale, float dropout) -> (Tensor, Tensor)",
+     "lora_linear", fct_lora_linear_kernel, false},
+    {"lora_linear_backward(Tensor grad_y, Tensor x, Tensor A, Tensor B, Tensor W, Tensor U, "
+     "Tensor V, Tensor t, Tensor seed, int base_kind, float scale, float dropout, bool need_x, "
+     "bool need_A, bool need_B, bool need_W, bool need_U, bool need_V, bool need_bias) "
+     "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+     "lora_linear_backward", fct_lora_linear_backward_kernel, false},
 };
 enum { kNumOps = sizeof kOps / sizeof kOps[0] };
 

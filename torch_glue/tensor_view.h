@@ -7,7 +7,7 @@
 #include "torch_shim.h"
 
 /* Handles a boxed kernel owns; released together on every exit path. */
-#define FCT_MAX_HANDLES 16
+#define FCT_MAX_HANDLES 24 /* lora_linear_backward: 9 inputs, 7 outputs, workspace */
 typedef struct fct_handles {
   AtenTensorHandle h[FCT_MAX_HANDLES];
   int n;

@@ -30,4 +30,7 @@ const fct_backend fct_cpu_backend = {
     .embedding_scatter_add = fct_cpu_embedding_scatter_add,
     .tt_embedding_rows = fct_cpu_tt_embedding_rows,
     .tt_embedding_grad = fct_cpu_tt_embedding_grad,
+    /* LoRA linear (ops/cpu/lora_cpu.c). */
+    .gemm_scaled = fct_cpu_gemm_scaled_entry,
+    .dropout = fct_cpu_dropout,
 };

@@ -23,10 +23,10 @@ static void zero_rows(fct_dtype dt, const fct_mat* C) {
   for (int64_t i = 0; i < C->rows; ++i) memset(C->data + i * C->rs * es, 0, (size_t)C->cols * es);
 }
 
-/* y[len] (stride incy) = beta·y + op(Bmat)·vec, where Bmat is the stored
- * matrix of view B (k x n). want_t: multiply by Bᵀ (result length n). */
-static void gemv(fct_dtype dt, const fct_mat* B, bool want_t, const char* vec, blasint incv,
-                 char* out, blasint incout, double beta) {
+/* y[len] (stride incy) = beta·y + alpha·op(Bmat)·vec, where Bmat is the
+ * stored matrix of view B (k x n). want_t: multiply by Bᵀ (result length n). */
+static void gemv(fct_dtype dt, double alpha, const fct_mat* B, bool want_t, const char* vec,
+                 blasint incv, char* out, blasint incout, double beta) {
   enum CBLAS_TRANSPOSE tr;
   blasint ld;
   blas_form(B, &tr, &ld);
@@ -37,19 +37,19 @@ static void gemv(fct_dtype dt, const fct_mat* B, bool want_t, const char* vec, b
   bool stored_t = tr == CblasTrans;
   enum CBLAS_TRANSPOSE op = (want_t != stored_t) ? CblasTrans : CblasNoTrans;
   if (dt == FCT_F32)
-    scipy_cblas_sgemv(CblasRowMajor, op, sm, sn, 1.0f, (const float*)B->data, ld,
+    scipy_cblas_sgemv(CblasRowMajor, op, sm, sn, (float)alpha, (const float*)B->data, ld,
                       (const float*)vec, incv, (float)beta, (float*)out, incout);
   else
-    scipy_cblas_dgemv(CblasRowMajor, op, sm, sn, 1.0, (const double*)B->data, ld,
+    scipy_cblas_dgemv(CblasRowMajor, op, sm, sn, alpha, (const double*)B->data, ld,
                       (const double*)vec, incv, beta, (double*)out, incout);
 }
 
-/* C [m, n] = a [m] ⊗ b [n] + beta·C, a = A's column, b = B's row. */
-static void outer(fct_dtype dt, const fct_mat* A, const fct_mat* B, const fct_mat* C,
-                  double beta) {
+/* C [m, n] = alpha·a [m] ⊗ b [n] + beta·C, a = A's column, b = B's row. */
+static void outer(fct_dtype dt, double alpha, const fct_mat* A, const fct_mat* B,
+                  const fct_mat* C, double beta) {
   for (int64_t i = 0; i < C->rows; ++i) {
     if (dt == FCT_F32) {
-      float a = ((const float*)A->data)[i * A->rs];
+      float a = (float)alpha * ((const float*)A->data)[i * A->rs];
       const float* b = (const float*)B->data;
       float* c = (float*)C->data + i * C->rs;
       if (B->cs == 1 && beta == 0.0) /* the usual case, kept apart to vectorise */
@@ -59,7 +59,7 @@ static void outer(fct_dtype dt, const fct_mat* A, const fct_mat* B, const fct_ma
       else
         for (int64_t j = 0; j < C->cols; ++j) c[j] = a * b[j * B->cs] + (float)beta * c[j];
     } else {
-      double a = ((const double*)A->data)[i * A->rs];
+      double a = alpha * ((const double*)A->data)[i * A->rs];
       const double* b = (const double*)B->data;
       double* c = (double*)C->data + i * C->rs;
       if (B->cs == 1 && beta == 0.0)
@@ -73,23 +73,23 @@ static void outer(fct_dtype dt, const fct_mat* A, const fct_mat* B, const fct_ma
 }
 
 /* One thread's share of a GEMM (OpenBLAS runs it in the calling thread). */
-static void gemm_serial(fct_dtype dt, const fct_mat* A, const fct_mat* B, const fct_mat* C,
-                        double beta) {
+static void gemm_serial(fct_dtype dt, double alpha, const fct_mat* A, const fct_mat* B,
+                        const fct_mat* C, double beta) {
   int64_t m = C->rows, n = C->cols, k = A->cols;
   /* An outer product (k == 1, e.g. weight gradients of one token): one
    * streaming pass over C; GEMM would pack both operands for nothing. */
   if (k == 1) {
-    outer(dt, A, B, C, beta);
+    outer(dt, alpha, A, B, C, beta);
     return;
   }
   /* One output row: c = Bᵀ·a (a = A's row, element stride A->cs). */
   if (m == 1 && A->cs >= 1) {
-    gemv(dt, B, true, A->data, (blasint)A->cs, C->data, 1, beta);
+    gemv(dt, alpha, B, true, A->data, (blasint)A->cs, C->data, 1, beta);
     return;
   }
   /* One output column: c = A·b (b = B's column, stride B->rs). */
   if (n == 1 && B->rs >= 1) {
-    gemv(dt, A, false, B->data, (blasint)B->rs, C->data, (blasint)C->rs, beta);
+    gemv(dt, alpha, A, false, B->data, (blasint)B->rs, C->data, (blasint)C->rs, beta);
     return;
   }
   enum CBLAS_TRANSPOSE ta, tb;
@@ -97,11 +97,11 @@ static void gemm_serial(fct_dtype dt, const fct_mat* A, const fct_mat* B, const 
   blas_form(A, &ta, &lda);
   blas_form(B, &tb, &ldb);
   if (dt == FCT_F32)
-    scipy_cblas_sgemm(CblasRowMajor, ta, tb, (blasint)m, (blasint)n, (blasint)k, 1.0f,
+    scipy_cblas_sgemm(CblasRowMajor, ta, tb, (blasint)m, (blasint)n, (blasint)k, (float)alpha,
                       (const float*)A->data, lda, (const float*)B->data, ldb, (float)beta,
                       (float*)C->data, (blasint)C->rs);
   else
-    scipy_cblas_dgemm(CblasRowMajor, ta, tb, (blasint)m, (blasint)n, (blasint)k, 1.0,
+    scipy_cblas_dgemm(CblasRowMajor, ta, tb, (blasint)m, (blasint)n, (blasint)k, alpha,
                       (const double*)A->data, lda, (const double*)B->data, ldb, beta,
                       (double*)C->data, (blasint)C->rs);
 }
@@ -183,7 +183,7 @@ void fct_cpu_blas_threads_end(int begun) {
 typedef struct gemm_job {
   fct_dtype dt;
   const fct_mat *A, *B, *C;
-  double beta;
+  double alpha, beta;
   bool split_rows; /* else split the columns of B and C */
   int64_t step;    /* rows or columns per block */
 } gemm_job;
@@ -205,12 +205,17 @@ static void gemm_blocks(int64_t begin, int64_t end, void* arg) {
       C.data += lo * (int64_t)es;
       B.cols = C.cols = hi - lo;
     }
-    gemm_serial(j->dt, &A, &B, &C, j->beta);
+    gemm_serial(j->dt, j->alpha, &A, &B, &C, j->beta);
   }
 }
 
 void fct_cpu_gemm(fct_dtype dt, const fct_mat* A, const fct_mat* B, const fct_mat* C,
                   double beta) {
+  fct_cpu_gemm_scaled(dt, 1.0, A, B, C, beta);
+}
+
+void fct_cpu_gemm_scaled(fct_dtype dt, double alpha, const fct_mat* A, const fct_mat* B,
+                         const fct_mat* C, double beta) {
   int64_t m = C->rows, n = C->cols, k = A->cols;
   if (m == 0 || n == 0) return;
   if (k == 0) {
@@ -222,17 +227,18 @@ void fct_cpu_gemm(fct_dtype dt, const fct_mat* A, const fct_mat* B, const fct_ma
   int threads = pfor && nthreads ? nthreads() : 1;
   /* Below ~2^20 multiply-adds a block is too small to pay for a wake-up. */
   if (threads <= 1 || (double)m * (double)n * (double)k < (double)(1 << 20)) {
-    gemm_serial(dt, A, B, C, beta);
+    gemm_serial(dt, alpha, A, B, C, beta);
     return;
   }
   /* Split the longer side of C into one block per thread, in multiples of 16
    * so that column blocks of a float row start on a cache line. */
-  gemm_job job = {dt, A, B, C, beta, m >= n, 0};
+  gemm_job job = {dt, A, B, C, alpha, beta, m >= n, 0};
   int64_t dim = job.split_rows ? m : n;
   int64_t step = (dim + threads - 1) / threads;
   job.step = (step + 15) / 16 * 16;
   int64_t blocks = (dim + job.step - 1) / job.step;
-  if (blocks <= 1 || pfor(0, blocks, 1, gemm_blocks, &job) != 0) gemm_serial(dt, A, B, C, beta);
+  if (blocks <= 1 || pfor(0, blocks, 1, gemm_blocks, &job) != 0)
+    gemm_serial(dt, alpha, A, B, C, beta);
 }
 
 /* ------------------------------------------------------------------------- */
@@ -261,7 +267,7 @@ static void batch_blocks(int64_t begin, int64_t end, void* arg) {
   for (int64_t b = begin; b < end; ++b) {
     fct_mat A = shifted(j->A, b * j->sa, es), B = shifted(j->B, b * j->sb, es);
     fct_mat C = shifted(j->C, b * j->sc, es);
-    gemm_serial(j->dt, &A, &B, &C, j->beta);
+    gemm_serial(j->dt, 1.0, &A, &B, &C, j->beta);
   }
 }
 
@@ -315,7 +321,7 @@ static void reduce_blocks(int64_t begin, int64_t end, void* arg) {
         C.data += lo * (int64_t)es;
         B.cols = C.cols = hi - lo;
       }
-      gemm_serial(j->dt, &A, &B, &C, b == 0 ? j->beta : 1.0);
+      gemm_serial(j->dt, 1.0, &A, &B, &C, b == 0 ? j->beta : 1.0);
     }
   }
 }

@@ -10,6 +10,9 @@
  * k == 0 gives C = beta·C. */
 void fct_cpu_gemm(fct_dtype dt, const fct_mat* A, const fct_mat* B, const fct_mat* C,
                   double beta);
+/* C = alpha·A·B + beta·C, otherwise as fct_cpu_gemm. */
+void fct_cpu_gemm_scaled(fct_dtype dt, double alpha, const fct_mat* A, const fct_mat* B,
+                         const fct_mat* C, double beta);
 
 /* C_b = A_b·B_b + beta·C_b for b < batch, X_b = X shifted by b·sX elements
  * (0: shared). Small products run one per pool task, large ones split. */

@@ -54,4 +54,11 @@ fct_status fct_cpu_channel_bias(fct_context* ctx, int device, fct_dtype dt, int6
 fct_status fct_cpu_channel_sums(fct_context* ctx, int device, fct_dtype dt, int64_t n, int64_t C,
                                 int64_t P, const char* g, char* sums);
 
+/* The LoRA op's primitives (lora_cpu.c). */
+fct_status fct_cpu_gemm_scaled_entry(fct_context* ctx, int device, fct_dtype dt, double alpha,
+                                     const fct_mat* A, const fct_mat* B, const fct_mat* C,
+                                     double beta);
+fct_status fct_cpu_dropout(fct_context* ctx, int device, fct_dtype dt, const fct_mat* in,
+                           const fct_mat* out, uint64_t seed, uint64_t threshold, double scale);
+
 #endif

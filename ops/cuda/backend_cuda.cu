@@ -145,6 +145,9 @@ __attribute__((constructor)) static void register_cuda_backend(void) {
   b->embedding_scatter_add = fct_cuda_embedding_scatter_add;
   b->tt_embedding_rows = fct_cuda_tt_embedding_rows;
   b->tt_embedding_grad = fct_cuda_tt_embedding_grad;
+  /* LoRA linear (ops/cuda/lora_cuda.cu). */
+  b->gemm_scaled = fct_cuda_gemm_scaled_entry;
+  b->dropout = fct_cuda_dropout;
   fct_register_cuda_backend(b);
 }
 

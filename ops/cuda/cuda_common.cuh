@@ -65,6 +65,10 @@ fct_status fct_cuda_lowrank_backward(fct_context* ctx, const fct_lowrank_plan* p
  * fct_backend entries gemm / gemm_reduce / fill_rows / zero / column_sums. */
 fct_status fct_cuda_gemm(fct_context* ctx, const fct_cuda_env* env, fct_dtype dt,
                          const fct_mat* A, const fct_mat* B, const fct_mat* C, double beta);
+/* C = alpha·A·B + beta·C, otherwise as fct_cuda_gemm. */
+fct_status fct_cuda_gemm_scaled(fct_context* ctx, const fct_cuda_env* env, fct_dtype dt,
+                                double alpha, const fct_mat* A, const fct_mat* B,
+                                const fct_mat* C, double beta);
 fct_status fct_cuda_gemm_batched(fct_context* ctx, const fct_cuda_env* env, fct_dtype dt,
                                  const fct_mat* A, const fct_mat* B, const fct_mat* C,
                                  double beta, int64_t batch, int64_t sa, int64_t sb, int64_t sc);
@@ -97,6 +101,13 @@ fct_status fct_cuda_khatri_rao(fct_context* ctx, int device, fct_dtype dt, int n
 fct_status fct_cuda_khatri_rao_grad(fct_context* ctx, int device, fct_dtype dt,
                                     const fct_mat* gK, int64_t npre, int64_t nk, int64_t nsuf,
                                     const fct_mat* pre, const fct_mat* suf, const fct_mat* gF);
+
+/* The LoRA op's primitives (lora_cuda.cu). */
+fct_status fct_cuda_gemm_scaled_entry(fct_context* ctx, int device, fct_dtype dt, double alpha,
+                                      const fct_mat* A, const fct_mat* B, const fct_mat* C,
+                                      double beta);
+fct_status fct_cuda_dropout(fct_context* ctx, int device, fct_dtype dt, const fct_mat* in,
+                            const fct_mat* out, uint64_t seed, uint64_t threshold, double scale);
 
 /* The factorized convolutions' primitives (conv_kernels_cuda.cu). */
 fct_status fct_cuda_im2col(fct_context* ctx, int device, fct_dtype dt, const fct_conv_geom* g,

@@ -55,11 +55,11 @@ static fct_status check_int(fct_context* ctx, int64_t v, const char* what) {
                   (long long)v);
 }
 
-/* out (stride incy) = op(S)·vec + beta·out, float32/float64, where S is the
- * matrix stored under view V and op(S) = Vᵀ when want_t, else V. */
-static fct_status gemv(fct_context* ctx, const fct_cuda_env* env, fct_dtype dt, const fct_mat* V,
-                       bool want_t, const char* vec, int64_t incx, char* out, int64_t incy,
-                       double beta) {
+/* out (stride incy) = alpha·op(S)·vec + beta·out, float32/float64, where S
+ * is the matrix stored under view V and op(S) = Vᵀ when want_t, else V. */
+static fct_status gemv(fct_context* ctx, const fct_cuda_env* env, fct_dtype dt, double alpha,
+                       const fct_mat* V, bool want_t, const char* vec, int64_t incx, char* out,
+                       int64_t incy, double beta) {
   int64_t ld;
   cublasOperation_t form = op_for_transpose(V, &ld);
   FCT_TRY(check_int(ctx, ld, "leading dimension"));
@@ -71,13 +71,12 @@ static fct_status gemv(fct_context* ctx, const fct_cuda_env* env, fct_dtype dt, 
   cublasOperation_t op = (want_t == (form == CUBLAS_OP_N)) ? CUBLAS_OP_N : CUBLAS_OP_T;
   cublasStatus_t st;
   if (dt == FCT_F32) {
-    float one = 1.0f, b = (float)beta;
-    st = cublasSgemv(env->blas, op, sm, sn, &one, (const float*)V->data, (int)ld,
+    float a = (float)alpha, b = (float)beta;
+    st = cublasSgemv(env->blas, op, sm, sn, &a, (const float*)V->data, (int)ld,
                      (const float*)vec, (int)incx, &b, (float*)out, (int)incy);
     return fct_cublas_check(ctx, st, "cublasSgemv");
   }
-  double one = 1.0;
-  st = cublasDgemv(env->blas, op, sm, sn, &one, (const double*)V->data, (int)ld,
+  st = cublasDgemv(env->blas, op, sm, sn, &alpha, (const double*)V->data, (int)ld,
                    (const double*)vec, (int)incx, &beta, (double*)out, (int)incy);
   return fct_cublas_check(ctx, st, "cublasDgemv");
 }
@@ -93,16 +92,22 @@ static cudaDataType_t cuda_type(fct_dtype dt) {
 
 fct_status fct_cuda_gemm(fct_context* ctx, const fct_cuda_env* env, fct_dtype dt,
                          const fct_mat* A, const fct_mat* B, const fct_mat* C, double beta) {
+  return fct_cuda_gemm_scaled(ctx, env, dt, 1.0, A, B, C, beta);
+}
+
+fct_status fct_cuda_gemm_scaled(fct_context* ctx, const fct_cuda_env* env, fct_dtype dt,
+                                double alpha, const fct_mat* A, const fct_mat* B,
+                                const fct_mat* C, double beta) {
   int64_t m = C->rows, n = C->cols, k = A->cols;
   if (m == 0 || n == 0) return FCT_OK;
   if (k == 0) return beta == 0.0 ? fct_cuda_zero_rows(ctx, env, dt, C) : FCT_OK;
   bool full = dt == FCT_F32 || dt == FCT_F64;
   /* One output row: c = Bᵀ·a (a = A's row, element stride A->cs). */
   if (full && m == 1 && A->cs >= 1)
-    return gemv(ctx, env, dt, B, true, A->data, A->cs, C->data, 1, beta);
+    return gemv(ctx, env, dt, alpha, B, true, A->data, A->cs, C->data, 1, beta);
   /* One output column: c = A·b (b = B's column, stride B->rs). */
   if (full && n == 1 && B->rs >= 1)
-    return gemv(ctx, env, dt, A, false, B->data, B->rs, C->data, C->rs, beta);
+    return gemv(ctx, env, dt, alpha, A, false, B->data, B->rs, C->data, C->rs, beta);
 
   /* Row-major C is column-major Cᵀ [n, m] with ld = C.rs: Cᵀ = Bᵀ·Aᵀ. */
   int64_t lda, ldb;
@@ -115,22 +120,21 @@ fct_status fct_cuda_gemm(fct_context* ctx, const fct_cuda_env* env, fct_dtype dt
   FCT_TRY(check_int(ctx, C->rs, "leading dimension"));
   cublasStatus_t st;
   if (dt == FCT_F32) {
-    float one = 1.0f, b = (float)beta;
-    st = cublasSgemm(env->blas, opB, opA, (int)n, (int)m, (int)k, &one, (const float*)B->data,
+    float a = (float)alpha, b = (float)beta;
+    st = cublasSgemm(env->blas, opB, opA, (int)n, (int)m, (int)k, &a, (const float*)B->data,
                      (int)ldb, (const float*)A->data, (int)lda, &b, (float*)C->data, (int)C->rs);
     return fct_cublas_check(ctx, st, "cublasSgemm");
   }
   if (dt == FCT_F64) {
-    double one = 1.0;
-    st = cublasDgemm(env->blas, opB, opA, (int)n, (int)m, (int)k, &one, (const double*)B->data,
+    st = cublasDgemm(env->blas, opB, opA, (int)n, (int)m, (int)k, &alpha, (const double*)B->data,
                      (int)ldb, (const double*)A->data, (int)lda, &beta, (double*)C->data,
                      (int)C->rs);
     return fct_cublas_check(ctx, st, "cublasDgemm");
   }
   /* 16-bit storage, float32 accumulation; alpha and beta are then float. */
   cudaDataType_t ty = cuda_type(dt);
-  float one = 1.0f, b = (float)beta;
-  st = cublasGemmEx(env->blas, opB, opA, (int)n, (int)m, (int)k, &one, B->data, ty, (int)ldb,
+  float a = (float)alpha, b = (float)beta;
+  st = cublasGemmEx(env->blas, opB, opA, (int)n, (int)m, (int)k, &a, B->data, ty, (int)ldb,
                     A->data, ty, (int)lda, &b, C->data, ty, (int)C->rs, CUBLAS_COMPUTE_32F,
                     CUBLAS_GEMM_DEFAULT);
   return fct_cublas_check(ctx, st, "cublasGemmEx");

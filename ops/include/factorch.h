@@ -591,6 +591,121 @@ FCT_API fct_status fct_tt_embedding_backward(
     const DLTensor* const* cores, int64_t num_embeddings, int64_t padding_idx,
     DLTensor* const* grad_cores /* nullable, entries too */);
 
+/* ========================================================================= */
+/* LoRA linear: a base layer plus a low-rank adapter, in one call.            */
+/*                                                                            */
+/*   y [..., out] = base + scale · t · Bᵀ,   t [..., r] = drop(x) · Aᵀ        */
+/*   x [..., in], A [r, in], B [out, r]                                       */
+/* where base is one of (fct_lora_base.kind)                                 */
+/*   FCT_LORA_DENSE:   x · Wᵀ + bias,          W [out, in]                    */
+/*   FCT_LORA_LOWRANK: (x · Vᵀ) · Uᵀ + bias,   U [out, rb], V [rb, in]        */
+/*   FCT_LORA_GIVEN:   base_out [..., out], computed by any other layer       */
+/*                     (CP, Tucker, TT, ...); copied into y first.           */
+/* The adapter's product is accumulated into y by its GEMM (beta = 1): no    */
+/* separate add pass and no output-sized temporary.                          */
+/*                                                                            */
+/* Dropout (p = fct_lora_options.dropout in [0, 1)) applies to the adapter's */
+/* input only (the base sees x): drop(x) = x ⊙ m / (1 − p) with              */
+/*   m[i] = 1 when fct_lora_dropout_bits(seed, i) >= p · 2^64, else 0,       */
+/* i = row · in + col the element's index in x folded to [M, in] (row-major  */
+/* over the leading dims). The bits are a counter-based hash (splitmix64's   */
+/* output at position i + 1 of the stream seeded with `seed`), the same on   */
+/* CPU and CUDA and for any thread count, so the backward regenerates the    */
+/* mask from the seed: no mask is stored. While p > 0 the forward, and a     */
+/* backward asked for grad_A or without t, hold drop(x) [M, in] in the       */
+/* workspace for the duration of the call.                                   */
+/*                                                                            */
+/*  - dtypes and devices as the linear ops: float32/float64 on CPU and CUDA, */
+/*    bfloat16/float16 on CUDA (float32 accumulation). All tensors share     */
+/*    x's dtype and device.                                                  */
+/*  - Inputs may have any strides (packed into the workspace where BLAS      */
+/*    cannot read them). y, t and the gradients must be C-contiguous and     */
+/*    must not overlap any other argument.                                  */
+/*  - M = 0 is fine (weight gradients are then zero); r, rb >= 1.            */
+/*  - FCT_FLAG_CHECK_FINITE scans y (forward), grad_x or grad_y (backward).  */
+/*  - Pointers (the structs and every tensor in them) are borrowed for the   */
+/*    call only.                                                             */
+/* ========================================================================= */
+
+typedef enum fct_lora_base_kind {
+  FCT_LORA_DENSE = 0,
+  FCT_LORA_LOWRANK = 1,
+  FCT_LORA_GIVEN = 2
+} fct_lora_base_kind;
+
+/* The base layer. Only the tensors of `kind` are read; the others must be
+ * NULL. All borrowed. */
+typedef struct fct_lora_base {
+  int32_t kind;             /* fct_lora_base_kind */
+  int32_t reserved_;        /* 0 */
+  const DLTensor* W;        /* DENSE: [out, in] */
+  const DLTensor* U;        /* LOWRANK: [out, rb] */
+  const DLTensor* V;        /* LOWRANK: [rb, in] */
+  const DLTensor* bias;     /* DENSE, LOWRANK: [out] or NULL */
+  const DLTensor* base_out; /* GIVEN, forward only: [..., out] (x's leading dims) */
+} fct_lora_base;
+
+typedef struct fct_lora_options {
+  double scale;   /* s, finite (LoRA's alpha / r) */
+  double dropout; /* p in [0, 1); 0: no dropout */
+  uint64_t seed;  /* the dropout mask's seed (ignored when p == 0) */
+} fct_lora_options;
+
+/* Gradients to compute: each nullable (not computed), overwritten (never
+ * accumulated), caller-owned, shaped as its input: x [..., in], A [r, in],
+ * B [out, r], W [out, in], U [out, rb], V [rb, in], bias [out]. Gradients of
+ * W, U, V and bias are computed only when given (a frozen base costs no
+ * weight-sized work or memory); base_out's gradient is grad_y itself. */
+typedef struct fct_lora_grads {
+  DLTensor* x;
+  DLTensor* A;
+  DLTensor* B;
+  DLTensor* W;
+  DLTensor* U;
+  DLTensor* V;
+  DLTensor* bias;
+} fct_lora_grads;
+
+/* The dropout hash: 64 random bits for element i under `seed`. */
+FCT_API uint64_t fct_lora_dropout_bits(uint64_t seed, uint64_t i);
+
+/* Workspace bytes of fct_lora_linear_forward with these arguments (outputs
+ * only inspected). */
+FCT_API fct_status fct_lora_linear_forward_workspace(
+    const fct_context* ctx, const DLTensor* x, const DLTensor* A, const DLTensor* B,
+    const fct_lora_base* base, const fct_lora_options* opts, const DLTensor* y,
+    const DLTensor* t /* nullable */, size_t* bytes);
+
+/* y = base + s · drop(x)·Aᵀ·Bᵀ. t (nullable) receives drop(x)·Aᵀ, which the
+ * backward reads; when NULL it lives in the workspace. */
+FCT_API fct_status fct_lora_linear_forward(fct_context* ctx, const DLTensor* x,
+                                           const DLTensor* A, const DLTensor* B,
+                                           const fct_lora_base* base,
+                                           const fct_lora_options* opts, DLTensor* y,
+                                           DLTensor* t /* nullable */);
+
+/* Workspace bytes of fct_lora_linear_backward with these arguments. */
+FCT_API fct_status fct_lora_linear_backward_workspace(
+    const fct_context* ctx, const DLTensor* grad_y, const DLTensor* x, const DLTensor* A,
+    const DLTensor* B, const fct_lora_base* base, const fct_lora_options* opts,
+    const DLTensor* t /* nullable */, const fct_lora_grads* grads, size_t* bytes);
+
+/* Gradients of the forward with the same base and options (base_out is not
+ * read), given grad_y [..., out] (any strides). t: the forward's (nullable:
+ * recomputed when grad_B needs it).
+ *   grad_B = s · grad_yᵀ · t          grad_t = s · grad_y · B
+ *   grad_A = grad_tᵀ · drop(x)        grad_x = base's + drop'(grad_t · A)
+ *   grad_W = grad_yᵀ · x              grad_bias = Σ_rows grad_y
+ *   grad_U = grad_yᵀ · (x·Vᵀ)         grad_V = (grad_y · U)ᵀ · x
+ * where drop' applies the forward's mask and 1/(1 − p) in place on grad_x
+ * before the base's part is accumulated into it (beta = 1). */
+FCT_API fct_status fct_lora_linear_backward(fct_context* ctx, const DLTensor* grad_y,
+                                            const DLTensor* x, const DLTensor* A,
+                                            const DLTensor* B, const fct_lora_base* base,
+                                            const fct_lora_options* opts,
+                                            const DLTensor* t /* nullable */,
+                                            const fct_lora_grads* grads);
+
 /* ------------------------------------------------------------------------- */
 /* Backends                                                                   */
 /* ------------------------------------------------------------------------- */
