@@ -81,7 +81,7 @@ def folded_weights(model: nn.Module):
             dense.train(m.training)
             dense.requires_grad_(False)
             m.add_module("_fct_dense", dense)
-            m.__dict__["forward"] = dense  # an instance attribute shadows the class's forward
+            m.__dict__["forward"] = dense.forward  # shadows the class's forward
             patched.append(m)
         yield model
     finally:
