@@ -11,6 +11,7 @@ from . import data, evaluate  # noqa: E402  (calibration text, perplexity and sp
 from .compression import CompressionReport, compress, select_targets  # noqa: E402
 from .serialize import load_compressed, save_compressed  # noqa: E402
 from . import lora  # noqa: E402  (LoRA adapters, merge, PEFT's format)
+from . import _decomp, export  # noqa: E402,F401  (aten definitions of the ops; ONNX, torch.export)
 
 __version__ = _lib.version()
 
@@ -32,6 +33,7 @@ __all__ = [
     "save_compressed",
     "load_compressed",
     "lora",
+    "export",
     "data",
     "evaluate",
     "set_check_finite",

@@ -5,7 +5,8 @@ arrays (zero-copy), a workspace allocated on the input's device after the
 C workspace query, and C errors raised as ``FactorchError`` (a
 ``ValueError``) carrying the C layer's message.
 
-The DLPack structures and the error type are those of :mod:`factorch.dlpack`.
+The DLPack structures are factorch._dlpack_abi's; the error type is
+:class:`factorch.dlpack.FactorchError`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,11 @@ import numpy as np
 import torch
 
 from . import _lib
-from .dlpack import FactorchError, _capsule_ptr, _Context, _DLManagedTensor, _DLTensor
+from ._dlpack_abi import Context as _Context
+from ._dlpack_abi import DLManagedTensor as _DLManagedTensor
+from ._dlpack_abi import DLTensor as _DLTensor
+from ._dlpack_abi import capsule_pointer as _capsule_ptr
+from .dlpack import FactorchError
 
 _T = POINTER(_DLTensor)
 _TP = POINTER(_T)  # DLTensor* const*

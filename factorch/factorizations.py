@@ -36,6 +36,8 @@ import torch
 from torch import Tensor
 
 from . import _lib
+from ._dlpack_abi import DLDataType as _DLDataType
+from ._dlpack_abi import DLDevice as _DLDevice
 from . import decompose as D
 from . import functional as F
 from ._rank import check_one_rank_rule, check_rank, select_rank
@@ -253,14 +255,6 @@ class LowRank(Factorization):
 # --------------------------------------------------------------------------
 # Tensorized: CP, Tucker, Tensor-Train
 # --------------------------------------------------------------------------
-class _DLDevice(ctypes.Structure):
-    _fields_ = [("device_type", ctypes.c_int32), ("device_id", ctypes.c_int32)]
-
-
-class _DLDataType(ctypes.Structure):
-    _fields_ = [("code", ctypes.c_uint8), ("bits", ctypes.c_uint8), ("lanes", ctypes.c_uint16)]
-
-
 class _PlanInfo(ctypes.Structure):
     _fields_ = [
         ("forward_flops", ctypes.c_double),
