@@ -60,6 +60,7 @@ __all__ = [
     "conv_chain", "conv_chain_backward",
     "lowrank_embedding", "lowrank_embedding_backward",
     "tt_embedding", "tt_embedding_backward",
+    "lora_linear", "lora_linear_backward",
 ]
 
 MAX_MODES = 8  # FCT_MAX_MODES
@@ -115,6 +116,27 @@ for _pre, _args in (
     _sig("fct_" + _pre, *_args)
     _sig("fct_" + _pre + "_workspace", *_args, _SZ)
 _sig("fct_conv_chain_check", c_int, POINTER(_I64), POINTER(_I64))
+
+
+class _LoraBase(ctypes.Structure):  # fct_lora_base
+    _fields_ = [("kind", ctypes.c_int32), ("reserved_", ctypes.c_int32), ("W", _T), ("U", _T),
+                ("V", _T), ("bias", _T), ("base_out", _T)]
+
+
+class _LoraOptions(ctypes.Structure):  # fct_lora_options
+    _fields_ = [("scale", ctypes.c_double), ("dropout", ctypes.c_double),
+                ("seed", ctypes.c_uint64)]
+
+
+class _LoraGrads(ctypes.Structure):  # fct_lora_grads
+    _fields_ = [(k, _T) for k in ("x", "A", "B", "W", "U", "V", "bias")]
+
+
+_LB, _LO, _LG = POINTER(_LoraBase), POINTER(_LoraOptions), POINTER(_LoraGrads)
+_sig("fct_lora_linear_forward", _T, _T, _T, _LB, _LO, _T, _T)
+_sig("fct_lora_linear_forward_workspace", _T, _T, _T, _LB, _LO, _T, _T, _SZ)
+_sig("fct_lora_linear_backward", _T, _T, _T, _T, _LB, _LO, _T, _LG)
+_sig("fct_lora_linear_backward_workspace", _T, _T, _T, _T, _LB, _LO, _T, _LG, _SZ)
 
 
 # --------------------------------------------------------------------------
@@ -691,3 +713,78 @@ def tt_embedding_backward(grad_y, indices, weights, num_embeddings: int, modes, 
     c.run(_core.fct_tt_embedding_backward_workspace, _core.fct_tt_embedding_backward, args,
           check_finite)
     return {"weights": c.give(res)}
+
+
+# --------------------------------------------------------------------------
+# LoRA linear: y = base + scale·(drop(x)·Aᵀ)·Bᵀ
+# --------------------------------------------------------------------------
+def _lora_base(c: _Call, W, U, V, bias, base_out=None, given: bool = False):
+    """The fct_lora_base (kept alive by c) and the borrowed W, U, V by name."""
+    named = [n for n, v in (("W", W), ("U/V", U if U is not None else V),
+                            ("base_out", base_out if not given else True)) if v is not None]
+    if len(named) != 1 or (U is None) != (V is None) or (given and bias is not None):
+        raise TypeError("base: expected exactly one of W, (U, V) or base_out, got "
+                        + (", ".join(named) or "none") + (" and bias" if bias is not None else ""))
+    views = {k: c.borrow(k, v) for k, v in (("W", W), ("U", U), ("V", V)) if v is not None}
+    kind = 0 if W is not None else 1 if U is not None else 2
+
+    def p(k):
+        return views[k].ptr if k in views else None
+
+    base = _LoraBase(kind, 0, p("W"), p("U"), p("V"), c.ptr("bias", bias),
+                     c.ptr("base_out", base_out))
+    c.keep.append(base)
+    return base, views
+
+
+def _lora_options(scale, dropout, seed) -> _LoraOptions:
+    return _LoraOptions(float(scale), float(dropout), int(seed) & (2**64 - 1))
+
+
+def lora_linear(x, A, B, scale, *, W=None, U=None, V=None, base_out=None, bias=None,
+                dropout: float = 0.0, seed: int = 0, out=None, check_finite: bool = True):
+    """``y = base + scale·(drop(x)·Aᵀ)·Bᵀ`` with A ``[r, in]``, B ``[out, r]``
+    and the base: ``x·Wᵀ + bias`` (W), ``(x·Vᵀ)·Uᵀ + bias`` (U, V) or a given
+    ``base_out [..., out]``. Dropout ``p = dropout`` draws its mask from
+    ``seed`` (the same mask as ``torch.ops.factorch.lora_linear`` with that
+    seed; pass the same seed to :func:`lora_linear_backward`)."""
+    c = _Call("lora_linear", "x", x)
+    a, b = c.borrow("A", A), c.borrow("B", B)
+    base, _ = _lora_base(c, W, U, V, bias, base_out)
+    opts = _lora_options(scale, dropout, seed)
+    y, res = c.output("y", (*c.ref_view.shape[:-1], b.shape[0] if b.shape else 0), out=out)
+    args = [c.ref_view.ptr, a.ptr, b.ptr, ctypes.byref(base), ctypes.byref(opts), y, None]
+    c.run(_core.fct_lora_linear_forward_workspace, _core.fct_lora_linear_forward, args,
+          check_finite)
+    return c.give(res)
+
+
+def lora_linear_backward(grad_y, x, A, B, scale, *, W=None, U=None, V=None, bias=None,
+                         given_base: bool = False, dropout: float = 0.0, seed: int = 0,
+                         need=("x", "A", "B"), check_finite: bool = True) -> dict:
+    """Gradients of :func:`lora_linear` as a dict with the keys in ``need``
+    (any of "x", "A", "B", and of the base "W", "U", "V", "bias"; a frozen
+    base asks for none of those). ``given_base=True`` for a forward with
+    ``base_out`` (whose gradient is grad_y itself)."""
+    need = _need(need, ("x", "A", "B", "W", "U", "V", "bias"))
+    c = _Call("lora_linear_backward", "grad_y", grad_y)
+    xv, av, bv = c.borrow("x", x), c.borrow("A", A), c.borrow("B", B)
+    base, views = _lora_base(c, W, U, V, bias, given=given_base)
+    shapes = {"x": xv.shape, "A": av.shape, "B": bv.shape,
+              **{k: v.shape for k, v in views.items()}}
+    if bias is not None:
+        shapes["bias"] = bv.shape[:1]
+    grads, res = _LoraGrads(), {}
+    for k in ("x", "A", "B", "W", "U", "V", "bias"):
+        if k in need:
+            if k not in shapes:
+                raise TypeError(f"need: {k!r} asked for, but the call has no {k}")
+            ptr, res[k] = c.output("grad_" + k, shapes[k], dtype_of=xv)
+            setattr(grads, k, ptr)
+    c.keep.append(grads)
+    opts = _lora_options(scale, dropout, seed)
+    args = [c.ref_view.ptr, xv.ptr, av.ptr, bv.ptr, ctypes.byref(base), ctypes.byref(opts), None,
+            ctypes.byref(grads)]
+    c.run(_core.fct_lora_linear_backward_workspace, _core.fct_lora_linear_backward, args,
+          check_finite)
+    return {k: c.give(v) for k, v in res.items()}

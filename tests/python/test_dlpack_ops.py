@@ -108,7 +108,47 @@ def _embedding_case(factorization):
                 dict(weights=gw))
 
 
+def _lora_case(kind):
+    """The fused LoRA op with dropout (seed fixed), every base gradient asked
+    for: a dense base with bias, a low-rank base, a given base output."""
+    x, A, B, gy = rnd(16, 6, 24), rnd(4, 24), rnd(30, 4), rnd(16, 6, 30)
+    e = x.new_empty(0)
+    arr = dict(x=x, A=A, B=B, grad_y=gy)
+    if kind == "dense":
+        arr.update(W=rnd(30, 24), bias=rnd(30))
+    elif kind == "lowrank":
+        arr.update(U=rnd(30, 5), V=rnd(5, 24))
+    else:
+        arr.update(base_out=rnd(16, 6, 30))
+    seed, scale, p = 1234, 0.75, 0.25
+    k = {"dense": 0, "lowrank": 1, "given": 2}[kind]
+    W, U, V, bo, b = (arr.get(n, e) for n in ("W", "U", "V", "base_out", "bias"))
+    y, t = ops.lora_linear(x, A, B, W, U, V, bo, b, torch.tensor([seed]), k, scale, p)
+    want = {"dense": ("W", "bias"), "lowrank": ("U", "V"), "given": ()}[kind]
+    flags = [True, True, True] + [n in want for n in ("W", "U", "V", "bias")]
+    g = ops.lora_linear_backward(gy, x, A, B, W, U, V, t, torch.tensor([seed]), k, scale, p,
+                                 *flags)
+    names = ("x", "A", "B", "W", "U", "V", "bias")
+    grads = {n: v for n, v, f in zip(names, g, flags) if f}
+    base_args = {n: n for n in ("W", "U", "V", "bias", "base_out") if n in arr}
+
+    def fwd(a):
+        return fd.lora_linear(a["x"], a["A"], a["B"], scale, dropout=p, seed=seed,
+                              **{n: a[n] for n in base_args})
+
+    def bwd(a):
+        kw = {n: a[n] for n in base_args if n != "base_out"}
+        return fd.lora_linear_backward(a["grad_y"], a["x"], a["A"], a["B"], scale, dropout=p,
+                                       seed=seed, given_base=kind == "given",
+                                       need=("x", "A", "B", *want), **kw)
+
+    return Case(arr, fwd, y, bwd, grads)
+
+
 CASES = {
+    "lora_linear_dense": lambda: _lora_case("dense"),
+    "lora_linear_lowrank": lambda: _lora_case("lowrank"),
+    "lora_linear_given": lambda: _lora_case("given"),
     "lowrank_linear": _lowrank_unflat_case,
     "lowrank_linear_flat": lambda: _linear_case("lowrank", rank=5),
     "cp_linear": lambda: _linear_case("cp", rank=6, tensorized_shape=((2, 3, 4), (5, 3, 2))),
@@ -268,3 +308,18 @@ def test_errors_name_the_argument():
     U, V = np.zeros((10, 3)), np.zeros((3, 4))
     with pytest.raises(fd.FactorchError, match=r"indices"):
         fd.lowrank_embedding(np.array([[0, 10]]), U, V)
+
+
+def test_lora_base_arguments_are_checked():
+    x, A, B = np.ones((2, 4)), np.ones((2, 4)), np.ones((3, 2))
+    with pytest.raises(TypeError, match="base: expected exactly one of W, \\(U, V\\) or base_out"):
+        fd.lora_linear(x, A, B, 1.0)
+    with pytest.raises(TypeError, match="base: expected exactly one of"):
+        fd.lora_linear(x, A, B, 1.0, W=np.ones((3, 4)), base_out=np.ones((2, 3)))
+    with pytest.raises(TypeError, match="base: expected exactly one of"):
+        fd.lora_linear(x, A, B, 1.0, U=np.ones((3, 2)))
+    with pytest.raises(TypeError, match="need: 'W' asked for, but the call has no W"):
+        fd.lora_linear_backward(np.ones((2, 3)), x, A, B, 1.0, U=np.ones((3, 2)),
+                                V=np.ones((2, 4)), need=("W",))
+    with pytest.raises(fd.FactorchError, match="A"):
+        fd.lora_linear(x, np.ones((2, 5)), B, 1.0, W=np.ones((3, 4)))
