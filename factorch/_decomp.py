@@ -5,7 +5,7 @@ conv2d, embedding), for export.
 give the shapes); these definitions replace them only when a program is
 decomposed: ``torch.onnx.export(..., dynamo=True)`` decomposes every op it has
 no ONNX translation for through torch's global decomposition table, where
-:func:`register` puts them, so each factorch op becomes a subgraph of standard
+:func:`in_decomposition_table` puts them, so each factorch op becomes a subgraph of standard
 ONNX operators (MatMul, Reshape, Add, Conv, Gather, ...) that onnxruntime or
 TensorRT run with no plugin. ``factorch.export.decompose(ep)`` does the same
 to an ExportedProgram.
@@ -20,6 +20,11 @@ parameters only, so an ONNX optimiser folds it into initializers.
 
 Adding an op: a function of the op's arguments returning what the op returns,
 written with torch ops, under ``@register("name")``.
+
+The definitions are lent to torch's global decomposition table only inside
+:func:`in_decomposition_table` (``factorch.export.to_onnx`` uses it):
+registered for good, fake tensors and AOT autograd would run them in place of
+the ops' fakes and C kernels.
 """
 
 from __future__ import annotations
@@ -29,7 +34,9 @@ import re
 
 import torch
 import torch.nn.functional as TF
-from torch._decomp import register_decomposition
+import contextlib
+
+from torch._decomp import decomposition_table
 
 from . import _ops  # noqa: F401  (the ops and their fakes)
 
@@ -40,17 +47,34 @@ DECOMPOSITIONS: dict = {}
 
 
 def register(name: str):
-    """Registers fn as the aten-level definition of ``factorch::name``: in
-    DECOMPOSITIONS and in torch's global decomposition table (which the ONNX
-    exporter consults; ``torch.export`` and ``torch.compile`` do not)."""
+    """Registers fn as the aten-level definition of ``factorch::name`` (in
+    DECOMPOSITIONS; :func:`in_decomposition_table` lends them to torch)."""
     op = getattr(ops, name).default
 
     def deco(fn):
         DECOMPOSITIONS[op] = fn
-        register_decomposition(op)(fn)
         return fn
 
     return deco
+
+
+@contextlib.contextmanager
+def in_decomposition_table():
+    """Puts the definitions into torch's global decomposition table for the
+    block (what ``torch.onnx.export(dynamo=True)`` consults for ops it has
+    no ONNX translation of), and takes them out after. Not for good: fake
+    tensors and AOT autograd consult that table too, and would then run
+    these definitions instead of the ops' fakes and C kernels."""
+    before = {op: decomposition_table.get(op) for op in DECOMPOSITIONS}
+    decomposition_table.update(DECOMPOSITIONS)
+    try:
+        yield
+    finally:
+        for op, fn in before.items():
+            if fn is None:
+                decomposition_table.pop(op, None)
+            else:
+                decomposition_table[op] = fn
 
 
 def _views(flat, shapes):
@@ -101,11 +125,12 @@ def lowrank_linear_flat(x, weights, bias, out_features, rank):
 @register("lora_linear")
 def lora_linear(x, A, B, W, U, V, base_out, bias, seed, base_kind, scale, dropout):
     """y = base + s·(x·Aᵀ)·Bᵀ; base_kind 0: x·Wᵀ + bias, 1: (x·Vᵀ)·Uᵀ + bias,
-    2: base_out. An exported program runs in eval mode: dropout must be 0
-    (its mask comes from the C kernels' counter-based hash, which has no
-    standard-operator form)."""
+    2: base_out. Only without dropout (export in eval mode): the mask comes
+    from the C kernels' counter-based hash, which has no standard-operator
+    form."""
     if dropout != 0.0:
-        raise ValueError("lora_linear: cannot export with dropout > 0 (export in eval mode)")
+        raise ValueError("lora_linear: cannot export with dropout > 0 (put the model in eval "
+                         "mode: model.eval())")
     t = torch.matmul(x, A.transpose(0, 1))
     if base_kind == 0:
         base = _add_bias(torch.matmul(x, W.transpose(0, 1)), bias)

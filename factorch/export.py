@@ -6,10 +6,10 @@ programs.
   round-trip it, and a fresh process only needs ``import factorch`` before
   ``torch.export.load`` (the ops are registered on import). :func:`decompose`
   turns the ops into standard aten ops when asked.
-- ``torch.onnx.export(model, args, path, dynamo=True)`` works as it is: on
-  import factorch registers, in torch's decomposition table, a definition of
-  every op in aten ops (factorch/_decomp.py), which the exporter uses for ops
-  it has no ONNX translation of. Each op becomes standard ONNX operators
+- ``torch.onnx.export(model, args, path, dynamo=True)`` works inside
+  ``with factorch.export.onnx_ready():``, which lends torch's decomposition
+  table a definition of every op in aten ops (factorch/_decomp.py) for the
+  block; the exporter uses them for ops it has no ONNX translation of. Each op becomes standard ONNX operators
   (low rank: two MatMul and an Add; CP / Tucker / TT: Reshape and MatMul
   chains in the C plan's contraction order; convolutions: one Conv per stage,
   with groups; embeddings: Gather then MatMul), so onnxruntime and TensorRT
@@ -27,10 +27,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ._decomp import DECOMPOSITIONS, decompositions, register
+from ._decomp import DECOMPOSITIONS, decompositions, in_decomposition_table, register
 
 __all__ = ["to_onnx", "decompose", "decompositions", "register", "DECOMPOSITIONS",
-           "folded_weights", "load"]
+           "folded_weights", "load", "onnx_ready"]
+
+#: ``with onnx_ready(): torch.onnx.export(model, args, path, dynamo=True)``:
+#: the factorch ops export as standard ONNX operators inside the block.
+onnx_ready = in_decomposition_table
 
 #: ONNX operator domains a factorch export may use: the standard operator
 #: set only (no custom domain a runtime would need a plugin for).
@@ -132,7 +136,7 @@ def to_onnx(model: nn.Module, example_inputs, path, dynamic_shapes=None, fold_we
         kwargs["opset_version"] = opset_version
     kwargs.update(export_kwargs)
     fold = folded_weights(model) if fold_weights else contextlib.nullcontext()
-    with fold, torch.no_grad():
+    with fold, torch.no_grad(), in_decomposition_table():
         program = torch.onnx.export(model, example_inputs, str(path), **kwargs)
     onnx.checker.check_model(str(path), full_check=True)
     _check_domains(onnx.load(str(path), load_external_data=False))

@@ -222,12 +222,12 @@ class Mixed(nn.Module):
 
 
 def test_mixed_model_with_plain_torch_onnx_export(tmp_path):
-    """torch.onnx.export itself, with no factorch helper or option."""
+    """torch.onnx.export itself, inside factorch.export.onnx_ready()."""
     torch.manual_seed(0)
     model = Mixed().eval()
     a, b = torch.randint(0, 30, (2, 7)), torch.randint(0, 30, (3, 4))
     path = tmp_path / "mixed.onnx"
-    with torch.no_grad():
+    with torch.no_grad(), fe.onnx_ready():
         torch.onnx.export(model, (a,), str(path), dynamo=True, dynamic_shapes=SEQ_DYN,
                           verbose=False)
         onnx.checker.check_model(str(path), full_check=True)
@@ -331,3 +331,15 @@ def test_decompose_program_removes_factorch_ops():
     assert not any(t.startswith("factorch.") for t in targets)
     with torch.no_grad():
         torch.testing.assert_close(dec.module()(ids), model(ids), rtol=1e-5, atol=1e-6)
+
+
+def test_definitions_are_in_torchs_table_only_inside_onnx_ready():
+    """Left in torch's decomposition table, fake tensors and AOT autograd
+    would run the aten definitions instead of the ops' fakes and kernels."""
+    from torch._decomp import decomposition_table
+
+    op = ops.lowrank_linear_flat.default
+    assert op not in decomposition_table
+    with fe.onnx_ready():
+        assert decomposition_table[op] is _decomp.DECOMPOSITIONS[op]
+    assert op not in decomposition_table
