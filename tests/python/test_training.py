@@ -17,11 +17,12 @@ from torch.utils.checkpoint import checkpoint
 
 from factorch.nn import FactorizedConv1d, FactorizedConv2d, FactorizedEmbedding, FactorizedLinear
 
-# name -> (layer factory, input factory); every factorization of every layer.
+
 def _rows(g):
     return torch.randn(10, 16, generator=g)
 
 
+# name -> (layer factory, input factory); every factorization of every layer.
 CASES = {
     "linear-lowrank": (lambda: FactorizedLinear(16, 12, rank=4),
                        lambda g: torch.randn(2, 5, 16, generator=g)),
