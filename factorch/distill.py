@@ -419,8 +419,8 @@ def distill(
             if max_grad_norm:
                 gn = torch.nn.utils.clip_grad_norm_(chosen, max_grad_norm)
             else:
-                gn = torch.linalg.vector_norm(torch.stack(
-                    [torch.linalg.vector_norm(p.grad) for p in chosen if p.grad is not None]))
+                norms = [torch.linalg.vector_norm(p.grad) for p in chosen if p.grad is not None]
+                gn = torch.linalg.vector_norm(torch.stack(norms)) if norms else 0.0
             hist.lr.append(opt.param_groups[0]["lr"])
             opt.step()
             sched.step()
