@@ -117,7 +117,7 @@ def main() -> None:
         closed = (ppl_comp - after) / gap if gap > 0 else float("nan")
         print(f"{trainable}: {hist.summary()}\n  perplexity {after:.2f} "
               f"({closed:.0%} of the gap closed)", flush=True)
-        rows.append([f"+ distill", trainable + extra, f"{lr:g}", millions(student), budget,
+        rows.append(["+ distill", trainable + extra, f"{lr:.0e}", millions(student), budget,
                      f"{after:.2f}", f"{after / ppl_dense:.2f}", f"{closed:.0%}"])
         rows[-1][4] += f", {hist.seconds / 60:.1f} min"
         del student
@@ -126,16 +126,16 @@ def main() -> None:
     lines = [
         f"Command: `{cmd}` ({harness.machine()}); {(time.perf_counter() - t_all) / 60:.0f} min "
         f"in all. The machine was shared with three other agents' builds and tests while "
-        f"this ran: the wall times are inflated (a distillation step of 4 x 128 tokens took "
-        f"about 5 s on the idle machine).",
+        f"this ran: the wall times are inflated (a trainable='factors' step of 4 x 128 tokens "
+        f"took about 5.5 s at a quieter moment).",
         "",
         f"SmolLM2-135M-Instruct (float32) compressed with `factorch.compress(ratio={a.ratio}, "
         f"method='svd-llm', allocation='uniform')`, calibrated on {a.windows} windows x "
         f"{a.window} tokens of the fortunes {', '.join(data.CALIBRATION_FILES)} "
         f"({compress_s:.0f} s). Distillation from the dense model: `factorch.distill` "
         f"(token-level KL at T = 1, AdamW, no weight decay, gradient norm clipped to 1, "
-        f"cosine schedule after a 5% warmup) on {n_train} further windows of the same "
-        f"calibration fortunes. Perplexity: {a.eval_windows} windows x 256 tokens of "
+        f"cosine schedule after a 5% warmup) on the first {n_train} windows of the "
+        f"calibration fortunes (the compression's calibration read the first {a.windows}). Perplexity: {a.eval_windows} windows x 256 tokens of "
         f"{', '.join(data.EVALUATION_FILES)} (no text shared with the training). "
         f"Gap closed: (compressed - distilled) / (compressed - dense) perplexity. "
         f"Budget: steps x windows x tokens, and the distillation's wall time.",
