@@ -255,6 +255,63 @@ def _device(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
+class _Objective:
+    """The loss of one batch: KL to the teacher's logits, next-token CE, or
+    their mix, plus the weighted hidden-state MSE."""
+
+    def __init__(self, student, teacher, loss, temperature, hidden_mse, ce_weight):
+        self.student, self.teacher = student, teacher
+        self.loss, self.temperature = loss, temperature
+        self.hidden_mse, self.ce_weight = hidden_mse, ce_weight
+        self.need_teacher = loss != "ce" or hidden_mse > 0
+        self.s_dev, self.t_dev = _device(student), _device(teacher)
+        self.extra_s = {"use_cache": False} if _accepts(student, "use_cache") else {}
+        self.extra_t = {"use_cache": False} if _accepts(teacher, "use_cache") else {}
+        if hidden_mse > 0:
+            self.extra_s["output_hidden_states"] = self.extra_t["output_hidden_states"] = True
+
+    def __call__(self, batch: dict) -> tuple[Tensor, dict, int]:
+        """(the loss to minimise, its parts as floats, the tokens counted)."""
+        ids, mask = batch["input_ids"], batch.get("attention_mask")
+        labels = batch.get("labels", ids)
+        inputs = {n: v for n, v in batch.items() if n != "labels"}
+        tokens = int(mask.sum()) if mask is not None else ids.numel()
+        t_out = None
+        if self.need_teacher:
+            with torch.no_grad():
+                t_out = self.teacher(**{n: v.to(self.t_dev) for n, v in inputs.items()},
+                                     **self.extra_t)
+        s_out = self.student(**{n: v.to(self.s_dev) for n, v in inputs.items()}, **self.extra_s)
+        s_logits = _logits(s_out)
+        m = mask.to(self.s_dev) if mask is not None else None
+        ce = next_token_loss(s_logits, labels.to(self.s_dev), m)
+        kl = None
+        if t_out is not None:
+            t_logits = _logits(t_out).to(self.s_dev)
+            if t_logits.shape != s_logits.shape:
+                raise ValueError(f"teacher: its logits have shape {list(t_logits.shape)}, the "
+                                 f"student's {list(s_logits.shape)}; they must share the "
+                                 f"vocabulary")
+            kl = kl_loss(s_logits, t_logits, m, self.temperature)
+        if self.loss == "kl":
+            total = kl
+        elif self.loss == "ce":
+            total = ce
+        else:
+            total = (1 - self.ce_weight) * kl + self.ce_weight * ce
+        hid = None
+        if self.hidden_mse > 0:
+            t_hid = getattr(t_out, "hidden_states", None)
+            hid = hidden_mse_loss(getattr(s_out, "hidden_states", None),
+                                  None if t_hid is None else [h.to(self.s_dev) for h in t_hid],
+                                  m)
+            total = total + self.hidden_mse * hid
+        parts = {"kl": float(kl.detach()) if kl is not None else float("nan"),
+                 "ce": float(ce.detach()),
+                 "hidden": float(hid.detach()) if hid is not None else 0.0}
+        return total, parts, tokens
+
+
 def distill(
     student: nn.Module,
     teacher: nn.Module,
@@ -331,18 +388,12 @@ def distill(
         raise ValueError(f"warmup: expected an int in [0, steps = {steps}], got {warmup!r}")
     batches = _check_batches(batches)
     params = trainable_parameters(student, trainable)
-    need_teacher = loss != "ce" or hidden_mse > 0
+    objective = _Objective(student, teacher, loss, temperature, hidden_mse, ce_weight)
 
     hist = DistillHistory(trainable=trainable, loss_kind=loss,
                           n_trainable=sum(p.numel() for p in params.values()))
     flags = {p: p.requires_grad for p in student.parameters()}
     modes = {m: m.training for m in (*student.modules(), *teacher.modules())}
-    s_dev, t_dev = _device(student), _device(teacher)
-    extra_s = {"use_cache": False} if _accepts(student, "use_cache") else {}
-    extra_t = {"use_cache": False} if _accepts(teacher, "use_cache") else {}
-    if hidden_mse > 0:
-        extra_s["output_hidden_states"] = True
-        extra_t["output_hidden_states"] = True
     bar = None
     try:
         for p in student.parameters():
@@ -366,56 +417,21 @@ def distill(
         k = 0
         for step in range(steps):
             opt.zero_grad(set_to_none=True)
-            sums = {"loss": 0.0, "kl": 0.0, "ce": 0.0, "hidden": 0.0}
+            sums = dict.fromkeys(("loss", "kl", "ce", "hidden"), 0.0)
             tokens = 0
             for _ in range(grad_accum):
                 b = batches[k % len(batches)]
                 k += 1
-                ids = b["input_ids"]
-                mask = b.get("attention_mask")
-                labels = b.get("labels", ids)
-                inputs = {n: v for n, v in b.items() if n != "labels"}
-                tokens += int(mask.sum()) if mask is not None else ids.numel()
-                t_out = None
-                if need_teacher:
-                    with torch.no_grad():
-                        t_out = teacher(**{n: v.to(t_dev) for n, v in inputs.items()},
-                                        **extra_t)
-                s_out = student(**{n: v.to(s_dev) for n, v in inputs.items()}, **extra_s)
-                s_logits = _logits(s_out)
-                m = mask.to(s_dev) if mask is not None else None
-                ce = next_token_loss(s_logits, labels.to(s_dev), m)
-                if t_out is not None:
-                    t_logits = _logits(t_out).to(s_dev)
-                    if t_logits.shape != s_logits.shape:
-                        raise ValueError(f"teacher: its logits have shape {list(t_logits.shape)}"
-                                         f", the student's {list(s_logits.shape)}; they must "
-                                         f"share the vocabulary")
-                    kl = kl_loss(s_logits, t_logits, m, temperature)
-                else:
-                    kl = None
-                if loss == "kl":
-                    total = kl
-                elif loss == "ce":
-                    total = ce
-                else:
-                    total = (1 - ce_weight) * kl + ce_weight * ce
-                hid = None
-                if hidden_mse > 0:
-                    t_hid = getattr(t_out, "hidden_states", None)
-                    hid = hidden_mse_loss(getattr(s_out, "hidden_states", None),
-                                          None if t_hid is None else [h.to(s_dev) for h in t_hid],
-                                          m)
-                    total = total + hidden_mse * hid
+                total, parts, n_tok = objective(b)
                 if not torch.isfinite(total):
                     raise FloatingPointError(
-                        f"distill: the loss is {float(total)} at step {step}; lower lr "
+                        f"distill: the loss is {float(total.detach())} at step {step}; lower lr "
                         f"(now {lr:g}) or check the models")
                 (total / grad_accum).backward()
                 sums["loss"] += float(total.detach())
-                sums["kl"] += float(kl.detach()) if kl is not None else float("nan")
-                sums["ce"] += float(ce.detach())
-                sums["hidden"] += float(hid.detach()) if hid is not None else 0.0
+                for n, v in parts.items():
+                    sums[n] += v
+                tokens += n_tok
             if max_grad_norm:
                 gn = torch.nn.utils.clip_grad_norm_(chosen, max_grad_norm)
             else:

@@ -277,6 +277,15 @@ def test_bad_models_and_batches_are_errors():
         factorch.distill(tiny_llama(seed=3), teacher, calib, progress=False)
 
 
+def test_a_non_finite_loss_stops_the_run_with_a_clear_error():
+    teacher, student, calib = _pair()
+    with torch.no_grad():
+        teacher.lm_head.weight[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="distill: the loss is nan at step 0"):
+        factorch.distill(student, teacher, calib, steps=2, progress=False)
+    assert all(p.requires_grad and p.grad is None for p in student.parameters())
+
+
 # --------------------------------------------------------------------------
 # The command line
 # --------------------------------------------------------------------------
@@ -350,3 +359,4 @@ def test_finetune_command_line_with_lora(tmp_path, capsys):
     assert rc == 0
     assert "lora" in capsys.readouterr().out
     factorch.load_compressed(tiny_llama(seed=9), out)  # adapters merged into the factors
+
