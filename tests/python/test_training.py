@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+import factorch
 from factorch.nn import FactorizedConv1d, FactorizedConv2d, FactorizedEmbedding, FactorizedLinear
 
 
@@ -205,3 +206,20 @@ def test_checkpoint_gives_the_gradients_of_the_plain_forward(name):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-12, msg=n)
     if floating:
         torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and factorch.cuda_available()),
+                    reason="needs a GPU and factorch's CUDA backend")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", DENSE_INPUT)
+def test_cuda_autocast_runs_the_layer_in_autocasts_dtype(name, dtype):
+    layer, x = make(name)
+    layer, x = layer.cuda(), x.cuda()
+    with torch.autocast("cuda", dtype=dtype):
+        y = layer(x)
+    assert y.dtype == dtype
+    y_ref = layer(x)
+    scale = y_ref.abs().max()
+    assert (y.float() - y_ref).abs().max() <= 0.05 * scale
+    y.float().square().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in layer.parameters())
