@@ -1,4 +1,5 @@
-"""Every factorch layer trains like a torch layer: torch.optim's AdamW (with
+"""Every factorch layer (and LoRA adapters on dense and low-rank bases)
+trains like a torch layer: torch.optim's AdamW (with
 weight decay) and SGD steps change every parameter and lower a loss;
 clip_grad_norm_ sees and scales the factor gradients; under
 torch.autocast("cpu", bfloat16) the layers take the bfloat16 activations of
@@ -16,6 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import factorch
+from factorch.lora import LoraLinear
 from factorch.nn import FactorizedConv1d, FactorizedConv2d, FactorizedEmbedding, FactorizedLinear
 
 
@@ -40,6 +42,9 @@ CASES = {
                   lambda g: torch.randn(3, 4, 6, 6, generator=g)),
     "conv1d-tucker": (lambda: FactorizedConv1d(4, 6, 3, "tucker", rank=2, padding=1),
                       lambda g: torch.randn(3, 4, 9, generator=g)),
+    # LoRA adapters (the fused lora_linear op) on a dense and on a low-rank base
+    "lora-dense": (lambda: LoraLinear(nn.Linear(16, 12), r=2, alpha=4), _rows),
+    "lora-lowrank": (lambda: LoraLinear(FactorizedLinear(16, 12, rank=4), r=2, alpha=4), _rows),
     "embedding-lowrank": (lambda: FactorizedEmbedding(30, 8, "lowrank", rank=4, padding_idx=0),
                           lambda g: torch.randint(0, 30, (4, 7), generator=g)),
     "embedding-tt": (lambda: FactorizedEmbedding(30, 8, "tt", rank=2),
