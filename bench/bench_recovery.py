@@ -21,8 +21,8 @@ each closes.
 Learning rates: 1e-4 for the factors, picked on a 30-step trial (it closed
 58% of the gap on 16 evaluation windows); 5e-4 for LoRA, not tuned.
 
-    .venv/bin/python bench/bench_recovery.py --write bench/RESULTS.md   # ~15 min on 2 cores
-    .venv/bin/python bench/bench_recovery.py --quick                    # smoke test (~4 min)
+    .venv/bin/python bench/bench_recovery.py --write bench/RESULTS.md   # ~7 min on 2 cores
+    .venv/bin/python bench/bench_recovery.py --quick                    # smoke test (~1.5 min)
 """
 
 from __future__ import annotations
