@@ -12,6 +12,7 @@ from .compression import CompressionReport, compress, select_targets  # noqa: E4
 from .serialize import load_compressed, save_compressed  # noqa: E402
 from . import lora  # noqa: E402  (LoRA adapters, merge, PEFT's format)
 from . import _decomp, export  # noqa: E402,F401  (aten definitions of the ops; ONNX, torch.export)
+from .distill import DistillHistory, distill  # noqa: E402
 
 __version__ = _lib.version()
 
@@ -34,6 +35,8 @@ __all__ = [
     "load_compressed",
     "lora",
     "export",
+    "distill",
+    "DistillHistory",
     "data",
     "evaluate",
     "set_check_finite",

@@ -753,3 +753,46 @@ def _lora_linear_autograd(*args):
 
 _lib = torch.library.Library("factorch", "IMPL")
 _lib.impl("lora_linear", _lora_linear_autograd, "Autograd")
+
+
+# --------------------------------------------------------------------------
+# Autocast. Under torch.autocast a layer before a factorch op (an nn.Linear,
+# a matmul) hands it bfloat16 or float16 activations while the factors stay
+# float32, which the kernels would reject as a dtype mismatch. Like
+# nn.Linear, the ops that take activations cast their floating inputs first:
+# on the CPU to float32 (the CPU kernels are float32/float64 only), on CUDA
+# to autocast's dtype (the CUDA kernels take bfloat16 and float16 with
+# float32 accumulation). float64 tensors are left as they are, as torch's
+# autocast does. The embeddings take indices, not activations: no rule.
+# --------------------------------------------------------------------------
+_AUTOCAST_OPS = ("lowrank_linear", "lowrank_linear_flat", "cp_linear", "tucker_linear",
+                 "tt_linear", "conv_chain", "lora_linear")
+_autocast_lib = torch.library.Library("factorch", "FRAGMENT")
+
+
+def _autocast_cast(value, device_type, dtype):
+    if isinstance(value, torch.Tensor):
+        if value.is_floating_point() and value.device.type == device_type and (
+                value.dtype is not torch.float64):
+            return value.to(dtype)
+        return value
+    if isinstance(value, (list, tuple)):
+        return type(value)(_autocast_cast(v, device_type, dtype) for v in value)
+    return value
+
+
+def _cuda_autocast_kernel(name):
+    op = getattr(ops, name).default
+    excluded = torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCUDA)
+
+    def kernel(*args):
+        dtype = torch.get_autocast_dtype("cuda")
+        with torch._C._ExcludeDispatchKeyGuard(excluded):
+            return op(*_autocast_cast(args, "cuda", dtype))
+
+    return kernel
+
+
+for _name in _AUTOCAST_OPS:
+    torch.library.register_autocast(f"factorch::{_name}", "cpu", torch.float32)
+    _autocast_lib.impl(_name, _cuda_autocast_kernel(_name), "AutocastCUDA")

@@ -3,6 +3,7 @@
     factorch compress MODEL --ratio 0.8 --method svd-llm --calib FILE --out DIR
     factorch eval MODEL [--compressed DIR] --text FILE [--speed]
     factorch report DIR [--plot PNG]
+    factorch finetune MODEL --compressed DIR --calib FILE... --steps N --out DIR
 
 MODEL is ``smollm2``, ``minilm``, a Hugging Face model folder or a .gguf
 file (factorch.models). Texts are file paths or ``fortunes:NAME,NAME``
@@ -66,6 +67,30 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--speed", action="store_true",
                    help="also time prefill and greedy decoding, dense against compressed")
     e.add_argument("--json", help="write the results to this JSON file")
+
+    f = sub.add_parser("finetune", help="recover a compressed model's quality by distilling "
+                       "it from the dense model (factorch.distill)")
+    f.add_argument("model", help="the dense teacher: smollm2, a model folder or a .gguf file")
+    f.add_argument("--compressed", required=True,
+                   help="the student: a folder written by `factorch compress`")
+    f.add_argument("--calib", nargs="+", default=[DEFAULT_CALIB],
+                   help="training text: files or fortunes:NAME,... (default: %(default)s)")
+    f.add_argument("--steps", type=int, required=True, help="optimizer steps")
+    f.add_argument("--out", required=True, help="folder to save the fine-tuned model in")
+    f.add_argument("--lr", type=float, default=1e-4, help="AdamW's peak learning rate")
+    f.add_argument("--trainable", default="factors", choices=["factors", "lora", "all"],
+                   help="what trains: the factorch layers' factors (default), LoRA adapters "
+                   "added to every linear layer, or every parameter")
+    f.add_argument("--lora-r", type=int, default=16,
+                   help="the adapters' rank for --trainable lora (alpha = 2r; default 16)")
+    f.add_argument("--loss", default="kl", choices=["kl", "ce", "kl+ce"])
+    f.add_argument("--batch", type=int, default=4, help="windows per step (default 4)")
+    f.add_argument("--window", type=int, default=128, help="tokens per window (default 128)")
+    f.add_argument("--windows", type=int, default=None,
+                   help="use at most this many windows of the text (default: all, cycled)")
+    f.add_argument("--warmup", type=int, default=None,
+                   help="linear warmup steps (default: 5%% of the steps)")
+    f.add_argument("--no-progress", action="store_true")
 
     r = sub.add_parser("report", help="print the per-layer report of a compressed model")
     r.add_argument("dir")
@@ -166,6 +191,75 @@ def speed_table(sp: dict) -> str:
     return "\n".join(lines)
 
 
+def _calibration_text(sources) -> str:
+    from .data import read_text
+
+    parts = []
+    for src in sources:
+        if not src.startswith("fortunes:") and not Path(src).is_file():
+            raise FileNotFoundError(f"calib: no such file: {src}")
+        parts.append(read_text(src if src.startswith("fortunes:") else Path(src)))
+    return "\n\n".join(parts)
+
+
+def cmd_finetune(a) -> int:
+    import shutil
+
+    import factorch
+    from . import data
+    from .nn import FactorizedLinear
+
+    if a.steps < 1:
+        raise ValueError(f"steps: expected a positive int, got {a.steps}")
+    lora = None
+    if a.trainable == "lora":
+        import importlib
+        import importlib.util
+
+        if importlib.util.find_spec("factorch.lora") is None:
+            raise ImportError("--trainable lora needs factorch.lora (LoRA adapters), which this "
+                              "factorch does not have; use --trainable factors")
+        lora = importlib.import_module("factorch.lora")
+    t0 = time.perf_counter()
+    teacher = _load(a.model)
+    if teacher.kind != "causal-lm":
+        raise ValueError(f"model: finetune distills causal LMs; {a.model} is an {teacher.kind}")
+    student = _load(a.model).model
+    factorch.load_compressed(student, a.compressed)
+    print(f"teacher: {teacher.source}; student: {a.compressed} "
+          f"({sum(p.numel() for p in student.parameters()):,} parameters); loaded in "
+          f"{time.perf_counter() - t0:.1f} s")
+    text = _calibration_text(a.calib)
+    batches = data.text_batches(text, teacher.tokenizer, a.window, a.windows, a.batch)
+    n_windows = sum(b["input_ids"].shape[0] for b in batches)
+    print(f"training text: {n_windows} windows x {a.window} tokens of {', '.join(a.calib)}; "
+          f"{a.steps} steps x {a.batch} windows = {a.steps * a.batch * a.window:,} tokens")
+    if lora is not None:
+        other = sorted({m.factorization for m in student.modules()
+                        if isinstance(m, FactorizedLinear) and m.factorization != "lowrank"})
+        if other:
+            raise ValueError(f"--trainable lora: the student has {'/'.join(other)} layers, into "
+                             f"which adapters cannot be merged exactly; use --trainable factors")
+        lora.add_lora(student, r=a.lora_r, alpha=2 * a.lora_r)
+    warmup = a.warmup if a.warmup is not None else max(0, a.steps // 20)
+    hist = factorch.distill(student, teacher.model, batches, steps=a.steps, lr=a.lr,
+                            trainable=a.trainable, loss=a.loss, warmup=warmup,
+                            progress=not a.no_progress)
+    print(hist.summary())
+    if lora is not None:  # the adapters folded into the factors (low-rank: rank + r)
+        student = lora.merge_and_unload(student)
+    out = Path(a.out)
+    factorch.save_compressed(student, out)
+    report = Path(a.compressed) / "report.json"
+    if lora is None and report.is_file():  # same layers and ranks as before
+        shutil.copyfile(report, out / "report.json")
+    (out / "distill.json").write_text(json.dumps(hist.to_dict()))
+    (out / "source.json").write_text(json.dumps({"model": a.model, "compressed": a.compressed,
+                                                 "command": sys.argv[1:]}))
+    print(f"saved to {out}/ (model.safetensors, factorch.json, distill.json)")
+    return 0
+
+
 def cmd_report(a) -> int:
     from .compression import CompressionReport
 
@@ -184,7 +278,8 @@ def cmd_report(a) -> int:
 def main(argv=None) -> int:
     a = _parser().parse_args(argv)
     try:
-        return {"compress": cmd_compress, "eval": cmd_eval, "report": cmd_report}[a.command](a)
+        return {"compress": cmd_compress, "eval": cmd_eval, "report": cmd_report,
+                "finetune": cmd_finetune}[a.command](a)
     except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"factorch {a.command}: {e}", file=sys.stderr)
         return 2
