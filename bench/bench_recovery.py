@@ -22,6 +22,7 @@ Learning rates: 1e-4 for the factors, picked on a 30-step trial (it closed
 58% of the gap on 16 evaluation windows); 5e-4 for LoRA, not tuned.
 
     .venv/bin/python bench/bench_recovery.py --write bench/RESULTS.md   # ~7 min on 2 cores
+    .venv/bin/python bench/bench_recovery.py --steps 50,200 --write bench/RESULTS.md  # 2 budgets
     .venv/bin/python bench/bench_recovery.py --quick                    # smoke test (~1.5 min)
 """
 
@@ -59,16 +60,19 @@ def main() -> None:
     p.add_argument("--ratio", type=float, default=0.8)
     p.add_argument("--windows", type=int, default=64, help="compression calibration windows")
     p.add_argument("--eval-windows", type=int, default=48)
-    p.add_argument("--steps", type=int, default=50, help="distillation steps per run")
+    p.add_argument("--steps", default="50",
+                   help="distillation steps per run; a comma list gives one run per budget")
     p.add_argument("--batch", type=int, default=4, help="windows per step")
     p.add_argument("--window", type=int, default=128, help="tokens per window")
     p.add_argument("--lr-factors", type=float, default=1e-4)
     p.add_argument("--lr-lora", type=float, default=5e-4)
     p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--note", default="", help="a sentence on the machine's state for the section")
     p.add_argument("--only", choices=["factors", "lora"], help="run one distillation only")
     a = p.parse_args()
     if a.quick:
-        a.windows, a.eval_windows, a.steps = 8, 4, 3
+        a.windows, a.eval_windows, a.steps = 8, 4, "3"
+    budgets = sorted({int(v) for v in str(a.steps).split(",")})
     torch.manual_seed(0)
     t_all = time.perf_counter()
 
@@ -91,9 +95,8 @@ def main() -> None:
 
     # Training windows: the calibration fortunes in order (the text holds
     # ~1700 windows of 128 tokens; a run reads steps x batch of them).
-    n_train = a.steps * a.batch
-    train = data.text_batches(CALIB, tok, a.window, n_train, a.batch)
-    budget = f"{a.steps} x {a.batch} x {a.window} = {n_train * a.window:,} tokens"
+    n_train = max(budgets) * a.batch
+    train_all = data.text_batches(CALIB, tok, a.window, n_train, a.batch)
     rows = [["dense", "-", "-", millions(teacher), "-", f"{ppl_dense:.2f}", "1.00", "-"],
             [f"svd-llm {a.ratio} uniform", "-", "-", millions(compressed), "-",
              f"{ppl_comp:.2f}", f"{ppl_comp / ppl_dense:.2f}", "0%"]]
@@ -101,7 +104,10 @@ def main() -> None:
     runs = [("factors", a.lr_factors), ("lora", a.lr_lora)]
     if a.only:
         runs = [r for r in runs if r[0] == a.only]
-    for trainable, lr in runs:
+    runs = [(t, lr, steps) for t, lr in runs for steps in budgets]
+    for trainable, lr, steps in runs:
+        train = train_all[:steps]  # the first steps x batch windows
+        budget = f"{steps} x {a.batch} x {a.window} = {steps * a.batch * a.window:,} tokens"
         student = copy.deepcopy(compressed)
         extra = ""
         if trainable == "lora":
@@ -113,12 +119,13 @@ def main() -> None:
 
             lora.add_lora(student, r=a.lora_r, alpha=2 * a.lora_r)
             extra = f" (r {a.lora_r})"
-            notes.append(f"LoRA: `factorch.lora.add_lora(r={a.lora_r}, alpha={2 * a.lora_r})` "
-                         f"on every linear layer but the LM head; only the adapters train; "
-                         f"evaluated unmerged (merged into the low-rank factors, each rank "
-                         f"grows by r: the parameter count shown).")
-        hist = factorch.distill(student, teacher, train, steps=a.steps, lr=lr,
-                                trainable=trainable, warmup=max(1, a.steps // 20),
+            if not any(n.startswith("LoRA:") for n in notes):
+                notes.append(f"LoRA: `factorch.lora.add_lora(r={a.lora_r}, alpha={2 * a.lora_r})` "
+                             f"on every linear layer but the LM head; only the adapters train; "
+                             f"evaluated unmerged (merged into the low-rank factors, each rank "
+                             f"grows by r: the parameter count shown).")
+        hist = factorch.distill(student, teacher, train, steps=steps, lr=lr,
+                                trainable=trainable, warmup=max(1, steps // 20),
                                 progress=not a.write)
         after = ppl(student)
         closed = (ppl_comp - after) / gap if gap > 0 else float("nan")
@@ -132,15 +139,14 @@ def main() -> None:
     cmd = "python bench/bench_recovery.py " + " ".join(shlex.quote(x) for x in sys.argv[1:])
     lines = [
         f"Command: `{cmd}` ({harness.machine()}); {(time.perf_counter() - t_all) / 60:.0f} min "
-        f"in all. The machine was shared with three other agents' builds and tests during "
-        f"this run, so the wall times are inflated (by how much varied with their load).",
+        f"in all{'; ' + a.note if a.note else ''}.",
         "",
         f"SmolLM2-135M-Instruct (float32) compressed with `factorch.compress(ratio={a.ratio}, "
         f"method='svd-llm', allocation='uniform')`, calibrated on {a.windows} windows x "
         f"{a.window} tokens of the fortunes {', '.join(data.CALIBRATION_FILES)} "
         f"({compress_s:.0f} s). Distillation from the dense model: `factorch.distill` "
         f"(token-level KL at T = 1, AdamW, no weight decay, gradient norm clipped to 1, "
-        f"cosine schedule after a 5% warmup) on the first {n_train} windows of the "
+        f"cosine schedule after a 5% warmup) on the first steps x {a.batch} windows of the "
         f"calibration fortunes (the compression's calibration read the first {a.windows}). "
         f"Perplexity: {a.eval_windows} windows x 256 tokens of "
         f"{', '.join(data.EVALUATION_FILES)} (no text shared with the training). "

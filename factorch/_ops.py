@@ -751,8 +751,8 @@ def _lora_linear_autograd(*args):
         return ops.lora_linear(*args)
 
 
-_lib = torch.library.Library("factorch", "IMPL")
-_lib.impl("lora_linear", _lora_linear_autograd, "Autograd")
+_autograd_lib = torch.library.Library("factorch", "IMPL")
+_autograd_lib.impl("lora_linear", _lora_linear_autograd, "Autograd")
 
 
 # --------------------------------------------------------------------------
