@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from .._conv_layout import FACTORIZATIONS, ConvGeometry, ConvLayout, resolve_rank, tt_modes
 from .._ops import ops
+from ._common import FactorViews
 
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
@@ -33,8 +34,10 @@ def _per_axis(name: str, v, nd: int, lo: int) -> tuple:
     return tuple(vals)
 
 
-class _FactorizedConvNd(nn.Module):
+class _FactorizedConvNd(FactorViews, nn.Module):
     _nd = 2
+    _FACTOR_VIEWS = {"U": ("lowrank",), "V": ("lowrank",)}
+    _VIEW_NOUN = "convolution"
 
     def __init__(self, in_channels, out_channels, kernel_size, factorization="tucker",
                  rank=0.25, stride=1, padding=0, dilation=1, groups=1, bias=True,
@@ -120,11 +123,7 @@ class _FactorizedConvNd(nn.Module):
         return self._layout.views(self.factors)
 
     def _lowrank_views(self, what: str) -> list[Tensor]:
-        # TypeError, not AttributeError: nn.Module.__getattr__ would replace
-        # an AttributeError raised in a property by one without the reason.
-        if self.factorization != "lowrank":
-            raise TypeError(f"{what}: a {self.factorization!r} convolution has none "
-                            "(only 'lowrank')")
+        self._check_view(what)
         return self.weights
 
     @property
@@ -142,49 +141,9 @@ class _FactorizedConvNd(nn.Module):
         return v.view(v.shape[0], -1)
 
     # ---- forward ----------------------------------------------------------
-    def _check_input(self, x: Tensor) -> Tensor:
-        nd = self._nd
-        if not isinstance(x, Tensor):
-            raise TypeError(f"x: expected a Tensor, got {type(x).__name__}")
-        if x.dim() not in (nd + 1, nd + 2):
-            raise ValueError(
-                f"x: expected {nd + 2} dims [N, C, {'H, W' if nd == 2 else 'L'}] (or {nd + 1} "
-                f"unbatched), got {x.dim()}"
-            )
-        c = x.shape[-nd - 1]
-        if c != self.in_channels:
-            raise ValueError(f"x: expected {self.in_channels} channels (dim {-nd - 1}), got {c}")
-        return x
-
     def forward(self, x: Tensor) -> Tensor:
-        nd = self._nd
-        self._check_input(x)
-        unbatched = x.dim() == nd + 1
-        if unbatched:
-            x = x.unsqueeze(0)
-        if self.padding_mode != "zeros":
-            flat_pads = [p for ax in reversed(self._pads) for p in ax]
-            x = TF.pad(x, flat_pads, mode=self.padding_mode)
-        n = x.shape[0]
-        h, w = (1, x.shape[-1]) if nd == 1 else (x.shape[-2], x.shape[-1])
-        G = self._geom
-        for ax, size in ((0, h), (1, w)):
-            padded = size + G.pads[ax][0] + G.pads[ax][1]
-            extent = G.dilation[ax] * (G.kernel[ax] - 1) + 1
-            if extent > padded:
-                raise ValueError(
-                    f"x: the padded input ({padded} along axis {ax - 2 + (nd == 2)}) is smaller "
-                    f"than the dilated kernel ({extent})"
-                )
-        stages, out_shape = self._layout.stages(h, w)
-        if nd == 1:
-            out_shape = [out_shape[0], out_shape[2]]
-        bias = self.bias if self.bias is not None else x.new_empty(0)
-        keep = torch.is_grad_enabled() and (
-            x.requires_grad or self.factors.requires_grad or bias.requires_grad
-        )
-        y, _ = ops.conv_chain(x, self.factors, bias, stages, out_shape, keep)
-        return y.squeeze(0) if unbatched and n == 1 else y
+        return _conv_forward(x, self.factors, self.bias, self._layout, self._nd, self._pads,
+                             self.padding_mode)
 
     # ---- from / to dense ----------------------------------------------------
     @classmethod
@@ -319,3 +278,58 @@ class FactorizedConv1d(_FactorizedConvNd):
             if self.bias is not None:
                 conv.bias.copy_(self.bias)
         return conv
+
+
+def _conv_forward(x: Tensor, factors: Tensor, bias: Tensor | None, layout: ConvLayout, nd: int,
+                  pads: tuple, padding_mode: str) -> Tensor:
+    """A factorized convolution's forward: checks x [N, C, (H,) W] (or
+    unbatched), pads it for a non-zero padding_mode and runs the stage chain
+    (one op). A function of tensors and plain values, wrapped for torch.fx
+    below: symbolic tracing cannot compute the stage list from a Proxy's
+    shape, so the traced graph calls this with the real tensor."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x: expected a Tensor, got {type(x).__name__}")
+    if x.dim() not in (nd + 1, nd + 2):
+        raise ValueError(
+            f"x: expected {nd + 2} dims [N, C, {'H, W' if nd == 2 else 'L'}] (or {nd + 1} "
+            f"unbatched), got {x.dim()}"
+        )
+    G = layout.geom
+    c = x.shape[-nd - 1]
+    if c != G.in_channels:
+        raise ValueError(f"x: expected {G.in_channels} channels (dim {-nd - 1}), got {c}")
+    unbatched = x.dim() == nd + 1
+    if unbatched:
+        x = x.unsqueeze(0)
+    if padding_mode != "zeros":
+        flat_pads = [p for ax in reversed(pads) for p in ax]
+        x = TF.pad(x, flat_pads, mode=padding_mode)
+    n = x.shape[0]
+    h, w = (1, x.shape[-1]) if nd == 1 else (x.shape[-2], x.shape[-1])
+    if torch.jit.is_tracing():
+        # The tracer hands sizes as tensors, which the op's SymInt[] stage
+        # list cannot hold: the trace is specialised to this input size (the
+        # op rejects inputs of another size).
+        h, w = int(h), int(w)
+    for ax, size in ((0, h), (1, w)):
+        padded = size + G.pads[ax][0] + G.pads[ax][1]
+        extent = G.dilation[ax] * (G.kernel[ax] - 1) + 1
+        if extent > padded:
+            raise ValueError(
+                f"x: the padded input ({padded} along axis {ax - 2 + (nd == 2)}) is smaller "
+                f"than the dilated kernel ({extent})"
+            )
+    stages, out_shape = layout.stages(h, w)
+    if nd == 1:
+        out_shape = [out_shape[0], out_shape[2]]
+    bias = bias if bias is not None else x.new_empty(0)
+    # The chain's intermediates are kept for a backward only when one can
+    # follow; a trace records one value for every later call, so it keeps
+    # them (the traced module then trains too).
+    keep = torch.jit.is_tracing() or (torch.is_grad_enabled() and (
+        x.requires_grad or factors.requires_grad or bias.requires_grad))
+    y, _ = ops.conv_chain(x, factors, bias, stages, out_shape, keep)
+    return y.squeeze(0) if unbatched and n == 1 else y
+
+
+torch.fx.wrap("_conv_forward")

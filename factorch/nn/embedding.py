@@ -12,6 +12,7 @@ from .. import functional as F
 from .._rank import check_one_rank_rule, lowrank_rank_for_ratio
 from .._tensorized import MAX_MODES, balanced_modes
 from ..factorizations import LowRank, TensorTrain
+from ._common import FactorViews
 
 FACTORIZATIONS = ("lowrank", "tt")
 
@@ -121,7 +122,7 @@ def tt_ranks(rank, ns: tuple, ms: tuple, num: int) -> tuple:
     return TensorTrain.resolve_rank(rank, ns, ms)
 
 
-class FactorizedEmbedding(nn.Module):
+class FactorizedEmbedding(FactorViews, nn.Module):
     """``y = T[indices]`` with the table ``T [num_embeddings, embedding_dim]``
     stored factorized, never formed.
 
@@ -232,29 +233,25 @@ class FactorizedEmbedding(nn.Module):
             LowRank.upgrade_state_dict(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def _only(self, what: str, factorization: str) -> None:
-        # TypeError, not AttributeError: nn.Module.__getattr__ would replace
-        # an AttributeError raised in a property by one without the reason.
-        if self.factorization != factorization:
-            raise TypeError(f"{what}: a {self.factorization!r} table has none "
-                            f"(only {factorization!r})")
+    _FACTOR_VIEWS = {"U": ("lowrank",), "V": ("lowrank",), "cores": ("tt",)}
+    _VIEW_NOUN = "table"
 
     @property
     def U(self) -> Tensor:
         """lowrank: ``U [num_embeddings, R]`` (a view of ``factors``)."""
-        self._only("U", "lowrank")
+        self._check_view("U")
         return self.layout.split(self.factors)[0]
 
     @property
     def V(self) -> Tensor:
         """lowrank: ``V [R, embedding_dim]`` (a view of ``factors``)."""
-        self._only("V", "lowrank")
+        self._check_view("V")
         return self.layout.split(self.factors)[1]
 
     @property
     def cores(self) -> list[Tensor]:
         """tt: ``G_k [r_(k-1), n_k, m_k, r_k]`` (views of ``factors``)."""
-        self._only("cores", "tt")
+        self._check_view("cores")
         return self.layout.views(self.factors)
 
     # ------------------------------------------------------------------

@@ -9,6 +9,8 @@ from torch import Tensor, nn
 
 from .. import factorizations as FZ
 from ..factorizations import LowRank
+from . import _common
+from ._common import FactorViews
 
 FACTORIZATIONS = tuple(FZ.REGISTRY)
 
@@ -19,7 +21,7 @@ def _check_features(name: str, value) -> int:
     return value
 
 
-class FactorizedLinear(nn.Module):
+class FactorizedLinear(FactorViews, nn.Module):
     """``y = x · Wᵀ + b`` with ``W`` stored factorized, never formed.
 
     ``factorization="lowrank"``: ``W ≈ U · V`` with ``U [out, r]`` and
@@ -102,11 +104,7 @@ class FactorizedLinear(nn.Module):
                 self.bias.uniform_(-b, b)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"x: expected a last dim of in_features = {self.in_features}, "
-                f"got shape {list(x.shape)}"
-            )
+        x = _common.check_linear_input(x, self.in_features)
         return self.layout.linear(x, self.factors, self.bias)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -117,48 +115,46 @@ class FactorizedLinear(nn.Module):
     # ------------------------------------------------------------------
     # Views of the flat parameter
     # ------------------------------------------------------------------
-    def _views(self, what: str, allowed: tuple) -> list[Tensor]:
-        # TypeError, not AttributeError: nn.Module.__getattr__ would replace an
-        # AttributeError raised in a property by a message without the reason.
-        if self.factorization not in allowed:
-            raise TypeError(
-                f"{what}: a {self.factorization!r} layer has none (only {', '.join(allowed)})"
-            )
+    _FACTOR_VIEWS = {"U": ("lowrank",), "V": ("lowrank",), "in_factors": ("cp", "tucker"),
+                     "out_factors": ("cp", "tucker"), "core": ("tucker",), "cores": ("tt",)}
+
+    def _views(self, what: str) -> list[Tensor]:
+        self._check_view(what)
         return self.layout.views(self.factors)
 
     @property
     def U(self) -> Tensor:
         """lowrank: ``U [out, r]`` (a view of ``factors``)."""
-        return self._views("U", ("lowrank",))[1]
+        return self._views("U")[1]
 
     @property
     def V(self) -> Tensor:
         """lowrank: ``V [r, in]`` (a view of ``factors``)."""
-        return self._views("V", ("lowrank",))[0]
+        return self._views("V")[0]
 
     @property
     def in_factors(self) -> list[Tensor]:
         """cp: ``A_k [i_k, R]``; tucker: ``V_k [i_k, t_k]`` (views of ``factors``)."""
-        vs = self._views("in_factors", ("cp", "tucker"))
+        vs = self._views("in_factors")
         p = len(self.layout.in_modes)
         return vs[:p] if self.factorization == "cp" else vs[1 : 1 + p]
 
     @property
     def out_factors(self) -> list[Tensor]:
         """cp: ``B_k [o_k, R]``; tucker: ``U_k [o_k, s_k]`` (views of ``factors``)."""
-        vs = self._views("out_factors", ("cp", "tucker"))
+        vs = self._views("out_factors")
         p = len(self.layout.in_modes)
         return vs[p:] if self.factorization == "cp" else vs[1 + p :]
 
     @property
     def core(self) -> Tensor:
         """tucker: the core ``[s_1..s_q, t_1..t_p]`` (a view of ``factors``)."""
-        return self._views("core", ("tucker",))[0]
+        return self._views("core")[0]
 
     @property
     def cores(self) -> list[Tensor]:
         """tt: ``G_k [r_(k-1), i_k, o_k, r_k]`` (views of ``factors``)."""
-        return self._views("cores", ("tt",))
+        return self._views("cores")
 
     # ------------------------------------------------------------------
     # Conversion

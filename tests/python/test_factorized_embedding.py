@@ -323,7 +323,7 @@ def test_bad_construction_arguments(args, kwargs, match):
 
 
 def test_cores_of_a_lowrank_table_raise():
-    with pytest.raises(TypeError, match="cores: a 'lowrank' table has none"):
+    with pytest.raises(AttributeError, match="cores: a 'lowrank' table has none"):
         FactorizedEmbedding(10, 4, rank=2).cores
 
 

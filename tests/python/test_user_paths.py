@@ -1,0 +1,198 @@
+"""Paths users expect to work: torch.jit.trace and torch.fx of every layer,
+inputs of any rank, the numpy / JAX entry points on empty, read-only and
+big-endian arrays, bounded work from harmless-looking arguments, warnings
+for ranks past break-even, and torch.autocast on the CPU."""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from factorch import lora
+from factorch.nn import FactorizedConv1d, FactorizedConv2d, FactorizedEmbedding, FactorizedLinear
+
+from conftest import rand
+
+
+def _layers():
+    """(name, layer, input): every layer type and factorization, float64,
+    random factors."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for fact, rank in (("lowrank", 4), ("cp", 3), ("tucker", 2), ("tt", 2)):
+        out.append((f"linear-{fact}", FactorizedLinear(16, 12, fact, rank=rank,
+                                                       dtype=torch.float64),
+                    rand(3, 2, 16, gen=g)))
+    for fact in ("lowrank", "cp", "tucker", "tt"):
+        out.append((f"conv2d-{fact}",
+                    FactorizedConv2d(4, 6, 3, fact, rank=2, padding=1, stride=(1, 2),
+                                     dtype=torch.float64),
+                    rand(2, 4, 6, 7, gen=g)))
+    out.append(("conv2d-reflect", FactorizedConv2d(4, 6, 3, "tucker", rank=2, padding=1,
+                                                   padding_mode="reflect", dtype=torch.float64),
+                rand(2, 4, 5, 5, gen=g)))
+    out.append(("conv1d-cp", FactorizedConv1d(4, 6, 3, "cp", rank=2, dtype=torch.float64),
+                rand(2, 4, 9, gen=g)))
+    out.append(("embedding-lowrank", FactorizedEmbedding(20, 8, rank=3, dtype=torch.float64),
+                torch.randint(0, 20, (2, 5), generator=g)))
+    out.append(("embedding-tt", FactorizedEmbedding(27, 8, "tt", rank=2, dtype=torch.float64),
+                torch.randint(0, 27, (2, 5), generator=g)))
+    bases = {"lora-dense": (nn.Linear(16, 12, dtype=torch.float64), rand(3, 16, gen=g)),
+             "lora-lowrank": (FactorizedLinear(16, 12, rank=4, dtype=torch.float64),
+                              rand(3, 16, gen=g)),
+             "lora-tt": (FactorizedLinear(16, 12, "tt", rank=2, dtype=torch.float64),
+                         rand(3, 16, gen=g)),
+             "lora-embedding": (nn.Embedding(10, 8, dtype=torch.float64),
+                                torch.randint(0, 10, (2, 5), generator=g)),
+             "lora-conv2d": (nn.Conv2d(3, 4, 3, dtype=torch.float64), rand(2, 3, 6, 6, gen=g))}
+    for name, (base, x) in bases.items():
+        holder = nn.Sequential(base)
+        lora.add_lora(holder, r=2, targets=["0"])
+        m = holder[0]
+        with torch.no_grad():  # a non-zero adapter, so it shows in the output
+            for p in m.adapter_parameters():
+                p.copy_(rand(*p.shape, dtype=p.dtype, gen=g))
+        out.append((name, m, x))
+    return out
+
+
+LAYERS = _layers()
+IDS = [n for n, _, _ in LAYERS]
+
+
+# --------------------------------------------------------------------------
+# 1. torch.jit.trace and torch.fx.symbolic_trace
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize("fact,others", [("lowrank", ["core", "cores", "in_factors"]),
+                                         ("cp", ["U", "V", "core", "cores"]),
+                                         ("tucker", ["U", "V", "cores"]),
+                                         ("tt", ["U", "V", "core", "in_factors", "out_factors"])])
+def test_views_of_other_factorizations_are_absent_attributes(fact, others):
+    m = FactorizedLinear(16, 12, fact, rank=2)
+    for name in others:
+        assert not hasattr(m, name)
+        with pytest.raises(AttributeError, match=f"{name}: a '{fact}' layer has none"):
+            getattr(m, name)
+    names = dict(inspect.getmembers(m))
+    assert "factors" in names and not set(others) & set(names)
+    conv = FactorizedConv2d(4, 4, 3, "cp", rank=2)
+    assert not hasattr(conv, "U") and not hasattr(conv, "V")
+    emb = FactorizedEmbedding(10, 4, "tt", rank=2)
+    assert not hasattr(emb, "U") and hasattr(emb, "cores")
+    with pytest.raises(AttributeError, match="U: a 'tt' table has none"):
+        emb.U
+    with pytest.raises(AttributeError, match="no attribute 'nonexistent'"):
+        m.nonexistent
+
+
+@pytest.mark.parametrize("name,layer,x", LAYERS, ids=IDS)
+def test_jit_trace_matches_eager(name, layer, x):
+    layer.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(layer, x)
+    y = layer(x)
+    assert y.abs().sum() > 0
+    torch.testing.assert_close(traced(x), y, rtol=1e-12, atol=1e-12)
+    if x.is_floating_point():  # the traced module trains: same gradients
+        xe = x.clone().requires_grad_()
+        xt = x.clone().requires_grad_()
+        w = rand(*y.shape, gen=torch.Generator().manual_seed(5))
+        (layer(xe) * w).sum().backward()
+        (traced(xt) * w).sum().backward()
+        torch.testing.assert_close(xt.grad, xe.grad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name,layer,x", LAYERS, ids=IDS)
+def test_fx_symbolic_trace_matches_eager(name, layer, x):
+    layer.eval()
+    gm = torch.fx.symbolic_trace(layer)
+    torch.testing.assert_close(gm(x), layer(x), rtol=1e-12, atol=1e-12)
+    model = nn.Sequential(nn.Identity(), layer)  # the layer inside a traced model
+    torch.testing.assert_close(torch.fx.symbolic_trace(model)(x), layer(x), rtol=1e-12,
+                               atol=1e-12)
+
+
+def test_fx_graph_keeps_the_input_checks():
+    gm = torch.fx.symbolic_trace(FactorizedLinear(16, 12, "tt", rank=2))
+    with pytest.raises(ValueError, match="x: expected a last dim of in_features = 16"):
+        gm(torch.randn(3, 15))
+    gm = torch.fx.symbolic_trace(FactorizedConv2d(4, 6, 3, "cp", rank=2))
+    with pytest.raises(ValueError, match="x: expected 4 channels"):
+        gm(torch.randn(2, 3, 5, 5))
+
+
+def test_jit_traced_conv_refuses_another_input_size():
+    conv = FactorizedConv2d(4, 6, 3, "cp", rank=2, padding=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(conv, torch.randn(2, 4, 5, 5))
+    x = torch.randn(3, 4, 5, 5)  # another batch size is fine
+    torch.testing.assert_close(traced(x), conv(x))
+    with pytest.raises(RuntimeError, match="x: expected"):
+        traced(torch.randn(2, 4, 7, 7))
+
+
+# --------------------------------------------------------------------------
+# 2. Shapes: 0-d inputs, more than 8 dims
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize("name,layer,x", [c for c in LAYERS if not c[0].startswith(
+    ("conv", "embedding", "lora-embedding", "lora-conv"))], ids=lambda v: v if isinstance(v, str)
+    else "")
+def test_0d_input_names_x(name, layer, x):
+    with pytest.raises(ValueError, match="x: expected at least 1 dim"):
+        layer(torch.tensor(1.0, dtype=torch.float64))
+
+
+def test_0d_input_to_a_conv_names_x():
+    with pytest.raises(ValueError, match="x: expected 4 dims"):
+        FactorizedConv2d(4, 6, 3, "cp", rank=2)(torch.tensor(1.0))
+
+
+@pytest.mark.parametrize("lead", [(1, 2, 1, 2, 1, 1, 2, 1), (2, 1, 3, 1, 1, 2, 1, 1, 1, 2),
+                                  (1, 2, 1, 0, 1, 1, 2, 1)])
+@pytest.mark.parametrize("name,layer,x", [c for c in LAYERS if c[0].startswith(
+    ("linear", "lora-dense", "lora-lowrank", "lora-tt"))], ids=lambda v: v if isinstance(v, str)
+    else "")
+def test_more_than_8_dims_as_nn_linear(name, layer, x, lead):
+    ref = nn.Linear(16, 12, dtype=torch.float64)
+    with torch.no_grad():  # the dense layer computing the same function
+        W = layer.weight if not isinstance(layer, lora.LoraLayer) else (
+            layer.base_layer.weight + layer.delta_weight())
+        ref.weight.copy_(W)
+        ref.bias.copy_(layer.bias)
+    g = torch.Generator().manual_seed(3)
+    xs = {"contiguous": rand(*lead, 16, gen=g),
+          "permuted": rand(*reversed(lead), 16, gen=g).permute(*range(len(lead) - 1, -1, -1),
+                                                               len(lead)),
+          "sliced": rand(*lead, 32, gen=g)[..., ::2]}
+    for what, xi in xs.items():
+        xi = xi.clone().requires_grad_()
+        xr = xi.detach().clone().requires_grad_()
+        y = layer(xi)
+        yr = ref(xr)
+        assert y.shape == yr.shape, what
+        torch.testing.assert_close(y, yr, rtol=1e-10, atol=1e-10, msg=what)
+        w = rand(*y.shape, gen=g)
+        (y * w).sum().backward()
+        (yr * w).sum().backward()
+        torch.testing.assert_close(xi.grad, xr.grad, rtol=1e-10, atol=1e-10, msg=what)
+
+
+@pytest.mark.parametrize("fact", ["lowrank", "tt"])
+def test_more_than_7_index_dims_as_nn_embedding(fact):
+    emb = FactorizedEmbedding(27, 8, fact, rank=2, dtype=torch.float64)
+    ref = emb.to_embedding()
+    g = torch.Generator().manual_seed(4)
+    idx = torch.randint(0, 27, (2, 1, 2, 1, 1, 2, 1, 3, 2), generator=g)
+    y = emb(idx)
+    torch.testing.assert_close(y, ref(idx), rtol=1e-12, atol=1e-12)
+    w = rand(*y.shape, gen=g)
+    (g_op,) = torch.autograd.grad((y * w).sum(), emb.factors)
+    (g_ref,) = torch.autograd.grad((emb.table()[idx] * w).sum(), emb.factors)
+    torch.testing.assert_close(g_op, g_ref, rtol=1e-10, atol=1e-10)
