@@ -8,6 +8,7 @@ from __future__ import annotations
 import inspect
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -196,3 +197,127 @@ def test_more_than_7_index_dims_as_nn_embedding(fact):
     (g_op,) = torch.autograd.grad((y * w).sum(), emb.factors)
     (g_ref,) = torch.autograd.grad((emb.table()[idx] * w).sum(), emb.factors)
     torch.testing.assert_close(g_op, g_ref, rtol=1e-10, atol=1e-10)
+
+
+# --------------------------------------------------------------------------
+# 3. The numpy / JAX path (factorch.dlpack)
+# --------------------------------------------------------------------------
+def _np_forward_cases():
+    """(name, call(x, out=None), x, y_shape_per_row): every forward op of
+    factorch.dlpack on float64 numpy arrays; x has a leading batch dim."""
+    import factorch.dlpack as fd
+
+    torch.manual_seed(0)
+    g = np.random.default_rng(0)
+    U, V, b = g.standard_normal((6, 3)), g.standard_normal((3, 8)), g.standard_normal(6)
+    A, B, W = g.standard_normal((2, 8)), g.standard_normal((6, 2)), g.standard_normal((6, 8))
+    cases = [("lowrank_linear", lambda x, out=None: fd.lowrank_linear(x, U, V, b, out=out),
+              (8,), (6,)),
+             ("lowrank_linear_flat", lambda x, out=None: fd.lowrank_linear_flat(
+                 x, np.concatenate([V.ravel(), U.ravel()]), b, 6, 3, out=out), (8,), (6,)),
+             ("lora_linear", lambda x, out=None: fd.lora_linear(x, A, B, 0.5, W=W, bias=b,
+                                                                out=out), (8,), (6,))]
+    for fact in ("cp", "tucker", "tt"):
+        m = FactorizedLinear(16, 12, fact, rank=2, dtype=torch.float64)
+        flat, bias, args = m.factors.detach().numpy(), m.bias.detach().numpy(), m.layout.op_args()
+        fn = getattr(fd, f"{fact}_linear")
+        cases.append((f"{fact}_linear", lambda x, out=None, fn=fn, flat=flat, bias=bias,
+                      args=args: fn(x, flat, bias, *args, out=out), (16,), (12,)))
+    conv = FactorizedConv2d(4, 6, 3, "cp", rank=2, dtype=torch.float64)
+    st, osh = conv._layout.stages(5, 5)
+    cases.append(("conv_chain", lambda x, out=None: fd.conv_chain(
+        x, conv.factors.detach().numpy(), conv.bias.detach().numpy(), st, osh, out=out),
+        (4, 5, 5), tuple(osh)))
+    return cases
+
+
+NP_CASES = _np_forward_cases()
+
+
+@pytest.mark.parametrize("name,call,row,yrow", NP_CASES, ids=[c[0] for c in NP_CASES])
+def test_numpy_empty_batch_gives_empty_output(name, call, row, yrow):
+    x = np.empty((0, *row))
+    assert x.strides == (0,) * x.ndim  # what numpy gives empty arrays
+    y = call(x)
+    assert y.shape == (0, *yrow)
+    out = np.empty((0, *yrow))
+    assert call(x, out=out) is out
+    x1 = np.random.default_rng(1).standard_normal((2, *row))  # the same call, non-empty
+    y1 = call(x1)
+    assert y1.shape == (2, *yrow) and np.abs(y1).sum() > 0
+
+
+@pytest.mark.parametrize("arg", ["x", "U", "V", "bias"])
+def test_numpy_big_endian_names_the_argument(arg):
+    import factorch.dlpack as fd
+
+    g = np.random.default_rng(2)
+    a = {"x": g.standard_normal((4, 8)), "U": g.standard_normal((6, 3)),
+         "V": g.standard_normal((3, 8)), "bias": g.standard_normal(6)}
+    a[arg] = a[arg].astype(">f8")
+    with pytest.raises(ValueError, match=rf"{arg}: expected an array in the machine's byte "
+                                         r"order, got dtype '>f8'"):
+        fd.lowrank_linear(a["x"], a["U"], a["V"], a["bias"])
+    a[arg] = a[arg].astype(a[arg].dtype.newbyteorder("="))  # what the message says to do
+    ref = a["x"] @ a["V"].T @ a["U"].T + a["bias"]
+    np.testing.assert_allclose(fd.lowrank_linear(a["x"], a["U"], a["V"], a["bias"]), ref,
+                               rtol=1e-12)
+
+
+def test_numpy_read_only_inputs_are_accepted():
+    import factorch.dlpack as fd
+
+    g = np.random.default_rng(3)
+    x, U, V = g.standard_normal((4, 8)), g.standard_normal((6, 3)), g.standard_normal((3, 8))
+    for a in (x, U, V):
+        a.flags.writeable = False
+    np.testing.assert_allclose(fd.lowrank_linear(x, U, V), x @ V.T @ U.T, rtol=1e-12)
+
+
+class _Refusing:
+    """A DLPack producer that refuses every export (as numpy does a
+    read-only array without DLPack 1.0)."""
+
+    def __dlpack__(self, **kw):
+        raise BufferError("cannot export")
+
+    def __dlpack_device__(self):
+        return (1, 0)
+
+
+def test_an_array_its_producer_refuses_names_the_argument():
+    import factorch.dlpack as fd
+
+    g = np.random.default_rng(4)
+    with pytest.raises(ValueError, match="V: expected an array its producer can export through "
+                                         r"DLPack, got one it refused \(cannot export\)"):
+        fd.lowrank_linear(g.standard_normal((4, 8)), g.standard_normal((6, 3)), _Refusing())
+
+
+@pytest.fixture(scope="module")
+def jnp():
+    jax = pytest.importorskip("jax", reason="jax[cpu] is not installed")
+    try:
+        jax.devices("cpu")
+    except RuntimeError as e:  # pragma: no cover
+        pytest.skip(f"jax has no CPU backend: {e}")
+    return pytest.importorskip("jax.numpy")
+
+
+@pytest.mark.parametrize("name,call,row,yrow", NP_CASES, ids=[c[0] for c in NP_CASES])
+def test_jax_out_is_refused_and_left_alone(jnp, name, call, row, yrow):
+    x = np.random.default_rng(5).standard_normal((3, *row))
+    out = jnp.zeros((3, *yrow), dtype=jnp.float32)
+    with pytest.raises(ValueError, match="out: JAX arrays are immutable"):
+        call(x.astype(np.float32), out=out)
+    assert float(jnp.abs(out).sum()) == 0.0
+
+
+def test_jax_empty_batch(jnp):
+    import factorch.dlpack as fd
+
+    g = np.random.default_rng(6)
+    U, V = jnp.asarray(g.standard_normal((6, 3)), dtype=jnp.float32), jnp.asarray(
+        g.standard_normal((3, 8)), dtype=jnp.float32)
+    y = fd.lowrank_linear(jnp.zeros((0, 8), dtype=jnp.float32), U, V)
+    assert y.shape == (0, 6) and type(y).__module__.startswith("jax")
