@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as TF
 from torch import Tensor, nn
 
+from .. import limits
 from .._conv_layout import FACTORIZATIONS, ConvGeometry, ConvLayout, resolve_rank, tt_modes
 from .._ops import ops
 from ._common import FactorViews
@@ -97,6 +98,9 @@ class _FactorizedConvNd(FactorViews, nn.Module):
                                   tuple(ins), tuple(outs))
         #: lowrank, cp: R (per group); tucker: (R_in, R_out); tt: (r_1, .., r_(d-1), r_spatial).
         self.rank = self._layout.rank
+        limits.check_layer_parameters(
+            "rank", f"a {factorization!r} convolution {in_channels} -> {out_channels} of rank "
+            f"{self.rank}", self._layout.num_parameters, device, dtype)
         kw = {"device": device, "dtype": dtype}
         self.factors = nn.Parameter(torch.empty(self._layout.num_parameters, **kw))
         if bias:

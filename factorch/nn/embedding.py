@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as F
+from .. import limits
 from .._rank import check_one_rank_rule, lowrank_rank_for_ratio
 from .._tensorized import MAX_MODES, balanced_modes
 from ..factorizations import LowRank, TensorTrain
@@ -201,6 +202,9 @@ class FactorizedEmbedding(FactorViews, nn.Module):
             self._op_args = self.layout.op_args()  # modes, dims, ranks
         #: lowrank: R; tt: (1, r_1, .., r_(d-1), 1)
         self.rank = self.layout.rank
+        limits.check_layer_parameters(
+            "rank", f"a {factorization!r} table {num_embeddings} x {embedding_dim} of rank "
+            f"{self.rank}", self.layout.num_parameters, device, dtype)
         self.factors = nn.Parameter(torch.empty(self.layout.num_parameters, **kw))
         #: Relative Frobenius error of the table when built by
         #: ``from_embedding``; None for a randomly initialised layer.

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import factorizations as FZ
+from .. import limits
 from ..factorizations import LowRank
 from . import _common
 from ._common import FactorViews
@@ -56,6 +57,10 @@ class FactorizedLinear(FactorViews, nn.Module):
             each: 4096 -> (8, 8, 8, 8)). Not for lowrank.
         bias, device, dtype: as for ``nn.Linear``.
 
+    A rank whose parameters would not fit the memory available (or the cap
+    of ``factorch.limits.set_memory_limit``) raises a ValueError naming
+    ``rank`` and the bytes it would need, before anything is allocated.
+
     Random initialisation gives the output the variance ``nn.Linear``'s
     default initialisation gives, ``Var(W_ij) = 1/(3·in)``; for lowrank
     ``Var(W_ij) = r·Var(U)·Var(V)``, the others in factorch/factorizations.py
@@ -85,6 +90,9 @@ class FactorizedLinear(FactorViews, nn.Module):
             self.tensorized_shape = self.layout.tensorized_shape
         #: lowrank: r; cp: R; tucker: ((t_1..t_p), (s_1..s_q)); tt: (1, r_1, .., r_(d-1), 1).
         self.rank = self.layout.rank
+        limits.check_layer_parameters(
+            "rank", f"a {factorization!r} layer {in_features} -> {out_features} of rank "
+            f"{self.rank}", self.layout.num_parameters, device, dtype)
         kw = {"device": device, "dtype": dtype}
         self.factors = nn.Parameter(torch.empty(self.layout.num_parameters, **kw))
         if bias:

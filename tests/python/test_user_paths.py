@@ -321,3 +321,76 @@ def test_jax_empty_batch(jnp):
         g.standard_normal((3, 8)), dtype=jnp.float32)
     y = fd.lowrank_linear(jnp.zeros((0, 8), dtype=jnp.float32), U, V)
     assert y.shape == (0, 6) and type(y).__module__.startswith("jax")
+
+
+# --------------------------------------------------------------------------
+# 4. Bounded work from harmless-looking arguments
+# --------------------------------------------------------------------------
+@pytest.fixture
+def memory_cap():
+    """Sets factorch.limits' cap for a test; the default again after it."""
+    from factorch import limits
+
+    yield limits.set_memory_limit
+    limits.set_memory_limit(None)
+
+
+def test_decompositions_refuse_work_beyond_the_memory(memory_cap):
+    import factorch.decompose as D
+
+    x = np.random.default_rng(7).standard_normal((10, 12, 14))
+    # The C workspace of CP-ALS grows as rank²: rank 10**6 would take 64 TB.
+    with pytest.raises(ValueError, match=r"rank: CP-ALS of rank 1000000 .* needs 64\.0 TB "
+                                         r"\(\d+ bytes\), more than the memory available"):
+        D.cp(x, rank=10**6)
+    memory_cap(100_000)  # a cap of its own: small calls still run, large ones are refused
+    assert D.cp(x, rank=2, n_iter_max=5).rank == 2
+    with pytest.raises(ValueError, match=r"rank: CP-ALS of rank 200 .* more than the cap of "
+                                         r"factorch.limits.set_memory_limit \(100\.0 kB\)"):
+        D.cp(x, rank=200)
+    with pytest.raises(ValueError, match="rank: Tucker-HOOI"):
+        D.tucker(torch.randn(40, 40, 40, dtype=torch.float64), rank=[40, 40, 40])
+    with pytest.raises(ValueError, match="matrix: the SVD of a 120x140 matrix"):
+        D.svd(torch.randn(120, 140, dtype=torch.float64))
+    with pytest.raises(ValueError, match="n_oversamples: a randomized SVD of rank 3"):
+        D.randomized_svd(torch.randn(300, 300, dtype=torch.float64), 3, n_oversamples=200)
+    with pytest.raises(ValueError, match="rank: TT-SVD"):
+        D.tensor_train(torch.randn(8, 8, 8, 8, 8, dtype=torch.float64), rank=64)
+
+
+def test_iteration_counts_are_capped():
+    import factorch.decompose as D
+    from factorch import limits
+
+    x = np.random.default_rng(8).standard_normal((6, 7, 8))
+    for call, name, cap in ((lambda n: D.cp(x, 2, n_iter_max=n), "n_iter_max", limits.MAX_SWEEPS),
+                            (lambda n: D.tucker(x, 2, n_iter_max=n), "n_iter_max",
+                             limits.MAX_SWEEPS),
+                            (lambda n: D.randomized_svd(x[0], 2, n_iter=n), "n_iter",
+                             limits.MAX_POWER_ITERATIONS)):
+        with pytest.raises(ValueError, match=rf"{name}: expected 0 <= {name} <= {cap} "
+                                             r"\(factorch.limits.MAX_"):
+            call(2**31 - 1)
+        call(3)  # ordinary counts run
+
+
+@pytest.mark.parametrize("make", [
+    lambda: FactorizedLinear(4096, 4096, "tt", rank=10**6),
+    lambda: FactorizedLinear(65536, 65536, "cp", rank=10**9),
+    lambda: FactorizedConv2d(64, 64, 3, "tt", rank=10**6),
+    lambda: FactorizedEmbedding(10**6, 64, "tt", rank=10**5),
+], ids=["linear-tt", "linear-cp", "conv-tt", "embedding-tt"])
+def test_layers_refuse_absurd_ranks(make):
+    with pytest.raises(ValueError, match=r"rank: a '(tt|cp)' .* \(\d+ parameters of "
+                                         r"float32\) needs [\d.]+ [TG]B"):
+        make()
+
+
+def test_layer_memory_cap_and_meta_device(memory_cap):
+    memory_cap(64 * 64 * 4)  # room for a dense 64x64 float32 weight
+    FactorizedLinear(64, 64, "lowrank", rank=8)  # 8·128 parameters: fits
+    with pytest.raises(ValueError, match=r"rank: a 'lowrank' layer 64 -> 64 of rank 64 "
+                                         r"\(8192 parameters of float64\)"):
+        FactorizedLinear(64, 64, "lowrank", rank=64, dtype=torch.float64)
+    # The meta device allocates nothing: never refused.
+    FactorizedLinear(64, 64, "tt", rank=10**6, device="meta")
