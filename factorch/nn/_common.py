@@ -5,6 +5,8 @@
   raise AttributeError, so ``hasattr``, ``getattr(m, name, default)`` and
   ``inspect.getmembers`` (which torch.jit.trace runs over a module) treat
   them as absent, with a message saying why.
+- The warning of from_linear / from_conv / from_embedding when ``energy``
+  picks a rank past break-even (more parameters than the dense layer).
 - The input check of the linear layers, wrapped for torch.fx: symbolic
   tracing cannot branch on a Proxy's shape, so the check is recorded as one
   call and runs on the real tensor when the traced module does (callers
@@ -12,6 +14,8 @@
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 from torch import Tensor
@@ -32,6 +36,20 @@ def check_linear_input(x: Tensor, in_features: int) -> Tensor:
 
 
 torch.fx.wrap("check_linear_input")
+
+
+def warn_past_break_even(what: str, energy, rank, params: int, dense: int,
+                         stacklevel: int = 3) -> None:
+    """A UserWarning when the rank ``energy`` picked gives ``params`` factor
+    parameters, more than the ``dense`` weight's: the layer would be larger
+    (and slower) than the one it replaces."""
+    if energy is None or params <= dense:
+        return
+    warnings.warn(
+        f"energy={energy}: the rank it picks, {rank}, gives this {what} {params} parameters, "
+        f"more than the {dense} of the dense weight (past break-even, {params / dense:.2f}x); "
+        "give a smaller energy, a ratio below 1 or a rank, or keep the layer dense",
+        UserWarning, stacklevel=stacklevel + 1)
 
 
 class FactorViews:

@@ -164,7 +164,9 @@ class _FactorizedConvNd(FactorViews, nn.Module):
         of the squared singular values kept; tucker: the same per channel
         mode; tt: TT-SVD's relative error bound ``sqrt(1 - energy)``; not for
         cp). Every option of ``conv`` carries over; the relative Frobenius
-        error of the kernel is in ``reconstruction_error``."""
+        error of the kernel is in ``reconstruction_error``. When ``energy``
+        picks a rank with more parameters than the dense kernel (past
+        break-even) a UserWarning says so."""
         from ._conv_from import from_conv
 
         return from_conv(cls, conv, factorization, rank, ratio, energy, tensorized_shape)

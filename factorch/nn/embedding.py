@@ -13,7 +13,7 @@ from .. import limits
 from .._rank import check_one_rank_rule, lowrank_rank_for_ratio
 from .._tensorized import MAX_MODES, balanced_modes
 from ..factorizations import LowRank, TensorTrain
-from ._common import FactorViews
+from ._common import FactorViews, warn_past_break_even
 
 FACTORIZATIONS = ("lowrank", "tt")
 
@@ -311,6 +311,8 @@ class FactorizedEmbedding(FactorViews, nn.Module):
         error bound ``sqrt(1 - energy)``) sets the rank. padding_idx is
         carried over (its row of the factorized table is zero). The relative
         Frobenius error of the table is stored in ``reconstruction_error``.
+        When ``energy`` picks a rank with more parameters than the dense
+        table (past break-even) a UserWarning says so.
         """
         if not isinstance(embedding, nn.Embedding):
             raise TypeError(
@@ -360,6 +362,8 @@ class FactorizedEmbedding(FactorViews, nn.Module):
             norm = torch.linalg.vector_norm(ref)
             diff = torch.linalg.vector_norm(layer.table().double() - ref)
             layer.reconstruction_error = (diff / norm).item() if norm > 0 else diff.item()
+        warn_past_break_even(f"{factorization!r} table", energy, layer.rank,
+                             layer.factors.numel(), num * dim)
         return layer
 
     # ------------------------------------------------------------------

@@ -221,6 +221,8 @@ class FactorizedLinear(FactorViews, nn.Module):
         activation-aware whitening from factorch._activation (what
         ``factorch.compress`` passes for SVD-LLM and ASVD). The relative
         Frobenius error of the weight is stored in ``reconstruction_error``.
+        When ``energy`` picks a rank with more parameters than the dense
+        weight (past break-even) a UserWarning says so.
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear: expected an nn.Linear, got {type(linear).__name__}")
@@ -230,6 +232,9 @@ class FactorizedLinear(FactorViews, nn.Module):
                                             whitening=whitening)
         layer = cls.from_layout(layout, flat, linear.bias)
         layer.reconstruction_error = err
+        _common.warn_past_break_even(f"{factorization!r} layer", energy, layer.rank,
+                                     layout.num_parameters, layout.in_features *
+                                     layout.out_features)
         return layer
 
     @property

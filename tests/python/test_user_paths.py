@@ -394,3 +394,55 @@ def test_layer_memory_cap_and_meta_device(memory_cap):
         FactorizedLinear(64, 64, "lowrank", rank=64, dtype=torch.float64)
     # The meta device allocates nothing: never refused.
     FactorizedLinear(64, 64, "tt", rank=10**6, device="meta")
+
+
+# --------------------------------------------------------------------------
+# 5. energy= past break-even warns
+# --------------------------------------------------------------------------
+def _full_rank_weight(*shape):
+    """A random weight with a flat spectrum: energy 0.999 keeps nearly every
+    singular value."""
+    return rand(*shape, gen=torch.Generator().manual_seed(9))
+
+
+@pytest.mark.parametrize("fact", ["lowrank", "tt"])
+def test_from_linear_energy_past_break_even_warns(fact):
+    dense = nn.Linear(48, 40, dtype=torch.float64)
+    with torch.no_grad():
+        dense.weight.copy_(_full_rank_weight(40, 48))
+    with pytest.warns(UserWarning, match=r"energy=0.999: the rank it picks, .* gives this "
+                                         rf"'{fact}' layer \d+ parameters, more than the 1920 "
+                                         r"of the dense weight .* keep the layer dense"):
+        layer = FactorizedLinear.from_linear(dense, fact, energy=0.999)
+    assert layer.factors.numel() > 48 * 40
+    with warnings.catch_warnings():  # below break-even: no warning
+        warnings.simplefilter("error")
+        small = FactorizedLinear.from_linear(dense, fact, energy=0.3)
+        FactorizedLinear.from_linear(dense, fact, rank=2)
+    assert small.factors.numel() < 48 * 40
+
+
+@pytest.mark.parametrize("fact", ["lowrank", "tucker", "tt"])
+def test_from_conv_energy_past_break_even_warns(fact):
+    conv = nn.Conv2d(8, 8, 3, dtype=torch.float64)
+    with torch.no_grad():
+        conv.weight.copy_(_full_rank_weight(8, 8, 3, 3))
+    with pytest.warns(UserWarning, match=rf"gives this '{fact}' convolution \d+ parameters, "
+                                         r"more than the 576 of the dense weight"):
+        FactorizedConv2d.from_conv(conv, fact, energy=0.9999)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        FactorizedConv2d.from_conv(conv, fact, rank=1)
+
+
+@pytest.mark.parametrize("fact", ["lowrank", "tt"])
+def test_from_embedding_energy_past_break_even_warns(fact):
+    emb = nn.Embedding(27, 16, dtype=torch.float64)
+    with torch.no_grad():
+        emb.weight.copy_(_full_rank_weight(27, 16))
+    with pytest.warns(UserWarning, match=rf"gives this '{fact}' table \d+ parameters, more "
+                                         r"than the 432 of the dense weight"):
+        FactorizedEmbedding.from_embedding(emb, fact, energy=0.9999)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        FactorizedEmbedding.from_embedding(emb, fact, energy=0.2)
