@@ -446,3 +446,74 @@ def test_from_embedding_energy_past_break_even_warns(fact):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         FactorizedEmbedding.from_embedding(emb, fact, energy=0.2)
+
+
+# --------------------------------------------------------------------------
+# 6. torch.autocast on the CPU: a bfloat16 layer before every layer type
+# --------------------------------------------------------------------------
+def _autocast_models():
+    """(name, model, x, the factorch / LoRA module): a dense torch layer
+    (which autocast runs in bfloat16) before each layer type, float32."""
+    torch.manual_seed(10)
+    out = []
+    for fact in ("lowrank", "cp", "tucker", "tt"):
+        m = nn.Sequential(nn.Linear(16, 16), FactorizedLinear(16, 12, fact, rank=2))
+        out.append((f"linear-{fact}", m, torch.randn(3, 16), m[1]))
+        m = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1),
+                          FactorizedConv2d(4, 6, 3, fact, rank=2, padding=1))
+        out.append((f"conv2d-{fact}", m, torch.randn(2, 3, 6, 6), m[1]))
+    m = nn.Sequential(nn.Conv1d(3, 4, 3), FactorizedConv1d(4, 6, 3, "tucker", rank=2))
+    out.append(("conv1d-tucker", m, torch.randn(2, 3, 9), m[1]))
+    for fact in ("lowrank", "tt"):  # indices in; a dense layer after
+        m = nn.Sequential(FactorizedEmbedding(20, 16, fact, rank=2), nn.Linear(16, 8))
+        out.append((f"embedding-{fact}", m, torch.randint(0, 20, (2, 5)), m[0]))
+    bases = {"dense": nn.Linear(16, 12), "lowrank": FactorizedLinear(16, 12, rank=3),
+             "cp": FactorizedLinear(16, 12, "cp", rank=2),
+             "tt": FactorizedLinear(16, 12, "tt", rank=2)}
+    for name, base in bases.items():
+        m = nn.Sequential(nn.Linear(16, 16), base)
+        lora.add_lora(m, r=2, targets=["1"])
+        out.append((f"lora-{name}", m, torch.randn(3, 16), m[1]))
+    m = nn.Sequential(nn.Conv2d(3, 3, 1), nn.Conv2d(3, 4, 3))
+    lora.add_lora(m, r=2, targets=["1"])
+    out.append(("lora-conv2d", m, torch.randn(2, 3, 6, 6), m[1]))
+    m = nn.Sequential(nn.Embedding(10, 16), nn.Linear(16, 8))
+    lora.add_lora(m, r=2, targets=["0"])
+    out.append(("lora-embedding", m, torch.randint(0, 10, (2, 5)), m[0]))
+    for _, m, _, layer in out:
+        if isinstance(layer, lora.LoraLayer):  # a non-zero adapter, so it shows
+            with torch.no_grad():
+                for p in layer.adapter_parameters():
+                    p.normal_()
+    return out
+
+
+AUTOCAST = _autocast_models()
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("bf16_params", [False, True], ids=["float32-params", "bf16-params"])
+@pytest.mark.parametrize("name,model,x,layer", AUTOCAST, ids=[c[0] for c in AUTOCAST])
+def test_cpu_autocast_bfloat16_matches_float32(name, model, x, layer, bf16_params):
+    import copy
+
+    model = copy.deepcopy(model)
+    layer = [m for m in model.modules() if type(m) is type(layer)][0]
+    params = [p for p in layer.parameters() if p.requires_grad]
+    w = torch.randn(*model(x).shape, generator=torch.Generator().manual_seed(11))
+    ref = model(x)
+    ref_grads = torch.autograd.grad((ref * w).sum(), params)
+    if bf16_params:
+        model = model.bfloat16()
+        params = [p for p in layer.parameters() if p.requires_grad]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(x)
+    assert y.dtype in (torch.float32, torch.bfloat16)
+    grads = torch.autograd.grad((y.float() * w).sum(), params)
+    assert _rel(y, ref) < 3e-2, _rel(y, ref)  # bfloat16 keeps 8 bits of mantissa
+    for g, gr in zip(grads, ref_grads):
+        assert g.shape == gr.shape
+        assert _rel(g, gr) < 6e-2, _rel(g, gr)
