@@ -308,6 +308,18 @@ def _conv_forward(x: Tensor, factors: Tensor, bias: Tensor | None, layout: ConvL
     if unbatched:
         x = x.unsqueeze(0)
     if padding_mode != "zeros":
+        # torch pads by reflection only within the input, circularly by at
+        # most its size: check here so that the error names x.
+        for ax, (before, after) in enumerate(pads):
+            size = x.shape[x.dim() - nd + ax]
+            big = max(before, after)
+            if (padding_mode == "reflect" and big >= size) or (
+                    padding_mode in ("circular", "replicate") and big > 0 and
+                    (size < 1 or (padding_mode == "circular" and big > size))):
+                rule = "larger than" if padding_mode == "reflect" else "at least"
+                raise ValueError(
+                    f"x: padding_mode={padding_mode!r} needs each spatial size {rule} its "
+                    f"padding ({big}), got {size} along dim {x.dim() - nd + ax}")
         flat_pads = [p for ax in reversed(pads) for p in ax]
         x = TF.pad(x, flat_pads, mode=padding_mode)
     n = x.shape[0]

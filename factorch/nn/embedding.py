@@ -226,6 +226,9 @@ class FactorizedEmbedding(FactorViews, nn.Module):
                     v.normal_(0.0, 1.0 / math.sqrt(r[k]))
 
     def forward(self, indices: Tensor) -> Tensor:
+        if not isinstance(indices, (Tensor, torch.fx.Proxy)):
+            raise TypeError(f"indices: expected a Tensor of int64 or int32, got "
+                            f"{type(indices).__name__}")
         if self.factorization == "lowrank":
             U, V = self.layout.split(self.factors)
             return F.lowrank_embedding(indices, U, V, self.padding_idx)
