@@ -75,7 +75,7 @@ __all__ = [
 def _prepare(x, name: str):
     """(array as handed to C, is_torch). Torch tensors are detached; 16-bit
     floats become float32; numpy arrays DLPack cannot export (read-only,
-    odd strides) are copied."""
+    big-endian, odd strides) are copied."""
     if isinstance(x, torch.Tensor):
         t = x.detach()
         if t.dtype in (torch.float16, torch.bfloat16):
@@ -97,6 +97,8 @@ def _prepare(x, name: str):
                             f"{type(x).__name__}")
     if x.dtype == np.float16:
         x = x.astype(np.float32)
+    if not x.dtype.isnative:
+        x = x.astype(x.dtype.newbyteorder("="))  # DLPack holds the machine's byte order only
     if not x.flags.writeable:
         x = x.copy()  # numpy does not export read-only arrays through DLPack
     try:

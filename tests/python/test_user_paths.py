@@ -517,3 +517,16 @@ def test_cpu_autocast_bfloat16_matches_float32(name, model, x, layer, bf16_param
     for g, gr in zip(grads, ref_grads):
         assert g.shape == gr.shape
         assert _rel(g, gr) < 6e-2, _rel(g, gr)
+
+
+def test_decompositions_take_big_endian_and_read_only_numpy():
+    import factorch.decompose as D
+
+    x = np.random.default_rng(12).standard_normal((7, 5))
+    ref = D.svd(x, rank=3)
+    for a in (x.astype(">f8"), x.copy()):
+        if a.dtype.isnative:
+            a.flags.writeable = False
+        res = D.svd(a, rank=3)
+        np.testing.assert_allclose(res.S, ref.S, rtol=1e-12)
+        np.testing.assert_allclose(res.to_tensor(), ref.to_tensor(), rtol=1e-10, atol=1e-12)
