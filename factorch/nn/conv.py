@@ -308,18 +308,16 @@ def _conv_forward(x: Tensor, factors: Tensor, bias: Tensor | None, layout: ConvL
     if unbatched:
         x = x.unsqueeze(0)
     if padding_mode != "zeros":
-        # torch pads by reflection only within the input, circularly by at
-        # most its size: check here so that the error names x.
+        # torch reflects only within the input (padding < size), wraps around
+        # at most once (padding <= size) and replicates an edge that exists:
+        # checked here so that the error names x.
         for ax, (before, after) in enumerate(pads):
-            size = x.shape[x.dim() - nd + ax]
-            big = max(before, after)
-            if (padding_mode == "reflect" and big >= size) or (
-                    padding_mode in ("circular", "replicate") and big > 0 and
-                    (size < 1 or (padding_mode == "circular" and big > size))):
-                rule = "larger than" if padding_mode == "reflect" else "at least"
-                raise ValueError(
-                    f"x: padding_mode={padding_mode!r} needs each spatial size {rule} its "
-                    f"padding ({big}), got {size} along dim {x.dim() - nd + ax}")
+            dim = x.dim() - nd + ax
+            size, big = x.shape[dim], max(before, after)
+            need = {"reflect": big + 1, "circular": big}.get(padding_mode, 1 if big else 0)
+            if size < need:
+                raise ValueError(f"x: padding_mode={padding_mode!r} with padding {big} needs a "
+                                 f"size of at least {need} along dim {dim}, got {size}")
         flat_pads = [p for ax in reversed(pads) for p in ax]
         x = TF.pad(x, flat_pads, mode=padding_mode)
     n = x.shape[0]
