@@ -155,6 +155,22 @@ def test_0d_input_to_a_conv_names_x():
         FactorizedConv2d(4, 6, 3, "cp", rank=2)(torch.tensor(1.0))
 
 
+@pytest.mark.parametrize("mode,size,ok", [("reflect", 2, False), ("reflect", 3, True),
+                                          ("circular", 1, False), ("circular", 2, True)])
+def test_padding_mode_larger_than_the_input_names_x(mode, size, ok):
+    conv = FactorizedConv2d(2, 3, 3, "cp", rank=2, padding=2, padding_mode=mode)
+    x = torch.randn(1, 2, size, 6)
+    if ok:  # what nn.Conv2d accepts
+        ref = nn.Conv2d(2, 3, 3, padding=2, padding_mode=mode)
+        with torch.no_grad():
+            ref.weight.copy_(conv.weight)
+            ref.bias.copy_(conv.bias)
+        torch.testing.assert_close(conv(x), ref(x), rtol=1e-5, atol=1e-5)
+    else:
+        with pytest.raises(ValueError, match=f"x: padding_mode='{mode}' with padding 2 needs"):
+            conv(x)
+
+
 @pytest.mark.parametrize("lead", [(1, 2, 1, 2, 1, 1, 2, 1), (2, 1, 3, 1, 1, 2, 1, 1, 1, 2),
                                   (1, 2, 1, 0, 1, 1, 2, 1)])
 @pytest.mark.parametrize("name,layer,x", [c for c in LAYERS if c[0].startswith(
