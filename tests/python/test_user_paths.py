@@ -142,9 +142,11 @@ def test_jit_traced_conv_refuses_another_input_size():
 # --------------------------------------------------------------------------
 # 2. Shapes: 0-d inputs, more than 8 dims
 # --------------------------------------------------------------------------
-@pytest.mark.parametrize("name,layer,x", [c for c in LAYERS if not c[0].startswith(
-    ("conv", "embedding", "lora-embedding", "lora-conv"))], ids=lambda v: v if isinstance(v, str)
-    else "")
+LINEAR_LIKE = [c for c in LAYERS if c[0].startswith(("linear", "lora-dense", "lora-lowrank",
+                                                     "lora-tt"))]
+
+
+@pytest.mark.parametrize("name,layer,x", LINEAR_LIKE, ids=[c[0] for c in LINEAR_LIKE])
 def test_0d_input_names_x(name, layer, x):
     with pytest.raises(ValueError, match="x: expected at least 1 dim"):
         layer(torch.tensor(1.0, dtype=torch.float64))
@@ -173,9 +175,7 @@ def test_padding_mode_larger_than_the_input_names_x(mode, size, ok):
 
 @pytest.mark.parametrize("lead", [(1, 2, 1, 2, 1, 1, 2, 1), (2, 1, 3, 1, 1, 2, 1, 1, 1, 2),
                                   (1, 2, 1, 0, 1, 1, 2, 1)])
-@pytest.mark.parametrize("name,layer,x", [c for c in LAYERS if c[0].startswith(
-    ("linear", "lora-dense", "lora-lowrank", "lora-tt"))], ids=lambda v: v if isinstance(v, str)
-    else "")
+@pytest.mark.parametrize("name,layer,x", LINEAR_LIKE, ids=[c[0] for c in LINEAR_LIKE])
 def test_more_than_8_dims_as_nn_linear(name, layer, x, lead):
     ref = nn.Linear(16, 12, dtype=torch.float64)
     with torch.no_grad():  # the dense layer computing the same function
