@@ -96,6 +96,7 @@ def test_jit_trace_matches_eager(name, layer, x):
     layer.eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.trace is deprecated
         traced = torch.jit.trace(layer, x)
     y = layer(x)
     assert y.abs().sum() > 0
@@ -132,6 +133,7 @@ def test_jit_traced_conv_refuses_another_input_size():
     conv = FactorizedConv2d(4, 6, 3, "cp", rank=2, padding=1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.trace is deprecated
         traced = torch.jit.trace(conv, torch.randn(2, 4, 5, 5))
     x = torch.randn(3, 4, 5, 5)  # another batch size is fine
     torch.testing.assert_close(traced(x), conv(x))
