@@ -326,3 +326,79 @@ def test_embedding_rejects_bad_indices_naming_them(c, what):
     with pytest.raises(REJECTED) as e:
         emb(idx)
     assert _names_an_argument(e.value, ["indices"]), str(e.value)
+
+
+# --------------------------------------------------------------------------
+# Constructor arguments: a valid layer with one argument (or none) replaced by
+# an odd value; either it builds and runs, or the refusal names the argument
+# --------------------------------------------------------------------------
+ODD = st.one_of(st.integers(-3, 40), st.floats(-0.5, 1.5), st.just(float("nan")), st.none(),
+                st.booleans(), st.sampled_from(["same", "bogus", (2, 2), (1, 2, 1), (0,), [],
+                                                ((2, 2), (3, 2)), ((4,), (6,)), (4, 6)]))
+
+
+ARG_NAMES = ["in_features", "out_features", "rank", "tensorized_shape", "factorization",
+             "in_channels", "out_channels", "kernel_size", "groups", "stride", "padding",
+             "dilation", "num_embeddings", "embedding_dim", "padding_idx", "bias"]
+
+
+def _build_or_refuse(make, kwargs, bad, value, run):
+    if bad is not None:
+        kwargs = {**kwargs, bad: value}
+    try:
+        layer = make(**kwargs)
+    except REJECTED as e:
+        assert bad is not None, f"a valid layer was refused: {e}"
+        # The argument itself, or one it conflicts with (in_features and
+        # tensorized_shape, channels and groups).
+        assert _names_an_argument(e, ARG_NAMES), str(e)
+        hypothesis.event("refused")
+        return
+    hypothesis.event("built")
+    run(layer, kwargs)
+
+
+@settings(**SETTINGS)
+@given(linear_cases(), st.sampled_from([None, "in_features", "out_features", "rank",
+                                        "tensorized_shape", "factorization", "bias"]), ODD)
+def test_linear_constructor_refusals_name_the_argument(c, bad, value):
+    kwargs = dict(in_features=c["in_f"], out_features=c["out_f"], factorization=c["fact"],
+                  rank=c["rank"], tensorized_shape=c["shape"])
+
+    def run(layer, kw):
+        y = layer(torch.randn(2, layer.in_features))
+        assert y.shape == (2, layer.out_features) and torch.isfinite(y).all()
+
+    _build_or_refuse(FactorizedLinear, kwargs, bad, value, run)
+
+
+@settings(**SETTINGS)
+@given(conv_cases(), st.sampled_from([None, "in_channels", "out_channels", "kernel_size",
+                                      "rank", "stride", "padding", "dilation", "groups",
+                                      "factorization"]), ODD)
+def test_conv_constructor_refusals_name_the_argument(c, bad, value):
+    kwargs = dict(in_channels=c["cin"], out_channels=c["cout"], kernel_size=c["k"],
+                  factorization=c["fact"], rank=1, stride=c["stride"], padding=c["padding"],
+                  dilation=c["dilation"], groups=c["groups"])
+
+    def run(conv, kw):
+        need = [d * (k - 1) + 1 for d, k in zip(conv.dilation, conv.kernel_size)]
+        y = conv(torch.randn(1, conv.in_channels, max(need) + 1, max(need) + 1))
+        assert y.shape[:2] == (1, conv.out_channels) and torch.isfinite(y).all()
+
+    _build_or_refuse(FactorizedConv2d, kwargs, bad, value, run)
+
+
+@settings(**SETTINGS)
+@given(embedding_cases(), st.sampled_from([None, "num_embeddings", "embedding_dim", "rank",
+                                           "padding_idx", "tensorized_shape",
+                                           "factorization"]), ODD)
+def test_embedding_constructor_refusals_name_the_argument(c, bad, value):
+    kwargs = dict(num_embeddings=c["num"], embedding_dim=c["dim"], factorization=c["fact"],
+                  rank=c["rank"], tensorized_shape=c["shape"], padding_idx=c["pad"])
+
+    def run(emb, kw):
+        y = emb(torch.arange(emb.num_embeddings))
+        assert y.shape == (emb.num_embeddings, emb.embedding_dim) and torch.isfinite(y).all()
+
+    _build_or_refuse(FactorizedEmbedding, kwargs, bad, value, run)
