@@ -203,6 +203,27 @@ def test_more_than_8_dims_as_nn_linear(name, layer, x, lead):
         torch.testing.assert_close(xi.grad, xr.grad, rtol=1e-10, atol=1e-10, msg=what)
 
 
+def test_merged_leading_dims_are_a_view_where_the_strides_allow():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Spy(TorchDispatchMode):  # the x each factorch op receives
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.namespace == "factorch":
+                seen.append((args[0].data_ptr(), tuple(args[0].shape)))
+            return func(*args, **(kwargs or {}))
+
+    layer = FactorizedLinear(16, 12, "tt", rank=2)
+    lead = (1, 2, 1, 2, 1, 1, 2, 1)
+    for x in (torch.randn(*lead, 16), torch.randn(*lead, 32)[..., ::2]):
+        seen.clear()
+        with Spy():
+            y = layer(x)
+        assert seen == [(x.data_ptr(), (8, 16))]  # one op, on a view of x's memory
+        assert y.shape == (*lead, 12)
+
+
 @pytest.mark.parametrize("fact", ["lowrank", "tt"])
 def test_more_than_7_index_dims_as_nn_embedding(fact):
     emb = FactorizedEmbedding(27, 8, fact, rank=2, dtype=torch.float64)
