@@ -11,16 +11,17 @@ from torch import Tensor
 from . import _ops
 from ._ops import ops
 
-#: Dims the C ops take for an activation (FCT_MAX_DIMS in ops/); the
-#: functions here merge the leading dims of inputs with more into one (a view
-#: where the strides allow, else a copy), as nn.Linear takes any number.
+#: Dims the C ops take for an activation (FCT_MAX_DIMS in ops/; indices one
+#: fewer, the lookup adds a dim); the functions here merge the leading dims of
+#: inputs with more into one (a view where the strides allow, else a copy), as
+#: nn.Linear and nn.Embedding take any number.
 MAX_DIMS = 8
 
 
-def _merge_leading(x, keep: int = 1):
+def _merge_leading(x, keep: int = 1, limit: int = MAX_DIMS):
     """(x with its leading dims merged into one when it has more than
-    MAX_DIMS, the merged dims or None); ``keep`` trailing dims stay."""
-    if not isinstance(x, Tensor) or x.dim() <= MAX_DIMS:
+    ``limit`` dims, the merged dims or None); ``keep`` trailing dims stay."""
+    if not isinstance(x, Tensor) or x.dim() <= limit:
         return x, None
     lead = x.shape[: x.dim() - keep]
     return x.reshape(-1, *x.shape[x.dim() - keep:]), lead
@@ -235,7 +236,7 @@ def lowrank_embedding(indices: Tensor, U: Tensor, V: Tensor, padding_idx=None) -
         padding_idx: None or a row whose lookups give zeros and no gradient.
     """
     num = U.shape[0] if isinstance(U, Tensor) and U.dim() >= 1 else 0
-    indices, lead = _merge_leading(indices, keep=0)
+    indices, lead = _merge_leading(indices, keep=0, limit=MAX_DIMS - 1)
     return _split_leading(ops.lowrank_embedding(indices, U, V, _padding_idx(padding_idx, num)),
                           lead)
 
@@ -243,7 +244,7 @@ def lowrank_embedding(indices: Tensor, U: Tensor, V: Tensor, padding_idx=None) -
 def tt_embedding_flat(indices: Tensor, weights: Tensor, num_embeddings: int, modes, dims, ranks,
                       padding_idx=None) -> Tensor:
     """:func:`tt_embedding` on the flat layout (the cores back to back)."""
-    indices, lead = _merge_leading(indices, keep=0)
+    indices, lead = _merge_leading(indices, keep=0, limit=MAX_DIMS - 1)
     y = ops.tt_embedding(indices, weights, int(num_embeddings), list(modes), list(dims),
                          list(ranks), _padding_idx(padding_idx, int(num_embeddings)))
     return _split_leading(y, lead)
