@@ -49,7 +49,7 @@ def warn_past_break_even(what: str, energy, rank, params: int, dense: int,
         f"energy={energy}: the rank it picks, {rank}, gives this {what} {params} parameters, "
         f"more than the {dense} of the dense weight (past break-even, {params / dense:.2f}x); "
         "give a smaller energy, a ratio below 1 or a rank, or keep the layer dense",
-        UserWarning, stacklevel=stacklevel + 1)
+        UserWarning, stacklevel=stacklevel)
 
 
 class FactorViews:

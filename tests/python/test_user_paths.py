@@ -451,8 +451,9 @@ def test_from_linear_energy_past_break_even_warns(fact):
         dense.weight.copy_(_full_rank_weight(40, 48))
     with pytest.warns(UserWarning, match=r"energy=0.999: the rank it picks, .* gives this "
                                          rf"'{fact}' layer \d+ parameters, more than the 1920 "
-                                         r"of the dense weight .* keep the layer dense"):
+                                         r"of the dense weight .* keep the layer dense") as rec:
         layer = FactorizedLinear.from_linear(dense, fact, energy=0.999)
+    assert rec[0].filename == __file__  # the caller's line
     assert layer.factors.numel() > 48 * 40
     with warnings.catch_warnings():  # below break-even: no warning
         warnings.simplefilter("error")
@@ -467,8 +468,9 @@ def test_from_conv_energy_past_break_even_warns(fact):
     with torch.no_grad():
         conv.weight.copy_(_full_rank_weight(8, 8, 3, 3))
     with pytest.warns(UserWarning, match=rf"gives this '{fact}' convolution \d+ parameters, "
-                                         r"more than the 576 of the dense weight"):
+                                         r"more than the 576 of the dense weight") as rec:
         FactorizedConv2d.from_conv(conv, fact, energy=0.9999)
+    assert rec[0].filename == __file__
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         FactorizedConv2d.from_conv(conv, fact, rank=1)
@@ -480,8 +482,9 @@ def test_from_embedding_energy_past_break_even_warns(fact):
     with torch.no_grad():
         emb.weight.copy_(_full_rank_weight(27, 16))
     with pytest.warns(UserWarning, match=rf"gives this '{fact}' table \d+ parameters, more "
-                                         r"than the 432 of the dense weight"):
+                                         r"than the 432 of the dense weight") as rec:
         FactorizedEmbedding.from_embedding(emb, fact, energy=0.9999)
+    assert rec[0].filename == __file__
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         FactorizedEmbedding.from_embedding(emb, fact, energy=0.2)
