@@ -12,7 +12,7 @@ import torch.nn.functional as TF
 from torch import Tensor, nn
 
 from .._conv_layout import FACTORIZATIONS, ConvGeometry, ConvLayout, resolve_rank, tt_modes
-from .._ops import ops
+from .. import _ops
 
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
@@ -183,7 +183,7 @@ class _FactorizedConvNd(nn.Module):
         keep = torch.is_grad_enabled() and (
             x.requires_grad or self.factors.requires_grad or bias.requires_grad
         )
-        y, _ = ops.conv_chain(x, self.factors, bias, stages, out_shape, keep)
+        y, _ = _ops.call("conv_chain", x, self.factors, bias, stages, out_shape, keep)
         return y.squeeze(0) if unbatched and n == 1 else y
 
     # ---- from / to dense ----------------------------------------------------
