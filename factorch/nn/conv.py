@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from .._conv_layout import FACTORIZATIONS, ConvGeometry, ConvLayout, resolve_rank, tt_modes
 from .. import _ops
+from ._layout_state import LayoutState, plain
 
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
@@ -33,7 +34,7 @@ def _per_axis(name: str, v, nd: int, lo: int) -> tuple:
     return tuple(vals)
 
 
-class _FactorizedConvNd(nn.Module):
+class _FactorizedConvNd(LayoutState, nn.Module):
     _nd = 2
 
     def __init__(self, in_channels, out_channels, kernel_size, factorization="tucker",
@@ -111,6 +112,16 @@ class _FactorizedConvNd(nn.Module):
             b = 1 / math.sqrt(fan_in)
             with torch.no_grad():
                 self.bias.uniform_(-b, b)
+
+    def layout_state(self) -> dict:
+        """How ``factors`` is read, as plain data; stored in the state_dict
+        (``_extra_state``) and checked on load (factorch/nn/_layout_state.py).
+        Stride, padding and dilation are not part of it: they change the
+        computation, not how the kernel's factors are stored."""
+        return {"factorization": self.factorization, "in_channels": self.in_channels,
+                "out_channels": self.out_channels, "kernel_size": plain(self.kernel_size),
+                "groups": self.groups, "rank": plain(self._layout.rank),
+                "tensorized_shape": plain(getattr(self, "tensorized_shape", None))}
 
     # ---- views ------------------------------------------------------------
     @property
