@@ -149,3 +149,17 @@ def test_set_extra_state_refuses_a_bad_state():
         layer.set_extra_state([1, 2])
     with pytest.raises(ValueError, match=r"expected a layer layout .* got a torch.float32"):
         layer.set_extra_state(torch.zeros(3))
+
+
+def test_transformers_save_pretrained_and_state_dict_walks_still_work(tmp_path):
+    pytest.importorskip("transformers")
+    import factorch
+    from compress_models import tiny_llama
+
+    model = tiny_llama(seed=1)
+    factorch.compress(model, ratio=0.5, method="svd", progress=False)
+    # Code that expects a state_dict of tensors.
+    copies = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    assert any(k.endswith(KEY) for k in copies)
+    model.save_pretrained(tmp_path / "hf")  # huggingface_hub reads .device of every entry
+    assert (tmp_path / "hf" / "model.safetensors").is_file()
