@@ -32,9 +32,9 @@ def _recording(*tensors) -> bool:
 def _grads_by_definition(name, inputs, needs, grad_y):
     """d(definition(*inputs)[0])/d(inputs[i]) · grad_y for each i where
     needs[i], with create_graph=True; None elsewhere."""
-    from ._decomp import DECOMPOSITIONS
+    from ._decomp import definition
 
-    fn = DECOMPOSITIONS[getattr(ops, name).default]
+    fn = definition(name)
     wanted = [i for i, n in enumerate(needs) if n]
     out = [None] * len(inputs)
     if not wanted:
@@ -83,9 +83,9 @@ def call(name: str, *args):
     """torch.ops.factorch.<name>(*args), or its aten definition where
     :func:`needs_definition` says so."""
     if needs_definition(args):
-        from ._decomp import DECOMPOSITIONS
+        from ._decomp import definition
 
-        return DECOMPOSITIONS[getattr(ops, name).default](*args)
+        return definition(name)(*args)
     return getattr(ops, name)(*args)
 
 
@@ -794,32 +794,6 @@ def _lora_linear_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(t)
 
 
-_DOUBLE_BACKWARD = (b"factorch.lora_linear: double backward (the gradient of its gradient) is "
-                    b"not supported with dropout > 0 (the C kernels' dropout mask has no torch "
-                    b"form to differentiate); use dropout=0 or eval mode")
-
-
-def _once_differentiable(grads, inputs):
-    """The backward's results, wrapped (as torch.autograd.function's
-    once_differentiable does) so that differentiating them raises a clear
-    error instead of dropping the second-order terms; only when the graph
-    is being recorded (create_graph=True) and an input of the backward, saved
-    tensors included, requires grad."""
-    if not _recording(*inputs):
-        return grads
-    live = [i for i, g in enumerate(grads) if g is not None]
-    if not live:
-        return grads
-    err = torch._C._functions.DelayedError(_DOUBLE_BACKWARD, len(live))
-    wrapped = err(*[grads[i].detach().requires_grad_() for i in live])
-    if not isinstance(wrapped, tuple):
-        wrapped = (wrapped,)
-    out = list(grads)
-    for i, w in zip(live, wrapped):
-        out[i] = w
-    return tuple(out)
-
-
 def _lora_linear_backward(ctx, grad_y, _grad_t):
     x, A, B, W, U, V, t, seed, bias = ctx.saved_tensors
     kind, scale, dropout = ctx.args
@@ -827,8 +801,10 @@ def _lora_linear_backward(ctx, grad_y, _grad_t):
     nW = nW and kind == LORA_DENSE
     nU, nV = nU and kind == LORA_LOWRANK, nV and kind == LORA_LOWRANK
     nb = nb and ctx.has_bias
-    if dropout == 0 and _recording(grad_y, x, A, B, W, U, V, bias):
-        # base_out only adds to y: its value does not change the others' gradients.
+    if _recording(grad_y, x, A, B, W, U, V, bias):
+        # The definition regenerates the dropout mask from the seed as the C
+        # kernels do. base_out only adds to y: its value does not change the
+        # others' gradients.
         base_out = torch.zeros_like(grad_y) if kind == LORA_GIVEN else x.new_empty(0)
         g = _grads_by_definition(
             "lora_linear", (x, A, B, W, U, V, base_out, bias, seed, kind, scale, dropout),
@@ -842,7 +818,6 @@ def _lora_linear_backward(ctx, grad_y, _grad_t):
                 grad_y, x, A, B, W, U, V, t, seed, *ctx.args, nx, nA, nB, nW, nU, nV, nb)
     op_grads = (gx if nx else None, gA if nA else None, gB if nB else None,
                 gW if nW else None, gU if nU else None, gV if nV else None, gb if nb else None)
-    op_grads = _once_differentiable(op_grads, (grad_y, x, A, B, W, U, V, bias))
     # base_out's gradient is grad_y itself (y = base_out + adapter).
     return op_grads[:6] + (grad_y if nbo else None, op_grads[6]) + (None,) * 4
 

@@ -22,6 +22,7 @@ from factorch.lora import LoraLinear
 from factorch.nn import FactorizedConv1d, FactorizedConv2d, FactorizedEmbedding, FactorizedLinear
 
 from conftest import rand
+from test_lora_linear_op import keep_mask, seed_tensor
 
 D64 = torch.float64
 
@@ -148,13 +149,32 @@ def test_gradgradcheck_lora_linear(bias):
                          (x, A, B, bo))
 
 
-def test_lora_linear_double_backward_with_dropout_raises():
-    x, A, B, W = rand(4, 6, requires_grad=True), rand(2, 6, requires_grad=True), rand(
-        5, 2, requires_grad=True), rand(5, 6)
-    y = F.lora_linear(x, A, B, 1.0, weight=W, dropout=0.25)
-    (gx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match=r"lora_linear: double backward .* dropout > 0"):
-        gx.sum().backward()
+def _lora_dropout(x, A, B, W, b, seed, p, scale=0.7):
+    """The op with dropout p and a fixed seed (deterministic: the mask is a
+    hash of the seed and the element index)."""
+    e = x.new_empty(0)
+    return torch.ops.factorch.lora_linear(x, A, B, W, e, e, e, b, seed_tensor(seed), 0, scale,
+                                          p)[0]
+
+
+def _lora_dropout_reference(x, A, B, W, b, seed, p, scale=0.7):
+    xd = x * keep_mask(seed, x.shape, p) / (1 - p)
+    return x @ W.t() + b + scale * (xd @ A.t()) @ B.t()
+
+
+@pytest.mark.parametrize("seed", [3, 2**63 + 11])
+def test_lora_linear_with_dropout_twice_differentiable(seed):
+    x, A, B = rand(4, 6, requires_grad=True), rand(2, 6, requires_grad=True), rand(
+        5, 2, requires_grad=True)
+    W, b = rand(5, 6, requires_grad=True), rand(5, requires_grad=True)
+    assert gradgradcheck(lambda *a: _lora_dropout(*a, seed, 0.4), (x, A, B, W, b))
+    # The gradient penalty with the same mask as the forward (the C kernels'
+    # hash, written again with numpy in test_lora_linear_op.py).
+    got = _penalty(lambda x: _lora_dropout(x, A, B, W, b, seed, 0.4), x, (A, B, W))
+    want = _penalty(lambda x: _lora_dropout_reference(x, A, B, W, b, seed, 0.4), x, (A, B, W))
+    assert want[0].abs().max() > 1e-3
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
 
 
 def _penalty(f, x, params):
@@ -348,17 +368,27 @@ def test_jvp_in_the_parameters(name):
     torch.testing.assert_close(got, want)
 
 
-def test_lora_with_dropout_under_transforms_raises():
+def test_lora_with_dropout_in_forward_mode_uses_the_op_mask():
     layer = _fill(LoraLinear(nn.Linear(6, 5, dtype=D64), r=2, dropout=0.5))
     layer.train()
-    x = rand(6)
-    with pytest.raises(RuntimeError, match=r"lora_linear: .*need dropout = 0"):
-        torch.func.jacfwd(layer)(x)
-    with pytest.raises(RuntimeError, match=r"lora_linear: .*need dropout = 0"):
-        with fwAD.dual_level():
-            layer(fwAD.make_dual(x, rand(6)))
-    layer.eval()  # no dropout: fine
-    torch.testing.assert_close(torch.func.jacfwd(layer)(x), _lora_dense(layer)[0])
+    x, tx = rand(3, 6), rand(3, 6)
+    torch.manual_seed(7)  # the seed functional.lora_linear draws next
+    seed = int(torch.randint(-2**63, 2**63 - 1, (1,), dtype=torch.int64)) % 2**64
+    torch.manual_seed(7)
+    with fwAD.dual_level():
+        tangent = fwAD.unpack_dual(layer(fwAD.make_dual(x, tx))).tangent
+    W = layer.base_layer.weight.detach()
+    A, B = layer.lora_A.weight.detach(), layer.lora_B.weight.detach()
+    keep = keep_mask(seed, x.shape, 0.5)
+    assert 0 < keep.sum() < keep.numel()
+    want = tx @ W.t() + layer.scaling * ((tx * keep / 0.5) @ A.t()) @ B.t()
+    torch.testing.assert_close(tangent, want)
+    # Under vmap (jacfwd) the seed's draw follows vmap's randomness flag: torch's error
+    # by default, never a silent result.
+    with pytest.raises(RuntimeError, match="randomness"):
+        torch.func.jacfwd(layer)(x[0])
+    layer.eval()  # no dropout
+    torch.testing.assert_close(torch.func.jacfwd(layer)(x[0]), _lora_dense(layer)[0])
 
 
 def test_compile_keeps_the_factorch_ops():

@@ -1,7 +1,7 @@
 """torch.ops.factorch.lora_linear and its backward: values against
 base + s·(drop(x)·Aᵀ)·Bᵀ computed with torch ops in float64 (the dropout mask
 drawn by this file's own numpy copy of the hash), gradcheck, opcheck,
-torch.compile, bad inputs, double backward and forward-mode AD (with dropout)."""
+torch.compile, bad inputs, double backward and forward-mode AD."""
 
 from __future__ import annotations
 
@@ -367,18 +367,25 @@ def test_torch_export_keeps_the_op():
 # --------------------------------------------------------------------------
 # Double backward, forward-mode AD
 # --------------------------------------------------------------------------
-def test_double_backward_with_dropout_raises():
-    # Without dropout double backward works (tests/python/test_autograd_modes.py); with
-    # dropout the C kernels' mask has no torch form to differentiate.
+def test_double_backward_with_dropout_uses_the_same_mask():
+    # More in tests/python/test_autograd_modes.py (gradgradcheck of every op).
     x = rand(4, 6, requires_grad=True)
     A, B, W = rand(2, 6, requires_grad=True), rand(5, 2, requires_grad=True), rand(5, 6)
-    y = lora_linear(x, A, B, 1.0, weight=W, dropout=0.3)
-    (gx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match=r"lora_linear: double backward .* dropout > 0"):
-        gx.sum().backward()
+    e = x.new_empty(0)
+
+    def penalty(f):
+        (gx,) = torch.autograd.grad(f(x).square().sum(), x, create_graph=True)
+        return torch.autograd.grad(gx.square().sum(), (A, B))
+
+    got = penalty(lambda x: torch.ops.factorch.lora_linear(
+        x, A, B, W, e, e, e, e, seed_tensor(5), 0, 1.0, 0.3)[0])
+    keep = keep_mask(5, x.shape, 0.3)
+    want = penalty(lambda x: x @ W.t() + ((x * keep / 0.7) @ A.t()) @ B.t())
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
 
 
-def test_forward_mode_ad_gives_the_tangent_and_raises_with_dropout():
+def test_forward_mode_ad_gives_the_tangent():
     import torch.autograd.forward_ad as fwAD
 
     x, A, B, W = rand(4, 6), rand(2, 6), rand(5, 2), rand(5, 6)
@@ -386,9 +393,6 @@ def test_forward_mode_ad_gives_the_tangent_and_raises_with_dropout():
     with fwAD.dual_level():
         y = lora_linear(fwAD.make_dual(x, tx), A, B, 1.0, weight=W)
         torch.testing.assert_close(fwAD.unpack_dual(y).tangent, tx @ (W + B @ A).t())
-        with pytest.raises(RuntimeError, match=r"lora_linear: forward-mode AD .* need dropout "
-                                               r"= 0"):
-            lora_linear(fwAD.make_dual(x, tx), A, B, 1.0, weight=W, dropout=0.1)
     tA = rand(2, 6)
     _, t = torch.func.jvp(lambda a: lora_linear(x, a, B, 1.0, weight=W), (A,), (tA,))
     torch.testing.assert_close(t, x @ (B @ tA).t())
