@@ -56,13 +56,9 @@ def _conv(fz, cls=FactorizedConv2d, bias=True, **kw):
     return _fill(cls(4, 6, 3, fz, rank=2, padding=1, bias=bias, dtype=D64, **kw))
 
 
-def _dense_conv(layer, x):
-    conv = layer.to_conv()
-    return conv(x)
-
-
 def _loras():
-    """(name, LoRA layer, dense reference W_total, bias) over every kind of base."""
+    """(name, LoRA layer) over every kind of base: dense, low-rank, another
+    factorization (its output as base_out)."""
     bases = [("dense", nn.Linear(6, 5, dtype=D64)),
              ("lowrank", FactorizedLinear(6, 5, "lowrank", rank=2, dtype=D64)),
              ("tt", FactorizedLinear(6, 6, "tt", rank=2, tensorized_shape=((2, 3), (3, 2)),
@@ -73,6 +69,7 @@ def _loras():
 
 
 def _lora_dense(layer):
+    """The dense float64 W + s·B·A and the bias the LoRA layer computes."""
     base = layer.base_layer
     W = base.weight.detach().double() + layer.delta_weight()
     b = base.bias.detach() if base.bias is not None else None
@@ -391,11 +388,31 @@ def test_lora_with_dropout_in_forward_mode_uses_the_op_mask():
     torch.testing.assert_close(torch.func.jacfwd(layer)(x[0]), _lora_dense(layer)[0])
 
 
-def test_compile_keeps_the_factorch_ops():
-    layer = _linear("tt", 2, ((2, 3), (3, 2)))
+@pytest.mark.parametrize("fz", ["tt", "lowrank"])
+def test_export_and_compile_keep_the_c_ops(fz):
+    layer = _linear(fz, 2, None if fz == "lowrank" else ((2, 3), (3, 2)))
     x = rand(3, 6)
+    op = "factorch.tt_linear" if fz == "tt" else "factorch.lowrank_linear_flat"
     ep = torch.export.export(layer, (x,))
-    assert any("factorch.tt_linear" in str(n.target) for n in ep.graph.nodes)
+    assert any(op in str(n.target) for n in ep.graph.nodes)
+    # A compiled training step: the C forward and the C backward, not the definitions.
+    from torch._functorch.aot_autograd import aot_module_simplified
+
+    graphs = {}
+
+    def backend(gm, example):
+        def keep(kind):
+            def compiler(g, _):
+                graphs[kind] = {str(n.target) for n in g.graph.nodes}
+                return g
+            return compiler
+        return aot_module_simplified(gm, example, fw_compiler=keep("fw"), bw_compiler=keep("bw"))
+
+    xg = rand(3, 6, requires_grad=True)
+    torch.compile(layer, backend=backend, fullgraph=True)(xg).sum().backward()
+    assert f"{op}.default" in graphs["fw"]
+    assert f"{op}_backward.default" in graphs["bw"]
+    torch._dynamo.reset()
 
 
 # --------------------------------------------------------------------------
