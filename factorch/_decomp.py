@@ -1,5 +1,11 @@
 """Every factorch op written again in standard aten ops (matmul, reshape,
-conv2d, embedding), for export.
+conv2d, embedding), for export and for the autograd the C ops lack.
+
+Autograd (factorch/_ops.py, through :func:`definition`): a backward run with
+create_graph=True differentiates these definitions so that its gradients
+are differentiable again, and the layers run them instead of the C ops
+under forward-mode AD and the torch.func transforms (vmap, jvp, jacfwd,
+jacrev, grad): they use only differentiable, batchable torch ops.
 
 ``torch.export.export`` keeps the ``factorch::`` ops as they are (their fakes
 give the shapes); these definitions replace them only when a program is
