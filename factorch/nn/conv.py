@@ -191,10 +191,12 @@ class _FactorizedConvNd(LayoutState, nn.Module):
         if nd == 1:
             out_shape = [out_shape[0], out_shape[2]]
         bias = self.bias if self.bias is not None else x.new_empty(0)
-        keep = torch.is_grad_enabled() and (
-            x.requires_grad or self.factors.requires_grad or bias.requires_grad
-        )
-        y, _ = _ops.call("conv_chain", x, self.factors, bias, stages, out_shape, keep)
+        args = (x, self.factors, bias)
+        # keep: the C op saves the intermediate activations for its backward;
+        # the torch definition (forward mode, torch.func) has autograd's own.
+        keep = torch.is_grad_enabled() and any(t.requires_grad for t in args) and (
+            not _ops.needs_definition(args))
+        y, _ = _ops.call("conv_chain", *args, stages, out_shape, keep)
         return y.squeeze(0) if unbatched and n == 1 else y
 
     # ---- from / to dense ----------------------------------------------------
