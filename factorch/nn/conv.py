@@ -12,7 +12,8 @@ import torch.nn.functional as TF
 from torch import Tensor, nn
 
 from .._conv_layout import FACTORIZATIONS, ConvGeometry, ConvLayout, resolve_rank, tt_modes
-from .._ops import ops
+from .. import _ops
+from ._layout_state import LayoutState, plain
 
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
@@ -33,7 +34,7 @@ def _per_axis(name: str, v, nd: int, lo: int) -> tuple:
     return tuple(vals)
 
 
-class _FactorizedConvNd(nn.Module):
+class _FactorizedConvNd(LayoutState, nn.Module):
     _nd = 2
 
     def __init__(self, in_channels, out_channels, kernel_size, factorization="tucker",
@@ -112,6 +113,16 @@ class _FactorizedConvNd(nn.Module):
             with torch.no_grad():
                 self.bias.uniform_(-b, b)
 
+    def layout_state(self) -> dict:
+        """How ``factors`` is read, as plain data; stored in the state_dict
+        (``_extra_state``) and checked on load (factorch/nn/_layout_state.py).
+        Stride, padding and dilation are not part of it: they change the
+        computation, not how the kernel's factors are stored."""
+        return {"factorization": self.factorization, "in_channels": self.in_channels,
+                "out_channels": self.out_channels, "kernel_size": plain(self.kernel_size),
+                "groups": self.groups, "rank": plain(self._layout.rank),
+                "tensorized_shape": plain(getattr(self, "tensorized_shape", None))}
+
     # ---- views ------------------------------------------------------------
     @property
     def weights(self) -> list[Tensor]:
@@ -180,10 +191,12 @@ class _FactorizedConvNd(nn.Module):
         if nd == 1:
             out_shape = [out_shape[0], out_shape[2]]
         bias = self.bias if self.bias is not None else x.new_empty(0)
-        keep = torch.is_grad_enabled() and (
-            x.requires_grad or self.factors.requires_grad or bias.requires_grad
-        )
-        y, _ = ops.conv_chain(x, self.factors, bias, stages, out_shape, keep)
+        args = (x, self.factors, bias)
+        # keep: the C op saves the intermediate activations for its backward;
+        # the torch definition (forward mode, torch.func) has autograd's own.
+        keep = torch.is_grad_enabled() and any(t.requires_grad for t in args) and (
+            not _ops.needs_definition(args))
+        y, _ = _ops.call("conv_chain", *args, stages, out_shape, keep)
         return y.squeeze(0) if unbatched and n == 1 else y
 
     # ---- from / to dense ----------------------------------------------------

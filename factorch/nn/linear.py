@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from .. import factorizations as FZ
 from ..factorizations import LowRank
+from ._layout_state import LayoutState, plain
 
 FACTORIZATIONS = tuple(FZ.REGISTRY)
 
@@ -19,7 +20,7 @@ def _check_features(name: str, value) -> int:
     return value
 
 
-class FactorizedLinear(nn.Module):
+class FactorizedLinear(LayoutState, nn.Module):
     """``y = x · Wᵀ + b`` with ``W`` stored factorized, never formed.
 
     ``factorization="lowrank"``: ``W ≈ U · V`` with ``U [out, r]`` and
@@ -108,6 +109,13 @@ class FactorizedLinear(nn.Module):
                 f"got shape {list(x.shape)}"
             )
         return self.layout.linear(x, self.factors, self.bias)
+
+    def layout_state(self) -> dict:
+        """How ``factors`` is read, as plain data; stored in the state_dict
+        (``_extra_state``) and checked on load (factorch/nn/_layout_state.py)."""
+        return {"factorization": self.factorization, "in_features": self.in_features,
+                "out_features": self.out_features, "rank": plain(self.layout.rank),
+                "tensorized_shape": plain(self.layout.tensorized_shape)}
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         if self.factorization == "lowrank":
