@@ -1,5 +1,11 @@
 """Every factorch op written again in standard aten ops (matmul, reshape,
-conv2d, embedding), for export.
+conv2d, embedding), for export and for the autograd the C ops lack.
+
+Autograd (factorch/_ops.py, through :func:`definition`): a backward run with
+create_graph=True differentiates these definitions so that its gradients
+are differentiable again, and the layers run them instead of the C ops
+under forward-mode AD and the torch.func transforms (vmap, jvp, jacfwd,
+jacrev, grad): they use only differentiable, batchable torch ops.
 
 ``torch.export.export`` keeps the ``factorch::`` ops as they are (their fakes
 give the shapes); these definitions replace them only when a program is
@@ -122,23 +128,74 @@ def lowrank_linear_flat(x, weights, bias, out_features, rank):
 # --------------------------------------------------------------------------
 # CP, Tucker, TT on the flat layouts of factorch/factorizations.py
 # --------------------------------------------------------------------------
+def _int64(c: int) -> int:
+    """An unsigned 64-bit constant as the int64 with the same bits."""
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+def _shr(z, k: int):
+    """Logical (unsigned) right shift of int64 bits."""
+    return (z >> k) & ((1 << (64 - k)) - 1)
+
+
+def lora_dropout_keep(seed, n: int, p: float, device):
+    """ops/lora_dropout.h's mask in torch ops: element i (row-major over x
+    folded to [M, in]) is kept when splitmix64's output at position i + 1
+    of the stream seeded with `seed` is >= p·2^64 (unsigned). uint64 has too
+    few torch ops, so the bits live in int64, whose + and * wrap the same
+    way; the unsigned comparison flips the top bits."""
+    z = seed.reshape(()).to(device=device, dtype=torch.int64) + torch.arange(
+        1, n + 1, dtype=torch.int64, device=device) * _int64(0x9E3779B97F4A7C15)
+    z = (z ^ _shr(z, 30)) * _int64(0xBF58476D1CE4E5B9)
+    z = (z ^ _shr(z, 27)) * _int64(0x94D049BB133111EB)
+    z = z ^ _shr(z, 31)
+    threshold = int(p * 2.0**64)  # fct_dropout_threshold
+    top = -(1 << 63)
+    return (z ^ top) >= _int64(threshold ^ (1 << 63))
+
+
+def lora_linear_train(x, A, B, W, U, V, base_out, bias, seed, base_kind, scale, dropout):
+    """lora_linear with dropout > 0 too: the mask regenerated from `seed` as
+    the C kernels draw it (for the autograd paths in _ops, not for export:
+    ONNX has no unsigned 64-bit arithmetic to run it with)."""
+    if dropout == 0.0:
+        return lora_linear(x, A, B, W, U, V, base_out, bias, seed, base_kind, scale, dropout)
+    keep = lora_dropout_keep(seed, x.numel(), dropout, x.device).reshape(x.shape)
+    xd = x * keep.to(x.dtype) * (1.0 / (1.0 - dropout))
+    t = torch.matmul(xd, A.transpose(0, 1))
+    return _lora_base(x, W, U, V, base_out, bias, base_kind) + scale * torch.matmul(
+        t, B.transpose(0, 1)), t
+
+
+def _lora_base(x, W, U, V, base_out, bias, base_kind):
+    if base_kind == 0:
+        return _add_bias(torch.matmul(x, W.transpose(0, 1)), bias)
+    if base_kind == 1:
+        return _lowrank(x, U, V, bias)[0]
+    return base_out
+
+
 @register("lora_linear")
 def lora_linear(x, A, B, W, U, V, base_out, bias, seed, base_kind, scale, dropout):
     """y = base + s·(x·Aᵀ)·Bᵀ; base_kind 0: x·Wᵀ + bias, 1: (x·Vᵀ)·Uᵀ + bias,
     2: base_out. Only without dropout (export in eval mode): the mask comes
     from the C kernels' counter-based hash, which has no standard-operator
-    form."""
+    form (``lora_linear_train`` has it in torch ops, for autograd)."""
     if dropout != 0.0:
         raise ValueError("lora_linear: cannot export with dropout > 0 (put the model in eval "
                          "mode: model.eval())")
     t = torch.matmul(x, A.transpose(0, 1))
-    if base_kind == 0:
-        base = _add_bias(torch.matmul(x, W.transpose(0, 1)), bias)
-    elif base_kind == 1:
-        base = _lowrank(x, U, V, bias)[0]
-    else:
-        base = base_out
-    return base + scale * torch.matmul(t, B.transpose(0, 1)), t
+    return _lora_base(x, W, U, V, base_out, bias, base_kind) + scale * torch.matmul(
+        t, B.transpose(0, 1)), t
+
+
+def definition(name: str):
+    """The torch-ops definition of factorch::<name> that autograd uses
+    (factorch/_ops.py: double backward, forward mode, torch.func): the
+    export one, but lora_linear with its dropout mask."""
+    if name == "lora_linear":
+        return lora_linear_train
+    return DECOMPOSITIONS[getattr(ops, name).default]
 
 
 def _khatri_rao(fs):

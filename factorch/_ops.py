@@ -15,10 +15,99 @@ ops = torch.ops.factorch
 
 
 # --------------------------------------------------------------------------
+# Gradients that carry a graph. The C backward ops have no derivative of
+# their own, so when a backward runs with the graph being recorded
+# (create_graph=True: double backward, gradient penalties, meta-learning)
+# and grad_y or a saved input requires grad, the gradients are computed
+# instead by differentiating the op's aten definition (factorch/_decomp.py),
+# whose result is differentiable again. The usual first-order backward keeps
+# the C op.
+# --------------------------------------------------------------------------
+def _recording(*tensors) -> bool:
+    """Whether a backward must return differentiable gradients."""
+    return torch.is_grad_enabled() and any(
+        isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+
+
+def _grads_by_definition(name, inputs, needs, grad_y):
+    """d(definition(*inputs)[0])/d(inputs[i]) · grad_y for each i where
+    needs[i], with create_graph=True; None elsewhere."""
+    from ._decomp import definition
+
+    fn = definition(name)
+    wanted = [i for i, n in enumerate(needs) if n]
+    out = [None] * len(inputs)
+    if not wanted:
+        return out
+    with torch.enable_grad():
+        y = fn(*inputs)
+        if isinstance(y, (tuple, list)):
+            y = y[0]
+        grads = torch.autograd.grad(y, [inputs[i] for i in wanted], grad_y, create_graph=True,
+                                    allow_unused=True)
+    for i, g in zip(wanted, grads):
+        out[i] = torch.zeros_like(inputs[i]) if g is None else g
+    return out
+
+
+# --------------------------------------------------------------------------
+# Forward-mode AD and torch.func transforms. The C ops have no forward
+# derivative and no batching rule: under forward-mode AD a C op drops the
+# tangents (torch.func.jvp / jacfwd saw zeros), and under vmap, grad or
+# jacrev it would loop over the batch or fail. The layers and
+# factorch.functional therefore call the ops through `call`, which runs the
+# op's aten definition (factorch/_decomp.py, written in differentiable,
+# batchable torch ops) in those cases, and the C op otherwise. Never while
+# torch.compile or torch.export trace: they keep the factorch ops in the graph.
+# --------------------------------------------------------------------------
+_forward_ad = torch.autograd.forward_ad
+_peek_interpreter = torch._C._functorch.peek_interpreter_stack
+
+
+def needs_definition(args) -> bool:
+    """Whether a call on `args` must run the aten definition: a torch.func
+    transform is active (its interpreter is on functorch's stack while the
+    transformed function runs), or a forward-mode AD level is open and an
+    argument has a tangent. Cheap in the usual case (two checks, no loop)."""
+    if torch.compiler.is_compiling():
+        return False
+    if _peek_interpreter() is not None:
+        return True
+    if _forward_ad._current_level < 0:
+        return False
+    return any(isinstance(a, torch.Tensor) and _forward_ad.unpack_dual(a).tangent is not None
+               for a in args)
+
+
+def call(name: str, *args):
+    """torch.ops.factorch.<name>(*args), or its aten definition where
+    :func:`needs_definition` says so."""
+    if needs_definition(args):
+        from ._decomp import definition
+
+        return definition(name)(*args)
+    return getattr(ops, name)(*args)
+
+
+def _check_devices(ref_name, ref, **tensors):
+    """Every tensor on ref's device. A fake also runs when only SOME of the
+    arguments are meta tensors (the dispatcher then picks the Meta kernel for
+    a call on CPU tensors); without this check such a call returned an
+    uninitialised CPU tensor instead of raising (tests/python/test_fuzz_ops.py)."""
+    for name, t in tensors.items():
+        torch._check(
+            t.device == ref.device,
+            lambda: f"{name}: expected device {ref.device} (the device of {ref_name}), "
+            f"got {t.device}",
+        )
+
+
+# --------------------------------------------------------------------------
 # lowrank_linear(x, U, V, bias) -> (y, t);  y = x·Vᵀ·Uᵀ + bias,  t = x·Vᵀ
 # --------------------------------------------------------------------------
 def _check_lowrank(x, U, V, bias):
     torch._check(x.dim() >= 1, lambda: f"x: expected at least 1 dim, got {x.dim()}")
+    _check_devices("x", x, U=U, V=V, bias=bias)
     torch._check(U.dim() == 2, lambda: f"U: expected 2 dims [out, r], got {U.dim()}")
     torch._check(V.dim() == 2, lambda: f"V: expected 2 dims [r, in], got {V.dim()}")
     torch._check(
@@ -52,6 +141,8 @@ def _lowrank_linear_fake(x, U, V, bias):
 
 @torch.library.register_fake("factorch::lowrank_linear_backward")
 def _lowrank_linear_backward_fake(grad_y, x, U, V, t, need_x, need_U, need_V, need_bias):
+    _check_devices("x", x, grad_y=grad_y, U=U, V=V, t=t)
+
     def out(need, shape):
         return x.new_empty(shape if need else (0,))
 
@@ -66,15 +157,18 @@ def _lowrank_linear_backward_fake(grad_y, x, U, V, t, need_x, need_U, need_V, ne
 def _lowrank_linear_setup(ctx, inputs, output):
     x, U, V, bias = inputs
     _, t = output
-    ctx.save_for_backward(x, U, V, t)
+    ctx.save_for_backward(x, U, V, t, bias)
     ctx.has_bias = bias.numel() != 0
     ctx.mark_non_differentiable(t)
 
 
 def _lowrank_linear_backward(ctx, grad_y, _grad_t):
-    x, U, V, t = ctx.saved_tensors
+    x, U, V, t, bias = ctx.saved_tensors
     nx, nU, nV, nb = ctx.needs_input_grad
     nb = nb and ctx.has_bias
+    if _recording(grad_y, x, U, V, bias):
+        return tuple(_grads_by_definition("lowrank_linear", (x, U, V, bias), (nx, nU, nV, nb),
+                                          grad_y))
     gx, gU, gV, gb = ops.lowrank_linear_backward(grad_y, x, U, V, t, nx, nU, nV, nb)
     return (gx if nx else None, gU if nU else None, gV if nV else None, gb if nb else None)
 
@@ -91,6 +185,7 @@ torch.library.register_autograd(
 # --------------------------------------------------------------------------
 def _check_lowrank_flat(x, weights, bias, out_features, rank):
     torch._check(x.dim() >= 1, lambda: f"x: expected at least 1 dim, got {x.dim()}")
+    _check_devices("x", x, weights=weights, bias=bias)
     torch._check(out_features >= 1, lambda: f"out_features: expected >= 1, got {out_features}")
     torch._check(rank >= 1, lambda: f"rank: expected >= 1, got {rank}")
     numel = rank * (x.shape[-1] + out_features)
@@ -116,6 +211,8 @@ def _lowrank_linear_flat_fake(x, weights, bias, out_features, rank):
 @torch.library.register_fake("factorch::lowrank_linear_flat_backward")
 def _lowrank_linear_flat_backward_fake(grad_y, x, weights, t, out_features, rank, need_x,
                                        need_weights, need_bias):
+    _check_devices("x", x, grad_y=grad_y, weights=weights, t=t)
+
     def out(need, shape):
         return x.new_empty(shape if need else (0,))
 
@@ -125,16 +222,19 @@ def _lowrank_linear_flat_backward_fake(grad_y, x, weights, t, out_features, rank
 def _lowrank_linear_flat_setup(ctx, inputs, output):
     x, weights, bias, out_features, rank = inputs
     _, t = output
-    ctx.save_for_backward(x, weights, t)
+    ctx.save_for_backward(x, weights, t, bias)
     ctx.shape = (out_features, rank)
     ctx.has_bias = bias.numel() != 0
     ctx.mark_non_differentiable(t)
 
 
 def _lowrank_linear_flat_backward(ctx, grad_y, _grad_t):
-    x, weights, t = ctx.saved_tensors
+    x, weights, t, bias = ctx.saved_tensors
     nx, nw, nb = ctx.needs_input_grad[:3]
     nb = nb and ctx.has_bias
+    if _recording(grad_y, x, weights, bias):
+        return tuple(_grads_by_definition("lowrank_linear_flat", (x, weights, bias, *ctx.shape),
+                                          (nx, nw, nb, False, False), grad_y))
     gx, gw, gb = ops.lowrank_linear_flat_backward(grad_y, x, weights, t, *ctx.shape, nx, nw, nb)
     return gx if nx else None, gw if nw else None, gb if nb else None, None, None
 
@@ -156,19 +256,6 @@ def _prod(values):
     for v in values:
         out *= v
     return out
-
-
-def _check_devices(ref_name, ref, **tensors):
-    """Every tensor on ref's device. A fake also runs when only SOME of the
-    arguments are meta tensors (the dispatcher then picks the Meta kernel for
-    a call on CPU tensors); without this check such a call returned an
-    uninitialised CPU tensor instead of raising (tests/python/test_fuzz_ops.py)."""
-    for name, t in tensors.items():
-        torch._check(
-            t.device == ref.device,
-            lambda: f"{name}: expected device {ref.device} (the device of {ref_name}), "
-            f"got {t.device}",
-        )
 
 
 def _check_tensorized(x, weights, bias, numel, out, what):
@@ -223,22 +310,26 @@ def _cp_linear_fake(x, weights, bias, in_modes, out_modes, rank):
 @torch.library.register_fake("factorch::cp_linear_backward")
 def _cp_linear_backward_fake(grad_y, x, weights, z, in_modes, out_modes, rank, need_x,
                              need_weights, need_bias):
+    _check_devices("x", x, grad_y=grad_y, weights=weights, z=z)
     return _grads_fake(x, weights, _prod(out_modes), need_x, need_weights, need_bias)
 
 
 def _cp_linear_setup(ctx, inputs, output):
     x, weights, bias, in_modes, out_modes, rank = inputs
     _, z = output
-    ctx.save_for_backward(x, weights, z)
+    ctx.save_for_backward(x, weights, z, bias)
     ctx.args = (in_modes, out_modes, rank)
     ctx.has_bias = bias.numel() != 0
     ctx.mark_non_differentiable(z)
 
 
 def _cp_linear_backward(ctx, grad_y, _grad_z):
-    x, weights, z = ctx.saved_tensors
+    x, weights, z, bias = ctx.saved_tensors
     nx, nw, nb = ctx.needs_input_grad[:3]
     nb = nb and ctx.has_bias
+    if _recording(grad_y, x, weights, bias):
+        return tuple(_grads_by_definition("cp_linear", (x, weights, bias, *ctx.args),
+                                          (nx, nw, nb, False, False, False), grad_y))
     gx, gw, gb = ops.cp_linear_backward(grad_y, x, weights, z, *ctx.args, nx, nw, nb)
     return (gx if nx else None, gw if nw else None, gb if nb else None, None, None, None)
 
@@ -269,21 +360,25 @@ def _tucker_linear_fake(x, weights, bias, in_modes, out_modes, in_ranks, out_ran
 @torch.library.register_fake("factorch::tucker_linear_backward")
 def _tucker_linear_backward_fake(grad_y, x, weights, in_modes, out_modes, in_ranks, out_ranks,
                                  need_x, need_weights, need_bias):
+    _check_devices("x", x, grad_y=grad_y, weights=weights)
     return _grads_fake(x, weights, _prod(out_modes), need_x, need_weights, need_bias)
 
 
 def _tensorized_setup(ctx, inputs, output):
     x, weights, bias, *args = inputs
-    ctx.save_for_backward(x, weights)
+    ctx.save_for_backward(x, weights, bias)
     ctx.args = tuple(args)
     ctx.has_bias = bias.numel() != 0
 
 
-def _tensorized_backward(op):
+def _tensorized_backward(op, name):
     def backward(ctx, grad_y):
-        x, weights = ctx.saved_tensors
+        x, weights, bias = ctx.saved_tensors
         nx, nw, nb = ctx.needs_input_grad[:3]
         nb = nb and ctx.has_bias
+        if _recording(grad_y, x, weights, bias):
+            return tuple(_grads_by_definition(name, (x, weights, bias, *ctx.args),
+                                              (nx, nw, nb) + (False,) * len(ctx.args), grad_y))
         gx, gw, gb = op(grad_y, x, weights, *ctx.args, nx, nw, nb)
         return (gx if nx else None, gw if nw else None, gb if nb else None) + (None,) * len(ctx.args)
 
@@ -292,7 +387,7 @@ def _tensorized_backward(op):
 
 torch.library.register_autograd(
     "factorch::tucker_linear",
-    _tensorized_backward(ops.tucker_linear_backward),
+    _tensorized_backward(ops.tucker_linear_backward, "tucker_linear"),
     setup_context=_tensorized_setup,
 )
 
@@ -319,12 +414,13 @@ def _tt_linear_fake(x, weights, bias, in_modes, out_modes, ranks):
 @torch.library.register_fake("factorch::tt_linear_backward")
 def _tt_linear_backward_fake(grad_y, x, weights, in_modes, out_modes, ranks, need_x,
                              need_weights, need_bias):
+    _check_devices("x", x, grad_y=grad_y, weights=weights)
     return _grads_fake(x, weights, _prod(out_modes), need_x, need_weights, need_bias)
 
 
 torch.library.register_autograd(
     "factorch::tt_linear",
-    _tensorized_backward(ops.tt_linear_backward),
+    _tensorized_backward(ops.tt_linear_backward, "tt_linear"),
     setup_context=_tensorized_setup,
 )
 
@@ -448,16 +544,21 @@ def _conv_chain_backward_fake(grad_y, x, weights, saved, stages, need_x, need_we
 
 
 def _conv_chain_setup(ctx, inputs, output):
-    x, weights, bias, stages, _out_shape, _keep = inputs
-    ctx.save_for_backward(x, weights, output[1])
+    x, weights, bias, stages, out_shape, _keep = inputs
+    ctx.save_for_backward(x, weights, output[1], bias)
     ctx.stages = stages
+    ctx.out_shape = out_shape
     ctx.has_bias = bias.numel() != 0
 
 
 def _conv_chain_backward(ctx, grad_y, _grad_saved):
-    x, weights, saved = ctx.saved_tensors
+    x, weights, saved, bias = ctx.saved_tensors
     nx, nw, nb = ctx.needs_input_grad[:3]
     nb = nb and ctx.has_bias
+    if _recording(grad_y, x, weights, bias):
+        return tuple(_grads_by_definition(
+            "conv_chain", (x, weights, bias, ctx.stages, ctx.out_shape, False),
+            (nx, nw, nb, False, False, False), grad_y))
     gx, gw, gb = ops.conv_chain_backward(grad_y, x, weights, saved, ctx.stages, nx, nw, nb)
     return gx if nx else None, gw if nw else None, gb if nb else None, None, None, None
 
@@ -519,6 +620,9 @@ def _lowrank_embedding_setup(ctx, inputs, output):
 def _lowrank_embedding_backward(ctx, grad_y):
     indices, U, V = ctx.saved_tensors
     nU, nV = ctx.needs_input_grad[1:3]
+    if _recording(grad_y, U, V):
+        return tuple(_grads_by_definition("lowrank_embedding", (indices, U, V, ctx.padding_idx),
+                                          (False, nU, nV, False), grad_y))
     gU, gV = ops.lowrank_embedding_backward(grad_y, indices, U, V, ctx.padding_idx, nU, nV)
     return None, gU if nU else None, gV if nV else None, None
 
@@ -568,6 +672,10 @@ def _tt_embedding_setup(ctx, inputs, output):
 
 def _tt_embedding_backward(ctx, grad_y):
     indices, weights = ctx.saved_tensors
+    if _recording(grad_y, weights):
+        return tuple(_grads_by_definition("tt_embedding", (indices, weights, *ctx.args),
+                                          (False, ctx.needs_input_grad[1]) + (False,) * 5,
+                                          grad_y))
     gw = None
     if ctx.needs_input_grad[1]:
         gw = ops.tt_embedding_backward(grad_y, indices, weights, *ctx.args)
@@ -662,7 +770,12 @@ def _lora_linear_fake(x, A, B, W, U, V, base_out, bias, seed, base_kind, scale, 
 @torch.library.register_fake("factorch::lora_linear_backward")
 def _lora_linear_backward_fake(grad_y, x, A, B, W, U, V, t, seed, base_kind, scale, dropout,
                                need_x, need_A, need_B, need_W, need_U, need_V, need_bias):
-    _check_devices("x", x, grad_y=grad_y, A=A, B=B)
+    used = {"grad_y": grad_y, "A": A, "B": B, "t": t}
+    if base_kind == LORA_DENSE:
+        used["W"] = W
+    elif base_kind == LORA_LOWRANK:
+        used["U"], used["V"] = U, V
+    _check_devices("x", x, **used)
 
     def out(need, shape):
         return x.new_empty(shape if need else (0,))
@@ -675,45 +788,29 @@ def _lora_linear_backward_fake(grad_y, x, A, B, W, U, V, t, seed, base_kind, sca
 def _lora_linear_setup(ctx, inputs, output):
     x, A, B, W, U, V, base_out, bias, seed, base_kind, scale, dropout = inputs
     _, t = output
-    ctx.save_for_backward(x, A, B, W, U, V, t, seed)
+    ctx.save_for_backward(x, A, B, W, U, V, t, seed, bias)
     ctx.args = (base_kind, scale, dropout)
     ctx.has_bias = bias.numel() != 0
     ctx.mark_non_differentiable(t)
 
 
-_DOUBLE_BACKWARD = (b"factorch.lora_linear: double backward (the gradient of its gradient) is "
-                    b"not supported; its backward is one C op without a derivative")
-
-
-def _once_differentiable(grads, inputs):
-    """The backward's results, wrapped (as torch.autograd.function's
-    once_differentiable does) so that differentiating them raises a clear
-    error instead of dropping the second-order terms; only when the graph
-    is being recorded (create_graph=True) and an input of the backward, saved
-    tensors included, requires grad."""
-    if not torch.is_grad_enabled() or not any(
-            isinstance(t, torch.Tensor) and t.requires_grad for t in inputs):
-        return grads
-    live = [i for i, g in enumerate(grads) if g is not None]
-    if not live:
-        return grads
-    err = torch._C._functions.DelayedError(_DOUBLE_BACKWARD, len(live))
-    wrapped = err(*[grads[i].detach().requires_grad_() for i in live])
-    if not isinstance(wrapped, tuple):
-        wrapped = (wrapped,)
-    out = list(grads)
-    for i, w in zip(live, wrapped):
-        out[i] = w
-    return tuple(out)
-
-
 def _lora_linear_backward(ctx, grad_y, _grad_t):
-    x, A, B, W, U, V, t, seed = ctx.saved_tensors
-    kind = ctx.args[0]
+    x, A, B, W, U, V, t, seed, bias = ctx.saved_tensors
+    kind, scale, dropout = ctx.args
     nx, nA, nB, nW, nU, nV, nbo, nb = ctx.needs_input_grad[:8]
     nW = nW and kind == LORA_DENSE
     nU, nV = nU and kind == LORA_LOWRANK, nV and kind == LORA_LOWRANK
     nb = nb and ctx.has_bias
+    if _recording(grad_y, x, A, B, W, U, V, bias):
+        # The definition regenerates the dropout mask from the seed as the C
+        # kernels do. base_out only adds to y: its value does not change the
+        # others' gradients.
+        base_out = torch.zeros_like(grad_y) if kind == LORA_GIVEN else x.new_empty(0)
+        g = _grads_by_definition(
+            "lora_linear", (x, A, B, W, U, V, base_out, bias, seed, kind, scale, dropout),
+            (nx, nA, nB, nW, nU, nV, False, nb) + (False,) * 4, grad_y)
+        g[6] = grad_y if nbo else None
+        return tuple(g)
     gx = gA = gB = gW = gU = gV = gb = None
     if nx or nA or nB or nW or nU or nV or nb:
         with torch.no_grad():
@@ -721,7 +818,6 @@ def _lora_linear_backward(ctx, grad_y, _grad_t):
                 grad_y, x, A, B, W, U, V, t, seed, *ctx.args, nx, nA, nB, nW, nU, nV, nb)
     op_grads = (gx if nx else None, gA if nA else None, gB if nB else None,
                 gW if nW else None, gU if nU else None, gV if nV else None, gb if nb else None)
-    op_grads = _once_differentiable(op_grads, (grad_y, x, A, B, W, U, V))
     # base_out's gradient is grad_y itself (y = base_out + adapter).
     return op_grads[:6] + (grad_y if nbo else None, op_grads[6]) + (None,) * 4
 

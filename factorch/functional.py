@@ -49,7 +49,7 @@ def lowrank_linear(x: Tensor, U: Tensor, V: Tensor, bias: Tensor | None = None) 
     if bias is None:
         bias = x.new_empty(0)
     x, lead = _merge_leading(x)
-    return _split_leading(ops.lowrank_linear(x, U, V, bias)[0], lead)
+    return _split_leading(_ops.call("lowrank_linear", x, U, V, bias)[0], lead)
 
 
 def lowrank_linear_flat(x: Tensor, weights: Tensor, bias: Tensor | None, out_features: int,
@@ -58,8 +58,8 @@ def lowrank_linear_flat(x: Tensor, weights: Tensor, bias: Tensor | None, out_fea
     then ``U [out_features, rank]``, row-major, back to back. Its gradient
     is one flat tensor of the same layout."""
     x, lead = _merge_leading(x)
-    return _split_leading(ops.lowrank_linear_flat(x, weights, _bias(x, bias), out_features,
-                                                  rank)[0], lead)
+    return _split_leading(_ops.call("lowrank_linear_flat", x, weights, _bias(x, bias),
+                                    out_features, rank)[0], lead)
 
 
 # --------------------------------------------------------------------------
@@ -104,7 +104,8 @@ def cp_linear_flat(x: Tensor, weights: Tensor, bias: Tensor | None, in_modes, ou
     """:func:`cp_linear` on the flat parameter layout (A_k then B_k, each
     [mode, rank] row-major, back to back)."""
     x, lead = _merge_leading(x)
-    y = ops.cp_linear(x, weights, _bias(x, bias), list(in_modes), list(out_modes), rank)[0]
+    y = _ops.call("cp_linear", x, weights, _bias(x, bias), list(in_modes), list(out_modes),
+                  rank)[0]
     return _split_leading(y, lead)
 
 
@@ -112,17 +113,16 @@ def tucker_linear_flat(x: Tensor, weights: Tensor, bias: Tensor | None, in_modes
                        in_ranks, out_ranks) -> Tensor:
     """:func:`tucker_linear` on the flat layout (core, then V_k, then U_k)."""
     x, lead = _merge_leading(x)
-    return _split_leading(ops.tucker_linear(x, weights, _bias(x, bias), list(in_modes),
-                                            list(out_modes), list(in_ranks), list(out_ranks)),
-                          lead)
+    return _split_leading(_ops.call("tucker_linear", x, weights, _bias(x, bias), list(in_modes),
+                                    list(out_modes), list(in_ranks), list(out_ranks)), lead)
 
 
 def tt_linear_flat(x: Tensor, weights: Tensor, bias: Tensor | None, in_modes, out_modes,
                    ranks) -> Tensor:
     """:func:`tt_linear` on the flat layout (the cores back to back)."""
     x, lead = _merge_leading(x)
-    return _split_leading(ops.tt_linear(x, weights, _bias(x, bias), list(in_modes),
-                                        list(out_modes), list(ranks)), lead)
+    return _split_leading(_ops.call("tt_linear", x, weights, _bias(x, bias), list(in_modes),
+                                    list(out_modes), list(ranks)), lead)
 
 
 def cp_linear(x: Tensor, in_factors, out_factors, bias: Tensor | None = None) -> Tensor:
@@ -237,16 +237,16 @@ def lowrank_embedding(indices: Tensor, U: Tensor, V: Tensor, padding_idx=None) -
     """
     num = U.shape[0] if isinstance(U, Tensor) and U.dim() >= 1 else 0
     indices, lead = _merge_leading(indices, keep=0, limit=MAX_DIMS - 1)
-    return _split_leading(ops.lowrank_embedding(indices, U, V, _padding_idx(padding_idx, num)),
-                          lead)
+    return _split_leading(_ops.call("lowrank_embedding", indices, U, V,
+                                    _padding_idx(padding_idx, num)), lead)
 
 
 def tt_embedding_flat(indices: Tensor, weights: Tensor, num_embeddings: int, modes, dims, ranks,
                       padding_idx=None) -> Tensor:
     """:func:`tt_embedding` on the flat layout (the cores back to back)."""
     indices, lead = _merge_leading(indices, keep=0, limit=MAX_DIMS - 1)
-    y = ops.tt_embedding(indices, weights, int(num_embeddings), list(modes), list(dims),
-                         list(ranks), _padding_idx(padding_idx, int(num_embeddings)))
+    y = _ops.call("tt_embedding", indices, weights, int(num_embeddings), list(modes),
+                  list(dims), list(ranks), _padding_idx(padding_idx, int(num_embeddings)))
     return _split_leading(y, lead)
 
 
@@ -284,18 +284,6 @@ def tt_embedding(indices: Tensor, cores, num_embeddings: int | None = None,
 # LoRA: a base layer plus a trainable low-rank adapter, in one C op per
 # direction (torch.ops.factorch.lora_linear, ops/lora_linear.c).
 # --------------------------------------------------------------------------
-def _check_no_tangents(op: str, **tensors) -> None:
-    """Forward-mode AD is not implemented by the C ops: fail instead of
-    returning results without tangents (the dispatcher would drop them)."""
-    from torch.autograd import forward_ad
-
-    if forward_ad._current_level < 0 or torch.compiler.is_compiling():
-        return
-    for name, t in tensors.items():
-        if t is not None and forward_ad.unpack_dual(t).tangent is not None:
-            raise RuntimeError(f"{op}: forward-mode AD is not supported ({name} has a tangent)")
-
-
 def lora_linear(x: Tensor, A: Tensor, B: Tensor, scale, *, weight: Tensor | None = None,
                 bias: Tensor | None = None, U: Tensor | None = None, V: Tensor | None = None,
                 base_out: Tensor | None = None, dropout: float = 0.0,
@@ -324,8 +312,11 @@ def lora_linear(x: Tensor, A: Tensor, B: Tensor, scale, *, weight: Tensor | None
     output, the dropout mask is a counter-based hash of (seed, element index)
     regenerated by the backward (no mask tensor is kept), and a frozen base
     gets no weight gradient computed or allocated. Differentiable in every
-    tensor (``base_out``'s gradient is ``grad_y``); not twice, and not in
-    forward mode. float32/float64 on CPU and CUDA, bfloat16/float16 on CUDA.
+    tensor (``base_out``'s gradient is ``grad_y``), twice too (create_graph),
+    in forward mode and under torch.func transforms (through its definition
+    in torch ops, factorch/_decomp.py, which regenerates the same dropout
+    mask from the seed; under vmap the seed's draw follows vmap's
+    ``randomness``). float32/float64 on CPU and CUDA, bfloat16/float16 on CUDA.
     """
     n_bases = (weight is not None) + (U is not None or V is not None) + (base_out is not None)
     if n_bases != 1:
@@ -343,8 +334,6 @@ def lora_linear(x: Tensor, A: Tensor, B: Tensor, scale, *, weight: Tensor | None
         raise ValueError(f"dropout: expected a float p in [0, 1), got {dropout!r}")
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
         raise ValueError(f"scale: expected a finite float, got {scale!r}")
-    _check_no_tangents("lora_linear", x=x, A=A, B=B, weight=weight, bias=bias, U=U, V=V,
-                       base_out=base_out)
     none = x.new_empty(0)
     if dropout > 0:
         device = generator.device if generator is not None else "cpu"
@@ -366,8 +355,8 @@ def lora_linear(x: Tensor, A: Tensor, B: Tensor, scale, *, weight: Tensor | None
 
     x, lead = _merge_leading(x)
     base_out, _ = _merge_leading(base_out)
-    y = ops.lora_linear(x, A, B, arg(weight), arg(U), arg(V), arg(base_out), arg(bias), seed,
-                        kind, float(scale), float(dropout))[0]
+    y = _ops.call("lora_linear", x, A, B, arg(weight), arg(U), arg(V), arg(base_out), arg(bias),
+                  seed, kind, float(scale), float(dropout))[0]
     return _split_leading(y, lead)
 
 

@@ -26,6 +26,7 @@ from torch import nn
 from .compression import _set_module
 from .factorizations import LowRank
 from .nn import FactorizedConv1d, FactorizedConv2d, FactorizedEmbedding, FactorizedLinear
+from .nn._layout_state import EXTRA_STATE, LayoutState
 
 FORMAT = "factorch-compressed"
 #: 2: every factorch layer keeps its factors in one flat ``factors`` tensor.
@@ -138,7 +139,7 @@ def save_compressed(model: nn.Module, directory, report=None) -> Path:
     d.mkdir(parents=True, exist_ok=True)
     layers = {n: layer_spec(m) for n, m in model.named_modules() if type(m).__name__ in _CLASSES}
     tensors, aliases, seen = {}, {}, {}
-    for k, v in model.state_dict().items():
+    for k, v in _tensors(model).items():
         key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape),
                tuple(v.stride()), v.dtype) if v.device.type != "meta" else None
         if key is not None and key in seen:  # tied weights (an LM head sharing the embedding)
@@ -250,8 +251,18 @@ def _replace(model: nn.Module, modules) -> None:
         _set_module(model, name, layer)
 
 
+def _tensors(model: nn.Module) -> dict:
+    """model's state_dict without the factorch layers' layouts
+    (``_extra_state``, factorch/nn/_layout_state.py): factorch.json records
+    each layer's layout already, and the layers accept them missing on load,
+    so files stay as they were and older ones still load."""
+    skip = {f"{name}.{EXTRA_STATE}" if name else EXTRA_STATE
+            for name, m in model.named_modules() if isinstance(m, LayoutState)}
+    return {k: v for k, v in model.state_dict().items() if k not in skip}
+
+
 def _load_checked(model: nn.Module, tensors: dict) -> None:
-    own = model.state_dict()
+    own = _tensors(model)
     missing = sorted(set(own) - set(tensors))
     extra = sorted(set(tensors) - set(own))
     if missing or extra:

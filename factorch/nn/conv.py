@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as TF
 from torch import Tensor, nn
 
-from .. import limits
+from .. import _ops, limits
 from .._conv_layout import FACTORIZATIONS, ConvGeometry, ConvLayout, resolve_rank, tt_modes
-from .._ops import ops
 from ._common import FactorViews
+from ._layout_state import LayoutState, plain
 
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
@@ -35,7 +35,7 @@ def _per_axis(name: str, v, nd: int, lo: int) -> tuple:
     return tuple(vals)
 
 
-class _FactorizedConvNd(FactorViews, nn.Module):
+class _FactorizedConvNd(FactorViews, LayoutState, nn.Module):
     _nd = 2
     _FACTOR_VIEWS = {"U": ("lowrank",), "V": ("lowrank",)}
     _VIEW_NOUN = "convolution"
@@ -118,6 +118,16 @@ class _FactorizedConvNd(FactorViews, nn.Module):
             b = 1 / math.sqrt(fan_in)
             with torch.no_grad():
                 self.bias.uniform_(-b, b)
+
+    def layout_state(self) -> dict:
+        """How ``factors`` is read, as plain data; stored in the state_dict
+        (``_extra_state``) and checked on load (factorch/nn/_layout_state.py).
+        Stride, padding and dilation are not part of it: they change the
+        computation, not how the kernel's factors are stored."""
+        return {"factorization": self.factorization, "in_channels": self.in_channels,
+                "out_channels": self.out_channels, "kernel_size": plain(self.kernel_size),
+                "groups": self.groups, "rank": plain(self._layout.rank),
+                "tensorized_shape": plain(getattr(self, "tensorized_shape", None))}
 
     # ---- views ------------------------------------------------------------
     @property
@@ -339,12 +349,15 @@ def _conv_forward(x: Tensor, factors: Tensor, bias: Tensor | None, layout: ConvL
     if nd == 1:
         out_shape = [out_shape[0], out_shape[2]]
     bias = bias if bias is not None else x.new_empty(0)
-    # The chain's intermediates are kept for a backward only when one can
-    # follow; a trace records one value for every later call, so it keeps
-    # them (the traced module then trains too).
-    keep = torch.jit.is_tracing() or (torch.is_grad_enabled() and (
-        x.requires_grad or factors.requires_grad or bias.requires_grad))
-    y, _ = ops.conv_chain(x, factors, bias, stages, out_shape, keep)
+    args = (x, factors, bias)
+    # keep: the C op saves the intermediate activations for its backward
+    # when one can follow (a jit trace records one value for every later
+    # call, so it keeps them: the traced module then trains too); the torch
+    # definition (forward mode, torch.func) has autograd's own.
+    keep = (torch.jit.is_tracing() or (
+        torch.is_grad_enabled() and any(t.requires_grad for t in args))) and (
+        not _ops.needs_definition(args))
+    y, _ = _ops.call("conv_chain", *args, stages, out_shape, keep)
     return y.squeeze(0) if unbatched and n == 1 else y
 
 

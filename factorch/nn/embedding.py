@@ -14,6 +14,7 @@ from .._rank import check_one_rank_rule, lowrank_rank_for_ratio
 from .._tensorized import MAX_MODES, balanced_modes
 from ..factorizations import LowRank, TensorTrain
 from ._common import FactorViews, warn_past_break_even
+from ._layout_state import LayoutState, plain
 
 FACTORIZATIONS = ("lowrank", "tt")
 
@@ -123,7 +124,7 @@ def tt_ranks(rank, ns: tuple, ms: tuple, num: int) -> tuple:
     return TensorTrain.resolve_rank(rank, ns, ms)
 
 
-class FactorizedEmbedding(FactorViews, nn.Module):
+class FactorizedEmbedding(FactorViews, LayoutState, nn.Module):
     """``y = T[indices]`` with the table ``T [num_embeddings, embedding_dim]``
     stored factorized, never formed.
 
@@ -234,6 +235,13 @@ class FactorizedEmbedding(FactorViews, nn.Module):
             return F.lowrank_embedding(indices, U, V, self.padding_idx)
         return F.tt_embedding_flat(indices, self.factors, self.num_embeddings, *self._op_args,
                                    self.padding_idx)
+
+    def layout_state(self) -> dict:
+        """How ``factors`` is read, as plain data; stored in the state_dict
+        (``_extra_state``) and checked on load (factorch/nn/_layout_state.py)."""
+        return {"factorization": self.factorization, "num_embeddings": self.num_embeddings,
+                "embedding_dim": self.embedding_dim, "rank": plain(self.layout.rank),
+                "tensorized_shape": plain(getattr(self, "tensorized_shape", None))}
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         if self.factorization == "lowrank":

@@ -12,6 +12,7 @@ from .. import limits
 from ..factorizations import LowRank
 from . import _common
 from ._common import FactorViews
+from ._layout_state import LayoutState, plain
 
 FACTORIZATIONS = tuple(FZ.REGISTRY)
 
@@ -22,7 +23,7 @@ def _check_features(name: str, value) -> int:
     return value
 
 
-class FactorizedLinear(FactorViews, nn.Module):
+class FactorizedLinear(FactorViews, LayoutState, nn.Module):
     """``y = x · Wᵀ + b`` with ``W`` stored factorized, never formed.
 
     ``factorization="lowrank"``: ``W ≈ U · V`` with ``U [out, r]`` and
@@ -114,6 +115,13 @@ class FactorizedLinear(FactorViews, nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = _common.check_linear_input(x, self.in_features)
         return self.layout.linear(x, self.factors, self.bias)
+
+    def layout_state(self) -> dict:
+        """How ``factors`` is read, as plain data; stored in the state_dict
+        (``_extra_state``) and checked on load (factorch/nn/_layout_state.py)."""
+        return {"factorization": self.factorization, "in_features": self.in_features,
+                "out_features": self.out_features, "rank": plain(self.layout.rank),
+                "tensorized_shape": plain(self.layout.tensorized_shape)}
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         if self.factorization == "lowrank":

@@ -288,9 +288,9 @@ def test_state_dict_round_trip():
     b.load_state_dict(a.state_dict())
     idx = torch.tensor([1, 29, 4])
     torch.testing.assert_close(a(idx), b(idx))
-    assert set(a.state_dict()) == {"factors"}
+    assert set(a.state_dict()) == {"factors", "_extra_state"}  # the layout
     lr = layer(30, 8, "lowrank", dict(rank=3))
-    assert set(lr.state_dict()) == {"factors"}
+    assert set(lr.state_dict()) == {"factors", "_extra_state"}
     # separate U and V (how low-rank tables were stored before) still load
     fresh = layer(30, 8, "lowrank", dict(rank=3), seed=9)
     fresh.load_state_dict({"U": lr.U.detach().clone(), "V": lr.V.detach().clone()})

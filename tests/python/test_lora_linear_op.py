@@ -367,26 +367,35 @@ def test_torch_export_keeps_the_op():
 # --------------------------------------------------------------------------
 # Double backward, forward-mode AD
 # --------------------------------------------------------------------------
-def test_double_backward_raises():
+def test_double_backward_with_dropout_uses_the_same_mask():
+    # More in tests/python/test_autograd_modes.py (gradgradcheck of every op).
     x = rand(4, 6, requires_grad=True)
     A, B, W = rand(2, 6, requires_grad=True), rand(5, 2, requires_grad=True), rand(5, 6)
-    y = lora_linear(x, A, B, 1.0, weight=W)
-    (gx,) = torch.autograd.grad(y.sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match=r"lora_linear: double backward .* not supported"):
-        gx.sum().backward()
+    e = x.new_empty(0)
+
+    def penalty(f):
+        (gx,) = torch.autograd.grad(f(x).square().sum(), x, create_graph=True)
+        return torch.autograd.grad(gx.square().sum(), (A, B))
+
+    got = penalty(lambda x: torch.ops.factorch.lora_linear(
+        x, A, B, W, e, e, e, e, seed_tensor(5), 0, 1.0, 0.3)[0])
+    keep = keep_mask(5, x.shape, 0.3)
+    want = penalty(lambda x: x @ W.t() + ((x * keep / 0.7) @ A.t()) @ B.t())
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
 
 
-def test_forward_mode_ad_raises():
+def test_forward_mode_ad_gives_the_tangent():
     import torch.autograd.forward_ad as fwAD
 
     x, A, B, W = rand(4, 6), rand(2, 6), rand(5, 2), rand(5, 6)
+    tx = rand(4, 6)
     with fwAD.dual_level():
-        xd = fwAD.make_dual(x, torch.ones_like(x))
-        with pytest.raises(RuntimeError, match=r"lora_linear: forward-mode AD is not supported "
-                                               r"\(x has a tangent\)"):
-            lora_linear(xd, A, B, 1.0, weight=W)
-    with pytest.raises(RuntimeError, match=r"forward-mode AD is not supported"):
-        torch.func.jvp(lambda a: lora_linear(x, a, B, 1.0, weight=W), (A,), (torch.ones_like(A),))
+        y = lora_linear(fwAD.make_dual(x, tx), A, B, 1.0, weight=W)
+        torch.testing.assert_close(fwAD.unpack_dual(y).tangent, tx @ (W + B @ A).t())
+    tA = rand(2, 6)
+    _, t = torch.func.jvp(lambda a: lora_linear(x, a, B, 1.0, weight=W), (A,), (tA,))
+    torch.testing.assert_close(t, x @ (B @ tA).t())
 
 
 # --------------------------------------------------------------------------
