@@ -152,7 +152,13 @@ bool fct_fold(const DLTensor* t, fct_mat* m) {
     }
     expect = st[i] * n;
   }
-  if (m->rows == 0 || m->cols == 0) ok = true; /* empty: any strides will do */
+  if (m->rows == 0 || m->cols == 0) {
+    /* Empty: any strides will do (numpy gives empty arrays zero strides);
+     * report the dense row-major layout the output checks expect. */
+    m->cs = 1;
+    m->rs = m->cols > 0 ? m->cols : 1;
+    return true;
+  }
   /* A dim of size <= 1 has no meaningful stride: give it the one BLAS wants. */
   if (m->rows <= 1) m->rs = m->cols > 0 ? (m->cs == 1 ? m->cols : 1) : 1;
   if (m->cols <= 1) m->cs = 1;

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from . import _lib, _ops, functional, nn  # noqa: F401  (_ops registers fakes/autograd)
 from ._config import get_check_finite, set_check_finite
+from . import limits  # noqa: E402  (memory and iteration caps of the decompositions and layers)
 from . import decompose  # noqa: E402  (decompositions in C: svd, randomized_svd, cp, tucker, TT)
 from . import data, evaluate  # noqa: E402  (calibration text, perplexity and speed)
 from .compression import CompressionReport, compress, select_targets  # noqa: E402
@@ -28,6 +29,7 @@ __all__ = [
     "functional",
     "nn",
     "decompose",
+    "limits",
     "compress",
     "select_targets",
     "CompressionReport",

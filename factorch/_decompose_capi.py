@@ -17,7 +17,7 @@ from ctypes import POINTER, c_char, c_double, c_int, c_int32, c_int64, c_size_t,
 import numpy as np
 import torch
 
-from . import _lib
+from . import _lib, limits
 from ._dlpack_abi import Context as _Context
 from ._dlpack_abi import DLManagedTensor as _DLManagedTensor
 from ._dlpack_abi import DLTensor as _DLTensor
@@ -128,10 +128,16 @@ class _Workspace:
         self.nbytes = nbytes
 
 
-def call(like, query, op, args, op_tail=(), rename=None):
+def device_of(like):
+    return like.device if isinstance(like, torch.Tensor) else torch.device("cpu")
+
+
+def call(like, query, op, args, op_tail=(), rename=None, budget=None):
     """Runs ``query(ctx, *args, &bytes)`` then ``op(ctx, *args, *op_tail)`` with
     a workspace on ``like``'s device; raises FactorchError with C's message,
-    its leading argument name mapped through ``rename`` (C name -> Python)."""
+    its leading argument name mapped through ``rename`` (C name -> Python).
+    ``budget``: (argument name, what the call is, bytes of its results):
+    the results and the workspace must fit factorch.limits.memory_limit."""
     err = ctypes.create_string_buffer(512)
     ctx = _Context(None, None, 0, 0, ctypes.cast(err, POINTER(c_char)), len(err))
     if isinstance(like, torch.Tensor) and like.is_cuda:
@@ -139,6 +145,11 @@ def call(like, query, op, args, op_tail=(), rename=None):
     nbytes = c_size_t(0)
     status = query(ctypes.byref(ctx), *args, ctypes.byref(nbytes))
     ws = None
+    if status == 0 and budget is not None:
+        name, what, result_bytes = budget
+        limits.check_bytes(name, f"{what} (results {limits.format_bytes(result_bytes)}, C "
+                           f"workspace {limits.format_bytes(nbytes.value)})",
+                           result_bytes + nbytes.value, device_of(like))
     if status == 0:
         ws = _Workspace(like, nbytes.value)
         ctx.workspace, ctx.workspace_bytes = ws.ptr, ws.nbytes

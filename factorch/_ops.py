@@ -859,7 +859,7 @@ _autograd_lib.impl("lora_linear", _lora_linear_autograd, "Autograd")
 # on the CPU to float32 (the CPU kernels are float32/float64 only), on CUDA
 # to autocast's dtype (the CUDA kernels take bfloat16 and float16 with
 # float32 accumulation). float64 tensors are left as they are, as torch's
-# autocast does. The embeddings take indices, not activations: no rule.
+# autocast does. The embeddings take indices, not activations: see below.
 # --------------------------------------------------------------------------
 _AUTOCAST_OPS = ("lowrank_linear", "lowrank_linear_flat", "cp_linear", "tucker_linear",
                  "tt_linear", "conv_chain", "lora_linear")
@@ -892,3 +892,10 @@ def _cuda_autocast_kernel(name):
 for _name in _AUTOCAST_OPS:
     torch.library.register_autocast(f"factorch::{_name}", "cpu", torch.float32)
     _autocast_lib.impl(_name, _cuda_autocast_kernel(_name), "AutocastCUDA")
+
+# The embeddings on the CPU: float32 factors are left as they are, and
+# bfloat16 / float16 ones (a model.bfloat16() under autocast) are cast to
+# float32, which the CPU kernels take. On CUDA they run in their own dtype,
+# as nn.Embedding does.
+for _name in ("lowrank_embedding", "tt_embedding"):
+    torch.library.register_autocast(f"factorch::{_name}", "cpu", torch.float32)

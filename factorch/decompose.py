@@ -28,6 +28,13 @@ its own dtype and orthogonalises in float64), is deterministic for a given
 ``random_state``, raises ``ValueError`` naming the argument for NaN/Inf
 input or impossible ranks, and handles zero and rank-deficient inputs.
 These are not autograd ops: inputs are detached.
+
+Bounded work (factorch.limits): the results and the C workspace are checked
+against the memory available on the device (or the cap of
+``factorch.limits.set_memory_limit``) before anything is allocated, with a
+``ValueError`` naming the argument and the bytes it would need;
+``n_iter_max`` is at most ``limits.MAX_SWEEPS`` and ``randomized_svd``'s
+``n_iter`` at most ``limits.MAX_POWER_ITERATIONS``.
 """
 
 from __future__ import annotations
@@ -41,7 +48,7 @@ import numpy as np
 import torch
 
 from . import _decompose_capi as capi
-from . import _lib
+from . import _lib, limits
 from .dlpack import FactorchError
 
 __all__ = [
@@ -68,7 +75,7 @@ __all__ = [
 def _prepare(x, name: str):
     """(array as handed to C, is_torch). Torch tensors are detached; 16-bit
     floats become float32; numpy arrays DLPack cannot export (read-only,
-    odd strides) are copied."""
+    big-endian, odd strides) are copied."""
     if isinstance(x, torch.Tensor):
         t = x.detach()
         if t.dtype in (torch.float16, torch.bfloat16):
@@ -90,6 +97,8 @@ def _prepare(x, name: str):
                             f"{type(x).__name__}")
     if x.dtype == np.float16:
         x = x.astype(np.float32)
+    if not x.dtype.isnative:
+        x = x.astype(x.dtype.newbyteorder("="))  # DLPack holds the machine's byte order only
     if not x.flags.writeable:
         x = x.copy()  # numpy does not export read-only arrays through DLPack
     try:
@@ -140,14 +149,28 @@ def _seed(random_state) -> int:
     )
 
 
-def _check_int(name, v, lo, hi=None):
+def _check_int(name, v, lo, hi=None, why=""):
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
         raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
     v = int(v)
     if v < lo or (hi is not None and v > hi):
         rng = f">= {lo}" if hi is None or hi >= 2**31 - 1 else f"{lo} <= {name} <= {hi}"
-        raise ValueError(f"{name}: expected {rng}, got {v}")
+        raise ValueError(f"{name}: expected {rng}{why}, got {v}")
     return v
+
+
+def _result_bytes(like, shapes) -> int:
+    """Bytes of results of these shapes in like's dtype."""
+    item = like.element_size() if isinstance(like, torch.Tensor) else like.dtype.itemsize
+    return sum(math.prod(s) for s in shapes) * item
+
+
+def _check_results(like, name: str, what: str, shapes, extra: int = 0) -> int:
+    """The bytes of the results (plus ``extra``), checked against
+    factorch.limits before they are allocated."""
+    n = _result_bytes(like, shapes) + extra
+    limits.check_bytes(name, f"{what} (results)", n, capi.device_of(like))
+    return n
 
 
 def _check_float(name, v, lo=0.0):
@@ -348,11 +371,13 @@ def svd(matrix, rank: int | None = None) -> SVDResult:
     if _cuda_without_backend(A):  # factorch built without CUDA: on the CPU
         res = svd(A.cpu(), r)
         return SVDResult(*_to(A.device, res.U, res.S, res.Vh), res.rel_error)
+    what = f"the SVD of a {m}x{n} matrix"
+    nb = _check_results(A, "matrix", what, [(m, r), (r,), (r, n)])
     U, S, Vh = _empty(A, (m, r), is_torch), _empty(A, (r,), is_torch), _empty(A, (r, n), is_torch)
     info = capi.DecompInfo()
     args = [capi.view(A), capi.view(U), capi.view(S), capi.view(Vh)]
     capi.call(A, capi.core.fct_svd_workspace, capi.core.fct_svd, args, (ctypes.byref(info),),
-              _MATRIX)
+              _MATRIX, budget=("matrix", what, nb))
     return SVDResult(U, S, Vh, float(info.rel_error))
 
 
@@ -371,16 +396,20 @@ def randomized_svd(matrix, rank: int, n_oversamples: int = 10, n_iter: int = 2,
     """
     A, is_torch, m, n, r = _svd_args(matrix, rank)
     p = _check_int("n_oversamples", n_oversamples, 0)
-    q = _check_int("n_iter", n_iter, 0, 2**31 - 1)
+    q = _check_int("n_iter", n_iter, 0, limits.MAX_POWER_ITERATIONS,
+                   " (factorch.limits.MAX_POWER_ITERATIONS)")
     if _cuda_without_backend(A):
         res = randomized_svd(A.cpu(), r, p, q, random_state)
         return SVDResult(*_to(A.device, res.U, res.S, res.Vh), res.rel_error, n_iter=q)
+    what = f"a randomized SVD of rank {r} of a {m}x{n} matrix"
+    nb = _check_results(A, "rank", what, [(m, r), (r,), (r, n)])
     U, S, Vh = _empty(A, (m, r), is_torch), _empty(A, (r,), is_torch), _empty(A, (r, n), is_torch)
     opts = capi.RsvdOptions(p, q, 0, _seed(random_state))
     info = capi.DecompInfo()
     args = [capi.view(A), capi.view(U), capi.view(S), capi.view(Vh), ctypes.byref(opts)]
     capi.call(A, capi.core.fct_randomized_svd_workspace, capi.core.fct_randomized_svd, args,
-              (ctypes.byref(info),), _MATRIX)
+              (ctypes.byref(info),), _MATRIX,
+              budget=("n_oversamples" if p > r else "rank", f"{what} with {p} oversamples", nb))
     return SVDResult(U, S, Vh, float(info.rel_error), n_iter=q)
 
 
@@ -390,7 +419,8 @@ def randomized_svd(matrix, rank: int, n_oversamples: int = 10, n_iter: int = 2,
 
 
 def _iter_args(n_iter_max, tol):
-    return _check_int("n_iter_max", n_iter_max, 0, 2**31 - 1), _check_float("tol", tol)
+    return (_check_int("n_iter_max", n_iter_max, 0, limits.MAX_SWEEPS,
+                       " (factorch.limits.MAX_SWEEPS)"), _check_float("tol", tol))
 
 
 def _init_mode(init, kinds):
@@ -438,6 +468,9 @@ def cp(tensor, rank: int, init="svd", n_iter_max: int = 100, tol: float = 1e-8,
     l2_reg = _check_float("l2_reg", l2_reg)
     mode = _init_mode(init, "CPResult or (weights, factors)")
     shape = _shape(X)
+    what = f"CP-ALS of rank {R} of a tensor of shape {shape}"
+    nb = _check_results(X, "rank", what, [(s, R) for s in shape] + [(R,)],
+                        extra=8 * max(n_iter_max, 1))
     if mode == capi.INIT_GIVEN:
         try:
             w0, f0 = init
@@ -465,7 +498,7 @@ def cp(tensor, rank: int, init="svd", n_iter_max: int = 100, tol: float = 1e-8,
     fv = capi.views(factors)
     args = [capi.view(X), len(factors), fv, capi.view(weights), ctypes.byref(opts)]
     capi.call(X, capi.core.fct_cp_als_workspace, capi.core.fct_cp_als, args,
-              (errors, ctypes.byref(info)))
+              (errors, ctypes.byref(info)), budget=("rank", what, nb))
     weights, *factors = _to(back, weights, *factors)
     return CPResult(weights, list(factors), float(info.rel_error),
                     [float(e) for e in errors[: info.n_iter]], int(info.n_iter),
@@ -505,6 +538,9 @@ def tucker(tensor, rank=None, n_iter_max: int = 100, tol: float = 1e-8, init="sv
         raise ValueError(f"tensor: expected no empty dims, got shape {shape}")
     ranks = _tucker_ranks(rank, shape)
     n_iter_max, tol = _iter_args(n_iter_max, tol)
+    what = f"Tucker-HOOI of rank {ranks} of a tensor of shape {shape}"
+    nb = _check_results(X, "rank", what, [tuple(ranks)] + [(s, r) for s, r in zip(shape, ranks)],
+                        extra=8 * max(n_iter_max, 1))
     mode = _init_mode(init, "TuckerResult or (core, factors)")
     if mode == capi.INIT_GIVEN:
         try:
@@ -526,7 +562,7 @@ def tucker(tensor, rank=None, n_iter_max: int = 100, tol: float = 1e-8, init="sv
     fv = capi.views(factors)
     args = [capi.view(X), capi.view(core), len(factors), fv, ctypes.byref(opts)]
     capi.call(X, capi.core.fct_tucker_hooi_workspace, capi.core.fct_tucker_hooi, args,
-              (errors, ctypes.byref(info)))
+              (errors, ctypes.byref(info)), budget=("rank", what, nb))
     core, *factors = _to(back, core, *factors)
     return TuckerResult(core, list(factors), float(info.rel_error),
                         [float(e) for e in errors[: info.n_iter]], int(info.n_iter),
@@ -564,12 +600,14 @@ def _tt(X, is_torch, mode_sizes, caps, eps):
     rename = {"tensor": "tensor", "rank": "rank", "eps": "eps"}
     capi.check(capi.core.fct_tensor_train_capacity(ctypes.byref(ctx), xv, N, sizes, capsa,
                                                    ctypes.byref(cap)), err, rename)
+    what = f"TT-SVD with rank caps {caps} of a tensor of modes {list(mode_sizes)}"
+    nb = _check_results(X, "rank", what, [(cap.value,)])
     flat = _empty(X, (cap.value,), is_torch)
     ranks = (ctypes.c_int64 * (N + 1))()
     info = capi.DecompInfo()
     args = [xv, N, sizes, capsa, ctypes.c_double(eps), capi.view(flat)]
     capi.call(X, capi.core.fct_tensor_train_workspace, capi.core.fct_tensor_train, args,
-              (ranks, ctypes.byref(info)), rename)
+              (ranks, ctypes.byref(info)), rename, budget=("rank", what, nb))
     rk = [int(r) for r in ranks]
     cores, off = [], 0
     for k in range(N):

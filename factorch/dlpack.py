@@ -27,7 +27,13 @@ Memory and ownership:
   takes it over zero-copy with its ``from_dlpack`` (the array API
   namespace's); the capsule's deleter frees the buffer when that framework
   drops the array. ``out=`` (forward ops) writes into a caller's array
-  instead: it must be writable (a read-only one is refused) and dense.
+  instead: it must be writable (a read-only one is refused) and dense, and
+  not an array of a framework whose arrays are immutable (JAX, TensorFlow:
+  refused; the result comes back as a new array instead).
+- Arrays a producer refuses to export (numpy: non-native byte order) raise
+  a FactorchError naming the argument and how to convert it.
+- Empty inputs give empty outputs, whatever strides the producer gives them
+  (numpy gives empty arrays zero strides).
 - The op's workspace is one temporary buffer on the reference's device,
   freed when the call returns. Nothing else is allocated per call beyond a
   few ctypes structures.
@@ -142,6 +148,21 @@ _sig("fct_lora_linear_backward_workspace", _T, _T, _T, _T, _LB, _LO, _T, _LG, _S
 # --------------------------------------------------------------------------
 # Borrowed inputs, carved factors, outputs in the caller's framework
 # --------------------------------------------------------------------------
+def _export_refused(name: str, array, e: BufferError) -> FactorchError:
+    """The error for an array its producer would not export (numpy refuses
+    non-native byte orders, and read-only arrays without DLPack >= 1.0)."""
+    dt = getattr(array, "dtype", None)
+    if isinstance(array, np.ndarray) and not dt.isnative:
+        return FactorchError(6, f"{name}: expected an array in the machine's byte order, got "
+                             f"dtype {dt.str!r} (convert it: "
+                             f"{name}.astype({name}.dtype.newbyteorder('=')))")
+    if isinstance(array, np.ndarray) and not array.flags.writeable:
+        return FactorchError(6, f"{name}: expected a writable array or a numpy with DLPack 1.0 "
+                             f"(which exports read-only arrays), got a read-only array ({e})")
+    return FactorchError(6, f"{name}: expected an array its producer can export through DLPack, "
+                         f"got one it refused ({e})")
+
+
 def _export(name: str, array):
     """The array's DLPack capsule, versioned when the producer offers it."""
     if not hasattr(array, "__dlpack__"):
@@ -152,10 +173,23 @@ def _export(name: str, array):
         return array.__dlpack__(max_version=(1, 0))
     except TypeError:  # a producer from before DLPack 1.0
         pass
+    except BufferError as e:
+        raise _export_refused(name, array, e) from None
     try:
         return array.__dlpack__()
     except BufferError as e:  # e.g. a read-only array the producer cannot flag as such
-        raise FactorchError(6, f"{name}: its producer cannot export it through DLPack ({e})") from None
+        raise _export_refused(name, array, e) from None
+
+
+#: Frameworks whose arrays are immutable by contract (a DLPack export of
+#: one is writable memory, but writing it breaks what the framework assumes:
+#: JAX caches, shares and reuses buffers); ``out=`` refuses them.
+_IMMUTABLE_FRAMEWORKS = {"jax": "JAX", "jaxlib": "JAX", "tensorflow": "TensorFlow"}
+
+
+def _immutable_framework(array) -> str | None:
+    top = type(array).__module__.split(".")[0]
+    return _IMMUTABLE_FRAMEWORKS.get(top)
 
 
 class _Borrowed:
@@ -273,6 +307,11 @@ class _Call:
     def output(self, name, shape, dtype_of: _Borrowed | None = None, out=None):
         """(the DLTensor* the op writes, what the caller gets back)."""
         if out is not None:
+            fw = _immutable_framework(out)
+            if fw is not None:
+                raise FactorchError(6, f"out: {fw} arrays are immutable, so factorch does not "
+                                    f"write into one; call without out= (the result is a new "
+                                    f"{fw} array)")
             b = self.borrow(name, out, writable=True)
             return b.ptr, out
         t = (dtype_of or self.ref_view).tensor

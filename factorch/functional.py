@@ -11,6 +11,26 @@ from torch import Tensor
 from . import _ops
 from ._ops import ops
 
+#: Dims the C ops take for an activation (FCT_MAX_DIMS in ops/; indices one
+#: fewer, the lookup adds a dim); the functions here merge the leading dims of
+#: inputs with more into one (a view where the strides allow, else a copy), as
+#: nn.Linear and nn.Embedding take any number.
+MAX_DIMS = 8
+
+
+def _merge_leading(x, keep: int = 1, limit: int = MAX_DIMS):
+    """(x with its leading dims merged into one when it has more than
+    ``limit`` dims, the merged dims or None); ``keep`` trailing dims stay."""
+    if not isinstance(x, Tensor) or x.dim() <= limit:
+        return x, None
+    lead = x.shape[: x.dim() - keep]
+    return x.reshape(-1, *x.shape[x.dim() - keep:]), lead
+
+
+def _split_leading(y: Tensor, lead, keep: int = 1) -> Tensor:
+    """Undoes :func:`_merge_leading` on a result with ``keep`` trailing dims."""
+    return y if lead is None else y.reshape(*lead, *y.shape[y.dim() - keep:])
+
 
 def lowrank_linear(x: Tensor, U: Tensor, V: Tensor, bias: Tensor | None = None) -> Tensor:
     """``y = x @ V.T @ U.T + bias`` without forming ``U @ V``.
@@ -28,7 +48,8 @@ def lowrank_linear(x: Tensor, U: Tensor, V: Tensor, bias: Tensor | None = None) 
     """
     if bias is None:
         bias = x.new_empty(0)
-    return _ops.call("lowrank_linear", x, U, V, bias)[0]
+    x, lead = _merge_leading(x)
+    return _split_leading(_ops.call("lowrank_linear", x, U, V, bias)[0], lead)
 
 
 def lowrank_linear_flat(x: Tensor, weights: Tensor, bias: Tensor | None, out_features: int,
@@ -36,7 +57,9 @@ def lowrank_linear_flat(x: Tensor, weights: Tensor, bias: Tensor | None, out_fea
     """:func:`lowrank_linear` on a layer's flat parameter: ``V [rank, in]``
     then ``U [out_features, rank]``, row-major, back to back. Its gradient
     is one flat tensor of the same layout."""
-    return _ops.call("lowrank_linear_flat", x, weights, _bias(x, bias), out_features, rank)[0]
+    x, lead = _merge_leading(x)
+    return _split_leading(_ops.call("lowrank_linear_flat", x, weights, _bias(x, bias),
+                                    out_features, rank)[0], lead)
 
 
 # --------------------------------------------------------------------------
@@ -80,22 +103,26 @@ def cp_linear_flat(x: Tensor, weights: Tensor, bias: Tensor | None, in_modes, ou
                    rank: int) -> Tensor:
     """:func:`cp_linear` on the flat parameter layout (A_k then B_k, each
     [mode, rank] row-major, back to back)."""
-    return _ops.call("cp_linear", x, weights, _bias(x, bias), list(in_modes), list(out_modes),
-                     rank)[0]
+    x, lead = _merge_leading(x)
+    y = _ops.call("cp_linear", x, weights, _bias(x, bias), list(in_modes), list(out_modes),
+                  rank)[0]
+    return _split_leading(y, lead)
 
 
 def tucker_linear_flat(x: Tensor, weights: Tensor, bias: Tensor | None, in_modes, out_modes,
                        in_ranks, out_ranks) -> Tensor:
     """:func:`tucker_linear` on the flat layout (core, then V_k, then U_k)."""
-    return _ops.call("tucker_linear", x, weights, _bias(x, bias), list(in_modes),
-                     list(out_modes), list(in_ranks), list(out_ranks))
+    x, lead = _merge_leading(x)
+    return _split_leading(_ops.call("tucker_linear", x, weights, _bias(x, bias), list(in_modes),
+                                    list(out_modes), list(in_ranks), list(out_ranks)), lead)
 
 
 def tt_linear_flat(x: Tensor, weights: Tensor, bias: Tensor | None, in_modes, out_modes,
                    ranks) -> Tensor:
     """:func:`tt_linear` on the flat layout (the cores back to back)."""
-    return _ops.call("tt_linear", x, weights, _bias(x, bias), list(in_modes), list(out_modes),
-                     list(ranks))
+    x, lead = _merge_leading(x)
+    return _split_leading(_ops.call("tt_linear", x, weights, _bias(x, bias), list(in_modes),
+                                    list(out_modes), list(ranks)), lead)
 
 
 def cp_linear(x: Tensor, in_factors, out_factors, bias: Tensor | None = None) -> Tensor:
@@ -209,14 +236,18 @@ def lowrank_embedding(indices: Tensor, U: Tensor, V: Tensor, padding_idx=None) -
         padding_idx: None or a row whose lookups give zeros and no gradient.
     """
     num = U.shape[0] if isinstance(U, Tensor) and U.dim() >= 1 else 0
-    return _ops.call("lowrank_embedding", indices, U, V, _padding_idx(padding_idx, num))
+    indices, lead = _merge_leading(indices, keep=0, limit=MAX_DIMS - 1)
+    return _split_leading(_ops.call("lowrank_embedding", indices, U, V,
+                                    _padding_idx(padding_idx, num)), lead)
 
 
 def tt_embedding_flat(indices: Tensor, weights: Tensor, num_embeddings: int, modes, dims, ranks,
                       padding_idx=None) -> Tensor:
     """:func:`tt_embedding` on the flat layout (the cores back to back)."""
-    return _ops.call("tt_embedding", indices, weights, int(num_embeddings), list(modes),
-                     list(dims), list(ranks), _padding_idx(padding_idx, int(num_embeddings)))
+    indices, lead = _merge_leading(indices, keep=0, limit=MAX_DIMS - 1)
+    y = _ops.call("tt_embedding", indices, weights, int(num_embeddings), list(modes),
+                  list(dims), list(ranks), _padding_idx(padding_idx, int(num_embeddings)))
+    return _split_leading(y, lead)
 
 
 def tt_embedding(indices: Tensor, cores, num_embeddings: int | None = None,
@@ -322,5 +353,17 @@ def lora_linear(x: Tensor, A: Tensor, B: Tensor, scale, *, weight: Tensor | None
     def arg(t):
         return none if t is None else t
 
-    return _ops.call("lora_linear", x, A, B, arg(weight), arg(U), arg(V), arg(base_out), arg(bias),
-                     seed, kind, float(scale), float(dropout))[0]
+    x, lead = _merge_leading(x)
+    base_out, _ = _merge_leading(base_out)
+    y = _ops.call("lora_linear", x, A, B, arg(weight), arg(U), arg(V), arg(base_out), arg(bias),
+                  seed, kind, float(scale), float(dropout))[0]
+    return _split_leading(y, lead)
+
+
+# torch.fx.symbolic_trace records each of these as one call: their checks
+# branch on shapes, which symbolic tracing cannot follow. Models (and the
+# factorch layers) calling them as ``factorch.functional.NAME`` trace.
+for _name in ("lowrank_linear", "lowrank_linear_flat", "cp_linear_flat", "tucker_linear_flat",
+              "tt_linear_flat", "cp_linear", "tucker_linear", "tt_linear", "lowrank_embedding",
+              "tt_embedding_flat", "tt_embedding", "lora_linear"):
+    torch.fx.wrap(_name)

@@ -33,7 +33,7 @@ from . import decompose as D
 from . import functional as F
 from .compression import _check_patterns, _matches, _set_module
 from .factorizations import LowRank
-from .nn import FactorizedLinear
+from .nn import FactorizedLinear, _common
 
 __all__ = [
     "LoraLayer",
@@ -147,14 +147,12 @@ class LoraLinear(LoraLayer):
         base = self.base_layer
         if self.merged:
             return base(x)
+        x = _common.check_linear_input(x, self.in_features)
         A, B, s = self.lora_A.weight, self.lora_B.weight, self.scaling
         p = self.lora_dropout if self.training else 0.0
         if isinstance(base, nn.Linear):
             return F.lora_linear(x, A, B, s, weight=base.weight, bias=base.bias, dropout=p)
         if base.factorization == "lowrank":
-            if x.shape[-1] != self.in_features:
-                raise ValueError(f"x: expected a last dim of in_features = {self.in_features}, "
-                                 f"got shape {list(x.shape)}")
             return F.lora_linear(x, A, B, s, U=base.U, V=base.V, bias=base.bias, dropout=p)
         return F.lora_linear(x, A, B, s, base_out=base(x), dropout=p)
 

@@ -13,6 +13,7 @@ from .. import decompose as D
 from .._conv_layout import FACTORIZATIONS, resolve_rank
 from .._rank import check_one_rank_rule, rank_for_energy
 from ..factorizations import LowRank
+from ._common import warn_past_break_even
 
 
 def _unfold_rank(W: Tensor, mode: int, energy: float) -> int:
@@ -131,4 +132,6 @@ def from_conv(cls, conv, factorization, rank, ratio, energy, tensorized_shape):
         err = torch.linalg.vector_norm(layer.dense_weight().double().cpu() - dense)
         total = torch.linalg.vector_norm(dense)
     layer.reconstruction_error = (err / total).item() if total > 0 else 0.0
+    warn_past_break_even(f"{f!r} convolution", energy, layer.rank, layer.factors.numel(),
+                         W.numel(), stacklevel=4)
     return layer

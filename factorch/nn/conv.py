@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as TF
 from torch import Tensor, nn
 
+from .. import _ops, limits
 from .._conv_layout import FACTORIZATIONS, ConvGeometry, ConvLayout, resolve_rank, tt_modes
-from .. import _ops
+from ._common import FactorViews
 from ._layout_state import LayoutState, plain
 
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
@@ -34,8 +35,10 @@ def _per_axis(name: str, v, nd: int, lo: int) -> tuple:
     return tuple(vals)
 
 
-class _FactorizedConvNd(LayoutState, nn.Module):
+class _FactorizedConvNd(FactorViews, LayoutState, nn.Module):
     _nd = 2
+    _FACTOR_VIEWS = {"U": ("lowrank",), "V": ("lowrank",)}
+    _VIEW_NOUN = "convolution"
 
     def __init__(self, in_channels, out_channels, kernel_size, factorization="tucker",
                  rank=0.25, stride=1, padding=0, dilation=1, groups=1, bias=True,
@@ -95,6 +98,9 @@ class _FactorizedConvNd(LayoutState, nn.Module):
                                   tuple(ins), tuple(outs))
         #: lowrank, cp: R (per group); tucker: (R_in, R_out); tt: (r_1, .., r_(d-1), r_spatial).
         self.rank = self._layout.rank
+        limits.check_layer_parameters(
+            "rank", f"a {factorization!r} convolution {in_channels} -> {out_channels} of rank "
+            f"{self.rank}", self._layout.num_parameters, device, dtype)
         kw = {"device": device, "dtype": dtype}
         self.factors = nn.Parameter(torch.empty(self._layout.num_parameters, **kw))
         if bias:
@@ -131,11 +137,7 @@ class _FactorizedConvNd(LayoutState, nn.Module):
         return self._layout.views(self.factors)
 
     def _lowrank_views(self, what: str) -> list[Tensor]:
-        # TypeError, not AttributeError: nn.Module.__getattr__ would replace
-        # an AttributeError raised in a property by one without the reason.
-        if self.factorization != "lowrank":
-            raise TypeError(f"{what}: a {self.factorization!r} convolution has none "
-                            "(only 'lowrank')")
+        self._check_view(what)
         return self.weights
 
     @property
@@ -153,51 +155,9 @@ class _FactorizedConvNd(LayoutState, nn.Module):
         return v.view(v.shape[0], -1)
 
     # ---- forward ----------------------------------------------------------
-    def _check_input(self, x: Tensor) -> Tensor:
-        nd = self._nd
-        if not isinstance(x, Tensor):
-            raise TypeError(f"x: expected a Tensor, got {type(x).__name__}")
-        if x.dim() not in (nd + 1, nd + 2):
-            raise ValueError(
-                f"x: expected {nd + 2} dims [N, C, {'H, W' if nd == 2 else 'L'}] (or {nd + 1} "
-                f"unbatched), got {x.dim()}"
-            )
-        c = x.shape[-nd - 1]
-        if c != self.in_channels:
-            raise ValueError(f"x: expected {self.in_channels} channels (dim {-nd - 1}), got {c}")
-        return x
-
     def forward(self, x: Tensor) -> Tensor:
-        nd = self._nd
-        self._check_input(x)
-        unbatched = x.dim() == nd + 1
-        if unbatched:
-            x = x.unsqueeze(0)
-        if self.padding_mode != "zeros":
-            flat_pads = [p for ax in reversed(self._pads) for p in ax]
-            x = TF.pad(x, flat_pads, mode=self.padding_mode)
-        n = x.shape[0]
-        h, w = (1, x.shape[-1]) if nd == 1 else (x.shape[-2], x.shape[-1])
-        G = self._geom
-        for ax, size in ((0, h), (1, w)):
-            padded = size + G.pads[ax][0] + G.pads[ax][1]
-            extent = G.dilation[ax] * (G.kernel[ax] - 1) + 1
-            if extent > padded:
-                raise ValueError(
-                    f"x: the padded input ({padded} along axis {ax - 2 + (nd == 2)}) is smaller "
-                    f"than the dilated kernel ({extent})"
-                )
-        stages, out_shape = self._layout.stages(h, w)
-        if nd == 1:
-            out_shape = [out_shape[0], out_shape[2]]
-        bias = self.bias if self.bias is not None else x.new_empty(0)
-        args = (x, self.factors, bias)
-        # keep: the C op saves the intermediate activations for its backward;
-        # the torch definition (forward mode, torch.func) has autograd's own.
-        keep = torch.is_grad_enabled() and any(t.requires_grad for t in args) and (
-            not _ops.needs_definition(args))
-        y, _ = _ops.call("conv_chain", *args, stages, out_shape, keep)
-        return y.squeeze(0) if unbatched and n == 1 else y
+        return _conv_forward(x, self.factors, self.bias, self._layout, self._nd, self._pads,
+                             self.padding_mode)
 
     # ---- from / to dense ----------------------------------------------------
     @classmethod
@@ -214,7 +174,9 @@ class _FactorizedConvNd(LayoutState, nn.Module):
         of the squared singular values kept; tucker: the same per channel
         mode; tt: TT-SVD's relative error bound ``sqrt(1 - energy)``; not for
         cp). Every option of ``conv`` carries over; the relative Frobenius
-        error of the kernel is in ``reconstruction_error``."""
+        error of the kernel is in ``reconstruction_error``. When ``energy``
+        picks a rank with more parameters than the dense kernel (past
+        break-even) a UserWarning says so."""
         from ._conv_from import from_conv
 
         return from_conv(cls, conv, factorization, rank, ratio, energy, tensorized_shape)
@@ -332,3 +294,71 @@ class FactorizedConv1d(_FactorizedConvNd):
             if self.bias is not None:
                 conv.bias.copy_(self.bias)
         return conv
+
+
+def _conv_forward(x: Tensor, factors: Tensor, bias: Tensor | None, layout: ConvLayout, nd: int,
+                  pads: tuple, padding_mode: str) -> Tensor:
+    """A factorized convolution's forward: checks x [N, C, (H,) W] (or
+    unbatched), pads it for a non-zero padding_mode and runs the stage chain
+    (one op). A function of tensors and plain values, wrapped for torch.fx
+    below: symbolic tracing cannot compute the stage list from a Proxy's
+    shape, so the traced graph calls this with the real tensor."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x: expected a Tensor, got {type(x).__name__}")
+    if x.dim() not in (nd + 1, nd + 2):
+        raise ValueError(
+            f"x: expected {nd + 2} dims [N, C, {'H, W' if nd == 2 else 'L'}] (or {nd + 1} "
+            f"unbatched), got {x.dim()}"
+        )
+    G = layout.geom
+    c = x.shape[-nd - 1]
+    if c != G.in_channels:
+        raise ValueError(f"x: expected {G.in_channels} channels (dim {-nd - 1}), got {c}")
+    unbatched = x.dim() == nd + 1
+    if unbatched:
+        x = x.unsqueeze(0)
+    if padding_mode != "zeros":
+        # torch reflects only within the input (padding < size), wraps around
+        # at most once (padding <= size) and replicates an edge that exists:
+        # checked here so that the error names x.
+        for ax, (before, after) in enumerate(pads):
+            dim = x.dim() - nd + ax
+            size, big = x.shape[dim], max(before, after)
+            need = {"reflect": big + 1, "circular": big}.get(padding_mode, 1 if big else 0)
+            if size < need:
+                raise ValueError(f"x: padding_mode={padding_mode!r} with padding {big} needs a "
+                                 f"size of at least {need} along dim {dim}, got {size}")
+        flat_pads = [p for ax in reversed(pads) for p in ax]
+        x = TF.pad(x, flat_pads, mode=padding_mode)
+    n = x.shape[0]
+    h, w = (1, x.shape[-1]) if nd == 1 else (x.shape[-2], x.shape[-1])
+    if torch.jit.is_tracing():
+        # The tracer hands sizes as tensors, which the op's SymInt[] stage
+        # list cannot hold: the trace is specialised to this input size (the
+        # op rejects inputs of another size).
+        h, w = int(h), int(w)
+    for ax, size in ((0, h), (1, w)):
+        padded = size + G.pads[ax][0] + G.pads[ax][1]
+        extent = G.dilation[ax] * (G.kernel[ax] - 1) + 1
+        if extent > padded:
+            raise ValueError(
+                f"x: the padded input ({padded} along axis {ax - 2 + (nd == 2)}) is smaller "
+                f"than the dilated kernel ({extent})"
+            )
+    stages, out_shape = layout.stages(h, w)
+    if nd == 1:
+        out_shape = [out_shape[0], out_shape[2]]
+    bias = bias if bias is not None else x.new_empty(0)
+    args = (x, factors, bias)
+    # keep: the C op saves the intermediate activations for its backward
+    # when one can follow (a jit trace records one value for every later
+    # call, so it keeps them: the traced module then trains too); the torch
+    # definition (forward mode, torch.func) has autograd's own.
+    keep = (torch.jit.is_tracing() or (
+        torch.is_grad_enabled() and any(t.requires_grad for t in args))) and (
+        not _ops.needs_definition(args))
+    y, _ = _ops.call("conv_chain", *args, stages, out_shape, keep)
+    return y.squeeze(0) if unbatched and n == 1 else y
+
+
+torch.fx.wrap("_conv_forward")

@@ -9,9 +9,11 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as F
+from .. import limits
 from .._rank import check_one_rank_rule, lowrank_rank_for_ratio
 from .._tensorized import MAX_MODES, balanced_modes
 from ..factorizations import LowRank, TensorTrain
+from ._common import FactorViews, warn_past_break_even
 from ._layout_state import LayoutState, plain
 
 FACTORIZATIONS = ("lowrank", "tt")
@@ -122,7 +124,7 @@ def tt_ranks(rank, ns: tuple, ms: tuple, num: int) -> tuple:
     return TensorTrain.resolve_rank(rank, ns, ms)
 
 
-class FactorizedEmbedding(LayoutState, nn.Module):
+class FactorizedEmbedding(FactorViews, LayoutState, nn.Module):
     """``y = T[indices]`` with the table ``T [num_embeddings, embedding_dim]``
     stored factorized, never formed.
 
@@ -201,6 +203,9 @@ class FactorizedEmbedding(LayoutState, nn.Module):
             self._op_args = self.layout.op_args()  # modes, dims, ranks
         #: lowrank: R; tt: (1, r_1, .., r_(d-1), 1)
         self.rank = self.layout.rank
+        limits.check_layer_parameters(
+            "rank", f"a {factorization!r} table {num_embeddings} x {embedding_dim} of rank "
+            f"{self.rank}", self.layout.num_parameters, device, dtype)
         self.factors = nn.Parameter(torch.empty(self.layout.num_parameters, **kw))
         #: Relative Frobenius error of the table when built by
         #: ``from_embedding``; None for a randomly initialised layer.
@@ -222,6 +227,9 @@ class FactorizedEmbedding(LayoutState, nn.Module):
                     v.normal_(0.0, 1.0 / math.sqrt(r[k]))
 
     def forward(self, indices: Tensor) -> Tensor:
+        if not isinstance(indices, (Tensor, torch.fx.Proxy)):
+            raise TypeError(f"indices: expected a Tensor of int64 or int32, got "
+                            f"{type(indices).__name__}")
         if self.factorization == "lowrank":
             U, V = self.layout.split(self.factors)
             return F.lowrank_embedding(indices, U, V, self.padding_idx)
@@ -240,29 +248,25 @@ class FactorizedEmbedding(LayoutState, nn.Module):
             LowRank.upgrade_state_dict(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def _only(self, what: str, factorization: str) -> None:
-        # TypeError, not AttributeError: nn.Module.__getattr__ would replace
-        # an AttributeError raised in a property by one without the reason.
-        if self.factorization != factorization:
-            raise TypeError(f"{what}: a {self.factorization!r} table has none "
-                            f"(only {factorization!r})")
+    _FACTOR_VIEWS = {"U": ("lowrank",), "V": ("lowrank",), "cores": ("tt",)}
+    _VIEW_NOUN = "table"
 
     @property
     def U(self) -> Tensor:
         """lowrank: ``U [num_embeddings, R]`` (a view of ``factors``)."""
-        self._only("U", "lowrank")
+        self._check_view("U")
         return self.layout.split(self.factors)[0]
 
     @property
     def V(self) -> Tensor:
         """lowrank: ``V [R, embedding_dim]`` (a view of ``factors``)."""
-        self._only("V", "lowrank")
+        self._check_view("V")
         return self.layout.split(self.factors)[1]
 
     @property
     def cores(self) -> list[Tensor]:
         """tt: ``G_k [r_(k-1), n_k, m_k, r_k]`` (views of ``factors``)."""
-        self._only("cores", "tt")
+        self._check_view("cores")
         return self.layout.views(self.factors)
 
     # ------------------------------------------------------------------
@@ -318,6 +322,8 @@ class FactorizedEmbedding(LayoutState, nn.Module):
         error bound ``sqrt(1 - energy)``) sets the rank. padding_idx is
         carried over (its row of the factorized table is zero). The relative
         Frobenius error of the table is stored in ``reconstruction_error``.
+        When ``energy`` picks a rank with more parameters than the dense
+        table (past break-even) a UserWarning says so.
         """
         if not isinstance(embedding, nn.Embedding):
             raise TypeError(
@@ -367,6 +373,8 @@ class FactorizedEmbedding(LayoutState, nn.Module):
             norm = torch.linalg.vector_norm(ref)
             diff = torch.linalg.vector_norm(layer.table().double() - ref)
             layer.reconstruction_error = (diff / norm).item() if norm > 0 else diff.item()
+        warn_past_break_even(f"{factorization!r} table", energy, layer.rank,
+                             layer.factors.numel(), num * dim)
         return layer
 
     # ------------------------------------------------------------------

@@ -8,7 +8,10 @@ import torch
 from torch import Tensor, nn
 
 from .. import factorizations as FZ
+from .. import limits
 from ..factorizations import LowRank
+from . import _common
+from ._common import FactorViews
 from ._layout_state import LayoutState, plain
 
 FACTORIZATIONS = tuple(FZ.REGISTRY)
@@ -20,7 +23,7 @@ def _check_features(name: str, value) -> int:
     return value
 
 
-class FactorizedLinear(LayoutState, nn.Module):
+class FactorizedLinear(FactorViews, LayoutState, nn.Module):
     """``y = x · Wᵀ + b`` with ``W`` stored factorized, never formed.
 
     ``factorization="lowrank"``: ``W ≈ U · V`` with ``U [out, r]`` and
@@ -55,6 +58,10 @@ class FactorizedLinear(LayoutState, nn.Module):
             each: 4096 -> (8, 8, 8, 8)). Not for lowrank.
         bias, device, dtype: as for ``nn.Linear``.
 
+    A rank whose parameters would not fit the memory available (or the cap
+    of ``factorch.limits.set_memory_limit``) raises a ValueError naming
+    ``rank`` and the bytes it would need, before anything is allocated.
+
     Random initialisation gives the output the variance ``nn.Linear``'s
     default initialisation gives, ``Var(W_ij) = 1/(3·in)``; for lowrank
     ``Var(W_ij) = r·Var(U)·Var(V)``, the others in factorch/factorizations.py
@@ -84,6 +91,9 @@ class FactorizedLinear(LayoutState, nn.Module):
             self.tensorized_shape = self.layout.tensorized_shape
         #: lowrank: r; cp: R; tucker: ((t_1..t_p), (s_1..s_q)); tt: (1, r_1, .., r_(d-1), 1).
         self.rank = self.layout.rank
+        limits.check_layer_parameters(
+            "rank", f"a {factorization!r} layer {in_features} -> {out_features} of rank "
+            f"{self.rank}", self.layout.num_parameters, device, dtype)
         kw = {"device": device, "dtype": dtype}
         self.factors = nn.Parameter(torch.empty(self.layout.num_parameters, **kw))
         if bias:
@@ -103,11 +113,7 @@ class FactorizedLinear(LayoutState, nn.Module):
                 self.bias.uniform_(-b, b)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"x: expected a last dim of in_features = {self.in_features}, "
-                f"got shape {list(x.shape)}"
-            )
+        x = _common.check_linear_input(x, self.in_features)
         return self.layout.linear(x, self.factors, self.bias)
 
     def layout_state(self) -> dict:
@@ -125,48 +131,46 @@ class FactorizedLinear(LayoutState, nn.Module):
     # ------------------------------------------------------------------
     # Views of the flat parameter
     # ------------------------------------------------------------------
-    def _views(self, what: str, allowed: tuple) -> list[Tensor]:
-        # TypeError, not AttributeError: nn.Module.__getattr__ would replace an
-        # AttributeError raised in a property by a message without the reason.
-        if self.factorization not in allowed:
-            raise TypeError(
-                f"{what}: a {self.factorization!r} layer has none (only {', '.join(allowed)})"
-            )
+    _FACTOR_VIEWS = {"U": ("lowrank",), "V": ("lowrank",), "in_factors": ("cp", "tucker"),
+                     "out_factors": ("cp", "tucker"), "core": ("tucker",), "cores": ("tt",)}
+
+    def _views(self, what: str) -> list[Tensor]:
+        self._check_view(what)
         return self.layout.views(self.factors)
 
     @property
     def U(self) -> Tensor:
         """lowrank: ``U [out, r]`` (a view of ``factors``)."""
-        return self._views("U", ("lowrank",))[1]
+        return self._views("U")[1]
 
     @property
     def V(self) -> Tensor:
         """lowrank: ``V [r, in]`` (a view of ``factors``)."""
-        return self._views("V", ("lowrank",))[0]
+        return self._views("V")[0]
 
     @property
     def in_factors(self) -> list[Tensor]:
         """cp: ``A_k [i_k, R]``; tucker: ``V_k [i_k, t_k]`` (views of ``factors``)."""
-        vs = self._views("in_factors", ("cp", "tucker"))
+        vs = self._views("in_factors")
         p = len(self.layout.in_modes)
         return vs[:p] if self.factorization == "cp" else vs[1 : 1 + p]
 
     @property
     def out_factors(self) -> list[Tensor]:
         """cp: ``B_k [o_k, R]``; tucker: ``U_k [o_k, s_k]`` (views of ``factors``)."""
-        vs = self._views("out_factors", ("cp", "tucker"))
+        vs = self._views("out_factors")
         p = len(self.layout.in_modes)
         return vs[p:] if self.factorization == "cp" else vs[1 + p :]
 
     @property
     def core(self) -> Tensor:
         """tucker: the core ``[s_1..s_q, t_1..t_p]`` (a view of ``factors``)."""
-        return self._views("core", ("tucker",))[0]
+        return self._views("core")[0]
 
     @property
     def cores(self) -> list[Tensor]:
         """tt: ``G_k [r_(k-1), i_k, o_k, r_k]`` (views of ``factors``)."""
-        return self._views("cores", ("tt",))
+        return self._views("cores")
 
     # ------------------------------------------------------------------
     # Conversion
@@ -225,6 +229,8 @@ class FactorizedLinear(LayoutState, nn.Module):
         activation-aware whitening from factorch._activation (what
         ``factorch.compress`` passes for SVD-LLM and ASVD). The relative
         Frobenius error of the weight is stored in ``reconstruction_error``.
+        When ``energy`` picks a rank with more parameters than the dense
+        weight (past break-even) a UserWarning says so.
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear: expected an nn.Linear, got {type(linear).__name__}")
@@ -234,6 +240,9 @@ class FactorizedLinear(LayoutState, nn.Module):
                                             whitening=whitening)
         layer = cls.from_layout(layout, flat, linear.bias)
         layer.reconstruction_error = err
+        _common.warn_past_break_even(f"{factorization!r} layer", energy, layer.rank,
+                                     layout.num_parameters, layout.in_features *
+                                     layout.out_features)
         return layer
 
     @property

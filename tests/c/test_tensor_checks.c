@@ -72,6 +72,14 @@ int main(void) {
   t = view(NULL, 2, s0, NULL);
   CHECK(fct_check_tensor(&ctx, "w", &t, 1) == FCT_OK, "NULL data is fine when empty");
   CHECK(fct_check_output(&ctx, "o", &t, &m) == FCT_OK, "empty output is fine");
+  int64_t s0b[3] = {2, 0, 6}, st0b[3] = {0, 0, 0}; /* numpy's strides for an empty array */
+  t = view(buf, 3, s0b, st0b);
+  CHECK(fct_check_output(&ctx, "o", &t, &m) == FCT_OK && m.rows == 0 && m.cs == 1,
+        "empty output with zero strides is fine");
+  int64_t s0c[2] = {4, 0}, st0c[2] = {0, 0};
+  t = view(buf, 2, s0c, st0c);
+  CHECK(fct_check_output(&ctx, "o", &t, &m) == FCT_OK && m.cols == 0,
+        "output without columns is fine");
 
   size_t cur = 10;
   CHECK(fct_ws_take(&cur, 5) == 256 && cur == 261, "workspace carving aligns to 256");

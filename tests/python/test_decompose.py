@@ -333,7 +333,7 @@ def test_tucker_bad_arguments():
         D.tucker(X, [2, 5, 2])
     with pytest.raises(ValueError, match="rank: expected an int or 3 ints"):
         D.tucker(X, [2, 2])
-    with pytest.raises(ValueError, match="n_iter_max: expected >= 0"):
+    with pytest.raises(ValueError, match="n_iter_max: expected 0 <= n_iter_max"):
         D.tucker(X, 2, n_iter_max=-1)
     X[1, 1, 1] = float("nan")
     with pytest.raises(ValueError, match="tensor: holds 1 NaN/Inf values"):

@@ -161,9 +161,9 @@ def test_views_share_the_flat_parameter(fact):
 
 
 def test_views_of_other_factorizations_raise():
-    with pytest.raises(TypeError, match=r"cores: a 'cp' layer has none"):
+    with pytest.raises(AttributeError, match=r"cores: a 'cp' layer has none"):
         FactorizedLinear(64, 48, "cp", rank=3).cores
-    with pytest.raises(TypeError, match=r"core: a 'tt' layer has none"):
+    with pytest.raises(AttributeError, match=r"core: a 'tt' layer has none"):
         FactorizedLinear(64, 48, "tt", rank=3).core
 
 

@@ -452,7 +452,6 @@ def test_shape_mismatches_raise_naming_the_argument():
         (dict(weight=None, U=rand(5, 2, **f32), V=rand(2, 7, **f32)), r"V: expected \[rb, in\]"),
         (dict(weight=None, U=rand(4, 2, **f32), V=rand(2, 6, **f32)), r"U: expected \[out, rb\]"),
         (dict(weight=None, base_out=rand(4, 6, **f32)), r"base_out: expected"),
-        (dict(x=x.reshape(1, 1, 1, 1, 1, 1, 1, 1, 4, 6)), r"x: expected 1 to 8 dims"),
     ]
     for over, msg in cases:
         kw = {"weight": W, **{k: v for k, v in over.items() if k not in ("x", "A", "B")}}
@@ -460,6 +459,13 @@ def test_shape_mismatches_raise_naming_the_argument():
         args = (over.get("x", x), over.get("A", A), over.get("B", B))
         with pytest.raises(RuntimeError, match=msg):
             lora_linear(*args, 1.0, **kw)
+    # More than 8 dims: the op refuses them, the functional wrapper merges the leading dims.
+    x10, none = x.reshape(1, 1, 1, 1, 1, 1, 1, 1, 4, 6), x.new_empty(0)
+    with pytest.raises(RuntimeError, match=r"x: expected 1 to 8 dims"):
+        torch.ops.factorch.lora_linear(x10, A, B, W, none, none, none, none, none,
+                                       _ops.LORA_DENSE, 1.0, 0.0)
+    torch.testing.assert_close(lora_linear(x10, A, B, 1.0, weight=W),
+                               lora_linear(x, A, B, 1.0, weight=W).reshape(*x10.shape[:-1], -1))
 
 
 def test_dtype_mix_and_unsupported_dtypes_raise():
