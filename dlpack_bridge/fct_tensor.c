@@ -111,11 +111,15 @@ fct_status fct_check_tensor(fct_context* ctx, const char* name,
   if (n < 0) return fct_fail(ctx, FCT_ERR_OVERFLOW, "%s: number of elements overflows int64", name);
   if (n > 0 && !t->data)
     return fct_fail(ctx, FCT_ERR_NULL_ARGUMENT, "%s: data is NULL for a non-empty tensor", name);
+  return fct_check_memory(ctx, name, t, n, (int64_t)fct_dtype_bytes(fct_dtype_of(t->dtype)));
+}
+
+fct_status fct_check_memory(fct_context* ctx, const char* name, const DLTensor* t, int64_t n,
+                            int64_t es) {
   if (n == 0) return FCT_OK;
   /* Every byte count and element offset the ops derive from the shape and
    * strides (packed copies, views, overlap checks) must fit int64: refuse
    * descriptors that no memory could hold. */
-  int64_t es = (int64_t)fct_dtype_bytes(fct_dtype_of(t->dtype));
   if (n > FCT_MAX_SPAN_BYTES / es)
     return fct_fail(ctx, FCT_ERR_OVERFLOW, "%s: %lld elements of %lld bytes exceed %lld bytes",
                     name, (long long)n, (long long)es, (long long)FCT_MAX_SPAN_BYTES);

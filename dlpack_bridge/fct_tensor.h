@@ -63,6 +63,13 @@ int64_t fct_numel(const DLTensor* t);
 fct_status fct_check_tensor(fct_context* ctx, const char* name,
                             const DLTensor* t, int min_ndim);
 
+/* The memory part of fct_check_tensor, for tensors of other dtypes (the
+ * embeddings' indices): n elements of es bytes (n = fct_numel(t), no dim
+ * negative) must fit FCT_MAX_SPAN_BYTES with their strides' span, and data +
+ * byte_offset must be aligned to es. */
+fct_status fct_check_memory(fct_context* ctx, const char* name, const DLTensor* t, int64_t n,
+                            int64_t es);
+
 /* t must match ref's dtype and device (ref already checked). */
 fct_status fct_check_same(fct_context* ctx, const char* name, const DLTensor* t,
                           const char* ref_name, const DLTensor* ref);
