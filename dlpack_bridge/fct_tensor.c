@@ -97,7 +97,7 @@ fct_status fct_check_tensor(fct_context* ctx, const char* name,
     return fct_fail(ctx, FCT_ERR_DTYPE,
                     "%s: %s is supported on cuda only; on cpu expected float32 or float64",
                     name, fct_dtype_name(t->dtype));
-  if (t->ndim < min_ndim || t->ndim > FCT_MAX_DIMS)
+  if (t->ndim < min_ndim || t->ndim < 0 || t->ndim > FCT_MAX_DIMS)
     return fct_fail(ctx, FCT_ERR_NDIM, "%s: expected %d to %d dims, got %d", name, min_ndim,
                     FCT_MAX_DIMS, t->ndim);
   if (t->ndim > 0 && !t->shape)
