@@ -540,7 +540,7 @@ fct_status fct_cp_linear_backward(fct_context* ctx, const DLTensor* grad_y, cons
     if (n->gout) {
       if (n->z_given) {
         fct_fold(z, &Z);
-        Z.data += c0 * Z.cs * (int64_t)e.es;
+        if (Z.data) Z.data += c0 * Z.cs * (int64_t)e.es; /* an empty z's data may be NULL */
         Z.cols = rc;
       } else {
         Z = fct_dense(fct_ws_at(&e, p.off_z), M, rc);
