@@ -343,6 +343,15 @@ static void test_errors(void) {
   st = fct_cp_linear_plan(0, modes, 4, modes, 8, 1, (DLDevice){kDLCPU, 0},
                           (DLDataType){kDLFloat, 32, 1}, &info);
   CHECK(st == FCT_ERR_INVALID_VALUE, "cp plan with no input modes: %d", st);
+  /* Sizes no tensor of the ops could have (tests/fuzz): the ops' bounds,
+   * before the plan's products of them overflow int64. */
+  int64_t huge[1] = {(int64_t)1 << 40}, one[1] = {2};
+  st = fct_cp_linear_plan(1, huge, 1, huge, 4, 1 << 20, (DLDevice){kDLCPU, 0},
+                          (DLDataType){kDLFloat, 32, 1}, &info);
+  CHECK(st == FCT_ERR_OVERFLOW, "cp plan with in = out = 2^40: %d", st);
+  st = fct_cp_linear_plan(1, one, 1, one, 4, (int64_t)1 << 40, (DLDevice){kDLCPU, 0},
+                          (DLDataType){kDLFloat, 32, 1}, &info);
+  CHECK(st == FCT_ERR_OVERFLOW, "cp plan with a batch of 2^40: %d", st);
 
   tt_free(x); tt_free(A0); tt_free(A1); tt_free(B0); tt_free(y); tt_free(A64); tt_free(b);
   tt_free(g); tt_free(gx); tt_free(gA0);
