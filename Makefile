@@ -8,8 +8,10 @@ STAMPS := .stamps
 C_SOURCES := CMakeLists.txt pyproject.toml $(wildcard ops/*.[ch] ops/*/*.[ch] ops/*/*.cu \
   ops/*/*.cuh dlpack_bridge/*.[ch] torch_glue/*.[ch] tests/c/*.c tests/c/*.h tests/c/*.cpp)
 ASAN_DIR := build/asan
+ASAN_PY_DIR := build/asan-py
+FUZZ_DIR := build/fuzz
 
-.PHONY: all setup build demo test test-c test-asan test-py test-models bench clean fashion-mnist \
+.PHONY: all setup build demo test test-c test-asan test-py test-py-asan test-models fuzz fuzz-long bench clean fashion-mnist \
   example-fashion-mnist example-convert-minilm fortunes models
 
 all: build
@@ -84,8 +86,9 @@ $(FMNIST_DIR)/.fetched:
 example-fashion-mnist: build fashion-mnist
 	$(PY) examples/train_fashion_mnist.py $(ARGS)
 
-# Every test: C tests, C tests again under ASan+UBSan, then pytest.
-test: test-c test-asan test-py
+# Every test: C tests, C tests again under ASan+UBSan, a short libFuzzer
+# run over the C ABI, then pytest.
+test: test-c test-asan fuzz test-py
 
 test-c: build
 	$(VENV)/bin/ctest --test-dir build/py --output-on-failure
@@ -98,10 +101,68 @@ test-asan: $(STAMPS)/deps
 	ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 UBSAN_OPTIONS=print_stacktrace=1 \
 	  $(VENV)/bin/ctest --test-dir $(ASAN_DIR) --output-on-failure
 
+# libFuzzer harnesses over the C ABI (tests/fuzz, clang only): each harness
+# runs FUZZ_SECONDS (default 6: about a minute in all) from its committed
+# corpus, tests/fuzz/corpus/<harness>, plus what earlier runs found
+# ($(FUZZ_DIR)/corpus/<harness>); a crash, hang or sanitizer report fails
+# the target and leaves the input in $(FUZZ_DIR)/artifacts. FUZZ_HARNESSES
+# picks some; `make fuzz-long` runs each for FUZZ_LONG_SECONDS (1200).
+# Without clang it says so and does nothing.
+FUZZ_CC ?= clang
+FUZZ_SECONDS ?= 6
+FUZZ_LONG_SECONDS ?= 1200
+FUZZ_HARNESSES ?= lowrank_linear cp_linear tucker_linear tt_linear conv_chain embedding \
+  lora_linear decompose tensor_checks
+fuzz: $(STAMPS)/deps
+	@if ! command -v $(FUZZ_CC) > /dev/null; then \
+	  echo "fuzz: $(FUZZ_CC) not found; the libFuzzer harnesses need clang (skipped)"; exit 0; fi; \
+	set -e; \
+	CC=$(FUZZ_CC) $(VENV)/bin/cmake -S . -B $(FUZZ_DIR) -G Ninja \
+	  -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV)/bin/ninja) -DPython_EXECUTABLE=$(abspath $(PY)) \
+	  -DCMAKE_BUILD_TYPE=RelWithDebInfo -DFCT_FUZZ=ON -DFCT_CUDA=OFF -DFCT_BUILD_TESTS=OFF \
+	  -DFCT_BUILD_TORCH_GLUE=OFF > /dev/null; \
+	$(VENV)/bin/cmake --build $(FUZZ_DIR) --target $(addprefix fuzz_,$(FUZZ_HARNESSES)); \
+	mkdir -p $(FUZZ_DIR)/artifacts; \
+	for h in $(FUZZ_HARNESSES); do \
+	  mkdir -p $(FUZZ_DIR)/corpus/$$h; \
+	  echo "fuzz: $$h for $(FUZZ_SECONDS) s"; \
+	  UBSAN_OPTIONS=print_stacktrace=1 $(FUZZ_DIR)/fuzz_$$h -max_total_time=$(FUZZ_SECONDS) \
+	    -timeout=20 -rss_limit_mb=4096 -max_len=1024 -print_final_stats=1 \
+	    -artifact_prefix=$(FUZZ_DIR)/artifacts/$$h- $(FUZZ_DIR)/corpus/$$h tests/fuzz/corpus/$$h \
+	    2> $(FUZZ_DIR)/$$h.log || { sed -n '/^fuzz: \|ERROR\|runtime error/,$$p' \
+	    $(FUZZ_DIR)/$$h.log | head -60; exit 1; }; \
+	  grep -E "^stat::(number_of_executed_units|average_exec_per_sec)|^Done" $(FUZZ_DIR)/$$h.log; \
+	  grep -E "^#[0-9]+.*(DONE|pulse|NEW|REDUCE)" $(FUZZ_DIR)/$$h.log | tail -1; \
+	done
+
+fuzz-long:
+	$(MAKE) --no-print-directory fuzz FUZZ_SECONDS=$(FUZZ_LONG_SECONDS)
+
 # pytest, with the real models and the fortune texts their tests read
 # (those tests are short; the long ones are marked `slow`: make test-models).
 test-py: build models fortunes
 	$(PY) -m pytest tests/python -m "not slow"
+
+# pytest (not slow) against libfactorch and libfactorch_torch built with
+# -fsanitize=address,undefined (gcc, no CUDA) into $(ASAN_PY_DIR). The
+# interpreter is not instrumented, so gcc's ASan runtime is preloaded, with
+# libstdc++ (ASan's __cxa_throw interceptor must find it at start-up, else
+# torch's first C++ exception aborts), and leak checking is off (CPython and
+# torch keep memory until exit); the editable install's build/py is skipped
+# so FACTORCH_LIB_DIR wins. test_sanitized_build.py checks that the sanitized
+# libraries were the ones loaded (FACTORCH_EXPECT_ASAN). pytest captures
+# sys-level output only, so a sanitizer's report reaches the terminal.
+# PYTEST_ARGS narrows the run.
+ASAN_RUNTIME = $(shell $(CC) -print-file-name=libasan.so) $(shell $(CC) -print-file-name=libstdc++.so.6)
+test-py-asan: build models fortunes
+	$(VENV)/bin/cmake -S . -B $(ASAN_PY_DIR) -G Ninja -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV)/bin/ninja) \
+	  -DPython_EXECUTABLE=$(abspath $(PY)) -DCMAKE_BUILD_TYPE=RelWithDebInfo -DFCT_SANITIZE=ON \
+	  -DFCT_CUDA=OFF -DFCT_BUILD_TESTS=OFF > /dev/null
+	$(VENV)/bin/cmake --build $(ASAN_PY_DIR)
+	LD_PRELOAD="$(ASAN_RUNTIME)" ASAN_OPTIONS=detect_leaks=0:abort_on_error=0 \
+	  UBSAN_OPTIONS=print_stacktrace=1 FACTORCH_LIB_DIR=$(abspath $(ASAN_PY_DIR)) \
+	  SKBUILD_EDITABLE_SKIP=$(abspath build/py) FACTORCH_EXPECT_ASAN=1 \
+	  $(PY) -m pytest tests/python -m "not slow" --capture=sys $(PYTEST_ARGS)
 
 test-models: build models fortunes
 	$(PY) -m pytest tests/python -m slow

@@ -57,15 +57,18 @@ void fct_strides(const DLTensor* t, int64_t* strides) {
     memcpy(strides, t->strides, sizeof(int64_t) * (size_t)t->ndim);
     return;
   }
+  /* Saturating: only an empty tensor's product can overflow (its strides
+   * are never used to address memory). */
   int64_t s = 1;
   for (int i = t->ndim - 1; i >= 0; --i) {
     strides[i] = s;
-    s *= t->shape[i];
+    if (__builtin_mul_overflow(s, t->shape[i], &s)) s = INT64_MAX;
   }
 }
 
 char* fct_data(const DLTensor* t) {
-  return (char*)t->data + t->byte_offset;
+  /* No offset on NULL (an empty tensor's data may be NULL). */
+  return t->data ? (char*)t->data + t->byte_offset : NULL;
 }
 
 int64_t fct_numel(const DLTensor* t) {
@@ -94,7 +97,7 @@ fct_status fct_check_tensor(fct_context* ctx, const char* name,
     return fct_fail(ctx, FCT_ERR_DTYPE,
                     "%s: %s is supported on cuda only; on cpu expected float32 or float64",
                     name, fct_dtype_name(t->dtype));
-  if (t->ndim < min_ndim || t->ndim > FCT_MAX_DIMS)
+  if (t->ndim < min_ndim || t->ndim < 0 || t->ndim > FCT_MAX_DIMS)
     return fct_fail(ctx, FCT_ERR_NDIM, "%s: expected %d to %d dims, got %d", name, min_ndim,
                     FCT_MAX_DIMS, t->ndim);
   if (t->ndim > 0 && !t->shape)
@@ -108,6 +111,33 @@ fct_status fct_check_tensor(fct_context* ctx, const char* name,
   if (n < 0) return fct_fail(ctx, FCT_ERR_OVERFLOW, "%s: number of elements overflows int64", name);
   if (n > 0 && !t->data)
     return fct_fail(ctx, FCT_ERR_NULL_ARGUMENT, "%s: data is NULL for a non-empty tensor", name);
+  return fct_check_memory(ctx, name, t, n, (int64_t)fct_dtype_bytes(fct_dtype_of(t->dtype)));
+}
+
+fct_status fct_check_memory(fct_context* ctx, const char* name, const DLTensor* t, int64_t n,
+                            int64_t es) {
+  if (n == 0) return FCT_OK;
+  /* Every byte count and element offset the ops derive from the shape and
+   * strides (packed copies, views, overlap checks) must fit int64: refuse
+   * descriptors that no memory could hold. */
+  if (n > FCT_MAX_SPAN_BYTES / es)
+    return fct_fail(ctx, FCT_ERR_OVERFLOW, "%s: %lld elements of %lld bytes exceed %lld bytes",
+                    name, (long long)n, (long long)es, (long long)FCT_MAX_SPAN_BYTES);
+  if (t->strides) {
+    int64_t span = 0;
+    for (int i = 0; i < t->ndim; ++i) {
+      int64_t st = t->strides[i], ext;
+      if (st == INT64_MIN || __builtin_mul_overflow(t->shape[i] - 1, st < 0 ? -st : st, &ext) ||
+          __builtin_add_overflow(span, ext, &span) || span > FCT_MAX_SPAN_BYTES / es)
+        return fct_fail(ctx, FCT_ERR_OVERFLOW,
+                        "%s: stride %lld of dim %d reaches beyond %lld bytes", name,
+                        (long long)st, i, (long long)FCT_MAX_SPAN_BYTES);
+    }
+  }
+  if ((uintptr_t)fct_data(t) % (uintptr_t)es != 0)
+    return fct_fail(ctx, FCT_ERR_LAYOUT,
+                    "%s: data + byte_offset is not aligned to the %lld bytes of its dtype %s",
+                    name, (long long)es, fct_dtype_name(t->dtype));
   return FCT_OK;
 }
 
@@ -142,7 +172,10 @@ bool fct_fold(const DLTensor* t, fct_mat* m) {
   bool have = false;
   for (int i = nd - 2; i >= 0; --i) {
     int64_t n = t->shape[i];
-    m->rows *= n;
+    /* Only an empty tensor's products can overflow (fct_check_tensor bounds
+     * the others): saturate its row count, wrap the unused stride. */
+    if (m->rows != 0 && __builtin_mul_overflow(m->rows, n, &m->rows)) m->rows = INT64_MAX;
+    if (n == 0) m->rows = 0;
     if (n == 1) continue;
     if (!have) {
       m->rs = st[i];
@@ -150,7 +183,7 @@ bool fct_fold(const DLTensor* t, fct_mat* m) {
     } else if (st[i] != expect) {
       ok = false;
     }
-    expect = st[i] * n;
+    expect = (int64_t)((uint64_t)st[i] * (uint64_t)n);
   }
   if (m->rows == 0 || m->cols == 0) {
     /* Empty: any strides will do (numpy gives empty arrays zero strides);

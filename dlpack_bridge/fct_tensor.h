@@ -50,11 +50,25 @@ char* fct_data(const DLTensor* t);
 /* Number of elements; -1 when the product overflows int64. */
 int64_t fct_numel(const DLTensor* t);
 
+/* The most bytes a tensor's elements may span (2^62): larger descriptors
+ * describe no real memory, and products of their sizes and strides could
+ * overflow int64 inside the ops. */
+#define FCT_MAX_SPAN_BYTES ((int64_t)1 << 62)
+
 /* t must be non-NULL, have a supported dtype and device, ndim in
  * [min_ndim, FCT_MAX_DIMS], non-negative sizes and a non-NULL data pointer
- * unless empty. */
+ * unless empty; when not empty, its elements and the span of its strides
+ * must fit FCT_MAX_SPAN_BYTES and data + byte_offset must be aligned to the
+ * element size. */
 fct_status fct_check_tensor(fct_context* ctx, const char* name,
                             const DLTensor* t, int min_ndim);
+
+/* The memory part of fct_check_tensor, for tensors of other dtypes (the
+ * embeddings' indices): n elements of es bytes (n = fct_numel(t), no dim
+ * negative) must fit FCT_MAX_SPAN_BYTES with their strides' span, and data +
+ * byte_offset must be aligned to es. */
+fct_status fct_check_memory(fct_context* ctx, const char* name, const DLTensor* t, int64_t n,
+                            int64_t es);
 
 /* t must match ref's dtype and device (ref already checked). */
 fct_status fct_check_same(fct_context* ctx, const char* name, const DLTensor* t,

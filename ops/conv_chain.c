@@ -413,8 +413,13 @@ static fct_status bind_weights(const fct_exec* e, cc_plan* p) {
   return FCT_OK;
 }
 
+/* NULL stays NULL: an empty tensor's data, or a workspace that is not
+ * there because every region in it is empty. */
 static inline char* at(const char* base, int64_t elems, size_t es) {
-  return (char*)base + elems * (int64_t)es;
+  return base ? (char*)base + elems * (int64_t)es : NULL;
+}
+static inline char* at_bytes(const char* base, size_t off) {
+  return base ? (char*)base + off : NULL;
 }
 
 /* ------------------------------------------------------------------------- */
@@ -602,8 +607,8 @@ static fct_status run_workers(cc_job* j) {
 static fct_status forward_images(const fct_exec* e, const cc_job* j, char* base, int64_t i_begin,
                                  int64_t i_end) {
   const cc_plan* p = j->p;
-  char* col = base + p->off_col;
-  char* buf[2] = {base + p->off_a, base + p->off_b};
+  char* col = at_bytes(base, p->off_col);
+  char* buf[2] = {at_bytes(base, p->off_a), at_bytes(base, p->off_b)};
   for (int64_t i0 = i_begin; i0 < i_end; i0 += p->Nc) {
     int64_t nc = i_end - i0 < p->Nc ? i_end - i0 : p->Nc;
     const char* cur = at(j->xb, i0 * p->s[0].in_numel, e->es);
@@ -739,7 +744,7 @@ static const char* stage_input(const cc_job* j, const char* base, int s, int64_t
   const cc_plan* p = j->p;
   size_t es = j->e->es;
   if (s == 0) return at(j->xb, i0 * p->s[0].in_numel, es);
-  if (p->recompute[s - 1]) return base + p->off_rc[s - 1];
+  if (p->recompute[s - 1]) return at_bytes(base, p->off_rc[s - 1]);
   return at(j->saved, p->N * p->saved_off[s - 1] + i0 * p->s[s].in_numel, es);
 }
 
@@ -750,13 +755,13 @@ static const char* stage_input(const cc_job* j, const char* base, int s, int64_t
 static fct_status backward_images(const fct_exec* e, const cc_job* j, char* base,
                                   int64_t i_begin, int64_t i_end) {
   const cc_plan* p = j->p;
-  char* col = base + p->off_col;
-  char* red = base + p->off_red;
-  char* buf[2] = {base + p->off_a, base + p->off_b};
+  char* col = at_bytes(base, p->off_col);
+  char* red = at_bytes(base, p->off_red);
+  char* buf[2] = {at_bytes(base, p->off_a), at_bytes(base, p->off_b)};
   char* gw[FCT_MAX_STAGES];
   int64_t off = 0;
   for (int s = 0; s < p->S; ++s) {
-    gw[s] = !p->gw ? NULL : p->T == 1 ? j->gw[s] : at(base + p->off_part, off, e->es);
+    gw[s] = !p->gw ? NULL : p->T == 1 ? j->gw[s] : at(at_bytes(base, p->off_part), off, e->es);
     off += p->s[s].w.rows * p->s[s].w.cols;
   }
   for (int64_t i0 = i_begin; i0 < i_end; i0 += p->Nc) {
@@ -766,7 +771,7 @@ static fct_status backward_images(const fct_exec* e, const cc_job* j, char* base
     for (int s = 0; p->gw && s < p->S; ++s)
       if (p->recompute[s])
         TRY(stage_forward(e, &p->s[s], nc * p->s[s].st.batch, stage_input(j, base, s, i0), col,
-                          base + p->off_rc[s]));
+                          at_bytes(base, p->off_rc[s])));
     for (int s = p->S - 1; s >= 0; --s) {
       const cc_stage* c = &p->s[s];
       const char* in = p->gw ? stage_input(j, base, s, i0) : NULL;

@@ -476,12 +476,13 @@ static fct_status backward_plan(fct_context* ctx, const DLTensor* g, const DLTen
   n.gout = any((DLTensor* const*)gB, n_out);
   n.check = ctx->flags & FCT_FLAG_CHECK_FINITE;
   n.small = ctx->flags & FCT_FLAG_SMALL_CHUNKS;
+  /* Decided before x's packing: without z, x is read to recompute it. */
+  if (z && n.gout && fct_input_needs_pack(z, &m))
+    n.z_given = false; /* recomputing beats teaching every step odd strides */
   bool uses_x = n.gin || (n.gout && !n.z_given);
   bool uses_g = n.gx || n.gin || n.gout || n.gb;
   n.pack_x = uses_x && fct_input_needs_pack(x, &m);
   n.pack_g = uses_g && fct_input_needs_pack(g, &m);
-  if (z && n.gout && fct_input_needs_pack(z, &m))
-    n.z_given = false; /* recomputing beats teaching every step odd strides */
   return make_plan(ctx, &s, &n, p);
 }
 
@@ -539,7 +540,7 @@ fct_status fct_cp_linear_backward(fct_context* ctx, const DLTensor* grad_y, cons
     if (n->gout) {
       if (n->z_given) {
         fct_fold(z, &Z);
-        Z.data += c0 * Z.cs * (int64_t)e.es;
+        if (Z.data) Z.data += c0 * Z.cs * (int64_t)e.es; /* an empty z's data may be NULL */
         Z.cols = rc;
       } else {
         Z = fct_dense(fct_ws_at(&e, p.off_z), M, rc);
@@ -590,7 +591,10 @@ static fct_status side_from_modes(int n, const int64_t* modes, cp_side* side, co
   for (int k = 0; k < n; ++k) {
     if (modes[k] < 1) return FCT_ERR_SHAPE;
     side->modes[k] = modes[k];
-    if (__builtin_mul_overflow(side->size, modes[k], &side->size)) return FCT_ERR_OVERFLOW;
+    /* The bounds the ops put on tensors' sizes (check_side), so that the
+     * plan's products of two sizes fit int64 as they do there. */
+    if (__builtin_mul_overflow(side->size, modes[k], &side->size) || !fct_fits_int(side->size))
+      return FCT_ERR_OVERFLOW;
   }
   (void)name;
   return FCT_OK;
@@ -606,6 +610,7 @@ fct_status fct_cp_linear_plan(int n_in, const int64_t* in_modes, int n_out,
   TRY(side_from_modes(n_out, out_modes, &s.out, "out_modes"));
   if (rank < 1 || batch < 0 || fct_dtype_of(dtype) == FCT_DTYPE_INVALID)
     return FCT_ERR_INVALID_VALUE;
+  if (!fct_fits_int(rank) || !fct_fits_int(batch)) return FCT_ERR_OVERFLOW; /* as the ops */
   s.R = rank;
   s.M = batch;
   s.es = fct_dtype_bytes(fct_dtype_of(dtype));

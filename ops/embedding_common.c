@@ -33,6 +33,7 @@ fct_status fct_check_indices(fct_context* ctx, const DLTensor* t, const DLTensor
     return fct_fail(ctx, FCT_ERR_OVERFLOW, "indices: number of elements overflows int64");
   if (n > 0 && !t->data)
     return fct_fail(ctx, FCT_ERR_NULL_ARGUMENT, "indices: data is NULL for a non-empty tensor");
+  TRY(fct_check_memory(ctx, "indices", t, n, t->dtype.bits / 8));
   *count = n;
   return FCT_OK;
 }

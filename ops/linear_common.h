@@ -181,7 +181,10 @@ typedef struct fct_exec {
 
 fct_status fct_exec_begin(fct_context* ctx, const char* name, const DLTensor* t, fct_exec* e);
 
-static inline char* fct_ws_at(const fct_exec* e, size_t off) { return e->ws + off; }
+/* NULL when there is no workspace (then every region in it is empty). */
+static inline char* fct_ws_at(const fct_exec* e, size_t off) {
+  return e->ws ? e->ws + off : NULL;
+}
 
 /* C = A·B + beta·C (one product). */
 static inline fct_status fct_x_gemm(const fct_exec* e, const fct_mat* A, const fct_mat* B,

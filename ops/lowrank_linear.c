@@ -78,16 +78,19 @@ static fct_status bind(fct_context* ctx, const fct_backend* be, layout* L, fct_l
     return fct_fail(ctx, FCT_ERR_WORKSPACE, "workspace: expected at least %zu bytes, got %zu%s",
                     L->bytes, ctx->workspace ? ctx->workspace_bytes : (size_t)0,
                     ctx->workspace ? "" : " (NULL)");
+  /* Without a workspace every region in it is empty: NULL, not NULL + off. */
   char* ws = (char*)ctx->workspace;
+#define WS_AT(off) (ws ? ws + (off) : NULL)
   for (int i = 0; i < L->nops; ++i) {
     operand* o = &L->ops[i];
     if (!o->pack) continue;
-    TRY(be->pack(ctx, o->t, ws + o->off));
-    *o->view = fct_dense(ws + o->off, o->view->rows, o->view->cols);
+    TRY(be->pack(ctx, o->t, WS_AT(o->off)));
+    *o->view = fct_dense(WS_AT(o->off), o->view->rows, o->view->cols);
   }
-  if (L->t_in_ws) p->t = fct_dense(ws + L->off_t, p->M, p->r);
-  if (L->gt_in_ws) p->gt = fct_dense(ws + L->off_gt, p->M, p->r);
-  p->scratch = L->scratch ? ws + L->off_scratch : NULL;
+  if (L->t_in_ws) p->t = fct_dense(WS_AT(L->off_t), p->M, p->r);
+  if (L->gt_in_ws) p->gt = fct_dense(WS_AT(L->off_gt), p->M, p->r);
+  p->scratch = L->scratch ? WS_AT(L->off_scratch) : NULL;
+#undef WS_AT
   return FCT_OK;
 }
 

@@ -861,10 +861,17 @@ fct_status fct_tt_linear_plan(int d, const int64_t* in_modes, const int64_t* out
     if (in_modes[k] < 1 || out_modes[k] < 1) return FCT_ERR_SHAPE;
     s->in[k] = in_modes[k];
     s->out[k] = out_modes[k];
+    /* The ops' bounds (check_shape), so the plan's products fit int64. */
+    int64_t csz;
     if (__builtin_mul_overflow(s->in_size, in_modes[k], &s->in_size) ||
-        __builtin_mul_overflow(s->out_size, out_modes[k], &s->out_size))
+        __builtin_mul_overflow(s->out_size, out_modes[k], &s->out_size) ||
+        !fct_fits_int(s->in_size) || !fct_fits_int(s->out_size) ||
+        __builtin_mul_overflow(ranks[k], in_modes[k], &csz) ||
+        __builtin_mul_overflow(csz, out_modes[k], &csz) ||
+        __builtin_mul_overflow(csz, ranks[k + 1], &csz) || !fct_fits_int(csz))
       return FCT_ERR_OVERFLOW;
   }
+  if (!fct_fits_int(batch)) return FCT_ERR_OVERFLOW;
   s->M = batch;
   s->es = fct_dtype_bytes(fct_dtype_of(dtype));
   s->cuda = device.device_type == kDLCUDA;

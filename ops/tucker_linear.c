@@ -682,8 +682,10 @@ static fct_status side_from(int n, const int64_t* modes, const int64_t* ranks, t
     if (modes[k] < 1 || ranks[k] < 1) return FCT_ERR_SHAPE;
     side->modes[k] = modes[k];
     side->ranks[k] = ranks[k];
+    /* The ops' bounds (check_side), so the plan's products fit int64. */
     if (__builtin_mul_overflow(side->size, modes[k], &side->size) ||
-        __builtin_mul_overflow(side->rank, ranks[k], &side->rank))
+        __builtin_mul_overflow(side->rank, ranks[k], &side->rank) ||
+        !fct_fits_int(side->size) || !fct_fits_int(side->rank))
       return FCT_ERR_OVERFLOW;
   }
   return FCT_OK;
@@ -695,6 +697,7 @@ fct_status fct_tucker_linear_plan(int n_in, const int64_t* in_modes, const int64
                                   fct_linear_plan_info* info) {
   if (!info) return FCT_ERR_NULL_ARGUMENT;
   if (batch < 0 || fct_dtype_of(dtype) == FCT_DTYPE_INVALID) return FCT_ERR_INVALID_VALUE;
+  if (!fct_fits_int(batch)) return FCT_ERR_OVERFLOW; /* M < 2^31, as the ops */
   tk_plan pf, pb;
   memset(&pf, 0, sizeof pf);
   TRY(side_from(n_in, in_modes, in_ranks, &pf.s.in));

@@ -250,7 +250,7 @@ void fct_cpu_gemm_scaled(fct_dtype dt, double alpha, const fct_mat* A, const fct
 
 static fct_mat shifted(const fct_mat* m, int64_t elems, size_t es) {
   fct_mat r = *m;
-  r.data += elems * (int64_t)es;
+  if (r.data) r.data += elems * (int64_t)es; /* an empty operand's data may be NULL */
   return r;
 }
 

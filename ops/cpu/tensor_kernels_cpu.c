@@ -11,6 +11,7 @@
 /* ------------------------------------------------------------------------- */
 
 void fct_cpu_fill_rows(fct_dtype dt, const fct_mat* y, const char* bias, int64_t bs) {
+  if (y->cols == 0) return; /* y's data may be NULL: no row address to form */
   for (int64_t i = 0; i < y->rows; ++i) {
     if (dt == FCT_F32) {
       float* row = (float*)y->data + i * y->rs;

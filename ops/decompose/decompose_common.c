@@ -30,11 +30,23 @@ fct_status fct_dec_check_input(fct_context* ctx, const char* name, const DLTenso
     return fct_fail(ctx, FCT_ERR_NDIM, "%s: expected %d to %d dims, got %d", name, min_ndim,
                     max_ndim, X->ndim);
   }
+  /* An empty tensor's other dims are still multiplied in groups
+   * (unfoldings, CP's split): their product must fit too (a non-empty
+   * one's is bounded by fct_check_tensor). */
+  bool empty = fct_numel(X) == 0;
+  int64_t nonzero = 1;
   for (int i = 0; i < X->ndim; ++i) {
     if (X->shape[i] > INT_MAX)
       return fct_fail(ctx, FCT_ERR_OVERFLOW,
                       "%s: size %lld of dim %d does not fit LAPACK's 32-bit indices", name,
                       (long long)X->shape[i], i);
+    if (!empty) continue;
+    if (X->shape[i] > 0) nonzero *= X->shape[i];
+    if (nonzero > INT_MAX)
+      return fct_fail(ctx, FCT_ERR_OVERFLOW,
+                      "%s: the product of the nonzero dims up to %d of an empty tensor does not "
+                      "fit LAPACK's 32-bit indices",
+                      name, i);
   }
   return FCT_OK;
 }

@@ -12,6 +12,10 @@
  *    expected is written into ctx->error (when given).
  *  - Shapes are written [rows, cols] in row-major (C) terms. "..." means any
  *    number of leading batch dims, folded into M rows.
+ *  - Every non-empty tensor's data + byte_offset must be aligned to its
+ *    element size (else FCT_ERR_LAYOUT), and its elements and the span of its
+ *    strides must fit 2^62 bytes (else FCT_ERR_OVERFLOW). Empty tensors may
+ *    have NULL data and any sizes.
  *  - Input tensors may have arbitrary strides (negative, zero, gaps); they are
  *    packed into the workspace only where BLAS cannot read them as they are.
  *    Output tensors must be dense in their last dim, have foldable leading dims

@@ -343,14 +343,78 @@ static void test_errors(void) {
   st = fct_cp_linear_plan(0, modes, 4, modes, 8, 1, (DLDevice){kDLCPU, 0},
                           (DLDataType){kDLFloat, 32, 1}, &info);
   CHECK(st == FCT_ERR_INVALID_VALUE, "cp plan with no input modes: %d", st);
+  /* Sizes no tensor of the ops could have (tests/fuzz): the ops' bounds,
+   * before the plan's products of them overflow int64. */
+  int64_t huge[1] = {(int64_t)1 << 40}, one[1] = {2};
+  st = fct_cp_linear_plan(1, huge, 1, huge, 4, 1 << 20, (DLDevice){kDLCPU, 0},
+                          (DLDataType){kDLFloat, 32, 1}, &info);
+  CHECK(st == FCT_ERR_OVERFLOW, "cp plan with in = out = 2^40: %d", st);
+  st = fct_cp_linear_plan(1, one, 1, one, 4, (int64_t)1 << 40, (DLDevice){kDLCPU, 0},
+                          (DLDataType){kDLFloat, 32, 1}, &info);
+  CHECK(st == FCT_ERR_OVERFLOW, "cp plan with a batch of 2^40: %d", st);
 
   tt_free(x); tt_free(A0); tt_free(A1); tt_free(B0); tt_free(y); tt_free(A64); tt_free(b);
   tt_free(g); tt_free(gx); tt_free(gA0);
 }
 
+/* z given with strides BLAS cannot read is recomputed from x instead, so x
+ * must then be packed when its leading dims do not fold: the backward with
+ * such z and x gives what it gives with dense x and no z. */
+static void test_recomputed_z_packs_x(int bits) {
+  int64_t xs[3] = {2, 3, 4}, zs[3] = {2, 3, 3}, ys[3] = {2, 3, 5};
+  int perm[3] = {1, 0, 2}; /* memory [3, 2, k]: leading dims do not fold */
+  int64_t as[2] = {2, 3}, bs[2] = {5, 3};
+  test_tensor *A0 = tt_new(bits, 2, as, NULL, 0), *A1 = tt_new(bits, 2, as, NULL, 0);
+  test_tensor* B0 = tt_new(bits, 2, bs, NULL, 0);
+  const DLTensor* A[2] = {&A0->dl, &A1->dl};
+  const DLTensor* B[1] = {&B0->dl};
+  test_tensor* xd = tt_new(bits, 3, xs, NULL, 0);
+  test_tensor* xp = tt_new(bits, 3, xs, perm, 0);
+  test_tensor* g = tt_new(bits, 3, ys, NULL, 0);
+  test_tensor* y = tt_output(bits, 3, ys);
+  test_tensor* zd = tt_output(bits, 3, zs);
+  test_tensor* zp = tt_new(bits, 3, zs, perm, 0);
+  int64_t i[3];
+  for (i[0] = 0; i[0] < 2; ++i[0])
+    for (i[1] = 0; i[1] < 3; ++i[1])
+      for (i[2] = 0; i[2] < 4; ++i[2]) tt_set(xp, i, tt_get(xd, i));
+  fct_context c = tz_ctx(0);
+  size_t bytes = 0;
+  fct_status st = fct_cp_linear_forward_workspace(&c, &xd->dl, 2, A, 1, B, NULL, &y->dl, &zd->dl,
+                                                  &bytes);
+  tz_workspace(&c, bytes);
+  if (st == FCT_OK) st = fct_cp_linear_forward(&c, &xd->dl, 2, A, 1, B, NULL, &y->dl, &zd->dl);
+  CHECK(st == FCT_OK, "recomputed z: forward: %s", tz_err);
+  for (i[0] = 0; i[0] < 2; ++i[0])
+    for (i[1] = 0; i[1] < 3; ++i[1])
+      for (i[2] = 0; i[2] < 3; ++i[2]) tt_set(zp, i, tt_get(zd, i));
+  test_tensor* want = tt_output(bits, 2, bs);
+  test_tensor* got = tt_output(bits, 2, bs);
+  for (int run = 0; run < 2; ++run) {
+    DLTensor* gB[1] = {run == 0 ? &want->dl : &got->dl};
+    const DLTensor* x = run == 0 ? &xd->dl : &xp->dl;
+    const DLTensor* z = run == 0 ? NULL : &zp->dl;
+    c = tz_ctx(0);
+    st = fct_cp_linear_backward_workspace(&c, &g->dl, x, 2, A, 1, B, z, NULL, NULL,
+                                          (const DLTensor* const*)gB, NULL, &bytes);
+    tz_workspace(&c, bytes);
+    if (st == FCT_OK) st = fct_cp_linear_backward(&c, &g->dl, x, 2, A, 1, B, z, NULL, NULL, gB, NULL);
+    CHECK(st == FCT_OK, "recomputed z: backward %d: %s", run, tz_err);
+  }
+  double* ref = tz_to_double(want);
+  double e = tz_rel_err(got, ref, 5, 3);
+  CHECK(e <= (bits == 64 ? 1e-12 : 1e-5), "f%d recomputed z, unfoldable x: grad_out_factors[0] "
+        "error %.3g against dense x", bits, e);
+  free(ref);
+  test_tensor* all[] = {A0, A1, B0, xd, xp, g, y, zd, zp, want, got};
+  for (size_t k = 0; k < sizeof all / sizeof *all; ++k) tt_free(all[k]);
+}
+
 int main(void) {
   test_values();
   test_errors();
+  test_recomputed_z_packs_x(64);
+  test_recomputed_z_packs_x(32);
   tz_free_workspace();
   return test_report();
 }

@@ -904,6 +904,31 @@ static void test_bad_arguments(void) {
     for (int n = 0; n < 3; ++n) tt_free(F[n]);
     tt_free(W);
   }
+  {
+    /* An empty tensor whose other dims multiply past int64 (tests/fuzz):
+     * refused before CP's split multiplies them (signed overflow before). */
+    int64_t es[3] = {0, 2147483647, 2147483647}, fs[3][2] = {{0, 2}, {2147483647, 2},
+                                                             {2147483647, 2}};
+    DLTensor E = X->dl, cf[3], cw = X->dl;
+    E.shape = es;
+    E.strides = NULL;
+    int64_t ws[1] = {2};
+    cw.shape = ws;
+    cw.ndim = 1;
+    cw.strides = NULL;
+    DLTensor* fp[3];
+    for (int n = 0; n < 3; ++n) {
+      cf[n] = X->dl;
+      cf[n].ndim = 2;
+      cf[n].shape = fs[n];
+      cf[n].strides = NULL;
+      fp[n] = &cf[n];
+    }
+    fct_context cc = make_ctx();
+    size_t bytes;
+    expect(fct_cp_als_workspace(&cc, &E, 3, (const DLTensor* const*)fp, &cw, &co, &bytes),
+           FCT_ERR_OVERFLOW, "tensor: the product of the nonzero dims", "cp empty huge tensor");
+  }
   int64_t R[3] = {2, 5, 2};
   fct_tucker_options to = {5, FCT_INIT_SVD, 1e-8, 0};
   tk_out t = run_tucker(X, R, to);

@@ -554,6 +554,17 @@ static void test_lowrank_errors(void) {
   I->dl.device = (DLDevice){kDLCPU, 0};
   st = fct_lowrank_embedding_forward(&c, NULL, &U->dl, &V->dl, -1, &y->dl);
   expect_fail(st, FCT_ERR_NULL_ARGUMENT, "indices", "NULL indices");
+  /* Descriptors no memory can hold (tests/fuzz): misaligned, huge strides. */
+  I->dl.byte_offset = 4;
+  st = fct_lowrank_embedding_forward(&c, &I->dl, &U->dl, &V->dl, -1, &y->dl);
+  expect_fail(st, FCT_ERR_LAYOUT, "indices", "int64 indices at a 4-byte offset");
+  I->dl.byte_offset = 0;
+  int64_t huge_stride[1] = {(int64_t)1 << 61};
+  int64_t* keep_strides = I->dl.strides;
+  I->dl.strides = huge_stride;
+  st = fct_lowrank_embedding_forward(&c, &I->dl, &U->dl, &V->dl, -1, &y->dl);
+  expect_fail(st, FCT_ERR_OVERFLOW, "indices", "indices with a stride of 2^61 elements");
+  I->dl.strides = keep_strides;
 
   st = fct_lowrank_embedding_forward(&c, &I->dl, &U->dl, &V->dl, 10, &y->dl);
   expect_fail(st, FCT_ERR_INVALID_VALUE, "padding_idx", "padding_idx >= num");

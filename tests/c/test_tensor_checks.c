@@ -1,5 +1,6 @@
 /* The DLPack bridge's views and checks: folding batch dims, BLAS-readable
  * layouts, byte ranges and overlap detection. */
+#include <stdint.h>
 #include <string.h>
 
 #include "fct_tensor.h"
@@ -80,6 +81,38 @@ int main(void) {
   t = view(buf, 2, s0c, st0c);
   CHECK(fct_check_output(&ctx, "o", &t, &m) == FCT_OK && m.cols == 0,
         "output without columns is fine");
+
+  /* Descriptors no memory can hold, found by tests/fuzz: refused before any
+   * product of their sizes and strides can overflow. */
+  int64_t s2b[2] = {2, 3}, sthuge[2] = {(int64_t)1 << 62, 1};
+  t = view(buf, 2, s2b, sthuge);
+  CHECK(fct_check_tensor(&ctx, "w", &t, 1) == FCT_ERR_OVERFLOW && strstr(err, "w"),
+        "a stride reaching past 2^62 bytes is refused");
+  int64_t stmin[2] = {INT64_MIN, 1};
+  t = view(buf, 2, s2b, stmin);
+  CHECK(fct_check_tensor(&ctx, "w", &t, 1) == FCT_ERR_OVERFLOW, "stride INT64_MIN is refused");
+  int64_t sbig[2] = {(int64_t)1 << 61, 2}, st0[2] = {0, 1};
+  t = view(buf, 2, sbig, st0);
+  CHECK(fct_check_tensor(&ctx, "w", &t, 1) == FCT_ERR_OVERFLOW,
+        "2^62 float32 elements (2^64 bytes, even broadcast) are refused");
+  t = view(buf, 2, s2b, NULL);
+  t.byte_offset = 2;
+  CHECK(fct_check_tensor(&ctx, "w", &t, 1) == FCT_ERR_LAYOUT && strstr(err, "aligned"),
+        "data + byte_offset not aligned to float32 is refused");
+  t.byte_offset = 4;
+  CHECK(fct_check_tensor(&ctx, "w", &t, 1) == FCT_OK, "an element-aligned offset is fine");
+  /* Empty tensors with huge dims: their products overflow, but nothing is
+   * read (no UB under UBSan, NULL data with an offset stays NULL). */
+  int64_t sz[3] = {0, (int64_t)1 << 62, (int64_t)1 << 62};
+  t = view(NULL, 3, sz, NULL);
+  t.byte_offset = 12;
+  CHECK(fct_check_tensor(&ctx, "w", &t, 1) == FCT_OK && fct_data(&t) == NULL,
+        "empty tensor with huge dims and NULL data is fine");
+  CHECK(fct_fold(&t, &m) && m.rows == 0, "it folds to no rows");
+  int64_t sz2[3] = {(int64_t)1 << 62, 4, 0};
+  t = view(buf, 3, sz2, NULL);
+  fct_fold(&t, &m);
+  CHECK(m.cols == 0, "an empty last dim folds to no cols");
 
   size_t cur = 10;
   CHECK(fct_ws_take(&cur, 5) == 256 && cur == 261, "workspace carving aligns to 256");

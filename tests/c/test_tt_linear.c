@@ -307,6 +307,16 @@ static void test_errors(void) {
   st = fct_tt_linear_plan(4, modes, modes, ranks, 2048, (DLDevice){kDLCPU, 0},
                           (DLDataType){kDLFloat, 32, 1}, &info);
   CHECK(st == FCT_ERR_SHAPE, "tt plan with a zero rank: %d", st);
+  /* Sizes no tensor of the ops could have (tests/fuzz): refused before the
+   * plan's products of them overflow int64. */
+  int64_t big[2] = {(int64_t)1 << 40, 3}, small[2] = {3, 3}, rk[3] = {1, (int64_t)1 << 40, 1};
+  int64_t rk1[3] = {1, 2, 1};
+  st = fct_tt_linear_plan(2, big, big, rk1, 64, (DLDevice){kDLCPU, 0},
+                          (DLDataType){kDLFloat, 32, 1}, &info);
+  CHECK(st == FCT_ERR_OVERFLOW, "tt plan with modes of 2^40: %d", st);
+  st = fct_tt_linear_plan(2, small, small, rk, 64, (DLDevice){kDLCPU, 0},
+                          (DLDataType){kDLFloat, 32, 1}, &info);
+  CHECK(st == FCT_ERR_OVERFLOW, "tt plan with a rank of 2^40: %d", st);
 
   tt_free(x); tt_free(x5); tt_free(G0); tt_free(G1); tt_free(y); tt_free(g); tt_free(gG1);
 }

@@ -297,6 +297,15 @@ static void test_errors(void) {
   CHECK(st == FCT_OK && info.forward_flops > 2.0 * 2048 * 1296 * 1296 &&
             info.forward_flops < 2.0 * 2048 * 4096 * 4096 / 5 && strstr(info.plan, "tucker"),
         "tucker plan: %d %g %s", st, info.forward_flops, info.plan);
+  /* Sizes no tensor of the ops could have (tests/fuzz): refused before the
+   * plan's products of them overflow int64. */
+  int64_t big[1] = {(int64_t)1 << 40}, r1[1] = {2};
+  st = fct_tucker_linear_plan(1, big, r1, 1, big, r1, 1 << 20, (DLDevice){kDLCPU, 0},
+                              (DLDataType){kDLFloat, 32, 1}, &info);
+  CHECK(st == FCT_ERR_OVERFLOW, "tucker plan with in = out = 2^40: %d", st);
+  st = fct_tucker_linear_plan(1, r1, r1, 1, r1, r1, (int64_t)1 << 40, (DLDevice){kDLCPU, 0},
+                              (DLDataType){kDLFloat, 32, 1}, &info);
+  CHECK(st == FCT_ERR_OVERFLOW, "tucker plan with a batch of 2^40: %d", st);
 
   tt_free(x); tt_free(V0); tt_free(V1); tt_free(U0); tt_free(core); tt_free(y); tt_free(g);
   tt_free(gcore);

@@ -1379,7 +1379,9 @@ def _report(tally):
 
 
 def test_fuzz_ops_never_crash_and_return_right_results():
-    faulthandler.dump_traceback_later(HANG_S, exit=True)  # a hang fails loudly
+    # A hang fails loudly; into sys.__stderr__, a real file even when pytest
+    # captures sys.stderr (--capture=sys, as make test-py-asan runs).
+    faulthandler.dump_traceback_later(HANG_S, exit=True, file=sys.__stderr__)
     try:
         t0 = time.perf_counter()
         r = random.Random(SEED)
