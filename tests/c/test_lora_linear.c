@@ -12,7 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "test_util.h"
+#include "test_tensorized.h"
 
 /* ------------------------------------------------------------------------- */
 /* Reference                                                                  */
@@ -148,42 +148,6 @@ static void ref_free(lora_ref* R) {
 /* Harness                                                                    */
 /* ------------------------------------------------------------------------- */
 
-/* max |a - ref| / (max |ref| + tiny) over a tensor folded to [rows, cols]. */
-static double rel_err(const test_tensor* a, const double* r, int64_t rows, int64_t cols) {
-  double num = 0, den = 1e-300;
-  for (int64_t i = 0; i < rows; ++i)
-    for (int64_t j = 0; j < cols; ++j) {
-      double d = fabs(tt_get2(a, i, j) - r[i * cols + j]);
-      if (isnan(d)) return INFINITY; /* unwritten (NaN-filled) or wrong */
-      num = d > num ? d : num;
-      den = fabs(r[i * cols + j]) > den ? fabs(r[i * cols + j]) : den;
-    }
-  return num / den;
-}
-
-static void* g_ws;
-static size_t g_ws_bytes;
-static char g_err[512];
-
-static fct_context make_ctx(uint32_t flags) {
-  fct_context c = {0};
-  c.error = g_err;
-  c.error_bytes = sizeof g_err;
-  c.flags = flags;
-  g_err[0] = 0;
-  return c;
-}
-
-static void ensure_ws(fct_context* c, size_t bytes) {
-  if (bytes > g_ws_bytes) {
-    free(g_ws);
-    g_ws = aligned_alloc(256, (bytes + 255) / 256 * 256);
-    g_ws_bytes = bytes;
-  }
-  c->workspace = bytes ? g_ws : NULL; /* a 0-byte workspace may be NULL */
-  c->workspace_bytes = bytes;
-}
-
 typedef struct layout_case {
   const char* name;
   int x_ndim;
@@ -247,19 +211,19 @@ static void run_case(int bits, const lora_case* lc, bool bias, bool keep_t,
   base.base_out = bo ? &bo->dl : NULL;
   fct_lora_options opts = {lc->scale, lc->p, lc->seed};
 
-  fct_context c = make_ctx(FCT_FLAG_CHECK_FINITE);
+  fct_context c = tz_ctx(FCT_FLAG_CHECK_FINITE);
   size_t bytes = 0;
   DLTensor* tout = keep_t ? &t->dl : NULL;
   fct_status st = fct_lora_linear_forward_workspace(&c, &x->dl, &A->dl, &B->dl, &base, &opts,
                                                     &y->dl, tout, &bytes);
-  CHECK(st == FCT_OK, "%s: forward workspace: %s", label, g_err);
-  ensure_ws(&c, bytes);
+  CHECK(st == FCT_OK, "%s: forward workspace: %s", label, tz_err);
+  tz_workspace(&c, bytes);
   st = fct_lora_linear_forward(&c, &x->dl, &A->dl, &B->dl, &base, &opts, &y->dl, tout);
-  CHECK(st == FCT_OK, "%s: forward: %s", label, g_err);
-  double e = rel_err(y, R.y, M, out);
+  CHECK(st == FCT_OK, "%s: forward: %s", label, tz_err);
+  double e = tz_rel_err(y, R.y, M, out);
   CHECK(e <= tol, "%s: y error %.3g > %.3g", label, e, tol);
   if (keep_t) {
-    e = rel_err(t, R.t, M, r);
+    e = tz_rel_err(t, R.t, M, r);
     CHECK(e <= tol, "%s: t error %.3g", label, e);
   }
 
@@ -284,13 +248,13 @@ static void run_case(int bits, const lora_case* lc, bool bias, bool keep_t,
                          want & G_U ? &gU->dl : NULL,    want & G_V ? &gV->dl : NULL,
                          want & G_BIAS ? &gb->dl : NULL};
     const DLTensor* tin = keep_t ? &t->dl : NULL;
-    c = make_ctx(FCT_FLAG_CHECK_FINITE);
+    c = tz_ctx(FCT_FLAG_CHECK_FINITE);
     st = fct_lora_linear_backward_workspace(&c, &g->dl, &x->dl, &A->dl, &B->dl, &base, &opts,
                                             tin, &gr, &bytes);
-    CHECK(st == FCT_OK, "%s: backward workspace: %s", label, g_err);
-    ensure_ws(&c, bytes);
+    CHECK(st == FCT_OK, "%s: backward workspace: %s", label, tz_err);
+    tz_workspace(&c, bytes);
     st = fct_lora_linear_backward(&c, &g->dl, &x->dl, &A->dl, &B->dl, &base, &opts, tin, &gr);
-    CHECK(st == FCT_OK, "%s: backward %zu: %s", label, v, g_err);
+    CHECK(st == FCT_OK, "%s: backward %zu: %s", label, v, tz_err);
     struct {
       int bit;
       const char* name;
@@ -303,7 +267,7 @@ static void run_case(int bits, const lora_case* lc, bool bias, bool keep_t,
                 {G_BIAS, "grad_bias", gb, R.gb, 1, out}};
     for (int k = 0; k < 7; ++k) {
       if (!(want & outs[k].bit)) continue;
-      e = rel_err(outs[k].got, outs[k].want, outs[k].rows, outs[k].cols);
+      e = tz_rel_err(outs[k].got, outs[k].want, outs[k].rows, outs[k].cols);
       CHECK(e <= tol * 4, "%s: %s error %.3g (variant %zu)", label, outs[k].name, e, v);
     }
     tt_free(gx); tt_free(gA); tt_free(gB); tt_free(gW); tt_free(gU); tt_free(gV); tt_free(gb);
@@ -374,14 +338,14 @@ static void test_mask(void) {
     double p = (double[]){0.1, 0.5, 0.9}[pi];
     fct_lora_base base = {FCT_LORA_DENSE, 0, &W->dl, NULL, NULL, NULL, NULL};
     fct_lora_options opts = {1.0, p, 42 + (uint64_t)pi};
-    fct_context c = make_ctx(0);
+    fct_context c = tz_ctx(0);
     size_t bytes;
     fct_status st = fct_lora_linear_forward_workspace(&c, &x->dl, &A->dl, &B->dl, &base, &opts,
                                                       &y->dl, &t->dl, &bytes);
-    ensure_ws(&c, bytes);
+    tz_workspace(&c, bytes);
     if (st == FCT_OK)
       st = fct_lora_linear_forward(&c, &x->dl, &A->dl, &B->dl, &base, &opts, &y->dl, &t->dl);
-    CHECK(st == FCT_OK, "mask forward: %s", g_err);
+    CHECK(st == FCT_OK, "mask forward: %s", tz_err);
     int64_t kept = 0, bad = 0;
     for (int64_t i = 0; i < M; ++i)
       for (int64_t j = 0; j < in; ++j) {
@@ -402,12 +366,6 @@ static void test_mask(void) {
 /* Errors                                                                     */
 /* ------------------------------------------------------------------------- */
 
-static void expect_fail(fct_status got, fct_status want, const char* name, const char* what) {
-  CHECK(got == want, "%s: expected status %d (%s), got %d: %s", what, want,
-        fct_status_string(want), got, g_err);
-  CHECK(strstr(g_err, name) != NULL, "%s: message '%s' does not name '%s'", what, g_err, name);
-}
-
 static void test_errors(void) {
   int64_t xs[2] = {4, 6}, as[2] = {3, 6}, bs2[2] = {5, 3}, ws[2] = {5, 6}, ys[2] = {4, 5},
           bs[1] = {5}, us[2] = {5, 2}, vs[2] = {2, 6};
@@ -420,102 +378,102 @@ static void test_errors(void) {
   test_tensor* y = tt_output(32, 2, ys);
   test_tensor* b = tt_new(32, 1, bs, NULL, 0);
   test_tensor* A64 = tt_new(64, 2, as, NULL, 0);
-  fct_context c = make_ctx(0);
-  ensure_ws(&c, 1 << 16);
+  fct_context c = tz_ctx(0);
+  tz_workspace(&c, 1 << 16);
   fct_lora_base base = {FCT_LORA_DENSE, 0, &W->dl, NULL, NULL, NULL, NULL};
   fct_lora_options opts = {2.0, 0.0, 1};
   fct_status st;
 #define FWD(xx, AA, BB) fct_lora_linear_forward(&c, xx, AA, BB, &base, &opts, &y->dl, NULL)
 
   st = FWD(&x->dl, &A64->dl, &B->dl);
-  expect_fail(st, FCT_ERR_DTYPE, "A", "dtype mix");
+  tz_expect_fail(st, FCT_ERR_DTYPE, "A", "dtype mix");
   x->dl.dtype = (DLDataType){kDLBfloat, 16, 1};
   st = FWD(&x->dl, &A->dl, &B->dl);
-  expect_fail(st, FCT_ERR_DTYPE, "x", "bfloat16 on cpu");
+  tz_expect_fail(st, FCT_ERR_DTYPE, "x", "bfloat16 on cpu");
   x->dl.dtype = (DLDataType){kDLFloat, 32, 1};
 
   A->shape[1] = 7;
   st = FWD(&x->dl, &A->dl, &B->dl);
-  expect_fail(st, FCT_ERR_SHAPE, "A", "A/in mismatch");
+  tz_expect_fail(st, FCT_ERR_SHAPE, "A", "A/in mismatch");
   A->shape[1] = 6;
   B->shape[1] = 2;
   st = FWD(&x->dl, &A->dl, &B->dl);
-  expect_fail(st, FCT_ERR_SHAPE, "B", "B/r mismatch");
+  tz_expect_fail(st, FCT_ERR_SHAPE, "B", "B/r mismatch");
   B->shape[1] = 3;
   W->shape[0] = 4;
   st = FWD(&x->dl, &A->dl, &B->dl);
-  expect_fail(st, FCT_ERR_SHAPE, "W", "W shape");
+  tz_expect_fail(st, FCT_ERR_SHAPE, "W", "W shape");
   W->shape[0] = 5;
   b->shape[0] = 4;
   base.bias = &b->dl;
   st = FWD(&x->dl, &A->dl, &B->dl);
-  expect_fail(st, FCT_ERR_SHAPE, "bias", "bias size");
+  tz_expect_fail(st, FCT_ERR_SHAPE, "bias", "bias size");
   b->shape[0] = 5;
   y->shape[1] = 4;
   st = FWD(&x->dl, &A->dl, &B->dl);
-  expect_fail(st, FCT_ERR_SHAPE, "y", "y shape");
+  tz_expect_fail(st, FCT_ERR_SHAPE, "y", "y shape");
   y->shape[1] = 5;
   st = FWD(&x->dl, NULL, &B->dl);
-  expect_fail(st, FCT_ERR_NULL_ARGUMENT, "A", "NULL A");
+  tz_expect_fail(st, FCT_ERR_NULL_ARGUMENT, "A", "NULL A");
   CHECK(fct_lora_linear_forward(NULL, &x->dl, &A->dl, &B->dl, &base, &opts, &y->dl, NULL) ==
             FCT_ERR_NULL_ARGUMENT, "NULL ctx");
   st = fct_lora_linear_forward(&c, &x->dl, &A->dl, &B->dl, NULL, &opts, &y->dl, NULL);
-  expect_fail(st, FCT_ERR_NULL_ARGUMENT, "base", "NULL base");
+  tz_expect_fail(st, FCT_ERR_NULL_ARGUMENT, "base", "NULL base");
   st = fct_lora_linear_forward(&c, &x->dl, &A->dl, &B->dl, &base, NULL, &y->dl, NULL);
-  expect_fail(st, FCT_ERR_NULL_ARGUMENT, "opts", "NULL options");
+  tz_expect_fail(st, FCT_ERR_NULL_ARGUMENT, "opts", "NULL options");
 
   /* Options. */
   double bad_p[] = {1.0, -0.1, NAN, 2.0};
   for (int i = 0; i < 4; ++i) {
     opts.dropout = bad_p[i];
     st = FWD(&x->dl, &A->dl, &B->dl);
-    expect_fail(st, FCT_ERR_INVALID_VALUE, "dropout", "p out of range");
+    tz_expect_fail(st, FCT_ERR_INVALID_VALUE, "dropout", "p out of range");
   }
   opts.dropout = 0.0;
   opts.scale = INFINITY;
   st = FWD(&x->dl, &A->dl, &B->dl);
-  expect_fail(st, FCT_ERR_INVALID_VALUE, "scale", "infinite scale");
+  tz_expect_fail(st, FCT_ERR_INVALID_VALUE, "scale", "infinite scale");
   opts.scale = 2.0;
 
   /* Bases: unknown kind, missing or extra tensors, a bias with a given base. */
   base.kind = 7;
   st = FWD(&x->dl, &A->dl, &B->dl);
-  expect_fail(st, FCT_ERR_INVALID_VALUE, "base.kind", "unknown kind");
+  tz_expect_fail(st, FCT_ERR_INVALID_VALUE, "base.kind", "unknown kind");
   base.kind = FCT_LORA_DENSE;
   base.W = NULL;
   st = FWD(&x->dl, &A->dl, &B->dl);
-  expect_fail(st, FCT_ERR_NULL_ARGUMENT, "W", "dense without W");
+  tz_expect_fail(st, FCT_ERR_NULL_ARGUMENT, "W", "dense without W");
   base.W = &W->dl;
   base.U = &U->dl;
   st = FWD(&x->dl, &A->dl, &B->dl);
-  expect_fail(st, FCT_ERR_INVALID_VALUE, "U", "dense with U");
+  tz_expect_fail(st, FCT_ERR_INVALID_VALUE, "U", "dense with U");
   fct_lora_base lr = {FCT_LORA_LOWRANK, 0, NULL, &U->dl, &V->dl, NULL, NULL};
   base = lr;
   V->shape[1] = 5;
   st = FWD(&x->dl, &A->dl, &B->dl);
-  expect_fail(st, FCT_ERR_SHAPE, "V", "V/in mismatch");
+  tz_expect_fail(st, FCT_ERR_SHAPE, "V", "V/in mismatch");
   V->shape[1] = 6;
   V->shape[0] = 3;
   st = FWD(&x->dl, &A->dl, &B->dl);
-  expect_fail(st, FCT_ERR_SHAPE, "V", "V/rb mismatch");
+  tz_expect_fail(st, FCT_ERR_SHAPE, "V", "V/rb mismatch");
   V->shape[0] = 2;
   st = FWD(&x->dl, &A->dl, &B->dl);
-  CHECK(st == FCT_OK, "lowrank ok: %s", g_err);
+  CHECK(st == FCT_OK, "lowrank ok: %s", tz_err);
   fct_lora_base given = {FCT_LORA_GIVEN, 0, NULL, NULL, NULL, NULL, NULL};
   base = given;
   st = FWD(&x->dl, &A->dl, &B->dl);
-  expect_fail(st, FCT_ERR_NULL_ARGUMENT, "base_out", "given without base_out");
+  tz_expect_fail(st, FCT_ERR_NULL_ARGUMENT, "base_out", "given without base_out");
   test_tensor* bo = tt_new(32, 2, xs, NULL, 0); /* [4, 6]: out is 5 */
   base.base_out = &bo->dl;
   st = FWD(&x->dl, &A->dl, &B->dl);
-  expect_fail(st, FCT_ERR_SHAPE, "base_out", "base_out shape");
+  tz_expect_fail(st, FCT_ERR_SHAPE, "base_out", "base_out shape");
   base.base_out = &y->dl;
   st = FWD(&x->dl, &A->dl, &B->dl);
-  expect_fail(st, FCT_ERR_LAYOUT, "y", "y aliases base_out");
+  tz_expect_fail(st, FCT_ERR_LAYOUT, "y", "y aliases base_out");
   base.base_out = NULL;
   base.bias = &b->dl;
   st = FWD(&x->dl, &A->dl, &B->dl);
-  expect_fail(st, FCT_ERR_INVALID_VALUE, "bias", "given with bias");
+  tz_expect_fail(st, FCT_ERR_INVALID_VALUE, "bias", "given with bias");
   fct_lora_base dense = {FCT_LORA_DENSE, 0, &W->dl, NULL, NULL, NULL, NULL};
   base = dense;
 
@@ -523,22 +481,22 @@ static void test_errors(void) {
   DLTensor alias = y->dl;
   alias.data = x->dl.data;
   st = fct_lora_linear_forward(&c, &x->dl, &A->dl, &B->dl, &base, &opts, &alias, NULL);
-  expect_fail(st, FCT_ERR_LAYOUT, "y", "y overlaps x");
+  tz_expect_fail(st, FCT_ERR_LAYOUT, "y", "y overlaps x");
   y->strides[0] = 0;
   st = FWD(&x->dl, &A->dl, &B->dl);
-  expect_fail(st, FCT_ERR_LAYOUT, "y", "y broadcast");
+  tz_expect_fail(st, FCT_ERR_LAYOUT, "y", "y broadcast");
   y->strides[0] = 5;
 
   /* Device mix, and CUDA without the backend. */
   A->dl.device = (DLDevice){kDLCUDA, 0};
   st = FWD(&x->dl, &A->dl, &B->dl);
-  expect_fail(st, FCT_ERR_DEVICE, "A", "device mix");
+  tz_expect_fail(st, FCT_ERR_DEVICE, "A", "device mix");
   A->dl.device = (DLDevice){kDLCPU, 0};
   if (!fct_cuda_available()) {
     DLTensor* all[] = {&x->dl, &A->dl, &B->dl, &W->dl, &y->dl};
     for (int i = 0; i < 5; ++i) all[i]->device = (DLDevice){kDLCUDA, 0};
     st = FWD(&x->dl, &A->dl, &B->dl);
-    expect_fail(st, FCT_ERR_UNSUPPORTED, "cuda", "cuda not loaded");
+    tz_expect_fail(st, FCT_ERR_UNSUPPORTED, "cuda", "cuda not loaded");
     for (int i = 0; i < 5; ++i) all[i]->device = (DLDevice){kDLCPU, 0};
   }
 
@@ -546,15 +504,15 @@ static void test_errors(void) {
   opts.dropout = 0.5;
   c.workspace_bytes = 4;
   st = FWD(&x->dl, &A->dl, &B->dl);
-  expect_fail(st, FCT_ERR_WORKSPACE, "workspace", "small workspace");
-  ensure_ws(&c, 1 << 16);
+  tz_expect_fail(st, FCT_ERR_WORKSPACE, "workspace", "small workspace");
+  tz_workspace(&c, 1 << 16);
   opts.dropout = 0.0;
 
   /* NaN in x with the finite check: named. */
   tt_set(x, (int64_t[2]){1, 2}, NAN);
   c.flags = FCT_FLAG_CHECK_FINITE;
   st = FWD(&x->dl, &A->dl, &B->dl);
-  expect_fail(st, FCT_ERR_NOT_FINITE, "x", "NaN in x");
+  tz_expect_fail(st, FCT_ERR_NOT_FINITE, "x", "NaN in x");
   c.flags = 0;
   tt_set(x, (int64_t[2]){1, 2}, 0.5);
 
@@ -565,27 +523,27 @@ static void test_errors(void) {
   fct_lora_grads gr = {0};
   gr.U = &gW->dl;
   st = fct_lora_linear_backward(&c, &g->dl, &x->dl, &A->dl, &B->dl, &base, &opts, NULL, &gr);
-  expect_fail(st, FCT_ERR_INVALID_VALUE, "grad_U", "grad_U of a dense base");
+  tz_expect_fail(st, FCT_ERR_INVALID_VALUE, "grad_U", "grad_U of a dense base");
   gr.U = NULL;
   gr.A = &gA->dl;
   st = fct_lora_linear_backward(&c, &g->dl, &x->dl, &A->dl, &B->dl, &base, &opts, NULL, &gr);
-  expect_fail(st, FCT_ERR_SHAPE, "grad_A", "grad_A shape");
+  tz_expect_fail(st, FCT_ERR_SHAPE, "grad_A", "grad_A shape");
   gr.A = NULL;
   gr.x = &x->dl;
   st = fct_lora_linear_backward(&c, &g->dl, &x->dl, &A->dl, &B->dl, &base, &opts, NULL, &gr);
-  expect_fail(st, FCT_ERR_LAYOUT, "grad_x", "grad_x aliases x");
+  tz_expect_fail(st, FCT_ERR_LAYOUT, "grad_x", "grad_x aliases x");
   gr.x = NULL;
   st = fct_lora_linear_backward(&c, &g->dl, &x->dl, &A->dl, &B->dl, &base, &opts, NULL, NULL);
-  expect_fail(st, FCT_ERR_NULL_ARGUMENT, "grads", "NULL grads");
+  tz_expect_fail(st, FCT_ERR_NULL_ARGUMENT, "grads", "NULL grads");
   g->shape[1] = 4;
   gr.W = &gW->dl;
   st = fct_lora_linear_backward(&c, &g->dl, &x->dl, &A->dl, &B->dl, &base, &opts, NULL, &gr);
-  expect_fail(st, FCT_ERR_SHAPE, "grad_y", "grad_y shape");
+  tz_expect_fail(st, FCT_ERR_SHAPE, "grad_y", "grad_y shape");
   g->shape[1] = 5;
   tt_set(g, (int64_t[2]){0, 0}, INFINITY);
   c.flags = FCT_FLAG_CHECK_FINITE;
   st = fct_lora_linear_backward(&c, &g->dl, &x->dl, &A->dl, &B->dl, &base, &opts, NULL, &gr);
-  expect_fail(st, FCT_ERR_NOT_FINITE, "grad_y", "Inf in grad_y");
+  tz_expect_fail(st, FCT_ERR_NOT_FINITE, "grad_y", "Inf in grad_y");
   c.flags = 0;
 #undef FWD
   tt_free(g); tt_free(gW); tt_free(gA); tt_free(bo);
@@ -602,6 +560,6 @@ int main(void) {
   test_mask();
   fct_cpu_set_thread_pool(NULL, NULL);
   test_errors();
-  free(g_ws);
+  tz_free_workspace();
   return test_report();
 }
