@@ -333,6 +333,22 @@ class _Call:
             res = ("pending", len(self.results) - 1)
         return b.ptr, res
 
+    def flat_grads(self, need, xv: _Borrowed, shapes, bias_len: int):
+        """The gradient outputs of an op on one flat parameter: grad_x like x,
+        grad_weights flat in `shapes`' layout (returned carved), grad_bias
+        [bias_len]; each only when in `need` (else None). Returns
+        (results by name, grad_x, carved grad_weights, grad_bias)."""
+        res, gx, gw, gb = {}, None, None, None
+        if "x" in need:
+            gx, res["x"] = self.output("grad_x", xv.shape, dtype_of=xv)
+        if "weights" in need:
+            _, res["weights"] = self.output("grad_weights",
+                                            (sum(math.prod(s) for s in shapes),), dtype_of=xv)
+            gw = self.carve("grad_weights", self.keep[-1], shapes)
+        if "bias" in need:
+            gb, res["bias"] = self.output("grad_bias", (bias_len,), dtype_of=xv)
+        return res, gx, gw, gb
+
     def run(self, query, fn, args, check_finite: bool = True):
         err = ctypes.create_string_buffer(512)
         flags = _lib.FLAG_CHECK_FINITE if check_finite else 0
@@ -464,15 +480,8 @@ def lowrank_linear_flat_backward(grad_y, x, weights, out_features: int, rank: in
     xv = c.borrow("x", x)
     shapes = _lowrank_flat_shapes(xv.shape[-1] if xv.shape else 0, out_features, rank)
     w = c.carve("weights", c.borrow("weights", weights), shapes)
-    res, gx, gb, gw = {}, None, None, [None, None]
-    if "x" in need:
-        gx, res["x"] = c.output("grad_x", xv.shape, dtype_of=xv)
-    if "weights" in need:
-        gflat, res["weights"] = c.output("grad_weights", (sum(math.prod(s) for s in shapes),),
-                                         dtype_of=xv)
-        gw = c.carve("grad_weights", c.keep[-1], shapes).ptrs
-    if "bias" in need:
-        gb, res["bias"] = c.output("grad_bias", (out_features,), dtype_of=xv)
+    res, gx, gw, gb = c.flat_grads(need, xv, shapes, out_features)
+    gw = [None, None] if gw is None else gw.ptrs
     args = [c.ref_view.ptr, xv.ptr, w.ptrs[1], w.ptrs[0], None, gx, gw[1], gw[0], gb]
     c.run(_core.fct_lowrank_linear_backward_workspace, _core.fct_lowrank_linear_backward, args,
           check_finite)
@@ -538,15 +547,7 @@ def _tensorized_backward(kind, grad_y, x, weights, in_modes, out_modes, r1, r2, 
     c = _Call(f"{kind}_linear_backward", "grad_y", grad_y)
     xv = c.borrow("x", x)
     w = c.carve("weights", c.borrow("weights", weights), shapes)
-    res, gx, gb, gw = {}, None, None, None
-    if "x" in need:
-        gx, res["x"] = c.output("grad_x", xv.shape, dtype_of=xv)
-    if "weights" in need:
-        _, res["weights"] = c.output("grad_weights", (sum(math.prod(s) for s in shapes),),
-                                     dtype_of=xv)
-        gw = c.carve("grad_weights", c.keep[-1], shapes)
-    if "bias" in need:
-        gb, res["bias"] = c.output("grad_bias", (math.prod(outs),), dtype_of=xv)
+    res, gx, gw, gb = c.flat_grads(need, xv, shapes, math.prod(outs))
     p, q = len(ins), len(outs)
     gy = c.ref_view.ptr
 
@@ -662,17 +663,9 @@ def conv_chain_backward(grad_y, x, weights, saved, stages, *, need=_GRADS,
     c = _Call("conv_chain_backward", "grad_y", grad_y)
     xv = c.borrow("x", x)
     w = c.carve("weights", c.borrow("weights", weights), shapes)
-    res, gx, gb, gw = {}, None, None, None
-    if "x" in need:
-        gx, res["x"] = c.output("grad_x", xv.shape, dtype_of=xv)
-    if "weights" in need:
-        _, res["weights"] = c.output("grad_weights", (sum(math.prod(s) for s in shapes),),
-                                     dtype_of=xv)
-        gw = c.carve("grad_weights", c.keep[-1], shapes).array()
-    if "bias" in need:
-        gy_shape = c.ref_view.shape  # bias runs along y's dim 1
-        gb, res["bias"] = c.output("grad_bias", (gy_shape[1] if len(gy_shape) > 1 else 0,),
-                                   dtype_of=xv)
+    gy_shape = c.ref_view.shape  # bias runs along y's dim 1
+    res, gx, gw, gb = c.flat_grads(need, xv, shapes, gy_shape[1] if len(gy_shape) > 1 else 0)
+    gw = None if gw is None else gw.array()
     args = [c.ref_view.ptr, xv.ptr, n, arr, w.array(), c.ptr("saved", saved), gx, gw, gb]
     c.run(_core.fct_conv_chain_backward_workspace, _core.fct_conv_chain_backward, args,
           check_finite)
