@@ -24,9 +24,12 @@ $(STAMPS)/deps: pyproject.toml tools/requirements.py
 	touch $@
 
 # The C/CUDA libraries built by CMake (scikit-build-core, build/py) and the
-# package installed in editable mode.
+# package installed in editable mode; this checkout's build also holds the C
+# tests (FCT_BUILD_TESTS, off in pyproject so that wheels leave them out),
+# which `make test-c` runs from build/py.
 $(STAMPS)/build: $(STAMPS)/deps $(C_SOURCES)
-	$(PY) -m pip install --quiet --disable-pip-version-check --no-build-isolation --no-deps -e .
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-build-isolation --no-deps \
+	  -C cmake.define.FCT_BUILD_TESTS=ON -e .
 	touch $@
 
 setup: $(STAMPS)/build
@@ -91,15 +94,15 @@ example-fashion-mnist: build fashion-mnist
 test: test-c test-asan fuzz test-py
 
 test-c: build
-	$(VENV)/bin/ctest --test-dir build/py --output-on-failure
+	$(VENV)/bin/ctest --test-dir build/py --output-on-failure --no-tests=error
 
 test-asan: $(STAMPS)/deps
 	$(VENV)/bin/cmake -S . -B $(ASAN_DIR) -G Ninja -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV)/bin/ninja) \
 	  -DPython_EXECUTABLE=$(abspath $(PY)) -DCMAKE_BUILD_TYPE=Debug -DFCT_SANITIZE=ON \
-	  -DFCT_CUDA=OFF -DFCT_BUILD_TORCH_GLUE=OFF > /dev/null
+	  -DFCT_CUDA=OFF -DFCT_BUILD_TORCH_GLUE=OFF -DFCT_BUILD_TESTS=ON > /dev/null
 	$(VENV)/bin/cmake --build $(ASAN_DIR)
 	ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 UBSAN_OPTIONS=print_stacktrace=1 \
-	  $(VENV)/bin/ctest --test-dir $(ASAN_DIR) --output-on-failure
+	  $(VENV)/bin/ctest --test-dir $(ASAN_DIR) --output-on-failure --no-tests=error
 
 # libFuzzer harnesses over the C ABI (tests/fuzz, clang only): each harness
 # runs FUZZ_SECONDS (default 6: about a minute in all) from its committed
