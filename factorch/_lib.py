@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import site
 import sys
 from pathlib import Path
 
@@ -16,14 +15,16 @@ _NAMES = ("libfactorch.so", "libfactorch_torch.so")
 
 
 def _search_dirs() -> list[Path]:
+    """FACTORCH_LIB_DIR when set, then ``_libs`` in each folder of this
+    package: a wheel installs the libraries in factorch/_libs beside this
+    file; an editable install (scikit-build-core's redirect mode) keeps the
+    sources in the checkout and installs the libraries into site-packages'
+    factorch/_libs, a second folder of the same package's ``__path__``."""
     dirs = []
     if os.environ.get("FACTORCH_LIB_DIR"):
         dirs.append(Path(os.environ["FACTORCH_LIB_DIR"]))
-    dirs.append(Path(__file__).resolve().parent / "_libs")
-    # An editable install keeps the sources here and the built libraries in
-    # site-packages.
-    for sp in [*site.getsitepackages(), site.getusersitepackages(), *sys.path]:
-        dirs.append(Path(sp) / "factorch" / "_libs")
+    for d in sys.modules[__package__].__path__:
+        dirs.append(Path(d) / "_libs")
     return dirs
 
 
