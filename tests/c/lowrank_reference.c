@@ -17,28 +17,28 @@ ref reference(const test_tensor* x, const test_tensor* U, const test_tensor* V,
   R.gb = calloc((size_t)(out + 1), sizeof(double));
   for (int64_t m = 0; m < M; ++m)
     for (int64_t k = 0; k < r; ++k)
-      for (int64_t i = 0; i < in; ++i) R.t[m * r + k] += tt_get2(x, m, i) * tt_get2(V, k, i);
+      for (int64_t i = 0; i < in; ++i) R.t[m * r + k] += tb_get2(x, m, i) * tb_get2(V, k, i);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t o = 0; o < out; ++o) {
-      double s = b ? tt_get2(b, 0, o) : 0.0;
-      for (int64_t k = 0; k < r; ++k) s += R.t[m * r + k] * tt_get2(U, o, k);
+      double s = b ? tb_get2(b, 0, o) : 0.0;
+      for (int64_t k = 0; k < r; ++k) s += R.t[m * r + k] * tb_get2(U, o, k);
       R.y[m * out + o] = s;
     }
   if (!g) return R;
   for (int64_t m = 0; m < M; ++m)
     for (int64_t o = 0; o < out; ++o) {
-      double gv = tt_get2(g, m, o);
+      double gv = tb_get2(g, m, o);
       R.gb[o] += gv;
       for (int64_t k = 0; k < r; ++k) {
         R.gU[o * r + k] += gv * R.t[m * r + k];
-        R.gt[m * r + k] += gv * tt_get2(U, o, k);
+        R.gt[m * r + k] += gv * tb_get2(U, o, k);
       }
     }
   for (int64_t m = 0; m < M; ++m)
     for (int64_t k = 0; k < r; ++k)
       for (int64_t i = 0; i < in; ++i) {
-        R.gV[k * in + i] += R.gt[m * r + k] * tt_get2(x, m, i);
-        R.gx[m * in + i] += R.gt[m * r + k] * tt_get2(V, k, i);
+        R.gV[k * in + i] += R.gt[m * r + k] * tb_get2(x, m, i);
+        R.gx[m * in + i] += R.gt[m * r + k] * tb_get2(V, k, i);
       }
   return R;
 }

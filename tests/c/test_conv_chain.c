@@ -328,7 +328,7 @@ static char g_label[256];
 static void check_close(const char* what, const test_tensor* t, const double* ref,
                         const double* abs_ref) {
   double* got = tz_to_double(t);
-  int64_t n = tt_numel(t), bad = -1;
+  int64_t n = tb_numel(t), bad = -1;
   for (int64_t i = 0; i < n && bad < 0; ++i)
     if (!(fabs(got[i] - ref[i]) <= g_tol * abs_ref[i])) bad = i;
   CHECK(bad < 0, "%s: %s element %lld = %.17g, expected %.17g (scale %.3g)", g_label, what,
@@ -338,14 +338,14 @@ static void check_close(const char* what, const test_tensor* t, const double* re
 }
 
 static bool same_bits(const test_tensor* a, const test_tensor* b) {
-  size_t bytes = (size_t)tt_numel(a) * (a->dl.dtype.bits / 8u);
-  return tt_numel(a) == tt_numel(b) && memcmp(a->dl.data, b->dl.data, bytes) == 0;
+  size_t bytes = (size_t)tb_numel(a) * (a->dl.dtype.bits / 8u);
+  return tb_numel(a) == tb_numel(b) && memcmp(a->dl.data, b->dl.data, bytes) == 0;
 }
 
 static bool all_finite(const test_tensor* t) {
   double* v = tz_to_double(t);
   bool ok = true;
-  for (int64_t i = 0; i < tt_numel(t); ++i) ok = ok && isfinite(v[i]);
+  for (int64_t i = 0; i < tb_numel(t); ++i) ok = ok && isfinite(v[i]);
   free(v);
   return ok;
 }
@@ -392,9 +392,9 @@ typedef struct grads {
 } grads;
 
 static void grads_free(grads* g, int S) {
-  tt_free(g->gx);
-  tt_free(g->gb);
-  for (int s = 0; s < S; ++s) tt_free(g->gw[s]);
+  tb_free(g->gx);
+  tb_free(g->gb);
+  for (int s = 0; s < S; ++s) tb_free(g->gw[s]);
 }
 
 static void run_case(const chain_case* cc, int bits, int64_t N, const layout_case* L, bool bias) {
@@ -419,9 +419,9 @@ static void run_case(const chain_case* cc, int bits, int64_t N, const layout_cas
   int64_t out_numel = st_out_numel(&cc->st[S - 1]), Py = out_numel / cc->Cy;
   int64_t xs[4] = {N, s0->batch * s0->in_channels, s0->in_h, s0->in_w};
   int64_t ys[3] = {N, cc->Cy, Py}, bs[1] = {cc->Cy}, ss[2] = {N, spi};
-  test_tensor* x = tt_new(bits, 4, xs, L->x_order, L->x_gap);
-  test_tensor* gy = tt_new(bits, 3, ys, L->g_order, L->g_gap);
-  test_tensor* b = bias ? tt_new(bits, 1, bs, NULL, 0) : NULL;
+  test_tensor* x = tb_new(bits, 4, xs, L->x_order, L->x_gap);
+  test_tensor* gy = tb_new(bits, 3, ys, L->g_order, L->g_gap);
+  test_tensor* b = bias ? tb_new(bits, 1, bs, NULL, 0) : NULL;
   test_tensor* W[FCT_MAX_STAGES];
   const DLTensor* Wdl[FCT_MAX_STAGES];
   double* Wd[FCT_MAX_STAGES];
@@ -429,7 +429,7 @@ static void run_case(const chain_case* cc, int bits, int64_t N, const layout_cas
   for (int s = 0; s < S; ++s) {
     const fct_conv_stage* t = &cc->st[s];
     int64_t shape[4] = {t->out_channels, t->in_channels / t->groups, t->kh, t->kw};
-    W[s] = tt_new(bits, 4, shape, L->w_order, 0);
+    W[s] = tb_new(bits, 4, shape, L->w_order, 0);
     Wdl[s] = &W[s]->dl;
     Wd[s] = tz_to_double(W[s]);
     Wa[s] = abs_copy(Wd[s], st_w_numel(t));
@@ -437,8 +437,8 @@ static void run_case(const chain_case* cc, int bits, int64_t N, const layout_cas
   double* xd = tz_to_double(x);
   double* gyd = tz_to_double(gy);
   double* bd = b ? tz_to_double(b) : NULL;
-  double* xa = abs_copy(xd, tt_numel(x));
-  double* gya = abs_copy(gyd, tt_numel(gy));
+  double* xa = abs_copy(xd, tb_numel(x));
+  double* gya = abs_copy(gyd, tb_numel(gy));
   double* ba = b ? abs_copy(bd, cc->Cy) : NULL;
   expected ref = reference(cc, N, Py, xd, Wd, bd, gyd);
   expected mag = reference(cc, N, Py, xa, Wa, ba, gya);
@@ -448,28 +448,28 @@ static void run_case(const chain_case* cc, int bits, int64_t N, const layout_cas
   g_tol = bits == 32 ? 2e-5 : 1e-12;
 
   for (int pool = 0; pool < 2; ++pool) {
-    fct_cpu_set_thread_pool(pool ? tt_reverse_pool : NULL, pool ? tt_three_threads : NULL);
+    fct_cpu_set_thread_pool(pool ? tb_reverse_pool : NULL, pool ? tb_three_threads : NULL);
     snprintf(g_label, sizeof g_label, "%s f%d N=%lld %s bias=%d pool=%d", cc->name, bits,
              (long long)N, L->name, bias, pool);
     /* Forward keeping the activations (training), then without (inference). */
-    test_tensor* y = tt_output(bits, 3, ys);
-    test_tensor* saved = S > 1 ? tt_output(bits, 2, ss) : NULL;
-    test_tensor* y_inf = tt_output(bits, 3, ys);
+    test_tensor* y = tb_output(bits, 3, ys);
+    test_tensor* saved = S > 1 ? tb_output(bits, 2, ss) : NULL;
+    test_tensor* y_inf = tb_output(bits, 3, ys);
     for (int keep = 1; keep >= 0; --keep) {
       test_tensor* out = keep ? y : y_inf;
       DLTensor* sv = keep && saved ? &saved->dl : NULL;
-      fct_context c = tz_ctx(0);
+      fct_context c = test_ctx(0);
       size_t bytes = 0;
       st = fct_conv_chain_forward_workspace(&c, &x->dl, S, cc->st, Wdl, b ? &b->dl : NULL,
                                             &out->dl, sv, &bytes);
-      CHECK(st == FCT_OK, "%s: forward workspace (saved=%d): %s", g_label, keep, tz_err);
+      CHECK(st == FCT_OK, "%s: forward workspace (saved=%d): %s", g_label, keep, test_err);
       set_workspace(&c, bytes);
-      tt_pool_calls = 0;
+      tb_pool_calls = 0;
       st = fct_conv_chain_forward(&c, &x->dl, S, cc->st, Wdl, b ? &b->dl : NULL, &out->dl, sv);
-      CHECK(st == FCT_OK, "%s: forward (saved=%d): %s", g_label, keep, tz_err);
+      CHECK(st == FCT_OK, "%s: forward (saved=%d): %s", g_label, keep, test_err);
       check_close(keep ? "y" : "y (saved = NULL)", out, ref.y, mag.y);
       /* With more than one image each pool thread takes its own images. */
-      CHECK(!pool || N < 2 || tt_pool_calls >= 1, "%s: the forward did not use the pool",
+      CHECK(!pool || N < 2 || tb_pool_calls >= 1, "%s: the forward did not use the pool",
             g_label);
     }
     if (saved) CHECK(all_finite(saved), "%s: saved not entirely written", g_label);
@@ -481,11 +481,11 @@ static void run_case(const chain_case* cc, int bits, int64_t N, const layout_cas
            want_b = v == G_ALL || v == G_B;
       grads g;
       memset(&g, 0, sizeof g);
-      if (want_x) g.gx = tt_output(bits, 4, xs);
-      if (want_b) g.gb = tt_output(bits, 1, bs);
+      if (want_x) g.gx = tb_output(bits, 4, xs);
+      if (want_b) g.gb = tb_output(bits, 1, bs);
       DLTensor* gwdl[FCT_MAX_STAGES];
       for (int s = 0; want_w && s < S; ++s) {
-        g.gw[s] = tt_output(bits, 4, W[s]->shape);
+        g.gw[s] = tb_output(bits, 4, W[s]->shape);
         gwdl[s] = &g.gw[s]->dl;
       }
       /* The pooled backward twice: the results must not change run to run. */
@@ -494,26 +494,26 @@ static void run_case(const chain_case* cc, int bits, int64_t N, const layout_cas
         if (run == 1) { /* keep the first run's results, fresh NaN outputs */
           first = g;
           memset(&g, 0, sizeof g);
-          g.gx = tt_output(bits, 4, xs);
-          g.gb = tt_output(bits, 1, bs);
+          g.gx = tb_output(bits, 4, xs);
+          g.gb = tb_output(bits, 1, bs);
           for (int s = 0; s < S; ++s) {
-            g.gw[s] = tt_output(bits, 4, W[s]->shape);
+            g.gw[s] = tb_output(bits, 4, W[s]->shape);
             gwdl[s] = &g.gw[s]->dl;
           }
         }
-        fct_context c = tz_ctx(0);
+        fct_context c = test_ctx(0);
         size_t bytes = 0;
         const DLTensor* sv = saved ? &saved->dl : NULL;
         st = fct_conv_chain_backward_workspace(
             &c, &gy->dl, &x->dl, S, cc->st, Wdl, sv, g.gx ? &g.gx->dl : NULL,
             want_w ? (const DLTensor* const*)gwdl : NULL, g.gb ? &g.gb->dl : NULL, &bytes);
         CHECK(st == FCT_OK, "%s: backward workspace (%s): %s", g_label, k_variant_names[v],
-              tz_err);
+              test_err);
         set_workspace(&c, bytes);
         st = fct_conv_chain_backward(&c, &gy->dl, &x->dl, S, cc->st, Wdl, sv,
                                      g.gx ? &g.gx->dl : NULL, want_w ? gwdl : NULL,
                                      g.gb ? &g.gb->dl : NULL);
-        CHECK(st == FCT_OK, "%s: backward (%s): %s", g_label, k_variant_names[v], tz_err);
+        CHECK(st == FCT_OK, "%s: backward (%s): %s", g_label, k_variant_names[v], test_err);
         char what[96];
         if (g.gx) {
           snprintf(what, sizeof what, "grad_x (%s)", k_variant_names[v]);
@@ -536,17 +536,17 @@ static void run_case(const chain_case* cc, int bits, int64_t N, const layout_cas
       }
       grads_free(&g, S);
     }
-    tt_free(y);
-    tt_free(y_inf);
-    tt_free(saved);
+    tb_free(y);
+    tb_free(y_inf);
+    tb_free(saved);
   }
   fct_cpu_set_thread_pool(NULL, NULL);
 
   expected_free(&ref);
   expected_free(&mag);
-  for (int s = 0; s < S; ++s) tt_free(W[s]), free(Wd[s]), free(Wa[s]);
+  for (int s = 0; s < S; ++s) tb_free(W[s]), free(Wd[s]), free(Wa[s]);
   free(xd); free(gyd); free(bd); free(xa); free(gya); free(ba);
-  tt_free(x); tt_free(gy); tt_free(b);
+  tb_free(x); tb_free(gy); tb_free(b);
 }
 
 static void test_values(void) {
@@ -608,207 +608,207 @@ static void test_errors(void) {
   memcpy(f.st, valid, sizeof valid);
   int64_t xs[4] = {2, 3, 5, 5}, w0s[4] = {4, 3, 3, 3}, w1s[4] = {2, 4, 1, 1}, bs[1] = {2},
           ys[3] = {2, 2, 25}, ss[2] = {2, 100};
-  f.x = tt_new(32, 4, xs, NULL, 0);
-  f.w0 = tt_new(32, 4, w0s, NULL, 0);
-  f.w1 = tt_new(32, 4, w1s, NULL, 0);
-  f.b = tt_new(32, 1, bs, NULL, 0);
-  f.y = tt_output(32, 3, ys);
-  f.saved = tt_output(32, 2, ss);
-  f.gy = tt_new(32, 3, ys, NULL, 0);
-  f.gx = tt_output(32, 4, xs);
-  f.gw0 = tt_output(32, 4, w0s);
-  f.gw1 = tt_output(32, 4, w1s);
-  f.gb = tt_output(32, 1, bs);
+  f.x = tb_new(32, 4, xs, NULL, 0);
+  f.w0 = tb_new(32, 4, w0s, NULL, 0);
+  f.w1 = tb_new(32, 4, w1s, NULL, 0);
+  f.b = tb_new(32, 1, bs, NULL, 0);
+  f.y = tb_output(32, 3, ys);
+  f.saved = tb_output(32, 2, ss);
+  f.gy = tb_new(32, 3, ys, NULL, 0);
+  f.gx = tb_output(32, 4, xs);
+  f.gw0 = tb_output(32, 4, w0s);
+  f.gw1 = tb_output(32, 4, w1s);
+  f.gb = tb_output(32, 1, bs);
   f.W[0] = &f.w0->dl;
   f.W[1] = &f.w1->dl;
   f.GW[0] = &f.gw0->dl;
   f.GW[1] = &f.gw1->dl;
 
-  fct_context c = tz_ctx(0);
+  fct_context c = test_ctx(0);
   set_workspace(&c, 1 << 20);
   fct_status st = fwd(&f, &c, f.st, 2);
-  CHECK(st == FCT_OK, "valid forward: %s", tz_err);
+  CHECK(st == FCT_OK, "valid forward: %s", test_err);
   st = bwd(&f, &c, &f.saved->dl);
-  CHECK(st == FCT_OK, "valid backward: %s", tz_err);
+  CHECK(st == FCT_OK, "valid backward: %s", test_err);
 
   /* The stage list, through fct_conv_chain_check and the forward. */
   fct_conv_stage bad[2];
   memcpy(bad, f.st, sizeof bad);
   bad[1].groups = 3; /* divides neither 4 nor 2 */
   st = fct_conv_chain_check(&c, 2, bad, NULL);
-  tz_expect_fail(st, FCT_ERR_INVALID_VALUE, "stages[1]: groups", "groups not dividing (check)");
+  test_expect_fail(st, FCT_ERR_INVALID_VALUE, "stages[1]: groups", "groups not dividing (check)");
   st = fwd(&f, &c, bad, 2);
-  tz_expect_fail(st, FCT_ERR_INVALID_VALUE, "stages[1]: groups", "groups not dividing");
+  test_expect_fail(st, FCT_ERR_INVALID_VALUE, "stages[1]: groups", "groups not dividing");
   memcpy(bad, f.st, sizeof bad);
   bad[0].kh = 8; /* 7 rows once padded */
   st = fwd(&f, &c, bad, 2);
-  tz_expect_fail(st, FCT_ERR_SHAPE, "stages[0]: the kernel", "kernel larger than the input");
+  test_expect_fail(st, FCT_ERR_SHAPE, "stages[0]: the kernel", "kernel larger than the input");
   memcpy(bad, f.st, sizeof bad);
   bad[0].dil_w = 4; /* extent 9 > 7 */
   st = fct_conv_chain_check(&c, 2, bad, NULL);
-  tz_expect_fail(st, FCT_ERR_SHAPE, "stages[0]: the kernel", "dilated kernel too large");
+  test_expect_fail(st, FCT_ERR_SHAPE, "stages[0]: the kernel", "dilated kernel too large");
   memcpy(bad, f.st, sizeof bad);
   bad[1].in_w = 4; /* reads 80 elements per image, stage 0 writes 100 */
   st = fwd(&f, &c, bad, 2);
-  tz_expect_fail(st, FCT_ERR_SHAPE, "stages[1]: reads 80", "element counts between stages");
+  test_expect_fail(st, FCT_ERR_SHAPE, "stages[1]: reads 80", "element counts between stages");
   memcpy(bad, f.st, sizeof bad);
   bad[0].stride_h = 0;
   st = fwd(&f, &c, bad, 2);
-  tz_expect_fail(st, FCT_ERR_INVALID_VALUE, "stages[0]: strides", "stride 0");
+  test_expect_fail(st, FCT_ERR_INVALID_VALUE, "stages[0]: strides", "stride 0");
   memcpy(bad, f.st, sizeof bad);
   bad[1].pad_right = -1;
   st = fwd(&f, &c, bad, 2);
-  tz_expect_fail(st, FCT_ERR_INVALID_VALUE, "stages[1]: paddings", "negative padding");
+  test_expect_fail(st, FCT_ERR_INVALID_VALUE, "stages[1]: paddings", "negative padding");
   memcpy(bad, f.st, sizeof bad);
   bad[0].batch = 0;
   st = fwd(&f, &c, bad, 2);
-  tz_expect_fail(st, FCT_ERR_INVALID_VALUE, "stages[0]: batch", "batch 0");
+  test_expect_fail(st, FCT_ERR_INVALID_VALUE, "stages[0]: batch", "batch 0");
   st = fwd(&f, &c, f.st, 0);
-  tz_expect_fail(st, FCT_ERR_INVALID_VALUE, "stages", "no stages");
+  test_expect_fail(st, FCT_ERR_INVALID_VALUE, "stages", "no stages");
   st = fct_conv_chain_check(&c, FCT_MAX_STAGES + 1, f.st, NULL);
-  tz_expect_fail(st, FCT_ERR_INVALID_VALUE, "stages", "too many stages");
+  test_expect_fail(st, FCT_ERR_INVALID_VALUE, "stages", "too many stages");
   st = fwd(&f, &c, NULL, 2);
-  tz_expect_fail(st, FCT_ERR_NULL_ARGUMENT, "stages", "NULL stages");
+  test_expect_fail(st, FCT_ERR_NULL_ARGUMENT, "stages", "NULL stages");
 
   /* Sizes past int64: 2^40 x 2^40 pixels (and a huge dilation). */
   memcpy(bad, f.st, sizeof bad);
   bad[0].in_h = bad[0].in_w = (int64_t)1 << 40;
   st = fct_conv_chain_check(&c, 2, bad, NULL);
-  tz_expect_fail(st, FCT_ERR_OVERFLOW, "stages[0]", "2^40 x 2^40 input");
+  test_expect_fail(st, FCT_ERR_OVERFLOW, "stages[0]", "2^40 x 2^40 input");
   CHECK(fct_conv_stage_out_numel(&bad[0]) == 0, "out_numel of an overflowing stage");
   st = fwd(&f, &c, bad, 2);
-  tz_expect_fail(st, FCT_ERR_OVERFLOW, "stages[0]", "2^40 x 2^40 input (forward)");
+  test_expect_fail(st, FCT_ERR_OVERFLOW, "stages[0]", "2^40 x 2^40 input (forward)");
   memcpy(bad, f.st, sizeof bad);
   bad[0].kh = 2;
   bad[0].dil_h = INT64_MAX; /* extent − 1 = INT64_MAX: no room for the + 1 */
   st = fct_conv_chain_check(&c, 2, bad, NULL);
-  tz_expect_fail(st, FCT_ERR_SHAPE, "stages[0]: the kernel", "dilation INT64_MAX");
+  test_expect_fail(st, FCT_ERR_SHAPE, "stages[0]: the kernel", "dilation INT64_MAX");
   CHECK(fct_conv_stage_out_numel(NULL) == 0, "out_numel(NULL)");
   CHECK(fct_conv_stage_out_numel(&f.st[0]) == 100, "out_numel of stage 0");
 
   /* Tensors. */
   f.w1->shape[3] = 2;
   st = fwd(&f, &c, f.st, 2);
-  tz_expect_fail(st, FCT_ERR_SHAPE, "weights[1]: expected [2, 4, 1, 1]", "weight shape");
+  test_expect_fail(st, FCT_ERR_SHAPE, "weights[1]: expected [2, 4, 1, 1]", "weight shape");
   f.w1->shape[3] = 1;
   f.w0->dl.ndim = 3;
   st = fwd(&f, &c, f.st, 2);
-  tz_expect_fail(st, FCT_ERR_NDIM, "weights[0]", "3-D weight");
+  test_expect_fail(st, FCT_ERR_NDIM, "weights[0]", "3-D weight");
   f.w0->dl.ndim = 4;
   f.W[1] = NULL;
   st = fwd(&f, &c, f.st, 2);
-  tz_expect_fail(st, FCT_ERR_NULL_ARGUMENT, "weights[1]", "NULL weight");
+  test_expect_fail(st, FCT_ERR_NULL_ARGUMENT, "weights[1]", "NULL weight");
   f.W[1] = &f.w1->dl;
   st = fct_conv_chain_forward(&c, &f.x->dl, 2, f.st, NULL, NULL, &f.y->dl, &f.saved->dl);
-  tz_expect_fail(st, FCT_ERR_NULL_ARGUMENT, "weights", "NULL weights");
+  test_expect_fail(st, FCT_ERR_NULL_ARGUMENT, "weights", "NULL weights");
   f.x->dl.dtype = (DLDataType){kDLInt, 64, 1};
   st = fwd(&f, &c, f.st, 2);
-  tz_expect_fail(st, FCT_ERR_DTYPE, "x: expected dtype", "int64 x");
+  test_expect_fail(st, FCT_ERR_DTYPE, "x: expected dtype", "int64 x");
   f.x->dl.dtype = (DLDataType){kDLFloat, 32, 1};
   f.w0->dl.dtype = (DLDataType){kDLInt, 64, 1};
   st = fwd(&f, &c, f.st, 2);
-  tz_expect_fail(st, FCT_ERR_DTYPE, "weights[0]", "int64 weight");
+  test_expect_fail(st, FCT_ERR_DTYPE, "weights[0]", "int64 weight");
   f.w0->dl.dtype = (DLDataType){kDLFloat, 64, 1};
   st = fwd(&f, &c, f.st, 2);
-  tz_expect_fail(st, FCT_ERR_DTYPE, "weights[0]", "float64 weight, float32 x");
+  test_expect_fail(st, FCT_ERR_DTYPE, "weights[0]", "float64 weight, float32 x");
   f.w0->dl.dtype = (DLDataType){kDLFloat, 32, 1};
   f.x->shape[3] = 4;
   st = fwd(&f, &c, f.st, 2);
-  tz_expect_fail(st, FCT_ERR_SHAPE, "x: expected [N = 2, ...] with 75", "x per-image size");
+  test_expect_fail(st, FCT_ERR_SHAPE, "x: expected [N = 2, ...] with 75", "x per-image size");
   f.x->shape[3] = 5;
   f.b->shape[0] = 3;
   st = fwd(&f, &c, f.st, 2);
-  tz_expect_fail(st, FCT_ERR_SHAPE, "bias", "bias length");
+  test_expect_fail(st, FCT_ERR_SHAPE, "bias", "bias length");
   f.b->shape[0] = 2;
   f.y->shape[2] = 24;
   st = fwd(&f, &c, f.st, 2);
-  tz_expect_fail(st, FCT_ERR_SHAPE, "y: expected [N = 2, ...] with 50", "y per-image size");
+  test_expect_fail(st, FCT_ERR_SHAPE, "y: expected [N = 2, ...] with 50", "y per-image size");
   f.y->shape[2] = 25;
   f.y->shape[0] = 3;
   st = fwd(&f, &c, f.st, 2);
-  tz_expect_fail(st, FCT_ERR_SHAPE, "y", "y batch");
+  test_expect_fail(st, FCT_ERR_SHAPE, "y", "y batch");
   f.y->shape[0] = 2;
   f.y->strides[1] = 26; /* not C-contiguous */
   st = fwd(&f, &c, f.st, 2);
-  tz_expect_fail(st, FCT_ERR_LAYOUT, "y", "strided y");
+  test_expect_fail(st, FCT_ERR_LAYOUT, "y", "strided y");
   f.y->strides[1] = 25;
   f.saved->shape[1] = 99;
   st = fwd(&f, &c, f.st, 2);
-  tz_expect_fail(st, FCT_ERR_SHAPE, "saved: expected a C-contiguous tensor of 200", "saved size");
+  test_expect_fail(st, FCT_ERR_SHAPE, "saved: expected a C-contiguous tensor of 200", "saved size");
   st = bwd(&f, &c, &f.saved->dl);
-  tz_expect_fail(st, FCT_ERR_SHAPE, "saved", "saved size (backward)");
+  test_expect_fail(st, FCT_ERR_SHAPE, "saved", "saved size (backward)");
   f.saved->shape[1] = 100;
   st = bwd(&f, &c, NULL);
-  tz_expect_fail(st, FCT_ERR_NULL_ARGUMENT, "saved: required", "backward without saved");
+  test_expect_fail(st, FCT_ERR_NULL_ARGUMENT, "saved: required", "backward without saved");
 
   /* Overlaps: outputs may share memory with nothing. */
   DLTensor alias = f.y->dl;
   alias.data = f.x->dl.data; /* y over x's first 100 elements */
   st = fct_conv_chain_forward(&c, &f.x->dl, 2, f.st, f.W, &f.b->dl, &alias, &f.saved->dl);
-  tz_expect_fail(st, FCT_ERR_LAYOUT, "y: expected memory disjoint from x", "y aliasing x");
+  test_expect_fail(st, FCT_ERR_LAYOUT, "y: expected memory disjoint from x", "y aliasing x");
   alias = f.saved->dl;
   alias.data = (float*)f.y->dl.data + 10;
   st = fct_conv_chain_forward(&c, &f.x->dl, 2, f.st, f.W, &f.b->dl, &f.y->dl, &alias);
-  tz_expect_fail(st, FCT_ERR_LAYOUT, "saved", "saved overlapping y");
+  test_expect_fail(st, FCT_ERR_LAYOUT, "saved", "saved overlapping y");
   alias = f.gx->dl;
   alias.data = f.gy->dl.data;
   st = fct_conv_chain_backward(&c, &f.gy->dl, &f.x->dl, 2, f.st, f.W, &f.saved->dl, &alias,
                                f.GW, &f.gb->dl);
-  tz_expect_fail(st, FCT_ERR_LAYOUT, "grad_x", "grad_x aliasing grad_y");
+  test_expect_fail(st, FCT_ERR_LAYOUT, "grad_x", "grad_x aliasing grad_y");
   alias = f.gw1->dl;
   alias.data = f.w1->dl.data;
   DLTensor* gw_alias[2] = {&f.gw0->dl, &alias};
   st = fct_conv_chain_backward(&c, &f.gy->dl, &f.x->dl, 2, f.st, f.W, &f.saved->dl, &f.gx->dl,
                                gw_alias, &f.gb->dl);
-  tz_expect_fail(st, FCT_ERR_LAYOUT, "grad_weights[1]", "grad_weights[1] aliasing weights[1]");
+  test_expect_fail(st, FCT_ERR_LAYOUT, "grad_weights[1]", "grad_weights[1] aliasing weights[1]");
 
   /* Gradient outputs. */
   f.GW[1] = NULL;
   st = bwd(&f, &c, &f.saved->dl);
-  tz_expect_fail(st, FCT_ERR_NULL_ARGUMENT, "grad_weights[1]", "NULL grad_weights[1]");
+  test_expect_fail(st, FCT_ERR_NULL_ARGUMENT, "grad_weights[1]", "NULL grad_weights[1]");
   f.GW[1] = &f.gw1->dl;
   f.gw0->strides[0] = 28; /* not C-contiguous */
   st = bwd(&f, &c, &f.saved->dl);
-  tz_expect_fail(st, FCT_ERR_LAYOUT, "grad_weights[0]", "strided grad_weights[0]");
+  test_expect_fail(st, FCT_ERR_LAYOUT, "grad_weights[0]", "strided grad_weights[0]");
   f.gw0->strides[0] = 27;
   f.gw1->shape[1] = 3;
   st = bwd(&f, &c, &f.saved->dl);
-  tz_expect_fail(st, FCT_ERR_SHAPE, "grad_weights[1]", "grad_weights[1] shape");
+  test_expect_fail(st, FCT_ERR_SHAPE, "grad_weights[1]", "grad_weights[1] shape");
   f.gw1->shape[1] = 4;
   f.gb->shape[0] = 1;
   st = bwd(&f, &c, &f.saved->dl);
-  tz_expect_fail(st, FCT_ERR_SHAPE, "grad_bias", "grad_bias length");
+  test_expect_fail(st, FCT_ERR_SHAPE, "grad_bias", "grad_bias length");
   f.gb->shape[0] = 2;
   f.gx->shape[1] = 2;
   st = bwd(&f, &c, &f.saved->dl);
-  tz_expect_fail(st, FCT_ERR_SHAPE, "grad_x", "grad_x shape");
+  test_expect_fail(st, FCT_ERR_SHAPE, "grad_x", "grad_x shape");
   f.gx->shape[1] = 3;
   f.gy->shape[2] = 24;
   st = bwd(&f, &c, &f.saved->dl);
-  tz_expect_fail(st, FCT_ERR_SHAPE, "grad_y", "grad_y per-image size");
+  test_expect_fail(st, FCT_ERR_SHAPE, "grad_y", "grad_y per-image size");
   f.gy->shape[2] = 25;
 
   /* Workspace: one byte short of the query, then none. */
   size_t bytes = 0;
   st = fct_conv_chain_forward_workspace(&c, &f.x->dl, 2, f.st, f.W, &f.b->dl, &f.y->dl,
                                         &f.saved->dl, &bytes);
-  CHECK(st == FCT_OK && bytes > 0, "forward workspace query: %d %zu %s", st, bytes, tz_err);
+  CHECK(st == FCT_OK && bytes > 0, "forward workspace query: %d %zu %s", st, bytes, test_err);
   set_workspace(&c, bytes);
   c.workspace_bytes = bytes - 1;
   st = fwd(&f, &c, f.st, 2);
-  tz_expect_fail(st, FCT_ERR_WORKSPACE, "workspace", "forward workspace too small");
+  test_expect_fail(st, FCT_ERR_WORKSPACE, "workspace", "forward workspace too small");
   st = fct_conv_chain_backward_workspace(&c, &f.gy->dl, &f.x->dl, 2, f.st, f.W, &f.saved->dl,
                                          &f.gx->dl, (const DLTensor* const*)f.GW, &f.gb->dl,
                                          &bytes);
-  CHECK(st == FCT_OK && bytes > 0, "backward workspace query: %d %zu %s", st, bytes, tz_err);
+  CHECK(st == FCT_OK && bytes > 0, "backward workspace query: %d %zu %s", st, bytes, test_err);
   set_workspace(&c, bytes);
   c.workspace_bytes = bytes - 1;
   st = bwd(&f, &c, &f.saved->dl);
-  tz_expect_fail(st, FCT_ERR_WORKSPACE, "workspace", "backward workspace too small");
+  test_expect_fail(st, FCT_ERR_WORKSPACE, "workspace", "backward workspace too small");
   c.workspace = NULL;
   c.workspace_bytes = 0;
   st = fwd(&f, &c, f.st, 2);
-  tz_expect_fail(st, FCT_ERR_WORKSPACE, "workspace", "no workspace");
+  test_expect_fail(st, FCT_ERR_WORKSPACE, "workspace", "no workspace");
   set_workspace(&c, 1 << 20);
 
   /* An empty batch whose other dims multiply past int64. */
@@ -816,20 +816,20 @@ static void test_errors(void) {
   DLTensor empty = f.x->dl;
   empty.shape = huge;
   st = fct_conv_chain_forward(&c, &empty, 2, f.st, f.W, &f.b->dl, &f.y->dl, &f.saved->dl);
-  tz_expect_fail(st, FCT_ERR_OVERFLOW, "x: elements per image", "empty x of huge images");
+  test_expect_fail(st, FCT_ERR_OVERFLOW, "x: elements per image", "empty x of huge images");
 
   /* FCT_FLAG_CHECK_FINITE names the input holding a NaN. */
   c.flags = FCT_FLAG_CHECK_FINITE;
   int64_t at1[4] = {1, 2, 0, 0};
-  tt_set(f.w1, at1, NAN);
+  tb_set(f.w1, at1, NAN);
   st = fwd(&f, &c, f.st, 2);
-  tz_expect_fail(st, FCT_ERR_NOT_FINITE, "weights[1]", "NaN in weights[1]");
-  tt_set(f.w1, at1, 0.5);
+  test_expect_fail(st, FCT_ERR_NOT_FINITE, "weights[1]", "NaN in weights[1]");
+  tb_set(f.w1, at1, 0.5);
   int64_t at2[3] = {1, 1, 7};
-  tt_set(f.gy, at2, INFINITY);
+  tb_set(f.gy, at2, INFINITY);
   st = bwd(&f, &c, &f.saved->dl);
-  tz_expect_fail(st, FCT_ERR_NOT_FINITE, "grad_y", "Inf in grad_y");
-  tt_set(f.gy, at2, 0.5);
+  test_expect_fail(st, FCT_ERR_NOT_FINITE, "grad_y", "Inf in grad_y");
+  tb_set(f.gy, at2, 0.5);
   c.flags = 0;
 
   /* NULL context or result pointer: a status, no crash. */
@@ -839,8 +839,8 @@ static void test_errors(void) {
                                         &f.saved->dl, NULL);
   CHECK(st == FCT_ERR_NULL_ARGUMENT, "NULL bytes: %d", st);
 
-  tt_free(f.x); tt_free(f.w0); tt_free(f.w1); tt_free(f.b); tt_free(f.y); tt_free(f.saved);
-  tt_free(f.gy); tt_free(f.gx); tt_free(f.gw0); tt_free(f.gw1); tt_free(f.gb);
+  tb_free(f.x); tb_free(f.w0); tb_free(f.w1); tb_free(f.b); tb_free(f.y); tb_free(f.saved);
+  tb_free(f.gy); tb_free(f.gx); tb_free(f.gw0); tb_free(f.gw1); tb_free(f.gb);
 }
 
 int main(void) {

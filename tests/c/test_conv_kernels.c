@@ -426,11 +426,11 @@ static void test_pool(void) {
       fct_cpu_set_thread_pool(NULL, NULL);
       outs serial = run_all(bits, &g, n, &in);
       check_all(&g, n, &in, &serial);
-      fct_cpu_set_thread_pool(tt_reverse_pool, tt_three_threads);
-      tt_pool_calls = 0;
+      fct_cpu_set_thread_pool(tb_reverse_pool, tb_three_threads);
+      tb_pool_calls = 0;
       outs pooled = run_all(bits, &g, n, &in);
       /* the first case is big enough for all eight calls to split */
-      CHECK(k != 0 || tt_pool_calls == 8, "%d of 8 calls used the pool %s", tt_pool_calls, g_what);
+      CHECK(k != 0 || tb_pool_calls == 8, "%d of 8 calls used the pool %s", tb_pool_calls, g_what);
       fct_cpu_set_thread_pool(NULL, NULL);
       check_all(&g, n, &in, &pooled);
       CHECK(buf_same(&serial.col, &pooled.col) && buf_same(&serial.xi, &pooled.xi) &&

@@ -75,34 +75,34 @@ static void run_case(int bits, const cp_case* cc, const layout_case* L, bool bia
   ys[nd - 1] = out;
   zs[nd - 1] = R;
   int col[3] = {1, 0, 0};
-  test_tensor* x = tt_new(bits, nd, xs, L->x_colmajor ? col : NULL, L->gap);
+  test_tensor* x = tb_new(bits, nd, xs, L->x_colmajor ? col : NULL, L->gap);
   test_tensor *A[4], *B[4], *gA[4], *gB[4];
   DLTensor *dA[4], *dB[4], *dgA[4], *dgB[4];
   double* P[8];
   for (int k = 0; k < m.n_in; ++k) {
     int64_t sh[2] = {m.in[k], R};
-    A[k] = tt_new(bits, 2, sh, L->f_colmajor ? col : NULL, 0);
+    A[k] = tb_new(bits, 2, sh, L->f_colmajor ? col : NULL, 0);
     dA[k] = &A[k]->dl;
     P[k] = tz_to_double(A[k]);
   }
   for (int k = 0; k < m.n_out; ++k) {
     int64_t sh[2] = {m.out[k], R};
-    B[k] = tt_new(bits, 2, sh, L->f_colmajor ? col : NULL, 0);
+    B[k] = tb_new(bits, 2, sh, L->f_colmajor ? col : NULL, 0);
     dB[k] = &B[k]->dl;
     P[m.n_in + k] = tz_to_double(B[k]);
   }
   int64_t bs[1] = {out};
-  test_tensor* b = bias ? tt_new(bits, 1, bs, NULL, 0) : NULL;
-  test_tensor* g = tt_new(bits, nd, ys, NULL, 0);
-  test_tensor* y = tt_output(bits, nd, ys);
-  test_tensor* z = tt_output(bits, nd, zs);
+  test_tensor* b = bias ? tb_new(bits, 1, bs, NULL, 0) : NULL;
+  test_tensor* g = tb_new(bits, nd, ys, NULL, 0);
+  test_tensor* y = tb_output(bits, nd, ys);
+  test_tensor* z = tb_output(bits, nd, zs);
 
   /* Reference. */
   double* W = calloc((size_t)(in * out) + 1, sizeof(double));
   cp_reconstruct(&m, P, W);
   double* xd = calloc((size_t)(M * in) + 1, sizeof(double));
   for (int64_t i = 0; i < M; ++i)
-    for (int64_t j = 0; j < in; ++j) xd[i * in + j] = tt_get2(x, i, j);
+    for (int64_t j = 0; j < in; ++j) xd[i * in + j] = tb_get2(x, i, j);
   double* gd = tz_to_double(g);
   double* bd = b ? tz_to_double(b) : NULL;
   double* yr = calloc((size_t)(M * out) + 1, sizeof(double));
@@ -131,22 +131,22 @@ static void run_case(int bits, const cp_case* cc, const layout_case* L, bool bia
   }
   double tol = bits == 64 ? 1e-11 : 3e-5 * sqrt((double)(in + out + R + M + 1));
 
-  fct_context c = tz_ctx(flags);
+  fct_context c = test_ctx(flags);
   size_t bytes = 0;
   fct_status st = fct_cp_linear_forward_workspace(&c, &x->dl, m.n_in, (const DLTensor* const*)dA,
                                                   m.n_out, (const DLTensor* const*)dB,
                                                   b ? &b->dl : NULL, &y->dl,
                                                   keep_z ? &z->dl : NULL, &bytes);
-  CHECK(st == FCT_OK, "%s: forward workspace: %s", label, tz_err);
-  tz_workspace(&c, bytes);
+  CHECK(st == FCT_OK, "%s: forward workspace: %s", label, test_err);
+  test_workspace(&c, bytes);
   st = fct_cp_linear_forward(&c, &x->dl, m.n_in, (const DLTensor* const*)dA, m.n_out,
                              (const DLTensor* const*)dB, b ? &b->dl : NULL, &y->dl,
                              keep_z ? &z->dl : NULL);
-  CHECK(st == FCT_OK, "%s: forward: %s", label, tz_err);
-  double e = tz_rel_err(y, yr, M, out);
+  CHECK(st == FCT_OK, "%s: forward: %s", label, test_err);
+  double e = test_rel_err(y, yr, M, out);
   CHECK(e <= tol, "%s: y error %.3g > %.3g", label, e, tol);
   if (keep_z) {
-    e = tz_rel_err(z, zr, M, R);
+    e = test_rel_err(z, zr, M, R);
     CHECK(e <= tol, "%s: z error %.3g", label, e);
   }
 
@@ -154,65 +154,65 @@ static void run_case(int bits, const cp_case* cc, const layout_case* L, bool bia
    * in factors only (one of them skipped). */
   for (int variant = 0; variant < 4; ++variant) {
     bool want_x = variant <= 1, want_b = variant == 0 || variant == 2;
-    test_tensor* gx = tt_output(bits, nd, xs);
-    test_tensor* gb = tt_output(bits, 1, bs);
+    test_tensor* gx = tb_output(bits, nd, xs);
+    test_tensor* gb = tb_output(bits, 1, bs);
     DLTensor** pgA = NULL;
     DLTensor** pgB = NULL;
     for (int k = 0; k < m.n_in; ++k) {
       int64_t sh[2] = {m.in[k], R};
-      gA[k] = tt_output(bits, 2, sh);
+      gA[k] = tb_output(bits, 2, sh);
       dgA[k] = (variant == 0 || (variant == 3 && k != m.n_in - 1) || (variant == 3 && m.n_in == 1))
                    ? &gA[k]->dl
                    : NULL;
     }
     for (int k = 0; k < m.n_out; ++k) {
       int64_t sh[2] = {m.out[k], R};
-      gB[k] = tt_output(bits, 2, sh);
+      gB[k] = tb_output(bits, 2, sh);
       dgB[k] = (variant == 0 || variant == 2) ? &gB[k]->dl : NULL;
     }
     if (variant == 0 || variant == 3) pgA = dgA;
     if (variant == 0 || variant == 2) pgB = dgB;
     const DLTensor* zin = keep_z ? &z->dl : NULL;
-    c = tz_ctx(flags);
+    c = test_ctx(flags);
     st = fct_cp_linear_backward_workspace(&c, &g->dl, &x->dl, m.n_in, (const DLTensor* const*)dA,
                                           m.n_out, (const DLTensor* const*)dB, zin,
                                           want_x ? &gx->dl : NULL, (const DLTensor* const*)pgA,
                                           (const DLTensor* const*)pgB, want_b ? &gb->dl : NULL,
                                           &bytes);
-    CHECK(st == FCT_OK, "%s: backward workspace %d: %s", label, variant, tz_err);
-    tz_workspace(&c, bytes);
+    CHECK(st == FCT_OK, "%s: backward workspace %d: %s", label, variant, test_err);
+    test_workspace(&c, bytes);
     st = fct_cp_linear_backward(&c, &g->dl, &x->dl, m.n_in, (const DLTensor* const*)dA, m.n_out,
                                 (const DLTensor* const*)dB, zin, want_x ? &gx->dl : NULL, pgA,
                                 pgB, want_b ? &gb->dl : NULL);
-    CHECK(st == FCT_OK, "%s: backward %d: %s", label, variant, tz_err);
+    CHECK(st == FCT_OK, "%s: backward %d: %s", label, variant, test_err);
     if (want_x) {
-      e = tz_rel_err(gx, gxr, M, in);
+      e = test_rel_err(gx, gxr, M, in);
       CHECK(e <= tol, "%s: grad_x error %.3g (variant %d)", label, e, variant);
     }
     if (want_b) {
-      e = tz_rel_err(gb, gbr, 1, out);
+      e = test_rel_err(gb, gbr, 1, out);
       CHECK(e <= tol, "%s: grad_bias error %.3g (variant %d)", label, e, variant);
     }
     for (int k = 0; pgA && k < m.n_in; ++k) {
       if (!pgA[k]) continue;
-      e = tz_rel_err(gA[k], gPr[k], m.in[k], R);
+      e = test_rel_err(gA[k], gPr[k], m.in[k], R);
       CHECK(e <= tol, "%s: grad_in_factors[%d] error %.3g (variant %d)", label, k, e, variant);
     }
     for (int k = 0; pgB && k < m.n_out; ++k) {
-      e = tz_rel_err(gB[k], gPr[m.n_in + k], m.out[k], R);
+      e = test_rel_err(gB[k], gPr[m.n_in + k], m.out[k], R);
       CHECK(e <= tol, "%s: grad_out_factors[%d] error %.3g (variant %d)", label, k, e, variant);
     }
-    tt_free(gx);
-    tt_free(gb);
-    for (int k = 0; k < m.n_in; ++k) tt_free(gA[k]);
-    for (int k = 0; k < m.n_out; ++k) tt_free(gB[k]);
+    tb_free(gx);
+    tb_free(gb);
+    for (int k = 0; k < m.n_in; ++k) tb_free(gA[k]);
+    for (int k = 0; k < m.n_out; ++k) tb_free(gB[k]);
   }
 
   for (int k = 0; k < m.n_in + m.n_out; ++k) free(P[k]), free(gPr[k]);
-  for (int k = 0; k < m.n_in; ++k) tt_free(A[k]);
-  for (int k = 0; k < m.n_out; ++k) tt_free(B[k]);
+  for (int k = 0; k < m.n_in; ++k) tb_free(A[k]);
+  for (int k = 0; k < m.n_out; ++k) tb_free(B[k]);
   free(W); free(xd); free(gd); free(bd); free(yr); free(zr); free(gxr); free(gWr); free(gbr);
-  tt_free(x); tt_free(b); tt_free(g); tt_free(y); tt_free(z);
+  tb_free(x); tb_free(b); tb_free(g); tb_free(y); tb_free(z);
 }
 
 static void test_values(void) {
@@ -245,92 +245,92 @@ static void test_values(void) {
 
 static void test_errors(void) {
   int64_t xs[2] = {4, 6}, a0[2] = {2, 3}, a1[2] = {3, 3}, b0[2] = {5, 3}, ys[2] = {4, 5};
-  test_tensor* x = tt_new(32, 2, xs, NULL, 0);
-  test_tensor* A0 = tt_new(32, 2, a0, NULL, 0);
-  test_tensor* A1 = tt_new(32, 2, a1, NULL, 0);
-  test_tensor* B0 = tt_new(32, 2, b0, NULL, 0);
-  test_tensor* y = tt_output(32, 2, ys);
+  test_tensor* x = tb_new(32, 2, xs, NULL, 0);
+  test_tensor* A0 = tb_new(32, 2, a0, NULL, 0);
+  test_tensor* A1 = tb_new(32, 2, a1, NULL, 0);
+  test_tensor* B0 = tb_new(32, 2, b0, NULL, 0);
+  test_tensor* y = tb_output(32, 2, ys);
   const DLTensor* A[2] = {&A0->dl, &A1->dl};
   const DLTensor* B[1] = {&B0->dl};
-  fct_context c = tz_ctx(0);
-  tz_workspace(&c, 1 << 20);
+  fct_context c = test_ctx(0);
+  test_workspace(&c, 1 << 20);
   fct_status st;
 
   st = fct_cp_linear_forward(&c, &x->dl, 2, A, 1, B, NULL, &y->dl, NULL);
-  CHECK(st == FCT_OK, "valid call: %s", tz_err);
+  CHECK(st == FCT_OK, "valid call: %s", test_err);
 
   A1->shape[1] = 4; /* rank differs */
   st = fct_cp_linear_forward(&c, &x->dl, 2, A, 1, B, NULL, &y->dl, NULL);
-  tz_expect_fail(st, FCT_ERR_SHAPE, "in_factors[1]", "rank mismatch");
+  test_expect_fail(st, FCT_ERR_SHAPE, "in_factors[1]", "rank mismatch");
   A1->shape[1] = 3;
   B0->shape[1] = 2;
   st = fct_cp_linear_forward(&c, &x->dl, 2, A, 1, B, NULL, &y->dl, NULL);
-  tz_expect_fail(st, FCT_ERR_SHAPE, "out_factors[0]", "out rank mismatch");
+  test_expect_fail(st, FCT_ERR_SHAPE, "out_factors[0]", "out rank mismatch");
   B0->shape[1] = 3;
   A1->shape[0] = 2; /* in = 4 != 6 */
   st = fct_cp_linear_forward(&c, &x->dl, 2, A, 1, B, NULL, &y->dl, NULL);
-  tz_expect_fail(st, FCT_ERR_SHAPE, "x: expected a last dim of 4", "in mismatch");
+  test_expect_fail(st, FCT_ERR_SHAPE, "x: expected a last dim of 4", "in mismatch");
   A1->shape[0] = 3;
   A0->shape[1] = 0;
   A1->shape[1] = 0;
   B0->shape[1] = 0;
   st = fct_cp_linear_forward(&c, &x->dl, 2, A, 1, B, NULL, &y->dl, NULL);
-  tz_expect_fail(st, FCT_ERR_SHAPE, "in_factors[0]", "rank 0");
+  test_expect_fail(st, FCT_ERR_SHAPE, "in_factors[0]", "rank 0");
   A0->shape[1] = A1->shape[1] = B0->shape[1] = 3;
   st = fct_cp_linear_forward(&c, &x->dl, 0, A, 1, B, NULL, &y->dl, NULL);
-  tz_expect_fail(st, FCT_ERR_INVALID_VALUE, "in_factors", "no input factors");
+  test_expect_fail(st, FCT_ERR_INVALID_VALUE, "in_factors", "no input factors");
   st = fct_cp_linear_forward(&c, &x->dl, 9, A, 1, B, NULL, &y->dl, NULL);
-  tz_expect_fail(st, FCT_ERR_INVALID_VALUE, "in_factors", "too many factors");
+  test_expect_fail(st, FCT_ERR_INVALID_VALUE, "in_factors", "too many factors");
   st = fct_cp_linear_forward(&c, &x->dl, 2, NULL, 1, B, NULL, &y->dl, NULL);
-  tz_expect_fail(st, FCT_ERR_NULL_ARGUMENT, "in_factors", "NULL array");
-  test_tensor* A64 = tt_new(64, 2, a1, NULL, 0);
+  test_expect_fail(st, FCT_ERR_NULL_ARGUMENT, "in_factors", "NULL array");
+  test_tensor* A64 = tb_new(64, 2, a1, NULL, 0);
   const DLTensor* Amix[2] = {&A0->dl, &A64->dl};
   st = fct_cp_linear_forward(&c, &x->dl, 2, Amix, 1, B, NULL, &y->dl, NULL);
-  tz_expect_fail(st, FCT_ERR_DTYPE, "in_factors[1]", "dtype mix");
+  test_expect_fail(st, FCT_ERR_DTYPE, "in_factors[1]", "dtype mix");
   int64_t bad_b[1] = {4};
-  test_tensor* b = tt_new(32, 1, bad_b, NULL, 0);
+  test_tensor* b = tb_new(32, 1, bad_b, NULL, 0);
   st = fct_cp_linear_forward(&c, &x->dl, 2, A, 1, B, &b->dl, &y->dl, NULL);
-  tz_expect_fail(st, FCT_ERR_SHAPE, "bias", "bias size");
+  test_expect_fail(st, FCT_ERR_SHAPE, "bias", "bias size");
   /* y transposed: not C-contiguous; y aliasing x. */
   y->strides[0] = 1;
   y->strides[1] = 4;
   st = fct_cp_linear_forward(&c, &x->dl, 2, A, 1, B, NULL, &y->dl, NULL);
-  tz_expect_fail(st, FCT_ERR_LAYOUT, "y", "y not contiguous");
+  test_expect_fail(st, FCT_ERR_LAYOUT, "y", "y not contiguous");
   y->strides[0] = 5;
   y->strides[1] = 1;
   DLTensor alias = y->dl;
   alias.data = A0->dl.data;
   st = fct_cp_linear_forward(&c, &x->dl, 2, A, 1, B, NULL, &alias, NULL);
-  tz_expect_fail(st, FCT_ERR_LAYOUT, "y", "y overlaps a factor");
+  test_expect_fail(st, FCT_ERR_LAYOUT, "y", "y overlaps a factor");
   /* Workspace too small. */
   c.workspace_bytes = 16;
   st = fct_cp_linear_forward(&c, &x->dl, 2, A, 1, B, NULL, &y->dl, NULL);
-  tz_expect_fail(st, FCT_ERR_WORKSPACE, "workspace", "small workspace");
-  tz_workspace(&c, 1 << 20);
+  test_expect_fail(st, FCT_ERR_WORKSPACE, "workspace", "small workspace");
+  test_workspace(&c, 1 << 20);
   /* NaN in a factor with the finite check: named. */
   int64_t i01[2] = {0, 1};
-  tt_set(A1, i01, NAN);
+  tb_set(A1, i01, NAN);
   c.flags = FCT_FLAG_CHECK_FINITE;
   st = fct_cp_linear_forward(&c, &x->dl, 2, A, 1, B, NULL, &y->dl, NULL);
-  tz_expect_fail(st, FCT_ERR_NOT_FINITE, "in_factors[1]", "NaN in a factor");
-  CHECK(strstr(tz_err, "in_factors[0]") == NULL, "only the factor holding NaN is named: %s",
-        tz_err);
-  tt_set(A1, i01, 0.5);
+  test_expect_fail(st, FCT_ERR_NOT_FINITE, "in_factors[1]", "NaN in a factor");
+  CHECK(strstr(test_err, "in_factors[0]") == NULL, "only the factor holding NaN is named: %s",
+        test_err);
+  tb_set(A1, i01, 0.5);
   /* Backward: grad_y with NaN; a factor gradient of the wrong shape. */
-  test_tensor* g = tt_new(32, 2, ys, NULL, 0);
+  test_tensor* g = tb_new(32, 2, ys, NULL, 0);
   int64_t i00[2] = {0, 0};
-  tt_set(g, i00, INFINITY);
-  test_tensor* gx = tt_output(32, 2, xs);
+  tb_set(g, i00, INFINITY);
+  test_tensor* gx = tb_output(32, 2, xs);
   st = fct_cp_linear_backward(&c, &g->dl, &x->dl, 2, A, 1, B, NULL, &gx->dl, NULL, NULL, NULL);
-  tz_expect_fail(st, FCT_ERR_NOT_FINITE, "grad_y", "Inf in grad_y");
+  test_expect_fail(st, FCT_ERR_NOT_FINITE, "grad_y", "Inf in grad_y");
   c.flags = 0;
-  test_tensor* gA0 = tt_output(32, 2, a1); /* A1's shape, not A0's */
+  test_tensor* gA0 = tb_output(32, 2, a1); /* A1's shape, not A0's */
   DLTensor* gA[2] = {&gA0->dl, NULL};
   st = fct_cp_linear_backward(&c, &g->dl, &x->dl, 2, A, 1, B, NULL, NULL, gA, NULL, NULL);
-  tz_expect_fail(st, FCT_ERR_SHAPE, "grad_in_factors[0]", "gradient shape");
+  test_expect_fail(st, FCT_ERR_SHAPE, "grad_in_factors[0]", "gradient shape");
   DLTensor* gA_alias[2] = {NULL, &A1->dl};
   st = fct_cp_linear_backward(&c, &g->dl, &x->dl, 2, A, 1, B, NULL, NULL, gA_alias, NULL, NULL);
-  tz_expect_fail(st, FCT_ERR_LAYOUT, "grad_in_factors[1]", "gradient aliasing its factor");
+  test_expect_fail(st, FCT_ERR_LAYOUT, "grad_in_factors[1]", "gradient aliasing its factor");
 
   /* The plan report. */
   int64_t modes[4] = {8, 8, 8, 8};
@@ -353,8 +353,8 @@ static void test_errors(void) {
                           (DLDataType){kDLFloat, 32, 1}, &info);
   CHECK(st == FCT_ERR_OVERFLOW, "cp plan with a batch of 2^40: %d", st);
 
-  tt_free(x); tt_free(A0); tt_free(A1); tt_free(B0); tt_free(y); tt_free(A64); tt_free(b);
-  tt_free(g); tt_free(gx); tt_free(gA0);
+  tb_free(x); tb_free(A0); tb_free(A1); tb_free(B0); tb_free(y); tb_free(A64); tb_free(b);
+  tb_free(g); tb_free(gx); tb_free(gA0);
 }
 
 /* z given with strides BLAS cannot read is recomputed from x instead, so x
@@ -364,50 +364,50 @@ static void test_recomputed_z_packs_x(int bits) {
   int64_t xs[3] = {2, 3, 4}, zs[3] = {2, 3, 3}, ys[3] = {2, 3, 5};
   int perm[3] = {1, 0, 2}; /* memory [3, 2, k]: leading dims do not fold */
   int64_t as[2] = {2, 3}, bs[2] = {5, 3};
-  test_tensor *A0 = tt_new(bits, 2, as, NULL, 0), *A1 = tt_new(bits, 2, as, NULL, 0);
-  test_tensor* B0 = tt_new(bits, 2, bs, NULL, 0);
+  test_tensor *A0 = tb_new(bits, 2, as, NULL, 0), *A1 = tb_new(bits, 2, as, NULL, 0);
+  test_tensor* B0 = tb_new(bits, 2, bs, NULL, 0);
   const DLTensor* A[2] = {&A0->dl, &A1->dl};
   const DLTensor* B[1] = {&B0->dl};
-  test_tensor* xd = tt_new(bits, 3, xs, NULL, 0);
-  test_tensor* xp = tt_new(bits, 3, xs, perm, 0);
-  test_tensor* g = tt_new(bits, 3, ys, NULL, 0);
-  test_tensor* y = tt_output(bits, 3, ys);
-  test_tensor* zd = tt_output(bits, 3, zs);
-  test_tensor* zp = tt_new(bits, 3, zs, perm, 0);
+  test_tensor* xd = tb_new(bits, 3, xs, NULL, 0);
+  test_tensor* xp = tb_new(bits, 3, xs, perm, 0);
+  test_tensor* g = tb_new(bits, 3, ys, NULL, 0);
+  test_tensor* y = tb_output(bits, 3, ys);
+  test_tensor* zd = tb_output(bits, 3, zs);
+  test_tensor* zp = tb_new(bits, 3, zs, perm, 0);
   int64_t i[3];
   for (i[0] = 0; i[0] < 2; ++i[0])
     for (i[1] = 0; i[1] < 3; ++i[1])
-      for (i[2] = 0; i[2] < 4; ++i[2]) tt_set(xp, i, tt_get(xd, i));
-  fct_context c = tz_ctx(0);
+      for (i[2] = 0; i[2] < 4; ++i[2]) tb_set(xp, i, tb_get(xd, i));
+  fct_context c = test_ctx(0);
   size_t bytes = 0;
   fct_status st = fct_cp_linear_forward_workspace(&c, &xd->dl, 2, A, 1, B, NULL, &y->dl, &zd->dl,
                                                   &bytes);
-  tz_workspace(&c, bytes);
+  test_workspace(&c, bytes);
   if (st == FCT_OK) st = fct_cp_linear_forward(&c, &xd->dl, 2, A, 1, B, NULL, &y->dl, &zd->dl);
-  CHECK(st == FCT_OK, "recomputed z: forward: %s", tz_err);
+  CHECK(st == FCT_OK, "recomputed z: forward: %s", test_err);
   for (i[0] = 0; i[0] < 2; ++i[0])
     for (i[1] = 0; i[1] < 3; ++i[1])
-      for (i[2] = 0; i[2] < 3; ++i[2]) tt_set(zp, i, tt_get(zd, i));
-  test_tensor* want = tt_output(bits, 2, bs);
-  test_tensor* got = tt_output(bits, 2, bs);
+      for (i[2] = 0; i[2] < 3; ++i[2]) tb_set(zp, i, tb_get(zd, i));
+  test_tensor* want = tb_output(bits, 2, bs);
+  test_tensor* got = tb_output(bits, 2, bs);
   for (int run = 0; run < 2; ++run) {
     DLTensor* gB[1] = {run == 0 ? &want->dl : &got->dl};
     const DLTensor* x = run == 0 ? &xd->dl : &xp->dl;
     const DLTensor* z = run == 0 ? NULL : &zp->dl;
-    c = tz_ctx(0);
+    c = test_ctx(0);
     st = fct_cp_linear_backward_workspace(&c, &g->dl, x, 2, A, 1, B, z, NULL, NULL,
                                           (const DLTensor* const*)gB, NULL, &bytes);
-    tz_workspace(&c, bytes);
+    test_workspace(&c, bytes);
     if (st == FCT_OK) st = fct_cp_linear_backward(&c, &g->dl, x, 2, A, 1, B, z, NULL, NULL, gB, NULL);
-    CHECK(st == FCT_OK, "recomputed z: backward %d: %s", run, tz_err);
+    CHECK(st == FCT_OK, "recomputed z: backward %d: %s", run, test_err);
   }
   double* ref = tz_to_double(want);
-  double e = tz_rel_err(got, ref, 5, 3);
+  double e = test_rel_err(got, ref, 5, 3);
   CHECK(e <= (bits == 64 ? 1e-12 : 1e-5), "f%d recomputed z, unfoldable x: grad_out_factors[0] "
         "error %.3g against dense x", bits, e);
   free(ref);
   test_tensor* all[] = {A0, A1, B0, xd, xp, g, y, zd, zp, want, got};
-  for (size_t k = 0; k < sizeof all / sizeof *all; ++k) tt_free(all[k]);
+  for (size_t k = 0; k < sizeof all / sizeof *all; ++k) tb_free(all[k]);
 }
 
 int main(void) {
@@ -415,6 +415,6 @@ int main(void) {
   test_errors();
   test_recomputed_z_packs_x(64);
   test_recomputed_z_packs_x(32);
-  tz_free_workspace();
+  test_free_workspace();
   return test_report();
 }

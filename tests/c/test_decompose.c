@@ -17,15 +17,6 @@
 
 static void* g_ws;
 static size_t g_ws_bytes;
-static char g_err[512];
-
-static fct_context make_ctx(void) {
-  fct_context c = {0};
-  c.error = g_err;
-  c.error_bytes = sizeof g_err;
-  g_err[0] = 0;
-  return c;
-}
 
 /* Exactly `bytes` of workspace (a fresh allocation, so that ASan catches a
  * single byte beyond the query). */
@@ -58,7 +49,7 @@ static double* gauss_array(int64_t n) {
 
 /* Writes dense row-major values into t (any strides) in row-major order. */
 static void fill(test_tensor* t, const double* v) {
-  int64_t n = tt_numel(t), idx[8] = {0};
+  int64_t n = tb_numel(t), idx[8] = {0};
   int nd = t->dl.ndim;
   for (int64_t e = 0; e < n; ++e) {
     int64_t rem = e;
@@ -66,7 +57,7 @@ static void fill(test_tensor* t, const double* v) {
       idx[d] = rem % t->shape[d];
       rem /= t->shape[d];
     }
-    tt_set(t, idx, v[e]);
+    tb_set(t, idx, v[e]);
   }
 }
 
@@ -83,7 +74,7 @@ static double rel_diff(const double* a, const double* b, int64_t n) {
   return nb > 0 ? sqrt(d) / nb : sqrt(d);
 }
 
-static bool has(const char* needle) { return strstr(g_err, needle) != NULL; }
+static bool has(const char* needle) { return strstr(test_err, needle) != NULL; }
 
 /* ------------------------------------------------------------------------- */
 /* SVD                                                                        */
@@ -108,9 +99,9 @@ static double* svd_product(const test_tensor* U, const test_tensor* S, const tes
                            int64_t m, int64_t n, int64_t r) {
   double* B = calloc((size_t)(m * n), sizeof(double));
   for (int64_t j = 0; j < r; ++j) {
-    double s = tt_get2(S, 0, j);
+    double s = tb_get2(S, 0, j);
     for (int64_t i = 0; i < m; ++i)
-      for (int64_t c = 0; c < n; ++c) B[i * n + c] += tt_get2(U, i, j) * s * tt_get2(Vh, j, c);
+      for (int64_t c = 0; c < n; ++c) B[i * n + c] += tb_get2(U, i, j) * s * tb_get2(Vh, j, c);
   }
   return B;
 }
@@ -123,8 +114,8 @@ static double orth_defect(const test_tensor* Q, int64_t rows, int64_t cols, bool
     for (int64_t b = 0; b < k; ++b) {
       double s = 0;
       for (int64_t i = 0; i < len; ++i)
-        s += rows_are_vectors ? tt_get2(Q, a, i) * tt_get2(Q, b, i)
-                              : tt_get2(Q, i, a) * tt_get2(Q, i, b);
+        s += rows_are_vectors ? tb_get2(Q, a, i) * tb_get2(Q, b, i)
+                              : tb_get2(Q, i, a) * tb_get2(Q, i, b);
       double d = fabs(s - (a == b));
       worst = d > worst ? d : worst;
     }
@@ -142,9 +133,9 @@ static svd_out run_svd(const test_tensor* A, int64_t r, int64_t s, bool randomiz
   int bits = A->dl.dtype.bits;
   int64_t m = A->shape[0], n = A->shape[1];
   int64_t us[2] = {m, r}, ss[1] = {s}, vs[2] = {r, n};
-  svd_out out = {tt_output(bits, 2, us), tt_output(bits, 1, ss), tt_output(bits, 2, vs),
+  svd_out out = {tb_output(bits, 2, us), tb_output(bits, 1, ss), tb_output(bits, 2, vs),
                  {0, 0, 0}, FCT_OK};
-  fct_context c = make_ctx();
+  fct_context c = test_ctx(0);
   size_t bytes = 0;
   out.st = randomized ? fct_randomized_svd_workspace(&c, &A->dl, &out.U->dl, &out.S->dl,
                                                      &out.Vh->dl, o, &bytes)
@@ -159,9 +150,9 @@ static svd_out run_svd(const test_tensor* A, int64_t r, int64_t s, bool randomiz
 }
 
 static void free_svd(svd_out* o) {
-  tt_free(o->U);
-  tt_free(o->S);
-  tt_free(o->Vh);
+  tb_free(o->U);
+  tb_free(o->S);
+  tb_free(o->Vh);
 }
 
 static void test_svd(int bits, int64_t m, int64_t n, int64_t r, const int* order, int64_t gap) {
@@ -170,21 +161,21 @@ static void test_svd(int bits, int64_t m, int64_t n, int64_t r, const int* order
            (long long)m, (long long)n, (long long)r, order ? "T" : "-", (long long)gap);
   int64_t shape[2] = {m, n}, q = m < n ? m : n;
   double* Ad = planted_matrix(m, n, q, 0.0);
-  test_tensor* A = tt_new(bits, 2, shape, order, gap);
+  test_tensor* A = tb_new(bits, 2, shape, order, gap);
   fill(A, Ad);
-  for (int64_t e = 0; e < m * n; ++e) Ad[e] = tt_get2(A, e / n, e % n); /* as rounded */
+  for (int64_t e = 0; e < m * n; ++e) Ad[e] = tb_get2(A, e / n, e % n); /* as rounded */
   svd_out full = run_svd(A, q, q, false, NULL);
   svd_out o = run_svd(A, r, q, false, NULL);
-  CHECK(o.st == FCT_OK && full.st == FCT_OK, "%s: %s", label, g_err);
+  CHECK(o.st == FCT_OK && full.st == FCT_OK, "%s: %s", label, test_err);
   if (o.st == FCT_OK && full.st == FCT_OK) {
     double tol = bits == 64 ? 1e-12 : 1e-5;
     /* Eckart–Young: the error is the tail of the singular values. */
     double tail = 0, tot = 0;
     for (int64_t j = 0; j < q; ++j) {
-      double s = tt_get2(full.S, 0, j);
+      double s = tb_get2(full.S, 0, j);
       tot += s * s;
       if (j >= r) tail += s * s;
-      if (j > 0) CHECK(s <= tt_get2(full.S, 0, j - 1) * (1 + 1e-12), "%s: S not descending", label);
+      if (j > 0) CHECK(s <= tb_get2(full.S, 0, j - 1) * (1 + 1e-12), "%s: S not descending", label);
     }
     double want = sqrt(tail / tot);
     /* (float32: the reference S was rounded to float32) */
@@ -200,14 +191,14 @@ static void test_svd(int bits, int64_t m, int64_t n, int64_t r, const int* order
     for (int64_t j = 0; j < r; ++j) {
       double big = 0, val = 0;
       for (int64_t i = 0; i < m; ++i)
-        if (fabs(tt_get2(o.U, i, j)) > big) big = fabs(tt_get2(o.U, i, j)), val = tt_get2(o.U, i, j);
+        if (fabs(tb_get2(o.U, i, j)) > big) big = fabs(tb_get2(o.U, i, j)), val = tb_get2(o.U, i, j);
       CHECK(val > 0, "%s: column %lld of U has a negative largest entry", label, (long long)j);
     }
     free(B);
   }
   free_svd(&o);
   free_svd(&full);
-  tt_free(A);
+  tb_free(A);
   free(Ad);
 }
 
@@ -218,13 +209,13 @@ static void test_randomized_svd(int bits, int64_t m, int64_t n, int64_t r, const
            (long long)m, (long long)n, (long long)r, order ? "T" : "-", (long long)gap);
   int64_t shape[2] = {m, n};
   double* Ad = planted_matrix(m, n, r, 0.0); /* exactly rank r */
-  test_tensor* A = tt_new(bits, 2, shape, order, gap);
+  test_tensor* A = tb_new(bits, 2, shape, order, gap);
   fill(A, Ad);
-  for (int64_t e = 0; e < m * n; ++e) Ad[e] = tt_get2(A, e / n, e % n);
+  for (int64_t e = 0; e < m * n; ++e) Ad[e] = tb_get2(A, e / n, e % n);
   fct_rsvd_options o = {5, 2, 0, 42};
   svd_out a = run_svd(A, r, r, true, &o);
   svd_out b = run_svd(A, r, r, true, &o);
-  CHECK(a.st == FCT_OK && b.st == FCT_OK, "%s: %s", label, g_err);
+  CHECK(a.st == FCT_OK && b.st == FCT_OK, "%s: %s", label, test_err);
   if (a.st == FCT_OK && b.st == FCT_OK) {
     double* B = svd_product(a.U, a.S, a.Vh, m, n, r);
     double got = rel_diff(B, Ad, m * n), tol = bits == 64 ? 1e-10 : 3e-5;
@@ -240,7 +231,7 @@ static void test_randomized_svd(int bits, int64_t m, int64_t n, int64_t r, const
   }
   free_svd(&a);
   free_svd(&b);
-  tt_free(A);
+  tb_free(A);
   free(Ad);
 }
 
@@ -251,12 +242,12 @@ static void test_randomized_near_optimal(void) {
   double* Ad = calloc((size_t)(m * n), sizeof(double));
   double* u = gauss_array(m * n);
   for (int64_t e = 0; e < m * n; ++e) Ad[e] = u[e] / (1.0 + (double)(e % n) * 0.3);
-  test_tensor* A = tt_new(64, 2, shape, NULL, 0);
+  test_tensor* A = tb_new(64, 2, shape, NULL, 0);
   fill(A, Ad);
   fct_rsvd_options o = {10, 2, 0, 7};
   svd_out rs = run_svd(A, r, r, true, &o);
   svd_out ex = run_svd(A, r, r, false, NULL);
-  CHECK(rs.st == FCT_OK && ex.st == FCT_OK, "rsvd near optimal: %s", g_err);
+  CHECK(rs.st == FCT_OK && ex.st == FCT_OK, "rsvd near optimal: %s", test_err);
   double* B = svd_product(rs.U, rs.S, rs.Vh, m, n, r);
   double got = rel_diff(B, Ad, m * n);
   CHECK(got <= ex.info.rel_error * 1.02, "rsvd: error %.6f vs optimal %.6f", got,
@@ -268,7 +259,7 @@ static void test_randomized_near_optimal(void) {
   free(Ad);
   free_svd(&rs);
   free_svd(&ex);
-  tt_free(A);
+  tb_free(A);
 }
 
 /* ------------------------------------------------------------------------- */
@@ -290,12 +281,12 @@ static cp_out run_cp(const test_tensor* X, int64_t R, fct_cp_options o) {
   DLTensor* fp[8];
   for (int k = 0; k < N; ++k) {
     int64_t s[2] = {X->shape[k], R};
-    out.F[k] = tt_output(bits, 2, s);
+    out.F[k] = tb_output(bits, 2, s);
     fp[k] = &out.F[k]->dl;
   }
   int64_t ws[1] = {R};
-  out.w = tt_output(bits, 1, ws);
-  fct_context c = make_ctx();
+  out.w = tb_output(bits, 1, ws);
+  fct_context c = test_ctx(0);
   size_t bytes = 0;
   out.st = fct_cp_als_workspace(&c, &X->dl, N, (const DLTensor* const*)fp, &out.w->dl, &o, &bytes);
   if (out.st != FCT_OK) return out;
@@ -305,20 +296,20 @@ static cp_out run_cp(const test_tensor* X, int64_t R, fct_cp_options o) {
 }
 
 static void free_cp(cp_out* o, int N) {
-  for (int k = 0; k < N; ++k) tt_free(o->F[k]);
-  tt_free(o->w);
+  for (int k = 0; k < N; ++k) tb_free(o->F[k]);
+  tb_free(o->w);
 }
 
 /* Dense [[w; F]] of a 3-mode model. */
 static double* cp_full(const cp_out* o, const int64_t* I, int64_t R) {
   double* X = calloc((size_t)(I[0] * I[1] * I[2]), sizeof(double));
   for (int64_t r = 0; r < R; ++r) {
-    double w = tt_get2(o->w, 0, r);
+    double w = tb_get2(o->w, 0, r);
     for (int64_t i = 0; i < I[0]; ++i)
       for (int64_t j = 0; j < I[1]; ++j)
         for (int64_t k = 0; k < I[2]; ++k)
           X[(i * I[1] + j) * I[2] + k] +=
-              w * tt_get2(o->F[0], i, r) * tt_get2(o->F[1], j, r) * tt_get2(o->F[2], k, r);
+              w * tb_get2(o->F[0], i, r) * tb_get2(o->F[1], j, r) * tb_get2(o->F[2], k, r);
   }
   return X;
 }
@@ -342,11 +333,11 @@ static void test_cp(int bits, const int* order, int64_t gap, int init) {
            (long long)gap, init);
   int64_t I[3] = {6, 7, 8}, R = 3;
   double* Xd = planted_cp(I, R);
-  test_tensor* X = tt_new(bits, 3, I, order, gap);
+  test_tensor* X = tb_new(bits, 3, I, order, gap);
   fill(X, Xd);
   fct_cp_options o = {500, init, 1e-13, 0.0, 3, 1, 0};
   cp_out a = run_cp(X, R, o);
-  CHECK(a.st == FCT_OK, "%s: %s", label, g_err);
+  CHECK(a.st == FCT_OK, "%s: %s", label, test_err);
   if (a.st == FCT_OK) {
     double* Y = cp_full(&a, I, R);
     double e = rel_diff(Y, Xd, I[0] * I[1] * I[2]);
@@ -357,7 +348,7 @@ static void test_cp(int bits, const int* order, int64_t gap, int init) {
     for (int k = 0; k < 3; ++k)
       for (int64_t r = 0; r < R; ++r) {
         double s = 0;
-        for (int64_t i = 0; i < I[k]; ++i) s += tt_get2(a.F[k], i, r) * tt_get2(a.F[k], i, r);
+        for (int64_t i = 0; i < I[k]; ++i) s += tb_get2(a.F[k], i, r) * tb_get2(a.F[k], i, r);
         CHECK(fabs(s - 1) <= 1e-6, "%s: factor %d column %lld has norm² %.9f", label, k,
               (long long)r, s);
       }
@@ -367,20 +358,20 @@ static void test_cp(int bits, const int* order, int64_t gap, int init) {
     free(Y);
   }
   free_cp(&a, 3);
-  tt_free(X);
+  tb_free(X);
   free(Xd);
 }
 
 static void test_cp_options(void) {
   int64_t I[3] = {5, 6, 7}, R = 4;
   double* Xd = gauss_array(I[0] * I[1] * I[2]); /* no low-rank structure */
-  test_tensor* X = tt_new(64, 3, I, NULL, 0);
+  test_tensor* X = tb_new(64, 3, I, NULL, 0);
   fill(X, Xd);
   /* tol: stops at the first sweep whose change is below tol. */
   fct_cp_options o = {200, FCT_INIT_SVD, 1e-3, 0.0, 1, 1, 0};
   cp_out a = run_cp(X, R, o);
   CHECK(a.st == FCT_OK && a.info.converged && a.info.n_iter < 200, "cp tol: %d sweeps (%s)",
-        a.info.n_iter, g_err);
+        a.info.n_iter, test_err);
   int n = a.info.n_iter;
   if (n >= 2) {
     CHECK(fabs(a.errors[n - 2] - a.errors[n - 1]) < 1e-3, "cp tol: last change too big");
@@ -403,7 +394,7 @@ static void test_cp_options(void) {
   fct_cp_options o4 = {30, FCT_INIT_SVD, 0.0, 0.0, 1, 1, 0};
   cp_out d = run_cp(X, R, o3), e = run_cp(X, R, o4);
   double nd = 0, ne = 0;
-  for (int64_t r = 0; r < R; ++r) nd += fabs(tt_get2(d.w, 0, r)), ne += fabs(tt_get2(e.w, 0, r));
+  for (int64_t r = 0; r < R; ++r) nd += fabs(tb_get2(d.w, 0, r)), ne += fabs(tb_get2(e.w, 0, r));
   CHECK(d.st == FCT_OK && nd < ne, "cp l2_reg: weights %.4f not below unregularised %.4f", nd, ne);
   /* normalize_factors = 0: weights 1, the same tensor. */
   fct_cp_options o5 = o4;
@@ -411,26 +402,26 @@ static void test_cp_options(void) {
   cp_out f = run_cp(X, R, o5);
   double* Y1 = cp_full(&e, I, R);
   double* Y2 = cp_full(&f, I, R);
-  CHECK(f.st == FCT_OK && tt_get2(f.w, 0, 0) == 1.0 && rel_diff(Y2, Y1, I[0] * I[1] * I[2]) < 1e-12,
+  CHECK(f.st == FCT_OK && tb_get2(f.w, 0, 0) == 1.0 && rel_diff(Y2, Y1, I[0] * I[1] * I[2]) < 1e-12,
         "cp normalize_factors=0: different model");
   /* A rank above what the tensor holds (rank-2 tensor, R = 4): singular
    * normal equations, finite factors. */
   int64_t J[3] = {4, 4, 4};
   double* Zd = planted_cp(J, 2);
-  test_tensor* Z = tt_new(64, 3, J, NULL, 0);
+  test_tensor* Z = tb_new(64, 3, J, NULL, 0);
   fill(Z, Zd);
   cp_out g = run_cp(Z, 4, o4);
   bool finite = g.st == FCT_OK;
   for (int k = 0; k < 3 && finite; ++k)
     for (int64_t e2 = 0; e2 < 16; ++e2) finite = isfinite(((double*)g.F[k]->buf)[e2]);
   CHECK(finite && g.info.rel_error < 1e-6, "cp rank-deficient: st %d err %.3g (%s)", g.st,
-        g.info.rel_error, g_err);
+        g.info.rel_error, test_err);
   free(Y1);
   free(Y2);
   free_cp(&a, 3); free_cp(&b, 3); free_cp(&c, 3); free_cp(&d, 3); free_cp(&e, 3);
   free_cp(&f, 3); free_cp(&g, 3);
-  tt_free(X);
-  tt_free(Z);
+  tb_free(X);
+  tb_free(Z);
   free(Xd);
   free(Zd);
 }
@@ -453,11 +444,11 @@ static tk_out run_tucker(const test_tensor* X, const int64_t* R, fct_tucker_opti
   DLTensor* fp[8];
   for (int k = 0; k < N; ++k) {
     int64_t s[2] = {X->shape[k], R[k]};
-    out.F[k] = tt_output(bits, 2, s);
+    out.F[k] = tb_output(bits, 2, s);
     fp[k] = &out.F[k]->dl;
   }
-  out.core = tt_output(bits, N, R);
-  fct_context c = make_ctx();
+  out.core = tb_output(bits, N, R);
+  fct_context c = test_ctx(0);
   size_t bytes = 0;
   out.st = fct_tucker_hooi_workspace(&c, &X->dl, &out.core->dl, N, (const DLTensor* const*)fp, &o,
                                      &bytes);
@@ -468,8 +459,8 @@ static tk_out run_tucker(const test_tensor* X, const int64_t* R, fct_tucker_opti
 }
 
 static void free_tk(tk_out* o, int N) {
-  for (int k = 0; k < N; ++k) tt_free(o->F[k]);
-  tt_free(o->core);
+  for (int k = 0; k < N; ++k) tb_free(o->F[k]);
+  tb_free(o->core);
 }
 
 /* core ×_0 U0 ×_1 U1 ×_2 U2 for 3 modes (dense doubles from test tensors,
@@ -492,11 +483,11 @@ static double* tucker_full(const double* core, double* const* U, const int64_t* 
 }
 
 static double* dense_of(const test_tensor* t) {
-  int64_t n = tt_numel(t);
+  int64_t n = tb_numel(t);
   double* d = malloc((size_t)n * sizeof(double));
-  /* tt_get2 folds to [rows, cols]: the last dim is the columns */
+  /* tb_get2 folds to [rows, cols]: the last dim is the columns */
   int64_t cols = t->shape[t->dl.ndim - 1];
-  for (int64_t e = 0; e < n; ++e) d[e] = tt_get2(t, e / cols, e % cols);
+  for (int64_t e = 0; e < n; ++e) d[e] = tb_get2(t, e / cols, e % cols);
   return d;
 }
 
@@ -509,11 +500,11 @@ static void test_tucker(int bits, const int* order, int64_t gap, int64_t I0) {
   double* U[3];
   for (int k = 0; k < 3; ++k) U[k] = gauss_array(I[k] * R[k]); /* not orthonormal: fine */
   double* Xd = tucker_full(core, U, I, R);
-  test_tensor* X = tt_new(bits, 3, I, order, gap);
+  test_tensor* X = tb_new(bits, 3, I, order, gap);
   fill(X, Xd);
   fct_tucker_options o = {50, FCT_INIT_SVD, 1e-12, 0};
   tk_out a = run_tucker(X, R, o);
-  CHECK(a.st == FCT_OK, "%s: %s", label, g_err);
+  CHECK(a.st == FCT_OK, "%s: %s", label, test_err);
   if (a.st == FCT_OK) {
     double* cd = dense_of(a.core);
     double* Ud[3];
@@ -529,7 +520,7 @@ static void test_tucker(int bits, const int* order, int64_t gap, int64_t I0) {
     for (int k = 0; k < 3; ++k) free(Ud[k]);
   }
   free_tk(&a, 3);
-  tt_free(X);
+  tb_free(X);
   free(Xd);
   free(core);
   for (int k = 0; k < 3; ++k) free(U[k]);
@@ -538,11 +529,11 @@ static void test_tucker(int bits, const int* order, int64_t gap, int64_t I0) {
 static void test_tucker_options(void) {
   int64_t I[3] = {9, 8, 7}, R[3] = {3, 3, 3};
   double* Xd = gauss_array(9 * 8 * 7);
-  test_tensor* X = tt_new(64, 3, I, NULL, 0);
+  test_tensor* X = tb_new(64, 3, I, NULL, 0);
   fill(X, Xd);
   fct_tucker_options o = {100, FCT_INIT_RANDOM, 1e-4, 5};
   tk_out a = run_tucker(X, R, o), b = run_tucker(X, R, o);
-  CHECK(a.st == FCT_OK && a.info.converged, "tucker tol: not converged (%s)", g_err);
+  CHECK(a.st == FCT_OK && a.info.converged, "tucker tol: not converged (%s)", test_err);
   CHECK(!memcmp(a.core->buf, b.core->buf, 27 * 8), "tucker: the same seed gave different cores");
   for (int i = 1; i < a.info.n_iter; ++i)
     CHECK(a.errors[i] <= a.errors[i - 1] + 1e-7, "tucker: error rose at sweep %d", i);
@@ -559,7 +550,7 @@ static void test_tucker_options(void) {
         d.info.rel_error);
   /* A mode larger than the rest (I_0 = 30 > 2·2): the other Gram side. */
   free_tk(&a, 3); free_tk(&b, 3); free_tk(&c, 3); free_tk(&d, 3);
-  tt_free(X);
+  tb_free(X);
   free(Xd);
 }
 
@@ -578,12 +569,12 @@ static tt_out run_tt(const test_tensor* X, int N, const int64_t* sizes, const in
                      double eps) {
   tt_out out;
   memset(&out, 0, sizeof out);
-  fct_context c = make_ctx();
+  fct_context c = test_ctx(0);
   int64_t cap = 0;
   out.st = fct_tensor_train_capacity(&c, &X->dl, N, sizes, caps, &cap);
   if (out.st != FCT_OK) return out;
   int64_t cs[1] = {cap};
-  out.cores = tt_output(X->dl.dtype.bits, 1, cs);
+  out.cores = tb_output(X->dl.dtype.bits, 1, cs);
   size_t bytes = 0;
   out.st = fct_tensor_train_workspace(&c, &X->dl, N, sizes, caps, eps, &out.cores->dl, &bytes);
   if (out.st != FCT_OK) return out;
@@ -639,16 +630,16 @@ static void test_tt(int bits, const int* order, int64_t gap) {
   int64_t tot = 0;
   for (int k = 0; k < 4; ++k) tot += rk[k] * n[k] * rk[k + 1];
   int64_t cs[1] = {tot};
-  planted.cores = tt_output(64, 1, cs);
+  planted.cores = tb_output(64, 1, cs);
   double* g = gauss_array(tot);
   memcpy(planted.cores->buf, g, (size_t)tot * sizeof(double));
   memcpy(planted.ranks, rk, sizeof rk);
   double* Xd = tt_full(&planted, 4, n);
-  test_tensor* X = tt_new(bits, 4, n, order, gap);
+  test_tensor* X = tb_new(bits, 4, n, order, gap);
   fill(X, Xd);
   int64_t numel = 4 * 5 * 6 * 3;
   tt_out a = run_tt(X, 4, NULL, NULL, bits == 64 ? 1e-10 : 1e-5);
-  CHECK(a.st == FCT_OK, "%s: %s", label, g_err);
+  CHECK(a.st == FCT_OK, "%s: %s", label, test_err);
   if (a.st == FCT_OK) {
     for (int k = 0; k <= 4; ++k)
       CHECK(a.ranks[k] == rk[k], "%s: rank %d = %lld, planted %lld", label, k,
@@ -661,11 +652,11 @@ static void test_tt(int bits, const int* order, int64_t gap) {
   /* Caps and eps on a tensor with no TT structure. */
   double* Rd = gauss_array(numel);
   fill(X, Rd);
-  for (int64_t e = 0; e < numel; ++e) Rd[e] = tt_get2(X, e / 3, e % 3);
+  for (int64_t e = 0; e < numel; ++e) Rd[e] = tb_get2(X, e / 3, e % 3);
   int64_t caps[5] = {1, 2, 2, 2, 1};
   tt_out b = run_tt(X, 4, NULL, caps, 0.0);
   CHECK(b.st == FCT_OK && b.ranks[1] == 2 && b.ranks[2] == 2 && b.ranks[3] == 2,
-        "%s: caps not applied (%s)", label, g_err);
+        "%s: caps not applied (%s)", label, test_err);
   if (b.st == FCT_OK) {
     double* Y = tt_full(&b, 4, n);
     double e = rel_diff(Y, Rd, numel);
@@ -676,7 +667,7 @@ static void test_tt(int bits, const int* order, int64_t gap) {
   for (int i = 0; i < 3; ++i) {
     double eps = (double[]){0.05, 0.3, 0.6}[i];
     tt_out c = run_tt(X, 4, NULL, NULL, eps);
-    CHECK(c.st == FCT_OK, "%s eps %.2f: %s", label, eps, g_err);
+    CHECK(c.st == FCT_OK, "%s eps %.2f: %s", label, eps, test_err);
     if (c.st == FCT_OK) {
       double* Y = tt_full(&c, 4, n);
       double e = rel_diff(Y, Rd, numel);
@@ -684,19 +675,19 @@ static void test_tt(int bits, const int* order, int64_t gap) {
             "%s: eps %.2f gave error %.4f (reported %.4f)", label, eps, e, c.info.rel_error);
       free(Y);
     }
-    tt_free(c.cores);
+    tb_free(c.cores);
   }
   /* Merged modes (a TT-matrix's layout): 4x5x6x3 read as 20 x 18. */
   int64_t merged[2] = {20, 18};
   tt_out d = run_tt(X, 2, merged, NULL, 0.0);
   CHECK(d.st == FCT_OK && d.ranks[1] == 18 && d.info.rel_error < 1e-6,
         "%s: merged modes: rank %lld err %.3g (%s)", label, (long long)d.ranks[1],
-        d.info.rel_error, g_err);
-  tt_free(d.cores);
-  tt_free(a.cores);
-  tt_free(b.cores);
-  tt_free(planted.cores);
-  tt_free(X);
+        d.info.rel_error, test_err);
+  tb_free(d.cores);
+  tb_free(a.cores);
+  tb_free(b.cores);
+  tb_free(planted.cores);
+  tb_free(X);
   free(g);
   free(Xd);
   free(Rd);
@@ -711,8 +702,8 @@ static void test_tt(int bits, const int* order, int64_t gap) {
 /* ------------------------------------------------------------------------- */
 
 static bool same_tensor(const test_tensor* a, const test_tensor* b) {
-  return tt_numel(a) == tt_numel(b) &&
-         memcmp(a->dl.data, b->dl.data, (size_t)tt_numel(a) * (a->dl.dtype.bits / 8)) == 0;
+  return tb_numel(a) == tb_numel(b) &&
+         memcmp(a->dl.data, b->dl.data, (size_t)tb_numel(a) * (a->dl.dtype.bits / 8)) == 0;
 }
 
 /* FACTORCH_TEST_DEVICE_PATH=1 runs CP, Tucker and TT on a CPU engine that
@@ -724,7 +715,7 @@ static void test_device_path(void) {
   int64_t s3[3] = {5, 9, 4};
   int P[3] = {2, 0, 1};
   for (int bits = 32; bits <= 64; bits += 32) {
-    test_tensor* X = tt_new(bits, 3, s3, P, 1); /* strided: loaded, not read in place */
+    test_tensor* X = tb_new(bits, 3, s3, P, 1); /* strided: loaded, not read in place */
     double* v = gauss_array(5 * 9 * 4);
     fill(X, v);
     free(v);
@@ -745,7 +736,7 @@ static void test_device_path(void) {
       CHECK(c0.st == FCT_OK && c1.st == FCT_OK && t0.st == FCT_OK && t1.st == FCT_OK &&
                 v0.st == FCT_OK && v1.st == FCT_OK,
             "device path f%d init %d: %d %d %d %d %d %d (%s)", bits, init, c0.st, c1.st, t0.st,
-            t1.st, v0.st, v1.st, g_err);
+            t1.st, v0.st, v1.st, test_err);
       if (c1.st == FCT_OK && c0.st == FCT_OK) {
         bool same = same_tensor(c0.w, c1.w) && c0.info.rel_error == c1.info.rel_error &&
                     c0.info.n_iter == c1.info.n_iter;
@@ -766,51 +757,51 @@ static void test_device_path(void) {
       free_cp(&c1, 3);
       free_tk(&t0, 3);
       free_tk(&t1, 3);
-      tt_free(v0.cores);
-      tt_free(v1.cores);
+      tb_free(v0.cores);
+      tb_free(v1.cores);
     }
-    tt_free(X);
+    tb_free(X);
   }
 }
 
 static void test_zero_inputs(void) {
   int64_t s2[2] = {6, 4}, s3[3] = {3, 4, 5};
-  test_tensor* A = tt_new(64, 2, s2, NULL, 0);
+  test_tensor* A = tb_new(64, 2, s2, NULL, 0);
   memset(A->buf, 0, 25 * 8);
   svd_out o = run_svd(A, 2, 2, false, NULL);
-  CHECK(o.st == FCT_OK && o.info.rel_error == 0 && tt_get2(o.S, 0, 0) == 0, "svd zero: %s", g_err);
+  CHECK(o.st == FCT_OK && o.info.rel_error == 0 && tb_get2(o.S, 0, 0) == 0, "svd zero: %s", test_err);
   fct_rsvd_options ro = {3, 1, 0, 1};
   svd_out p = run_svd(A, 2, 2, true, &ro);
-  CHECK(p.st == FCT_OK && p.info.rel_error == 0 && tt_get2(p.S, 0, 0) == 0, "rsvd zero: %s", g_err);
-  test_tensor* X = tt_new(64, 3, s3, NULL, 0);
+  CHECK(p.st == FCT_OK && p.info.rel_error == 0 && tb_get2(p.S, 0, 0) == 0, "rsvd zero: %s", test_err);
+  test_tensor* X = tb_new(64, 3, s3, NULL, 0);
   memset(X->buf, 0, 61 * 8);
   fct_cp_options co = {10, FCT_INIT_SVD, 1e-8, 0, 0, 1, 0};
   cp_out c = run_cp(X, 2, co);
-  CHECK(c.st == FCT_OK && c.info.rel_error == 0 && tt_get2(c.w, 0, 0) == 0, "cp zero: %s", g_err);
+  CHECK(c.st == FCT_OK && c.info.rel_error == 0 && tb_get2(c.w, 0, 0) == 0, "cp zero: %s", test_err);
   int64_t R[3] = {2, 2, 2};
   fct_tucker_options to = {5, FCT_INIT_SVD, 1e-8, 0};
   tk_out t = run_tucker(X, R, to);
   CHECK(t.st == FCT_OK && t.info.rel_error == 0 && orth_defect(t.F[1], 4, 2, false) < 1e-12,
-        "tucker zero: %s", g_err);
+        "tucker zero: %s", test_err);
   tt_out tt = run_tt(X, 3, NULL, NULL, 0.1);
-  CHECK(tt.st == FCT_OK && tt.ranks[1] == 1 && tt.info.rel_error == 0, "tt zero: %s", g_err);
+  CHECK(tt.st == FCT_OK && tt.ranks[1] == 1 && tt.info.rel_error == 0, "tt zero: %s", test_err);
   free_svd(&o);
   free_svd(&p);
   free_cp(&c, 3);
   free_tk(&t, 3);
-  tt_free(tt.cores);
-  tt_free(A);
-  tt_free(X);
+  tb_free(tt.cores);
+  tb_free(A);
+  tb_free(X);
 }
 
 static void expect(fct_status st, fct_status want, const char* needle, const char* what) {
   CHECK(st == want && has(needle), "%s: status %d (want %d), message '%s' lacks '%s'", what, st,
-        want, g_err, needle);
+        want, test_err, needle);
 }
 
 static void test_bad_arguments(void) {
   int64_t s2[2] = {6, 4}, s3[3] = {3, 4, 5};
-  test_tensor* A = tt_new(64, 2, s2, NULL, 0);
+  test_tensor* A = tb_new(64, 2, s2, NULL, 0);
   svd_out o = run_svd(A, 5, 5, false, NULL);
   expect(o.st, FCT_ERR_INVALID_VALUE, "rank: expected 1 <= rank <= min(m, n) = 4", "svd rank 5");
   free_svd(&o);
@@ -834,8 +825,8 @@ static void test_bad_arguments(void) {
   free_svd(&o);
   {
     int64_t us[2] = {6, 2}, ss[1] = {2}, vs[2] = {2, 4};
-    test_tensor *U = tt_output(64, 2, us), *S = tt_output(64, 1, ss), *V = tt_output(64, 2, vs);
-    fct_context c = make_ctx();
+    test_tensor *U = tb_output(64, 2, us), *S = tb_output(64, 1, ss), *V = tb_output(64, 2, vs);
+    fct_context c = test_ctx(0);
     size_t bytes = 0;
     fct_svd_workspace(&c, &A->dl, &U->dl, &S->dl, &V->dl, &bytes);
     set_ws(&c, bytes);
@@ -843,7 +834,7 @@ static void test_bad_arguments(void) {
     expect(fct_svd(&c, &A->dl, &U->dl, &S->dl, &V->dl, NULL), FCT_ERR_WORKSPACE, "workspace",
            "svd small workspace");
     /* an output overlapping the input */
-    c = make_ctx();
+    c = test_ctx(0);
     DLTensor alias = U->dl;
     alias.data = A->buf;
     alias.strides = NULL;
@@ -865,9 +856,9 @@ static void test_bad_arguments(void) {
     cu.device = cuU.device = cuS.device = cuV.device = (DLDevice){kDLCUDA, 0};
     expect(fct_svd(&c, &cu, &cuU, &cuS, &cuV, NULL), FCT_ERR_UNSUPPORTED, "A: is a cuda tensor",
            "svd cuda without backend");
-    tt_free(U); tt_free(S); tt_free(V);
+    tb_free(U); tb_free(S); tb_free(V);
   }
-  test_tensor* X = tt_new(64, 3, s3, NULL, 0);
+  test_tensor* X = tb_new(64, 3, s3, NULL, 0);
   fct_cp_options co = {10, FCT_INIT_SVD, -1, 0, 0, 1, 0};
   cp_out c = run_cp(X, 2, co);
   expect(c.st, FCT_ERR_INVALID_VALUE, "tol:", "cp tol < 0");
@@ -886,23 +877,23 @@ static void test_bad_arguments(void) {
     /* cuda tensors while the CUDA backend is not loaded (this test links
      * libfactorch only) */
     int64_t fs[3][2] = {{3, 2}, {4, 2}, {5, 2}}, ws[1] = {2};
-    test_tensor *F[3], *W = tt_output(64, 1, ws);
+    test_tensor *F[3], *W = tb_output(64, 1, ws);
     DLTensor cu = X->dl, cf[3], cw = W->dl;
     DLTensor* fp[3];
     cu.device = cw.device = (DLDevice){kDLCUDA, 0};
     for (int n = 0; n < 3; ++n) {
-      F[n] = tt_output(64, 2, fs[n]);
+      F[n] = tb_output(64, 2, fs[n]);
       cf[n] = F[n]->dl;
       cf[n].device = cu.device;
       fp[n] = &cf[n];
     }
-    fct_context cc = make_ctx();
+    fct_context cc = test_ctx(0);
     size_t bytes;
     expect(fct_cp_als_workspace(&cc, &cu, 3, (const DLTensor* const*)fp, &cw, &co, &bytes),
            FCT_ERR_UNSUPPORTED, "tensor: is a cuda tensor, but factorch's CUDA backend is not "
            "loaded", "cp cuda without backend");
-    for (int n = 0; n < 3; ++n) tt_free(F[n]);
-    tt_free(W);
+    for (int n = 0; n < 3; ++n) tb_free(F[n]);
+    tb_free(W);
   }
   {
     /* An empty tensor whose other dims multiply past int64 (tests/fuzz):
@@ -924,7 +915,7 @@ static void test_bad_arguments(void) {
       cf[n].strides = NULL;
       fp[n] = &cf[n];
     }
-    fct_context cc = make_ctx();
+    fct_context cc = test_ctx(0);
     size_t bytes;
     expect(fct_cp_als_workspace(&cc, &E, 3, (const DLTensor* const*)fp, &cw, &co, &bytes),
            FCT_ERR_OVERFLOW, "tensor: the product of the nonzero dims", "cp empty huge tensor");
@@ -943,9 +934,9 @@ static void test_bad_arguments(void) {
   expect(tt.st, FCT_ERR_SHAPE, "mode_sizes: their product", "tt mode sizes");
   tt = run_tt(X, 3, NULL, NULL, -0.5);
   expect(tt.st, FCT_ERR_INVALID_VALUE, "eps:", "tt eps < 0");
-  tt_free(tt.cores);
-  tt_free(A);
-  tt_free(X);
+  tb_free(tt.cores);
+  tb_free(A);
+  tb_free(X);
 }
 
 /* ------------------------------------------------------------------------- */
@@ -975,9 +966,9 @@ static void* svd_call_run(void* arg) {
   svd_call* c = arg;
   int64_t m = c->A->shape[0], n = c->A->shape[1], r = 40;
   int64_t us[2] = {m, r}, ss[1] = {r}, vs[2] = {r, n};
-  c->out.U = tt_output(64, 2, us);
-  c->out.S = tt_output(64, 1, ss);
-  c->out.Vh = tt_output(64, 2, vs);
+  c->out.U = tb_output(64, 2, us);
+  c->out.S = tb_output(64, 1, ss);
+  c->out.Vh = tb_output(64, 2, vs);
   char err[256] = "";
   fct_context ctx = {0};
   ctx.error = err;
@@ -1029,7 +1020,7 @@ static bool same_svd(const svd_out* a, const svd_out* b) {
 static double max_abs_diff(const test_tensor* a, const test_tensor* b) {
   double worst = 0;
   const double *x = a->dl.data, *y = b->dl.data;
-  for (int64_t e = 0; e < tt_numel(a); ++e) worst = fmax(worst, fabs(x[e] - y[e]));
+  for (int64_t e = 0; e < tb_numel(a); ++e) worst = fmax(worst, fabs(x[e] - y[e]));
   return worst;
 }
 
@@ -1044,7 +1035,7 @@ static double max_abs_diff(const test_tensor* a, const test_tensor* b) {
  * and a count asked for meanwhile is the one left at the end. */
 static void test_lapack_threads(void) {
   int64_t shape[2] = {600, 500};
-  test_tensor* A = tt_new(64, 2, shape, NULL, 0);
+  test_tensor* A = tb_new(64, 2, shape, NULL, 0);
   double* v = gauss_array(600 * 500);
   fill(A, v);
   free(v);
@@ -1069,7 +1060,7 @@ static void test_lapack_threads(void) {
   CHECK(ref.out.st == FCT_OK && one.out.st == FCT_OK && plain.out.st == FCT_OK,
         "lapack threads: %d %d %d", ref.out.st, one.out.st, plain.out.st);
   if (ref.out.st == FCT_OK && one.out.st == FCT_OK && plain.out.st == FCT_OK) {
-    double ds = max_abs_diff(one.out.S, ref.out.S) / tt_get2(ref.out.S, 0, 0);
+    double ds = max_abs_diff(one.out.S, ref.out.S) / tb_get2(ref.out.S, 0, 0);
     double du = max_abs_diff(one.out.U, ref.out.U), dv = max_abs_diff(one.out.Vh, ref.out.Vh);
     CHECK(ds <= 1e-13 && du <= 1e-9 && dv <= 1e-9,
           "lapack threads: 2 threads vs 1: S %.3g (relative), U %.3g, Vh %.3g", ds, du, dv);
@@ -1093,7 +1084,7 @@ static void test_lapack_threads(void) {
   fct_cpu_set_thread_pool(NULL, NULL);
   svd_out* outs[] = {&ref.out, &one.out, &plain.out, &two[0].out, &two[1].out};
   for (size_t i = 0; i < sizeof outs / sizeof outs[0]; ++i) free_svd(outs[i]);
-  tt_free(A);
+  tb_free(A);
 }
 
 int main(void) {

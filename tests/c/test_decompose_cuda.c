@@ -52,9 +52,9 @@ typedef struct result {
 } result;
 
 static void free_result(result* r) {
-  tt_free(r->U);
-  tt_free(r->S);
-  tt_free(r->Vh);
+  tb_free(r->U);
+  tb_free(r->S);
+  tb_free(r->Vh);
 }
 
 /* Runs (randomized) svd of A with rank r on the CPU (dev == false) or the
@@ -63,7 +63,7 @@ static result run(const test_tensor* A, int64_t r, bool randomized, bool dev) {
   int bits = A->dl.dtype.bits;
   int64_t m = A->shape[0], n = A->shape[1];
   int64_t us[2] = {m, r}, ss[1] = {r}, vs[2] = {r, n};
-  result out = {tt_output(bits, 2, us), tt_output(bits, 1, ss), tt_output(bits, 2, vs),
+  result out = {tb_output(bits, 2, us), tb_output(bits, 1, ss), tb_output(bits, 2, vs),
                 {0, 0, 0}, FCT_OK};
   fct_rsvd_options o = {6, 2, 0, 11};
   fct_context c = {0};
@@ -106,7 +106,7 @@ static double max_diff(const test_tensor* a, const test_tensor* b) {
   double d = 0;
   int64_t rows = a->dl.ndim == 2 ? a->shape[0] : 1, cols = a->shape[a->dl.ndim - 1];
   for (int64_t i = 0; i < rows; ++i)
-    for (int64_t j = 0; j < cols; ++j) d = fmax(d, fabs(tt_get2(a, i, j) - tt_get2(b, i, j)));
+    for (int64_t j = 0; j < cols; ++j) d = fmax(d, fabs(tb_get2(a, i, j) - tb_get2(b, i, j)));
   return d;
 }
 
@@ -123,7 +123,7 @@ static void fill_planted(test_tensor* A, int64_t rank) {
       double s = 1e-3 * sin((double)(i * n + c));
       for (int64_t j = 0; j < rank; ++j) s += pow(0.5, (double)j) * u[i * rank + j] * v[c * rank + j];
       int64_t idx[2] = {i, c};
-      tt_set(A, idx, s);
+      tb_set(A, idx, s);
     }
   free(u);
   free(v);
@@ -136,7 +136,7 @@ static void compare(int bits, int64_t m, int64_t n, int64_t r, const int* order,
            randomized ? "rsvd" : "svd", bits, (long long)m, (long long)n, (long long)r,
            order ? "T" : "-", (long long)gap);
   int64_t shape[2] = {m, n};
-  test_tensor* A = tt_new(bits, 2, shape, order, gap);
+  test_tensor* A = tb_new(bits, 2, shape, order, gap);
   fill_planted(A, r + 2);
   result cpu = run(A, r, randomized, false);
   result gpu = run(A, r, randomized, true);
@@ -153,12 +153,12 @@ static void compare(int bits, int64_t m, int64_t n, int64_t r, const int* order,
   }
   free_result(&cpu);
   free_result(&gpu);
-  tt_free(A);
+  tb_free(A);
 }
 
 static void bad_inputs(void) {
   int64_t shape[2] = {12, 9};
-  test_tensor* A = tt_new(64, 2, shape, NULL, 0);
+  test_tensor* A = tb_new(64, 2, shape, NULL, 0);
   ((double*)A->buf)[5] = NAN;
   result g = run(A, 3, false, true);
   CHECK(g.st == FCT_ERR_NOT_FINITE && strstr(g_err, "A: holds 1 NaN/Inf"), "svd NaN: %d %s",
@@ -167,7 +167,7 @@ static void bad_inputs(void) {
   g = run(A, 3, true, true);
   CHECK(g.st == FCT_ERR_NOT_FINITE, "rsvd NaN: %d %s", g.st, g_err);
   free_result(&g);
-  tt_free(A);
+  tb_free(A);
 }
 
 /* ------------------------------------------------------------------------- */
@@ -186,8 +186,8 @@ typedef struct dec_result {
 static double sumsq_of(const test_tensor* t) {
   double s = 0;
   int64_t last = t->shape[t->dl.ndim - 1];
-  for (int64_t e = 0; e < tt_numel(t); ++e) {
-    double v = tt_get2(t, e / last, e % last);
+  for (int64_t e = 0; e < tb_numel(t); ++e) {
+    double v = tb_get2(t, e / last, e % last);
     s += v * v;
   }
   return s;
@@ -204,13 +204,13 @@ static dec_result run_dec(int which, const test_tensor* X, bool dev, size_t shor
   if (which == DEC_CP || which == DEC_TUCKER) {
     for (int n = 0; n < 3; ++n) {
       int64_t fs[2] = {X->shape[n], R};
-      outs[nout++] = tt_output(bits, 2, fs);
+      outs[nout++] = tb_output(bits, 2, fs);
     }
     int64_t ws[3] = {R, R, R};
-    outs[nout++] = tt_output(bits, which == DEC_CP ? 1 : 3, ws);
+    outs[nout++] = tb_output(bits, which == DEC_CP ? 1 : 3, ws);
   } else {
     int64_t cap[1] = {6 * 3 + 3 * 7 * 3 + 3 * 8};
-    outs[nout++] = tt_output(bits, 1, cap);
+    outs[nout++] = tb_output(bits, 1, cap);
   }
   fct_context c = {0};
   c.error = g_err;
@@ -260,20 +260,20 @@ static dec_result run_dec(int which, const test_tensor* X, bool dev, size_t shor
    * same factors; Tucker's core has the same norm whatever the bases. */
   int last = which == DEC_TT ? 0 : nout - 1;
   res.out_sumsq = res.st == FCT_OK ? sumsq_of(outs[last]) : 0;
-  for (int i = 0; i < nout; ++i) tt_free(outs[i]);
+  for (int i = 0; i < nout; ++i) tb_free(outs[i]);
   return res;
 }
 
 static void compare_engines(int bits, const int* order, int64_t gap) {
   int64_t shape[3] = {6, 7, 8};
-  test_tensor* X = tt_new(bits, 3, shape, order, gap);
+  test_tensor* X = tb_new(bits, 3, shape, order, gap);
   for (int64_t e = 0; e < 6 * 7 * 8; ++e) { /* rank 3 plus a little noise */
     int64_t i = e / 56, j = (e / 8) % 7, k = e % 8, idx[3] = {i, j, k};
     double v = 1e-3 * sin((double)e);
     for (int r = 0; r < 3; ++r)
       v += pow(0.6, r) * sin(1.0 + i * (r + 1.0)) * cos(0.5 + j * (r + 0.7)) *
            sin(0.3 + k * (r + 1.3));
-    tt_set(X, idx, v);
+    tb_set(X, idx, v);
   }
   const char* names[3] = {"cp", "tucker", "tt"};
   double tol = bits == 64 ? 1e-8 : 1e-4;
@@ -300,13 +300,13 @@ static void compare_engines(int bits, const int* order, int64_t gap) {
     CHECK(g.st == FCT_ERR_WORKSPACE, "%s short workspace: %d %s", names[which], g.st, g_err);
   }
   int64_t idx[3] = {2, 3, 4};
-  tt_set(X, idx, NAN);
+  tb_set(X, idx, NAN);
   for (int which = DEC_CP; which <= DEC_TT; ++which) {
     dec_result g = run_dec(which, X, true, 0);
     CHECK(g.st == FCT_ERR_NOT_FINITE && strstr(g_err, "tensor: holds 1 NaN/Inf"),
           "%s NaN: %d %s", names[which], g.st, g_err);
   }
-  tt_free(X);
+  tb_free(X);
 }
 
 int main(void) {

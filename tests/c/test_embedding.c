@@ -13,35 +13,6 @@
 
 #include "test_util.h"
 
-static void* g_ws;
-static size_t g_ws_bytes;
-static char g_err[512];
-
-static fct_context make_ctx(uint32_t flags) {
-  fct_context c = {0};
-  c.error = g_err;
-  c.error_bytes = sizeof g_err;
-  c.flags = flags;
-  g_err[0] = 0;
-  return c;
-}
-
-static void ensure_ws(fct_context* c, size_t bytes) {
-  if (bytes > g_ws_bytes) {
-    free(g_ws);
-    g_ws = aligned_alloc(256, (bytes + 255) / 256 * 256);
-    g_ws_bytes = bytes;
-  }
-  c->workspace = bytes ? g_ws : NULL;
-  c->workspace_bytes = bytes;
-}
-
-static void expect_fail(fct_status got, fct_status want, const char* name, const char* what) {
-  CHECK(got == want, "%s: expected status %d (%s), got %d: %s", what, want,
-        fct_status_string(want), got, g_err);
-  CHECK(strstr(g_err, name) != NULL, "%s: message '%s' does not name '%s'", what, g_err, name);
-}
-
 /* ------------------------------------------------------------------------- */
 /* Index tensors                                                              */
 /* ------------------------------------------------------------------------- */
@@ -112,24 +83,10 @@ static void idx_free(idx_tensor* t) {
  * (neither stride is 1: BLAS cannot read it, so it gets packed). */
 static test_tensor* every_other(int bits, int64_t rows, int64_t cols) {
   int64_t wide[2] = {rows, 2 * cols};
-  test_tensor* t = tt_new(bits, 2, wide, NULL, 0);
+  test_tensor* t = tb_new(bits, 2, wide, NULL, 0);
   t->shape[1] = cols;
   t->strides[1] = 2;
   return t;
-}
-
-/* max |a - ref| / max(max |ref|, 1e-300) over n elements in row-major
- * order; an unwritten (NaN) element gives Inf. */
-static double rel_err(const test_tensor* a, const double* ref, int64_t rows, int64_t cols) {
-  double num = 0, den = 1e-300;
-  for (int64_t i = 0; i < rows; ++i)
-    for (int64_t j = 0; j < cols; ++j) {
-      double d = fabs(tt_get2(a, i, j) - ref[i * cols + j]);
-      if (d != d) return INFINITY;
-      num = d > num ? d : num;
-      den = fabs(ref[i * cols + j]) > den ? fabs(ref[i * cols + j]) : den;
-    }
-  return num / den;
 }
 
 static int64_t prod(const int64_t* v, int n) {
@@ -140,7 +97,7 @@ static int64_t prod(const int64_t* v, int n) {
 
 /* Refills a dense output with NaN (an element the op fails to write shows). */
 static test_tensor* fill_nan(test_tensor* t) {
-  int64_t n = tt_numel(t);
+  int64_t n = tb_numel(t);
   for (int64_t p = 0; p < n; ++p) {
     if (t->dl.dtype.bits == 32) ((float*)t->buf)[p] = NAN;
     else ((double*)t->buf)[p] = NAN;
@@ -169,9 +126,9 @@ static void lowrank_case(int bits, int idx_bits, uint32_t flags, const lr_case* 
   const int64_t num = L->num, R = L->R, dim = L->dim;
   int cm[2] = {1, 0};
   int64_t us[2] = {num, R}, vs[2] = {R, dim};
-  test_tensor* U = tt_new(bits, 2, us, L->factors == 1 ? cm : NULL, 0);
+  test_tensor* U = tb_new(bits, 2, us, L->factors == 1 ? cm : NULL, 0);
   test_tensor* V = L->factors == 2 ? every_other(bits, R, dim)
-                                   : tt_new(bits, 2, vs, L->factors == 1 ? cm : NULL, 0);
+                                   : tb_new(bits, 2, vs, L->factors == 1 ? cm : NULL, 0);
   idx_tensor* I = idx_new(idx_bits, L->nd, L->ishape, L->transposed_idx, num, NULL);
   int64_t B = I->count;
   if (L->pad >= 0 && B > 1) { /* make sure the padding row is looked up */
@@ -183,8 +140,8 @@ static void lowrank_case(int bits, int idx_bits, uint32_t flags, const lr_case* 
   int64_t ys[4];
   for (int i = 0; i < L->nd; ++i) ys[i] = L->ishape[i];
   ys[L->nd] = dim;
-  test_tensor* y = tt_output(bits, L->nd + 1, ys);
-  test_tensor* g = L->grad_y ? every_other(bits, B, dim) : tt_new(bits, L->nd + 1, ys, NULL, 0);
+  test_tensor* y = tb_output(bits, L->nd + 1, ys);
+  test_tensor* g = L->grad_y ? every_other(bits, B, dim) : tb_new(bits, L->nd + 1, ys, NULL, 0);
   if (L->grad_y) { /* view it with y's shape: [*ishape, dim], rows 2·dim apart */
     g->dl.ndim = L->nd + 1;
     memcpy(g->shape, ys, sizeof ys);
@@ -195,8 +152,8 @@ static void lowrank_case(int bits, int idx_bits, uint32_t flags, const lr_case* 
       s *= ys[i];
     }
   }
-  test_tensor* gU = tt_output(bits, 2, us);
-  test_tensor* gV = tt_output(bits, 2, vs);
+  test_tensor* gU = tb_output(bits, 2, us);
+  test_tensor* gV = tb_output(bits, 2, vs);
 
   /* References in float64. */
   double* ry = calloc((size_t)(B * dim) + 1, sizeof(double));
@@ -206,31 +163,31 @@ static void lowrank_case(int bits, int idx_bits, uint32_t flags, const lr_case* 
     int64_t i = I->vals[n];
     if (i == L->pad) continue; /* zero row, no gradient */
     for (int64_t o = 0; o < dim; ++o) {
-      double s = 0, go = tt_get2(g, n, o);
+      double s = 0, go = tb_get2(g, n, o);
       for (int64_t a = 0; a < R; ++a) {
-        s += tt_get2(U, i, a) * tt_get2(V, a, o);
-        rgU[i * R + a] += go * tt_get2(V, a, o);
-        rgV[a * dim + o] += tt_get2(U, i, a) * go;
+        s += tb_get2(U, i, a) * tb_get2(V, a, o);
+        rgU[i * R + a] += go * tb_get2(V, a, o);
+        rgV[a * dim + o] += tb_get2(U, i, a) * go;
       }
       ry[n * dim + o] = s;
     }
   }
   double tol = bits == 64 ? 1e-12 : 1e-5 * sqrt((double)(R + B + 1));
 
-  fct_context c = make_ctx(flags);
+  fct_context c = test_ctx(flags);
   size_t bytes = 0;
   fct_status st = fct_lowrank_embedding_forward_workspace(&c, &I->dl, &U->dl, &V->dl, L->pad,
                                                           &y->dl, &bytes);
-  CHECK(st == FCT_OK, "%s: forward workspace: %s", label, g_err);
-  ensure_ws(&c, bytes);
+  CHECK(st == FCT_OK, "%s: forward workspace: %s", label, test_err);
+  test_workspace(&c, bytes);
   st = fct_lowrank_embedding_forward(&c, &I->dl, &U->dl, &V->dl, L->pad, &y->dl);
-  CHECK(st == FCT_OK, "%s: forward: %s", label, g_err);
-  double e = rel_err(y, ry, B, dim);
+  CHECK(st == FCT_OK, "%s: forward: %s", label, test_err);
+  double e = test_rel_err(y, ry, B, dim);
   CHECK(e <= tol, "%s: y error %.3g > %.3g", label, e, tol);
   for (int64_t n = 0; n < B; ++n)
     if (I->vals[n] == L->pad)
       for (int64_t o = 0; o < dim; ++o)
-        CHECK(tt_get2(y, n, o) == 0.0, "%s: padding row %lld not zero", label, (long long)n);
+        CHECK(tb_get2(y, n, o) == 0.0, "%s: padding row %lld not zero", label, (long long)n);
 
   /* Backward: both gradients, then each alone. */
   for (int variant = 0; variant < 3; ++variant) {
@@ -238,30 +195,30 @@ static void lowrank_case(int bits, int idx_bits, uint32_t flags, const lr_case* 
     fill_nan(gV);
     DLTensor* ogU = variant != 2 ? &gU->dl : NULL;
     DLTensor* ogV = variant != 1 ? &gV->dl : NULL;
-    c = make_ctx(flags);
+    c = test_ctx(flags);
     st = fct_lowrank_embedding_backward_workspace(&c, &g->dl, &I->dl, &U->dl, &V->dl, L->pad,
                                                   ogU, ogV, &bytes);
-    CHECK(st == FCT_OK, "%s: backward workspace: %s", label, g_err);
-    ensure_ws(&c, bytes);
+    CHECK(st == FCT_OK, "%s: backward workspace: %s", label, test_err);
+    test_workspace(&c, bytes);
     st = fct_lowrank_embedding_backward(&c, &g->dl, &I->dl, &U->dl, &V->dl, L->pad, ogU, ogV);
-    CHECK(st == FCT_OK, "%s: backward %d: %s", label, variant, g_err);
+    CHECK(st == FCT_OK, "%s: backward %d: %s", label, variant, test_err);
     if (ogU) {
-      e = rel_err(gU, rgU, num, R);
+      e = test_rel_err(gU, rgU, num, R);
       CHECK(e <= tol, "%s: grad_U error %.3g (variant %d)", label, e, variant);
       for (int64_t i = 0; i < num; ++i) { /* rows not looked up (and padding): exactly 0 */
         bool seen = false;
         for (int64_t n = 0; n < B; ++n) seen |= I->vals[n] == i && i != L->pad;
         for (int64_t a = 0; !seen && a < R; ++a)
-          CHECK(tt_get2(gU, i, a) == 0.0, "%s: grad_U row %lld not zero", label, (long long)i);
+          CHECK(tb_get2(gU, i, a) == 0.0, "%s: grad_U row %lld not zero", label, (long long)i);
       }
     }
     if (ogV) {
-      e = rel_err(gV, rgV, R, dim);
+      e = test_rel_err(gV, rgV, R, dim);
       CHECK(e <= tol, "%s: grad_V error %.3g (variant %d)", label, e, variant);
     }
   }
   free(ry); free(rgU); free(rgV);
-  tt_free(U); tt_free(V); tt_free(y); tt_free(g); tt_free(gU); tt_free(gV);
+  tb_free(U); tb_free(V); tb_free(y); tb_free(g); tb_free(gU); tb_free(gV);
   idx_free(I);
 }
 
@@ -312,7 +269,7 @@ static void digits(const tt_case* T, int64_t i, int64_t* dig) {
 /* Element G_k[a, ik, o, b]. */
 static double core_at(test_tensor* const* G, int k, int64_t a, int64_t ik, int64_t o, int64_t b) {
   int64_t at[4] = {a, ik, o, b};
-  return tt_get(G[k], at);
+  return tb_get(G[k], at);
 }
 
 /* The reference row and, given g (nullable), the gradients: brute force
@@ -365,13 +322,13 @@ static fct_status tt_backward(uint32_t flags, const tt_case* T, const test_tenso
     cores[k] = &G[k]->dl;
     gcores[k] = want[k] ? &fill_nan(gG[k])->dl : NULL;
   }
-  fct_context c = make_ctx(flags);
+  fct_context c = test_ctx(flags);
   size_t bytes = 0;
   fct_status st = fct_tt_embedding_backward_workspace(&c, &g->dl, &I->dl, T->d, cores, T->num,
                                                       T->pad, (const DLTensor* const*)gcores,
                                                       &bytes);
   if (st != FCT_OK) return st;
-  ensure_ws(&c, bytes);
+  test_workspace(&c, bytes);
   return fct_tt_embedding_backward(&c, &g->dl, &I->dl, T->d, cores, T->num, T->pad, gcores);
 }
 
@@ -386,8 +343,8 @@ static void tt_case_run(int bits, int idx_bits, uint32_t flags, const tt_case* T
   for (int k = 0; k < d; ++k) {
     int64_t sh[4] = {T->r[k], T->n[k], T->m[k], T->r[k + 1]};
     int order[4] = {2, 0, 3, 1};
-    G[k] = tt_new(bits, 4, sh, T->strided_core && k == 1 ? order : NULL, 0);
-    gG[k] = tt_output(bits, 4, sh);
+    G[k] = tb_new(bits, 4, sh, T->strided_core && k == 1 ? order : NULL, 0);
+    gG[k] = tb_output(bits, 4, sh);
     rgG[k] = calloc((size_t)prod(sh, 4), sizeof(double));
   }
   idx_tensor* I = idx_new(idx_bits, T->nd, T->ishape, false, T->num, NULL);
@@ -401,49 +358,49 @@ static void tt_case_run(int bits, int idx_bits, uint32_t flags, const tt_case* T
   int64_t ys[3];
   for (int i = 0; i < T->nd; ++i) ys[i] = T->ishape[i];
   ys[T->nd] = dim;
-  test_tensor* y = tt_output(bits, T->nd + 1, ys);
+  test_tensor* y = tb_output(bits, T->nd + 1, ys);
   /* grad_y transposed in memory when 2-D (not contiguous: packed). */
   int tr[3] = {1, 0, 2};
-  test_tensor* g = tt_new(bits, T->nd + 1, ys, T->nd == 1 ? tr : NULL, 0);
+  test_tensor* g = tb_new(bits, T->nd + 1, ys, T->nd == 1 ? tr : NULL, 0);
   double* ry = calloc((size_t)(B * dim) + 1, sizeof(double));
   double* grow = calloc((size_t)dim + 1, sizeof(double));
   for (int64_t n = 0; n < B; ++n) {
     if (I->vals[n] == T->pad) continue;
-    for (int64_t o = 0; o < dim; ++o) grow[o] = tt_get2(g, n, o);
+    for (int64_t o = 0; o < dim; ++o) grow[o] = tb_get2(g, n, o);
     tt_reference(T, G, I->vals[n], grow, ry + n * dim, rgG);
   }
   double tol = bits == 64 ? 1e-12 : 1e-5 * sqrt((double)(B + 8));
 
   const DLTensor* cores[4];
   for (int k = 0; k < d; ++k) cores[k] = &G[k]->dl;
-  fct_context c = make_ctx(flags);
+  fct_context c = test_ctx(flags);
   size_t bytes = 0;
   fct_status st = fct_tt_embedding_forward_workspace(&c, &I->dl, d, cores, T->num, T->pad,
                                                      &y->dl, &bytes);
-  CHECK(st == FCT_OK, "%s: forward workspace: %s", label, g_err);
-  ensure_ws(&c, bytes);
+  CHECK(st == FCT_OK, "%s: forward workspace: %s", label, test_err);
+  test_workspace(&c, bytes);
   st = fct_tt_embedding_forward(&c, &I->dl, d, cores, T->num, T->pad, &y->dl);
-  CHECK(st == FCT_OK, "%s: forward: %s", label, g_err);
-  double e = rel_err(y, ry, B, dim);
+  CHECK(st == FCT_OK, "%s: forward: %s", label, test_err);
+  double e = test_rel_err(y, ry, B, dim);
   CHECK(e <= tol, "%s: y error %.3g > %.3g", label, e, tol);
 
   for (int variant = 0; variant < 2; ++variant) {
     bool want[4] = {true, variant == 0, true, variant == 0};
     st = tt_backward(flags, T, g, I, G, gG, want);
-    CHECK(st == FCT_OK, "%s: backward %d: %s", label, variant, g_err);
+    CHECK(st == FCT_OK, "%s: backward %d: %s", label, variant, test_err);
     for (int k = 0; k < d; ++k) {
       if (!want[k]) continue;
-      /* rows of the 4-D tensor as tt_get2 folds it: [r·n·m, r'] */
+      /* rows of the 4-D tensor as tb_get2 folds it: [r·n·m, r'] */
       int64_t rows = T->r[k] * T->n[k] * T->m[k], cols = T->r[k + 1];
-      e = rel_err(gG[k], rgG[k], rows, cols);
+      e = test_rel_err(gG[k], rgG[k], rows, cols);
       CHECK(e <= tol, "%s: grad_cores[%d] error %.3g (variant %d)", label, k, e, variant);
     }
   }
   free(ry); free(grow);
   for (int k = 0; k < d; ++k) {
-    tt_free(G[k]); tt_free(gG[k]); free(rgG[k]);
+    tb_free(G[k]); tb_free(gG[k]); free(rgG[k]);
   }
-  tt_free(y); tt_free(g); idx_free(I);
+  tb_free(y); tb_free(g); idx_free(I);
 }
 
 static const tt_case kTT[] = {
@@ -484,30 +441,30 @@ static void test_determinism(void) {
   for (int k = 0; k < 3; ++k) {
     int64_t s[4] = {T->r[k], T->n[k], T->m[k], T->r[k + 1]};
     memcpy(sh[k], s, sizeof s);
-    G[k] = tt_new(32, 4, s, NULL, 0);
-    gA[k] = tt_output(32, 4, s);
-    gB[k] = tt_output(32, 4, s);
+    G[k] = tb_new(32, 4, s, NULL, 0);
+    gA[k] = tb_output(32, 4, s);
+    gB[k] = tb_output(32, 4, s);
   }
   int64_t B = T->ishape[0];
   int64_t* vals = malloc((size_t)B * sizeof(int64_t));
   for (int64_t p = 0; p < B; ++p) vals[p] = (p * 7) % 5 * 9; /* five indices, each ~200 times */
   idx_tensor* I = idx_new(64, 1, T->ishape, false, T->num, vals);
   int64_t gs[2] = {B, 64};
-  test_tensor* g = tt_new(32, 2, gs, NULL, 0);
+  test_tensor* g = tb_new(32, 2, gs, NULL, 0);
   bool want[3] = {true, true, true};
   fct_cpu_set_thread_pool(NULL, NULL);
-  CHECK(tt_backward(0, T, g, I, G, gA, want) == FCT_OK, "determinism serial: %s", g_err);
-  fct_cpu_set_thread_pool(tt_reverse_pool, tt_three_threads);
-  CHECK(tt_backward(0, T, g, I, G, gB, want) == FCT_OK, "determinism pool: %s", g_err);
+  CHECK(tt_backward(0, T, g, I, G, gA, want) == FCT_OK, "determinism serial: %s", test_err);
+  fct_cpu_set_thread_pool(tb_reverse_pool, tb_three_threads);
+  CHECK(tt_backward(0, T, g, I, G, gB, want) == FCT_OK, "determinism pool: %s", test_err);
   fct_cpu_set_thread_pool(NULL, NULL);
   for (int k = 0; k < 3; ++k)
     CHECK(memcmp(gA[k]->buf, gB[k]->buf, (size_t)prod(sh[k], 4) * 4) == 0,
           "grad_cores[%d] differs between serial and pooled runs", k);
   for (int k = 0; k < 3; ++k) {
-    tt_free(G[k]); tt_free(gA[k]); tt_free(gB[k]);
+    tb_free(G[k]); tb_free(gA[k]); tb_free(gB[k]);
   }
   free(vals);
-  tt_free(g);
+  tb_free(g);
   idx_free(I);
 }
 
@@ -517,91 +474,91 @@ static void test_determinism(void) {
 
 static void test_lowrank_errors(void) {
   int64_t us[2] = {10, 3}, vs[2] = {3, 4}, is[1] = {5}, ys[2] = {5, 4};
-  test_tensor* U = tt_new(32, 2, us, NULL, 0);
-  test_tensor* V = tt_new(32, 2, vs, NULL, 0);
-  test_tensor* V64 = tt_new(64, 2, vs, NULL, 0);
-  test_tensor* y = tt_output(32, 2, ys);
-  test_tensor* gU = tt_output(32, 2, us);
+  test_tensor* U = tb_new(32, 2, us, NULL, 0);
+  test_tensor* V = tb_new(32, 2, vs, NULL, 0);
+  test_tensor* V64 = tb_new(64, 2, vs, NULL, 0);
+  test_tensor* y = tb_output(32, 2, ys);
+  test_tensor* gU = tb_output(32, 2, us);
   int64_t ok_vals[5] = {0, 9, 3, 3, 1}, big_vals[5] = {0, 10, 3, 12, 1}, neg_vals[5] = {0, 1, -1,
                                                                                         2, 3};
   idx_tensor* I = idx_new(64, 1, is, false, 10, ok_vals);
   idx_tensor* Ibig = idx_new(64, 1, is, false, 10, big_vals);
   idx_tensor* Ineg = idx_new(32, 1, is, false, 10, neg_vals);
-  fct_context c = make_ctx(0);
-  ensure_ws(&c, 1 << 16);
+  fct_context c = test_ctx(0);
+  test_workspace(&c, 1 << 16);
   fct_status st;
 
   st = fct_lowrank_embedding_forward(&c, &Ibig->dl, &U->dl, &V->dl, -1, &y->dl);
-  expect_fail(st, FCT_ERR_INVALID_VALUE, "indices", "index >= num");
-  CHECK(strstr(g_err, "2 values out of range [0, 10)") && strstr(g_err, "position 1, is 10"),
-        "message counts and locates: %s", g_err);
+  test_expect_fail(st, FCT_ERR_INVALID_VALUE, "indices", "index >= num");
+  CHECK(strstr(test_err, "2 values out of range [0, 10)") && strstr(test_err, "position 1, is 10"),
+        "message counts and locates: %s", test_err);
   st = fct_lowrank_embedding_forward(&c, &Ineg->dl, &U->dl, &V->dl, -1, &y->dl);
-  expect_fail(st, FCT_ERR_INVALID_VALUE, "indices", "negative index (int32)");
-  CHECK(strstr(g_err, "is -1") != NULL, "negative value reported: %s", g_err);
+  test_expect_fail(st, FCT_ERR_INVALID_VALUE, "indices", "negative index (int32)");
+  CHECK(strstr(test_err, "is -1") != NULL, "negative value reported: %s", test_err);
   st = fct_lowrank_embedding_backward(&c, &y->dl, &Ibig->dl, &U->dl, &V->dl, -1, &gU->dl, NULL);
-  expect_fail(st, FCT_ERR_INVALID_VALUE, "indices", "backward index >= num");
+  test_expect_fail(st, FCT_ERR_INVALID_VALUE, "indices", "backward index >= num");
 
   I->dl.dtype = (DLDataType){kDLFloat, 32, 1};
   st = fct_lowrank_embedding_forward(&c, &I->dl, &U->dl, &V->dl, -1, &y->dl);
-  expect_fail(st, FCT_ERR_DTYPE, "indices", "float indices");
+  test_expect_fail(st, FCT_ERR_DTYPE, "indices", "float indices");
   I->dl.dtype = (DLDataType){kDLInt, 16, 1};
   st = fct_lowrank_embedding_forward(&c, &I->dl, &U->dl, &V->dl, -1, &y->dl);
-  expect_fail(st, FCT_ERR_DTYPE, "indices", "int16 indices");
+  test_expect_fail(st, FCT_ERR_DTYPE, "indices", "int16 indices");
   I->dl.dtype = (DLDataType){kDLInt, 64, 1};
   I->dl.device = (DLDevice){kDLCUDA, 0};
   st = fct_lowrank_embedding_forward(&c, &I->dl, &U->dl, &V->dl, -1, &y->dl);
-  expect_fail(st, FCT_ERR_DEVICE, "indices", "indices on another device");
+  test_expect_fail(st, FCT_ERR_DEVICE, "indices", "indices on another device");
   I->dl.device = (DLDevice){kDLCPU, 0};
   st = fct_lowrank_embedding_forward(&c, NULL, &U->dl, &V->dl, -1, &y->dl);
-  expect_fail(st, FCT_ERR_NULL_ARGUMENT, "indices", "NULL indices");
+  test_expect_fail(st, FCT_ERR_NULL_ARGUMENT, "indices", "NULL indices");
   /* Descriptors no memory can hold (tests/fuzz): misaligned, huge strides. */
   I->dl.byte_offset = 4;
   st = fct_lowrank_embedding_forward(&c, &I->dl, &U->dl, &V->dl, -1, &y->dl);
-  expect_fail(st, FCT_ERR_LAYOUT, "indices", "int64 indices at a 4-byte offset");
+  test_expect_fail(st, FCT_ERR_LAYOUT, "indices", "int64 indices at a 4-byte offset");
   I->dl.byte_offset = 0;
   int64_t huge_stride[1] = {(int64_t)1 << 61};
   int64_t* keep_strides = I->dl.strides;
   I->dl.strides = huge_stride;
   st = fct_lowrank_embedding_forward(&c, &I->dl, &U->dl, &V->dl, -1, &y->dl);
-  expect_fail(st, FCT_ERR_OVERFLOW, "indices", "indices with a stride of 2^61 elements");
+  test_expect_fail(st, FCT_ERR_OVERFLOW, "indices", "indices with a stride of 2^61 elements");
   I->dl.strides = keep_strides;
 
   st = fct_lowrank_embedding_forward(&c, &I->dl, &U->dl, &V->dl, 10, &y->dl);
-  expect_fail(st, FCT_ERR_INVALID_VALUE, "padding_idx", "padding_idx >= num");
+  test_expect_fail(st, FCT_ERR_INVALID_VALUE, "padding_idx", "padding_idx >= num");
   st = fct_lowrank_embedding_forward(&c, &I->dl, &U->dl, &V->dl, -2, &y->dl);
-  expect_fail(st, FCT_ERR_INVALID_VALUE, "padding_idx", "padding_idx -2");
+  test_expect_fail(st, FCT_ERR_INVALID_VALUE, "padding_idx", "padding_idx -2");
 
   st = fct_lowrank_embedding_forward(&c, &I->dl, &U->dl, &V64->dl, -1, &y->dl);
-  expect_fail(st, FCT_ERR_DTYPE, "V", "dtype mix");
+  test_expect_fail(st, FCT_ERR_DTYPE, "V", "dtype mix");
   V->shape[0] = 2;
   st = fct_lowrank_embedding_forward(&c, &I->dl, &U->dl, &V->dl, -1, &y->dl);
-  expect_fail(st, FCT_ERR_SHAPE, "V", "V/R mismatch");
+  test_expect_fail(st, FCT_ERR_SHAPE, "V", "V/R mismatch");
   V->shape[0] = 3;
   U->dl.ndim = 1;
   st = fct_lowrank_embedding_forward(&c, &I->dl, &U->dl, &V->dl, -1, &y->dl);
-  expect_fail(st, FCT_ERR_NDIM, "U", "1-D U");
+  test_expect_fail(st, FCT_ERR_NDIM, "U", "1-D U");
   U->dl.ndim = 2;
   y->shape[1] = 5;
   st = fct_lowrank_embedding_forward(&c, &I->dl, &U->dl, &V->dl, -1, &y->dl);
-  expect_fail(st, FCT_ERR_SHAPE, "y", "y shape");
+  test_expect_fail(st, FCT_ERR_SHAPE, "y", "y shape");
   y->shape[1] = 4;
   y->strides[0] = 0;
   st = fct_lowrank_embedding_forward(&c, &I->dl, &U->dl, &V->dl, -1, &y->dl);
-  expect_fail(st, FCT_ERR_LAYOUT, "y", "y broadcast");
+  test_expect_fail(st, FCT_ERR_LAYOUT, "y", "y broadcast");
   y->strides[0] = 4;
   DLTensor alias = y->dl;
   alias.data = U->dl.data;
   st = fct_lowrank_embedding_forward(&c, &I->dl, &U->dl, &V->dl, -1, &alias);
-  expect_fail(st, FCT_ERR_LAYOUT, "y", "y overlaps U");
+  test_expect_fail(st, FCT_ERR_LAYOUT, "y", "y overlaps U");
   st = fct_lowrank_embedding_backward(&c, &y->dl, &I->dl, &U->dl, &V->dl, -1, &V->dl, NULL);
-  expect_fail(st, FCT_ERR_SHAPE, "grad_U", "grad_U shape");
+  test_expect_fail(st, FCT_ERR_SHAPE, "grad_U", "grad_U shape");
   st = fct_lowrank_embedding_backward(&c, &y->dl, &I->dl, &U->dl, &V->dl, -1, &U->dl, NULL);
-  expect_fail(st, FCT_ERR_LAYOUT, "grad_U", "grad_U aliases U");
+  test_expect_fail(st, FCT_ERR_LAYOUT, "grad_U", "grad_U aliases U");
 
   c.workspace_bytes = 8;
   st = fct_lowrank_embedding_forward(&c, &I->dl, &U->dl, &V->dl, -1, &y->dl);
-  expect_fail(st, FCT_ERR_WORKSPACE, "workspace", "small workspace");
-  ensure_ws(&c, 1 << 16);
+  test_expect_fail(st, FCT_ERR_WORKSPACE, "workspace", "small workspace");
+  test_workspace(&c, 1 << 16);
   CHECK(fct_lowrank_embedding_forward(NULL, &I->dl, &U->dl, &V->dl, -1, &y->dl) ==
             FCT_ERR_NULL_ARGUMENT, "NULL ctx");
 
@@ -612,87 +569,87 @@ static void test_lowrank_errors(void) {
   hi.shape = huge;
   hi.strides = hstr;
   st = fct_lowrank_embedding_forward(&c, &hi, &U->dl, &V->dl, -1, &y->dl);
-  expect_fail(st, FCT_ERR_OVERFLOW, "indices", "indices numel overflow");
+  test_expect_fail(st, FCT_ERR_OVERFLOW, "indices", "indices numel overflow");
   int64_t hu[2] = {(int64_t)1 << 40, (int64_t)1 << 40}, hus[2] = {0, 0};
   DLTensor hU = U->dl;
   hU.shape = hu;
   hU.strides = hus;
   st = fct_lowrank_embedding_forward(&c, &I->dl, &hU, &V->dl, -1, &y->dl);
-  expect_fail(st, FCT_ERR_OVERFLOW, "U", "U numel overflow");
+  test_expect_fail(st, FCT_ERR_OVERFLOW, "U", "U numel overflow");
 
   /* CUDA tensors without the backend. */
   if (!fct_cuda_available()) {
     DLTensor cu[4] = {I->dl, U->dl, V->dl, y->dl};
     for (int k = 0; k < 4; ++k) cu[k].device = (DLDevice){kDLCUDA, 0};
     st = fct_lowrank_embedding_forward(&c, &cu[0], &cu[1], &cu[2], -1, &cu[3]);
-    expect_fail(st, FCT_ERR_UNSUPPORTED, "cuda", "cuda not loaded");
+    test_expect_fail(st, FCT_ERR_UNSUPPORTED, "cuda", "cuda not loaded");
   }
 
   /* Finite checks: NaN in U shows in y (named), NaN in grad_y (named). */
   int64_t at[2] = {3, 1};
-  tt_set(U, at, NAN);
+  tb_set(U, at, NAN);
   c.flags = FCT_FLAG_CHECK_FINITE;
   st = fct_lowrank_embedding_forward(&c, &I->dl, &U->dl, &V->dl, -1, &y->dl);
-  expect_fail(st, FCT_ERR_NOT_FINITE, "U", "NaN in U");
+  test_expect_fail(st, FCT_ERR_NOT_FINITE, "U", "NaN in U");
   st = fct_lowrank_embedding_backward(&c, &y->dl, &I->dl, &U->dl, &V->dl, -1, &gU->dl, NULL);
-  expect_fail(st, FCT_ERR_NOT_FINITE, "grad_y", "NaN in grad_y");
+  test_expect_fail(st, FCT_ERR_NOT_FINITE, "grad_y", "NaN in grad_y");
   c.flags = 0;
 
-  tt_free(U); tt_free(V); tt_free(V64); tt_free(y); tt_free(gU);
+  tb_free(U); tb_free(V); tb_free(V64); tb_free(y); tb_free(gU);
   idx_free(I); idx_free(Ibig); idx_free(Ineg);
 }
 
 static void test_tt_errors(void) {
   int64_t s0[4] = {1, 3, 2, 2}, s1[4] = {2, 4, 3, 1}, is[1] = {4}, ys[2] = {4, 6};
-  test_tensor* G0 = tt_new(32, 4, s0, NULL, 0);
-  test_tensor* G1 = tt_new(32, 4, s1, NULL, 0);
-  test_tensor* G1d = tt_new(64, 4, s1, NULL, 0);
-  test_tensor* y = tt_output(32, 2, ys);
-  test_tensor* g0 = tt_output(32, 4, s0);
+  test_tensor* G0 = tb_new(32, 4, s0, NULL, 0);
+  test_tensor* G1 = tb_new(32, 4, s1, NULL, 0);
+  test_tensor* G1d = tb_new(64, 4, s1, NULL, 0);
+  test_tensor* y = tb_output(32, 2, ys);
+  test_tensor* g0 = tb_output(32, 4, s0);
   int64_t vals[4] = {0, 11, 5, 2}, bad[4] = {0, 11, 12, 2};
   idx_tensor* I = idx_new(64, 1, is, false, 12, vals);
   idx_tensor* Ibad = idx_new(64, 1, is, false, 12, bad);
   const DLTensor* cores[2] = {&G0->dl, &G1->dl};
-  fct_context c = make_ctx(0);
-  ensure_ws(&c, 1 << 16);
+  fct_context c = test_ctx(0);
+  test_workspace(&c, 1 << 16);
   fct_status st;
 
   st = fct_tt_embedding_forward(&c, &I->dl, 2, cores, 12, -1, &y->dl);
-  CHECK(st == FCT_OK, "tt errors baseline: %s", g_err);
+  CHECK(st == FCT_OK, "tt errors baseline: %s", test_err);
   st = fct_tt_embedding_forward(&c, &Ibad->dl, 2, cores, 12, -1, &y->dl);
-  expect_fail(st, FCT_ERR_INVALID_VALUE, "indices", "tt index >= num");
-  CHECK(strstr(g_err, "num_embeddings") != NULL, "names num_embeddings: %s", g_err);
+  test_expect_fail(st, FCT_ERR_INVALID_VALUE, "indices", "tt index >= num");
+  CHECK(strstr(test_err, "num_embeddings") != NULL, "names num_embeddings: %s", test_err);
   st = fct_tt_embedding_forward(&c, &I->dl, 2, cores, 13, -1, &y->dl);
-  expect_fail(st, FCT_ERR_INVALID_VALUE, "num_embeddings", "num > ∏ n_k");
+  test_expect_fail(st, FCT_ERR_INVALID_VALUE, "num_embeddings", "num > ∏ n_k");
   st = fct_tt_embedding_forward(&c, &I->dl, 2, cores, 12, 12, &y->dl);
-  expect_fail(st, FCT_ERR_INVALID_VALUE, "padding_idx", "tt padding_idx");
+  test_expect_fail(st, FCT_ERR_INVALID_VALUE, "padding_idx", "tt padding_idx");
   st = fct_tt_embedding_forward(&c, &I->dl, 0, cores, 12, -1, &y->dl);
-  expect_fail(st, FCT_ERR_INVALID_VALUE, "d", "d = 0");
+  test_expect_fail(st, FCT_ERR_INVALID_VALUE, "d", "d = 0");
   st = fct_tt_embedding_forward(&c, &I->dl, 2, NULL, 12, -1, &y->dl);
-  expect_fail(st, FCT_ERR_NULL_ARGUMENT, "cores", "NULL cores");
+  test_expect_fail(st, FCT_ERR_NULL_ARGUMENT, "cores", "NULL cores");
   const DLTensor* mixed[2] = {&G0->dl, &G1d->dl};
   st = fct_tt_embedding_forward(&c, &I->dl, 2, mixed, 12, -1, &y->dl);
-  expect_fail(st, FCT_ERR_DTYPE, "cores[1]", "core dtype mix");
+  test_expect_fail(st, FCT_ERR_DTYPE, "cores[1]", "core dtype mix");
   const DLTensor* swapped[2] = {&G1->dl, &G0->dl};
   st = fct_tt_embedding_forward(&c, &I->dl, 2, swapped, 12, -1, &y->dl);
-  expect_fail(st, FCT_ERR_SHAPE, "cores[0]", "r_0 != 1");
+  test_expect_fail(st, FCT_ERR_SHAPE, "cores[0]", "r_0 != 1");
   const DLTensor* one[1] = {&G0->dl};
   st = fct_tt_embedding_forward(&c, &I->dl, 1, one, 3, -1, &y->dl);
-  expect_fail(st, FCT_ERR_SHAPE, "cores[0]", "r_d != 1");
+  test_expect_fail(st, FCT_ERR_SHAPE, "cores[0]", "r_d != 1");
   G1->shape[0] = 3;
   st = fct_tt_embedding_forward(&c, &I->dl, 2, cores, 12, -1, &y->dl);
-  expect_fail(st, FCT_ERR_SHAPE, "cores[1]", "rank chain");
+  test_expect_fail(st, FCT_ERR_SHAPE, "cores[1]", "rank chain");
   G1->shape[0] = 2;
   y->shape[1] = 5;
   st = fct_tt_embedding_forward(&c, &I->dl, 2, cores, 12, -1, &y->dl);
-  expect_fail(st, FCT_ERR_SHAPE, "y", "tt y shape");
+  test_expect_fail(st, FCT_ERR_SHAPE, "y", "tt y shape");
   y->shape[1] = 6;
   DLTensor* gcores[2] = {&g0->dl, &g0->dl};
   st = fct_tt_embedding_backward(&c, &y->dl, &I->dl, 2, cores, 12, -1, gcores);
-  expect_fail(st, FCT_ERR_SHAPE, "grad_cores[1]", "grad core shape");
+  test_expect_fail(st, FCT_ERR_SHAPE, "grad_cores[1]", "grad core shape");
   DLTensor* gself[2] = {&G0->dl, NULL};
   st = fct_tt_embedding_backward(&c, &y->dl, &I->dl, 2, cores, 12, -1, gself);
-  expect_fail(st, FCT_ERR_LAYOUT, "grad_cores[0]", "grad core aliases core");
+  test_expect_fail(st, FCT_ERR_LAYOUT, "grad_cores[0]", "grad core aliases core");
 
   /* A vocabulary ∏ n_k beyond int64 (zero strides: nothing is read). */
   int64_t hs[4] = {1, (int64_t)1 << 40, 1, 1}, hz[4] = {0, 0, 0, 0};
@@ -703,16 +660,16 @@ static void test_tt_errors(void) {
   h1.strides = hz;
   const DLTensor* huge[2] = {&h0, &h1};
   st = fct_tt_embedding_forward(&c, &I->dl, 2, huge, 12, -1, &y->dl);
-  expect_fail(st, FCT_ERR_OVERFLOW, "cores", "vocabulary overflow");
+  test_expect_fail(st, FCT_ERR_OVERFLOW, "cores", "vocabulary overflow");
 
-  tt_free(G0); tt_free(G1); tt_free(G1d); tt_free(y); tt_free(g0);
+  tb_free(G0); tb_free(G1); tb_free(G1d); tb_free(y); tb_free(g0);
   idx_free(I); idx_free(Ibad);
 }
 
 int main(void) {
   test_lowrank(0); /* OpenBLAS's own threads */
   test_tt(0);
-  fct_cpu_set_thread_pool(tt_reverse_pool, tt_three_threads);
+  fct_cpu_set_thread_pool(tb_reverse_pool, tb_three_threads);
   test_lowrank(FCT_FLAG_SMALL_CHUNKS);
   test_tt(FCT_FLAG_SMALL_CHUNKS);
   test_lowrank(FCT_FLAG_CHECK_FINITE);
@@ -722,6 +679,6 @@ int main(void) {
   test_determinism();
   test_lowrank_errors();
   test_tt_errors();
-  free(g_ws);
+  test_free_workspace();
   return test_report();
 }

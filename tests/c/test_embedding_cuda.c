@@ -96,7 +96,7 @@ static dev_tensor* dev_new(test_tensor* h, kind k, bool output) {
   dev_tensor* t = calloc(1, sizeof *t);
   t->h = h;
   t->k = k;
-  t->span = tt_numel(h) > 0 ? 1 : 0;
+  t->span = tb_numel(h) > 0 ? 1 : 0;
   for (int i = 0; i < h->dl.ndim && t->span; ++i) t->span += (h->shape[i] - 1) * h->strides[i];
   cuda_ok(cudaMalloc(&t->d, (size_t)(t->span + 1) * dev_es(t)), "cudaMalloc");
   t->dl = h->dl;
@@ -111,7 +111,7 @@ static dev_tensor* dev_new(test_tensor* h, kind k, bool output) {
 static void dev_free(dev_tensor* t) {
   if (!t) return;
   cudaFree(t->d);
-  tt_free(t->h);
+  tb_free(t->h);
   free(t);
 }
 
@@ -209,13 +209,13 @@ static void ensure_ws(fct_context* c, bool cuda, size_t bytes) {
 
 /* A host float tensor of `shape` (float32 for bf16), dense. */
 static test_tensor* host_like(kind k, int nd, const int64_t* shape) {
-  return tt_new(k == K_F64 ? 64 : 32, nd, shape, NULL, 0);
+  return tb_new(k == K_F64 ? 64 : 32, nd, shape, NULL, 0);
 }
 
 /* max |gpu - cpu| / max |cpu| over n dense elements; NaN gives Inf. */
 static double rel_diff(dev_tensor* gpu, const test_tensor* cpu) {
   download(gpu);
-  int64_t n = tt_numel(cpu);
+  int64_t n = tb_numel(cpu);
   double num = 0, den = 1e-300;
   for (int64_t i = 0; i < n; ++i) {
     double a = cpu->dl.dtype.bits == 32 ? ((float*)cpu->buf)[i] : ((double*)cpu->buf)[i];
@@ -271,7 +271,7 @@ static void lowrank_case(kind k, const lr_case* L) {
   test_tensor* hv;
   if (L->packed_v) { /* every other column: neither stride is 1, packed on the GPU */
     int64_t wide[2] = {L->R, 2 * L->dim};
-    hv = tt_new(k == K_F64 ? 64 : 32, 2, wide, NULL, 0);
+    hv = tb_new(k == K_F64 ? 64 : 32, 2, wide, NULL, 0);
     hv->shape[1] = L->dim;
     hv->strides[1] = 2;
   } else {
@@ -279,13 +279,13 @@ static void lowrank_case(kind k, const lr_case* L) {
   }
   dev_tensor* V = dev_new(hv, k, false);
   dev_tensor* g = dev_new(host_like(k, L->nd + 1, ys), k, false);
-  dev_tensor* y = dev_new(tt_output(k == K_F64 ? 64 : 32, L->nd + 1, ys), k, true);
-  dev_tensor* gU = dev_new(tt_output(k == K_F64 ? 64 : 32, 2, us), k, true);
-  dev_tensor* gV = dev_new(tt_output(k == K_F64 ? 64 : 32, 2, vs), k, true);
+  dev_tensor* y = dev_new(tb_output(k == K_F64 ? 64 : 32, L->nd + 1, ys), k, true);
+  dev_tensor* gU = dev_new(tb_output(k == K_F64 ? 64 : 32, 2, us), k, true);
+  dev_tensor* gV = dev_new(tb_output(k == K_F64 ? 64 : 32, 2, vs), k, true);
   /* The CPU on the (rounded) host values. */
-  test_tensor* ry = tt_output(k == K_F64 ? 64 : 32, L->nd + 1, ys);
-  test_tensor* rgU = tt_output(k == K_F64 ? 64 : 32, 2, us);
-  test_tensor* rgV = tt_output(k == K_F64 ? 64 : 32, 2, vs);
+  test_tensor* ry = tb_output(k == K_F64 ? 64 : 32, L->nd + 1, ys);
+  test_tensor* rgU = tb_output(k == K_F64 ? 64 : 32, 2, us);
+  test_tensor* rgV = tb_output(k == K_F64 ? 64 : 32, 2, vs);
   size_t bytes = 0;
   fct_context c = make_ctx(false, 0);
   fct_status st = fct_lowrank_embedding_forward_workspace(&c, &I->h, &U->h->dl, &V->h->dl,
@@ -330,7 +330,7 @@ static void lowrank_case(kind k, const lr_case* L) {
   free(vals);
   idx_free(I);
   dev_free(U); dev_free(V); dev_free(g); dev_free(y); dev_free(gU); dev_free(gV);
-  tt_free(ry); tt_free(rgU); tt_free(rgV);
+  tb_free(ry); tb_free(rgU); tb_free(rgV);
 }
 
 /* ------------------------------------------------------------------------- */
@@ -365,16 +365,16 @@ static void tt_case_run(kind k, const tt_case* T) {
   for (int j = 0; j < T->d; ++j) {
     int64_t sh[4] = {T->r[j], T->n[j], T->m[j], T->r[j + 1]};
     G[j] = dev_new(host_like(k, 4, sh), k, false);
-    gG[j] = dev_new(tt_output(bits, 4, sh), k, true);
-    rgG[j] = tt_output(bits, 4, sh);
+    gG[j] = dev_new(tb_output(bits, 4, sh), k, true);
+    rgG[j] = tb_output(bits, 4, sh);
     hc[j] = &G[j]->h->dl;
     dc[j] = &G[j]->dl;
     hg[j] = &rgG[j]->dl;
     dg[j] = &gG[j]->dl;
   }
   dev_tensor* g = dev_new(host_like(k, T->nd + 1, ys), k, false);
-  dev_tensor* y = dev_new(tt_output(bits, T->nd + 1, ys), k, true);
-  test_tensor* ry = tt_output(bits, T->nd + 1, ys);
+  dev_tensor* y = dev_new(tb_output(bits, T->nd + 1, ys), k, true);
+  test_tensor* ry = tb_output(bits, T->nd + 1, ys);
 
   size_t bytes = 0;
   fct_context c = make_ctx(false, 0);
@@ -416,9 +416,9 @@ static void tt_case_run(kind k, const tt_case* T) {
   free(vals);
   idx_free(I);
   for (int j = 0; j < T->d; ++j) {
-    dev_free(G[j]); dev_free(gG[j]); tt_free(rgG[j]);
+    dev_free(G[j]); dev_free(gG[j]); tb_free(rgG[j]);
   }
-  dev_free(g); dev_free(y); tt_free(ry);
+  dev_free(g); dev_free(y); tb_free(ry);
 }
 
 static void test_values(void) {
@@ -463,9 +463,9 @@ static void expect_fail(fct_status got, fct_status want, const char* name, const
 
 static void test_errors(void) {
   int64_t us[2] = {10, 3}, vs[2] = {3, 4}, is[2] = {2, 3}, ys[3] = {2, 3, 4};
-  dev_tensor* U = dev_new(tt_new(32, 2, us, NULL, 0), K_F32, false);
-  dev_tensor* V = dev_new(tt_new(32, 2, vs, NULL, 0), K_F32, false);
-  dev_tensor* y = dev_new(tt_output(32, 3, ys), K_F32, true);
+  dev_tensor* U = dev_new(tb_new(32, 2, us, NULL, 0), K_F32, false);
+  dev_tensor* V = dev_new(tb_new(32, 2, vs, NULL, 0), K_F32, false);
+  dev_tensor* y = dev_new(tb_output(32, 3, ys), K_F32, true);
   int64_t bad[6] = {0, 1, 2, 3, 12, 4}, neg[6] = {0, -3, 2, 3, 4, 5}, ok[6] = {0, 1, 2, 3, 4, 5};
   idx_pair* Ib = idx_new(64, 2, is, false, bad);
   idx_pair* In = idx_new(32, 2, is, true, neg);
@@ -489,7 +489,7 @@ static void test_errors(void) {
 
   /* The finite check on the GPU: NaN in U reaches y and is named. */
   int64_t at[2] = {2, 1};
-  tt_set(U->h, at, NAN);
+  tb_set(U->h, at, NAN);
   upload(U);
   ensure_ws(&c, true, 1 << 16);
   c.flags = FCT_FLAG_CHECK_FINITE;

@@ -44,7 +44,7 @@ static size_t kind_bytes(kind k) { return k == K_BF16 ? 2 : k == K_F32 ? 4 : 8; 
 
 /* Elements from the first to one past the last of a test tensor. */
 static int64_t span(const test_tensor* t) {
-  if (tt_numel(t) == 0) return 0;
+  if (tb_numel(t) == 0) return 0;
   int64_t s = 1;
   for (int i = 0; i < t->dl.ndim; ++i) s += (t->shape[i] - 1) * t->strides[i];
   return s;
@@ -97,7 +97,7 @@ static dev_tensor* dev_new(const test_tensor* h, kind k, bool output) {
 
 /* max |dev - ref| / max |ref| over a contiguous output; Inf for NaN. */
 static double dev_err(const dev_tensor* t, const test_tensor* ref) {
-  int64_t n = tt_numel(ref);
+  int64_t n = tb_numel(ref);
   if (n == 0) return 0.0;
   size_t es = kind_bytes(t->k);
   void* tmp = malloc((size_t)n * es);
@@ -107,7 +107,7 @@ static double dev_err(const dev_tensor* t, const test_tensor* ref) {
     double v = t->k == K_F64 ? ((double*)tmp)[i]
                : t->k == K_F32 ? (double)((float*)tmp)[i]
                                : (double)from_bf16(((uint16_t*)tmp)[i]);
-    double r = tt_get2(ref, i / ref->shape[ref->dl.ndim - 1], i % ref->shape[ref->dl.ndim - 1]);
+    double r = tb_get2(ref, i / ref->shape[ref->dl.ndim - 1], i % ref->shape[ref->dl.ndim - 1]);
     double d = fabs(v - r);
     if (d != d) d = INFINITY;
     num = d > num ? d : num;
@@ -124,7 +124,7 @@ static void dev_free(dev_tensor* t) {
 }
 
 static fct_context dctx(uint32_t flags, size_t bytes) {
-  fct_context c = tz_ctx(flags);
+  fct_context c = test_ctx(flags);
   c.stream = g_stream;
   if (bytes > g_dws_bytes) {
     cudaFree(g_dws);
@@ -169,19 +169,19 @@ static params make_params(const op_case* c) {
   int col[2] = {1, 0}, odd4[4] = {2, 0, 3, 1};
   const int* o2 = c->odd ? col : NULL;
   if (c->op == OP_CP) {
-    for (int k = 0; k < c->p; ++k) P.t[P.n++] = tt_new(64, 2, (int64_t[2]){c->in[k], c->r[0]}, o2, 0);
-    for (int k = 0; k < c->q; ++k) P.t[P.n++] = tt_new(64, 2, (int64_t[2]){c->out[k], c->r[0]}, o2, 0);
+    for (int k = 0; k < c->p; ++k) P.t[P.n++] = tb_new(64, 2, (int64_t[2]){c->in[k], c->r[0]}, o2, 0);
+    for (int k = 0; k < c->q; ++k) P.t[P.n++] = tb_new(64, 2, (int64_t[2]){c->out[k], c->r[0]}, o2, 0);
   } else if (c->op == OP_TUCKER) {
     int64_t S = 1, T = 1;
     for (int k = 0; k < c->p; ++k) T *= c->r[k];
     for (int k = 0; k < c->q; ++k) S *= c->r[c->p + k];
-    P.t[P.n++] = tt_new(64, 2, (int64_t[2]){S, T}, o2, 0);
-    for (int k = 0; k < c->p; ++k) P.t[P.n++] = tt_new(64, 2, (int64_t[2]){c->in[k], c->r[k]}, o2, 0);
+    P.t[P.n++] = tb_new(64, 2, (int64_t[2]){S, T}, o2, 0);
+    for (int k = 0; k < c->p; ++k) P.t[P.n++] = tb_new(64, 2, (int64_t[2]){c->in[k], c->r[k]}, o2, 0);
     for (int k = 0; k < c->q; ++k)
-      P.t[P.n++] = tt_new(64, 2, (int64_t[2]){c->out[k], c->r[c->p + k]}, o2, 0);
+      P.t[P.n++] = tb_new(64, 2, (int64_t[2]){c->out[k], c->r[c->p + k]}, o2, 0);
   } else {
     for (int k = 0; k < c->p; ++k)
-      P.t[P.n++] = tt_new(64, 4, (int64_t[4]){c->r[k], c->in[k], c->out[k], c->r[k + 1]},
+      P.t[P.n++] = tb_new(64, 4, (int64_t[4]){c->r[k], c->in[k], c->out[k], c->r[k + 1]},
                           c->odd ? odd4 : NULL, 0);
   }
   return P;
@@ -233,9 +233,9 @@ static void run_case(const op_case* c, kind k, uint32_t flags) {
   for (int k2 = 0; k2 < c->p; ++k2) in *= c->in[k2];
   for (int k2 = 0; k2 < c->q; ++k2) out *= c->out[k2];
   int col[2] = {1, 0};
-  test_tensor* x = tt_new(64, 2, (int64_t[2]){c->M, in}, c->xcol ? col : NULL, 0);
-  test_tensor* b = tt_new(64, 1, (int64_t[1]){out}, NULL, 0);
-  test_tensor* g = tt_new(64, 2, (int64_t[2]){c->M, out}, NULL, 0);
+  test_tensor* x = tb_new(64, 2, (int64_t[2]){c->M, in}, c->xcol ? col : NULL, 0);
+  test_tensor* b = tb_new(64, 1, (int64_t[1]){out}, NULL, 0);
+  test_tensor* g = tb_new(64, 2, (int64_t[2]){c->M, out}, NULL, 0);
   params P = make_params(c);
   round_host(x, k);
   round_host(b, k);
@@ -243,27 +243,27 @@ static void run_case(const op_case* c, kind k, uint32_t flags) {
   for (int i = 0; i < P.n; ++i) round_host(P.t[i], k);
 
   /* CPU float64: the reference. */
-  test_tensor* y = tt_output(64, 2, (int64_t[2]){c->M, out});
-  test_tensor* gx = tt_output(64, 2, (int64_t[2]){c->M, in});
-  test_tensor* gb = tt_output(64, 1, (int64_t[1]){out});
+  test_tensor* y = tb_output(64, 2, (int64_t[2]){c->M, out});
+  test_tensor* gx = tb_output(64, 2, (int64_t[2]){c->M, in});
+  test_tensor* gb = tb_output(64, 1, (int64_t[1]){out});
   test_tensor* gP[9];
   const DLTensor* hP[9];
   DLTensor* hgP[9];
   for (int i = 0; i < P.n; ++i) {
-    gP[i] = tt_output(64, P.t[i]->dl.ndim, P.t[i]->shape);
+    gP[i] = tb_output(64, P.t[i]->dl.ndim, P.t[i]->shape);
     hP[i] = &P.t[i]->dl;
     hgP[i] = &gP[i]->dl;
   }
   size_t bytes = 0;
   for (int pass = 0; pass < 2; ++pass) {
-    fct_context hc = tz_ctx(0);
+    fct_context hc = test_ctx(0);
     fct_status st = run_op(c, &hc, true, &bytes, &x->dl, hP, P.n, &b->dl, &g->dl, &y->dl,
                            &gx->dl, &gb->dl, hgP, pass == 1);
-    tz_workspace(&hc, bytes);
+    test_workspace(&hc, bytes);
     if (st == FCT_OK)
       st = run_op(c, &hc, false, NULL, &x->dl, hP, P.n, &b->dl, &g->dl, &y->dl, &gx->dl,
                   &gb->dl, hgP, pass == 1);
-    CHECK(st == FCT_OK, "%s: cpu reference pass %d: %s", label, pass, tz_err);
+    CHECK(st == FCT_OK, "%s: cpu reference pass %d: %s", label, pass, test_err);
   }
 
   /* The same on the GPU. */
@@ -286,11 +286,11 @@ static void run_case(const op_case* c, kind k, uint32_t flags) {
     fct_context dc = dctx(flags, 0);
     fct_status st = run_op(c, &dc, true, &bytes, &dx->dl, pP, P.n, &db->dl, &dg->dl, &dy->dl,
                            &dgx->dl, &dgb->dl, pgP, pass == 1);
-    CHECK(st == FCT_OK, "%s: workspace %d: %s", label, pass, tz_err);
+    CHECK(st == FCT_OK, "%s: workspace %d: %s", label, pass, test_err);
     dc = dctx(flags, bytes);
     st = run_op(c, &dc, false, NULL, &dx->dl, pP, P.n, &db->dl, &dg->dl, &dy->dl, &dgx->dl,
                 &dgb->dl, pgP, pass == 1);
-    CHECK(st == FCT_OK, "%s: cuda pass %d: %s", label, pass, tz_err);
+    CHECK(st == FCT_OK, "%s: cuda pass %d: %s", label, pass, test_err);
     cuda_ok(cudaStreamSynchronize(g_stream), "cudaStreamSynchronize");
   }
   double terms = (double)(in + out + c->M + 16);
@@ -310,10 +310,10 @@ static void run_case(const op_case* c, kind k, uint32_t flags) {
   for (int i = 0; i < P.n; ++i) {
     dev_free(dP[i]);
     dev_free(dgP[i]);
-    tt_free(P.t[i]);
-    tt_free(gP[i]);
+    tb_free(P.t[i]);
+    tb_free(gP[i]);
   }
-  tt_free(x); tt_free(b); tt_free(g); tt_free(y); tt_free(gx); tt_free(gb);
+  tb_free(x); tb_free(b); tb_free(g); tb_free(y); tb_free(gx); tb_free(gb);
 }
 
 static void test_values(void) {
@@ -342,12 +342,12 @@ static void test_values(void) {
 
 static void test_finite_check(void) {
   int64_t xs[2] = {4, 6}, c0[4] = {1, 2, 3, 2}, c1[4] = {2, 3, 2, 1}, ys[2] = {4, 6};
-  test_tensor* x = tt_new(64, 2, xs, NULL, 0);
-  test_tensor* G0 = tt_new(64, 4, c0, NULL, 0);
-  test_tensor* G1 = tt_new(64, 4, c1, NULL, 0);
-  test_tensor* y = tt_output(64, 2, ys);
+  test_tensor* x = tb_new(64, 2, xs, NULL, 0);
+  test_tensor* G0 = tb_new(64, 4, c0, NULL, 0);
+  test_tensor* G1 = tb_new(64, 4, c1, NULL, 0);
+  test_tensor* y = tb_output(64, 2, ys);
   int64_t i1[4] = {0, 1, 1, 1};
-  tt_set(G1, i1, NAN);
+  tb_set(G1, i1, NAN);
   dev_tensor* dx = dev_new(x, K_F32, false);
   dev_tensor* d0 = dev_new(G0, K_F32, false);
   dev_tensor* d1 = dev_new(G1, K_F32, false);
@@ -355,10 +355,10 @@ static void test_finite_check(void) {
   const DLTensor* G[2] = {&d0->dl, &d1->dl};
   fct_context c = dctx(FCT_FLAG_CHECK_FINITE, 1 << 20);
   fct_status st = fct_tt_linear_forward(&c, &dx->dl, 2, G, NULL, &dy->dl);
-  tz_expect_fail(st, FCT_ERR_NOT_FINITE, "cores[1]", "NaN in a core on the GPU");
-  CHECK(strstr(tz_err, "cores[0]") == NULL, "only cores[1] is named: %s", tz_err);
+  test_expect_fail(st, FCT_ERR_NOT_FINITE, "cores[1]", "NaN in a core on the GPU");
+  CHECK(strstr(test_err, "cores[0]") == NULL, "only cores[1] is named: %s", test_err);
   dev_free(dx); dev_free(d0); dev_free(d1); dev_free(dy);
-  tt_free(x); tt_free(G0); tt_free(G1); tt_free(y);
+  tb_free(x); tb_free(G0); tb_free(G1); tb_free(y);
 }
 
 int main(void) {
@@ -373,7 +373,7 @@ int main(void) {
   test_values();
   test_finite_check();
   cudaFree(g_dws);
-  tz_free_workspace();
+  test_free_workspace();
   cudaStreamDestroy(g_stream);
   return test_report();
 }

@@ -47,7 +47,7 @@ static void mm(const double* a, const double* b, double* c, int64_t m, int64_t k
 static double* dense_of(const test_tensor* t, int64_t rows, int64_t cols) {
   double* d = calloc((size_t)(rows * cols + 1), sizeof *d);
   for (int64_t i = 0; i < rows; ++i)
-    for (int64_t j = 0; j < cols; ++j) d[i * cols + j] = tt_get2(t, i, j);
+    for (int64_t j = 0; j < cols; ++j) d[i * cols + j] = tb_get2(t, i, j);
   return d;
 }
 
@@ -101,7 +101,7 @@ static lora_ref reference(const lora_case* c, const test_tensor* x, const test_t
   mm(R.t, Bd, TBt, M, r, out, false, true);
   for (int64_t i = 0; i < M; ++i)
     for (int64_t j = 0; j < out; ++j)
-      R.y[i * out + j] += c->scale * TBt[i * out + j] + (b ? tt_get2(b, 0, j) : 0.0);
+      R.y[i * out + j] += c->scale * TBt[i * out + j] + (b ? tb_get2(b, 0, j) : 0.0);
   free(TBt);
 
   double* GT = zeros(M * r);
@@ -186,19 +186,19 @@ static void run_case(int bits, const lora_case* lc, bool bias, bool keep_t,
   const int* wo = L->w_transposed ? wt : NULL;
   int64_t as[2] = {r, in}, bs2[2] = {out, r}, ws[2] = {out, in}, us[2] = {out, rb},
           vs[2] = {rb, in}, bs[1] = {out};
-  test_tensor* x = tt_new(bits, nd, xs, L->x_order[0] || L->x_order[1] ? L->x_order : NULL,
+  test_tensor* x = tb_new(bits, nd, xs, L->x_order[0] || L->x_order[1] ? L->x_order : NULL,
                           L->x_gap);
-  test_tensor* A = tt_new(bits, 2, as, wo, 0);
-  test_tensor* B = tt_new(bits, 2, bs2, wo, 0);
-  test_tensor* W = lc->kind == FCT_LORA_DENSE ? tt_new(bits, 2, ws, wo, 0) : NULL;
-  test_tensor* U = lc->kind == FCT_LORA_LOWRANK ? tt_new(bits, 2, us, wo, 0) : NULL;
-  test_tensor* V = lc->kind == FCT_LORA_LOWRANK ? tt_new(bits, 2, vs, wo, 0) : NULL;
-  test_tensor* bo = lc->kind == FCT_LORA_GIVEN ? tt_new(bits, nd, ys, wo && nd == 2 ? wt : NULL, 0)
+  test_tensor* A = tb_new(bits, 2, as, wo, 0);
+  test_tensor* B = tb_new(bits, 2, bs2, wo, 0);
+  test_tensor* W = lc->kind == FCT_LORA_DENSE ? tb_new(bits, 2, ws, wo, 0) : NULL;
+  test_tensor* U = lc->kind == FCT_LORA_LOWRANK ? tb_new(bits, 2, us, wo, 0) : NULL;
+  test_tensor* V = lc->kind == FCT_LORA_LOWRANK ? tb_new(bits, 2, vs, wo, 0) : NULL;
+  test_tensor* bo = lc->kind == FCT_LORA_GIVEN ? tb_new(bits, nd, ys, wo && nd == 2 ? wt : NULL, 0)
                                                : NULL;
-  test_tensor* b = bias && lc->kind != FCT_LORA_GIVEN ? tt_new(bits, 1, bs, NULL, 0) : NULL;
-  test_tensor* g = tt_new(bits, nd, ys, NULL, L->x_gap); /* gapped rows with gapped x */
-  test_tensor* y = tt_output(bits, nd, ys);
-  test_tensor* t = tt_output(bits, nd, ts);
+  test_tensor* b = bias && lc->kind != FCT_LORA_GIVEN ? tb_new(bits, 1, bs, NULL, 0) : NULL;
+  test_tensor* g = tb_new(bits, nd, ys, NULL, L->x_gap); /* gapped rows with gapped x */
+  test_tensor* y = tb_output(bits, nd, ys);
+  test_tensor* t = tb_output(bits, nd, ts);
   lora_ref R = reference(lc, x, A, B, W, U, V, bo, b, g);
   double tol = bits == 64 ? 1e-12 : 3e-5 * sqrt((double)(in + out + M + 1));
 
@@ -211,19 +211,19 @@ static void run_case(int bits, const lora_case* lc, bool bias, bool keep_t,
   base.base_out = bo ? &bo->dl : NULL;
   fct_lora_options opts = {lc->scale, lc->p, lc->seed};
 
-  fct_context c = tz_ctx(FCT_FLAG_CHECK_FINITE);
+  fct_context c = test_ctx(FCT_FLAG_CHECK_FINITE);
   size_t bytes = 0;
   DLTensor* tout = keep_t ? &t->dl : NULL;
   fct_status st = fct_lora_linear_forward_workspace(&c, &x->dl, &A->dl, &B->dl, &base, &opts,
                                                     &y->dl, tout, &bytes);
-  CHECK(st == FCT_OK, "%s: forward workspace: %s", label, tz_err);
-  tz_workspace(&c, bytes);
+  CHECK(st == FCT_OK, "%s: forward workspace: %s", label, test_err);
+  test_workspace(&c, bytes);
   st = fct_lora_linear_forward(&c, &x->dl, &A->dl, &B->dl, &base, &opts, &y->dl, tout);
-  CHECK(st == FCT_OK, "%s: forward: %s", label, tz_err);
-  double e = tz_rel_err(y, R.y, M, out);
+  CHECK(st == FCT_OK, "%s: forward: %s", label, test_err);
+  double e = test_rel_err(y, R.y, M, out);
   CHECK(e <= tol, "%s: y error %.3g > %.3g", label, e, tol);
   if (keep_t) {
-    e = tz_rel_err(t, R.t, M, r);
+    e = test_rel_err(t, R.t, M, r);
     CHECK(e <= tol, "%s: t error %.3g", label, e);
   }
 
@@ -236,25 +236,25 @@ static void run_case(int bits, const lora_case* lc, bool bias, bool keep_t,
   for (size_t v = 0; v < sizeof variants / sizeof variants[0]; ++v) {
     int want = variants[v];
     if (!want) continue;
-    test_tensor* gx = tt_output(bits, nd, xs);
-    test_tensor* gA = tt_output(bits, 2, as);
-    test_tensor* gB = tt_output(bits, 2, bs2);
-    test_tensor* gW = tt_output(bits, 2, ws);
-    test_tensor* gU = tt_output(bits, 2, us);
-    test_tensor* gV = tt_output(bits, 2, vs);
-    test_tensor* gb = tt_output(bits, 1, bs);
+    test_tensor* gx = tb_output(bits, nd, xs);
+    test_tensor* gA = tb_output(bits, 2, as);
+    test_tensor* gB = tb_output(bits, 2, bs2);
+    test_tensor* gW = tb_output(bits, 2, ws);
+    test_tensor* gU = tb_output(bits, 2, us);
+    test_tensor* gV = tb_output(bits, 2, vs);
+    test_tensor* gb = tb_output(bits, 1, bs);
     fct_lora_grads gr = {want & G_X ? &gx->dl : NULL,    want & G_A ? &gA->dl : NULL,
                          want & G_B ? &gB->dl : NULL,    want & G_W ? &gW->dl : NULL,
                          want & G_U ? &gU->dl : NULL,    want & G_V ? &gV->dl : NULL,
                          want & G_BIAS ? &gb->dl : NULL};
     const DLTensor* tin = keep_t ? &t->dl : NULL;
-    c = tz_ctx(FCT_FLAG_CHECK_FINITE);
+    c = test_ctx(FCT_FLAG_CHECK_FINITE);
     st = fct_lora_linear_backward_workspace(&c, &g->dl, &x->dl, &A->dl, &B->dl, &base, &opts,
                                             tin, &gr, &bytes);
-    CHECK(st == FCT_OK, "%s: backward workspace: %s", label, tz_err);
-    tz_workspace(&c, bytes);
+    CHECK(st == FCT_OK, "%s: backward workspace: %s", label, test_err);
+    test_workspace(&c, bytes);
     st = fct_lora_linear_backward(&c, &g->dl, &x->dl, &A->dl, &B->dl, &base, &opts, tin, &gr);
-    CHECK(st == FCT_OK, "%s: backward %zu: %s", label, v, tz_err);
+    CHECK(st == FCT_OK, "%s: backward %zu: %s", label, v, test_err);
     struct {
       int bit;
       const char* name;
@@ -267,14 +267,14 @@ static void run_case(int bits, const lora_case* lc, bool bias, bool keep_t,
                 {G_BIAS, "grad_bias", gb, R.gb, 1, out}};
     for (int k = 0; k < 7; ++k) {
       if (!(want & outs[k].bit)) continue;
-      e = tz_rel_err(outs[k].got, outs[k].want, outs[k].rows, outs[k].cols);
+      e = test_rel_err(outs[k].got, outs[k].want, outs[k].rows, outs[k].cols);
       CHECK(e <= tol * 4, "%s: %s error %.3g (variant %zu)", label, outs[k].name, e, v);
     }
-    tt_free(gx); tt_free(gA); tt_free(gB); tt_free(gW); tt_free(gU); tt_free(gV); tt_free(gb);
+    tb_free(gx); tb_free(gA); tb_free(gB); tb_free(gW); tb_free(gU); tb_free(gV); tb_free(gb);
   }
   ref_free(&R);
-  tt_free(x); tt_free(A); tt_free(B); tt_free(W); tt_free(U); tt_free(V); tt_free(bo);
-  tt_free(b); tt_free(g); tt_free(y); tt_free(t);
+  tb_free(x); tb_free(A); tb_free(B); tb_free(W); tb_free(U); tb_free(V); tb_free(bo);
+  tb_free(b); tb_free(g); tb_free(y); tb_free(t);
 }
 
 static void test_values(bool big) {
@@ -325,31 +325,31 @@ static void test_mask(void) {
   int64_t M = 512, in = 256, r = 256;
   int64_t xs[2] = {M, in}, as[2] = {r, in}, bs2[2] = {4, r}, ws[2] = {4, in}, ys[2] = {M, 4},
           ts[2] = {M, r};
-  test_tensor* x = tt_new(64, 2, xs, NULL, 0);
-  test_tensor* A = tt_new(64, 2, as, NULL, 0);
-  test_tensor* B = tt_new(64, 2, bs2, NULL, 0);
-  test_tensor* W = tt_new(64, 2, ws, NULL, 0);
-  test_tensor* y = tt_output(64, 2, ys);
-  test_tensor* t = tt_output(64, 2, ts);
+  test_tensor* x = tb_new(64, 2, xs, NULL, 0);
+  test_tensor* A = tb_new(64, 2, as, NULL, 0);
+  test_tensor* B = tb_new(64, 2, bs2, NULL, 0);
+  test_tensor* W = tb_new(64, 2, ws, NULL, 0);
+  test_tensor* y = tb_output(64, 2, ys);
+  test_tensor* t = tb_output(64, 2, ts);
   /* A = identity: t = drop(x), so the kept elements can be counted. */
   for (int64_t i = 0; i < r; ++i)
-    for (int64_t j = 0; j < in; ++j) tt_set(A, (int64_t[2]){i, j}, i == j ? 1.0 : 0.0);
+    for (int64_t j = 0; j < in; ++j) tb_set(A, (int64_t[2]){i, j}, i == j ? 1.0 : 0.0);
   for (int pi = 0; pi < 3; ++pi) {
     double p = (double[]){0.1, 0.5, 0.9}[pi];
     fct_lora_base base = {FCT_LORA_DENSE, 0, &W->dl, NULL, NULL, NULL, NULL};
     fct_lora_options opts = {1.0, p, 42 + (uint64_t)pi};
-    fct_context c = tz_ctx(0);
+    fct_context c = test_ctx(0);
     size_t bytes;
     fct_status st = fct_lora_linear_forward_workspace(&c, &x->dl, &A->dl, &B->dl, &base, &opts,
                                                       &y->dl, &t->dl, &bytes);
-    tz_workspace(&c, bytes);
+    test_workspace(&c, bytes);
     if (st == FCT_OK)
       st = fct_lora_linear_forward(&c, &x->dl, &A->dl, &B->dl, &base, &opts, &y->dl, &t->dl);
-    CHECK(st == FCT_OK, "mask forward: %s", tz_err);
+    CHECK(st == FCT_OK, "mask forward: %s", test_err);
     int64_t kept = 0, bad = 0;
     for (int64_t i = 0; i < M; ++i)
       for (int64_t j = 0; j < in; ++j) {
-        double tv = tt_get2(t, i, j), xv = tt_get2(x, i, j);
+        double tv = tb_get2(t, i, j), xv = tb_get2(x, i, j);
         bool k = tv != 0.0;
         kept += k;
         bad += k ? fabs(tv - xv / (1 - p)) > 1e-12 : 0;
@@ -359,7 +359,7 @@ static void test_mask(void) {
     CHECK(fabs(frac - (1 - p)) < 5 * sd, "p=%g: kept %.4f, expected %.4f", p, frac, 1 - p);
     CHECK(bad == 0, "p=%g: %lld elements differ from the reference mask", p, (long long)bad);
   }
-  tt_free(x); tt_free(A); tt_free(B); tt_free(W); tt_free(y); tt_free(t);
+  tb_free(x); tb_free(A); tb_free(B); tb_free(W); tb_free(y); tb_free(t);
 }
 
 /* ------------------------------------------------------------------------- */
@@ -369,111 +369,111 @@ static void test_mask(void) {
 static void test_errors(void) {
   int64_t xs[2] = {4, 6}, as[2] = {3, 6}, bs2[2] = {5, 3}, ws[2] = {5, 6}, ys[2] = {4, 5},
           bs[1] = {5}, us[2] = {5, 2}, vs[2] = {2, 6};
-  test_tensor* x = tt_new(32, 2, xs, NULL, 0);
-  test_tensor* A = tt_new(32, 2, as, NULL, 0);
-  test_tensor* B = tt_new(32, 2, bs2, NULL, 0);
-  test_tensor* W = tt_new(32, 2, ws, NULL, 0);
-  test_tensor* U = tt_new(32, 2, us, NULL, 0);
-  test_tensor* V = tt_new(32, 2, vs, NULL, 0);
-  test_tensor* y = tt_output(32, 2, ys);
-  test_tensor* b = tt_new(32, 1, bs, NULL, 0);
-  test_tensor* A64 = tt_new(64, 2, as, NULL, 0);
-  fct_context c = tz_ctx(0);
-  tz_workspace(&c, 1 << 16);
+  test_tensor* x = tb_new(32, 2, xs, NULL, 0);
+  test_tensor* A = tb_new(32, 2, as, NULL, 0);
+  test_tensor* B = tb_new(32, 2, bs2, NULL, 0);
+  test_tensor* W = tb_new(32, 2, ws, NULL, 0);
+  test_tensor* U = tb_new(32, 2, us, NULL, 0);
+  test_tensor* V = tb_new(32, 2, vs, NULL, 0);
+  test_tensor* y = tb_output(32, 2, ys);
+  test_tensor* b = tb_new(32, 1, bs, NULL, 0);
+  test_tensor* A64 = tb_new(64, 2, as, NULL, 0);
+  fct_context c = test_ctx(0);
+  test_workspace(&c, 1 << 16);
   fct_lora_base base = {FCT_LORA_DENSE, 0, &W->dl, NULL, NULL, NULL, NULL};
   fct_lora_options opts = {2.0, 0.0, 1};
   fct_status st;
 #define FWD(xx, AA, BB) fct_lora_linear_forward(&c, xx, AA, BB, &base, &opts, &y->dl, NULL)
 
   st = FWD(&x->dl, &A64->dl, &B->dl);
-  tz_expect_fail(st, FCT_ERR_DTYPE, "A", "dtype mix");
+  test_expect_fail(st, FCT_ERR_DTYPE, "A", "dtype mix");
   x->dl.dtype = (DLDataType){kDLBfloat, 16, 1};
   st = FWD(&x->dl, &A->dl, &B->dl);
-  tz_expect_fail(st, FCT_ERR_DTYPE, "x", "bfloat16 on cpu");
+  test_expect_fail(st, FCT_ERR_DTYPE, "x", "bfloat16 on cpu");
   x->dl.dtype = (DLDataType){kDLFloat, 32, 1};
 
   A->shape[1] = 7;
   st = FWD(&x->dl, &A->dl, &B->dl);
-  tz_expect_fail(st, FCT_ERR_SHAPE, "A", "A/in mismatch");
+  test_expect_fail(st, FCT_ERR_SHAPE, "A", "A/in mismatch");
   A->shape[1] = 6;
   B->shape[1] = 2;
   st = FWD(&x->dl, &A->dl, &B->dl);
-  tz_expect_fail(st, FCT_ERR_SHAPE, "B", "B/r mismatch");
+  test_expect_fail(st, FCT_ERR_SHAPE, "B", "B/r mismatch");
   B->shape[1] = 3;
   W->shape[0] = 4;
   st = FWD(&x->dl, &A->dl, &B->dl);
-  tz_expect_fail(st, FCT_ERR_SHAPE, "W", "W shape");
+  test_expect_fail(st, FCT_ERR_SHAPE, "W", "W shape");
   W->shape[0] = 5;
   b->shape[0] = 4;
   base.bias = &b->dl;
   st = FWD(&x->dl, &A->dl, &B->dl);
-  tz_expect_fail(st, FCT_ERR_SHAPE, "bias", "bias size");
+  test_expect_fail(st, FCT_ERR_SHAPE, "bias", "bias size");
   b->shape[0] = 5;
   y->shape[1] = 4;
   st = FWD(&x->dl, &A->dl, &B->dl);
-  tz_expect_fail(st, FCT_ERR_SHAPE, "y", "y shape");
+  test_expect_fail(st, FCT_ERR_SHAPE, "y", "y shape");
   y->shape[1] = 5;
   st = FWD(&x->dl, NULL, &B->dl);
-  tz_expect_fail(st, FCT_ERR_NULL_ARGUMENT, "A", "NULL A");
+  test_expect_fail(st, FCT_ERR_NULL_ARGUMENT, "A", "NULL A");
   CHECK(fct_lora_linear_forward(NULL, &x->dl, &A->dl, &B->dl, &base, &opts, &y->dl, NULL) ==
             FCT_ERR_NULL_ARGUMENT, "NULL ctx");
   st = fct_lora_linear_forward(&c, &x->dl, &A->dl, &B->dl, NULL, &opts, &y->dl, NULL);
-  tz_expect_fail(st, FCT_ERR_NULL_ARGUMENT, "base", "NULL base");
+  test_expect_fail(st, FCT_ERR_NULL_ARGUMENT, "base", "NULL base");
   st = fct_lora_linear_forward(&c, &x->dl, &A->dl, &B->dl, &base, NULL, &y->dl, NULL);
-  tz_expect_fail(st, FCT_ERR_NULL_ARGUMENT, "opts", "NULL options");
+  test_expect_fail(st, FCT_ERR_NULL_ARGUMENT, "opts", "NULL options");
 
   /* Options. */
   double bad_p[] = {1.0, -0.1, NAN, 2.0};
   for (int i = 0; i < 4; ++i) {
     opts.dropout = bad_p[i];
     st = FWD(&x->dl, &A->dl, &B->dl);
-    tz_expect_fail(st, FCT_ERR_INVALID_VALUE, "dropout", "p out of range");
+    test_expect_fail(st, FCT_ERR_INVALID_VALUE, "dropout", "p out of range");
   }
   opts.dropout = 0.0;
   opts.scale = INFINITY;
   st = FWD(&x->dl, &A->dl, &B->dl);
-  tz_expect_fail(st, FCT_ERR_INVALID_VALUE, "scale", "infinite scale");
+  test_expect_fail(st, FCT_ERR_INVALID_VALUE, "scale", "infinite scale");
   opts.scale = 2.0;
 
   /* Bases: unknown kind, missing or extra tensors, a bias with a given base. */
   base.kind = 7;
   st = FWD(&x->dl, &A->dl, &B->dl);
-  tz_expect_fail(st, FCT_ERR_INVALID_VALUE, "base.kind", "unknown kind");
+  test_expect_fail(st, FCT_ERR_INVALID_VALUE, "base.kind", "unknown kind");
   base.kind = FCT_LORA_DENSE;
   base.W = NULL;
   st = FWD(&x->dl, &A->dl, &B->dl);
-  tz_expect_fail(st, FCT_ERR_NULL_ARGUMENT, "W", "dense without W");
+  test_expect_fail(st, FCT_ERR_NULL_ARGUMENT, "W", "dense without W");
   base.W = &W->dl;
   base.U = &U->dl;
   st = FWD(&x->dl, &A->dl, &B->dl);
-  tz_expect_fail(st, FCT_ERR_INVALID_VALUE, "U", "dense with U");
+  test_expect_fail(st, FCT_ERR_INVALID_VALUE, "U", "dense with U");
   fct_lora_base lr = {FCT_LORA_LOWRANK, 0, NULL, &U->dl, &V->dl, NULL, NULL};
   base = lr;
   V->shape[1] = 5;
   st = FWD(&x->dl, &A->dl, &B->dl);
-  tz_expect_fail(st, FCT_ERR_SHAPE, "V", "V/in mismatch");
+  test_expect_fail(st, FCT_ERR_SHAPE, "V", "V/in mismatch");
   V->shape[1] = 6;
   V->shape[0] = 3;
   st = FWD(&x->dl, &A->dl, &B->dl);
-  tz_expect_fail(st, FCT_ERR_SHAPE, "V", "V/rb mismatch");
+  test_expect_fail(st, FCT_ERR_SHAPE, "V", "V/rb mismatch");
   V->shape[0] = 2;
   st = FWD(&x->dl, &A->dl, &B->dl);
-  CHECK(st == FCT_OK, "lowrank ok: %s", tz_err);
+  CHECK(st == FCT_OK, "lowrank ok: %s", test_err);
   fct_lora_base given = {FCT_LORA_GIVEN, 0, NULL, NULL, NULL, NULL, NULL};
   base = given;
   st = FWD(&x->dl, &A->dl, &B->dl);
-  tz_expect_fail(st, FCT_ERR_NULL_ARGUMENT, "base_out", "given without base_out");
-  test_tensor* bo = tt_new(32, 2, xs, NULL, 0); /* [4, 6]: out is 5 */
+  test_expect_fail(st, FCT_ERR_NULL_ARGUMENT, "base_out", "given without base_out");
+  test_tensor* bo = tb_new(32, 2, xs, NULL, 0); /* [4, 6]: out is 5 */
   base.base_out = &bo->dl;
   st = FWD(&x->dl, &A->dl, &B->dl);
-  tz_expect_fail(st, FCT_ERR_SHAPE, "base_out", "base_out shape");
+  test_expect_fail(st, FCT_ERR_SHAPE, "base_out", "base_out shape");
   base.base_out = &y->dl;
   st = FWD(&x->dl, &A->dl, &B->dl);
-  tz_expect_fail(st, FCT_ERR_LAYOUT, "y", "y aliases base_out");
+  test_expect_fail(st, FCT_ERR_LAYOUT, "y", "y aliases base_out");
   base.base_out = NULL;
   base.bias = &b->dl;
   st = FWD(&x->dl, &A->dl, &B->dl);
-  tz_expect_fail(st, FCT_ERR_INVALID_VALUE, "bias", "given with bias");
+  test_expect_fail(st, FCT_ERR_INVALID_VALUE, "bias", "given with bias");
   fct_lora_base dense = {FCT_LORA_DENSE, 0, &W->dl, NULL, NULL, NULL, NULL};
   base = dense;
 
@@ -481,22 +481,22 @@ static void test_errors(void) {
   DLTensor alias = y->dl;
   alias.data = x->dl.data;
   st = fct_lora_linear_forward(&c, &x->dl, &A->dl, &B->dl, &base, &opts, &alias, NULL);
-  tz_expect_fail(st, FCT_ERR_LAYOUT, "y", "y overlaps x");
+  test_expect_fail(st, FCT_ERR_LAYOUT, "y", "y overlaps x");
   y->strides[0] = 0;
   st = FWD(&x->dl, &A->dl, &B->dl);
-  tz_expect_fail(st, FCT_ERR_LAYOUT, "y", "y broadcast");
+  test_expect_fail(st, FCT_ERR_LAYOUT, "y", "y broadcast");
   y->strides[0] = 5;
 
   /* Device mix, and CUDA without the backend. */
   A->dl.device = (DLDevice){kDLCUDA, 0};
   st = FWD(&x->dl, &A->dl, &B->dl);
-  tz_expect_fail(st, FCT_ERR_DEVICE, "A", "device mix");
+  test_expect_fail(st, FCT_ERR_DEVICE, "A", "device mix");
   A->dl.device = (DLDevice){kDLCPU, 0};
   if (!fct_cuda_available()) {
     DLTensor* all[] = {&x->dl, &A->dl, &B->dl, &W->dl, &y->dl};
     for (int i = 0; i < 5; ++i) all[i]->device = (DLDevice){kDLCUDA, 0};
     st = FWD(&x->dl, &A->dl, &B->dl);
-    tz_expect_fail(st, FCT_ERR_UNSUPPORTED, "cuda", "cuda not loaded");
+    test_expect_fail(st, FCT_ERR_UNSUPPORTED, "cuda", "cuda not loaded");
     for (int i = 0; i < 5; ++i) all[i]->device = (DLDevice){kDLCPU, 0};
   }
 
@@ -504,62 +504,62 @@ static void test_errors(void) {
   opts.dropout = 0.5;
   c.workspace_bytes = 4;
   st = FWD(&x->dl, &A->dl, &B->dl);
-  tz_expect_fail(st, FCT_ERR_WORKSPACE, "workspace", "small workspace");
-  tz_workspace(&c, 1 << 16);
+  test_expect_fail(st, FCT_ERR_WORKSPACE, "workspace", "small workspace");
+  test_workspace(&c, 1 << 16);
   opts.dropout = 0.0;
 
   /* NaN in x with the finite check: named. */
-  tt_set(x, (int64_t[2]){1, 2}, NAN);
+  tb_set(x, (int64_t[2]){1, 2}, NAN);
   c.flags = FCT_FLAG_CHECK_FINITE;
   st = FWD(&x->dl, &A->dl, &B->dl);
-  tz_expect_fail(st, FCT_ERR_NOT_FINITE, "x", "NaN in x");
+  test_expect_fail(st, FCT_ERR_NOT_FINITE, "x", "NaN in x");
   c.flags = 0;
-  tt_set(x, (int64_t[2]){1, 2}, 0.5);
+  tb_set(x, (int64_t[2]){1, 2}, 0.5);
 
   /* Backward: gradients the base does not have, wrong shapes, aliasing. */
-  test_tensor* g = tt_new(32, 2, ys, NULL, 0);
-  test_tensor* gW = tt_output(32, 2, ws);
-  test_tensor* gA = tt_output(32, 2, bs2); /* B's shape, not A's */
+  test_tensor* g = tb_new(32, 2, ys, NULL, 0);
+  test_tensor* gW = tb_output(32, 2, ws);
+  test_tensor* gA = tb_output(32, 2, bs2); /* B's shape, not A's */
   fct_lora_grads gr = {0};
   gr.U = &gW->dl;
   st = fct_lora_linear_backward(&c, &g->dl, &x->dl, &A->dl, &B->dl, &base, &opts, NULL, &gr);
-  tz_expect_fail(st, FCT_ERR_INVALID_VALUE, "grad_U", "grad_U of a dense base");
+  test_expect_fail(st, FCT_ERR_INVALID_VALUE, "grad_U", "grad_U of a dense base");
   gr.U = NULL;
   gr.A = &gA->dl;
   st = fct_lora_linear_backward(&c, &g->dl, &x->dl, &A->dl, &B->dl, &base, &opts, NULL, &gr);
-  tz_expect_fail(st, FCT_ERR_SHAPE, "grad_A", "grad_A shape");
+  test_expect_fail(st, FCT_ERR_SHAPE, "grad_A", "grad_A shape");
   gr.A = NULL;
   gr.x = &x->dl;
   st = fct_lora_linear_backward(&c, &g->dl, &x->dl, &A->dl, &B->dl, &base, &opts, NULL, &gr);
-  tz_expect_fail(st, FCT_ERR_LAYOUT, "grad_x", "grad_x aliases x");
+  test_expect_fail(st, FCT_ERR_LAYOUT, "grad_x", "grad_x aliases x");
   gr.x = NULL;
   st = fct_lora_linear_backward(&c, &g->dl, &x->dl, &A->dl, &B->dl, &base, &opts, NULL, NULL);
-  tz_expect_fail(st, FCT_ERR_NULL_ARGUMENT, "grads", "NULL grads");
+  test_expect_fail(st, FCT_ERR_NULL_ARGUMENT, "grads", "NULL grads");
   g->shape[1] = 4;
   gr.W = &gW->dl;
   st = fct_lora_linear_backward(&c, &g->dl, &x->dl, &A->dl, &B->dl, &base, &opts, NULL, &gr);
-  tz_expect_fail(st, FCT_ERR_SHAPE, "grad_y", "grad_y shape");
+  test_expect_fail(st, FCT_ERR_SHAPE, "grad_y", "grad_y shape");
   g->shape[1] = 5;
-  tt_set(g, (int64_t[2]){0, 0}, INFINITY);
+  tb_set(g, (int64_t[2]){0, 0}, INFINITY);
   c.flags = FCT_FLAG_CHECK_FINITE;
   st = fct_lora_linear_backward(&c, &g->dl, &x->dl, &A->dl, &B->dl, &base, &opts, NULL, &gr);
-  tz_expect_fail(st, FCT_ERR_NOT_FINITE, "grad_y", "Inf in grad_y");
+  test_expect_fail(st, FCT_ERR_NOT_FINITE, "grad_y", "Inf in grad_y");
   c.flags = 0;
 #undef FWD
-  tt_free(g); tt_free(gW); tt_free(gA); tt_free(bo);
-  tt_free(x); tt_free(A); tt_free(B); tt_free(W); tt_free(U); tt_free(V); tt_free(y);
-  tt_free(b); tt_free(A64);
+  tb_free(g); tb_free(gW); tb_free(gA); tb_free(bo);
+  tb_free(x); tb_free(A); tb_free(B); tb_free(W); tb_free(U); tb_free(V); tb_free(y);
+  tb_free(b); tb_free(A64);
 }
 
 int main(void) {
   test_mask();
   test_values(false); /* OpenBLAS's own threads */
-  fct_cpu_set_thread_pool(tt_reverse_pool, tt_three_threads);
+  fct_cpu_set_thread_pool(tb_reverse_pool, tb_three_threads);
   test_values(false);
   test_values(true);
   test_mask();
   fct_cpu_set_thread_pool(NULL, NULL);
   test_errors();
-  tz_free_workspace();
+  test_free_workspace();
   return test_report();
 }

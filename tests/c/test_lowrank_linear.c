@@ -11,41 +11,6 @@
 #include "lowrank_reference.h"
 #include "test_util.h"
 
-/* max |a - ref| / (max |ref| + tiny) over a tensor folded to [rows, cols]. */
-static double rel_err(const test_tensor* a, const double* r, int64_t rows, int64_t cols) {
-  double num = 0, den = 1e-300;
-  for (int64_t i = 0; i < rows; ++i)
-    for (int64_t j = 0; j < cols; ++j) {
-      double d = fabs(tt_get2(a, i, j) - r[i * cols + j]);
-      if (isnan(d)) return INFINITY; /* unwritten (NaN-filled) or wrong */
-      num = d > num ? d : num;
-      den = fabs(r[i * cols + j]) > den ? fabs(r[i * cols + j]) : den;
-    }
-  return num / den;
-}
-
-static void* g_ws;
-static size_t g_ws_bytes;
-static char g_err[512];
-
-static fct_context make_ctx(void) {
-  fct_context c = {0};
-  c.error = g_err;
-  c.error_bytes = sizeof g_err;
-  g_err[0] = 0;
-  return c;
-}
-
-static void ensure_ws(fct_context* c, size_t bytes) {
-  if (bytes > g_ws_bytes) {
-    free(g_ws);
-    g_ws = aligned_alloc(256, (bytes + 255) / 256 * 256);
-    g_ws_bytes = bytes;
-  }
-  c->workspace = bytes ? g_ws : NULL; /* a 0-byte workspace may be NULL */
-  c->workspace_bytes = bytes;
-}
-
 typedef struct layout_case {
   const char* name;
   int x_ndim;
@@ -73,41 +38,41 @@ static void run_case(int bits, int64_t M, int64_t in, int64_t out, int64_t r, bo
   ts[nd - 1] = r;
   int wt[2] = {1, 0};
   int64_t us[2] = {out, r}, vs[2] = {r, in}, bs[1] = {out};
-  test_tensor* x = tt_new(bits, nd, xs, L->x_order[0] || L->x_order[1] ? L->x_order : NULL,
+  test_tensor* x = tb_new(bits, nd, xs, L->x_order[0] || L->x_order[1] ? L->x_order : NULL,
                           L->x_gap);
-  test_tensor* U = tt_new(bits, 2, us, L->w_transposed ? wt : NULL, 0);
-  test_tensor* V = tt_new(bits, 2, vs, L->w_transposed ? wt : NULL, 0);
-  test_tensor* b = bias ? tt_new(bits, 1, bs, NULL, 0) : NULL;
-  test_tensor* g = tt_new(bits, nd, ys, NULL, 0);
-  test_tensor* y = tt_output(bits, nd, ys);
-  test_tensor* t = tt_output(bits, nd, ts);
+  test_tensor* U = tb_new(bits, 2, us, L->w_transposed ? wt : NULL, 0);
+  test_tensor* V = tb_new(bits, 2, vs, L->w_transposed ? wt : NULL, 0);
+  test_tensor* b = bias ? tb_new(bits, 1, bs, NULL, 0) : NULL;
+  test_tensor* g = tb_new(bits, nd, ys, NULL, 0);
+  test_tensor* y = tb_output(bits, nd, ys);
+  test_tensor* t = tb_output(bits, nd, ts);
   ref R = reference(x, U, V, b, g, M, in, out, r);
   double tol = bits == 64 ? 1e-12 : 2e-5 * sqrt((double)(in + out + M + 1));
 
-  fct_context c = make_ctx();
+  fct_context c = test_ctx(0);
   size_t bytes = 0;
   fct_status st = fct_lowrank_linear_forward_workspace(&c, &x->dl, &U->dl, &V->dl,
                                                        b ? &b->dl : NULL, &y->dl,
                                                        keep_t ? &t->dl : NULL, &bytes);
-  CHECK(st == FCT_OK, "%s: forward workspace: %s", label, g_err);
-  ensure_ws(&c, bytes);
+  CHECK(st == FCT_OK, "%s: forward workspace: %s", label, test_err);
+  test_workspace(&c, bytes);
   st = fct_lowrank_linear_forward(&c, &x->dl, &U->dl, &V->dl, b ? &b->dl : NULL, &y->dl,
                                   keep_t ? &t->dl : NULL);
-  CHECK(st == FCT_OK, "%s: forward: %s", label, g_err);
-  double e = rel_err(y, R.y, M, out);
+  CHECK(st == FCT_OK, "%s: forward: %s", label, test_err);
+  double e = test_rel_err(y, R.y, M, out);
   CHECK(e <= tol, "%s: y error %.3g > %.3g", label, e, tol);
   if (keep_t) {
-    e = rel_err(t, R.t, M, r);
+    e = test_rel_err(t, R.t, M, r);
     CHECK(e <= tol, "%s: t error %.3g", label, e);
   }
 
   /* Backward: all gradients, then only grad_U (which needs t), then only
    * grad_x; with the saved t when we have it, else recomputed. */
   for (int variant = 0; variant < 3; ++variant) {
-    test_tensor* gx = tt_output(bits, nd, xs);
-    test_tensor* gU = tt_output(bits, 2, us);
-    test_tensor* gV = tt_output(bits, 2, vs);
-    test_tensor* gb = tt_output(bits, 1, bs);
+    test_tensor* gx = tb_output(bits, nd, xs);
+    test_tensor* gU = tb_output(bits, 2, us);
+    test_tensor* gV = tb_output(bits, 2, vs);
+    test_tensor* gb = tb_output(bits, 1, bs);
     bool want_x = variant != 1, want_U = variant != 2, want_V = variant == 0,
          want_b = variant == 0;
     DLTensor* ogx = want_x ? &gx->dl : NULL;
@@ -115,34 +80,34 @@ static void run_case(int bits, int64_t M, int64_t in, int64_t out, int64_t r, bo
     DLTensor* ogV = want_V ? &gV->dl : NULL;
     DLTensor* ogb = want_b ? &gb->dl : NULL;
     const DLTensor* tin = keep_t ? &t->dl : NULL;
-    c = make_ctx();
+    c = test_ctx(0);
     st = fct_lowrank_linear_backward_workspace(&c, &g->dl, &x->dl, &U->dl, &V->dl, tin, ogx,
                                                ogU, ogV, ogb, &bytes);
-    CHECK(st == FCT_OK, "%s: backward workspace: %s", label, g_err);
-    ensure_ws(&c, bytes);
+    CHECK(st == FCT_OK, "%s: backward workspace: %s", label, test_err);
+    test_workspace(&c, bytes);
     st = fct_lowrank_linear_backward(&c, &g->dl, &x->dl, &U->dl, &V->dl, tin, ogx, ogU, ogV,
                                      ogb);
-    CHECK(st == FCT_OK, "%s: backward %d: %s", label, variant, g_err);
+    CHECK(st == FCT_OK, "%s: backward %d: %s", label, variant, test_err);
     if (want_x) {
-      e = rel_err(gx, R.gx, M, in);
+      e = test_rel_err(gx, R.gx, M, in);
       CHECK(e <= tol, "%s: grad_x error %.3g (variant %d)", label, e, variant);
     }
     if (want_U) {
-      e = rel_err(gU, R.gU, out, r);
+      e = test_rel_err(gU, R.gU, out, r);
       CHECK(e <= tol, "%s: grad_U error %.3g (variant %d)", label, e, variant);
     }
     if (want_V) {
-      e = rel_err(gV, R.gV, r, in);
+      e = test_rel_err(gV, R.gV, r, in);
       CHECK(e <= tol, "%s: grad_V error %.3g", label, e);
     }
     if (want_b) {
-      e = rel_err(gb, R.gb, 1, out);
+      e = test_rel_err(gb, R.gb, 1, out);
       CHECK(e <= tol, "%s: grad_bias error %.3g", label, e);
     }
-    tt_free(gx); tt_free(gU); tt_free(gV); tt_free(gb);
+    tb_free(gx); tb_free(gU); tb_free(gV); tb_free(gb);
   }
   ref_free(&R);
-  tt_free(x); tt_free(U); tt_free(V); tt_free(b); tt_free(g); tt_free(y); tt_free(t);
+  tb_free(x); tb_free(U); tb_free(V); tb_free(b); tb_free(g); tb_free(y); tb_free(t);
 }
 
 static void test_values(bool big) {
@@ -176,59 +141,52 @@ static void test_values(bool big) {
         }
 }
 
-/* Each bad argument gives its status and a message naming the argument. */
-static void expect_fail(fct_status got, fct_status want, const char* name, const char* what) {
-  CHECK(got == want, "%s: expected status %d (%s), got %d: %s", what, want,
-        fct_status_string(want), got, g_err);
-  CHECK(strstr(g_err, name) != NULL, "%s: message '%s' does not name '%s'", what, g_err, name);
-}
-
 static void test_errors(void) {
   int64_t xs[2] = {4, 6}, us[2] = {5, 3}, vs[2] = {3, 6}, ys[2] = {4, 5}, bs[1] = {5};
-  test_tensor* x = tt_new(32, 2, xs, NULL, 0);
-  test_tensor* U = tt_new(32, 2, us, NULL, 0);
-  test_tensor* V = tt_new(32, 2, vs, NULL, 0);
-  test_tensor* y = tt_output(32, 2, ys);
-  test_tensor* b = tt_new(32, 1, bs, NULL, 0);
-  test_tensor* U64 = tt_new(64, 2, us, NULL, 0);
-  fct_context c = make_ctx();
-  ensure_ws(&c, 1 << 16);
+  test_tensor* x = tb_new(32, 2, xs, NULL, 0);
+  test_tensor* U = tb_new(32, 2, us, NULL, 0);
+  test_tensor* V = tb_new(32, 2, vs, NULL, 0);
+  test_tensor* y = tb_output(32, 2, ys);
+  test_tensor* b = tb_new(32, 1, bs, NULL, 0);
+  test_tensor* U64 = tb_new(64, 2, us, NULL, 0);
+  fct_context c = test_ctx(0);
+  test_workspace(&c, 1 << 16);
   fct_status st;
 
   st = fct_lowrank_linear_forward(&c, &x->dl, &U64->dl, &V->dl, NULL, &y->dl, NULL);
-  expect_fail(st, FCT_ERR_DTYPE, "U", "dtype mix");
+  test_expect_fail(st, FCT_ERR_DTYPE, "U", "dtype mix");
 
   x->dl.dtype = (DLDataType){kDLInt, 32, 1};
   st = fct_lowrank_linear_forward(&c, &x->dl, &U->dl, &V->dl, NULL, &y->dl, NULL);
-  expect_fail(st, FCT_ERR_DTYPE, "x", "int32 x");
+  test_expect_fail(st, FCT_ERR_DTYPE, "x", "int32 x");
   x->dl.dtype = (DLDataType){kDLBfloat, 16, 1};
   st = fct_lowrank_linear_forward(&c, &x->dl, &U->dl, &V->dl, NULL, &y->dl, NULL);
-  expect_fail(st, FCT_ERR_DTYPE, "x", "bfloat16 on cpu");
+  test_expect_fail(st, FCT_ERR_DTYPE, "x", "bfloat16 on cpu");
   x->dl.dtype = (DLDataType){kDLFloat, 32, 1};
 
   V->shape[1] = 7;
   st = fct_lowrank_linear_forward(&c, &x->dl, &U->dl, &V->dl, NULL, &y->dl, NULL);
-  expect_fail(st, FCT_ERR_SHAPE, "V", "V/in mismatch");
+  test_expect_fail(st, FCT_ERR_SHAPE, "V", "V/in mismatch");
   V->shape[1] = 6;
   U->shape[1] = 2;
   st = fct_lowrank_linear_forward(&c, &x->dl, &U->dl, &V->dl, NULL, &y->dl, NULL);
-  expect_fail(st, FCT_ERR_SHAPE, "U", "U/r mismatch");
+  test_expect_fail(st, FCT_ERR_SHAPE, "U", "U/r mismatch");
   U->shape[1] = 3;
   b->shape[0] = 4;
   st = fct_lowrank_linear_forward(&c, &x->dl, &U->dl, &V->dl, &b->dl, &y->dl, NULL);
-  expect_fail(st, FCT_ERR_SHAPE, "bias", "bias size");
+  test_expect_fail(st, FCT_ERR_SHAPE, "bias", "bias size");
   b->shape[0] = 5;
   y->shape[1] = 4;
   st = fct_lowrank_linear_forward(&c, &x->dl, &U->dl, &V->dl, NULL, &y->dl, NULL);
-  expect_fail(st, FCT_ERR_SHAPE, "y", "y shape");
+  test_expect_fail(st, FCT_ERR_SHAPE, "y", "y shape");
   y->shape[1] = 5;
   U->dl.ndim = 3;
   st = fct_lowrank_linear_forward(&c, &x->dl, &U->dl, &V->dl, NULL, &y->dl, NULL);
-  expect_fail(st, FCT_ERR_NDIM, "U", "U rank");
+  test_expect_fail(st, FCT_ERR_NDIM, "U", "U rank");
   U->dl.ndim = 2;
 
   st = fct_lowrank_linear_forward(&c, &x->dl, &U->dl, NULL, NULL, &y->dl, NULL);
-  expect_fail(st, FCT_ERR_NULL_ARGUMENT, "V", "NULL V");
+  test_expect_fail(st, FCT_ERR_NULL_ARGUMENT, "V", "NULL V");
   CHECK(fct_lowrank_linear_forward(NULL, &x->dl, &U->dl, &V->dl, NULL, &y->dl, NULL) ==
             FCT_ERR_NULL_ARGUMENT, "NULL ctx");
 
@@ -236,32 +194,32 @@ static void test_errors(void) {
   DLTensor alias = y->dl;
   alias.data = x->dl.data;
   st = fct_lowrank_linear_forward(&c, &x->dl, &U->dl, &V->dl, NULL, &alias, NULL);
-  expect_fail(st, FCT_ERR_LAYOUT, "y", "y overlaps x");
+  test_expect_fail(st, FCT_ERR_LAYOUT, "y", "y overlaps x");
   y->strides[0] = 0;
   st = fct_lowrank_linear_forward(&c, &x->dl, &U->dl, &V->dl, NULL, &y->dl, NULL);
-  expect_fail(st, FCT_ERR_LAYOUT, "y", "y broadcast");
+  test_expect_fail(st, FCT_ERR_LAYOUT, "y", "y broadcast");
   y->strides[0] = 5;
 
   /* Device mix, and CUDA without the backend. */
   U->dl.device = (DLDevice){kDLCUDA, 0};
   st = fct_lowrank_linear_forward(&c, &x->dl, &U->dl, &V->dl, NULL, &y->dl, NULL);
-  expect_fail(st, FCT_ERR_DEVICE, "U", "device mix");
+  test_expect_fail(st, FCT_ERR_DEVICE, "U", "device mix");
   U->dl.device = (DLDevice){kDLCPU, 0};
   if (!fct_cuda_available()) {
     x->dl.device = U->dl.device = V->dl.device = y->dl.device = (DLDevice){kDLCUDA, 0};
     st = fct_lowrank_linear_forward(&c, &x->dl, &U->dl, &V->dl, NULL, &y->dl, NULL);
-    expect_fail(st, FCT_ERR_UNSUPPORTED, "cuda", "cuda not loaded");
+    test_expect_fail(st, FCT_ERR_UNSUPPORTED, "cuda", "cuda not loaded");
     x->dl.device = U->dl.device = V->dl.device = y->dl.device = (DLDevice){kDLCPU, 0};
   }
 
   /* Workspace too small. x col-major with gaps needs packing. */
   int ord[2] = {1, 0};
-  test_tensor* xg = tt_new(32, 2, xs, ord, 2);
+  test_tensor* xg = tb_new(32, 2, xs, ord, 2);
   xg->strides[0] = 2; /* rows stride 2, columns stride 6: neither dense */
   c.workspace_bytes = 4;
   st = fct_lowrank_linear_forward(&c, &xg->dl, &U->dl, &V->dl, NULL, &y->dl, NULL);
-  expect_fail(st, FCT_ERR_WORKSPACE, "workspace", "small workspace");
-  ensure_ws(&c, 1 << 16);
+  test_expect_fail(st, FCT_ERR_WORKSPACE, "workspace", "small workspace");
+  test_workspace(&c, 1 << 16);
 
   /* Sizes that overflow: numel beyond int64, and a batch beyond BLAS's int. */
   int64_t huge[2] = {(int64_t)1 << 62, 8};
@@ -269,76 +227,76 @@ static void test_errors(void) {
   hx.shape = huge;
   hx.strides = NULL;
   st = fct_lowrank_linear_forward(&c, &hx, &U->dl, &V->dl, NULL, &y->dl, NULL);
-  expect_fail(st, FCT_ERR_OVERFLOW, "x", "numel overflow");
+  test_expect_fail(st, FCT_ERR_OVERFLOW, "x", "numel overflow");
   int64_t big[2] = {(int64_t)1 << 32, 6}, bigst[2] = {0, 1};
   hx.shape = big;
   hx.strides = bigst;
   st = fct_lowrank_linear_forward(&c, &hx, &U->dl, &V->dl, NULL, &y->dl, NULL);
-  expect_fail(st, FCT_ERR_OVERFLOW, "M=", "batch beyond int32");
+  test_expect_fail(st, FCT_ERR_OVERFLOW, "M=", "batch beyond int32");
 
   /* NaN in x with the finite check on: named; off: propagates silently. */
   int64_t i00[2] = {1, 2};
-  tt_set(x, i00, NAN);
+  tb_set(x, i00, NAN);
   c.flags = FCT_FLAG_CHECK_FINITE;
   st = fct_lowrank_linear_forward(&c, &x->dl, &U->dl, &V->dl, &b->dl, &y->dl, NULL);
-  expect_fail(st, FCT_ERR_NOT_FINITE, "x", "NaN in x");
+  test_expect_fail(st, FCT_ERR_NOT_FINITE, "x", "NaN in x");
   c.flags = 0;
   st = fct_lowrank_linear_forward(&c, &x->dl, &U->dl, &V->dl, &b->dl, &y->dl, NULL);
-  CHECK(st == FCT_OK, "NaN without check: %s", g_err);
+  CHECK(st == FCT_OK, "NaN without check: %s", test_err);
   int64_t i10[2] = {1, 0};
-  CHECK(isnan(tt_get(y, i10)), "NaN propagates to y's row 1");
+  CHECK(isnan(tb_get(y, i10)), "NaN propagates to y's row 1");
 
   /* Backward with the finite check: y (now holding NaN) as grad_y is named. */
-  test_tensor* gx = tt_output(32, 2, xs);
+  test_tensor* gx = tb_output(32, 2, xs);
   c.flags = FCT_FLAG_CHECK_FINITE;
   st = fct_lowrank_linear_backward(&c, &y->dl, &x->dl, &U->dl, &V->dl, NULL, &gx->dl, NULL,
                                    NULL, NULL);
-  expect_fail(st, FCT_ERR_NOT_FINITE, "grad_y", "NaN in grad_y");
+  test_expect_fail(st, FCT_ERR_NOT_FINITE, "grad_y", "NaN in grad_y");
   c.flags = 0;
-  tt_free(gx);
+  tb_free(gx);
 
   /* Backward: grad output of the wrong shape, output aliasing an input. */
-  test_tensor* gU = tt_output(32, 2, vs); /* V's shape, not U's */
+  test_tensor* gU = tb_output(32, 2, vs); /* V's shape, not U's */
   st = fct_lowrank_linear_backward(&c, &y->dl, &x->dl, &U->dl, &V->dl, NULL, NULL, &gU->dl,
                                    NULL, NULL);
-  expect_fail(st, FCT_ERR_SHAPE, "grad_U", "grad_U shape");
+  test_expect_fail(st, FCT_ERR_SHAPE, "grad_U", "grad_U shape");
   st = fct_lowrank_linear_backward(&c, &y->dl, &x->dl, &U->dl, &V->dl, NULL, &x->dl, NULL,
                                    NULL, NULL);
-  expect_fail(st, FCT_ERR_LAYOUT, "grad_x", "grad_x aliases x");
+  test_expect_fail(st, FCT_ERR_LAYOUT, "grad_x", "grad_x aliases x");
 
   CHECK(strcmp(fct_status_string(9999), "unknown factorch status") == 0, "unknown status");
   CHECK(fct_version() == ((FCT_VERSION_MAJOR << 16) | (FCT_VERSION_MINOR << 8)), "version");
-  tt_free(gU); tt_free(xg); tt_free(x); tt_free(U); tt_free(V); tt_free(y); tt_free(b);
-  tt_free(U64);
+  tb_free(gU); tb_free(xg); tb_free(x); tb_free(U); tb_free(V); tb_free(y); tb_free(b);
+  tb_free(U64);
 }
 
 /* An output large enough to be scanned for NaN in blocks on the pool: the
  * one NaN (in the last row of x) is found wherever it lands. */
 static void test_big_nan_scan(void) {
   int64_t xs[2] = {600, 8}, us[2] = {450, 2}, vs[2] = {2, 8}, ys[2] = {600, 450};
-  test_tensor* x = tt_new(32, 2, xs, NULL, 0);
-  test_tensor* U = tt_new(32, 2, us, NULL, 0);
-  test_tensor* V = tt_new(32, 2, vs, NULL, 0);
-  test_tensor* y = tt_output(32, 2, ys);
+  test_tensor* x = tb_new(32, 2, xs, NULL, 0);
+  test_tensor* U = tb_new(32, 2, us, NULL, 0);
+  test_tensor* V = tb_new(32, 2, vs, NULL, 0);
+  test_tensor* y = tb_output(32, 2, ys);
   int64_t last[2] = {599, 3};
-  tt_set(x, last, INFINITY);
-  fct_context c = make_ctx();
+  tb_set(x, last, INFINITY);
+  fct_context c = test_ctx(0);
   c.flags = FCT_FLAG_CHECK_FINITE;
-  ensure_ws(&c, 1 << 16);
+  test_workspace(&c, 1 << 16);
   fct_status st = fct_lowrank_linear_forward(&c, &x->dl, &U->dl, &V->dl, NULL, &y->dl, NULL);
-  expect_fail(st, FCT_ERR_NOT_FINITE, "x", "Inf in x, blocked scan");
-  CHECK(strstr(g_err, "450 NaN/Inf") != NULL, "every value of y's last row counted: %s", g_err);
-  tt_free(x); tt_free(U); tt_free(V); tt_free(y);
+  test_expect_fail(st, FCT_ERR_NOT_FINITE, "x", "Inf in x, blocked scan");
+  CHECK(strstr(test_err, "450 NaN/Inf") != NULL, "every value of y's last row counted: %s", test_err);
+  tb_free(x); tb_free(U); tb_free(V); tb_free(y);
 }
 
 int main(void) {
   test_values(false); /* OpenBLAS's own threads */
-  fct_cpu_set_thread_pool(tt_reverse_pool, tt_three_threads);
+  fct_cpu_set_thread_pool(tb_reverse_pool, tb_three_threads);
   test_values(false);
   test_values(true);
   test_big_nan_scan();
   fct_cpu_set_thread_pool(NULL, NULL);
   test_errors();
-  free(g_ws);
+  test_free_workspace();
   return test_report();
 }

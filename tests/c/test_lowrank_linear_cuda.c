@@ -93,7 +93,7 @@ static dev_tensor* dev_new(test_tensor* h, kind k, bool output) {
   dev_tensor* t = calloc(1, sizeof *t);
   t->h = h;
   t->k = k;
-  t->span = tt_numel(h) > 0 ? 1 : 0;
+  t->span = tb_numel(h) > 0 ? 1 : 0;
   for (int i = 0; i < h->dl.ndim && t->span; ++i) t->span += (h->shape[i] - 1) * h->strides[i];
   cuda_ok(cudaMalloc(&t->d, (size_t)(t->span + 1) * dev_es(t)), "cudaMalloc");
   t->dl = h->dl; /* shares h's shape and strides arrays */
@@ -108,7 +108,7 @@ static dev_tensor* dev_new(test_tensor* h, kind k, bool output) {
 static void dev_free(dev_tensor* t) {
   if (!t) return;
   cudaFree(t->d);
-  tt_free(t->h);
+  tb_free(t->h);
   free(t);
 }
 
@@ -147,7 +147,7 @@ static double rel_err(dev_tensor* a, const double* r, int64_t rows, int64_t cols
   double num = 0, den = 1e-300;
   for (int64_t i = 0; i < rows; ++i)
     for (int64_t j = 0; j < cols; ++j) {
-      double d = fabs(tt_get2(a->h, i, j) - r[i * cols + j]);
+      double d = fabs(tb_get2(a->h, i, j) - r[i * cols + j]);
       if (d != d) d = INFINITY;
       num = d > num ? d : num;
       den = fabs(r[i * cols + j]) > den ? fabs(r[i * cols + j]) : den;
@@ -173,7 +173,7 @@ static test_tensor* every_other(int bits, int ndim, const int64_t* shape) {
   int64_t wide[3];
   memcpy(wide, shape, sizeof(int64_t) * (size_t)ndim);
   wide[ndim - 1] *= 2;
-  test_tensor* t = tt_new(bits, ndim, wide, NULL, 0);
+  test_tensor* t = tb_new(bits, ndim, wide, NULL, 0);
   t->shape[ndim - 1] = shape[ndim - 1];
   t->strides[ndim - 1] = 2;
   return t;
@@ -200,16 +200,16 @@ static void run_case(kind k, int64_t M, int64_t in, int64_t out, int64_t r, bool
   int wt[2] = {1, 0};
   int64_t us[2] = {out, r}, vs[2] = {r, in}, bs[1] = {out};
   const int* xo = L->x_order[0] || L->x_order[1] ? L->x_order : NULL;
-  test_tensor* hx = L->step2 ? every_other(bits, nd, xs) : tt_new(bits, nd, xs, xo, L->x_gap);
+  test_tensor* hx = L->step2 ? every_other(bits, nd, xs) : tb_new(bits, nd, xs, xo, L->x_gap);
   dev_tensor* x = dev_new(hx, k, false);
-  dev_tensor* U = dev_new(tt_new(bits, 2, us, L->w_transposed ? wt : NULL, 0), k, false);
-  dev_tensor* V = dev_new(tt_new(bits, 2, vs, L->w_transposed ? wt : NULL, 0), k, false);
+  dev_tensor* U = dev_new(tb_new(bits, 2, us, L->w_transposed ? wt : NULL, 0), k, false);
+  dev_tensor* V = dev_new(tb_new(bits, 2, vs, L->w_transposed ? wt : NULL, 0), k, false);
   dev_tensor* b = NULL;
   if (bias)
-    b = dev_new(L->step2 ? every_other(bits, 1, bs) : tt_new(bits, 1, bs, NULL, 0), k, false);
-  dev_tensor* g = dev_new(tt_new(bits, nd, ys, NULL, 0), k, false);
-  dev_tensor* y = dev_new(tt_output(bits, nd, ys), k, true);
-  dev_tensor* t = dev_new(tt_output(bits, nd, ts), k, true);
+    b = dev_new(L->step2 ? every_other(bits, 1, bs) : tb_new(bits, 1, bs, NULL, 0), k, false);
+  dev_tensor* g = dev_new(tb_new(bits, nd, ys, NULL, 0), k, false);
+  dev_tensor* y = dev_new(tb_output(bits, nd, ys), k, true);
+  dev_tensor* t = dev_new(tb_output(bits, nd, ts), k, true);
   ref R = reference(x->h, U->h, V->h, b ? b->h : NULL, g->h, M, in, out, r);
   double tol = k == K_F64 ? 1e-12 : k == K_F32 ? 2e-5 * sqrt((double)(in + out + M + 1)) : 3e-2;
 
@@ -234,10 +234,10 @@ static void run_case(kind k, int64_t M, int64_t in, int64_t out, int64_t r, bool
    * with the saved t when we have it, else recomputed. */
   for (int variant = 0; variant < 3; ++variant) {
     bool want_x = variant != 1, want_U = variant != 2, want_all = variant == 0;
-    dev_tensor* gx = want_x ? dev_new(tt_output(bits, nd, xs), k, true) : NULL;
-    dev_tensor* gU = want_U ? dev_new(tt_output(bits, 2, us), k, true) : NULL;
-    dev_tensor* gV = want_all ? dev_new(tt_output(bits, 2, vs), k, true) : NULL;
-    dev_tensor* gb = want_all ? dev_new(tt_output(bits, 1, bs), k, true) : NULL;
+    dev_tensor* gx = want_x ? dev_new(tb_output(bits, nd, xs), k, true) : NULL;
+    dev_tensor* gU = want_U ? dev_new(tb_output(bits, 2, us), k, true) : NULL;
+    dev_tensor* gV = want_all ? dev_new(tb_output(bits, 2, vs), k, true) : NULL;
+    dev_tensor* gb = want_all ? dev_new(tb_output(bits, 1, bs), k, true) : NULL;
     const DLTensor* tin = keep_t ? &t->dl : NULL;
     c = make_ctx();
     st = fct_lowrank_linear_backward_workspace(&c, &g->dl, &x->dl, &U->dl, &V->dl, tin,
@@ -312,12 +312,12 @@ static void expect_fail(fct_status got, fct_status want, const char* name, const
 
 static void test_errors(void) {
   int64_t xs[2] = {4, 6}, us[2] = {5, 3}, vs[2] = {3, 6}, ys[2] = {4, 5}, bs[1] = {5};
-  dev_tensor* x = dev_new(tt_new(32, 2, xs, NULL, 0), K_F32, false);
-  dev_tensor* U = dev_new(tt_new(32, 2, us, NULL, 0), K_F32, false);
-  dev_tensor* V = dev_new(tt_new(32, 2, vs, NULL, 0), K_F32, false);
-  dev_tensor* y = dev_new(tt_output(32, 2, ys), K_F32, true);
-  dev_tensor* b = dev_new(tt_new(32, 1, bs, NULL, 0), K_F32, false);
-  dev_tensor* U64 = dev_new(tt_new(64, 2, us, NULL, 0), K_F64, false);
+  dev_tensor* x = dev_new(tb_new(32, 2, xs, NULL, 0), K_F32, false);
+  dev_tensor* U = dev_new(tb_new(32, 2, us, NULL, 0), K_F32, false);
+  dev_tensor* V = dev_new(tb_new(32, 2, vs, NULL, 0), K_F32, false);
+  dev_tensor* y = dev_new(tb_output(32, 2, ys), K_F32, true);
+  dev_tensor* b = dev_new(tb_new(32, 1, bs, NULL, 0), K_F32, false);
+  dev_tensor* U64 = dev_new(tb_new(64, 2, us, NULL, 0), K_F64, false);
   dev_tensor* xs2 = dev_new(every_other(32, 2, xs), K_F32, false);
   fct_context c = make_ctx();
   ensure_ws(&c, 1 << 16);
@@ -340,7 +340,7 @@ static void test_errors(void) {
   /* NaN in x with the finite check on (count_nonfinite on the GPU): named;
    * off: propagates to y's row 1 silently. */
   int64_t i12[2] = {1, 2}, i10[2] = {1, 0}, i00[2] = {0, 0};
-  tt_set(x->h, i12, NAN);
+  tb_set(x->h, i12, NAN);
   upload(x);
   ensure_ws(&c, 1 << 16);
   c.flags = FCT_FLAG_CHECK_FINITE;
@@ -352,11 +352,11 @@ static void test_errors(void) {
   CHECK(st == FCT_OK, "NaN without check: %s", g_err);
   cuda_ok(cudaStreamSynchronize(g_stream), "cudaStreamSynchronize");
   download(y);
-  CHECK(isnan(tt_get(y->h, i10)), "NaN propagates to y's row 1");
-  CHECK(!isnan(tt_get(y->h, i00)), "row 0 of y stays finite");
+  CHECK(isnan(tb_get(y->h, i10)), "NaN propagates to y's row 1");
+  CHECK(!isnan(tb_get(y->h, i00)), "row 0 of y stays finite");
 
   /* The finite check passes on finite data (the count comes back as 0). */
-  tt_set(x->h, i12, 0.5);
+  tb_set(x->h, i12, 0.5);
   upload(x);
   ensure_ws(&c, 1 << 16);
   c.flags = FCT_FLAG_CHECK_FINITE;

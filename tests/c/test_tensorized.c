@@ -4,12 +4,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-char tz_err[512];
-static void* g_ws;
-static size_t g_ws_bytes;
-
 double* tz_to_double(const test_tensor* t) {
-  int64_t n = tt_numel(t), idx[8] = {0};
+  int64_t n = tb_numel(t), idx[8] = {0};
   double* out = calloc((size_t)n + 1, sizeof(double));
   for (int64_t e = 0; e < n; ++e) {
     int64_t rem = e;
@@ -17,7 +13,7 @@ double* tz_to_double(const test_tensor* t) {
       idx[d] = rem % t->shape[d];
       rem /= t->shape[d];
     }
-    out[e] = tt_get(t, idx);
+    out[e] = tb_get(t, idx);
   }
   return out;
 }
@@ -65,48 +61,4 @@ void tz_param_grad(tz_reconstruct_fn fn, const void* model, double** params, int
   params[k] = saved;
   free(unit);
   free(W);
-}
-
-double tz_rel_err(const test_tensor* a, const double* ref, int64_t rows, int64_t cols) {
-  if (rows <= 0 || cols <= 0) return 0.0;
-  double num = 0, den = 1e-300;
-  for (int64_t i = 0; i < rows; ++i)
-    for (int64_t j = 0; j < cols; ++j) {
-      double d = fabs(tt_get2(a, i, j) - ref[i * cols + j]);
-      if (d != d) return INFINITY;
-      num = d > num ? d : num;
-      den = fabs(ref[i * cols + j]) > den ? fabs(ref[i * cols + j]) : den;
-    }
-  return num / den;
-}
-
-fct_context tz_ctx(uint32_t flags) {
-  fct_context c = {0};
-  c.error = tz_err;
-  c.error_bytes = sizeof tz_err;
-  c.flags = flags;
-  tz_err[0] = 0;
-  return c;
-}
-
-void tz_workspace(fct_context* c, size_t bytes) {
-  if (bytes > g_ws_bytes) {
-    free(g_ws);
-    g_ws = aligned_alloc(256, (bytes + 255) / 256 * 256);
-    g_ws_bytes = bytes;
-  }
-  c->workspace = bytes ? g_ws : NULL;
-  c->workspace_bytes = bytes;
-}
-
-void tz_free_workspace(void) {
-  free(g_ws);
-  g_ws = NULL;
-  g_ws_bytes = 0;
-}
-
-void tz_expect_fail(fct_status got, fct_status want, const char* name, const char* what) {
-  CHECK(got == want, "%s: expected status %d (%s), got %d: %s", what, want,
-        fct_status_string(want), got, tz_err);
-  CHECK(strstr(tz_err, name) != NULL, "%s: message '%s' does not name '%s'", what, tz_err, name);
 }

@@ -27,17 +27,4 @@ void tz_backward(const double* x, const double* W, const double* g, int64_t M, i
 void tz_param_grad(tz_reconstruct_fn fn, const void* model, double** params, int k, int64_t nk,
                    const double* gW, int64_t in, int64_t out, double* grad);
 
-/* max |a - ref| / max(|ref|, 1e-300) over a tensor folded to [rows, cols];
- * Inf when a holds NaN (an element never written). 0 when empty. */
-double tz_rel_err(const test_tensor* a, const double* ref, int64_t rows, int64_t cols);
-
-/* Context with the shared error buffer; workspace of at least `bytes`. */
-extern char tz_err[512];
-fct_context tz_ctx(uint32_t flags);
-void tz_workspace(fct_context* c, size_t bytes);
-void tz_free_workspace(void);
-
-/* got == want and the message names `name`. */
-void tz_expect_fail(fct_status got, fct_status want, const char* name, const char* what);
-
 #endif

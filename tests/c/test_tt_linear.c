@@ -101,26 +101,26 @@ static void run_case(int bits, const tt_case* cc, const layout_case* L, bool bia
   memcpy(ys, xs, sizeof xs);
   ys[nd - 1] = out;
   int col[3] = {1, 0, 0}, odd[4] = {2, 0, 3, 1};
-  test_tensor* x = tt_new(bits, nd, xs, L->x_colmajor ? col : NULL, L->gap);
+  test_tensor* x = tb_new(bits, nd, xs, L->x_colmajor ? col : NULL, L->gap);
   test_tensor* G[4];
   double* P[4];
   const DLTensor* dG[4];
   for (int k = 0; k < m.d; ++k) {
     int64_t sh[4] = {m.r[k], m.in[k], m.out[k], m.r[k + 1]};
-    G[k] = tt_new(bits, 4, sh, L->core_odd ? odd : NULL, 0);
+    G[k] = tb_new(bits, 4, sh, L->core_odd ? odd : NULL, 0);
     P[k] = tz_to_double(G[k]);
     dG[k] = &G[k]->dl;
   }
   int64_t bs[1] = {out};
-  test_tensor* b = bias ? tt_new(bits, 1, bs, NULL, 0) : NULL;
-  test_tensor* g = tt_new(bits, nd, ys, NULL, 0);
-  test_tensor* y = tt_output(bits, nd, ys);
+  test_tensor* b = bias ? tb_new(bits, 1, bs, NULL, 0) : NULL;
+  test_tensor* g = tb_new(bits, nd, ys, NULL, 0);
+  test_tensor* y = tb_output(bits, nd, ys);
 
   double* W = calloc((size_t)(in * out) + 1, sizeof(double));
   tt_reconstruct(&m, P, W);
   double* xd = calloc((size_t)(M * in) + 1, sizeof(double));
   for (int64_t i = 0; i < M; ++i)
-    for (int64_t j = 0; j < in; ++j) xd[i * in + j] = tt_get2(x, i, j);
+    for (int64_t j = 0; j < in; ++j) xd[i * in + j] = tb_get2(x, i, j);
   double* gd = tz_to_double(g);
   double* bd = b ? tz_to_double(b) : NULL;
   double* yr = calloc((size_t)(M * out) + 1, sizeof(double));
@@ -131,7 +131,7 @@ static void run_case(int bits, const tt_case* cc, const layout_case* L, bool bia
   tz_backward(xd, W, gd, M, in, out, gxr, gWr, gbr);
   double* gPr[4];
   for (int k = 0; k < m.d; ++k) {
-    int64_t nk = tt_numel(G[k]);
+    int64_t nk = tb_numel(G[k]);
     gPr[k] = calloc((size_t)nk + 1, sizeof(double));
     tz_param_grad(tt_reconstruct, &m, P, k, nk, gWr, in, out, gPr[k]);
   }
@@ -139,60 +139,60 @@ static void run_case(int bits, const tt_case* cc, const layout_case* L, bool bia
   for (int k = 0; k <= m.d; ++k) rsum += (double)m.r[k];
   double tol = bits == 64 ? 1e-11 : 4e-5 * sqrt((double)(in + out + M + 1) * rsum);
 
-  fct_context c = tz_ctx(flags);
+  fct_context c = test_ctx(flags);
   size_t bytes = 0;
   fct_status st = fct_tt_linear_forward_workspace(&c, &x->dl, m.d, dG, b ? &b->dl : NULL,
                                                   &y->dl, &bytes);
-  CHECK(st == FCT_OK, "%s: forward workspace: %s", label, tz_err);
-  tz_workspace(&c, bytes);
+  CHECK(st == FCT_OK, "%s: forward workspace: %s", label, test_err);
+  test_workspace(&c, bytes);
   st = fct_tt_linear_forward(&c, &x->dl, m.d, dG, b ? &b->dl : NULL, &y->dl);
-  CHECK(st == FCT_OK, "%s: forward: %s", label, tz_err);
-  double e = tz_rel_err(y, yr, M, out);
+  CHECK(st == FCT_OK, "%s: forward: %s", label, test_err);
+  double e = test_rel_err(y, yr, M, out);
   CHECK(e <= tol, "%s: y error %.3g > %.3g", label, e, tol);
 
   /* Variants: everything; grad_x only; cores only (all); the last core and
    * the bias only. */
   for (int variant = 0; variant < 4; ++variant) {
     bool want_x = variant <= 1, want_b = variant == 0 || variant == 3;
-    test_tensor* gx = tt_output(bits, nd, xs);
-    test_tensor* gb = tt_output(bits, 1, bs);
+    test_tensor* gx = tb_output(bits, nd, xs);
+    test_tensor* gb = tb_output(bits, 1, bs);
     test_tensor* gG[4];
     DLTensor* dgG[4];
     for (int k = 0; k < m.d; ++k) {
-      gG[k] = tt_output(bits, 4, G[k]->shape);
+      gG[k] = tb_output(bits, 4, G[k]->shape);
       dgG[k] = (variant == 0 || variant == 2 || (variant == 3 && k == m.d - 1)) ? &gG[k]->dl
                                                                               : NULL;
     }
-    c = tz_ctx(flags);
+    c = test_ctx(flags);
     st = fct_tt_linear_backward_workspace(&c, &g->dl, &x->dl, m.d, dG, want_x ? &gx->dl : NULL,
                                           (const DLTensor* const*)dgG,
                                           want_b ? &gb->dl : NULL, &bytes);
-    CHECK(st == FCT_OK, "%s: backward workspace %d: %s", label, variant, tz_err);
-    tz_workspace(&c, bytes);
+    CHECK(st == FCT_OK, "%s: backward workspace %d: %s", label, variant, test_err);
+    test_workspace(&c, bytes);
     st = fct_tt_linear_backward(&c, &g->dl, &x->dl, m.d, dG, want_x ? &gx->dl : NULL, dgG,
                                 want_b ? &gb->dl : NULL);
-    CHECK(st == FCT_OK, "%s: backward %d: %s", label, variant, tz_err);
+    CHECK(st == FCT_OK, "%s: backward %d: %s", label, variant, test_err);
     if (want_x) {
-      e = tz_rel_err(gx, gxr, M, in);
+      e = test_rel_err(gx, gxr, M, in);
       CHECK(e <= tol, "%s: grad_x error %.3g (variant %d)", label, e, variant);
     }
     if (want_b) {
-      e = tz_rel_err(gb, gbr, 1, out);
+      e = test_rel_err(gb, gbr, 1, out);
       CHECK(e <= tol, "%s: grad_bias error %.3g (variant %d)", label, e, variant);
     }
     for (int k = 0; k < m.d; ++k) {
       if (!dgG[k]) continue;
       int64_t rows = m.r[k] * m.in[k] * m.out[k];
-      e = tz_rel_err(gG[k], gPr[k], rows, m.r[k + 1]);
+      e = test_rel_err(gG[k], gPr[k], rows, m.r[k + 1]);
       CHECK(e <= tol, "%s: grad_cores[%d] error %.3g (variant %d)", label, k, e, variant);
     }
-    tt_free(gx);
-    tt_free(gb);
-    for (int k = 0; k < m.d; ++k) tt_free(gG[k]);
+    tb_free(gx);
+    tb_free(gb);
+    for (int k = 0; k < m.d; ++k) tb_free(gG[k]);
   }
-  for (int k = 0; k < m.d; ++k) free(P[k]), free(gPr[k]), tt_free(G[k]);
+  for (int k = 0; k < m.d; ++k) free(P[k]), free(gPr[k]), tb_free(G[k]);
   free(W); free(xd); free(gd); free(bd); free(yr); free(gxr); free(gWr); free(gbr);
-  tt_free(x); tt_free(b); tt_free(g); tt_free(y);
+  tb_free(x); tb_free(b); tb_free(g); tb_free(y);
 }
 
 static void test_values(void) {
@@ -233,64 +233,64 @@ static void test_values(void) {
 
 static void test_errors(void) {
   int64_t xs[2] = {4, 6}, c0[4] = {1, 2, 3, 2}, c1[4] = {2, 3, 2, 1}, ys[2] = {4, 6};
-  test_tensor* x = tt_new(32, 2, xs, NULL, 0);
-  test_tensor* G0 = tt_new(32, 4, c0, NULL, 0);
-  test_tensor* G1 = tt_new(32, 4, c1, NULL, 0);
-  test_tensor* y = tt_output(32, 2, ys);
+  test_tensor* x = tb_new(32, 2, xs, NULL, 0);
+  test_tensor* G0 = tb_new(32, 4, c0, NULL, 0);
+  test_tensor* G1 = tb_new(32, 4, c1, NULL, 0);
+  test_tensor* y = tb_output(32, 2, ys);
   const DLTensor* G[2] = {&G0->dl, &G1->dl};
-  fct_context c = tz_ctx(0);
-  tz_workspace(&c, 1 << 20);
+  fct_context c = test_ctx(0);
+  test_workspace(&c, 1 << 20);
   fct_status st = fct_tt_linear_forward(&c, &x->dl, 2, G, NULL, &y->dl);
-  CHECK(st == FCT_OK, "valid call: %s", tz_err);
+  CHECK(st == FCT_OK, "valid call: %s", test_err);
   G1->shape[0] = 3;
   st = fct_tt_linear_forward(&c, &x->dl, 2, G, NULL, &y->dl);
-  tz_expect_fail(st, FCT_ERR_SHAPE, "cores[1]: expected a first dim of 2", "rank chain");
+  test_expect_fail(st, FCT_ERR_SHAPE, "cores[1]: expected a first dim of 2", "rank chain");
   G1->shape[0] = 2;
   G0->shape[0] = 2;
   st = fct_tt_linear_forward(&c, &x->dl, 2, G, NULL, &y->dl);
-  tz_expect_fail(st, FCT_ERR_SHAPE, "cores[0]: expected a first dim of 1", "r_0 != 1");
+  test_expect_fail(st, FCT_ERR_SHAPE, "cores[0]: expected a first dim of 1", "r_0 != 1");
   G0->shape[0] = 1;
   G1->shape[3] = 2;
   st = fct_tt_linear_forward(&c, &x->dl, 2, G, NULL, &y->dl);
-  tz_expect_fail(st, FCT_ERR_SHAPE, "cores[1]: expected a last dim of 1", "r_d != 1");
+  test_expect_fail(st, FCT_ERR_SHAPE, "cores[1]: expected a last dim of 1", "r_d != 1");
   G1->shape[3] = 1;
   G0->shape[3] = 0;
   G1->shape[0] = 0;
   st = fct_tt_linear_forward(&c, &x->dl, 2, G, NULL, &y->dl);
-  tz_expect_fail(st, FCT_ERR_SHAPE, "cores[0]", "rank 0");
+  test_expect_fail(st, FCT_ERR_SHAPE, "cores[0]", "rank 0");
   G0->shape[3] = 2;
   G1->shape[0] = 2;
   G0->dl.ndim = 3;
   st = fct_tt_linear_forward(&c, &x->dl, 2, G, NULL, &y->dl);
-  tz_expect_fail(st, FCT_ERR_NDIM, "cores[0]", "3-D core");
+  test_expect_fail(st, FCT_ERR_NDIM, "cores[0]", "3-D core");
   G0->dl.ndim = 4;
   xs[1] = 5;
-  test_tensor* x5 = tt_new(32, 2, xs, NULL, 0);
+  test_tensor* x5 = tb_new(32, 2, xs, NULL, 0);
   st = fct_tt_linear_forward(&c, &x5->dl, 2, G, NULL, &y->dl);
-  tz_expect_fail(st, FCT_ERR_SHAPE, "x: expected a last dim of 6", "in mismatch");
+  test_expect_fail(st, FCT_ERR_SHAPE, "x: expected a last dim of 6", "in mismatch");
   st = fct_tt_linear_forward(&c, &x->dl, 9, G, NULL, &y->dl);
-  tz_expect_fail(st, FCT_ERR_INVALID_VALUE, "d", "9 cores");
+  test_expect_fail(st, FCT_ERR_INVALID_VALUE, "d", "9 cores");
   st = fct_tt_linear_forward(&c, &x->dl, 2, NULL, NULL, &y->dl);
-  tz_expect_fail(st, FCT_ERR_NULL_ARGUMENT, "cores", "NULL cores");
+  test_expect_fail(st, FCT_ERR_NULL_ARGUMENT, "cores", "NULL cores");
   c.workspace_bytes = 8;
   st = fct_tt_linear_forward(&c, &x->dl, 2, G, NULL, &y->dl);
-  tz_expect_fail(st, FCT_ERR_WORKSPACE, "workspace", "small workspace");
-  tz_workspace(&c, 1 << 20);
+  test_expect_fail(st, FCT_ERR_WORKSPACE, "workspace", "small workspace");
+  test_workspace(&c, 1 << 20);
   int64_t i0[4] = {0, 1, 1, 1};
-  tt_set(G0, i0, INFINITY);
+  tb_set(G0, i0, INFINITY);
   c.flags = FCT_FLAG_CHECK_FINITE;
   st = fct_tt_linear_forward(&c, &x->dl, 2, G, NULL, &y->dl);
-  tz_expect_fail(st, FCT_ERR_NOT_FINITE, "cores[0]", "Inf in a core");
+  test_expect_fail(st, FCT_ERR_NOT_FINITE, "cores[0]", "Inf in a core");
   c.flags = 0;
-  tt_set(G0, i0, 0.5);
-  test_tensor* g = tt_new(32, 2, ys, NULL, 0);
-  test_tensor* gG1 = tt_output(32, 4, c0); /* G0's shape */
+  tb_set(G0, i0, 0.5);
+  test_tensor* g = tb_new(32, 2, ys, NULL, 0);
+  test_tensor* gG1 = tb_output(32, 4, c0); /* G0's shape */
   DLTensor* gG[2] = {NULL, &gG1->dl};
   st = fct_tt_linear_backward(&c, &g->dl, &x->dl, 2, G, NULL, gG, NULL);
-  tz_expect_fail(st, FCT_ERR_SHAPE, "grad_cores[1]", "grad core shape");
+  test_expect_fail(st, FCT_ERR_SHAPE, "grad_cores[1]", "grad core shape");
   DLTensor* gGa[2] = {&G1->dl, NULL};
   st = fct_tt_linear_backward(&c, &g->dl, &x->dl, 2, G, NULL, gGa, NULL);
-  tz_expect_fail(st, FCT_ERR_SHAPE, "grad_cores[0]", "grad core of another's shape");
+  test_expect_fail(st, FCT_ERR_SHAPE, "grad_cores[0]", "grad core of another's shape");
 
   /* The cost model on the benchmark's layer: 4096 x 4096 as (8, 8, 8, 8),
    * ranks 50: pairs of merged cores for a large batch. */
@@ -318,12 +318,12 @@ static void test_errors(void) {
                           (DLDataType){kDLFloat, 32, 1}, &info);
   CHECK(st == FCT_ERR_OVERFLOW, "tt plan with a rank of 2^40: %d", st);
 
-  tt_free(x); tt_free(x5); tt_free(G0); tt_free(G1); tt_free(y); tt_free(g); tt_free(gG1);
+  tb_free(x); tb_free(x5); tb_free(G0); tb_free(G1); tb_free(y); tb_free(g); tb_free(gG1);
 }
 
 int main(void) {
   test_values();
   test_errors();
-  tz_free_workspace();
+  test_free_workspace();
   return test_report();
 }

@@ -94,34 +94,34 @@ static void run_case(int bits, const tk_case* cc, const layout_case* L, bool bia
   ys[nd - 1] = out;
   int col[3] = {1, 0, 0};
   const int* pc = L->p_colmajor ? col : NULL;
-  test_tensor* x = tt_new(bits, nd, xs, L->x_colmajor ? col : NULL, L->gap);
+  test_tensor* x = tb_new(bits, nd, xs, L->x_colmajor ? col : NULL, L->gap);
   int np = 1 + m.n_in + m.n_out;
   test_tensor* Pt[9];
   double* P[9];
   int64_t csh[2] = {m.S, m.T};
-  Pt[0] = tt_new(bits, 2, csh, pc, 0);
+  Pt[0] = tb_new(bits, 2, csh, pc, 0);
   for (int k = 0; k < m.n_in; ++k) {
     int64_t sh[2] = {m.in[k], m.t[k]};
-    Pt[1 + k] = tt_new(bits, 2, sh, pc, 0);
+    Pt[1 + k] = tb_new(bits, 2, sh, pc, 0);
   }
   for (int k = 0; k < m.n_out; ++k) {
     int64_t sh[2] = {m.out[k], m.s[k]};
-    Pt[1 + m.n_in + k] = tt_new(bits, 2, sh, pc, 0);
+    Pt[1 + m.n_in + k] = tb_new(bits, 2, sh, pc, 0);
   }
   for (int k = 0; k < np; ++k) P[k] = tz_to_double(Pt[k]);
   const DLTensor *dV[4], *dU[4];
   for (int k = 0; k < m.n_in; ++k) dV[k] = &Pt[1 + k]->dl;
   for (int k = 0; k < m.n_out; ++k) dU[k] = &Pt[1 + m.n_in + k]->dl;
   int64_t bs[1] = {out};
-  test_tensor* b = bias ? tt_new(bits, 1, bs, NULL, 0) : NULL;
-  test_tensor* g = tt_new(bits, nd, ys, NULL, 0);
-  test_tensor* y = tt_output(bits, nd, ys);
+  test_tensor* b = bias ? tb_new(bits, 1, bs, NULL, 0) : NULL;
+  test_tensor* g = tb_new(bits, nd, ys, NULL, 0);
+  test_tensor* y = tb_output(bits, nd, ys);
 
   double* W = calloc((size_t)(in * out) + 1, sizeof(double));
   tk_reconstruct(&m, P, W);
   double* xd = calloc((size_t)(M * in) + 1, sizeof(double));
   for (int64_t i = 0; i < M; ++i)
-    for (int64_t j = 0; j < in; ++j) xd[i * in + j] = tt_get2(x, i, j);
+    for (int64_t j = 0; j < in; ++j) xd[i * in + j] = tb_get2(x, i, j);
   double* gd = tz_to_double(g);
   double* bd = b ? tz_to_double(b) : NULL;
   double* yr = calloc((size_t)(M * out) + 1, sizeof(double));
@@ -132,23 +132,23 @@ static void run_case(int bits, const tk_case* cc, const layout_case* L, bool bia
   tz_backward(xd, W, gd, M, in, out, gxr, gWr, gbr);
   double* gPr[9];
   for (int k = 0; k < np; ++k) {
-    int64_t nk = tt_numel(Pt[k]);
+    int64_t nk = tb_numel(Pt[k]);
     gPr[k] = calloc((size_t)nk + 1, sizeof(double));
     tz_param_grad(tk_reconstruct, &m, P, k, nk, gWr, in, out, gPr[k]);
   }
   double tol = bits == 64 ? 1e-11 : 3e-5 * sqrt((double)(in + out + m.S + m.T + M + 1));
 
-  fct_context c = tz_ctx(flags);
+  fct_context c = test_ctx(flags);
   size_t bytes = 0;
   fct_status st = fct_tucker_linear_forward_workspace(&c, &x->dl, &Pt[0]->dl, m.n_in, dV,
                                                       m.n_out, dU, b ? &b->dl : NULL, &y->dl,
                                                       &bytes);
-  CHECK(st == FCT_OK, "%s: forward workspace: %s", label, tz_err);
-  tz_workspace(&c, bytes);
+  CHECK(st == FCT_OK, "%s: forward workspace: %s", label, test_err);
+  test_workspace(&c, bytes);
   st = fct_tucker_linear_forward(&c, &x->dl, &Pt[0]->dl, m.n_in, dV, m.n_out, dU,
                                  b ? &b->dl : NULL, &y->dl);
-  CHECK(st == FCT_OK, "%s: forward: %s", label, tz_err);
-  double e = tz_rel_err(y, yr, M, out);
+  CHECK(st == FCT_OK, "%s: forward: %s", label, test_err);
+  double e = test_rel_err(y, yr, M, out);
   CHECK(e <= tol, "%s: y error %.3g > %.3g", label, e, tol);
 
   /* Variants: everything; grad_x only; core + output factors + bias; the
@@ -156,55 +156,55 @@ static void run_case(int bits, const tk_case* cc, const layout_case* L, bool bia
   for (int variant = 0; variant < 4; ++variant) {
     bool want_x = variant <= 1, want_core = variant == 0 || variant == 2;
     bool want_b = variant == 0 || variant == 2;
-    test_tensor* gx = tt_output(bits, nd, xs);
-    test_tensor* gb = tt_output(bits, 1, bs);
+    test_tensor* gx = tb_output(bits, nd, xs);
+    test_tensor* gb = tb_output(bits, 1, bs);
     test_tensor* gP[9];
-    for (int k = 0; k < np; ++k) gP[k] = tt_output(bits, 2, Pt[k]->shape);
+    for (int k = 0; k < np; ++k) gP[k] = tb_output(bits, 2, Pt[k]->shape);
     DLTensor *gV[4], *gU[4];
     for (int k = 0; k < m.n_in; ++k)
       gV[k] = (variant == 0 || (variant == 3 && (k > 0 || m.n_in == 1))) ? &gP[1 + k]->dl : NULL;
     for (int k = 0; k < m.n_out; ++k)
       gU[k] = (variant == 0 || variant == 2) ? &gP[1 + m.n_in + k]->dl : NULL;
-    c = tz_ctx(flags);
+    c = test_ctx(flags);
     st = fct_tucker_linear_backward_workspace(
         &c, &g->dl, &x->dl, &Pt[0]->dl, m.n_in, dV, m.n_out, dU, want_x ? &gx->dl : NULL,
         want_core ? &gP[0]->dl : NULL, (const DLTensor* const*)gV, (const DLTensor* const*)gU,
         want_b ? &gb->dl : NULL, &bytes);
-    CHECK(st == FCT_OK, "%s: backward workspace %d: %s", label, variant, tz_err);
-    tz_workspace(&c, bytes);
+    CHECK(st == FCT_OK, "%s: backward workspace %d: %s", label, variant, test_err);
+    test_workspace(&c, bytes);
     st = fct_tucker_linear_backward(&c, &g->dl, &x->dl, &Pt[0]->dl, m.n_in, dV, m.n_out, dU,
                                     want_x ? &gx->dl : NULL, want_core ? &gP[0]->dl : NULL, gV,
                                     gU, want_b ? &gb->dl : NULL);
-    CHECK(st == FCT_OK, "%s: backward %d: %s", label, variant, tz_err);
+    CHECK(st == FCT_OK, "%s: backward %d: %s", label, variant, test_err);
     if (want_x) {
-      e = tz_rel_err(gx, gxr, M, in);
+      e = test_rel_err(gx, gxr, M, in);
       CHECK(e <= tol, "%s: grad_x error %.3g (variant %d)", label, e, variant);
     }
     if (want_b) {
-      e = tz_rel_err(gb, gbr, 1, out);
+      e = test_rel_err(gb, gbr, 1, out);
       CHECK(e <= tol, "%s: grad_bias error %.3g (variant %d)", label, e, variant);
     }
     if (want_core) {
-      e = tz_rel_err(gP[0], gPr[0], m.S, m.T);
+      e = test_rel_err(gP[0], gPr[0], m.S, m.T);
       CHECK(e <= tol, "%s: grad_core error %.3g (variant %d)", label, e, variant);
     }
     for (int k = 0; k < m.n_in; ++k) {
       if (!gV[k]) continue;
-      e = tz_rel_err(gP[1 + k], gPr[1 + k], m.in[k], m.t[k]);
+      e = test_rel_err(gP[1 + k], gPr[1 + k], m.in[k], m.t[k]);
       CHECK(e <= tol, "%s: grad_in_factors[%d] error %.3g (variant %d)", label, k, e, variant);
     }
     for (int k = 0; k < m.n_out; ++k) {
       if (!gU[k]) continue;
-      e = tz_rel_err(gP[1 + m.n_in + k], gPr[1 + m.n_in + k], m.out[k], m.s[k]);
+      e = test_rel_err(gP[1 + m.n_in + k], gPr[1 + m.n_in + k], m.out[k], m.s[k]);
       CHECK(e <= tol, "%s: grad_out_factors[%d] error %.3g (variant %d)", label, k, e, variant);
     }
-    tt_free(gx);
-    tt_free(gb);
-    for (int k = 0; k < np; ++k) tt_free(gP[k]);
+    tb_free(gx);
+    tb_free(gb);
+    for (int k = 0; k < np; ++k) tb_free(gP[k]);
   }
-  for (int k = 0; k < np; ++k) free(P[k]), free(gPr[k]), tt_free(Pt[k]);
+  for (int k = 0; k < np; ++k) free(P[k]), free(gPr[k]), tb_free(Pt[k]);
   free(W); free(xd); free(gd); free(bd); free(yr); free(gxr); free(gWr); free(gbr);
-  tt_free(x); tt_free(b); tt_free(g); tt_free(y);
+  tb_free(x); tb_free(b); tb_free(g); tb_free(y);
 }
 
 static void test_values(void) {
@@ -236,59 +236,59 @@ static void test_values(void) {
 static void test_errors(void) {
   int64_t xs[2] = {4, 6}, v0[2] = {2, 2}, v1[2] = {3, 2}, u0[2] = {5, 3}, cs[2] = {3, 4},
           ys[2] = {4, 5};
-  test_tensor* x = tt_new(32, 2, xs, NULL, 0);
-  test_tensor* V0 = tt_new(32, 2, v0, NULL, 0);
-  test_tensor* V1 = tt_new(32, 2, v1, NULL, 0);
-  test_tensor* U0 = tt_new(32, 2, u0, NULL, 0);
-  test_tensor* core = tt_new(32, 2, cs, NULL, 0);
-  test_tensor* y = tt_output(32, 2, ys);
+  test_tensor* x = tb_new(32, 2, xs, NULL, 0);
+  test_tensor* V0 = tb_new(32, 2, v0, NULL, 0);
+  test_tensor* V1 = tb_new(32, 2, v1, NULL, 0);
+  test_tensor* U0 = tb_new(32, 2, u0, NULL, 0);
+  test_tensor* core = tb_new(32, 2, cs, NULL, 0);
+  test_tensor* y = tb_output(32, 2, ys);
   const DLTensor* V[2] = {&V0->dl, &V1->dl};
   const DLTensor* U[1] = {&U0->dl};
-  fct_context c = tz_ctx(0);
-  tz_workspace(&c, 1 << 20);
+  fct_context c = test_ctx(0);
+  test_workspace(&c, 1 << 20);
   fct_status st = fct_tucker_linear_forward(&c, &x->dl, &core->dl, 2, V, 1, U, NULL, &y->dl);
-  CHECK(st == FCT_OK, "valid call: %s", tz_err);
+  CHECK(st == FCT_OK, "valid call: %s", test_err);
   core->shape[1] = 5;
   st = fct_tucker_linear_forward(&c, &x->dl, &core->dl, 2, V, 1, U, NULL, &y->dl);
-  tz_expect_fail(st, FCT_ERR_SHAPE, "core", "core shape");
+  test_expect_fail(st, FCT_ERR_SHAPE, "core", "core shape");
   core->shape[1] = 4;
   V1->shape[0] = 4; /* in = 8 */
   st = fct_tucker_linear_forward(&c, &x->dl, &core->dl, 2, V, 1, U, NULL, &y->dl);
-  tz_expect_fail(st, FCT_ERR_SHAPE, "x: expected a last dim of 8", "in mismatch");
+  test_expect_fail(st, FCT_ERR_SHAPE, "x: expected a last dim of 8", "in mismatch");
   V1->shape[0] = 3;
   V1->shape[1] = 0;
   st = fct_tucker_linear_forward(&c, &x->dl, &core->dl, 2, V, 1, U, NULL, &y->dl);
-  tz_expect_fail(st, FCT_ERR_SHAPE, "in_factors[1]", "rank 0");
+  test_expect_fail(st, FCT_ERR_SHAPE, "in_factors[1]", "rank 0");
   V1->shape[1] = 2;
   V0->dl.ndim = 3;
   st = fct_tucker_linear_forward(&c, &x->dl, &core->dl, 2, V, 1, U, NULL, &y->dl);
-  tz_expect_fail(st, FCT_ERR_NDIM, "in_factors[0]", "3-D factor");
+  test_expect_fail(st, FCT_ERR_NDIM, "in_factors[0]", "3-D factor");
   V0->dl.ndim = 2;
   st = fct_tucker_linear_forward(&c, &x->dl, &core->dl, 2, V, 0, U, NULL, &y->dl);
-  tz_expect_fail(st, FCT_ERR_INVALID_VALUE, "out_factors", "no output factors");
+  test_expect_fail(st, FCT_ERR_INVALID_VALUE, "out_factors", "no output factors");
   y->shape[1] = 6;
   st = fct_tucker_linear_forward(&c, &x->dl, &core->dl, 2, V, 1, U, NULL, &y->dl);
-  tz_expect_fail(st, FCT_ERR_SHAPE, "y", "y shape");
+  test_expect_fail(st, FCT_ERR_SHAPE, "y", "y shape");
   y->shape[1] = 5;
   c.workspace_bytes = 8;
   st = fct_tucker_linear_forward(&c, &x->dl, &core->dl, 2, V, 1, U, NULL, &y->dl);
-  tz_expect_fail(st, FCT_ERR_WORKSPACE, "workspace", "small workspace");
-  tz_workspace(&c, 1 << 20);
+  test_expect_fail(st, FCT_ERR_WORKSPACE, "workspace", "small workspace");
+  test_workspace(&c, 1 << 20);
   int64_t i11[2] = {1, 1};
-  tt_set(core, i11, NAN);
+  tb_set(core, i11, NAN);
   c.flags = FCT_FLAG_CHECK_FINITE;
   st = fct_tucker_linear_forward(&c, &x->dl, &core->dl, 2, V, 1, U, NULL, &y->dl);
-  tz_expect_fail(st, FCT_ERR_NOT_FINITE, "core", "NaN in the core");
+  test_expect_fail(st, FCT_ERR_NOT_FINITE, "core", "NaN in the core");
   c.flags = 0;
-  tt_set(core, i11, 0.25);
-  test_tensor* g = tt_new(32, 2, ys, NULL, 0);
-  test_tensor* gcore = tt_output(32, 2, v1); /* wrong shape */
+  tb_set(core, i11, 0.25);
+  test_tensor* g = tb_new(32, 2, ys, NULL, 0);
+  test_tensor* gcore = tb_output(32, 2, v1); /* wrong shape */
   st = fct_tucker_linear_backward(&c, &g->dl, &x->dl, &core->dl, 2, V, 1, U, NULL, &gcore->dl,
                                   NULL, NULL, NULL);
-  tz_expect_fail(st, FCT_ERR_SHAPE, "grad_core", "grad_core shape");
+  test_expect_fail(st, FCT_ERR_SHAPE, "grad_core", "grad_core shape");
   st = fct_tucker_linear_backward(&c, &g->dl, &x->dl, &core->dl, 2, V, 1, U, &x->dl, NULL, NULL,
                                   NULL, NULL);
-  tz_expect_fail(st, FCT_ERR_LAYOUT, "grad_x", "grad_x aliases x");
+  test_expect_fail(st, FCT_ERR_LAYOUT, "grad_x", "grad_x aliases x");
 
   int64_t modes[4] = {8, 8, 8, 8}, ranks[4] = {6, 6, 6, 6};
   fct_linear_plan_info info;
@@ -307,13 +307,13 @@ static void test_errors(void) {
                               (DLDataType){kDLFloat, 32, 1}, &info);
   CHECK(st == FCT_ERR_OVERFLOW, "tucker plan with a batch of 2^40: %d", st);
 
-  tt_free(x); tt_free(V0); tt_free(V1); tt_free(U0); tt_free(core); tt_free(y); tt_free(g);
-  tt_free(gcore);
+  tb_free(x); tb_free(V0); tb_free(V1); tb_free(U0); tb_free(core); tb_free(y); tb_free(g);
+  tb_free(gcore);
 }
 
 int main(void) {
   test_values();
   test_errors();
-  tz_free_workspace();
+  test_free_workspace();
   return test_report();
 }

@@ -15,10 +15,17 @@ static double rnd(void) { /* splitmix64 -> [0, 1) */
   return (double)(z >> 11) / 9007199254740992.0;
 }
 
-int64_t tt_numel(const test_tensor* t) {
+int64_t tb_numel(const test_tensor* t) {
   int64_t n = 1;
   for (int i = 0; i < t->dl.ndim; ++i) n *= t->shape[i];
   return n;
+}
+
+int64_t tb_span(const test_tensor* t) {
+  if (tb_numel(t) == 0) return 0;
+  int64_t s = 1;
+  for (int i = 0; i < t->dl.ndim; ++i) s += (t->shape[i] - 1) * t->strides[i];
+  return s;
 }
 
 static test_tensor* alloc(int bits, int ndim, const int64_t* shape) {
@@ -32,7 +39,7 @@ static test_tensor* alloc(int bits, int ndim, const int64_t* shape) {
   return t;
 }
 
-test_tensor* tt_new(int bits, int ndim, const int64_t* shape, const int* order, int64_t gap) {
+test_tensor* tb_new(int bits, int ndim, const int64_t* shape, const int* order, int64_t gap) {
   test_tensor* t = alloc(bits, ndim, shape);
   int ord[8];
   for (int i = 0; i < ndim; ++i) ord[i] = order ? order[i] : i;
@@ -56,7 +63,7 @@ test_tensor* tt_new(int bits, int ndim, const int64_t* shape, const int* order, 
   return t;
 }
 
-test_tensor* tt_output(int bits, int ndim, const int64_t* shape) {
+test_tensor* tb_output(int bits, int ndim, const int64_t* shape) {
   test_tensor* t = alloc(bits, ndim, shape);
   int64_t s = 1;
   for (int k = ndim - 1; k >= 0; --k) {
@@ -72,7 +79,7 @@ test_tensor* tt_output(int bits, int ndim, const int64_t* shape) {
   return t;
 }
 
-void tt_free(test_tensor* t) {
+void tb_free(test_tensor* t) {
   if (!t) return;
   free(t->buf);
   free(t);
@@ -84,18 +91,18 @@ static char* at(const test_tensor* t, const int64_t* idx) {
   return (char*)t->dl.data + t->dl.byte_offset + off * (t->dl.dtype.bits / 8);
 }
 
-double tt_get(const test_tensor* t, const int64_t* idx) {
+double tb_get(const test_tensor* t, const int64_t* idx) {
   char* p = at(t, idx);
   return t->dl.dtype.bits == 32 ? *(float*)p : *(double*)p;
 }
 
-void tt_set(test_tensor* t, const int64_t* idx, double v) {
+void tb_set(test_tensor* t, const int64_t* idx, double v) {
   char* p = at(t, idx);
   if (t->dl.dtype.bits == 32) *(float*)p = (float)v;
   else *(double*)p = v;
 }
 
-double tt_get2(const test_tensor* t, int64_t row, int64_t col) {
+double tb_get2(const test_tensor* t, int64_t row, int64_t col) {
   int64_t idx[8];
   int nd = t->dl.ndim;
   idx[nd - 1] = col;
@@ -103,22 +110,52 @@ double tt_get2(const test_tensor* t, int64_t row, int64_t col) {
     idx[i] = row % t->shape[i];
     row /= t->shape[i];
   }
-  return tt_get(t, idx);
+  return tb_get(t, idx);
 }
 
-int tt_pool_calls;
+int tb_pool_calls;
 
-int32_t tt_reverse_pool(int64_t begin, int64_t end, int64_t grain, fct_parallel_body body,
+int32_t tb_reverse_pool(int64_t begin, int64_t end, int64_t grain, fct_parallel_body body,
                         void* arg) {
   (void)grain;
-  ++tt_pool_calls;
+  ++tb_pool_calls;
   for (int64_t i = end - 1; i >= begin; --i) body(i, i + 1, arg);
   return 0;
 }
 
-int tt_three_threads(void) { return 3; }
+int tb_three_threads(void) { return 3; }
 
 int test_report(void) {
   printf("%d passed, %d failed\n", g_passed, g_failed);
   return g_failed ? 1 : 0;
+}
+
+double test_rel_err(const test_tensor* a, const double* ref, int64_t rows, int64_t cols) {
+  if (rows <= 0 || cols <= 0) return 0.0;
+  double num = 0, den = 1e-300;
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j) {
+      double d = fabs(tb_get2(a, i, j) - ref[i * cols + j]);
+      if (d != d) return INFINITY;
+      num = d > num ? d : num;
+      den = fabs(ref[i * cols + j]) > den ? fabs(ref[i * cols + j]) : den;
+    }
+  return num / den;
+}
+
+double test_rel_diff(const test_tensor* a, const test_tensor* ref) {
+  int64_t n = tb_numel(ref), idx[8] = {0};
+  double num = 0, den = 1e-300;
+  for (int64_t e = 0; e < n; ++e) {
+    int64_t rem = e;
+    for (int d = ref->dl.ndim - 1; d >= 0; --d) {
+      idx[d] = rem % ref->shape[d];
+      rem /= ref->shape[d];
+    }
+    double r = tb_get(ref, idx), d = fabs(tb_get(a, idx) - r);
+    if (d != d) return INFINITY;
+    num = d > num ? d : num;
+    den = fabs(r) > den ? fabs(r) : den;
+  }
+  return n > 0 ? num / den : 0.0;
 }
