@@ -11,23 +11,15 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include <cuda_runtime_api.h>
+#include "test_cuda_util.h"
 
-#include "test_util.h"
-
+/* A blocking stream: the uploads below run on the legacy stream, which
+ * this one waits for. */
 static cudaStream_t g_stream;
-static char g_err[512];
-
-static bool cuda_ok(cudaError_t e, const char* what) {
-  CHECK(e == cudaSuccess, "%s: %s", what, cudaGetErrorString(e));
-  return e == cudaSuccess;
-}
 
 /* Bytes from the first to one past the last element of t. */
 static size_t span_bytes(const test_tensor* t) {
-  int64_t last = 0;
-  for (int i = 0; i < t->dl.ndim; ++i) last += (t->shape[i] - 1) * t->strides[i];
-  return (size_t)(last + 1) * (size_t)(t->dl.dtype.bits / 8);
+  return (size_t)tb_span(t) * (size_t)(t->dl.dtype.bits / 8);
 }
 
 /* A device copy of t (same shape and strides), or of an output's shape. */
@@ -66,10 +58,7 @@ static result run(const test_tensor* A, int64_t r, bool randomized, bool dev) {
   result out = {tb_output(bits, 2, us), tb_output(bits, 1, ss), tb_output(bits, 2, vs),
                 {0, 0, 0}, FCT_OK};
   fct_rsvd_options o = {6, 2, 0, 11};
-  fct_context c = {0};
-  c.error = g_err;
-  c.error_bytes = sizeof g_err;
-  g_err[0] = 0;
+  fct_context c = test_ctx(0);
   DLTensor a = A->dl, u = out.U->dl, s = out.S->dl, v = out.Vh->dl;
   void *ma = NULL, *mu = NULL, *ms = NULL, *mv = NULL, *ws = NULL;
   if (dev) {
@@ -141,7 +130,7 @@ static void compare(int bits, int64_t m, int64_t n, int64_t r, const int* order,
   result cpu = run(A, r, randomized, false);
   result gpu = run(A, r, randomized, true);
   CHECK(cpu.st == FCT_OK && gpu.st == FCT_OK, "%s: cpu %d gpu %d (%s)", label, cpu.st, gpu.st,
-        g_err);
+        test_err);
   if (cpu.st == FCT_OK && gpu.st == FCT_OK) {
     double tol = bits == 64 ? 1e-8 : 2e-3;
     CHECK(max_diff(cpu.S, gpu.S) <= tol, "%s: S differs by %.3g", label, max_diff(cpu.S, gpu.S));
@@ -161,11 +150,11 @@ static void bad_inputs(void) {
   test_tensor* A = tb_new(64, 2, shape, NULL, 0);
   ((double*)A->buf)[5] = NAN;
   result g = run(A, 3, false, true);
-  CHECK(g.st == FCT_ERR_NOT_FINITE && strstr(g_err, "A: holds 1 NaN/Inf"), "svd NaN: %d %s",
-        g.st, g_err);
+  CHECK(g.st == FCT_ERR_NOT_FINITE && strstr(test_err, "A: holds 1 NaN/Inf"), "svd NaN: %d %s",
+        g.st, test_err);
   free_result(&g);
   g = run(A, 3, true, true);
-  CHECK(g.st == FCT_ERR_NOT_FINITE, "rsvd NaN: %d %s", g.st, g_err);
+  CHECK(g.st == FCT_ERR_NOT_FINITE, "rsvd NaN: %d %s", g.st, test_err);
   free_result(&g);
   tb_free(A);
 }
@@ -212,10 +201,7 @@ static dec_result run_dec(int which, const test_tensor* X, bool dev, size_t shor
     int64_t cap[1] = {6 * 3 + 3 * 7 * 3 + 3 * 8};
     outs[nout++] = tb_output(bits, 1, cap);
   }
-  fct_context c = {0};
-  c.error = g_err;
-  c.error_bytes = sizeof g_err;
-  g_err[0] = 0;
+  fct_context c = test_ctx(0);
   DLTensor x = X->dl, o[5];
   void *mx = NULL, *mo[5] = {NULL}, *ws = NULL;
   for (int i = 0; i < nout; ++i) o[i] = outs[i]->dl;
@@ -280,7 +266,7 @@ static void compare_engines(int bits, const int* order, int64_t gap) {
   for (int which = DEC_CP; which <= DEC_TT; ++which) {
     dec_result cpu = run_dec(which, X, false, 0), gpu = run_dec(which, X, true, 0);
     CHECK(cpu.st == FCT_OK && gpu.st == FCT_OK, "%s f%d gap %lld: cpu %d gpu %d (%s)",
-          names[which], bits, (long long)gap, cpu.st, gpu.st, g_err);
+          names[which], bits, (long long)gap, cpu.st, gpu.st, test_err);
     if (cpu.st != FCT_OK || gpu.st != FCT_OK) continue;
     CHECK(fabs(cpu.info.rel_error - gpu.info.rel_error) <= tol,
           "%s f%d: rel_error cpu %.10f gpu %.10f", names[which], bits, cpu.info.rel_error,
@@ -297,14 +283,14 @@ static void compare_engines(int bits, const int* order, int64_t gap) {
   /* a workspace one byte short, and NaN input, on the GPU */
   for (int which = DEC_CP; which <= DEC_TT; ++which) {
     dec_result g = run_dec(which, X, true, 1);
-    CHECK(g.st == FCT_ERR_WORKSPACE, "%s short workspace: %d %s", names[which], g.st, g_err);
+    CHECK(g.st == FCT_ERR_WORKSPACE, "%s short workspace: %d %s", names[which], g.st, test_err);
   }
   int64_t idx[3] = {2, 3, 4};
   tb_set(X, idx, NAN);
   for (int which = DEC_CP; which <= DEC_TT; ++which) {
     dec_result g = run_dec(which, X, true, 0);
-    CHECK(g.st == FCT_ERR_NOT_FINITE && strstr(g_err, "tensor: holds 1 NaN/Inf"),
-          "%s NaN: %d %s", names[which], g.st, g_err);
+    CHECK(g.st == FCT_ERR_NOT_FINITE && strstr(test_err, "tensor: holds 1 NaN/Inf"),
+          "%s NaN: %d %s", names[which], g.st, test_err);
   }
   tb_free(X);
 }

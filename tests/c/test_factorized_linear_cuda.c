@@ -12,133 +12,10 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include <cuda_runtime_api.h>
-
+#include "test_cuda_util.h"
 #include "test_tensorized.h"
 
-typedef enum kind { K_F32, K_F64, K_BF16 } kind;
-static const char* const kKind[] = {"f32", "f64", "bf16"};
-static cudaStream_t g_stream;
-static void* g_dws;
-static size_t g_dws_bytes;
-
-static bool cuda_ok(cudaError_t e, const char* what) {
-  CHECK(e == cudaSuccess, "%s: %s", what, cudaGetErrorString(e));
-  return e == cudaSuccess;
-}
-
-static uint16_t to_bf16(float f) {
-  uint32_t u;
-  memcpy(&u, &f, 4);
-  u += 0x7FFFu + ((u >> 16) & 1u);
-  return (uint16_t)(u >> 16);
-}
-static float from_bf16(uint16_t b) {
-  uint32_t u = (uint32_t)b << 16;
-  float f;
-  memcpy(&f, &u, 4);
-  return f;
-}
-
-static size_t kind_bytes(kind k) { return k == K_BF16 ? 2 : k == K_F32 ? 4 : 8; }
-
-/* Elements from the first to one past the last of a test tensor. */
-static int64_t span(const test_tensor* t) {
-  if (tb_numel(t) == 0) return 0;
-  int64_t s = 1;
-  for (int i = 0; i < t->dl.ndim; ++i) s += (t->shape[i] - 1) * t->strides[i];
-  return s;
-}
-
-/* Rounds a float64 host tensor's buffer to what the device dtype holds. */
-static void round_host(test_tensor* h, kind k) {
-  double* v = (double*)h->buf;
-  int64_t n = span(h);
-  for (int64_t i = 0; i < n; ++i) {
-    if (k == K_F32) v[i] = (double)(float)v[i];
-    if (k == K_BF16) v[i] = (double)from_bf16(to_bf16((float)v[i]));
-  }
-}
-
-/* A device copy of a float64 host tensor (same shape and strides). */
-typedef struct dev_tensor {
-  DLTensor dl;
-  void* d;
-  int64_t n;
-  kind k;
-} dev_tensor;
-
-static dev_tensor* dev_new(const test_tensor* h, kind k, bool output) {
-  dev_tensor* t = calloc(1, sizeof *t);
-  t->k = k;
-  t->n = span(h);
-  size_t es = kind_bytes(k), bytes = (size_t)(t->n + 1) * es;
-  cuda_ok(cudaMalloc(&t->d, bytes), "cudaMalloc");
-  t->dl = h->dl;
-  t->dl.data = t->d;
-  t->dl.device = (DLDevice){kDLCUDA, 0};
-  t->dl.dtype = k == K_BF16 ? (DLDataType){kDLBfloat, 16, 1}
-                            : (DLDataType){kDLFloat, (uint8_t)(es * 8), 1};
-  if (output) {
-    cuda_ok(cudaMemset(t->d, 0xFF, bytes), "cudaMemset"); /* NaN in every format */
-    return t;
-  }
-  void* tmp = malloc(bytes);
-  const double* v = (const double*)h->buf;
-  for (int64_t i = 0; i < t->n; ++i) {
-    if (k == K_F64) ((double*)tmp)[i] = v[i];
-    else if (k == K_F32) ((float*)tmp)[i] = (float)v[i];
-    else ((uint16_t*)tmp)[i] = to_bf16((float)v[i]);
-  }
-  cuda_ok(cudaMemcpy(t->d, tmp, (size_t)t->n * es, cudaMemcpyHostToDevice), "upload");
-  free(tmp);
-  return t;
-}
-
-/* max |dev - ref| / max |ref| over a contiguous output; Inf for NaN. */
-static double dev_err(const dev_tensor* t, const test_tensor* ref) {
-  int64_t n = tb_numel(ref);
-  if (n == 0) return 0.0;
-  size_t es = kind_bytes(t->k);
-  void* tmp = malloc((size_t)n * es);
-  cuda_ok(cudaMemcpy(tmp, t->d, (size_t)n * es, cudaMemcpyDeviceToHost), "download");
-  double num = 0, den = 1e-300;
-  for (int64_t i = 0; i < n; ++i) {
-    double v = t->k == K_F64 ? ((double*)tmp)[i]
-               : t->k == K_F32 ? (double)((float*)tmp)[i]
-                               : (double)from_bf16(((uint16_t*)tmp)[i]);
-    double r = tb_get2(ref, i / ref->shape[ref->dl.ndim - 1], i % ref->shape[ref->dl.ndim - 1]);
-    double d = fabs(v - r);
-    if (d != d) d = INFINITY;
-    num = d > num ? d : num;
-    den = fabs(r) > den ? fabs(r) : den;
-  }
-  free(tmp);
-  return num / den;
-}
-
-static void dev_free(dev_tensor* t) {
-  if (!t) return;
-  cudaFree(t->d);
-  free(t);
-}
-
-static fct_context dctx(uint32_t flags, size_t bytes) {
-  fct_context c = test_ctx(flags);
-  c.stream = g_stream;
-  if (bytes > g_dws_bytes) {
-    cudaFree(g_dws);
-    g_dws = NULL;
-    cuda_ok(cudaMalloc(&g_dws, bytes), "cudaMalloc (workspace)");
-    g_dws_bytes = bytes;
-  }
-  c.workspace = bytes ? g_dws : NULL;
-  c.workspace_bytes = bytes;
-  cuda_ok(cudaDeviceSynchronize(), "sync before the op"); /* uploads ran on the legacy stream */
-  return c;
-}
-
-static double tolerance(kind k, double terms) {
+static double tolerance(test_kind k, double terms) {
   return k == K_F64 ? 1e-11 : k == K_F32 ? 3e-5 * sqrt(terms) : 4e-2;
 }
 
@@ -224,25 +101,25 @@ static fct_status run_op(const op_case* c, fct_context* ctx, bool query, size_t*
                : fct_tt_linear_backward(ctx, g, x, p, P, gx, gP, gb);
 }
 
-static void run_case(const op_case* c, kind k, uint32_t flags) {
+static void run_case(const op_case* c, test_kind k, uint32_t flags) {
   static const char* const kOp[] = {"cp", "tucker", "tt"};
   char label[160];
-  snprintf(label, sizeof label, "%s %s M=%lld xcol=%d odd=%d flags=%u", kOp[c->op], kKind[k],
+  snprintf(label, sizeof label, "%s %s M=%lld xcol=%d odd=%d flags=%u", kOp[c->op], test_kind_name[k],
            (long long)c->M, c->xcol, c->odd, flags);
   int64_t in = 1, out = 1;
   for (int k2 = 0; k2 < c->p; ++k2) in *= c->in[k2];
   for (int k2 = 0; k2 < c->q; ++k2) out *= c->out[k2];
   int col[2] = {1, 0};
-  test_tensor* x = tb_new(64, 2, (int64_t[2]){c->M, in}, c->xcol ? col : NULL, 0);
-  test_tensor* b = tb_new(64, 1, (int64_t[1]){out}, NULL, 0);
-  test_tensor* g = tb_new(64, 2, (int64_t[2]){c->M, out}, NULL, 0);
+  /* Inputs on the device; their host values rounded to what it holds. */
+  dev_tensor* dx = dev_new(tb_new(64, 2, (int64_t[2]){c->M, in}, c->xcol ? col : NULL, 0), k,
+                           false);
+  dev_tensor* db = dev_new(tb_new(64, 1, (int64_t[1]){out}, NULL, 0), k, false);
+  dev_tensor* dg = dev_new(tb_new(64, 2, (int64_t[2]){c->M, out}, NULL, 0), k, false);
   params P = make_params(c);
-  round_host(x, k);
-  round_host(b, k);
-  round_host(g, k);
-  for (int i = 0; i < P.n; ++i) round_host(P.t[i], k);
+  dev_tensor *dP[9], *dgP[9];
+  for (int i = 0; i < P.n; ++i) dP[i] = dev_new(P.t[i], k, false);
 
-  /* CPU float64: the reference. */
+  /* CPU float64 on the same (rounded) values: the reference. */
   test_tensor* y = tb_output(64, 2, (int64_t[2]){c->M, out});
   test_tensor* gx = tb_output(64, 2, (int64_t[2]){c->M, in});
   test_tensor* gb = tb_output(64, 1, (int64_t[1]){out});
@@ -257,63 +134,59 @@ static void run_case(const op_case* c, kind k, uint32_t flags) {
   size_t bytes = 0;
   for (int pass = 0; pass < 2; ++pass) {
     fct_context hc = test_ctx(0);
-    fct_status st = run_op(c, &hc, true, &bytes, &x->dl, hP, P.n, &b->dl, &g->dl, &y->dl,
-                           &gx->dl, &gb->dl, hgP, pass == 1);
+    fct_status st = run_op(c, &hc, true, &bytes, &dx->h->dl, hP, P.n, &db->h->dl, &dg->h->dl,
+                           &y->dl, &gx->dl, &gb->dl, hgP, pass == 1);
     test_workspace(&hc, bytes);
     if (st == FCT_OK)
-      st = run_op(c, &hc, false, NULL, &x->dl, hP, P.n, &b->dl, &g->dl, &y->dl, &gx->dl,
-                  &gb->dl, hgP, pass == 1);
+      st = run_op(c, &hc, false, NULL, &dx->h->dl, hP, P.n, &db->h->dl, &dg->h->dl, &y->dl,
+                  &gx->dl, &gb->dl, hgP, pass == 1);
     CHECK(st == FCT_OK, "%s: cpu reference pass %d: %s", label, pass, test_err);
   }
 
   /* The same on the GPU. */
-  dev_tensor* dx = dev_new(x, k, false);
-  dev_tensor* db = dev_new(b, k, false);
-  dev_tensor* dg = dev_new(g, k, false);
-  dev_tensor* dy = dev_new(y, k, true);
-  dev_tensor* dgx = dev_new(gx, k, true);
-  dev_tensor* dgb = dev_new(gb, k, true);
-  dev_tensor *dP[9], *dgP[9];
+  dev_tensor* dy = dev_new(tb_output(64, 2, y->shape), k, true);
+  dev_tensor* dgx = dev_new(tb_output(64, 2, gx->shape), k, true);
+  dev_tensor* dgb = dev_new(tb_output(64, 1, gb->shape), k, true);
   const DLTensor* pP[9];
   DLTensor* pgP[9];
   for (int i = 0; i < P.n; ++i) {
-    dP[i] = dev_new(P.t[i], k, false);
-    dgP[i] = dev_new(gP[i], k, true);
+    dgP[i] = dev_new(tb_output(64, gP[i]->dl.ndim, gP[i]->shape), k, true);
     pP[i] = &dP[i]->dl;
     pgP[i] = &dgP[i]->dl;
   }
   for (int pass = 0; pass < 2; ++pass) {
-    fct_context dc = dctx(flags, 0);
+    fct_context dc = test_cuda_ctx(flags);
+    test_cuda_workspace(&dc, 0);
     fct_status st = run_op(c, &dc, true, &bytes, &dx->dl, pP, P.n, &db->dl, &dg->dl, &dy->dl,
                            &dgx->dl, &dgb->dl, pgP, pass == 1);
     CHECK(st == FCT_OK, "%s: workspace %d: %s", label, pass, test_err);
-    dc = dctx(flags, bytes);
+    dc = test_cuda_ctx(flags);
+    test_cuda_workspace(&dc, bytes);
     st = run_op(c, &dc, false, NULL, &dx->dl, pP, P.n, &db->dl, &dg->dl, &dy->dl, &dgx->dl,
                 &dgb->dl, pgP, pass == 1);
     CHECK(st == FCT_OK, "%s: cuda pass %d: %s", label, pass, test_err);
-    cuda_ok(cudaStreamSynchronize(g_stream), "cudaStreamSynchronize");
+    cuda_ok(cudaStreamSynchronize(test_stream), "cudaStreamSynchronize");
   }
   double terms = (double)(in + out + c->M + 16);
   double tol = tolerance(k, terms);
-  double e = dev_err(dy, y);
+  double e = dev_rel_diff(dy, y);
   CHECK(e <= tol, "%s: y error %.3g > %.3g", label, e, tol);
-  e = dev_err(dgx, gx);
+  e = dev_rel_diff(dgx, gx);
   CHECK(e <= tol, "%s: grad_x error %.3g", label, e);
-  e = dev_err(dgb, gb);
+  e = dev_rel_diff(dgb, gb);
   CHECK(e <= tol, "%s: grad_bias error %.3g", label, e);
   for (int i = 0; i < P.n; ++i) {
-    e = dev_err(dgP[i], gP[i]);
+    e = dev_rel_diff(dgP[i], gP[i]);
     CHECK(e <= tol, "%s: gradient of parameter %d error %.3g", label, i, e);
   }
 
   dev_free(dx); dev_free(db); dev_free(dg); dev_free(dy); dev_free(dgx); dev_free(dgb);
   for (int i = 0; i < P.n; ++i) {
-    dev_free(dP[i]);
+    dev_free(dP[i]); /* frees P.t[i] */
     dev_free(dgP[i]);
-    tb_free(P.t[i]);
     tb_free(gP[i]);
   }
-  tb_free(x); tb_free(b); tb_free(g); tb_free(y); tb_free(gx); tb_free(gb);
+  tb_free(y); tb_free(gx); tb_free(gb);
 }
 
 static void test_values(void) {
@@ -335,45 +208,36 @@ static void test_values(void) {
   };
   for (size_t i = 0; i < sizeof cases / sizeof cases[0]; ++i)
     for (int k = K_F32; k <= K_BF16; ++k) {
-      run_case(&cases[i], (kind)k, 0);
-      if (k == K_F64) run_case(&cases[i], (kind)k, FCT_FLAG_SMALL_CHUNKS);
+      run_case(&cases[i], (test_kind)k, 0);
+      if (k == K_F64) run_case(&cases[i], (test_kind)k, FCT_FLAG_SMALL_CHUNKS);
     }
 }
 
 static void test_finite_check(void) {
   int64_t xs[2] = {4, 6}, c0[4] = {1, 2, 3, 2}, c1[4] = {2, 3, 2, 1}, ys[2] = {4, 6};
-  test_tensor* x = tb_new(64, 2, xs, NULL, 0);
-  test_tensor* G0 = tb_new(64, 4, c0, NULL, 0);
   test_tensor* G1 = tb_new(64, 4, c1, NULL, 0);
-  test_tensor* y = tb_output(64, 2, ys);
   int64_t i1[4] = {0, 1, 1, 1};
   tb_set(G1, i1, NAN);
-  dev_tensor* dx = dev_new(x, K_F32, false);
-  dev_tensor* d0 = dev_new(G0, K_F32, false);
+  dev_tensor* dx = dev_new(tb_new(64, 2, xs, NULL, 0), K_F32, false);
+  dev_tensor* d0 = dev_new(tb_new(64, 4, c0, NULL, 0), K_F32, false);
   dev_tensor* d1 = dev_new(G1, K_F32, false);
-  dev_tensor* dy = dev_new(y, K_F32, true);
+  dev_tensor* dy = dev_new(tb_output(64, 2, ys), K_F32, true);
   const DLTensor* G[2] = {&d0->dl, &d1->dl};
-  fct_context c = dctx(FCT_FLAG_CHECK_FINITE, 1 << 20);
+  fct_context c = test_cuda_ctx(FCT_FLAG_CHECK_FINITE);
+  test_cuda_workspace(&c, 1 << 20);
   fct_status st = fct_tt_linear_forward(&c, &dx->dl, 2, G, NULL, &dy->dl);
   test_expect_fail(st, FCT_ERR_NOT_FINITE, "cores[1]", "NaN in a core on the GPU");
   CHECK(strstr(test_err, "cores[0]") == NULL, "only cores[1] is named: %s", test_err);
   dev_free(dx); dev_free(d0); dev_free(d1); dev_free(dy);
-  tb_free(x); tb_free(G0); tb_free(G1); tb_free(y);
 }
 
 int main(void) {
-  int n = 0;
-  if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
-    printf("0 passed, 0 failed (no CUDA device: skipped)\n");
-    return 77;
-  }
-  if (!cuda_ok(cudaStreamCreateWithFlags(&g_stream, cudaStreamNonBlocking), "stream"))
-    return test_report();
+  int skip = test_cuda_begin();
+  if (skip) return skip;
   CHECK(fct_cuda_available(), "libfactorch_cuda registered its backend");
   test_values();
   test_finite_check();
-  cudaFree(g_dws);
+  test_cuda_end();
   test_free_workspace();
-  cudaStreamDestroy(g_stream);
   return test_report();
 }

@@ -10,150 +10,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include <cuda_runtime_api.h>
-
 #include "lowrank_reference.h"
-#include "test_util.h"
-
-/* ------------------------------------------------------------------------- */
-/* Device mirrors of test tensors                                            */
-/* ------------------------------------------------------------------------- */
-
-typedef enum kind { K_F32, K_F64, K_BF16 } kind;
-static const char* const kKindName[] = {"f32", "f64", "bf16"};
-
-/* bfloat16 <-> float by bits (round to nearest even; inputs are finite). */
-static uint16_t to_bf16(float f) {
-  uint32_t u;
-  memcpy(&u, &f, 4);
-  u += 0x7FFFu + ((u >> 16) & 1u);
-  return (uint16_t)(u >> 16);
-}
-static float from_bf16(uint16_t b) {
-  uint32_t u = (uint32_t)b << 16;
-  float f;
-  memcpy(&f, &u, 4);
-  return f;
-}
-
-/* A test_tensor (host, float32/float64: what the reference reads) mirrored
- * in device memory with the same shape and strides; as bfloat16 for K_BF16,
- * whose host values are first rounded to bfloat16 so both sides agree. */
-typedef struct dev_tensor {
-  test_tensor* h;
-  DLTensor dl;
-  void* d;
-  int64_t span; /* elements from the first to one past the last */
-  kind k;
-} dev_tensor;
-
-static cudaStream_t g_stream;
-static char g_err[512];
-static void* g_ws;
-static size_t g_ws_bytes;
-
-static size_t dev_es(const dev_tensor* t) { return t->k == K_BF16 ? 2 : t->k == K_F32 ? 4 : 8; }
-
-static bool cuda_ok(cudaError_t e, const char* what) {
-  CHECK(e == cudaSuccess, "%s: %s", what, cudaGetErrorString(e));
-  return e == cudaSuccess;
-}
-
-static void upload(dev_tensor* t) {
-  size_t es = dev_es(t), n = (size_t)t->span;
-  if (t->k != K_BF16) {
-    cuda_ok(cudaMemcpy(t->d, t->h->dl.data, n * es, cudaMemcpyHostToDevice), "upload");
-    return;
-  }
-  uint16_t* tmp = malloc(n * 2 + 2);
-  for (size_t i = 0; i < n; ++i) {
-    float* v = (float*)t->h->dl.data + i;
-    tmp[i] = to_bf16(*v);
-    *v = from_bf16(tmp[i]);
-  }
-  cuda_ok(cudaMemcpy(t->d, tmp, n * 2, cudaMemcpyHostToDevice), "upload");
-  free(tmp);
-}
-
-static void download(dev_tensor* t) {
-  size_t es = dev_es(t), n = (size_t)t->span;
-  if (t->k != K_BF16) {
-    cuda_ok(cudaMemcpy(t->h->dl.data, t->d, n * es, cudaMemcpyDeviceToHost), "download");
-    return;
-  }
-  uint16_t* tmp = malloc(n * 2 + 2);
-  cuda_ok(cudaMemcpy(tmp, t->d, n * 2, cudaMemcpyDeviceToHost), "download");
-  for (size_t i = 0; i < n; ++i) ((float*)t->h->dl.data)[i] = from_bf16(tmp[i]);
-  free(tmp);
-}
-
-/* Mirrors h (owned from now on). Outputs are filled with 0xFF bytes (NaN in
- * every float format), so an element the kernels fail to write shows. */
-static dev_tensor* dev_new(test_tensor* h, kind k, bool output) {
-  dev_tensor* t = calloc(1, sizeof *t);
-  t->h = h;
-  t->k = k;
-  t->span = tb_numel(h) > 0 ? 1 : 0;
-  for (int i = 0; i < h->dl.ndim && t->span; ++i) t->span += (h->shape[i] - 1) * h->strides[i];
-  cuda_ok(cudaMalloc(&t->d, (size_t)(t->span + 1) * dev_es(t)), "cudaMalloc");
-  t->dl = h->dl; /* shares h's shape and strides arrays */
-  t->dl.data = t->d;
-  t->dl.device = (DLDevice){kDLCUDA, 0};
-  if (k == K_BF16) t->dl.dtype = (DLDataType){kDLBfloat, 16, 1};
-  if (output) cuda_ok(cudaMemset(t->d, 0xFF, (size_t)(t->span + 1) * dev_es(t)), "cudaMemset");
-  else upload(t);
-  return t;
-}
-
-static void dev_free(dev_tensor* t) {
-  if (!t) return;
-  cudaFree(t->d);
-  tb_free(t->h);
-  free(t);
-}
-
-static const DLTensor* dl_or_null(const dev_tensor* t) { return t ? &t->dl : NULL; }
-
-static fct_context make_ctx(void) {
-  fct_context c = {0};
-  c.stream = g_stream;
-  c.error = g_err;
-  c.error_bytes = sizeof g_err;
-  g_err[0] = 0;
-  return c;
-}
-
-static void ensure_ws(fct_context* c, size_t bytes) {
-  if (bytes > g_ws_bytes) {
-    cudaFree(g_ws);
-    g_ws = NULL;
-    cuda_ok(cudaMalloc(&g_ws, bytes), "cudaMalloc (workspace)");
-    g_ws_bytes = bytes;
-  }
-  c->workspace = bytes ? g_ws : NULL;
-  c->workspace_bytes = bytes;
-  /* Uploads ran on the legacy stream, the op runs on g_stream (non-blocking). */
-  cuda_ok(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
-}
-
-/* ------------------------------------------------------------------------- */
-/* Reference: tests/c/lowrank_reference.c                                      */
-/* ------------------------------------------------------------------------- */
-
-/* max |a - ref| / (max |ref| + tiny) over a tensor folded to [rows, cols];
- * NaN (an element never written) gives Inf. */
-static double rel_err(dev_tensor* a, const double* r, int64_t rows, int64_t cols) {
-  download(a);
-  double num = 0, den = 1e-300;
-  for (int64_t i = 0; i < rows; ++i)
-    for (int64_t j = 0; j < cols; ++j) {
-      double d = fabs(tb_get2(a->h, i, j) - r[i * cols + j]);
-      if (d != d) d = INFINITY;
-      num = d > num ? d : num;
-      den = fabs(r[i * cols + j]) > den ? fabs(r[i * cols + j]) : den;
-    }
-  return rows > 0 && cols > 0 ? num / den : 0.0;
-}
+#include "test_cuda_util.h"
 
 /* ------------------------------------------------------------------------- */
 /* Values                                                                     */
@@ -179,11 +37,11 @@ static test_tensor* every_other(int bits, int ndim, const int64_t* shape) {
   return t;
 }
 
-static void run_case(kind k, int64_t M, int64_t in, int64_t out, int64_t r, bool bias,
+static void run_case(test_kind k, int64_t M, int64_t in, int64_t out, int64_t r, bool bias,
                      bool keep_t, const layout_case* L) {
   char label[256];
   snprintf(label, sizeof label, "%s M=%lld in=%lld out=%lld r=%lld bias=%d t=%d %s",
-           kKindName[k], (long long)M, (long long)in, (long long)out, (long long)r, bias,
+           test_kind_name[k], (long long)M, (long long)in, (long long)out, (long long)r, bias,
            keep_t, L->name);
   int bits = k == K_F64 ? 64 : 32;
   int64_t xs[3], ys[3], ts[3];
@@ -213,20 +71,20 @@ static void run_case(kind k, int64_t M, int64_t in, int64_t out, int64_t r, bool
   ref R = reference(x->h, U->h, V->h, b ? b->h : NULL, g->h, M, in, out, r);
   double tol = k == K_F64 ? 1e-12 : k == K_F32 ? 2e-5 * sqrt((double)(in + out + M + 1)) : 3e-2;
 
-  fct_context c = make_ctx();
+  fct_context c = test_cuda_ctx(0);
   size_t bytes = 0;
-  fct_status st = fct_lowrank_linear_forward_workspace(&c, &x->dl, &U->dl, &V->dl, dl_or_null(b),
+  fct_status st = fct_lowrank_linear_forward_workspace(&c, &x->dl, &U->dl, &V->dl, dev_dl(b),
                                                        &y->dl, keep_t ? &t->dl : NULL, &bytes);
-  CHECK(st == FCT_OK, "%s: forward workspace: %s", label, g_err);
-  ensure_ws(&c, bytes);
-  st = fct_lowrank_linear_forward(&c, &x->dl, &U->dl, &V->dl, dl_or_null(b), &y->dl,
+  CHECK(st == FCT_OK, "%s: forward workspace: %s", label, test_err);
+  test_cuda_workspace(&c, bytes);
+  st = fct_lowrank_linear_forward(&c, &x->dl, &U->dl, &V->dl, dev_dl(b), &y->dl,
                                   keep_t ? &t->dl : NULL);
-  CHECK(st == FCT_OK, "%s: forward: %s", label, g_err);
-  cuda_ok(cudaStreamSynchronize(g_stream), "cudaStreamSynchronize (forward)");
-  double e = rel_err(y, R.y, M, out);
+  CHECK(st == FCT_OK, "%s: forward: %s", label, test_err);
+  cuda_ok(cudaStreamSynchronize(test_stream), "cudaStreamSynchronize (forward)");
+  double e = dev_rel_err(y, R.y, M, out);
   CHECK(e <= tol, "%s: y error %.3g > %.3g", label, e, tol);
   if (keep_t) {
-    e = rel_err(t, R.t, M, r);
+    e = dev_rel_err(t, R.t, M, r);
     CHECK(e <= tol, "%s: t error %.3g", label, e);
   }
 
@@ -239,31 +97,31 @@ static void run_case(kind k, int64_t M, int64_t in, int64_t out, int64_t r, bool
     dev_tensor* gV = want_all ? dev_new(tb_output(bits, 2, vs), k, true) : NULL;
     dev_tensor* gb = want_all ? dev_new(tb_output(bits, 1, bs), k, true) : NULL;
     const DLTensor* tin = keep_t ? &t->dl : NULL;
-    c = make_ctx();
+    c = test_cuda_ctx(0);
     st = fct_lowrank_linear_backward_workspace(&c, &g->dl, &x->dl, &U->dl, &V->dl, tin,
-                                               dl_or_null(gx), dl_or_null(gU), dl_or_null(gV),
-                                               dl_or_null(gb), &bytes);
-    CHECK(st == FCT_OK, "%s: backward workspace: %s", label, g_err);
-    ensure_ws(&c, bytes);
+                                               dev_dl(gx), dev_dl(gU), dev_dl(gV),
+                                               dev_dl(gb), &bytes);
+    CHECK(st == FCT_OK, "%s: backward workspace: %s", label, test_err);
+    test_cuda_workspace(&c, bytes);
     st = fct_lowrank_linear_backward(&c, &g->dl, &x->dl, &U->dl, &V->dl, tin,
                                      gx ? &gx->dl : NULL, gU ? &gU->dl : NULL,
                                      gV ? &gV->dl : NULL, gb ? &gb->dl : NULL);
-    CHECK(st == FCT_OK, "%s: backward %d: %s", label, variant, g_err);
-    cuda_ok(cudaStreamSynchronize(g_stream), "cudaStreamSynchronize (backward)");
+    CHECK(st == FCT_OK, "%s: backward %d: %s", label, variant, test_err);
+    cuda_ok(cudaStreamSynchronize(test_stream), "cudaStreamSynchronize (backward)");
     if (gx) {
-      e = rel_err(gx, R.gx, M, in);
+      e = dev_rel_err(gx, R.gx, M, in);
       CHECK(e <= tol, "%s: grad_x error %.3g (variant %d)", label, e, variant);
     }
     if (gU) {
-      e = rel_err(gU, R.gU, out, r);
+      e = dev_rel_err(gU, R.gU, out, r);
       CHECK(e <= tol, "%s: grad_U error %.3g (variant %d)", label, e, variant);
     }
     if (gV) {
-      e = rel_err(gV, R.gV, r, in);
+      e = dev_rel_err(gV, R.gV, r, in);
       CHECK(e <= tol, "%s: grad_V error %.3g", label, e);
     }
     if (gb) {
-      e = rel_err(gb, R.gb, 1, out);
+      e = dev_rel_err(gb, R.gb, 1, out);
       CHECK(e <= tol, "%s: grad_bias error %.3g", label, e);
     }
     dev_free(gx); dev_free(gU); dev_free(gV); dev_free(gb);
@@ -295,7 +153,7 @@ static void test_values(void) {
       for (size_t l = 0; l < sizeof layouts / sizeof layouts[0]; ++l)
         for (int bias = 0; bias < 2; ++bias) {
           if (layouts[l].x_ndim == 3 && shapes[s][0] % 2) continue;
-          run_case((kind)k, shapes[s][0], shapes[s][1], shapes[s][2], shapes[s][3], bias, bias,
+          run_case((test_kind)k, shapes[s][0], shapes[s][1], shapes[s][2], shapes[s][3], bias, bias,
                    &layouts[l]);
         }
 }
@@ -303,12 +161,6 @@ static void test_values(void) {
 /* ------------------------------------------------------------------------- */
 /* Errors                                                                     */
 /* ------------------------------------------------------------------------- */
-
-static void expect_fail(fct_status got, fct_status want, const char* name, const char* what) {
-  CHECK(got == want, "%s: expected status %d (%s), got %d: %s", what, want,
-        fct_status_string(want), got, g_err);
-  CHECK(strstr(g_err, name) != NULL, "%s: message '%s' does not name '%s'", what, g_err, name);
-}
 
 static void test_errors(void) {
   int64_t xs[2] = {4, 6}, us[2] = {5, 3}, vs[2] = {3, 6}, ys[2] = {4, 5}, bs[1] = {5};
@@ -319,65 +171,59 @@ static void test_errors(void) {
   dev_tensor* b = dev_new(tb_new(32, 1, bs, NULL, 0), K_F32, false);
   dev_tensor* U64 = dev_new(tb_new(64, 2, us, NULL, 0), K_F64, false);
   dev_tensor* xs2 = dev_new(every_other(32, 2, xs), K_F32, false);
-  fct_context c = make_ctx();
-  ensure_ws(&c, 1 << 16);
+  fct_context c = test_cuda_ctx(0);
+  test_cuda_workspace(&c, 1 << 16);
   fct_status st;
 
   CHECK(fct_cuda_available(), "libfactorch_cuda registered its backend");
 
   st = fct_lowrank_linear_forward(&c, &x->dl, &U64->dl, &V->dl, NULL, &y->dl, NULL);
-  expect_fail(st, FCT_ERR_DTYPE, "U", "dtype mix");
+  test_expect_fail(st, FCT_ERR_DTYPE, "U", "dtype mix");
 
   DLTensor host_U = U->h->dl; /* the same values, on the CPU */
   st = fct_lowrank_linear_forward(&c, &x->dl, &host_U, &V->dl, NULL, &y->dl, NULL);
-  expect_fail(st, FCT_ERR_DEVICE, "U", "device mix");
+  test_expect_fail(st, FCT_ERR_DEVICE, "U", "device mix");
 
   c.workspace_bytes = 4; /* xs2 needs packing */
   st = fct_lowrank_linear_forward(&c, &xs2->dl, &U->dl, &V->dl, NULL, &y->dl, NULL);
-  expect_fail(st, FCT_ERR_WORKSPACE, "workspace", "small workspace");
-  ensure_ws(&c, 1 << 16);
+  test_expect_fail(st, FCT_ERR_WORKSPACE, "workspace", "small workspace");
+  test_cuda_workspace(&c, 1 << 16);
 
   /* NaN in x with the finite check on (count_nonfinite on the GPU): named;
    * off: propagates to y's row 1 silently. */
   int64_t i12[2] = {1, 2}, i10[2] = {1, 0}, i00[2] = {0, 0};
   tb_set(x->h, i12, NAN);
-  upload(x);
-  ensure_ws(&c, 1 << 16);
+  dev_upload(x);
+  test_cuda_workspace(&c, 1 << 16);
   c.flags = FCT_FLAG_CHECK_FINITE;
   st = fct_lowrank_linear_forward(&c, &x->dl, &U->dl, &V->dl, &b->dl, &y->dl, NULL);
-  expect_fail(st, FCT_ERR_NOT_FINITE, "x", "NaN in x");
-  CHECK(strstr(g_err, "bias") == NULL, "only x is named: %s", g_err);
+  test_expect_fail(st, FCT_ERR_NOT_FINITE, "x", "NaN in x");
+  CHECK(strstr(test_err, "bias") == NULL, "only x is named: %s", test_err);
   c.flags = 0;
   st = fct_lowrank_linear_forward(&c, &x->dl, &U->dl, &V->dl, &b->dl, &y->dl, NULL);
-  CHECK(st == FCT_OK, "NaN without check: %s", g_err);
-  cuda_ok(cudaStreamSynchronize(g_stream), "cudaStreamSynchronize");
-  download(y);
+  CHECK(st == FCT_OK, "NaN without check: %s", test_err);
+  cuda_ok(cudaStreamSynchronize(test_stream), "cudaStreamSynchronize");
+  dev_download(y);
   CHECK(isnan(tb_get(y->h, i10)), "NaN propagates to y's row 1");
   CHECK(!isnan(tb_get(y->h, i00)), "row 0 of y stays finite");
 
   /* The finite check passes on finite data (the count comes back as 0). */
   tb_set(x->h, i12, 0.5);
-  upload(x);
-  ensure_ws(&c, 1 << 16);
+  dev_upload(x);
+  test_cuda_workspace(&c, 1 << 16);
   c.flags = FCT_FLAG_CHECK_FINITE;
   st = fct_lowrank_linear_forward(&c, &x->dl, &U->dl, &V->dl, &b->dl, &y->dl, NULL);
-  CHECK(st == FCT_OK, "finite check on finite data: %s", g_err);
+  CHECK(st == FCT_OK, "finite check on finite data: %s", test_err);
   c.flags = 0;
 
   dev_free(x); dev_free(U); dev_free(V); dev_free(y); dev_free(b); dev_free(U64); dev_free(xs2);
 }
 
 int main(void) {
-  int n = 0;
-  if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
-    printf("0 passed, 0 failed (no CUDA device: skipped)\n");
-    return 77;
-  }
-  if (!cuda_ok(cudaStreamCreateWithFlags(&g_stream, cudaStreamNonBlocking), "stream"))
-    return test_report();
+  int skip = test_cuda_begin();
+  if (skip) return skip;
   test_values();
   test_errors();
-  cudaFree(g_ws);
-  cudaStreamDestroy(g_stream);
+  test_cuda_end();
   return test_report();
 }
