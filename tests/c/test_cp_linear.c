@@ -63,33 +63,23 @@ static void run_case(int bits, const cp_case* cc, const layout_case* L, bool bia
   for (int k = 0; k < cc->n_in; ++k) m.in[k] = cc->in[k], m.nin *= cc->in[k];
   for (int k = 0; k < cc->n_out; ++k) m.out[k] = cc->out[k], m.nout *= cc->out[k];
   int64_t M = cc->M, in = m.nin, out = m.nout, R = m.R;
-  int nd = L->x3d ? 3 : 2;
   int64_t xs[3], ys[3], zs[3];
-  if (nd == 3) {
-    xs[0] = 2; xs[1] = M / 2; xs[2] = in;
-  } else {
-    xs[0] = M; xs[1] = in;
-  }
-  memcpy(ys, xs, sizeof xs);
+  int nd = test_batch_shapes(L->x3d, M, in, out, xs, ys);
   memcpy(zs, xs, sizeof xs);
-  ys[nd - 1] = out;
   zs[nd - 1] = R;
   int col[3] = {1, 0, 0};
   test_tensor* x = tb_new(bits, nd, xs, L->x_colmajor ? col : NULL, L->gap);
-  test_tensor *A[4], *B[4], *gA[4], *gB[4];
+  test_tensor *F[8], **A = F, **B = F + m.n_in, *gA[4], *gB[4];
   DLTensor *dA[4], *dB[4], *dgA[4], *dgB[4];
-  double* P[8];
   for (int k = 0; k < m.n_in; ++k) {
     int64_t sh[2] = {m.in[k], R};
     A[k] = tb_new(bits, 2, sh, L->f_colmajor ? col : NULL, 0);
     dA[k] = &A[k]->dl;
-    P[k] = tz_to_double(A[k]);
   }
   for (int k = 0; k < m.n_out; ++k) {
     int64_t sh[2] = {m.out[k], R};
     B[k] = tb_new(bits, 2, sh, L->f_colmajor ? col : NULL, 0);
     dB[k] = &B[k]->dl;
-    P[m.n_in + k] = tz_to_double(B[k]);
   }
   int64_t bs[1] = {out};
   test_tensor* b = bias ? tb_new(bits, 1, bs, NULL, 0) : NULL;
@@ -97,38 +87,21 @@ static void run_case(int bits, const cp_case* cc, const layout_case* L, bool bia
   test_tensor* y = tb_output(bits, nd, ys);
   test_tensor* z = tb_output(bits, nd, zs);
 
-  /* Reference. */
-  double* W = calloc((size_t)(in * out) + 1, sizeof(double));
-  cp_reconstruct(&m, P, W);
-  double* xd = calloc((size_t)(M * in) + 1, sizeof(double));
-  for (int64_t i = 0; i < M; ++i)
-    for (int64_t j = 0; j < in; ++j) xd[i * in + j] = tb_get2(x, i, j);
-  double* gd = tz_to_double(g);
-  double* bd = b ? tz_to_double(b) : NULL;
-  double* yr = calloc((size_t)(M * out) + 1, sizeof(double));
+  /* Reference, and z = x · KR(A). */
+  tz_ref Ref = tz_reference(cp_reconstruct, &m, x, F, m.n_in + m.n_out, b, g, M, in, out);
   double* zr = calloc((size_t)(M * R) + 1, sizeof(double));
-  tz_forward(xd, W, bd, M, in, out, yr);
-  for (int64_t mm = 0; mm < M; ++mm) /* z = x · KR(A) */
+  for (int64_t mm = 0; mm < M; ++mm)
     for (int64_t r = 0; r < R; ++r) {
       double s = 0;
       for (int64_t i = 0; i < in; ++i) {
         int64_t rem = i;
         double p = 1;
-        for (int k = m.n_in - 1; k >= 0; --k) p *= P[k][(rem % m.in[k]) * R + r], rem /= m.in[k];
-        s += xd[mm * in + i] * p;
+        for (int k = m.n_in - 1; k >= 0; --k)
+          p *= Ref.P[k][(rem % m.in[k]) * R + r], rem /= m.in[k];
+        s += Ref.x[mm * in + i] * p;
       }
       zr[mm * R + r] = s;
     }
-  double* gxr = calloc((size_t)(M * in) + 1, sizeof(double));
-  double* gWr = calloc((size_t)(in * out) + 1, sizeof(double));
-  double* gbr = calloc((size_t)out + 1, sizeof(double));
-  tz_backward(xd, W, gd, M, in, out, gxr, gWr, gbr);
-  double* gPr[8];
-  for (int k = 0; k < m.n_in + m.n_out; ++k) {
-    int64_t nk = (k < m.n_in ? m.in[k] : m.out[k - m.n_in]) * R;
-    gPr[k] = calloc((size_t)nk + 1, sizeof(double));
-    tz_param_grad(cp_reconstruct, &m, P, k, nk, gWr, in, out, gPr[k]);
-  }
   double tol = bits == 64 ? 1e-11 : 3e-5 * sqrt((double)(in + out + R + M + 1));
 
   fct_context c = test_ctx(flags);
@@ -143,7 +116,7 @@ static void run_case(int bits, const cp_case* cc, const layout_case* L, bool bia
                              (const DLTensor* const*)dB, b ? &b->dl : NULL, &y->dl,
                              keep_z ? &z->dl : NULL);
   CHECK(st == FCT_OK, "%s: forward: %s", label, test_err);
-  double e = test_rel_err(y, yr, M, out);
+  double e = test_rel_err(y, Ref.y, M, out);
   CHECK(e <= tol, "%s: y error %.3g > %.3g", label, e, tol);
   if (keep_z) {
     e = test_rel_err(z, zr, M, R);
@@ -186,20 +159,20 @@ static void run_case(int bits, const cp_case* cc, const layout_case* L, bool bia
                                 pgB, want_b ? &gb->dl : NULL);
     CHECK(st == FCT_OK, "%s: backward %d: %s", label, variant, test_err);
     if (want_x) {
-      e = test_rel_err(gx, gxr, M, in);
+      e = test_rel_err(gx, Ref.gx, M, in);
       CHECK(e <= tol, "%s: grad_x error %.3g (variant %d)", label, e, variant);
     }
     if (want_b) {
-      e = test_rel_err(gb, gbr, 1, out);
+      e = test_rel_err(gb, Ref.gb, 1, out);
       CHECK(e <= tol, "%s: grad_bias error %.3g (variant %d)", label, e, variant);
     }
     for (int k = 0; pgA && k < m.n_in; ++k) {
       if (!pgA[k]) continue;
-      e = test_rel_err(gA[k], gPr[k], m.in[k], R);
+      e = test_rel_err(gA[k], Ref.gP[k], m.in[k], R);
       CHECK(e <= tol, "%s: grad_in_factors[%d] error %.3g (variant %d)", label, k, e, variant);
     }
     for (int k = 0; pgB && k < m.n_out; ++k) {
-      e = test_rel_err(gB[k], gPr[m.n_in + k], m.out[k], R);
+      e = test_rel_err(gB[k], Ref.gP[m.n_in + k], m.out[k], R);
       CHECK(e <= tol, "%s: grad_out_factors[%d] error %.3g (variant %d)", label, k, e, variant);
     }
     tb_free(gx);
@@ -208,10 +181,9 @@ static void run_case(int bits, const cp_case* cc, const layout_case* L, bool bia
     for (int k = 0; k < m.n_out; ++k) tb_free(gB[k]);
   }
 
-  for (int k = 0; k < m.n_in + m.n_out; ++k) free(P[k]), free(gPr[k]);
-  for (int k = 0; k < m.n_in; ++k) tb_free(A[k]);
-  for (int k = 0; k < m.n_out; ++k) tb_free(B[k]);
-  free(W); free(xd); free(gd); free(bd); free(yr); free(zr); free(gxr); free(gWr); free(gbr);
+  for (int k = 0; k < m.n_in + m.n_out; ++k) tb_free(F[k]);
+  tz_ref_free(&Ref);
+  free(zr);
   tb_free(x); tb_free(b); tb_free(g); tb_free(y); tb_free(z);
 }
 

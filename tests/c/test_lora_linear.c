@@ -172,16 +172,8 @@ static void run_case(int bits, const lora_case* lc, bool bias, bool keep_t,
            (long long)lc->r, (long long)lc->rb, lc->p, bias, keep_t, L->name);
   int64_t M = lc->M, in = lc->in, out = lc->out, r = lc->r, rb = lc->rb;
   int64_t xs[3], ys[3], ts[3];
-  int nd = L->x_ndim;
-  if (nd == 3) {
-    xs[0] = 2; xs[1] = M / 2; xs[2] = in;
-  } else {
-    xs[0] = M; xs[1] = in;
-  }
-  memcpy(ys, xs, sizeof xs);
-  memcpy(ts, xs, sizeof xs);
-  ys[nd - 1] = out;
-  ts[nd - 1] = r;
+  int nd = test_batch_shapes(L->x_ndim == 3, M, in, out, xs, ys);
+  test_batch_shapes(L->x_ndim == 3, M, in, r, xs, ts);
   int wt[2] = {1, 0};
   const int* wo = L->w_transposed ? wt : NULL;
   int64_t as[2] = {r, in}, bs2[2] = {out, r}, ws[2] = {out, in}, us[2] = {out, rb},

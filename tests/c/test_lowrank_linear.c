@@ -26,16 +26,8 @@ static void run_case(int bits, int64_t M, int64_t in, int64_t out, int64_t r, bo
            (long long)M, (long long)in, (long long)out, (long long)r, bias, keep_t, L->name);
   /* x: [M, in] or [2, M/2, in] */
   int64_t xs[3], ys[3], ts[3];
-  int nd = L->x_ndim;
-  if (nd == 3) {
-    xs[0] = 2; xs[1] = M / 2; xs[2] = in;
-  } else {
-    xs[0] = M; xs[1] = in;
-  }
-  memcpy(ys, xs, sizeof xs);
-  memcpy(ts, xs, sizeof xs);
-  ys[nd - 1] = out;
-  ts[nd - 1] = r;
+  int nd = test_batch_shapes(L->x_ndim == 3, M, in, out, xs, ys);
+  test_batch_shapes(L->x_ndim == 3, M, in, r, xs, ts);
   int wt[2] = {1, 0};
   int64_t us[2] = {out, r}, vs[2] = {r, in}, bs[1] = {out};
   test_tensor* x = tb_new(bits, nd, xs, L->x_order[0] || L->x_order[1] ? L->x_order : NULL,

@@ -62,3 +62,35 @@ void tz_param_grad(tz_reconstruct_fn fn, const void* model, double** params, int
   free(unit);
   free(W);
 }
+
+tz_ref tz_reference(tz_reconstruct_fn fn, const void* model, const test_tensor* x,
+                    test_tensor* const* params, int np, const test_tensor* b,
+                    const test_tensor* g, int64_t M, int64_t in, int64_t out) {
+  tz_ref R;
+  memset(&R, 0, sizeof R);
+  R.np = np;
+  R.x = tz_to_double(x);
+  R.g = tz_to_double(g);
+  R.b = b ? tz_to_double(b) : NULL;
+  for (int k = 0; k < np; ++k) R.P[k] = tz_to_double(params[k]);
+  R.W = calloc((size_t)(in * out) + 1, sizeof(double));
+  fn(model, R.P, R.W);
+  R.y = calloc((size_t)(M * out) + 1, sizeof(double));
+  tz_forward(R.x, R.W, R.b, M, in, out, R.y);
+  R.gx = calloc((size_t)(M * in) + 1, sizeof(double));
+  R.gW = calloc((size_t)(in * out) + 1, sizeof(double));
+  R.gb = calloc((size_t)out + 1, sizeof(double));
+  tz_backward(R.x, R.W, R.g, M, in, out, R.gx, R.gW, R.gb);
+  for (int k = 0; k < np; ++k) {
+    int64_t nk = tb_numel(params[k]);
+    R.gP[k] = calloc((size_t)nk + 1, sizeof(double));
+    tz_param_grad(fn, model, R.P, k, nk, R.gW, in, out, R.gP[k]);
+  }
+  return R;
+}
+
+void tz_ref_free(tz_ref* R) {
+  free(R->x); free(R->g); free(R->b); free(R->W); free(R->y);
+  free(R->gx); free(R->gW); free(R->gb);
+  for (int k = 0; k < R->np; ++k) free(R->P[k]), free(R->gP[k]);
+}

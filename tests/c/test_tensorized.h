@@ -27,4 +27,21 @@ void tz_backward(const double* x, const double* W, const double* g, int64_t M, i
 void tz_param_grad(tz_reconstruct_fn fn, const void* model, double** params, int k, int64_t nk,
                    const double* gW, int64_t in, int64_t out, double* grad);
 
+/* Every float64 reference quantity of one case of y = x·W(params)ᵀ + b:
+ * x (any dims, folded to [M, in]), the np parameter tensors in the op's
+ * order (W from fn), b nullable, g = grad_y [M, out]. All dense row-major,
+ * owned (tz_ref_free). */
+typedef struct tz_ref {
+  double *x, *g, *b; /* copies of the inputs (b NULL without bias) */
+  double* P[9];      /* copies of the parameters */
+  double *W, *y;     /* W [out, in], y [M, out] */
+  double *gx, *gW, *gb;
+  double* gP[9]; /* gradient of each parameter (tz_param_grad) */
+  int np;
+} tz_ref;
+tz_ref tz_reference(tz_reconstruct_fn fn, const void* model, const test_tensor* x,
+                    test_tensor* const* params, int np, const test_tensor* b,
+                    const test_tensor* g, int64_t M, int64_t in, int64_t out);
+void tz_ref_free(tz_ref* R);
+
 #endif

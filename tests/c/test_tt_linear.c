@@ -91,50 +91,22 @@ static void run_case(int bits, const tt_case* cc, const layout_case* L, bool bia
   int64_t M = cc->M, in = m.nin, out = m.nout;
   if (bits == 64 && !flags && !L->x3d && !L->x_colmajor && !L->gap && !L->core_odd && bias)
     note_plan(&m, M);
-  int nd = L->x3d ? 3 : 2;
   int64_t xs[3], ys[3];
-  if (nd == 3) {
-    xs[0] = 2; xs[1] = M / 2; xs[2] = in;
-  } else {
-    xs[0] = M; xs[1] = in;
-  }
-  memcpy(ys, xs, sizeof xs);
-  ys[nd - 1] = out;
+  int nd = test_batch_shapes(L->x3d, M, in, out, xs, ys);
   int col[3] = {1, 0, 0}, odd[4] = {2, 0, 3, 1};
   test_tensor* x = tb_new(bits, nd, xs, L->x_colmajor ? col : NULL, L->gap);
   test_tensor* G[4];
-  double* P[4];
   const DLTensor* dG[4];
   for (int k = 0; k < m.d; ++k) {
     int64_t sh[4] = {m.r[k], m.in[k], m.out[k], m.r[k + 1]};
     G[k] = tb_new(bits, 4, sh, L->core_odd ? odd : NULL, 0);
-    P[k] = tz_to_double(G[k]);
     dG[k] = &G[k]->dl;
   }
   int64_t bs[1] = {out};
   test_tensor* b = bias ? tb_new(bits, 1, bs, NULL, 0) : NULL;
   test_tensor* g = tb_new(bits, nd, ys, NULL, 0);
   test_tensor* y = tb_output(bits, nd, ys);
-
-  double* W = calloc((size_t)(in * out) + 1, sizeof(double));
-  tt_reconstruct(&m, P, W);
-  double* xd = calloc((size_t)(M * in) + 1, sizeof(double));
-  for (int64_t i = 0; i < M; ++i)
-    for (int64_t j = 0; j < in; ++j) xd[i * in + j] = tb_get2(x, i, j);
-  double* gd = tz_to_double(g);
-  double* bd = b ? tz_to_double(b) : NULL;
-  double* yr = calloc((size_t)(M * out) + 1, sizeof(double));
-  tz_forward(xd, W, bd, M, in, out, yr);
-  double* gxr = calloc((size_t)(M * in) + 1, sizeof(double));
-  double* gWr = calloc((size_t)(in * out) + 1, sizeof(double));
-  double* gbr = calloc((size_t)out + 1, sizeof(double));
-  tz_backward(xd, W, gd, M, in, out, gxr, gWr, gbr);
-  double* gPr[4];
-  for (int k = 0; k < m.d; ++k) {
-    int64_t nk = tb_numel(G[k]);
-    gPr[k] = calloc((size_t)nk + 1, sizeof(double));
-    tz_param_grad(tt_reconstruct, &m, P, k, nk, gWr, in, out, gPr[k]);
-  }
+  tz_ref R = tz_reference(tt_reconstruct, &m, x, G, m.d, b, g, M, in, out);
   double rsum = 0;
   for (int k = 0; k <= m.d; ++k) rsum += (double)m.r[k];
   double tol = bits == 64 ? 1e-11 : 4e-5 * sqrt((double)(in + out + M + 1) * rsum);
@@ -147,7 +119,7 @@ static void run_case(int bits, const tt_case* cc, const layout_case* L, bool bia
   test_workspace(&c, bytes);
   st = fct_tt_linear_forward(&c, &x->dl, m.d, dG, b ? &b->dl : NULL, &y->dl);
   CHECK(st == FCT_OK, "%s: forward: %s", label, test_err);
-  double e = test_rel_err(y, yr, M, out);
+  double e = test_rel_err(y, R.y, M, out);
   CHECK(e <= tol, "%s: y error %.3g > %.3g", label, e, tol);
 
   /* Variants: everything; grad_x only; cores only (all); the last core and
@@ -173,25 +145,25 @@ static void run_case(int bits, const tt_case* cc, const layout_case* L, bool bia
                                 want_b ? &gb->dl : NULL);
     CHECK(st == FCT_OK, "%s: backward %d: %s", label, variant, test_err);
     if (want_x) {
-      e = test_rel_err(gx, gxr, M, in);
+      e = test_rel_err(gx, R.gx, M, in);
       CHECK(e <= tol, "%s: grad_x error %.3g (variant %d)", label, e, variant);
     }
     if (want_b) {
-      e = test_rel_err(gb, gbr, 1, out);
+      e = test_rel_err(gb, R.gb, 1, out);
       CHECK(e <= tol, "%s: grad_bias error %.3g (variant %d)", label, e, variant);
     }
     for (int k = 0; k < m.d; ++k) {
       if (!dgG[k]) continue;
       int64_t rows = m.r[k] * m.in[k] * m.out[k];
-      e = test_rel_err(gG[k], gPr[k], rows, m.r[k + 1]);
+      e = test_rel_err(gG[k], R.gP[k], rows, m.r[k + 1]);
       CHECK(e <= tol, "%s: grad_cores[%d] error %.3g (variant %d)", label, k, e, variant);
     }
     tb_free(gx);
     tb_free(gb);
     for (int k = 0; k < m.d; ++k) tb_free(gG[k]);
   }
-  for (int k = 0; k < m.d; ++k) free(P[k]), free(gPr[k]), tb_free(G[k]);
-  free(W); free(xd); free(gd); free(bd); free(yr); free(gxr); free(gWr); free(gbr);
+  for (int k = 0; k < m.d; ++k) tb_free(G[k]);
+  tz_ref_free(&R);
   tb_free(x); tb_free(b); tb_free(g); tb_free(y);
 }
 

@@ -83,21 +83,13 @@ static void run_case(int bits, const tk_case* cc, const layout_case* L, bool bia
     m.S *= m.s[k];
   }
   int64_t M = cc->M, in = m.nin, out = m.nout;
-  int nd = L->x3d ? 3 : 2;
   int64_t xs[3], ys[3];
-  if (nd == 3) {
-    xs[0] = 2; xs[1] = M / 2; xs[2] = in;
-  } else {
-    xs[0] = M; xs[1] = in;
-  }
-  memcpy(ys, xs, sizeof xs);
-  ys[nd - 1] = out;
+  int nd = test_batch_shapes(L->x3d, M, in, out, xs, ys);
   int col[3] = {1, 0, 0};
   const int* pc = L->p_colmajor ? col : NULL;
   test_tensor* x = tb_new(bits, nd, xs, L->x_colmajor ? col : NULL, L->gap);
   int np = 1 + m.n_in + m.n_out;
   test_tensor* Pt[9];
-  double* P[9];
   int64_t csh[2] = {m.S, m.T};
   Pt[0] = tb_new(bits, 2, csh, pc, 0);
   for (int k = 0; k < m.n_in; ++k) {
@@ -108,7 +100,6 @@ static void run_case(int bits, const tk_case* cc, const layout_case* L, bool bia
     int64_t sh[2] = {m.out[k], m.s[k]};
     Pt[1 + m.n_in + k] = tb_new(bits, 2, sh, pc, 0);
   }
-  for (int k = 0; k < np; ++k) P[k] = tz_to_double(Pt[k]);
   const DLTensor *dV[4], *dU[4];
   for (int k = 0; k < m.n_in; ++k) dV[k] = &Pt[1 + k]->dl;
   for (int k = 0; k < m.n_out; ++k) dU[k] = &Pt[1 + m.n_in + k]->dl;
@@ -116,26 +107,7 @@ static void run_case(int bits, const tk_case* cc, const layout_case* L, bool bia
   test_tensor* b = bias ? tb_new(bits, 1, bs, NULL, 0) : NULL;
   test_tensor* g = tb_new(bits, nd, ys, NULL, 0);
   test_tensor* y = tb_output(bits, nd, ys);
-
-  double* W = calloc((size_t)(in * out) + 1, sizeof(double));
-  tk_reconstruct(&m, P, W);
-  double* xd = calloc((size_t)(M * in) + 1, sizeof(double));
-  for (int64_t i = 0; i < M; ++i)
-    for (int64_t j = 0; j < in; ++j) xd[i * in + j] = tb_get2(x, i, j);
-  double* gd = tz_to_double(g);
-  double* bd = b ? tz_to_double(b) : NULL;
-  double* yr = calloc((size_t)(M * out) + 1, sizeof(double));
-  tz_forward(xd, W, bd, M, in, out, yr);
-  double* gxr = calloc((size_t)(M * in) + 1, sizeof(double));
-  double* gWr = calloc((size_t)(in * out) + 1, sizeof(double));
-  double* gbr = calloc((size_t)out + 1, sizeof(double));
-  tz_backward(xd, W, gd, M, in, out, gxr, gWr, gbr);
-  double* gPr[9];
-  for (int k = 0; k < np; ++k) {
-    int64_t nk = tb_numel(Pt[k]);
-    gPr[k] = calloc((size_t)nk + 1, sizeof(double));
-    tz_param_grad(tk_reconstruct, &m, P, k, nk, gWr, in, out, gPr[k]);
-  }
+  tz_ref R = tz_reference(tk_reconstruct, &m, x, Pt, np, b, g, M, in, out);
   double tol = bits == 64 ? 1e-11 : 3e-5 * sqrt((double)(in + out + m.S + m.T + M + 1));
 
   fct_context c = test_ctx(flags);
@@ -148,7 +120,7 @@ static void run_case(int bits, const tk_case* cc, const layout_case* L, bool bia
   st = fct_tucker_linear_forward(&c, &x->dl, &Pt[0]->dl, m.n_in, dV, m.n_out, dU,
                                  b ? &b->dl : NULL, &y->dl);
   CHECK(st == FCT_OK, "%s: forward: %s", label, test_err);
-  double e = test_rel_err(y, yr, M, out);
+  double e = test_rel_err(y, R.y, M, out);
   CHECK(e <= tol, "%s: y error %.3g > %.3g", label, e, tol);
 
   /* Variants: everything; grad_x only; core + output factors + bias; the
@@ -177,33 +149,33 @@ static void run_case(int bits, const tk_case* cc, const layout_case* L, bool bia
                                     gU, want_b ? &gb->dl : NULL);
     CHECK(st == FCT_OK, "%s: backward %d: %s", label, variant, test_err);
     if (want_x) {
-      e = test_rel_err(gx, gxr, M, in);
+      e = test_rel_err(gx, R.gx, M, in);
       CHECK(e <= tol, "%s: grad_x error %.3g (variant %d)", label, e, variant);
     }
     if (want_b) {
-      e = test_rel_err(gb, gbr, 1, out);
+      e = test_rel_err(gb, R.gb, 1, out);
       CHECK(e <= tol, "%s: grad_bias error %.3g (variant %d)", label, e, variant);
     }
     if (want_core) {
-      e = test_rel_err(gP[0], gPr[0], m.S, m.T);
+      e = test_rel_err(gP[0], R.gP[0], m.S, m.T);
       CHECK(e <= tol, "%s: grad_core error %.3g (variant %d)", label, e, variant);
     }
     for (int k = 0; k < m.n_in; ++k) {
       if (!gV[k]) continue;
-      e = test_rel_err(gP[1 + k], gPr[1 + k], m.in[k], m.t[k]);
+      e = test_rel_err(gP[1 + k], R.gP[1 + k], m.in[k], m.t[k]);
       CHECK(e <= tol, "%s: grad_in_factors[%d] error %.3g (variant %d)", label, k, e, variant);
     }
     for (int k = 0; k < m.n_out; ++k) {
       if (!gU[k]) continue;
-      e = test_rel_err(gP[1 + m.n_in + k], gPr[1 + m.n_in + k], m.out[k], m.s[k]);
+      e = test_rel_err(gP[1 + m.n_in + k], R.gP[1 + m.n_in + k], m.out[k], m.s[k]);
       CHECK(e <= tol, "%s: grad_out_factors[%d] error %.3g (variant %d)", label, k, e, variant);
     }
     tb_free(gx);
     tb_free(gb);
     for (int k = 0; k < np; ++k) tb_free(gP[k]);
   }
-  for (int k = 0; k < np; ++k) free(P[k]), free(gPr[k]), tb_free(Pt[k]);
-  free(W); free(xd); free(gd); free(bd); free(yr); free(gxr); free(gWr); free(gbr);
+  for (int k = 0; k < np; ++k) tb_free(Pt[k]);
+  tz_ref_free(&R);
   tb_free(x); tb_free(b); tb_free(g); tb_free(y);
 }
 

@@ -113,6 +113,20 @@ double tb_get2(const test_tensor* t, int64_t row, int64_t col) {
   return tb_get(t, idx);
 }
 
+int test_batch_shapes(bool x3d, int64_t M, int64_t in, int64_t out, int64_t* xs,
+                      int64_t* ys) {
+  int nd = x3d ? 3 : 2;
+  if (x3d) {
+    xs[0] = ys[0] = 2;
+    xs[1] = ys[1] = M / 2;
+  } else {
+    xs[0] = ys[0] = M;
+  }
+  xs[nd - 1] = in;
+  ys[nd - 1] = out;
+  return nd;
+}
+
 int tb_pool_calls;
 
 int32_t tb_reverse_pool(int64_t begin, int64_t end, int64_t grain, fct_parallel_body body,

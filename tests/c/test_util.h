@@ -57,6 +57,11 @@ int32_t tb_reverse_pool(int64_t begin, int64_t end, int64_t grain, fct_parallel_
                         void* arg);
 int tb_three_threads(void);
 
+/* The shapes of x [M, in] and y [M, out] (x3d: [2, M/2, in] and [2, M/2,
+ * out]); returns their number of dims. */
+int test_batch_shapes(bool x3d, int64_t M, int64_t in, int64_t out, int64_t* xs,
+                      int64_t* ys);
+
 /* Prints the closing line and returns the exit status. */
 int test_report(void);
 
