@@ -27,12 +27,12 @@ nvidia-smi -L | tee "$OUT/device.txt"
   | tee -a "$OUT/device.txt"
 
 # Hopper only (sm_90): a third of the build time of the default 80;90.
-cmake -S . -B build/gpu -G Ninja -DPython_EXECUTABLE="$PY" -DFCT_CUDA=ON \
+cmake -S . -B build/gpu -G Ninja -DPython_EXECUTABLE="$PY" -DFCT_CUDA=ON -DFCT_BUILD_TESTS=ON \
   -DCMAKE_CUDA_ARCHITECTURES=90 > "$OUT/configure.log" 2>&1 || { tail -40 "$OUT/configure.log"; exit 1; }
 cmake --build build/gpu -j 16 > "$OUT/build.log" 2>&1 || { tail -60 "$OUT/build.log"; exit 1; }
 
 # C tests first (a CUDA fault there is easier to read than through torch).
-ctest --test-dir build/gpu --output-on-failure --timeout 120 2>&1 | tee "$OUT/ctest.log" | tail -30
+ctest --test-dir build/gpu --output-on-failure --no-tests=error --timeout 120 2>&1 | tee "$OUT/ctest.log" | tail -30
 
 # pytest against these libraries: the CUDA cases (-k cuda) first, then the rest.
 export FACTORCH_LIB_DIR=$PWD/build/gpu PYTHONUNBUFFERED=1
