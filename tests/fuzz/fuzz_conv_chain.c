@@ -72,18 +72,14 @@ int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
                      false);
   int64_t saved_n = cs == FCT_OK ? mw(N, spi) : 1;
   size_t q = 0;
-  fct_status s;
   if (!backward) {
     DLTensor* bias = fz_opt_tensor(&f, 1, (int64_t[]){Cy}, false);
     DLTensor* y = fz_tensor(&f, 3, (int64_t[]){N, Cy, P}, true);
     DLTensor* saved = fz_opt_tensor(&f, 1, (int64_t[]){saved_n}, true);
     if (f.skip) goto done;
-    s = fz_check(&f, &ctx,
+    FZ_QUERY_RUN(&f, &ctx, q, "conv_chain_forward",
                  fct_conv_chain_forward_workspace(&ctx, x, n, st, w, bias, y, saved, &q),
-                 "conv_chain_forward_workspace");
-    fz_workspace(&f, &ctx, s, q);
-    fz_check(&f, &ctx, fct_conv_chain_forward(&ctx, x, n, st, w, bias, y, saved),
-             "conv_chain_forward");
+                 fct_conv_chain_forward(&ctx, x, n, st, w, bias, y, saved));
   } else {
     DLTensor* gy = fz_tensor(&f, 3, (int64_t[]){N, Cy, P}, false);
     DLTensor* saved = fz_opt_tensor(&f, 1, (int64_t[]){saved_n}, false);
@@ -97,13 +93,10 @@ int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
                             true);
     DLTensor* gb = fz_opt_tensor(&f, 1, (int64_t[]){Cy}, true);
     if (f.skip) goto done;
-    s = fz_check(&f, &ctx,
+    FZ_QUERY_RUN(&f, &ctx, q, "conv_chain_backward",
                  fct_conv_chain_backward_workspace(&ctx, gy, x, n, st, w, saved, gx,
                                                    (const DLTensor* const*)gw, gb, &q),
-                 "conv_chain_backward_workspace");
-    fz_workspace(&f, &ctx, s, q);
-    fz_check(&f, &ctx, fct_conv_chain_backward(&ctx, gy, x, n, st, w, saved, gx, gw, gb),
-             "conv_chain_backward");
+                 fct_conv_chain_backward(&ctx, gy, x, n, st, w, saved, gx, gw, gb));
   }
 done:
   fz_end(&f);

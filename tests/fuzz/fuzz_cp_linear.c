@@ -22,8 +22,7 @@ int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     uint8_t b = fz_u8(&f);
     fct_status s = fct_cp_linear_plan(n_in, (b & 1) ? NULL : im, n_out, (b & 2) ? NULL : om, R,
                                       batch, f.device, f.dtype, (b & 4) ? NULL : &info);
-    fct_context none = {0};
-    fz_check(&f, &none, s, "cp_linear_plan");
+    fz_check_plan(&f, s, "cp_linear_plan");
     goto done;
   }
   int64_t lead[4], M, sh[8];
@@ -38,18 +37,14 @@ int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   for (int k = 0; A && k < n_in; ++k) A[k] = fz_tensor(&f, 2, (int64_t[]){im[k], R}, false);
   for (int k = 0; B && k < n_out; ++k) B[k] = fz_tensor(&f, 2, (int64_t[]){om[k], R}, false);
   size_t q = 0;
-  fct_status s;
   if (what == 0) {
     DLTensor* bias = fz_opt_tensor(&f, 1, (int64_t[]){out}, false);
     DLTensor* y = fz_tensor(&f, fz_shape_cat(sh, lead, nl, out), sh, true);
     DLTensor* z = fz_opt_tensor(&f, fz_shape_cat(sh, lead, nl, R), sh, true);
     if (f.skip) goto done;
-    s = fz_check(&f, &ctx,
+    FZ_QUERY_RUN(&f, &ctx, q, "cp_linear_forward",
                  fct_cp_linear_forward_workspace(&ctx, x, n_in, A, n_out, B, bias, y, z, &q),
-                 "cp_linear_forward_workspace");
-    fz_workspace(&f, &ctx, s, q);
-    fz_check(&f, &ctx, fct_cp_linear_forward(&ctx, x, n_in, A, n_out, B, bias, y, z),
-             "cp_linear_forward");
+                 fct_cp_linear_forward(&ctx, x, n_in, A, n_out, B, bias, y, z));
   } else {
     DLTensor* gy = fz_tensor(&f, fz_shape_cat(sh, lead, nl, out), sh, false);
     DLTensor* z = fz_opt_tensor(&f, fz_shape_cat(sh, lead, nl, R), sh, false);
@@ -61,14 +56,11 @@ int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     for (int k = 0; gB && k < n_out; ++k) gB[k] = fz_opt_tensor(&f, 2, (int64_t[]){om[k], R}, true);
     DLTensor* gb = fz_opt_tensor(&f, 1, (int64_t[]){out}, true);
     if (f.skip) goto done;
-    s = fz_check(&f, &ctx,
+    FZ_QUERY_RUN(&f, &ctx, q, "cp_linear_backward",
                  fct_cp_linear_backward_workspace(&ctx, gy, x, n_in, A, n_out, B, z, gx,
                                                   (const DLTensor* const*)gA,
                                                   (const DLTensor* const*)gB, gb, &q),
-                 "cp_linear_backward_workspace");
-    fz_workspace(&f, &ctx, s, q);
-    fz_check(&f, &ctx, fct_cp_linear_backward(&ctx, gy, x, n_in, A, n_out, B, z, gx, gA, gB, gb),
-             "cp_linear_backward");
+                 fct_cp_linear_backward(&ctx, gy, x, n_in, A, n_out, B, z, gx, gA, gB, gb));
   }
 done:
   fz_end(&f);

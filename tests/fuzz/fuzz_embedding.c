@@ -21,7 +21,6 @@ int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   int64_t dim, num;
   fct_context ctx;
   size_t q = 0;
-  fct_status s;
   uint8_t pb = fz_u8(&f);
   if (what < 2) {
     num = fz_size(&f, 1, 9);
@@ -36,23 +35,17 @@ int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     if (what == 0) {
       DLTensor* y = fz_tensor(&f, ny, sh, true);
       if (f.skip) goto done;
-      s = fz_check(&f, &ctx,
+      FZ_QUERY_RUN(&f, &ctx, q, "lowrank_embedding_forward",
                    fct_lowrank_embedding_forward_workspace(&ctx, idx, U, V, pad, y, &q),
-                   "lowrank_embedding_forward_workspace");
-      fz_workspace(&f, &ctx, s, q);
-      fz_check(&f, &ctx, fct_lowrank_embedding_forward(&ctx, idx, U, V, pad, y),
-               "lowrank_embedding_forward");
+                   fct_lowrank_embedding_forward(&ctx, idx, U, V, pad, y));
     } else {
       DLTensor* gy = fz_tensor(&f, ny, sh, false);
       DLTensor* gU = fz_opt_tensor(&f, 2, (int64_t[]){num, R}, true);
       DLTensor* gV = fz_opt_tensor(&f, 2, (int64_t[]){R, dim}, true);
       if (f.skip) goto done;
-      s = fz_check(&f, &ctx,
+      FZ_QUERY_RUN(&f, &ctx, q, "lowrank_embedding_backward",
                    fct_lowrank_embedding_backward_workspace(&ctx, gy, idx, U, V, pad, gU, gV, &q),
-                   "lowrank_embedding_backward_workspace");
-      fz_workspace(&f, &ctx, s, q);
-      fz_check(&f, &ctx, fct_lowrank_embedding_backward(&ctx, gy, idx, U, V, pad, gU, gV),
-               "lowrank_embedding_backward");
+                   fct_lowrank_embedding_backward(&ctx, gy, idx, U, V, pad, gU, gV));
     }
   } else {
     int d = fz_count(&f, 1, 3);
@@ -77,25 +70,19 @@ int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     if (what == 2) {
       DLTensor* y = fz_tensor(&f, ny, sh, true);
       if (f.skip) goto done;
-      s = fz_check(&f, &ctx,
+      FZ_QUERY_RUN(&f, &ctx, q, "tt_embedding_forward",
                    fct_tt_embedding_forward_workspace(&ctx, idx, d, G, num, pad, y, &q),
-                   "tt_embedding_forward_workspace");
-      fz_workspace(&f, &ctx, s, q);
-      fz_check(&f, &ctx, fct_tt_embedding_forward(&ctx, idx, d, G, num, pad, y),
-               "tt_embedding_forward");
+                   fct_tt_embedding_forward(&ctx, idx, d, G, num, pad, y));
     } else {
       DLTensor* gy = fz_tensor(&f, ny, sh, false);
       DLTensor** gG = (fz_u8(&f) & 1) ? NULL : (DLTensor**)fz_list(&f, nd);
       for (int k = 0; gG && k < nd && k < 12; ++k)
         gG[k] = fz_opt_tensor(&f, 4, (int64_t[]){r[k], n[k], m[k], r[k + 1]}, true);
       if (f.skip) goto done;
-      s = fz_check(&f, &ctx,
+      FZ_QUERY_RUN(&f, &ctx, q, "tt_embedding_backward",
                    fct_tt_embedding_backward_workspace(&ctx, gy, idx, d, G, num, pad,
                                                        (const DLTensor* const*)gG, &q),
-                   "tt_embedding_backward_workspace");
-      fz_workspace(&f, &ctx, s, q);
-      fz_check(&f, &ctx, fct_tt_embedding_backward(&ctx, gy, idx, d, G, num, pad, gG),
-               "tt_embedding_backward");
+                   fct_tt_embedding_backward(&ctx, gy, idx, d, G, num, pad, gG));
     }
   }
 done:

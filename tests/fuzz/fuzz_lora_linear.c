@@ -43,16 +43,13 @@ int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (pbase && !backward && (base.kind == FCT_LORA_GIVEN || (extra & 0x88) == 0x88))
     base.base_out = fz_tensor(&f, fz_shape_cat(sh, lead, nl, out), sh, false);
   size_t q = 0;
-  fct_status s;
   if (!backward) {
     DLTensor* y = fz_tensor(&f, fz_shape_cat(sh, lead, nl, out), sh, true);
     DLTensor* t = fz_opt_tensor(&f, fz_shape_cat(sh, lead, nl, r), sh, true);
     if (f.skip) goto done;
-    s = fz_check(&f, &ctx, fct_lora_linear_forward_workspace(&ctx, x, A, B, pbase, po, y, t, &q),
-                 "lora_linear_forward_workspace");
-    fz_workspace(&f, &ctx, s, q);
-    fz_check(&f, &ctx, fct_lora_linear_forward(&ctx, x, A, B, pbase, po, y, t),
-             "lora_linear_forward");
+    FZ_QUERY_RUN(&f, &ctx, q, "lora_linear_forward",
+                 fct_lora_linear_forward_workspace(&ctx, x, A, B, pbase, po, y, t, &q),
+                 fct_lora_linear_forward(&ctx, x, A, B, pbase, po, y, t));
   } else {
     DLTensor* gy = fz_tensor(&f, fz_shape_cat(sh, lead, nl, out), sh, false);
     DLTensor* t = fz_opt_tensor(&f, fz_shape_cat(sh, lead, nl, r), sh, false);
@@ -68,12 +65,9 @@ int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       if (base.kind != FCT_LORA_GIVEN) g.bias = fz_opt_tensor(&f, 1, (int64_t[]){out}, true);
     }
     if (f.skip) goto done;
-    s = fz_check(&f, &ctx,
+    FZ_QUERY_RUN(&f, &ctx, q, "lora_linear_backward",
                  fct_lora_linear_backward_workspace(&ctx, gy, x, A, B, pbase, po, t, pg, &q),
-                 "lora_linear_backward_workspace");
-    fz_workspace(&f, &ctx, s, q);
-    fz_check(&f, &ctx, fct_lora_linear_backward(&ctx, gy, x, A, B, pbase, po, t, pg),
-             "lora_linear_backward");
+                 fct_lora_linear_backward(&ctx, gy, x, A, B, pbase, po, t, pg));
   }
 done:
   fz_end(&f);

@@ -17,17 +17,14 @@ int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   DLTensor* U = fz_tensor(&f, 2, (int64_t[]){out, r}, false);
   DLTensor* V = fz_tensor(&f, 2, (int64_t[]){r, in}, false);
   size_t q = 0;
-  fct_status s;
   if (!backward) {
     DLTensor* bias = fz_opt_tensor(&f, 1, (int64_t[]){out}, false);
     DLTensor* y = fz_tensor(&f, fz_shape_cat(sh, lead, nl, out), sh, true);
     DLTensor* t = fz_opt_tensor(&f, fz_shape_cat(sh, lead, nl, r), sh, true);
     if (f.skip) goto done;
-    s = fz_check(&f, &ctx, fct_lowrank_linear_forward_workspace(&ctx, x, U, V, bias, y, t, &q),
-                 "lowrank_linear_forward_workspace");
-    fz_workspace(&f, &ctx, s, q);
-    fz_check(&f, &ctx, fct_lowrank_linear_forward(&ctx, x, U, V, bias, y, t),
-             "lowrank_linear_forward");
+    FZ_QUERY_RUN(&f, &ctx, q, "lowrank_linear_forward",
+                 fct_lowrank_linear_forward_workspace(&ctx, x, U, V, bias, y, t, &q),
+                 fct_lowrank_linear_forward(&ctx, x, U, V, bias, y, t));
   } else {
     DLTensor* gy = fz_tensor(&f, fz_shape_cat(sh, lead, nl, out), sh, false);
     DLTensor* t = fz_opt_tensor(&f, fz_shape_cat(sh, lead, nl, r), sh, false);
@@ -36,12 +33,9 @@ int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     DLTensor* gV = fz_opt_tensor(&f, 2, (int64_t[]){r, in}, true);
     DLTensor* gb = fz_opt_tensor(&f, 1, (int64_t[]){out}, true);
     if (f.skip) goto done;
-    s = fz_check(&f, &ctx,
+    FZ_QUERY_RUN(&f, &ctx, q, "lowrank_linear_backward",
                  fct_lowrank_linear_backward_workspace(&ctx, gy, x, U, V, t, gx, gU, gV, gb, &q),
-                 "lowrank_linear_backward_workspace");
-    fz_workspace(&f, &ctx, s, q);
-    fz_check(&f, &ctx, fct_lowrank_linear_backward(&ctx, gy, x, U, V, t, gx, gU, gV, gb),
-             "lowrank_linear_backward");
+                 fct_lowrank_linear_backward(&ctx, gy, x, U, V, t, gx, gU, gV, gb));
   }
 done:
   fz_end(&f);

@@ -24,8 +24,7 @@ int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     fct_status s = fct_tt_linear_plan(d, (b & 1) ? NULL : im, (b & 2) ? NULL : om,
                                       (b & 8) ? NULL : rk, batch, f.device, f.dtype,
                                       (b & 4) ? NULL : &info);
-    fct_context none = {0};
-    fz_check(&f, &none, s, "tt_linear_plan");
+    fz_check_plan(&f, s, "tt_linear_plan");
     goto done;
   }
   int64_t lead[4], M, sh[8];
@@ -39,15 +38,13 @@ int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   for (int k = 0; G && k < d; ++k)
     G[k] = fz_tensor(&f, 4, (int64_t[]){rk[k], im[k], om[k], rk[k + 1]}, false);
   size_t q = 0;
-  fct_status s;
   if (what == 0) {
     DLTensor* bias = fz_opt_tensor(&f, 1, (int64_t[]){out}, false);
     DLTensor* y = fz_tensor(&f, fz_shape_cat(sh, lead, nl, out), sh, true);
     if (f.skip) goto done;
-    s = fz_check(&f, &ctx, fct_tt_linear_forward_workspace(&ctx, x, d, G, bias, y, &q),
-                 "tt_linear_forward_workspace");
-    fz_workspace(&f, &ctx, s, q);
-    fz_check(&f, &ctx, fct_tt_linear_forward(&ctx, x, d, G, bias, y), "tt_linear_forward");
+    FZ_QUERY_RUN(&f, &ctx, q, "tt_linear_forward",
+                 fct_tt_linear_forward_workspace(&ctx, x, d, G, bias, y, &q),
+                 fct_tt_linear_forward(&ctx, x, d, G, bias, y));
   } else {
     DLTensor* gy = fz_tensor(&f, fz_shape_cat(sh, lead, nl, out), sh, false);
     DLTensor* gx = fz_opt_tensor(&f, fz_shape_cat(sh, lead, nl, in), sh, true);
@@ -56,13 +53,10 @@ int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       gG[k] = fz_opt_tensor(&f, 4, (int64_t[]){rk[k], im[k], om[k], rk[k + 1]}, true);
     DLTensor* gb = fz_opt_tensor(&f, 1, (int64_t[]){out}, true);
     if (f.skip) goto done;
-    s = fz_check(&f, &ctx,
-                 fct_tt_linear_backward_workspace(&ctx, gy, x, d, G, gx,
-                                                  (const DLTensor* const*)gG, gb, &q),
-                 "tt_linear_backward_workspace");
-    fz_workspace(&f, &ctx, s, q);
-    fz_check(&f, &ctx, fct_tt_linear_backward(&ctx, gy, x, d, G, gx, gG, gb),
-             "tt_linear_backward");
+    FZ_QUERY_RUN(&f, &ctx, q, "tt_linear_backward",
+                 fct_tt_linear_backward_workspace(&ctx, gy, x, d, G, gx, (const DLTensor* const*)gG,
+                                                  gb, &q),
+                 fct_tt_linear_backward(&ctx, gy, x, d, G, gx, gG, gb));
   }
 done:
   fz_end(&f);

@@ -28,8 +28,7 @@ int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     fct_status s = fct_tucker_linear_plan(n_in, (b & 1) ? NULL : im, (b & 8) ? NULL : ir, n_out,
                                           (b & 2) ? NULL : om, (b & 16) ? NULL : orr, batch,
                                           f.device, f.dtype, (b & 4) ? NULL : &info);
-    fct_context none = {0};
-    fz_check(&f, &none, s, "tucker_linear_plan");
+    fz_check_plan(&f, s, "tucker_linear_plan");
     goto done;
   }
   int64_t lead[4], M, sh[8];
@@ -45,17 +44,13 @@ int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   for (int k = 0; V && k < n_in; ++k) V[k] = fz_tensor(&f, 2, (int64_t[]){im[k], ir[k]}, false);
   for (int k = 0; U && k < n_out; ++k) U[k] = fz_tensor(&f, 2, (int64_t[]){om[k], orr[k]}, false);
   size_t q = 0;
-  fct_status s;
   if (what == 0) {
     DLTensor* bias = fz_opt_tensor(&f, 1, (int64_t[]){out}, false);
     DLTensor* y = fz_tensor(&f, fz_shape_cat(sh, lead, nl, out), sh, true);
     if (f.skip) goto done;
-    s = fz_check(&f, &ctx,
+    FZ_QUERY_RUN(&f, &ctx, q, "tucker_linear_forward",
                  fct_tucker_linear_forward_workspace(&ctx, x, core, n_in, V, n_out, U, bias, y, &q),
-                 "tucker_linear_forward_workspace");
-    fz_workspace(&f, &ctx, s, q);
-    fz_check(&f, &ctx, fct_tucker_linear_forward(&ctx, x, core, n_in, V, n_out, U, bias, y),
-             "tucker_linear_forward");
+                 fct_tucker_linear_forward(&ctx, x, core, n_in, V, n_out, U, bias, y));
   } else {
     DLTensor* gy = fz_tensor(&f, fz_shape_cat(sh, lead, nl, out), sh, false);
     DLTensor* gx = fz_opt_tensor(&f, fz_shape_cat(sh, lead, nl, in), sh, true);
@@ -69,16 +64,12 @@ int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       gU[k] = fz_opt_tensor(&f, 2, (int64_t[]){om[k], orr[k]}, true);
     DLTensor* gb = fz_opt_tensor(&f, 1, (int64_t[]){out}, true);
     if (f.skip) goto done;
-    s = fz_check(&f, &ctx,
+    FZ_QUERY_RUN(&f, &ctx, q, "tucker_linear_backward",
                  fct_tucker_linear_backward_workspace(&ctx, gy, x, core, n_in, V, n_out, U, gx,
                                                       gcore, (const DLTensor* const*)gV,
                                                       (const DLTensor* const*)gU, gb, &q),
-                 "tucker_linear_backward_workspace");
-    fz_workspace(&f, &ctx, s, q);
-    fz_check(&f, &ctx,
-             fct_tucker_linear_backward(&ctx, gy, x, core, n_in, V, n_out, U, gx, gcore, gV, gU,
-                                        gb),
-             "tucker_linear_backward");
+                 fct_tucker_linear_backward(&ctx, gy, x, core, n_in, V, n_out, U, gx, gcore, gV, gU,
+                                            gb));
   }
 done:
   fz_end(&f);

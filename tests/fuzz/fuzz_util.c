@@ -436,6 +436,11 @@ fct_status fz_check(fz* f, const fct_context* ctx, fct_status s, const char* wha
   return s;
 }
 
+fct_status fz_check_plan(fz* f, fct_status s, const char* what) {
+  fct_context none = {0};
+  return fz_check(f, &none, s, what);
+}
+
 void* fz_alloc(fz* f, size_t bytes) {
   if (f->nallocs == FZ_MAX_ALLOCS) return NULL;
   void* p = calloc(1, bytes ? bytes : 1);

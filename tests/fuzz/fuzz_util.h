@@ -94,6 +94,17 @@ void fz_context(fz* f, fct_context* ctx);
 void fz_workspace(fz* f, fct_context* ctx, fct_status qs, size_t q);
 /* Checks a call's status (traps on a finding); returns it. */
 fct_status fz_check(fz* f, const fct_context* ctx, fct_status s, const char* what);
+/* The same for a call without a context (the plans). */
+fct_status fz_check_plan(fz* f, fct_status s, const char* what);
+/* One op call as a caller makes it: the workspace query `query` (which
+ * writes its size into q), checked as NAME "_workspace"; the workspace it
+ * asked for (fz_workspace); then the op `call`, checked as NAME. */
+#define FZ_QUERY_RUN(f, ctx, q, name, query, call)                      \
+  do {                                                                  \
+    fct_status fz_qs_ = fz_check((f), (ctx), (query), name "_workspace"); \
+    fz_workspace((f), (ctx), fz_qs_, (q));                              \
+    fz_check((f), (ctx), (call), name);                                 \
+  } while (0)
 
 /* Leading (batch) dims of an activation: 0 to 2 of them, their product in
  * M; returns how many. */
