@@ -17,14 +17,6 @@
 /* Index tensors                                                              */
 /* ------------------------------------------------------------------------- */
 
-typedef struct idx_tensor {
-  DLTensor dl;
-  int64_t shape[8], strides[8];
-  int64_t* vals; /* logical row-major order, owned */
-  int64_t count;
-  void* buf;
-} idx_tensor;
-
 static uint64_t g_rng = 12345;
 static int64_t rnd_below(int64_t n) {
   g_rng = g_rng * 6364136223846793005ull + 1442695040888963407ull;
@@ -33,50 +25,16 @@ static int64_t rnd_below(int64_t n) {
 
 /* An index tensor of `shape` (2-D ones stored column-major when
  * `transposed`), values drawn in [0, num) with some repeats, or `fixed`. */
-static idx_tensor* idx_new(int bits, int nd, const int64_t* shape, bool transposed, int64_t num,
+static test_index* idx_new(int bits, int nd, const int64_t* shape, bool transposed, int64_t num,
                            const int64_t* fixed) {
-  idx_tensor* t = calloc(1, sizeof *t);
-  t->count = 1;
-  for (int i = 0; i < nd; ++i) {
-    t->shape[i] = shape[i];
-    t->count *= shape[i];
-  }
-  int64_t s = 1;
-  for (int i = nd - 1; i >= 0; --i) {
-    t->strides[i] = s;
-    s *= shape[i] > 0 ? shape[i] : 1;
-  }
-  if (transposed && nd == 2) {
-    t->strides[0] = 1;
-    t->strides[1] = shape[0] > 0 ? shape[0] : 1;
-  }
-  t->vals = calloc((size_t)t->count + 1, sizeof(int64_t));
-  t->buf = calloc((size_t)t->count + 1, 8);
-  for (int64_t p = 0; p < t->count; ++p) {
-    int64_t v = fixed ? fixed[p] : (p % 3 == 2 && p > 0 ? t->vals[p - 2] : rnd_below(num));
-    t->vals[p] = v;
-    int64_t off = 0, rem = p;
-    for (int i = nd - 1; i >= 0; --i) {
-      off += (rem % shape[i]) * t->strides[i];
-      rem /= shape[i];
-    }
-    if (bits == 64) ((int64_t*)t->buf)[off] = v;
-    else ((int32_t*)t->buf)[off] = (int32_t)v;
-  }
-  t->dl.data = t->buf;
-  t->dl.ndim = nd;
-  t->dl.shape = t->shape;
-  t->dl.strides = t->strides;
-  t->dl.dtype = (DLDataType){kDLInt, (uint8_t)bits, 1};
-  t->dl.device = (DLDevice){kDLCPU, 0};
+  int64_t count = 1;
+  for (int i = 0; i < nd; ++i) count *= shape[i];
+  int64_t* v = calloc((size_t)count + 1, sizeof(int64_t));
+  for (int64_t p = 0; p < count; ++p)
+    v[p] = fixed ? fixed[p] : (p % 3 == 2 && p > 0 ? v[p - 2] : rnd_below(num));
+  test_index* t = tb_index_new(bits, nd, shape, transposed, v);
+  free(v);
   return t;
-}
-
-static void idx_free(idx_tensor* t) {
-  if (!t) return;
-  free(t->vals);
-  free(t->buf);
-  free(t);
 }
 
 /* A float tensor [rows, cols] keeping every other column of a wider one
@@ -129,12 +87,12 @@ static void lowrank_case(int bits, int idx_bits, uint32_t flags, const lr_case* 
   test_tensor* U = tb_new(bits, 2, us, L->factors == 1 ? cm : NULL, 0);
   test_tensor* V = L->factors == 2 ? every_other(bits, R, dim)
                                    : tb_new(bits, 2, vs, L->factors == 1 ? cm : NULL, 0);
-  idx_tensor* I = idx_new(idx_bits, L->nd, L->ishape, L->transposed_idx, num, NULL);
+  test_index* I = idx_new(idx_bits, L->nd, L->ishape, L->transposed_idx, num, NULL);
   int64_t B = I->count;
   if (L->pad >= 0 && B > 1) { /* make sure the padding row is looked up */
     int64_t fixed[64];
     for (int64_t p = 0; p < B; ++p) fixed[p] = p == 1 ? L->pad : I->vals[p];
-    idx_free(I);
+    tb_index_free(I);
     I = idx_new(idx_bits, L->nd, L->ishape, L->transposed_idx, num, fixed);
   }
   int64_t ys[4];
@@ -219,7 +177,7 @@ static void lowrank_case(int bits, int idx_bits, uint32_t flags, const lr_case* 
   }
   free(ry); free(rgU); free(rgV);
   tb_free(U); tb_free(V); tb_free(y); tb_free(g); tb_free(gU); tb_free(gV);
-  idx_free(I);
+  tb_index_free(I);
 }
 
 static void test_lowrank(uint32_t flags) {
@@ -314,7 +272,7 @@ static void tt_reference(const tt_case* T, test_tensor* const* G, int64_t i, con
 
 /* Runs the backward; returns the status. */
 static fct_status tt_backward(uint32_t flags, const tt_case* T, const test_tensor* g,
-                              const idx_tensor* I, test_tensor* const* G, test_tensor* const* gG,
+                              const test_index* I, test_tensor* const* G, test_tensor* const* gG,
                               const bool* want) {
   const DLTensor* cores[4];
   DLTensor* gcores[4];
@@ -347,12 +305,12 @@ static void tt_case_run(int bits, int idx_bits, uint32_t flags, const tt_case* T
     gG[k] = tb_output(bits, 4, sh);
     rgG[k] = calloc((size_t)prod(sh, 4), sizeof(double));
   }
-  idx_tensor* I = idx_new(idx_bits, T->nd, T->ishape, false, T->num, NULL);
+  test_index* I = idx_new(idx_bits, T->nd, T->ishape, false, T->num, NULL);
   int64_t B = I->count;
   if (T->pad >= 0 && B > 1) {
     int64_t fixed[64];
     for (int64_t p = 0; p < B; ++p) fixed[p] = p == 1 ? T->pad : I->vals[p];
-    idx_free(I);
+    tb_index_free(I);
     I = idx_new(idx_bits, T->nd, T->ishape, false, T->num, fixed);
   }
   int64_t ys[3];
@@ -400,7 +358,7 @@ static void tt_case_run(int bits, int idx_bits, uint32_t flags, const tt_case* T
   for (int k = 0; k < d; ++k) {
     tb_free(G[k]); tb_free(gG[k]); free(rgG[k]);
   }
-  tb_free(y); tb_free(g); idx_free(I);
+  tb_free(y); tb_free(g); tb_index_free(I);
 }
 
 static const tt_case kTT[] = {
@@ -448,7 +406,7 @@ static void test_determinism(void) {
   int64_t B = T->ishape[0];
   int64_t* vals = malloc((size_t)B * sizeof(int64_t));
   for (int64_t p = 0; p < B; ++p) vals[p] = (p * 7) % 5 * 9; /* five indices, each ~200 times */
-  idx_tensor* I = idx_new(64, 1, T->ishape, false, T->num, vals);
+  test_index* I = idx_new(64, 1, T->ishape, false, T->num, vals);
   int64_t gs[2] = {B, 64};
   test_tensor* g = tb_new(32, 2, gs, NULL, 0);
   bool want[3] = {true, true, true};
@@ -465,7 +423,7 @@ static void test_determinism(void) {
   }
   free(vals);
   tb_free(g);
-  idx_free(I);
+  tb_index_free(I);
 }
 
 /* ------------------------------------------------------------------------- */
@@ -481,9 +439,9 @@ static void test_lowrank_errors(void) {
   test_tensor* gU = tb_output(32, 2, us);
   int64_t ok_vals[5] = {0, 9, 3, 3, 1}, big_vals[5] = {0, 10, 3, 12, 1}, neg_vals[5] = {0, 1, -1,
                                                                                         2, 3};
-  idx_tensor* I = idx_new(64, 1, is, false, 10, ok_vals);
-  idx_tensor* Ibig = idx_new(64, 1, is, false, 10, big_vals);
-  idx_tensor* Ineg = idx_new(32, 1, is, false, 10, neg_vals);
+  test_index* I = idx_new(64, 1, is, false, 10, ok_vals);
+  test_index* Ibig = idx_new(64, 1, is, false, 10, big_vals);
+  test_index* Ineg = idx_new(32, 1, is, false, 10, neg_vals);
   fct_context c = test_ctx(0);
   test_workspace(&c, 1 << 16);
   fct_status st;
@@ -596,7 +554,7 @@ static void test_lowrank_errors(void) {
   c.flags = 0;
 
   tb_free(U); tb_free(V); tb_free(V64); tb_free(y); tb_free(gU);
-  idx_free(I); idx_free(Ibig); idx_free(Ineg);
+  tb_index_free(I); tb_index_free(Ibig); tb_index_free(Ineg);
 }
 
 static void test_tt_errors(void) {
@@ -607,8 +565,8 @@ static void test_tt_errors(void) {
   test_tensor* y = tb_output(32, 2, ys);
   test_tensor* g0 = tb_output(32, 4, s0);
   int64_t vals[4] = {0, 11, 5, 2}, bad[4] = {0, 11, 12, 2};
-  idx_tensor* I = idx_new(64, 1, is, false, 12, vals);
-  idx_tensor* Ibad = idx_new(64, 1, is, false, 12, bad);
+  test_index* I = idx_new(64, 1, is, false, 12, vals);
+  test_index* Ibad = idx_new(64, 1, is, false, 12, bad);
   const DLTensor* cores[2] = {&G0->dl, &G1->dl};
   fct_context c = test_ctx(0);
   test_workspace(&c, 1 << 16);
@@ -663,7 +621,7 @@ static void test_tt_errors(void) {
   test_expect_fail(st, FCT_ERR_OVERFLOW, "cores", "vocabulary overflow");
 
   tb_free(G0); tb_free(G1); tb_free(G1d); tb_free(y); tb_free(g0);
-  idx_free(I); idx_free(Ibad);
+  tb_index_free(I); tb_index_free(Ibad);
 }
 
 int main(void) {

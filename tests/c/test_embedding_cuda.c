@@ -14,54 +14,21 @@
 
 #include "test_cuda_util.h"
 
-/* Index tensors, host and device. 2-D ones may be stored column-major. */
+/* Index tensors on the host and mirrored on the device. */
 typedef struct idx_pair {
-  DLTensor h, d;
-  int64_t shape[8], strides[8];
-  void* hbuf;
+  test_index* h;
+  DLTensor d;
   void* dbuf;
-  int64_t count, span;
 } idx_pair;
 
 static idx_pair* idx_new(int bits, int nd, const int64_t* shape, bool transposed,
                          const int64_t* vals) {
   idx_pair* t = calloc(1, sizeof *t);
-  t->count = 1;
-  for (int i = 0; i < nd; ++i) {
-    t->shape[i] = shape[i];
-    t->count *= shape[i];
-  }
-  int64_t s = 1;
-  for (int i = nd - 1; i >= 0; --i) {
-    t->strides[i] = s;
-    s *= shape[i] > 0 ? shape[i] : 1;
-  }
-  if (transposed && nd == 2) {
-    t->strides[0] = 1;
-    t->strides[1] = shape[0] > 0 ? shape[0] : 1;
-  }
-  t->span = s;
-  size_t es = (size_t)bits / 8;
-  t->hbuf = calloc((size_t)s + 1, es);
-  for (int64_t p = 0; p < t->count; ++p) {
-    int64_t off = 0, rem = p;
-    for (int i = nd - 1; i >= 0; --i) {
-      off += (rem % shape[i]) * t->strides[i];
-      rem /= shape[i];
-    }
-    if (bits == 64) ((int64_t*)t->hbuf)[off] = vals[p];
-    else ((int32_t*)t->hbuf)[off] = (int32_t)vals[p];
-  }
-  cuda_ok(cudaMalloc(&t->dbuf, ((size_t)s + 1) * es), "cudaMalloc (indices)");
-  cuda_ok(cudaMemcpy(t->dbuf, t->hbuf, ((size_t)s + 1) * es, cudaMemcpyHostToDevice),
-          "upload (indices)");
-  t->h.data = t->hbuf;
-  t->h.ndim = nd;
-  t->h.shape = t->shape;
-  t->h.strides = t->strides;
-  t->h.dtype = (DLDataType){kDLInt, (uint8_t)bits, 1};
-  t->h.device = (DLDevice){kDLCPU, 0};
-  t->d = t->h;
+  t->h = tb_index_new(bits, nd, shape, transposed, vals);
+  size_t bytes = ((size_t)t->h->span + 1) * (size_t)bits / 8;
+  cuda_ok(cudaMalloc(&t->dbuf, bytes), "cudaMalloc (indices)");
+  cuda_ok(cudaMemcpy(t->dbuf, t->h->buf, bytes, cudaMemcpyHostToDevice), "upload (indices)");
+  t->d = t->h->dl;
   t->d.data = t->dbuf;
   t->d.device = (DLDevice){kDLCUDA, 0};
   return t;
@@ -70,7 +37,7 @@ static idx_pair* idx_new(int bits, int nd, const int64_t* shape, bool transposed
 static void idx_free(idx_pair* t) {
   if (!t) return;
   cudaFree(t->dbuf);
-  free(t->hbuf);
+  tb_index_free(t->h);
   free(t);
 }
 
@@ -138,17 +105,17 @@ static void lowrank_case(test_kind k, const lr_case* L) {
   test_tensor* rgV = tb_output(k == K_F64 ? 64 : 32, 2, vs);
   size_t bytes = 0;
   fct_context c = test_ctx(0);
-  fct_status st = fct_lowrank_embedding_forward_workspace(&c, &I->h, &U->h->dl, &V->h->dl,
+  fct_status st = fct_lowrank_embedding_forward_workspace(&c, &I->h->dl, &U->h->dl, &V->h->dl,
                                                           L->pad, &ry->dl, &bytes);
   test_workspace(&c, bytes);
   if (st == FCT_OK)
-    st = fct_lowrank_embedding_forward(&c, &I->h, &U->h->dl, &V->h->dl, L->pad, &ry->dl);
+    st = fct_lowrank_embedding_forward(&c, &I->h->dl, &U->h->dl, &V->h->dl, L->pad, &ry->dl);
   CHECK(st == FCT_OK, "%s: cpu forward: %s", label, test_err);
-  st = fct_lowrank_embedding_backward_workspace(&c, &g->h->dl, &I->h, &U->h->dl, &V->h->dl,
+  st = fct_lowrank_embedding_backward_workspace(&c, &g->h->dl, &I->h->dl, &U->h->dl, &V->h->dl,
                                                 L->pad, &rgU->dl, &rgV->dl, &bytes);
   test_workspace(&c, bytes);
   if (st == FCT_OK)
-    st = fct_lowrank_embedding_backward(&c, &g->h->dl, &I->h, &U->h->dl, &V->h->dl, L->pad,
+    st = fct_lowrank_embedding_backward(&c, &g->h->dl, &I->h->dl, &U->h->dl, &V->h->dl, L->pad,
                                         &rgU->dl, &rgV->dl);
   CHECK(st == FCT_OK, "%s: cpu backward: %s", label, test_err);
 
@@ -228,16 +195,16 @@ static void tt_case_run(test_kind k, const tt_case* T) {
 
   size_t bytes = 0;
   fct_context c = test_ctx(0);
-  fct_status st = fct_tt_embedding_forward_workspace(&c, &I->h, T->d, hc, T->num, T->pad,
+  fct_status st = fct_tt_embedding_forward_workspace(&c, &I->h->dl, T->d, hc, T->num, T->pad,
                                                      &ry->dl, &bytes);
   test_workspace(&c, bytes);
-  if (st == FCT_OK) st = fct_tt_embedding_forward(&c, &I->h, T->d, hc, T->num, T->pad, &ry->dl);
+  if (st == FCT_OK) st = fct_tt_embedding_forward(&c, &I->h->dl, T->d, hc, T->num, T->pad, &ry->dl);
   CHECK(st == FCT_OK, "%s: cpu forward: %s", label, test_err);
-  st = fct_tt_embedding_backward_workspace(&c, &g->h->dl, &I->h, T->d, hc, T->num, T->pad,
+  st = fct_tt_embedding_backward_workspace(&c, &g->h->dl, &I->h->dl, T->d, hc, T->num, T->pad,
                                            (const DLTensor* const*)hg, &bytes);
   test_workspace(&c, bytes);
   if (st == FCT_OK)
-    st = fct_tt_embedding_backward(&c, &g->h->dl, &I->h, T->d, hc, T->num, T->pad, hg);
+    st = fct_tt_embedding_backward(&c, &g->h->dl, &I->h->dl, T->d, hc, T->num, T->pad, hg);
   CHECK(st == FCT_OK, "%s: cpu backward: %s", label, test_err);
 
   c = test_cuda_ctx(0);
@@ -326,7 +293,7 @@ static void test_errors(void) {
   st = fct_lowrank_embedding_forward(&c, &In->d, &U->dl, &V->dl, -1, &y->dl);
   test_expect_fail(st, FCT_ERR_INVALID_VALUE, "indices", "negative int32 index on cuda");
   CHECK(strstr(test_err, "is -3") != NULL, "negative value reported: %s", test_err);
-  st = fct_lowrank_embedding_forward(&c, &Io->h, &U->dl, &V->dl, -1, &y->dl);
+  st = fct_lowrank_embedding_forward(&c, &Io->h->dl, &U->dl, &V->dl, -1, &y->dl);
   test_expect_fail(st, FCT_ERR_DEVICE, "indices", "host indices, device factors");
   st = fct_lowrank_embedding_forward(&c, &Io->d, &U->dl, &V->dl, -1, &y->dl);
   CHECK(st == FCT_OK, "valid indices after failures: %s", test_err);

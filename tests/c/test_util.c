@@ -85,6 +85,52 @@ void tb_free(test_tensor* t) {
   free(t);
 }
 
+test_index* tb_index_new(int bits, int nd, const int64_t* shape, bool transposed,
+                         const int64_t* vals) {
+  test_index* t = calloc(1, sizeof *t);
+  t->count = 1;
+  for (int i = 0; i < nd; ++i) {
+    t->shape[i] = shape[i];
+    t->count *= shape[i];
+  }
+  int64_t s = 1;
+  for (int i = nd - 1; i >= 0; --i) {
+    t->strides[i] = s;
+    s *= shape[i] > 0 ? shape[i] : 1;
+  }
+  if (transposed && nd == 2) {
+    t->strides[0] = 1;
+    t->strides[1] = shape[0] > 0 ? shape[0] : 1;
+  }
+  t->span = s;
+  t->vals = calloc((size_t)t->count + 1, sizeof(int64_t));
+  t->buf = calloc((size_t)s + 1, (size_t)bits / 8);
+  for (int64_t p = 0; p < t->count; ++p) {
+    t->vals[p] = vals[p];
+    int64_t off = 0, rem = p;
+    for (int i = nd - 1; i >= 0; --i) {
+      off += (rem % shape[i]) * t->strides[i];
+      rem /= shape[i];
+    }
+    if (bits == 64) ((int64_t*)t->buf)[off] = vals[p];
+    else ((int32_t*)t->buf)[off] = (int32_t)vals[p];
+  }
+  t->dl.data = t->buf;
+  t->dl.ndim = nd;
+  t->dl.shape = t->shape;
+  t->dl.strides = t->strides;
+  t->dl.dtype = (DLDataType){kDLInt, (uint8_t)bits, 1};
+  t->dl.device = (DLDevice){kDLCPU, 0};
+  return t;
+}
+
+void tb_index_free(test_index* t) {
+  if (!t) return;
+  free(t->vals);
+  free(t->buf);
+  free(t);
+}
+
 static char* at(const test_tensor* t, const int64_t* idx) {
   int64_t off = 0;
   for (int i = 0; i < t->dl.ndim; ++i) off += idx[i] * t->strides[i];

@@ -35,6 +35,20 @@ int64_t tb_numel(const test_tensor* t);
 /* Elements from the first to one past the last in memory (0 when empty). */
 int64_t tb_span(const test_tensor* t);
 
+/* An index tensor (int64 or int32) of `shape` holding vals[p] at logical
+ * (row-major) position p; 2-D ones stored column-major when `transposed`. */
+typedef struct test_index {
+  DLTensor dl;
+  int64_t shape[8], strides[8];
+  int64_t* vals; /* copy of the values in logical order, owned */
+  int64_t count; /* elements */
+  int64_t span;  /* elements from the first to one past the last in buf */
+  void* buf;
+} test_index;
+test_index* tb_index_new(int bits, int nd, const int64_t* shape, bool transposed,
+                         const int64_t* vals);
+void tb_index_free(test_index* t);
+
 extern int g_passed, g_failed;
 #define CHECK(cond, ...)                                            \
   do {                                                              \
