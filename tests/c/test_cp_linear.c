@@ -30,10 +30,9 @@ static void cp_reconstruct(const void* mp, double* const* P, double* W) {
   const cp_model* m = mp;
   for (int64_t o = 0; o < m->nout; ++o)
     for (int64_t i = 0; i < m->nin; ++i) {
-      int64_t oi[4], ii[4], rem = i;
-      for (int k = m->n_in - 1; k >= 0; --k) ii[k] = rem % m->in[k], rem /= m->in[k];
-      rem = o;
-      for (int k = m->n_out - 1; k >= 0; --k) oi[k] = rem % m->out[k], rem /= m->out[k];
+      int64_t oi[4], ii[4];
+      tz_unravel(i, m->n_in, m->in, ii);
+      tz_unravel(o, m->n_out, m->out, oi);
       double s = 0;
       for (int64_t r = 0; r < m->R; ++r) {
         double p = 1;

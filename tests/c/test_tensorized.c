@@ -18,6 +18,13 @@ double* tz_to_double(const test_tensor* t) {
   return out;
 }
 
+void tz_unravel(int64_t flat, int n, const int64_t* dims, int64_t* idx) {
+  for (int k = n - 1; k >= 0; --k) {
+    idx[k] = flat % dims[k];
+    flat /= dims[k];
+  }
+}
+
 void tz_forward(const double* x, const double* W, const double* b, int64_t M, int64_t in,
                 int64_t out, double* y) {
   for (int64_t m = 0; m < M; ++m)

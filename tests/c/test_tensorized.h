@@ -10,6 +10,10 @@
 /* Dense row-major float64 copy of a test tensor's logical elements. */
 double* tz_to_double(const test_tensor* t);
 
+/* The mode indices idx[0..n) of a flat index over modes of sizes dims
+ * (row-major: the last mode varies fastest). */
+void tz_unravel(int64_t flat, int n, const int64_t* dims, int64_t* idx);
+
 /* W [out, in] from the parameters (dense float64 copies, in the op's order). */
 typedef void (*tz_reconstruct_fn)(const void* model, double* const* params, double* W);
 

@@ -31,10 +31,9 @@ static void tt_reconstruct(const void* mp, double* const* P, double* W) {
   double v[64], nv[64];
   for (int64_t o = 0; o < m->nout; ++o)
     for (int64_t i = 0; i < m->nin; ++i) {
-      int64_t oi[4], ii[4], rem = i;
-      for (int k = m->d - 1; k >= 0; --k) ii[k] = rem % m->in[k], rem /= m->in[k];
-      rem = o;
-      for (int k = m->d - 1; k >= 0; --k) oi[k] = rem % m->out[k], rem /= m->out[k];
+      int64_t oi[4], ii[4];
+      tz_unravel(i, m->d, m->in, ii);
+      tz_unravel(o, m->d, m->out, oi);
       v[0] = 1.0; /* row vector of length r_k */
       for (int k = 0; k < m->d; ++k) {
         int64_t r0 = m->r[k], r1 = m->r[k + 1], I = m->in[k], O = m->out[k];

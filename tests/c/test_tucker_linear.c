@@ -29,21 +29,18 @@ static void tk_reconstruct(const void* mp, double* const* P, double* W) {
   const tk_model* m = mp;
   for (int64_t o = 0; o < m->nout; ++o)
     for (int64_t i = 0; i < m->nin; ++i) {
-      int64_t oi[4], ii[4], rem = i;
-      for (int k = m->n_in - 1; k >= 0; --k) ii[k] = rem % m->in[k], rem /= m->in[k];
-      rem = o;
-      for (int k = m->n_out - 1; k >= 0; --k) oi[k] = rem % m->out[k], rem /= m->out[k];
+      int64_t oi[4], ii[4];
+      tz_unravel(i, m->n_in, m->in, ii);
+      tz_unravel(o, m->n_out, m->out, oi);
       double acc = 0;
       for (int64_t sv = 0; sv < m->S; ++sv) {
         int64_t sk[4];
-        rem = sv;
-        for (int k = m->n_out - 1; k >= 0; --k) sk[k] = rem % m->s[k], rem /= m->s[k];
+        tz_unravel(sv, m->n_out, m->s, sk);
         double us = 1;
         for (int k = 0; k < m->n_out; ++k) us *= P[1 + m->n_in + k][oi[k] * m->s[k] + sk[k]];
         for (int64_t tv = 0; tv < m->T; ++tv) {
           int64_t tk[4];
-          rem = tv;
-          for (int k = m->n_in - 1; k >= 0; --k) tk[k] = rem % m->t[k], rem /= m->t[k];
+          tz_unravel(tv, m->n_in, m->t, tk);
           double vs = 1;
           for (int k = 0; k < m->n_in; ++k) vs *= P[1 + k][ii[k] * m->t[k] + tk[k]];
           acc += P[0][sv * m->T + tv] * us * vs;
