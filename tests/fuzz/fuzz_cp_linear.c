@@ -15,8 +15,8 @@ int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   for (int k = 0; k < n_out; ++k) out *= (om[k] = fz_range(&f, 1, 4));
   int64_t R = fz_size(&f, 1, 5);
   if (what == 2) { /* the plan: raw sizes, any values */
-    for (int k = 0; k < n_in; ++k) if (fz_u8(&f) == 0xff) im[k] = fz_size(&f, 0, 9);
-    for (int k = 0; k < n_out; ++k) if (fz_u8(&f) == 0xff) om[k] = fz_size(&f, 0, 9);
+    fz_raw_sizes(&f, im, n_in);
+    fz_raw_sizes(&f, om, n_out);
     fct_linear_plan_info info;
     int64_t batch = fz_size(&f, 0, 64);
     uint8_t b = fz_u8(&f);

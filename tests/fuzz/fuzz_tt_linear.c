@@ -16,8 +16,8 @@ int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   }
   for (int k = 0; k <= d && d > 0; ++k) rk[k] = (k == 0 || k == d) ? 1 : fz_range(&f, 1, 3);
   if (what == 2) {
-    for (int k = 0; k <= d && d > 0; ++k) if (fz_u8(&f) == 0xff) rk[k] = fz_size(&f, 0, 9);
-    for (int k = 0; k < d; ++k) if (fz_u8(&f) == 0xff) im[k] = fz_size(&f, 0, 9);
+    fz_raw_sizes(&f, rk, d > 0 ? d + 1 : 0);
+    fz_raw_sizes(&f, im, d);
     fct_linear_plan_info info;
     int64_t batch = fz_size(&f, 0, 64);
     uint8_t b = fz_u8(&f);

@@ -436,6 +436,11 @@ fct_status fz_check(fz* f, const fct_context* ctx, fct_status s, const char* wha
   return s;
 }
 
+void fz_raw_sizes(fz* f, int64_t* v, int n) {
+  for (int k = 0; k < n; ++k)
+    if (fz_u8(f) == 0xff) v[k] = fz_size(f, 0, 9);
+}
+
 fct_status fz_check_plan(fz* f, fct_status s, const char* what) {
   fct_context none = {0};
   return fz_check(f, &none, s, what);

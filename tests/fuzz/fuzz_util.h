@@ -106,6 +106,10 @@ fct_status fz_check_plan(fz* f, fct_status s, const char* what);
     fz_check((f), (ctx), (call), name);                                 \
   } while (0)
 
+/* For the plans: each of v[0..n) is replaced, after a 0xff byte, by a raw
+ * size (fz_size in [0, 9]: sometimes 0 or huge). */
+void fz_raw_sizes(fz* f, int64_t* v, int n);
+
 /* Leading (batch) dims of an activation: 0 to 2 of them, their product in
  * M; returns how many. */
 int fz_batch(fz* f, int64_t* lead, int64_t* M);
