@@ -38,15 +38,6 @@ typedef struct buf {
   char* p;
 } buf;
 
-static uint64_t g_rng = 0x2545F4914F6CDD1Dull;
-static double rnd(void) { /* splitmix64 -> [0, 1) */
-  uint64_t z = (g_rng += 0x9E3779B97F4A7C15ull);
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  z ^= z >> 31;
-  return (double)(z >> 11) / 9007199254740992.0;
-}
-
 static void put(buf* b, int64_t i, double v) {
   if (b->bits == 32) ((float*)b->p)[i] = (float)v;
   else ((double*)b->p)[i] = v;
@@ -59,12 +50,7 @@ static double get(const buf* b, int64_t i) {
 static buf buf_new(int bits, int64_t n, int fill) {
   buf b = {bits, n, malloc((size_t)(n + GUARD) * (size_t)(bits / 8))};
   for (int64_t i = 0; i < n; ++i) {
-    double v = NAN;
-    if (fill) {
-      v = 0.1 + 0.9 * rnd();
-      if (rnd() < 0.5) v = -v;
-    }
-    put(&b, i, v);
+    put(&b, i, fill ? tb_random() : NAN);
   }
   for (int64_t i = n; i < n + GUARD; ++i) put(&b, i, GUARD_VALUE);
   return b;

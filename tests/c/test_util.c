@@ -15,6 +15,11 @@ static double rnd(void) { /* splitmix64 -> [0, 1) */
   return (double)(z >> 11) / 9007199254740992.0;
 }
 
+double tb_random(void) {
+  double v = 0.1 + 0.9 * rnd();
+  return rnd() < 0.5 ? -v : v;
+}
+
 int64_t tb_numel(const test_tensor* t) {
   int64_t n = 1;
   for (int i = 0; i < t->dl.ndim; ++i) n *= t->shape[i];
@@ -54,8 +59,7 @@ test_tensor* tb_new(int bits, int ndim, const int64_t* shape, const int* order, 
   size_t n = (size_t)s + 1;
   t->buf = malloc(n * (size_t)(bits / 8));
   for (size_t i = 0; i < n; ++i) {
-    double v = 0.1 + 0.9 * rnd();
-    if (rnd() < 0.5) v = -v;
+    double v = tb_random();
     if (bits == 32) ((float*)t->buf)[i] = (float)v;
     else ((double*)t->buf)[i] = v;
   }

@@ -23,6 +23,9 @@ typedef struct test_tensor {
  * (so that gap > 0 gives non-foldable strides). Filled with random values in
  * [-1, -0.1] U [0.1, 1] (never zero). bits: 32 or 64. */
 test_tensor* tb_new(int bits, int ndim, const int64_t* shape, const int* order, int64_t gap);
+/* A random value in [-1, -0.1] U [0.1, 1] (never zero): what tb_new fills
+ * with, from one deterministic stream. */
+double tb_random(void);
 /* Dense row-major, filled with NaN so that an element an op fails to write
  * shows (outputs). */
 test_tensor* tb_output(int bits, int ndim, const int64_t* shape);
