@@ -194,7 +194,6 @@ def _make_conv(c):
         return FactorizedConv2d(c["cin"], c["cout"], c["k"], c["fact"], rank=1, **kw)
 
 
-
 @settings(**SETTINGS)
 @given(conv_cases())
 def test_conv2d_matches_the_dense_reference(c):
