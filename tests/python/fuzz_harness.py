@@ -20,7 +20,8 @@ which holds them to the standard:
 
 Each category draws from its own random.Random seeded by the test's seed and
 the category's name (category_rng), so every pytest node is deterministic
-and reproducible alone. To find a case that kills the process, run with
+and reproducible alone (pytest tests/python/test_fuzz_conv_ops.py -k
+stages_ints). To find a case that kills the process, run with
 FACTORCH_FUZZ_TRACE=1: every case is printed (flushed) before it runs.
 """
 
