@@ -261,7 +261,7 @@ def main(argv=None):
         f"0.25 / 0.125 of the dense kernel's parameters (Tucker: spatial modes kept, Tucker-2), "
         f"the same factors in both libraries (checked allclose). Median of {args.rounds} "
         f"interleaved rounds (each sample >= {args.min_time}s). Ratios > 1: factorch is "
-        f"faster.\n\n" + table + "\n\nFloors of issue 4 (fwd+bwd):\n\n" + floors
+        f"faster.\n\n" + table + "\n\nFloors (fwd+bwd):\n\n" + floors
     )
     print("\n" + table + "\n\n" + floors + f"\n\n(took {took:.0f} s)")
     if args.write:

@@ -272,7 +272,7 @@ def main(argv=None):
         f"fractions 0.1 / 0.02 / 0.005 of the dense parameters. Median of up to {args.rounds} "
         f"interleaved rounds (fewer for cases whose factorch call takes > 0.5 s; each sample "
         f">= {args.min_time}s). Ratios > 1: factorch is faster.\n\n" + table +
-        "\n\nFloors of issue 3 (M = 2048):\n\n" + "\n".join(floors)
+        "\n\nFloors (fwd+bwd at M = 2048):\n\n" + "\n".join(floors)
     )
     print("\n" + table + "\n\n" + "\n".join(floors) + f"\n\n(took {took:.0f} s)")
     if args.write:

@@ -53,6 +53,30 @@ def interleaved(cands: dict[str, Callable[[], object]], rounds: int, min_time: f
     return {n: statistics.median(s) for n, s in samples.items()}
 
 
+def interleaved_calls(cands: dict[str, Callable[[], object]], rounds: int, warm_up: bool = True,
+                      before_each: Callable[[], object] | None = None) -> tuple[dict, dict]:
+    """(median seconds of ONE call of each candidate over `rounds` rotated
+    rounds, each candidate's last result): for calls long enough
+    (milliseconds and up) to time one at a time, whose results are checked
+    afterwards. warm_up: an untimed call of each candidate first.
+    before_each: run untimed before each sample (gc.collect: one candidate's
+    garbage is then not collected in another's time)."""
+    names = list(cands)
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    results: dict[str, object] = {}
+    if warm_up:
+        for n in names:
+            results[n] = cands[n]()
+    for r in range(rounds):
+        for n in names[r % len(names):] + names[: r % len(names)]:
+            if before_each is not None:
+                before_each()
+            t0 = time.perf_counter()
+            results[n] = cands[n]()
+            samples[n].append(time.perf_counter() - t0)
+    return {n: statistics.median(s) for n, s in samples.items()}, results
+
+
 def machine() -> str:
     return (
         f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "

@@ -57,6 +57,13 @@ def tiny_llama(seed: int = 0, layers: int = 2, tie: bool = False, vocab: int | N
     return LlamaForCausalLM(cfg).eval()
 
 
+def save_tiny_llama(folder, seed: int = 0):
+    """tiny_llama(seed) and word_tokenizer() saved into folder: a model
+    directory as the command line reads one."""
+    tiny_llama(seed=seed).save_pretrained(folder)
+    word_tokenizer().save_pretrained(folder)
+
+
 def tiny_bert(seed: int = 0):
     from transformers import BertConfig, BertModel
 

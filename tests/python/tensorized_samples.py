@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from conftest import rand
+from helpers import rand
 from factorch.factorizations import CP, TensorTrain, Tensorized, Tucker
 
 OPS = {

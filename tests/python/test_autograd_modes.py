@@ -21,7 +21,7 @@ import factorch.functional as F
 from factorch.lora import LoraLinear
 from factorch.nn import FactorizedConv1d, FactorizedConv2d, FactorizedEmbedding, FactorizedLinear
 
-from conftest import rand
+from helpers import rand
 from test_lora_linear_op import keep_mask, seed_tensor
 
 D64 = torch.float64

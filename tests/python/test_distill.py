@@ -19,7 +19,7 @@ from torch import nn
 import factorch
 from factorch.distill import DistillHistory, kl_loss, next_token_loss, trainable_parameters
 
-from compress_models import make_text, tiny_llama, token_batches, word_tokenizer
+from compress_models import make_text, save_tiny_llama, tiny_llama, token_batches
 
 pytest.importorskip("transformers")
 
@@ -292,10 +292,7 @@ def test_a_non_finite_loss_stops_the_run_with_a_clear_error():
 def test_finetune_command_line_end_to_end(tmp_path, capsys):
     from factorch import cli
 
-    model = tiny_llama(seed=2)
-    tok = word_tokenizer()
-    model.save_pretrained(tmp_path / "tiny")
-    tok.save_pretrained(tmp_path / "tiny")
+    save_tiny_llama(tmp_path / "tiny", seed=2)
     (tmp_path / "calib.txt").write_text(make_text(3000, seed=1))
     (tmp_path / "more.txt").write_text(make_text(1000, seed=3))
     comp = tmp_path / "comp"
@@ -342,10 +339,7 @@ def test_finetune_command_line_end_to_end(tmp_path, capsys):
 def test_finetune_command_line_with_lora(tmp_path, capsys):
     from factorch import cli
 
-    model = tiny_llama(seed=2)
-    tok = word_tokenizer()
-    model.save_pretrained(tmp_path / "tiny")
-    tok.save_pretrained(tmp_path / "tiny")
+    save_tiny_llama(tmp_path / "tiny", seed=2)
     (tmp_path / "calib.txt").write_text(make_text(3000, seed=1))
     comp = tmp_path / "comp"
     assert cli.main(["compress", str(tmp_path / "tiny"), "--ratio", "0.5", "--calib",

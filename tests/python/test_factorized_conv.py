@@ -17,7 +17,7 @@ from torch import nn
 import factorch
 from factorch.nn import FactorizedConv1d, FactorizedConv2d
 
-from conftest import DEVICES, rand
+from helpers import DEVICES, rand
 
 FACTS = ["cp", "tucker", "lowrank", "tt"]
 ops = torch.ops.factorch

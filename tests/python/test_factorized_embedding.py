@@ -17,7 +17,7 @@ import factorch
 from factorch.functional import lowrank_embedding, tt_embedding, tt_embedding_flat
 from factorch.nn import FactorizedEmbedding
 
-from conftest import DEVICES
+from helpers import DEVICES
 
 ops = torch.ops.factorch
 

@@ -10,7 +10,7 @@ from torch import nn
 import factorch
 from factorch.nn import FactorizedLinear
 
-from conftest import DEVICES
+from helpers import DEVICES, fit
 
 
 def test_drop_in_for_linear_shapes():
@@ -162,17 +162,10 @@ def test_training_lowers_the_loss(device):
         nn.ReLU(),
         FactorizedLinear(64, 16, rank=16, device=device),
     )
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     x = torch.randn(256, 32, device=device)
     with torch.no_grad():
         y = teacher(x)
-    losses = []
-    for _ in range(150):
-        opt.zero_grad()
-        loss = nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = fit(model, x, y, steps=150, lr=1e-2)
     assert losses[-1] < 0.1 * losses[0], (losses[0], losses[-1])
 
 

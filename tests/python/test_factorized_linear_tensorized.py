@@ -14,7 +14,7 @@ from factorch._tensorized import auto_tensorized_shape, balanced_modes
 from factorch.factorizations import CP, TensorTrain, Tucker
 from factorch.nn import FactorizedLinear
 
-from conftest import DEVICES
+from helpers import DEVICES, fit
 
 FACTS = ["cp", "tucker", "tt"]
 
@@ -192,17 +192,10 @@ def test_training_lowers_the_loss(device, fact):
         nn.ReLU(),
         FactorizedLinear(64, 16, fact, rank=8 if fact != "cp" else 32, device=device),
     )
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     x = torch.randn(256, 32, device=device)
     with torch.no_grad():
         y = teacher(x)
-    losses = []
-    for _ in range(150):
-        opt.zero_grad()
-        loss = nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = fit(model, x, y, steps=150, lr=1e-2)
     assert losses[-1] < 0.2 * losses[0], (losses[0], losses[-1])
 
 

@@ -8,8 +8,9 @@ Each call's output and gradients must match a float64 reference that forms
 W from the factors (written here independently of factorch) and multiplies
 by it, to a tolerance scaled by the magnitudes of the terms. A second part
 mutates one thing (a rank that no longer matches its neighbours, x's
-features, the bias' size, x's dtype, NaN in x) and requires an exception
-naming an argument (NaN: from the finite check, on by default).
+features, the bias' size, x's dtype, NaN in x), one pytest node per
+mutation, and holds the calls to fuzz_harness's standard: each must raise an
+exception naming an argument (NaN: from the finite check, on by default).
 
 Deterministic (fixed seed); a few seconds.
 """
@@ -18,12 +19,13 @@ from __future__ import annotations
 
 import math
 import random
-import re
 
 import pytest
 import torch
 
 from factorch import functional as F
+
+from fuzz_harness import Case, category_rng, check_category, randn
 
 SEED = 20261128
 CALLS = 300
@@ -176,47 +178,51 @@ def test_fuzz_linear_ops_values_and_gradients():
             assert err <= gtol, f"{label}: {name} off by {err:.3g} (tolerance {gtol:.3g})"
 
 
-def test_fuzz_linear_ops_bad_arguments():
-    r = random.Random(SEED + 1)
-    named = ("x", "U", "V", "in_factors", "out_factors", "core", "cores", "bias", "weights",
-             "in_modes", "out_modes", "rank", "ranks", "in_ranks", "out_ranks")
-    raised = 0
-    for i in range(CALLS // 2):
-        kind, x, facs, bias, run, dense = random_case(r)
-        what = r.choice(["rank_dim", "x_features", "bias_size", "dtype", "nan"])
-        fs = list(facs)
-        n_out = dense([f.double() for f in facs]).shape[0]
-        if what == "rank_dim":  # a rank no longer matching its neighbours
-            if kind == "lowrank":  # U's columns or V's rows
-                k = r.randrange(2)
-                dim = 1 - k
-            elif kind == "cp":
-                k, dim = r.randrange(len(fs)), 1
-            elif kind == "tt":
-                k = r.randrange(len(fs))
-                dim = r.choice([0, 3])
-            else:  # the core (any dim), or a factor's rank
-                k = r.randrange(len(fs))
-                dim = r.randrange(fs[0].dim()) if k == 0 else 1
-            shape = list(fs[k].shape)
-            shape[dim] += 1
-            fs[k] = torch.randn(*shape, dtype=fs[k].dtype)
-        elif what == "x_features":
-            x = torch.randn(*x.shape[:-1], x.shape[-1] + 1, dtype=x.dtype)
-        elif what == "bias_size":
-            bias = torch.randn(n_out + 1, dtype=x.dtype)
-        elif what == "dtype":  # x's dtype no longer the factors'
-            x = x.to(torch.float64 if x.dtype == torch.float32 else torch.float32)
-        else:
-            if x.numel() == 0:
-                continue
-            x = x.contiguous().clone()
-            x.view(-1)[0] = float("nan")
-        with pytest.raises((RuntimeError, ValueError, TypeError)) as info:
-            run(x, fs, bias)  # every mutation breaks the call (NaN: the finite check, on)
-        msg = str(info.value)
-        assert any(re.search(rf"\b{n}\b", msg) for n in named), (
-            f"call {i} ({kind}, {what}): the message names no argument: {msg[:200]!r}")
-        raised += 1
-    assert raised > CALLS // 4, raised
+NAMED = ("x", "U", "V", "in_factors", "out_factors", "core", "cores", "bias", "weights",
+         "in_modes", "out_modes", "rank", "ranks", "in_ranks", "out_ranks")
+MUTATIONS = ("rank_dim", "x_features", "bias_size", "dtype", "nan")
+BAD_CALLS = CALLS // 2 // len(MUTATIONS)  # calls per mutation
 
+
+def broken_call(r: random.Random, what: str) -> Case:
+    """A random valid call with one thing broken, so that it must raise (NaN:
+    through the finite check, on by default)."""
+    kind, x, facs, bias, run, dense = random_case(r)
+    while what == "nan" and x.numel() == 0:  # NaN needs an element to sit in
+        kind, x, facs, bias, run, dense = random_case(r)
+    fs = list(facs)
+    n_out = dense([f.double() for f in facs]).shape[0]
+    desc = f"{kind} x{tuple(x.shape)} {x.dtype}"
+    if what == "rank_dim":  # a rank no longer matching its neighbours
+        if kind == "lowrank":  # U's columns or V's rows
+            k = r.randrange(2)
+            dim = 1 - k
+        elif kind == "cp":
+            k, dim = r.randrange(len(fs)), 1
+        elif kind == "tt":
+            k = r.randrange(len(fs))
+            dim = r.choice([0, 3])
+        else:  # the core (any dim), or a factor's rank
+            k = r.randrange(len(fs))
+            dim = r.randrange(fs[0].dim()) if k == 0 else 1
+        shape = list(fs[k].shape)
+        shape[dim] += 1
+        fs[k] = randn(r, shape, fs[k].dtype)
+        desc += f", factor {k} {tuple(shape)}"
+    elif what == "x_features":
+        x = randn(r, (*x.shape[:-1], x.shape[-1] + 1), x.dtype)
+    elif what == "bias_size":
+        bias = randn(r, (n_out + 1,), x.dtype)
+    elif what == "dtype":  # x's dtype no longer the factors'
+        x = x.to(torch.float64 if x.dtype == torch.float32 else torch.float32)
+    else:
+        x = x.contiguous().clone()
+        x.view(-1)[0] = float("nan")
+    return Case(f"linear.{what}", desc, lambda: run(x, fs, bias), None, NAMED, must_raise=True)
+
+
+@pytest.mark.parametrize("what", MUTATIONS)
+def test_fuzz_linear_ops_bad_arguments(what):
+    r = category_rng(SEED + 1, what)
+    cases = [broken_call(r, what) for _ in range(BAD_CALLS)]
+    check_category(f"linear.{what}", cases, allowed=(RuntimeError, ValueError, TypeError))

@@ -14,7 +14,7 @@ from torch import nn
 
 from factorch.nn import FactorizedConv1d, FactorizedConv2d, FactorizedEmbedding, FactorizedLinear
 
-from conftest import rand
+from helpers import rand
 
 KEY = "_extra_state"
 

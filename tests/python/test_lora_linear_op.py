@@ -13,7 +13,7 @@ import factorch
 from factorch import _ops
 from factorch.functional import lora_linear
 
-from conftest import DEVICES, dtypes_for, rand
+from helpers import DEVICES, dtypes_for, rand
 
 TOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 3e-3}
 op = torch.ops.factorch.lora_linear

@@ -11,7 +11,7 @@ import torch
 from factorch.factorizations import LowRank
 from factorch.functional import lowrank_linear_flat
 
-from conftest import DEVICES, dtypes_for, lowrank_samples, rand
+from helpers import DEVICES, dtypes_for, lowrank_samples, rand
 
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 

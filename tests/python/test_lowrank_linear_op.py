@@ -9,7 +9,7 @@ import torch
 import factorch
 from factorch.functional import lowrank_linear
 
-from conftest import DEVICES, dtypes_for, lowrank_samples, rand
+from helpers import DEVICES, dtypes_for, in_threads, lowrank_samples, rand
 
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 
@@ -216,8 +216,6 @@ def test_cuda_matches_cpu():
 
 def test_concurrent_calls_from_threads():
     """Kernels are re-entrant: backward runs on autograd worker threads."""
-    import threading
-
     x, U, V = _ok(dtype=torch.float64)
     want = lowrank_linear(x, U, V)
     errors = []
@@ -227,9 +225,5 @@ def test_concurrent_calls_from_threads():
             if not torch.equal(lowrank_linear(x, U, V), want):
                 errors.append("mismatch")
 
-    threads = [threading.Thread(target=work) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    in_threads(work, 4)
     assert not errors

@@ -23,6 +23,8 @@ from hypothesis import strategies as st  # noqa: E402
 
 from factorch.nn import FactorizedConv2d, FactorizedEmbedding, FactorizedLinear  # noqa: E402
 
+from helpers import rand  # noqa: E402
+
 SETTINGS = dict(max_examples=40, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow])
 #: Relative rounding per accumulation step allowed, by dtype (c·eps).
@@ -31,22 +33,15 @@ REJECTED = (ValueError, TypeError, RuntimeError)
 DTYPES = st.sampled_from([torch.float32, torch.float64])
 
 
-def _rand(shape, dtype, gen):
-    """Uniform in ±[0.1, 1]: random, never zero."""
-    mag = torch.rand(*shape, generator=gen, dtype=torch.float64) * 0.9 + 0.1
-    sign = torch.randint(0, 2, tuple(shape), generator=gen).double() * 2 - 1
-    return (mag * sign).to(dtype)
-
-
 def _strided(shape, dtype, gen, layout):
     """A tensor of ``shape`` whose memory is contiguous, transposed (last two
     dims swapped in memory) or sliced (every other element of the last dim)."""
     if layout == "transposed" and len(shape) >= 2:
-        t = _rand((*shape[:-2], shape[-1], shape[-2]), dtype, gen).transpose(-1, -2)
+        t = rand(*shape[:-2], shape[-1], shape[-2], dtype=dtype, gen=gen).transpose(-1, -2)
     elif layout == "sliced":
-        t = _rand((*shape[:-1], 2 * shape[-1]), dtype, gen)[..., ::2]
+        t = rand(*shape[:-1], 2 * shape[-1], dtype=dtype, gen=gen)[..., ::2]
     else:
-        t = _rand(shape, dtype, gen)
+        t = rand(*shape, dtype=dtype, gen=gen)
     assert tuple(t.shape) == tuple(shape)
     return t
 
@@ -66,6 +61,24 @@ def _grads(out, inputs, gy):
     """d(sum(gy·out)) / d(inputs), zeros where an input does not reach out."""
     gs = torch.autograd.grad((out * gy).sum(), inputs, allow_unused=True)
     return [torch.zeros_like(i) if g is None else g for i, g in zip(inputs, gs)]
+
+
+def _check_against_dense(dense, y, got, x, factors, bias, gy, dtype):
+    """y and got (the gradients of x, the factors and the bias, where there is
+    one) against the float64 reference dense(x, factors, bias), each within
+    its rounding bound: the same on the absolute values, against |gy|."""
+    x64 = x.detach().double().requires_grad_()
+    f64 = factors.detach().double().requires_grad_()
+    b64 = bias.detach().double().requires_grad_() if bias is not None else None
+    ref = dense(x64, f64, b64)
+    refs = _grads(ref, [x64, f64] + ([b64] if bias is not None else []), gy)
+    xa, fa = x64.detach().abs().requires_grad_(), f64.detach().abs().requires_grad_()
+    ba = b64.detach().abs().requires_grad_() if bias is not None else None
+    bound = dense(xa, fa, ba)
+    bounds = _grads(bound, [xa, fa] + ([ba] if bias is not None else []), gy.abs())
+    _check_close("y", y, ref.detach(), bound.detach(), dtype)
+    for name, g, r, b in zip(("grad x", "grad factors", "grad bias"), got, refs, bounds):
+        _check_close(name, g, r, b, dtype)
 
 
 def _non_empty(lead):
@@ -114,28 +127,16 @@ def test_linear_matches_the_dense_reference(c):
                              tensorized_shape=c["shape"], bias=c["bias"], dtype=c["dtype"])
     x = _strided((*c["lead"], c["in_f"]), c["dtype"], gen, c["layout"]).requires_grad_()
     y = layer(x)
-    gy = _rand(y.shape, torch.float64, gen)
+    gy = rand(*y.shape, dtype=torch.float64, gen=gen)
     params = [layer.factors] + ([layer.bias] if c["bias"] else [])
     got = _grads(y, [x] + params, gy.to(c["dtype"]))
 
-    # float64 reference from the formed W, and its rounding bound from |.|.
-    f64 = layer.factors.detach().double().requires_grad_()
-    b64 = layer.bias.detach().double().requires_grad_() if c["bias"] else None
-    x64 = x.detach().double().requires_grad_()
-
-    def dense(xv, fv, bv):
+    def dense(xv, fv, bv):  # the formed W
         out = xv @ layer.layout.to_dense(fv).T
         return out + bv if bv is not None else out
 
-    ref = dense(x64, f64, b64)
-    refs = _grads(ref, [x64, f64] + ([b64] if c["bias"] else []), gy)
-    xa, fa = x64.detach().abs().requires_grad_(), f64.detach().abs().requires_grad_()
-    ba = b64.detach().abs().requires_grad_() if c["bias"] else None
-    bound = dense(xa, fa, ba)
-    bounds = _grads(bound, [xa, fa] + ([ba] if c["bias"] else []), gy.abs())
-    _check_close("y", y, ref.detach(), bound.detach(), c["dtype"])
-    for name, g, r, b in zip(("grad x", "grad factors", "grad bias"), got, refs, bounds):
-        _check_close(name, g, r, b, c["dtype"])
+    _check_against_dense(dense, y, got, x, layer.factors, layer.bias if c["bias"] else None, gy,
+                         c["dtype"])
 
 
 @settings(**SETTINGS)
@@ -193,7 +194,6 @@ def _make_conv(c):
         return FactorizedConv2d(c["cin"], c["cout"], c["k"], c["fact"], rank=1, **kw)
 
 
-
 @settings(**SETTINGS)
 @given(conv_cases())
 def test_conv2d_matches_the_dense_reference(c):
@@ -203,7 +203,7 @@ def test_conv2d_matches_the_dense_reference(c):
     x = _strided((c["n"], c["cin"], c["h"], c["w"]), c["dtype"], gen,
                  c["layout"]).requires_grad_()
     y = conv(x)
-    gy = _rand(y.shape, torch.float64, gen)
+    gy = rand(*y.shape, dtype=torch.float64, gen=gen)
     params = [conv.factors] + ([conv.bias] if c["bias"] else [])
     got = _grads(y, [x] + params, gy.to(c["dtype"]))
 
@@ -217,18 +217,8 @@ def test_conv2d_matches_the_dense_reference(c):
             pad = c["padding"]
         return TF.conv2d(xv, W, bv, c["stride"], pad, c["dilation"], c["groups"])
 
-    f64 = conv.factors.detach().double().requires_grad_()
-    b64 = conv.bias.detach().double().requires_grad_() if c["bias"] else None
-    x64 = x.detach().double().requires_grad_()
-    ref = dense(x64, f64, b64)
-    refs = _grads(ref, [x64, f64] + ([b64] if c["bias"] else []), gy)
-    xa, fa = x64.detach().abs().requires_grad_(), f64.detach().abs().requires_grad_()
-    ba = b64.detach().abs().requires_grad_() if c["bias"] else None
-    bound = dense(xa, fa, ba)
-    bounds = _grads(bound, [xa, fa] + ([ba] if c["bias"] else []), gy.abs())
-    _check_close("y", y, ref.detach(), bound.detach(), c["dtype"])
-    for name, g, r, b in zip(("grad x", "grad factors", "grad bias"), got, refs, bounds):
-        _check_close(name, g, r, b, c["dtype"])
+    _check_against_dense(dense, y, got, x, conv.factors, conv.bias if c["bias"] else None, gy,
+                         c["dtype"])
 
 
 @settings(**SETTINGS)
@@ -289,7 +279,7 @@ def test_embedding_matches_the_dense_table(c):
     idx = torch.randint(0, c["num"], (*c["lead"], 2 if c["sliced"] else 1), generator=gen)
     idx = (idx[..., ::2] if c["sliced"] else idx[..., 0]).to(c["idx_dtype"])
     y = emb(idx)
-    gy = _rand(y.shape, torch.float64, gen)
+    gy = rand(*y.shape, dtype=torch.float64, gen=gen)
     (got,) = _grads(y, [emb.factors], gy.to(c["dtype"]))
 
     def table(fv):

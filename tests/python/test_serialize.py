@@ -11,7 +11,7 @@ import torch
 import factorch
 from factorch.serialize import CompressedFormatError
 
-from compress_models import make_text, tiny_llama, token_batches, word_tokenizer
+from compress_models import make_text, save_tiny_llama, tiny_llama, token_batches
 
 pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
@@ -159,10 +159,7 @@ def test_command_line_end_to_end(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     from factorch import cli
 
-    model = tiny_llama(seed=2)
-    tok = word_tokenizer()
-    model.save_pretrained(tmp_path / "tiny")
-    tok.save_pretrained(tmp_path / "tiny")
+    save_tiny_llama(tmp_path / "tiny", seed=2)
     (tmp_path / "calib.txt").write_text(make_text(3000, seed=1))
     (tmp_path / "eval.txt").write_text(make_text(2000, seed=2))
     out = tmp_path / "out"

@@ -13,7 +13,7 @@ from factorch import _lib
 from factorch.functional import cp_linear, tt_linear, tucker_linear
 from factorch.nn import FactorizedLinear
 
-from conftest import DEVICES, dtypes_for, rand
+from helpers import DEVICES, dtypes_for, in_threads, rand
 from tensorized_samples import BACKWARD_OPS, OPS, samples
 
 FACTS = ["cp", "tucker", "tt"]
@@ -299,8 +299,6 @@ def test_cuda_matches_cpu(fact):
 
 def test_concurrent_calls_from_threads():
     """Backward runs on autograd worker threads: the kernels are re-entrant."""
-    import threading
-
     torch.manual_seed(3)
     layers = [FactorizedLinear(16, 16, f, rank=3, dtype=torch.float64) for f in FACTS]
     x = torch.randn(9, 16, dtype=torch.float64)
@@ -313,9 +311,5 @@ def test_concurrent_calls_from_threads():
                 if not torch.equal(layer(x), w):
                     errors.append("mismatch")
 
-    threads = [threading.Thread(target=work) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    in_threads(work, 4)
     assert not errors

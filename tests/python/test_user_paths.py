@@ -16,7 +16,7 @@ from torch import nn
 from factorch import lora
 from factorch.nn import FactorizedConv1d, FactorizedConv2d, FactorizedEmbedding, FactorizedLinear
 
-from conftest import rand
+from helpers import rand
 
 
 def _layers():
