@@ -12,25 +12,6 @@
 extern "C" {
 #endif
 
-/* Low-rank linear plan. Matrix views are BLAS-readable once the entry point
- * has packed the inputs marked pack_* into the workspace. */
-typedef struct fct_lowrank_plan {
-  fct_dtype dt;
-  int64_t M, in, out, r;
-  fct_mat x, U, V; /* [M, in], [out, r], [r, in] */
-  fct_mat g;       /* backward: grad_y [M, out] */
-  fct_mat t;       /* [M, r]: output/input tensor, or workspace */
-  fct_mat y;       /* forward output [M, out] */
-  const char* bias; /* [out] with stride bias_stride, or NULL */
-  int64_t bias_stride;
-  bool t_ready;    /* backward: t holds x·Vᵀ already */
-  /* backward outputs, NULL data when not requested */
-  fct_mat gx, gU, gV, gt; /* gt [M, r] lives in the workspace */
-  char* gb;
-  /* scratch for device-side flags (CUDA finite check), in the workspace */
-  char* scratch;
-} fct_lowrank_plan;
-
 /* Geometry of one 2-D convolution over [C, H, W] items (a 1-D one has
  * H = kh = 1). Padding is given before each axis (top, left); what lies after
  * is implied by the output size. */
@@ -69,14 +50,12 @@ typedef struct fct_tt_emb_geom {
 typedef struct fct_backend {
   /* dst (dense row-major, numel elements) = src (any strides). */
   fct_status (*pack)(fct_context* ctx, const DLTensor* src, char* dst);
-  fct_status (*lowrank_forward)(fct_context* ctx, const fct_lowrank_plan* p);
-  fct_status (*lowrank_backward)(fct_context* ctx, const fct_lowrank_plan* p);
   /* *count = number of NaN/Inf elements of t. scratch: 256 bytes of
    * workspace on t's device (unused on CPU). */
   fct_status (*count_nonfinite)(fct_context* ctx, const DLTensor* t, char* scratch,
                                 int64_t* count);
 
-  /* Primitives of the tensorized linear ops (CP, Tucker, TT). Their
+  /* Primitives of the linear ops (low-rank, CP, Tucker, TT). Their
    * algorithms are written once, device independent, in ops/<op>_linear.c
    * as sequences of these calls. `device` is the tensors' device index
    * (ignored on CPU); matrices are fct_mat views in elements. */

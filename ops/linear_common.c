@@ -196,6 +196,16 @@ void fct_param_init(fct_param* p, const DLTensor* t, int64_t rows, int64_t cols,
   }
 }
 
+void fct_param_init_rows(fct_param* p, const DLTensor* t, int64_t rows, int64_t cols) {
+  memset(p, 0, sizeof *p);
+  p->t = t;
+  p->rows = rows;
+  p->cols = cols;
+  p->fold = true;
+  fct_mat m;
+  p->pack = fct_input_needs_pack(t, &m);
+}
+
 void fct_param_lay_out(fct_param* p, fct_layout* L, size_t es) {
   if (p->pack) p->off = fct_layout_take(L, p->rows * p->cols, es);
 }
@@ -204,7 +214,7 @@ fct_status fct_param_bind(const fct_exec* e, fct_param* p) {
   if (p->pack) {
     TRY(e->be->pack(e->ctx, p->t, fct_ws_at(e, p->off)));
     p->m = fct_dense(fct_ws_at(e, p->off), p->rows, p->cols);
-  } else if (p->t->ndim == 2) {
+  } else if (p->fold || p->t->ndim == 2) {
     fct_fold(p->t, &p->m);
   } else {
     p->m = fct_dense(fct_data(p->t), p->rows, p->cols);

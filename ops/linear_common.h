@@ -161,11 +161,16 @@ typedef struct fct_param {
   fct_mat m; /* valid after fct_param_bind */
   int64_t rows, cols;
   bool pack;
+  bool fold; /* read in place through fct_fold (a batched input) */
   size_t off;
 } fct_param;
 
 void fct_param_init(fct_param* p, const DLTensor* t, int64_t rows, int64_t cols,
                     bool contiguous);
+/* A batched input [..., cols] (x, grad_y) as its [rows, cols] view: read in
+ * place when its leading dims fold into a BLAS-readable matrix
+ * (fct_input_needs_pack), else packed. */
+void fct_param_init_rows(fct_param* p, const DLTensor* t, int64_t rows, int64_t cols);
 void fct_param_lay_out(fct_param* p, fct_layout* L, size_t es);
 
 /* One call's execution state: the backend and device, the dtype, and the

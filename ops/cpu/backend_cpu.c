@@ -5,8 +5,6 @@
 
 const fct_backend fct_cpu_backend = {
     .pack = fct_cpu_pack,
-    .lowrank_forward = fct_cpu_lowrank_forward,
-    .lowrank_backward = fct_cpu_lowrank_backward,
     .count_nonfinite = fct_cpu_count_nonfinite,
     .gemm = fct_cpu_gemm_entry,
     .gemm_reduce = fct_cpu_gemm_reduce_entry,

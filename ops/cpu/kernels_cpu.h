@@ -15,8 +15,6 @@ void fct_cpu_column_sums(fct_dtype dt, const fct_mat* g, char* out);
 fct_status fct_cpu_pack(fct_context* ctx, const DLTensor* src, char* dst);
 fct_status fct_cpu_count_nonfinite(fct_context* ctx, const DLTensor* t, char* scratch,
                                    int64_t* count);
-fct_status fct_cpu_lowrank_forward(fct_context* ctx, const fct_lowrank_plan* p);
-fct_status fct_cpu_lowrank_backward(fct_context* ctx, const fct_lowrank_plan* p);
 fct_status fct_cpu_gemm_entry(fct_context* ctx, int device, fct_dtype dt, const fct_mat* A,
                               const fct_mat* B, const fct_mat* C, double beta, int64_t batch,
                               int64_t sa, int64_t sb, int64_t sc);

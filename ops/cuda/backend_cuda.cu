@@ -122,8 +122,6 @@ static fct_backend kCudaBackend;
 __attribute__((constructor)) static void register_cuda_backend(void) {
   fct_backend* b = &kCudaBackend;
   b->pack = fct_cuda_pack;
-  b->lowrank_forward = fct_cuda_lowrank_forward;
-  b->lowrank_backward = fct_cuda_lowrank_backward;
   b->count_nonfinite = fct_cuda_count_nonfinite;
   b->gemm = fct_cuda_gemm_entry;
   b->gemm_reduce = fct_cuda_gemm_reduce_entry;

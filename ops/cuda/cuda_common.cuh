@@ -57,8 +57,6 @@ unsigned fct_cuda_blocks(int64_t n);
 fct_status fct_cuda_pack(fct_context* ctx, const DLTensor* src, char* dst);
 fct_status fct_cuda_count_nonfinite(fct_context* ctx, const DLTensor* t, char* scratch,
                                     int64_t* count);
-fct_status fct_cuda_lowrank_forward(fct_context* ctx, const fct_lowrank_plan* p);
-fct_status fct_cuda_lowrank_backward(fct_context* ctx, const fct_lowrank_plan* p);
 
 /* GEMMs on row-major views (gemm_cuda.cu) and row kernels (rows_cuda.cu),
  * run inside an entered env (env->blas set for the GEMMs). Semantics as the
