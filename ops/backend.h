@@ -7,6 +7,7 @@
 #define FCT_BACKEND_H
 
 #include "fct_tensor.h"
+#include "fct_try.h"
 
 #ifdef __cplusplus
 extern "C" {

@@ -180,7 +180,7 @@ static fct_status chain_init(fct_context* ctx, int n, const fct_conv_stage* stag
   p->S = n;
   p->saved_per_image = 0;
   for (int i = 0; i < n; ++i) {
-    TRY(stage_init(ctx, i, &stages[i], &p->s[i]));
+    FCT_TRY(stage_init(ctx, i, &stages[i], &p->s[i]));
     if (i > 0 && p->s[i].in_numel != p->s[i - 1].out_numel)
       return fct_fail(ctx, FCT_ERR_SHAPE,
                       "stages[%d]: reads %lld elements per image (batch·in_channels·in_h·in_w) "
@@ -216,8 +216,8 @@ fct_status fct_conv_chain_check(fct_context* ctx, int n, const fct_conv_stage* s
 static fct_status check_images(fct_context* ctx, const char* name, const DLTensor* t,
                                const DLTensor* x, int64_t N, int64_t per_image,
                                const char* what) {
-  TRY(fct_check_tensor(ctx, name, t, 1));
-  if (x && t != x) TRY(fct_check_same(ctx, name, t, "x", x));
+  FCT_TRY(fct_check_tensor(ctx, name, t, 1));
+  if (x && t != x) FCT_TRY(fct_check_same(ctx, name, t, "x", x));
   int64_t rest = 1;
   /* fct_check_tensor bounds the product only when no dim is 0: an empty
    * batch of [2^31, 2^31, 2^31] images overflowed here (UB). */
@@ -241,7 +241,7 @@ static fct_status check_weights(fct_context* ctx, const char* list, cc_plan* p,
   for (int i = 0; i < p->S; ++i) {
     const char* name = fct_item_name(nm, sizeof nm, list, i);
     const fct_conv_stage* st = &p->s[i].st;
-    TRY(fct_check_param(ctx, name, w[i], x, 4, "[out_channels, in_channels / groups, kh, kw]"));
+    FCT_TRY(fct_check_param(ctx, name, w[i], x, 4, "[out_channels, in_channels / groups, kh, kw]"));
     int64_t want[4] = {st->out_channels, p->s[i].Cig, st->kh, st->kw};
     if (memcmp(w[i]->shape, want, sizeof want) != 0)
       return fct_fail(ctx, FCT_ERR_SHAPE,
@@ -250,7 +250,7 @@ static fct_status check_weights(fct_context* ctx, const char* list, cc_plan* p,
                       name, (long long)want[0], (long long)want[1], (long long)want[2],
                       (long long)want[3], i, (long long)w[i]->shape[0], (long long)w[i]->shape[1],
                       (long long)w[i]->shape[2], (long long)w[i]->shape[3]);
-    if (output) TRY(fct_check_dense_output(ctx, name, w[i]));
+    if (output) FCT_TRY(fct_check_dense_output(ctx, name, w[i]));
   }
   return FCT_OK;
 }
@@ -261,30 +261,30 @@ static fct_status plan_shape(fct_context* ctx, const DLTensor* x, int n,
                              const DLTensor* bias, const DLTensor* y, const char* y_name,
                              const DLTensor* saved, cc_plan* p) {
   if (!ctx) return FCT_ERR_NULL_ARGUMENT;
-  TRY(chain_init(ctx, n, stages, p));
-  TRY(fct_check_tensor(ctx, "x", x, 1));
+  FCT_TRY(chain_init(ctx, n, stages, p));
+  FCT_TRY(fct_check_tensor(ctx, "x", x, 1));
   p->dt = fct_dtype_of(x->dtype);
   p->es = fct_dtype_bytes(p->dt);
   p->cuda = x->device.device_type == kDLCUDA;
   p->N = x->shape[0];
-  TRY(check_images(ctx, "x", x, NULL, p->N, p->s[0].in_numel,
+  FCT_TRY(check_images(ctx, "x", x, NULL, p->N, p->s[0].in_numel,
                    "stages[0].batch·in_channels·in_h·in_w"));
-  TRY(check_weights(ctx, "weights", p, weights, x, false));
-  TRY(fct_check_tensor(ctx, y_name, y, 2));
-  TRY(check_images(ctx, y_name, y, x, p->N, p->s[p->S - 1].out_numel,
+  FCT_TRY(check_weights(ctx, "weights", p, weights, x, false));
+  FCT_TRY(fct_check_tensor(ctx, y_name, y, 2));
+  FCT_TRY(check_images(ctx, y_name, y, x, p->N, p->s[p->S - 1].out_numel,
                    "what the last stage writes"));
   p->Cy = y->shape[1];
   p->Py = p->Cy ? p->s[p->S - 1].out_numel / p->Cy : 0;
   if (p->Cy < 1 || p->Py * p->Cy != p->s[p->S - 1].out_numel)
     return fct_fail(ctx, FCT_ERR_SHAPE, "%s: dim 1 (%lld) must divide the %lld elements per image",
                     y_name, (long long)p->Cy, (long long)p->s[p->S - 1].out_numel);
-  if (bias) TRY(fct_check_vector(ctx, "bias", bias, x, p->Cy, "C_y: the output's channels"));
+  if (bias) FCT_TRY(fct_check_vector(ctx, "bias", bias, x, p->Cy, "C_y: the output's channels"));
   if (saved) {
     int64_t want;
     if (__builtin_mul_overflow(p->N, p->saved_per_image, &want))
       return fct_fail(ctx, FCT_ERR_OVERFLOW, "saved: N·saved_per_image overflows");
-    TRY(fct_check_tensor(ctx, "saved", saved, 1));
-    TRY(fct_check_same(ctx, "saved", saved, "x", x));
+    FCT_TRY(fct_check_tensor(ctx, "saved", saved, 1));
+    FCT_TRY(fct_check_same(ctx, "saved", saved, "x", x));
     if (fct_numel(saved) != want || !fct_is_contiguous(saved))
       return fct_fail(ctx, FCT_ERR_SHAPE,
                       "saved: expected a C-contiguous tensor of %lld elements (N = %lld images "
@@ -382,7 +382,7 @@ static fct_status layout_for(fct_context* ctx, cc_plan* p, int T) {
     p->off_red = fct_layout_take(&W, (int64_t)p->red_bytes, 1);
     if (T > 1) p->off_part = fct_layout_take(&W, p->wnumel, p->es);
   }
-  TRY(fct_layout_done(ctx, &W, &p->worker_bytes));
+  FCT_TRY(fct_layout_done(ctx, &W, &p->worker_bytes));
   p->worker_bytes = (p->worker_bytes + FCT_WS_ALIGN - 1) / FCT_WS_ALIGN * FCT_WS_ALIGN;
   int64_t wb;
   if (__builtin_mul_overflow((int64_t)p->worker_bytes, (int64_t)T, &wb)) L.overflow = true;
@@ -393,12 +393,12 @@ static fct_status layout_for(fct_context* ctx, cc_plan* p, int T) {
 static fct_status plan_layout(fct_context* ctx, cc_plan* p, const fct_backend* be) {
   int T = be->workers && be->parallel ? be->workers() : 1;
   if (T > CC_MAX_WORKERS) T = CC_MAX_WORKERS;
-  TRY(layout_for(ctx, p, T));
+  FCT_TRY(layout_for(ctx, p, T));
   /* Many threads times a large im2col buffer: rather one worker whose
    * primitives split over the threads than gigabytes of workspace. */
   fct_machine mc = fct_machine_for(p->cuda);
   if (p->T > 1 && (double)p->worker_bytes * p->T > 4.0 * (double)mc.workspace_cap)
-    TRY(layout_for(ctx, p, 1));
+    FCT_TRY(layout_for(ctx, p, 1));
   return FCT_OK;
 }
 
@@ -409,7 +409,7 @@ static void add_inputs(fct_args* a, const DLTensor* x, const cc_plan* p,
 }
 
 static fct_status bind_weights(const fct_exec* e, cc_plan* p) {
-  for (int i = 0; i < p->S; ++i) TRY(fct_param_bind(e, &p->s[i].w));
+  for (int i = 0; i < p->S; ++i) FCT_TRY(fct_param_bind(e, &p->s[i].w));
   return FCT_OK;
 }
 
@@ -434,7 +434,7 @@ static fct_status stage_forward(const fct_exec* e, const cc_stage* c, int64_t n,
   const char* src = in;
   int64_t item = c->st.in_channels * c->P_in; /* direct: the item is [Ci, P] */
   if (c->kind == CC_IM2COL) {
-    TRY(e->be->im2col(e->ctx, e->device, e->dt, &c->geom, n, in, col));
+    FCT_TRY(e->be->im2col(e->ctx, e->device, e->dt, &c->geom, n, in, col));
     src = col;
     item = c->st.in_channels * c->st.kh * c->st.kw * c->P;
   }
@@ -442,7 +442,7 @@ static fct_status stage_forward(const fct_exec* e, const cc_stage* c, int64_t n,
     fct_mat A = fct_dense(at(w, g * c->Cog * c->K, e->es), c->Cog, c->K);
     fct_mat B = fct_dense(at(src, g * c->K * c->P, e->es), c->K, c->P);
     fct_mat C = fct_dense(at(out, g * c->Cog * c->P, e->es), c->Cog, c->P);
-    TRY(fct_x_gemm_batched(e, &A, &B, &C, 0.0, n, 0, item, c->st.out_channels * c->P));
+    FCT_TRY(fct_x_gemm_batched(e, &A, &B, &C, 0.0, n, 0, item, c->st.out_channels * c->P));
   }
   return FCT_OK;
 }
@@ -455,9 +455,10 @@ static fct_status stage_backward(const fct_exec* e, const cc_plan* p, const cc_s
   const char* w = c->w.m.data;
   if (c->kind == CC_DEPTHWISE) {
     if (gw)
-      TRY(e->be->depthwise_backward_weight(e->ctx, e->device, e->dt, &c->geom, n, in, gout, gw,
+      FCT_TRY(e->be->depthwise_backward_weight(e->ctx, e->device, e->dt, &c->geom, n, in, gout, gw,
                                            beta));
-    if (gin) TRY(e->be->depthwise_backward_input(e->ctx, e->device, e->dt, &c->geom, n, gout, w, gin));
+    if (gin)
+      FCT_TRY(e->be->depthwise_backward_input(e->ctx, e->device, e->dt, &c->geom, n, gout, w, gin));
     return FCT_OK;
   }
   bool im2col = c->kind == CC_IM2COL;
@@ -467,7 +468,7 @@ static fct_status stage_backward(const fct_exec* e, const cc_plan* p, const cc_s
   if (gw) {
     const char* src = in;
     if (im2col) {
-      TRY(e->be->im2col(e->ctx, e->device, e->dt, &c->geom, n, in, col));
+      FCT_TRY(e->be->im2col(e->ctx, e->device, e->dt, &c->geom, n, in, col));
       src = col;
     }
     /* gW_g [Cog, K] = beta·gW_g + Σ_items gout_g [Cog, P] · src_gᵀ [P, K] */
@@ -475,7 +476,7 @@ static fct_status stage_backward(const fct_exec* e, const cc_plan* p, const cc_s
       fct_mat A = fct_dense(at(gout, g * c->Cog * c->P, e->es), c->Cog, c->P);
       fct_mat B = fct_mat_t(fct_dense(at(src, g * c->K * c->P, e->es), c->K, c->P));
       fct_mat C = fct_dense(at(gw, g * c->Cog * c->K, e->es), c->Cog, c->K);
-      TRY(e->be->gemm_reduce(e->ctx, e->device, e->dt, &A, &B, &C, beta, n, gitem, item, red,
+      FCT_TRY(e->be->gemm_reduce(e->ctx, e->device, e->dt, &A, &B, &C, beta, n, gitem, item, red,
                              p->red_bytes));
     }
   }
@@ -487,9 +488,9 @@ static fct_status stage_backward(const fct_exec* e, const cc_plan* p, const cc_s
     fct_mat A = fct_mat_t(fct_dense(at(w, g * c->Cog * c->K, e->es), c->Cog, c->K));
     fct_mat B = fct_dense(at(gout, g * c->Cog * c->P, e->es), c->Cog, c->P);
     fct_mat C = fct_dense(at(dst, g * c->K * c->P, e->es), c->K, c->P);
-    TRY(fct_x_gemm_batched(e, &A, &B, &C, 0.0, n, 0, gitem, item));
+    FCT_TRY(fct_x_gemm_batched(e, &A, &B, &C, 0.0, n, 0, gitem, item));
   }
-  if (im2col) TRY(e->be->col2im(e->ctx, e->device, e->dt, &c->geom, n, col, gin));
+  if (im2col) FCT_TRY(e->be->col2im(e->ctx, e->device, e->dt, &c->geom, n, col, gin));
   return FCT_OK;
 }
 
@@ -502,8 +503,8 @@ static fct_status forward_plan(fct_context* ctx, const DLTensor* x, int n,
                                const DLTensor* bias, const DLTensor* y, const DLTensor* saved,
                                cc_plan* p) {
   memset(p, 0, sizeof *p);
-  TRY(plan_shape(ctx, x, n, stages, weights, bias, y, "y", saved, p));
-  TRY(fct_check_dense_output(ctx, "y", y));
+  FCT_TRY(plan_shape(ctx, x, n, stages, weights, bias, y, "y", saved, p));
+  FCT_TRY(fct_check_dense_output(ctx, "y", y));
   fct_args a;
   a.n = 0;
   add_inputs(&a, x, p, weights);
@@ -511,12 +512,12 @@ static fct_status forward_plan(fct_context* ctx, const DLTensor* x, int n,
   int first_out = a.n;
   fct_args_add(&a, "y", y);
   fct_args_add(&a, "saved", saved);
-  TRY(fct_args_check_overlaps(ctx, &a, first_out));
+  FCT_TRY(fct_args_check_overlaps(ctx, &a, first_out));
   p->keep = saved != NULL;
   p->pack_x = !fct_is_contiguous(x);
   p->check = ctx->flags & FCT_FLAG_CHECK_FINITE;
   const fct_backend* be;
-  TRY(fct_backend_for(ctx, "x", x, &be));
+  FCT_TRY(fct_backend_for(ctx, "x", x, &be));
   return plan_layout(ctx, p, be);
 }
 
@@ -528,7 +529,7 @@ fct_status fct_conv_chain_forward_workspace(const fct_context* ctx, const DLTens
   if (!ctx || !bytes) return FCT_ERR_NULL_ARGUMENT;
   fct_context c = *ctx;
   cc_plan p;
-  TRY(forward_plan(&c, x, n, stages, weights, bias, y, saved, &p));
+  FCT_TRY(forward_plan(&c, x, n, stages, weights, bias, y, saved, &p));
   *bytes = p.bytes;
   return FCT_OK;
 }
@@ -621,11 +622,11 @@ static fct_status forward_images(const fct_exec* e, const cc_job* j, char* base,
         out = at(j->saved, p->N * p->saved_off[s] + i0 * c->out_numel, e->es);
       else
         out = buf[s & 1];
-      TRY(stage_forward(e, c, nc * c->st.batch, cur, col, out));
+      FCT_TRY(stage_forward(e, c, nc * c->st.batch, cur, col, out));
       cur = out;
     }
     if (j->bias)
-      TRY(e->be->channel_bias(e->ctx, e->device, e->dt, nc, p->Cy, p->Py,
+      FCT_TRY(e->be->channel_bias(e->ctx, e->device, e->dt, nc, p->Cy, p->Py,
                               at(j->y, i0 * p->Cy * p->Py, e->es), j->bias, j->bst));
   }
   return FCT_OK;
@@ -636,27 +637,27 @@ fct_status fct_conv_chain_forward(fct_context* ctx, const DLTensor* x, int n,
                                   const DLTensor* bias, DLTensor* y, DLTensor* saved) {
   cc_plan p;
   fct_exec e;
-  TRY(forward_plan(ctx, x, n, stages, weights, bias, y, saved, &p));
-  TRY(fct_exec_begin(ctx, "x", x, &e));
+  FCT_TRY(forward_plan(ctx, x, n, stages, weights, bias, y, saved, &p));
+  FCT_TRY(fct_exec_begin(ctx, "x", x, &e));
   if (p.N == 0) return FCT_OK;
-  TRY(fct_check_workspace(ctx, p.bytes));
-  TRY(bind_weights(&e, &p));
+  FCT_TRY(fct_check_workspace(ctx, p.bytes));
+  FCT_TRY(bind_weights(&e, &p));
   cc_job* j = &(cc_job){0};
   j->e = &e;
   j->p = &p;
-  TRY(fct_x_dense_base(&e, x, p.pack_x, p.off_x, &j->xb));
+  FCT_TRY(fct_x_dense_base(&e, x, p.pack_x, p.off_x, &j->xb));
   j->y = fct_data(y);
   j->saved = saved ? fct_data(saved) : NULL;
   j->bias = bias ? fct_data(bias) : NULL;
   j->bst = fct_vector_stride(bias);
   j->images = forward_images;
-  TRY(run_workers(j));
+  FCT_TRY(run_workers(j));
   if (p.check) {
     fct_args a;
     a.n = 0;
     add_inputs(&a, x, &p, weights);
     fct_args_add(&a, "bias", bias);
-    TRY(fct_check_finite(ctx, e.be, fct_ws_at(&e, p.off_scratch), "y", y, a.names, a.ts, a.n));
+    FCT_TRY(fct_check_finite(ctx, e.be, fct_ws_at(&e, p.off_scratch), "y", y, a.names, a.ts, a.n));
   }
   return FCT_OK;
 }
@@ -671,7 +672,7 @@ static fct_status backward_plan(fct_context* ctx, const DLTensor* grad_y, const 
                                 const DLTensor* grad_x, const DLTensor* const* grad_weights,
                                 const DLTensor* grad_bias, cc_plan* p) {
   memset(p, 0, sizeof *p);
-  TRY(plan_shape(ctx, x, n, stages, weights, NULL, grad_y, "grad_y", saved, p));
+  FCT_TRY(plan_shape(ctx, x, n, stages, weights, NULL, grad_y, "grad_y", saved, p));
   if (p->S > 1 && !saved)
     return fct_fail(ctx, FCT_ERR_NULL_ARGUMENT,
                     "saved: required by the backward of a chain of %d stages (the forward's "
@@ -682,18 +683,18 @@ static fct_status backward_plan(fct_context* ctx, const DLTensor* grad_y, const 
   p->gw = grad_weights != NULL;
   p->gb = grad_bias != NULL;
   if (grad_x) {
-    TRY(check_images(ctx, "grad_x", grad_x, x, p->N, p->s[0].in_numel, "as x"));
-    TRY(fct_check_dense_output(ctx, "grad_x", grad_x));
+    FCT_TRY(check_images(ctx, "grad_x", grad_x, x, p->N, p->s[0].in_numel, "as x"));
+    FCT_TRY(fct_check_dense_output(ctx, "grad_x", grad_x));
   }
   if (grad_weights) {
     for (int i = 0; i < p->S; ++i)
       if (!grad_weights[i])
         return fct_fail(ctx, FCT_ERR_NULL_ARGUMENT, "grad_weights[%d]: NULL", i);
-    TRY(check_weights(ctx, "grad_weights", p, grad_weights, x, true));
+    FCT_TRY(check_weights(ctx, "grad_weights", p, grad_weights, x, true));
   }
   if (grad_bias) {
-    TRY(fct_check_vector(ctx, "grad_bias", grad_bias, x, p->Cy, "C_y: grad_y's channels"));
-    TRY(fct_check_dense_output(ctx, "grad_bias", grad_bias));
+    FCT_TRY(fct_check_vector(ctx, "grad_bias", grad_bias, x, p->Cy, "C_y: grad_y's channels"));
+    FCT_TRY(fct_check_dense_output(ctx, "grad_bias", grad_bias));
   }
   fct_args a;
   a.n = 0;
@@ -705,13 +706,13 @@ static fct_status backward_plan(fct_context* ctx, const DLTensor* grad_y, const 
   if (grad_weights)
     fct_args_add_list(&a, "grad_weights", p->S, (const DLTensor* const*)grad_weights);
   fct_args_add(&a, "grad_bias", grad_bias);
-  TRY(fct_args_check_overlaps(ctx, &a, first_out));
+  FCT_TRY(fct_args_check_overlaps(ctx, &a, first_out));
   p->keep = true;
   p->pack_x = p->gw && !fct_is_contiguous(x);
   p->pack_g = !fct_is_contiguous(grad_y);
   p->check = ctx->flags & FCT_FLAG_CHECK_FINITE;
   const fct_backend* be;
-  TRY(fct_backend_for(ctx, "x", x, &be));
+  FCT_TRY(fct_backend_for(ctx, "x", x, &be));
   return plan_layout(ctx, p, be);
 }
 
@@ -725,7 +726,7 @@ fct_status fct_conv_chain_backward_workspace(const fct_context* ctx, const DLTen
   if (!ctx || !bytes) return FCT_ERR_NULL_ARGUMENT;
   fct_context c = *ctx;
   cc_plan p;
-  TRY(backward_plan(&c, grad_y, x, n, stages, weights, saved, grad_x, grad_weights, grad_bias,
+  FCT_TRY(backward_plan(&c, grad_y, x, n, stages, weights, saved, grad_x, grad_weights, grad_bias,
                     &p));
   *bytes = p.bytes;
   return FCT_OK;
@@ -770,7 +771,7 @@ static fct_status backward_images(const fct_exec* e, const cc_job* j, char* base
     const char* g = at(j->gyb, i0 * p->s[p->S - 1].out_numel, e->es);
     for (int s = 0; p->gw && s < p->S; ++s)
       if (p->recompute[s])
-        TRY(stage_forward(e, &p->s[s], nc * p->s[s].st.batch, stage_input(j, base, s, i0), col,
+        FCT_TRY(stage_forward(e, &p->s[s], nc * p->s[s].st.batch, stage_input(j, base, s, i0), col,
                           at_bytes(base, p->off_rc[s])));
     for (int s = p->S - 1; s >= 0; --s) {
       const cc_stage* c = &p->s[s];
@@ -781,7 +782,7 @@ static fct_status backward_images(const fct_exec* e, const cc_job* j, char* base
       else if (j->gx)
         gin = at(j->gx, i0 * c->in_numel, e->es);
       if (!gw[s] && !gin) break;
-      TRY(stage_backward(e, p, c, nc * c->st.batch, in, g, col, red, gw[s], gin, beta));
+      FCT_TRY(stage_backward(e, p, c, nc * c->st.batch, in, g, col, red, gw[s], gin, beta));
       g = gin;
     }
   }
@@ -795,30 +796,30 @@ fct_status fct_conv_chain_backward(fct_context* ctx, const DLTensor* grad_y, con
                                    DLTensor* grad_bias) {
   cc_plan p;
   fct_exec e;
-  TRY(backward_plan(ctx, grad_y, x, n, stages, weights, saved, grad_x,
+  FCT_TRY(backward_plan(ctx, grad_y, x, n, stages, weights, saved, grad_x,
                     (const DLTensor* const*)grad_weights, grad_bias, &p));
-  TRY(fct_exec_begin(ctx, "x", x, &e));
+  FCT_TRY(fct_exec_begin(ctx, "x", x, &e));
   if (p.N == 0) { /* no images: the gradients of the parameters are zero */
-    for (int s = 0; grad_weights && s < p.S; ++s) TRY(zero_dense(&e, grad_weights[s]));
-    if (grad_bias) TRY(zero_dense(&e, grad_bias));
+    for (int s = 0; grad_weights && s < p.S; ++s) FCT_TRY(zero_dense(&e, grad_weights[s]));
+    if (grad_bias) FCT_TRY(zero_dense(&e, grad_bias));
     return FCT_OK;
   }
-  TRY(fct_check_workspace(ctx, p.bytes));
+  FCT_TRY(fct_check_workspace(ctx, p.bytes));
   if (p.check)
-    TRY(fct_check_finite_grad(ctx, e.be, fct_ws_at(&e, p.off_scratch), grad_y, "conv_chain"));
-  TRY(bind_weights(&e, &p));
+    FCT_TRY(fct_check_finite_grad(ctx, e.be, fct_ws_at(&e, p.off_scratch), grad_y, "conv_chain"));
+  FCT_TRY(bind_weights(&e, &p));
   cc_job* j = &(cc_job){0};
   j->e = &e;
   j->p = &p;
-  if (p.gw) TRY(fct_x_dense_base(&e, x, p.pack_x, p.off_x, &j->xb));
-  TRY(fct_x_dense_base(&e, grad_y, p.pack_g, p.off_g, &j->gyb));
+  if (p.gw) FCT_TRY(fct_x_dense_base(&e, x, p.pack_x, p.off_x, &j->xb));
+  FCT_TRY(fct_x_dense_base(&e, grad_y, p.pack_g, p.off_g, &j->gyb));
   j->saved = saved ? fct_data(saved) : NULL;
   j->gx = grad_x ? fct_data(grad_x) : NULL;
   for (int s = 0; grad_weights && s < p.S; ++s) j->gw[s] = fct_data(grad_weights[s]);
   if (grad_bias)
-    TRY(e.be->channel_sums(ctx, e.device, e.dt, p.N, p.Cy, p.Py, j->gyb, fct_data(grad_bias)));
+    FCT_TRY(e.be->channel_sums(ctx, e.device, e.dt, p.N, p.Cy, p.Py, j->gyb, fct_data(grad_bias)));
   j->images = backward_images;
-  TRY(run_workers(j));
+  FCT_TRY(run_workers(j));
   if (p.gw && p.T > 1) {
     /* grad_weights[s] = Σ_w partial_w[s]: the partials are the rows of a
      * [T, wnumel] view with rows worker_bytes apart. */
@@ -827,7 +828,7 @@ fct_status fct_conv_chain_backward(fct_context* ctx, const DLTensor* grad_y, con
       int64_t numel = p.s[s].w.rows * p.s[s].w.cols;
       fct_mat part = {fct_ws_at(&e, p.off_worker + p.off_part) + off * (int64_t)e.es, p.T, numel,
                       rs, 1};
-      TRY(e.be->column_sums(ctx, e.device, e.dt, &part, fct_data(grad_weights[s])));
+      FCT_TRY(e.be->column_sums(ctx, e.device, e.dt, &part, fct_data(grad_weights[s])));
       off += numel;
     }
   }
@@ -836,7 +837,7 @@ fct_status fct_conv_chain_backward(fct_context* ctx, const DLTensor* grad_y, con
     a.n = 0;
     fct_args_add(&a, "grad_y", grad_y);
     add_inputs(&a, x, &p, weights);
-    TRY(fct_check_finite(ctx, e.be, fct_ws_at(&e, p.off_scratch), "grad_x", grad_x, a.names,
+    FCT_TRY(fct_check_finite(ctx, e.be, fct_ws_at(&e, p.off_scratch), "grad_x", grad_x, a.names,
                          a.ts, a.n));
   }
   return FCT_OK;

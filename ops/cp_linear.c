@@ -79,7 +79,7 @@ static fct_status check_side(fct_context* ctx, const char* list, int n, const DL
   side->size = 1;
   for (int k = 0; k < n; ++k) {
     const char* name = fct_item_name(nm, sizeof nm, list, k);
-    TRY(fct_check_param(ctx, name, f[k], x, 2, "[mode, R]"));
+    FCT_TRY(fct_check_param(ctx, name, f[k], x, 2, "[mode, R]"));
     if (*R < 0) {
       *R = f[k]->shape[1];
       if (*R < 1)
@@ -106,10 +106,10 @@ static fct_status check_shape(fct_context* ctx, const DLTensor* x, int n_in,
                               const DLTensor* const* A, int n_out, const DLTensor* const* B,
                               cp_shape* s) {
   memset(s, 0, sizeof *s);
-  TRY(fct_check_input_rows(ctx, "x", x, &s->M));
+  FCT_TRY(fct_check_input_rows(ctx, "x", x, &s->M));
   s->R = -1;
-  TRY(check_side(ctx, "in_factors", n_in, A, x, &s->R, "in_factors[0]", &s->in));
-  TRY(check_side(ctx, "out_factors", n_out, B, x, &s->R, "in_factors[0]", &s->out));
+  FCT_TRY(check_side(ctx, "in_factors", n_in, A, x, &s->R, "in_factors[0]", &s->in));
+  FCT_TRY(check_side(ctx, "out_factors", n_out, B, x, &s->R, "in_factors[0]", &s->out));
   if (!fct_fits_int(s->R))
     return fct_fail(ctx, FCT_ERR_OVERFLOW, "in_factors[0]: the rank must be < 2^31");
   int64_t last = x->shape[x->ndim - 1];
@@ -253,7 +253,7 @@ static fct_status make_plan(fct_context* ctx, const cp_shape* s, const cp_needs*
   p->Rc = n->small && s->R > 3 ? 3 : best_rc;
   fct_layout L;
   lay_out(p, &L);
-  TRY(fct_layout_done(ctx, &L, &p->bytes));
+  FCT_TRY(fct_layout_done(ctx, &L, &p->bytes));
   p->flops = pass_flops(s, n);
   return FCT_OK;
 }
@@ -293,11 +293,11 @@ static fct_status side_grads(const fct_exec* e, const cp_plan* p, const cp_side*
     int64_t npre, nsuf;
     char* pre = fct_ws_at(e, p->off_pre);
     char* suf = fct_ws_at(e, p->off_suf);
-    TRY(build_kr(e, side, 0, k, c0, rc, pre, &npre));
-    TRY(build_kr(e, side, k + 1, side->n, c0, rc, suf, &nsuf));
+    FCT_TRY(build_kr(e, side, 0, k, c0, rc, pre, &npre));
+    FCT_TRY(build_kr(e, side, k + 1, side->n, c0, rc, suf, &nsuf));
     fct_mat P = fct_dense(pre, npre, rc), S = fct_dense(suf, nsuf, rc);
     fct_mat G = {fct_data(grads[k]) + c0 * (int64_t)e->es, side->modes[k], rc, p->s.R, 1};
-    TRY(e->be->khatri_rao_grad(e->ctx, e->device, e->dt, gK, npre, side->modes[k], nsuf, &P, &S,
+    FCT_TRY(e->be->khatri_rao_grad(e->ctx, e->device, e->dt, gK, npre, side->modes[k], nsuf, &P, &S,
                                &G));
   }
   return FCT_OK;
@@ -310,7 +310,7 @@ static fct_status input_view(const fct_exec* e, const DLTensor* t, bool pack, si
     fct_fold(t, m);
     return FCT_OK;
   }
-  TRY(e->be->pack(e->ctx, t, fct_ws_at(e, off)));
+  FCT_TRY(e->be->pack(e->ctx, t, fct_ws_at(e, off)));
   *m = fct_dense(fct_ws_at(e, off), M, n);
   return FCT_OK;
 }
@@ -331,16 +331,16 @@ static fct_status forward_plan(fct_context* ctx, const DLTensor* x, int n_in,
                                cp_plan* p) {
   if (!ctx) return FCT_ERR_NULL_ARGUMENT;
   cp_shape s;
-  TRY(check_shape(ctx, x, n_in, A, n_out, B, &s));
-  if (bias) TRY(fct_check_vector(ctx, "bias", bias, x, s.out.size, "out: the product of the "
+  FCT_TRY(check_shape(ctx, x, n_in, A, n_out, B, &s));
+  if (bias) FCT_TRY(fct_check_vector(ctx, "bias", bias, x, s.out.size, "out: the product of the "
                                  "mode sizes of out_factors"));
   fct_mat m;
-  TRY(fct_check_batched(ctx, "y", y, x, s.out.size, "out: the product of the mode sizes of "
+  FCT_TRY(fct_check_batched(ctx, "y", y, x, s.out.size, "out: the product of the mode sizes of "
                         "out_factors"));
-  TRY(fct_check_contiguous_output(ctx, "y", y, s.M, s.out.size, &m));
+  FCT_TRY(fct_check_contiguous_output(ctx, "y", y, s.M, s.out.size, &m));
   if (z) {
-    TRY(fct_check_batched(ctx, "z", z, x, s.R, "R: the rank"));
-    TRY(fct_check_contiguous_output(ctx, "z", z, s.M, s.R, &m));
+    FCT_TRY(fct_check_batched(ctx, "z", z, x, s.R, "R: the rank"));
+    FCT_TRY(fct_check_contiguous_output(ctx, "z", z, s.M, s.R, &m));
   }
   fct_args a;
   a.n = 0;
@@ -351,7 +351,7 @@ static fct_status forward_plan(fct_context* ctx, const DLTensor* x, int n_in,
   int first_out = a.n;
   fct_args_add(&a, "y", y);
   fct_args_add(&a, "z", z);
-  TRY(fct_args_check_overlaps(ctx, &a, first_out));
+  FCT_TRY(fct_args_check_overlaps(ctx, &a, first_out));
   cp_needs n = {0};
   n.z_given = z != NULL;
   n.pack_x = fct_input_needs_pack(x, &m);
@@ -368,7 +368,7 @@ fct_status fct_cp_linear_forward_workspace(const fct_context* ctx, const DLTenso
   if (!ctx || !bytes) return FCT_ERR_NULL_ARGUMENT;
   fct_context c = *ctx; /* the query may write an error message, nothing else */
   cp_plan p;
-  TRY(forward_plan(&c, x, n_in, in_factors, n_out, out_factors, bias, y, z, &p));
+  FCT_TRY(forward_plan(&c, x, n_in, in_factors, n_out, out_factors, bias, y, z, &p));
   *bytes = p.bytes;
   return FCT_OK;
 }
@@ -379,27 +379,27 @@ fct_status fct_cp_linear_forward(fct_context* ctx, const DLTensor* x, int n_in,
                                  DLTensor* y, DLTensor* z) {
   cp_plan p;
   fct_exec e;
-  TRY(forward_plan(ctx, x, n_in, in_factors, n_out, out_factors, bias, y, z, &p));
-  TRY(fct_exec_begin(ctx, "x", x, &e));
+  FCT_TRY(forward_plan(ctx, x, n_in, in_factors, n_out, out_factors, bias, y, z, &p));
+  FCT_TRY(fct_exec_begin(ctx, "x", x, &e));
   const cp_shape* s = &p.s;
   if (s->M == 0) return FCT_OK;
-  TRY(fct_check_workspace(ctx, p.bytes));
+  FCT_TRY(fct_check_workspace(ctx, p.bytes));
   fct_mat X, Y = fct_dense(fct_data(y), s->M, s->out.size);
-  TRY(input_view(&e, x, p.n.pack_x, p.off_x, s->M, s->in.size, &X));
+  FCT_TRY(input_view(&e, x, p.n.pack_x, p.off_x, s->M, s->in.size, &X));
   if (bias)
-    TRY(e.be->fill_rows(ctx, e.device, e.dt, &Y, fct_data(bias), fct_vector_stride(bias)));
+    FCT_TRY(e.be->fill_rows(ctx, e.device, e.dt, &Y, fct_data(bias), fct_vector_stride(bias)));
   for (int64_t c0 = 0; c0 < s->R; c0 += p.Rc) {
     int64_t rc = s->R - c0 < p.Rc ? s->R - c0 : p.Rc, rows;
     char* kin = fct_ws_at(&e, p.off_kin);
     char* kout = fct_ws_at(&e, p.off_kout);
-    TRY(build_kr(&e, &s->in, 0, s->in.n, c0, rc, kin, &rows));
-    TRY(build_kr(&e, &s->out, 0, s->out.n, c0, rc, kout, &rows));
+    FCT_TRY(build_kr(&e, &s->in, 0, s->in.n, c0, rc, kin, &rows));
+    FCT_TRY(build_kr(&e, &s->out, 0, s->out.n, c0, rc, kout, &rows));
     fct_mat Kin = fct_dense(kin, s->in.size, rc), Kout = fct_dense(kout, s->out.size, rc);
     fct_mat Z = z ? (fct_mat){fct_data(z) + c0 * (int64_t)e.es, s->M, rc, s->R, 1}
                   : fct_dense(fct_ws_at(&e, p.off_z), s->M, rc);
-    TRY(fct_x_gemm(&e, &X, &Kin, &Z, 0.0));              /* z_c [M, rc] = x · KR(A)_c */
+    FCT_TRY(fct_x_gemm(&e, &X, &Kin, &Z, 0.0));              /* z_c [M, rc] = x · KR(A)_c */
     fct_mat KoutT = fct_mat_t(Kout);
-    TRY(fct_x_gemm(&e, &Z, &KoutT, &Y, (c0 > 0 || bias) ? 1.0 : 0.0)); /* y += z_c · KR(B)_cᵀ */
+    FCT_TRY(fct_x_gemm(&e, &Z, &KoutT, &Y, (c0 > 0 || bias) ? 1.0 : 0.0)); /* y += z_c · KR(B)_cᵀ */
   }
   if (p.n.check) {
     fct_args a;
@@ -408,7 +408,7 @@ fct_status fct_cp_linear_forward(fct_context* ctx, const DLTensor* x, int n_in,
     fct_args_add_list(&a, "in_factors", n_in, in_factors);
     fct_args_add_list(&a, "out_factors", n_out, out_factors);
     fct_args_add(&a, "bias", bias);
-    TRY(fct_check_finite(ctx, e.be, fct_ws_at(&e, p.off_scratch), "y", y, a.names, a.ts, a.n));
+    FCT_TRY(fct_check_finite(ctx, e.be, fct_ws_at(&e, p.off_scratch), "y", y, a.names, a.ts, a.n));
   }
   return FCT_OK;
 }
@@ -424,14 +424,14 @@ static fct_status backward_plan(fct_context* ctx, const DLTensor* g, const DLTen
                                 const DLTensor* gb, cp_plan* p) {
   if (!ctx) return FCT_ERR_NULL_ARGUMENT;
   cp_shape s;
-  TRY(check_shape(ctx, x, n_in, A, n_out, B, &s));
+  FCT_TRY(check_shape(ctx, x, n_in, A, n_out, B, &s));
   const char* out_what = "out: the product of the mode sizes of out_factors";
-  TRY(fct_check_batched(ctx, "grad_y", g, x, s.out.size, out_what));
-  if (z) TRY(fct_check_batched(ctx, "z", z, x, s.R, "R: the rank"));
+  FCT_TRY(fct_check_batched(ctx, "grad_y", g, x, s.out.size, out_what));
+  if (z) FCT_TRY(fct_check_batched(ctx, "z", z, x, s.R, "R: the rank"));
   fct_mat m;
   if (gx) {
-    TRY(fct_check_batched(ctx, "grad_x", gx, x, s.in.size, "in, the last dim of x"));
-    TRY(fct_check_contiguous_output(ctx, "grad_x", gx, s.M, s.in.size, &m));
+    FCT_TRY(fct_check_batched(ctx, "grad_x", gx, x, s.in.size, "in, the last dim of x"));
+    FCT_TRY(fct_check_contiguous_output(ctx, "grad_x", gx, s.M, s.in.size, &m));
   }
   char nm[48];
   for (int side = 0; side < 2; ++side) {
@@ -442,16 +442,16 @@ static fct_status backward_plan(fct_context* ctx, const DLTensor* g, const DLTen
     for (int k = 0; gr && k < nf; ++k) {
       if (!gr[k]) continue;
       const char* name = fct_item_name(nm, sizeof nm, list, k);
-      TRY(fct_check_param(ctx, name, gr[k], x, 2, "[mode, R]"));
+      FCT_TRY(fct_check_param(ctx, name, gr[k], x, 2, "[mode, R]"));
       if (gr[k]->shape[0] != f[k]->shape[0] || gr[k]->shape[1] != s.R)
         return fct_fail(ctx, FCT_ERR_SHAPE, "%s: expected the shape of its factor [%lld, %lld]",
                         name, (long long)f[k]->shape[0], (long long)s.R);
-      TRY(fct_check_contiguous_output(ctx, name, gr[k], f[k]->shape[0], s.R, &m));
+      FCT_TRY(fct_check_contiguous_output(ctx, name, gr[k], f[k]->shape[0], s.R, &m));
     }
   }
   if (gb) {
-    TRY(fct_check_vector(ctx, "grad_bias", gb, x, s.out.size, out_what));
-    TRY(fct_check_contiguous_output(ctx, "grad_bias", gb, 1, s.out.size, &m));
+    FCT_TRY(fct_check_vector(ctx, "grad_bias", gb, x, s.out.size, out_what));
+    FCT_TRY(fct_check_contiguous_output(ctx, "grad_bias", gb, 1, s.out.size, &m));
   }
   fct_args a;
   a.n = 0;
@@ -465,7 +465,7 @@ static fct_status backward_plan(fct_context* ctx, const DLTensor* g, const DLTen
   fct_args_add_list(&a, "grad_in_factors", n_in, gA);
   fct_args_add_list(&a, "grad_out_factors", n_out, gB);
   fct_args_add(&a, "grad_bias", gb);
-  TRY(fct_args_check_overlaps(ctx, &a, first_out));
+  FCT_TRY(fct_args_check_overlaps(ctx, &a, first_out));
 
   cp_needs n = {0};
   n.backward = true;
@@ -497,7 +497,7 @@ fct_status fct_cp_linear_backward_workspace(const fct_context* ctx, const DLTens
   if (!ctx || !bytes) return FCT_ERR_NULL_ARGUMENT;
   fct_context c = *ctx;
   cp_plan p;
-  TRY(backward_plan(&c, grad_y, x, n_in, in_factors, n_out, out_factors, z, grad_x,
+  FCT_TRY(backward_plan(&c, grad_y, x, n_in, in_factors, n_out, out_factors, z, grad_x,
                     grad_in_factors, grad_out_factors, grad_bias, &p));
   *bytes = p.bytes;
   return FCT_OK;
@@ -510,32 +510,32 @@ fct_status fct_cp_linear_backward(fct_context* ctx, const DLTensor* grad_y, cons
                                   DLTensor* const* grad_out_factors, DLTensor* grad_bias) {
   cp_plan p;
   fct_exec e;
-  TRY(backward_plan(ctx, grad_y, x, n_in, in_factors, n_out, out_factors, z, grad_x,
+  FCT_TRY(backward_plan(ctx, grad_y, x, n_in, in_factors, n_out, out_factors, z, grad_x,
                     (const DLTensor* const*)grad_in_factors,
                     (const DLTensor* const*)grad_out_factors, grad_bias, &p));
-  TRY(fct_exec_begin(ctx, "x", x, &e));
+  FCT_TRY(fct_exec_begin(ctx, "x", x, &e));
   const cp_needs* n = &p.n;
   if (!n->gx && !n->gin && !n->gout && !n->gb) return FCT_OK;
-  TRY(fct_check_workspace(ctx, p.bytes));
+  FCT_TRY(fct_check_workspace(ctx, p.bytes));
   const cp_shape* s = &p.s;
   int64_t M = s->M, in = s->in.size, out = s->out.size;
   /* Finiteness is checked on what scales with the batch (grad_y before,
    * grad_x after), as the low-rank op does. */
   if (n->check && M > 0)
-    TRY(fct_check_finite_grad(ctx, e.be, fct_ws_at(&e, p.off_scratch), grad_y, "cp_linear"));
+    FCT_TRY(fct_check_finite_grad(ctx, e.be, fct_ws_at(&e, p.off_scratch), grad_y, "cp_linear"));
   fct_mat G = {0}, X = {0};
   if (n->gx || n->gin || n->gout || n->gb)
-    TRY(input_view(&e, grad_y, n->pack_g, p.off_g, M, out, &G));
-  if (n->gin || (n->gout && !n->z_given)) TRY(input_view(&e, x, n->pack_x, p.off_x, M, in, &X));
-  if (n->gb) TRY(e.be->column_sums(ctx, e.device, e.dt, &G, fct_data(grad_bias)));
+    FCT_TRY(input_view(&e, grad_y, n->pack_g, p.off_g, M, out, &G));
+  if (n->gin || (n->gout && !n->z_given)) FCT_TRY(input_view(&e, x, n->pack_x, p.off_x, M, in, &X));
+  if (n->gb) FCT_TRY(e.be->column_sums(ctx, e.device, e.dt, &G, fct_data(grad_bias)));
   fct_mat Gx = n->gx ? fct_dense(fct_data(grad_x), M, in) : (fct_mat){0};
   for (int64_t c0 = 0; c0 < s->R && (n->gx || n->gin || n->gout); c0 += p.Rc) {
     int64_t rc = s->R - c0 < p.Rc ? s->R - c0 : p.Rc, rows;
     fct_mat Kin = fct_dense(fct_ws_at(&e, p.off_kin), in, rc);
     fct_mat Kout = fct_dense(fct_ws_at(&e, p.off_kout), out, rc);
     if (n->gx || (n->gout && !n->z_given))
-      TRY(build_kr(&e, &s->in, 0, s->in.n, c0, rc, Kin.data, &rows));
-    if (n->gx || n->gin) TRY(build_kr(&e, &s->out, 0, s->out.n, c0, rc, Kout.data, &rows));
+      FCT_TRY(build_kr(&e, &s->in, 0, s->in.n, c0, rc, Kin.data, &rows));
+    if (n->gx || n->gin) FCT_TRY(build_kr(&e, &s->out, 0, s->out.n, c0, rc, Kout.data, &rows));
     fct_mat Z = {0};
     if (n->gout) {
       if (n->z_given) {
@@ -544,27 +544,27 @@ fct_status fct_cp_linear_backward(fct_context* ctx, const DLTensor* grad_y, cons
         Z.cols = rc;
       } else {
         Z = fct_dense(fct_ws_at(&e, p.off_z), M, rc);
-        TRY(fct_x_gemm(&e, &X, &Kin, &Z, 0.0)); /* z_c = x · KR(A)_c */
+        FCT_TRY(fct_x_gemm(&e, &X, &Kin, &Z, 0.0)); /* z_c = x · KR(A)_c */
       }
     }
     fct_mat GZ = {0};
     if (n->gx || n->gin) {
       GZ = fct_dense(fct_ws_at(&e, p.off_gz), M, rc);
-      TRY(fct_x_gemm(&e, &G, &Kout, &GZ, 0.0)); /* gz [M, rc] = grad_y · KR(B)_c */
+      FCT_TRY(fct_x_gemm(&e, &G, &Kout, &GZ, 0.0)); /* gz [M, rc] = grad_y · KR(B)_c */
     }
     if (n->gx) {
       fct_mat KinT = fct_mat_t(Kin);
-      TRY(fct_x_gemm(&e, &GZ, &KinT, &Gx, c0 > 0 ? 1.0 : 0.0)); /* grad_x += gz · KR(A)_cᵀ */
+      FCT_TRY(fct_x_gemm(&e, &GZ, &KinT, &Gx, c0 > 0 ? 1.0 : 0.0)); /* grad_x += gz · KR(A)_cᵀ */
     }
     if (n->gout) {
       fct_mat GK = fct_dense(fct_ws_at(&e, p.off_gk), out, rc), Gt = fct_mat_t(G);
-      TRY(fct_x_gemm(&e, &Gt, &Z, &GK, 0.0)); /* gKR(B)_c [out, rc] = grad_yᵀ · z_c */
-      TRY(side_grads(&e, &p, &s->out, &GK, grad_out_factors, c0, rc));
+      FCT_TRY(fct_x_gemm(&e, &Gt, &Z, &GK, 0.0)); /* gKR(B)_c [out, rc] = grad_yᵀ · z_c */
+      FCT_TRY(side_grads(&e, &p, &s->out, &GK, grad_out_factors, c0, rc));
     }
     if (n->gin) {
       fct_mat GK = fct_dense(fct_ws_at(&e, p.off_gk), in, rc), Xt = fct_mat_t(X);
-      TRY(fct_x_gemm(&e, &Xt, &GZ, &GK, 0.0)); /* gKR(A)_c [in, rc] = xᵀ · gz */
-      TRY(side_grads(&e, &p, &s->in, &GK, grad_in_factors, c0, rc));
+      FCT_TRY(fct_x_gemm(&e, &Xt, &GZ, &GK, 0.0)); /* gKR(A)_c [in, rc] = xᵀ · gz */
+      FCT_TRY(side_grads(&e, &p, &s->in, &GK, grad_in_factors, c0, rc));
     }
   }
   if (n->check && n->gx) {
@@ -574,7 +574,7 @@ fct_status fct_cp_linear_backward(fct_context* ctx, const DLTensor* grad_y, cons
     fct_args_add(&a, "x", x);
     fct_args_add_list(&a, "in_factors", n_in, in_factors);
     fct_args_add_list(&a, "out_factors", n_out, out_factors);
-    TRY(fct_check_finite(ctx, e.be, fct_ws_at(&e, p.off_scratch), "grad_x", grad_x, a.names,
+    FCT_TRY(fct_check_finite(ctx, e.be, fct_ws_at(&e, p.off_scratch), "grad_x", grad_x, a.names,
                          a.ts, a.n));
   }
   return FCT_OK;
@@ -606,8 +606,8 @@ fct_status fct_cp_linear_plan(int n_in, const int64_t* in_modes, int n_out,
   if (!info) return FCT_ERR_NULL_ARGUMENT;
   cp_shape s;
   memset(&s, 0, sizeof s);
-  TRY(side_from_modes(n_in, in_modes, &s.in, "in_modes"));
-  TRY(side_from_modes(n_out, out_modes, &s.out, "out_modes"));
+  FCT_TRY(side_from_modes(n_in, in_modes, &s.in, "in_modes"));
+  FCT_TRY(side_from_modes(n_out, out_modes, &s.out, "out_modes"));
   if (rank < 1 || batch < 0 || fct_dtype_of(dtype) == FCT_DTYPE_INVALID)
     return FCT_ERR_INVALID_VALUE;
   if (!fct_fits_int(rank) || !fct_fits_int(batch)) return FCT_ERR_OVERFLOW; /* as the ops */
@@ -619,8 +619,8 @@ fct_status fct_cp_linear_plan(int n_in, const int64_t* in_modes, int n_out,
   nf.z_given = true;
   nb.backward = nb.z_given = nb.gx = nb.gb = nb.gin = nb.gout = true;
   cp_plan pf, pb;
-  TRY(make_plan(NULL, &s, &nf, &pf));
-  TRY(make_plan(NULL, &s, &nb, &pb));
+  FCT_TRY(make_plan(NULL, &s, &nf, &pf));
+  FCT_TRY(make_plan(NULL, &s, &nb, &pb));
   memset(info, 0, sizeof *info);
   info->forward_flops = pf.flops;
   info->backward_flops = pb.flops;

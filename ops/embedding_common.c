@@ -33,7 +33,7 @@ fct_status fct_check_indices(fct_context* ctx, const DLTensor* t, const DLTensor
     return fct_fail(ctx, FCT_ERR_OVERFLOW, "indices: number of elements overflows int64");
   if (n > 0 && !t->data)
     return fct_fail(ctx, FCT_ERR_NULL_ARGUMENT, "indices: data is NULL for a non-empty tensor");
-  TRY(fct_check_memory(ctx, "indices", t, n, t->dtype.bits / 8));
+  FCT_TRY(fct_check_memory(ctx, "indices", t, n, t->dtype.bits / 8));
   *count = n;
   return FCT_OK;
 }
@@ -49,8 +49,8 @@ fct_status fct_check_padding_idx(fct_context* ctx, int64_t padding_idx, int64_t 
 fct_status fct_check_lookup_rows(fct_context* ctx, const char* name, const DLTensor* t,
                                  const DLTensor* indices, int64_t dim, const char* dim_what,
                                  const DLTensor* ref, const char* ref_name) {
-  TRY(fct_check_tensor(ctx, name, t, 1));
-  TRY(fct_check_same(ctx, name, t, ref_name, ref));
+  FCT_TRY(fct_check_tensor(ctx, name, t, 1));
+  FCT_TRY(fct_check_same(ctx, name, t, ref_name, ref));
   bool ok = t->ndim == indices->ndim + 1 && t->shape[t->ndim - 1] == dim;
   for (int i = 0; ok && i < indices->ndim; ++i) ok = t->shape[i] == indices->shape[i];
   if (!ok)
@@ -76,7 +76,7 @@ fct_status fct_validate_indices(const fct_exec* e, const DLTensor* indices, int6
                                 int64_t num, const char* what_num, char* scratch) {
   if (count == 0) return FCT_OK;
   int64_t bad = 0, pos = 0, value = 0;
-  TRY(e->be->embedding_indices(e->ctx, indices, 0, count, num, -1, NULL, scratch, &bad, &pos,
+  FCT_TRY(e->be->embedding_indices(e->ctx, indices, 0, count, num, -1, NULL, scratch, &bad, &pos,
                                &value));
   if (bad == 0) return FCT_OK;
   return fct_fail(e->ctx, FCT_ERR_INVALID_VALUE,

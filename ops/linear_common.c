@@ -25,7 +25,7 @@ bool fct_fits_int(int64_t v) { return v >= 0 && v <= INT_MAX; }
 
 fct_status fct_check_input_rows(fct_context* ctx, const char* name, const DLTensor* x,
                                 int64_t* M) {
-  TRY(fct_check_tensor(ctx, name, x, 1));
+  FCT_TRY(fct_check_tensor(ctx, name, x, 1));
   int64_t m = 1;
   for (int i = 0; i < x->ndim - 1; ++i) {
     if (__builtin_mul_overflow(m, x->shape[i], &m))
@@ -40,8 +40,8 @@ fct_status fct_check_input_rows(fct_context* ctx, const char* name, const DLTens
 
 fct_status fct_check_batched(fct_context* ctx, const char* name, const DLTensor* t,
                              const DLTensor* x, int64_t last, const char* last_name) {
-  TRY(fct_check_tensor(ctx, name, t, 1));
-  TRY(fct_check_same(ctx, name, t, "x", x));
+  FCT_TRY(fct_check_tensor(ctx, name, t, 1));
+  FCT_TRY(fct_check_same(ctx, name, t, "x", x));
   bool ok = t->ndim == x->ndim && t->shape[t->ndim - 1] == last;
   for (int i = 0; ok && i < x->ndim - 1; ++i) ok = t->shape[i] == x->shape[i];
   if (!ok)
@@ -54,8 +54,8 @@ fct_status fct_check_batched(fct_context* ctx, const char* name, const DLTensor*
 
 fct_status fct_check_vector(fct_context* ctx, const char* name, const DLTensor* t,
                             const DLTensor* x, int64_t n, const char* n_name) {
-  TRY(fct_check_tensor(ctx, name, t, 1));
-  TRY(fct_check_same(ctx, name, t, "x", x));
+  FCT_TRY(fct_check_tensor(ctx, name, t, 1));
+  FCT_TRY(fct_check_same(ctx, name, t, "x", x));
   if (t->ndim != 1 || t->shape[0] != n)
     return fct_fail(ctx, FCT_ERR_SHAPE, "%s: expected shape [%lld] (%s), got %d dims%s", name,
                     (long long)n, n_name, t->ndim,
@@ -65,7 +65,7 @@ fct_status fct_check_vector(fct_context* ctx, const char* name, const DLTensor* 
 
 fct_status fct_check_param(fct_context* ctx, const char* name, const DLTensor* t,
                            const DLTensor* x, int ndim, const char* what) {
-  TRY(fct_check_tensor(ctx, name, t, ndim));
+  FCT_TRY(fct_check_tensor(ctx, name, t, ndim));
   if (t->ndim != ndim)
     return fct_fail(ctx, FCT_ERR_NDIM, "%s: expected %d dims %s, got %d", name, ndim, what,
                     t->ndim);
@@ -125,7 +125,7 @@ fct_status fct_check_dense_output(fct_context* ctx, const char* name, const DLTe
 
 fct_status fct_check_contiguous_output(fct_context* ctx, const char* name, const DLTensor* t,
                                        int64_t rows, int64_t cols, fct_mat* m) {
-  TRY(fct_check_dense_output(ctx, name, t));
+  FCT_TRY(fct_check_dense_output(ctx, name, t));
   *m = fct_dense(fct_data(t), rows, cols);
   return FCT_OK;
 }
@@ -134,7 +134,7 @@ fct_status fct_check_disjoint_all(fct_context* ctx, int self, const char* const*
                                   const DLTensor* const* ts, int n) {
   for (int i = 0; i < n; ++i) {
     if (i == self || !ts[self]) continue;
-    TRY(fct_check_disjoint(ctx, names[self], ts[self], names[i], ts[i]));
+    FCT_TRY(fct_check_disjoint(ctx, names[self], ts[self], names[i], ts[i]));
   }
   return FCT_OK;
 }
@@ -174,7 +174,7 @@ fct_status fct_check_workspace(fct_context* ctx, size_t bytes) {
 fct_status fct_exec_begin(fct_context* ctx, const char* name, const DLTensor* t, fct_exec* e) {
   memset(e, 0, sizeof *e);
   e->ctx = ctx;
-  TRY(fct_backend_for(ctx, name, t, &e->be));
+  FCT_TRY(fct_backend_for(ctx, name, t, &e->be));
   e->device = t->device.device_id;
   e->dt = fct_dtype_of(t->dtype);
   e->es = fct_dtype_bytes(e->dt);
@@ -212,7 +212,7 @@ void fct_param_lay_out(fct_param* p, fct_layout* L, size_t es) {
 
 fct_status fct_param_bind(const fct_exec* e, fct_param* p) {
   if (p->pack) {
-    TRY(e->be->pack(e->ctx, p->t, fct_ws_at(e, p->off)));
+    FCT_TRY(e->be->pack(e->ctx, p->t, fct_ws_at(e, p->off)));
     p->m = fct_dense(fct_ws_at(e, p->off), p->rows, p->cols);
   } else if (p->fold || p->t->ndim == 2) {
     fct_fold(p->t, &p->m);
@@ -255,7 +255,7 @@ void fct_args_add_list(fct_args* a, const char* list, int n, const DLTensor* con
 
 fct_status fct_args_check_overlaps(fct_context* ctx, const fct_args* a, int first_out) {
   for (int i = first_out; i < a->n; ++i)
-    TRY(fct_check_disjoint_all(ctx, i, a->names, a->ts, a->n));
+    FCT_TRY(fct_check_disjoint_all(ctx, i, a->names, a->ts, a->n));
   return FCT_OK;
 }
 
@@ -268,7 +268,7 @@ fct_status fct_check_finite(fct_context* ctx, const fct_backend* be, char* scrat
                             const DLTensor* const* ins, int n) {
   if (!out) return FCT_OK;
   int64_t bad = 0;
-  TRY(be->count_nonfinite(ctx, out, scratch, &bad));
+  FCT_TRY(be->count_nonfinite(ctx, out, scratch, &bad));
   if (!bad) return FCT_OK;
   char list[160] = "";
   size_t len = 0;
@@ -277,7 +277,7 @@ fct_status fct_check_finite(fct_context* ctx, const fct_backend* be, char* scrat
     if (!ins[i]) continue;
     dtype = fct_dtype_name(ins[i]->dtype);
     int64_t c = 0;
-    TRY(be->count_nonfinite(ctx, ins[i], scratch, &c));
+    FCT_TRY(be->count_nonfinite(ctx, ins[i], scratch, &c));
     if (c > 0 && len + 24 < sizeof list)
       len += (size_t)snprintf(list + len, sizeof list - len, "%s%s", len ? ", " : "", names[i]);
   }
@@ -294,7 +294,7 @@ fct_status fct_check_finite(fct_context* ctx, const fct_backend* be, char* scrat
 fct_status fct_check_finite_grad(fct_context* ctx, const fct_backend* be, char* scratch,
                                  const DLTensor* g, const char* op) {
   int64_t bad = 0;
-  TRY(be->count_nonfinite(ctx, g, scratch, &bad));
+  FCT_TRY(be->count_nonfinite(ctx, g, scratch, &bad));
   if (bad)
     return fct_fail(ctx, FCT_ERR_NOT_FINITE,
                     "grad_y: %lld NaN/Inf values in the gradient flowing into %s",
@@ -321,7 +321,7 @@ fct_status fct_x_dense_base(const fct_exec* e, const DLTensor* t, bool pack, siz
     *base = fct_data(t);
     return FCT_OK;
   }
-  TRY(e->be->pack(e->ctx, t, fct_ws_at(e, off)));
+  FCT_TRY(e->be->pack(e->ctx, t, fct_ws_at(e, off)));
   *base = fct_ws_at(e, off);
   return FCT_OK;
 }

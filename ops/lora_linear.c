@@ -69,7 +69,7 @@ static fct_status check_absent(fct_context* ctx, const char* name, const void* t
 static fct_status check_matrix(fct_context* ctx, const char* name, const DLTensor* t,
                                const DLTensor* x, int64_t rows, int64_t cols,
                                const char* what) {
-  TRY(fct_check_param(ctx, name, t, x, 2, what));
+  FCT_TRY(fct_check_param(ctx, name, t, x, 2, what));
   if (t->shape[0] != rows || t->shape[1] != cols)
     return fct_fail(ctx, FCT_ERR_SHAPE, "%s: expected %s = [%lld, %lld], got [%lld, %lld]", name,
                     what, (long long)rows, (long long)cols, (long long)t->shape[0],
@@ -100,16 +100,16 @@ static fct_status check_shape(fct_context* ctx, const DLTensor* x, const DLTenso
                               const DLTensor* B, const fct_lora_base* base,
                               const fct_lora_options* opts, lora_shape* s) {
   memset(s, 0, sizeof *s);
-  TRY(fct_check_input_rows(ctx, "x", x, &s->M));
+  FCT_TRY(fct_check_input_rows(ctx, "x", x, &s->M));
   s->in = x->shape[x->ndim - 1];
-  TRY(fct_check_param(ctx, "A", A, x, 2, "[r, in]"));
+  FCT_TRY(fct_check_param(ctx, "A", A, x, 2, "[r, in]"));
   s->r = A->shape[0];
   if (A->shape[1] != s->in)
     return fct_fail(ctx, FCT_ERR_SHAPE,
                     "A: expected [r, in] with in = %lld (the last dim of x), got [%lld, %lld]",
                     (long long)s->in, (long long)A->shape[0], (long long)A->shape[1]);
   if (s->r < 1) return fct_fail(ctx, FCT_ERR_SHAPE, "A: expected a rank r >= 1, got 0");
-  TRY(fct_check_param(ctx, "B", B, x, 2, "[out, r]"));
+  FCT_TRY(fct_check_param(ctx, "B", B, x, 2, "[out, r]"));
   s->out = B->shape[0];
   if (B->shape[1] != s->r)
     return fct_fail(ctx, FCT_ERR_SHAPE,
@@ -119,25 +119,25 @@ static fct_status check_shape(fct_context* ctx, const DLTensor* x, const DLTenso
   s->kind = base->kind;
   switch (base->kind) {
     case FCT_LORA_DENSE:
-      TRY(check_matrix(ctx, "W", base->W, x, s->out, s->in, "[out, in]"));
-      TRY(check_absent(ctx, "U", base->U, "the base is dense"));
-      TRY(check_absent(ctx, "V", base->V, "the base is dense"));
-      TRY(check_absent(ctx, "base_out", base->base_out, "the base is dense"));
+      FCT_TRY(check_matrix(ctx, "W", base->W, x, s->out, s->in, "[out, in]"));
+      FCT_TRY(check_absent(ctx, "U", base->U, "the base is dense"));
+      FCT_TRY(check_absent(ctx, "V", base->V, "the base is dense"));
+      FCT_TRY(check_absent(ctx, "base_out", base->base_out, "the base is dense"));
       break;
     case FCT_LORA_LOWRANK:
-      TRY(check_absent(ctx, "W", base->W, "the base is low-rank"));
-      TRY(fct_check_param(ctx, "U", base->U, x, 2, "[out, rb]"));
+      FCT_TRY(check_absent(ctx, "W", base->W, "the base is low-rank"));
+      FCT_TRY(fct_check_param(ctx, "U", base->U, x, 2, "[out, rb]"));
       s->rb = base->U->shape[1];
       if (s->rb < 1) return fct_fail(ctx, FCT_ERR_SHAPE, "U: expected a rank rb >= 1, got 0");
-      TRY(check_matrix(ctx, "U", base->U, x, s->out, s->rb, "[out, rb]"));
-      TRY(check_matrix(ctx, "V", base->V, x, s->rb, s->in, "[rb, in]"));
-      TRY(check_absent(ctx, "base_out", base->base_out, "the base is low-rank"));
+      FCT_TRY(check_matrix(ctx, "U", base->U, x, s->out, s->rb, "[out, rb]"));
+      FCT_TRY(check_matrix(ctx, "V", base->V, x, s->rb, s->in, "[rb, in]"));
+      FCT_TRY(check_absent(ctx, "base_out", base->base_out, "the base is low-rank"));
       break;
     case FCT_LORA_GIVEN:
-      TRY(check_absent(ctx, "W", base->W, "the base output is given"));
-      TRY(check_absent(ctx, "U", base->U, "the base output is given"));
-      TRY(check_absent(ctx, "V", base->V, "the base output is given"));
-      TRY(check_absent(ctx, "bias", base->bias,
+      FCT_TRY(check_absent(ctx, "W", base->W, "the base output is given"));
+      FCT_TRY(check_absent(ctx, "U", base->U, "the base output is given"));
+      FCT_TRY(check_absent(ctx, "V", base->V, "the base output is given"));
+      FCT_TRY(check_absent(ctx, "bias", base->bias,
                        "the base output is given: its layer adds its own bias"));
       break;
     default:
@@ -146,7 +146,8 @@ static fct_status check_shape(fct_context* ctx, const DLTensor* x, const DLTenso
                       "got %d",
                       (int)base->kind);
   }
-  if (base->bias) TRY(fct_check_vector(ctx, "bias", base->bias, x, s->out, "out, the first dim of B"));
+  if (base->bias)
+    FCT_TRY(fct_check_vector(ctx, "bias", base->bias, x, s->out, "out, the first dim of B"));
   if (!fct_fits_int(s->in) || !fct_fits_int(s->out) || !fct_fits_int(s->r) ||
       !fct_fits_int(s->rb))
     return fct_fail(ctx, FCT_ERR_OVERFLOW,
@@ -160,14 +161,14 @@ static fct_status check_shape(fct_context* ctx, const DLTensor* x, const DLTenso
 /* A C-contiguous batched output [*lead(x), last]. */
 static fct_status check_batched_output(fct_context* ctx, const char* name, const DLTensor* t,
                                        const DLTensor* x, int64_t last, const char* last_name) {
-  TRY(fct_check_batched(ctx, name, t, x, last, last_name));
+  FCT_TRY(fct_check_batched(ctx, name, t, x, last, last_name));
   return fct_check_dense_output(ctx, name, t);
 }
 
 static fct_status check_matrix_output(fct_context* ctx, const char* name, const DLTensor* t,
                                       const DLTensor* x, int64_t rows, int64_t cols,
                                       const char* what) {
-  TRY(check_matrix(ctx, name, t, x, rows, cols, what));
+  FCT_TRY(check_matrix(ctx, name, t, x, rows, cols, what));
   return fct_check_dense_output(ctx, name, t);
 }
 
@@ -226,7 +227,7 @@ static fct_status batched_bind(const fct_exec* e, const batched* b, fct_mat* m) 
     fct_fold(b->t, m);
     return FCT_OK;
   }
-  TRY(e->be->pack(e->ctx, b->t, fct_ws_at(e, b->off)));
+  FCT_TRY(e->be->pack(e->ctx, b->t, fct_ws_at(e, b->off)));
   *m = fct_dense(fct_ws_at(e, b->off), b->rows, b->cols);
   return FCT_OK;
 }
@@ -234,7 +235,7 @@ static fct_status batched_bind(const fct_exec* e, const batched* b, fct_mat* m) 
 static fct_status bind_weights(const fct_exec* e, lora_plan* p) {
   fct_param* ws[] = {&p->A, &p->B, &p->W, &p->U, &p->V};
   for (int i = 0; i < 5; ++i)
-    if (ws[i]->t) TRY(fct_param_bind(e, ws[i]));
+    if (ws[i]->t) FCT_TRY(fct_param_bind(e, ws[i]));
   return FCT_OK;
 }
 
@@ -260,16 +261,17 @@ static fct_status forward_plan(fct_context* ctx, const DLTensor* x, const DLTens
                                const DLTensor* t, lora_plan* p) {
   if (!ctx) return FCT_ERR_NULL_ARGUMENT;
   memset(p, 0, sizeof *p);
-  TRY(check_shape(ctx, x, A, B, base, opts, &p->s));
+  FCT_TRY(check_shape(ctx, x, A, B, base, opts, &p->s));
   const lora_shape* s = &p->s;
   if (s->kind == FCT_LORA_GIVEN) {
     if (!base->base_out)
       return fct_fail(ctx, FCT_ERR_NULL_ARGUMENT,
                       "base_out: expected the base layer's output [..., out], got NULL");
-    TRY(fct_check_batched(ctx, "base_out", base->base_out, x, s->out, "out, the first dim of B"));
+    FCT_TRY(
+        fct_check_batched(ctx, "base_out", base->base_out, x, s->out, "out, the first dim of B"));
   }
-  TRY(check_batched_output(ctx, "y", y, x, s->out, "out, the first dim of B"));
-  if (t) TRY(check_batched_output(ctx, "t", t, x, s->r, "r, the first dim of A"));
+  FCT_TRY(check_batched_output(ctx, "y", y, x, s->out, "out, the first dim of B"));
+  if (t) FCT_TRY(check_batched_output(ctx, "t", t, x, s->r, "r, the first dim of A"));
   fct_args a;
   a.n = 0;
   fct_args_add(&a, "x", x);
@@ -283,7 +285,7 @@ static fct_status forward_plan(fct_context* ctx, const DLTensor* x, const DLTens
   int first_out = a.n;
   fct_args_add(&a, "y", y);
   fct_args_add(&a, "t", t);
-  TRY(fct_args_check_overlaps(ctx, &a, first_out));
+  FCT_TRY(fct_args_check_overlaps(ctx, &a, first_out));
 
   batched_init(&p->x, x, s->M, s->in);
   weights_init(p, A, B, base);
@@ -303,7 +305,7 @@ fct_status fct_lora_linear_forward_workspace(const fct_context* ctx, const DLTen
   if (!ctx || !bytes) return FCT_ERR_NULL_ARGUMENT;
   fct_context c = *ctx; /* the query may write an error message, nothing else */
   lora_plan p;
-  TRY(forward_plan(&c, x, A, B, base, opts, y, t, &p));
+  FCT_TRY(forward_plan(&c, x, A, B, base, opts, y, t, &p));
   *bytes = p.bytes;
   return FCT_OK;
 }
@@ -313,46 +315,46 @@ fct_status fct_lora_linear_forward(fct_context* ctx, const DLTensor* x, const DL
                                    const fct_lora_options* opts, DLTensor* y, DLTensor* t) {
   lora_plan p;
   fct_exec e;
-  TRY(forward_plan(ctx, x, A, B, base, opts, y, t, &p));
-  TRY(fct_exec_begin(ctx, "x", x, &e));
+  FCT_TRY(forward_plan(ctx, x, A, B, base, opts, y, t, &p));
+  FCT_TRY(fct_exec_begin(ctx, "x", x, &e));
   const lora_shape* s = &p.s;
   if (s->M == 0) return FCT_OK;
-  TRY(fct_check_workspace(ctx, p.bytes));
-  TRY(bind_weights(&e, &p));
+  FCT_TRY(fct_check_workspace(ctx, p.bytes));
+  FCT_TRY(bind_weights(&e, &p));
   fct_mat X, Y = fct_dense(fct_data(y), s->M, s->out);
-  TRY(batched_bind(&e, &p.x, &X));
+  FCT_TRY(batched_bind(&e, &p.x, &X));
 
   /* The base, written into y. */
   const char* bias = base->bias ? fct_data(base->bias) : NULL;
   int64_t bs = fct_vector_stride(base->bias);
   double beta = bias ? 1.0 : 0.0;
   if (s->kind == FCT_LORA_GIVEN) {
-    TRY(e.be->pack(ctx, base->base_out, Y.data)); /* y [M, out] = base_out */
+    FCT_TRY(e.be->pack(ctx, base->base_out, Y.data)); /* y [M, out] = base_out */
   } else {
-    if (bias) TRY(e.be->fill_rows(ctx, e.device, e.dt, &Y, bias, bs));
+    if (bias) FCT_TRY(e.be->fill_rows(ctx, e.device, e.dt, &Y, bias, bs));
     if (s->kind == FCT_LORA_DENSE) {
       fct_mat Wt = fct_mat_t(p.W.m);
-      TRY(fct_x_gemm(&e, &X, &Wt, &Y, beta)); /* y [M, out] (+)= x · Wᵀ */
+      FCT_TRY(fct_x_gemm(&e, &X, &Wt, &Y, beta)); /* y [M, out] (+)= x · Wᵀ */
     } else {
       fct_mat TB = ws_mat(&e, p.off_tb, s->M, s->rb);
       fct_mat Vt = fct_mat_t(p.V.m), Ut = fct_mat_t(p.U.m);
-      TRY(fct_x_gemm(&e, &X, &Vt, &TB, 0.0)); /* tb [M, rb] = x · Vᵀ */
-      TRY(fct_x_gemm(&e, &TB, &Ut, &Y, beta)); /* y (+)= tb · Uᵀ */
+      FCT_TRY(fct_x_gemm(&e, &X, &Vt, &TB, 0.0)); /* tb [M, rb] = x · Vᵀ */
+      FCT_TRY(fct_x_gemm(&e, &TB, &Ut, &Y, beta)); /* y (+)= tb · Uᵀ */
     }
   }
 
   /* The adapter, accumulated into y. */
   fct_mat XA = X;
-  if (s->dropout) TRY(drop_into(&e, &p, &X, &XA));
+  if (s->dropout) FCT_TRY(drop_into(&e, &p, &X, &XA));
   fct_mat T = t ? fct_dense(fct_data(t), s->M, s->r) : ws_mat(&e, p.off_t, s->M, s->r);
   fct_mat At = fct_mat_t(p.A.m), Bt = fct_mat_t(p.B.m);
-  TRY(fct_x_gemm(&e, &XA, &At, &T, 0.0)); /* t [M, r] = drop(x) · Aᵀ */
-  TRY(e.be->gemm_scaled(ctx, e.device, e.dt, s->scale, &T, &Bt, &Y, 1.0)); /* y += s·t·Bᵀ */
+  FCT_TRY(fct_x_gemm(&e, &XA, &At, &T, 0.0)); /* t [M, r] = drop(x) · Aᵀ */
+  FCT_TRY(e.be->gemm_scaled(ctx, e.device, e.dt, s->scale, &T, &Bt, &Y, 1.0)); /* y += s·t·Bᵀ */
 
   if (ctx->flags & FCT_FLAG_CHECK_FINITE) {
     const char* names[] = {"x", "A", "B", "W", "U", "V", "bias", "base_out"};
     const DLTensor* ins[] = {x, A, B, base->W, base->U, base->V, base->bias, base->base_out};
-    TRY(fct_check_finite(ctx, e.be, fct_ws_at(&e, p.off_scratch), "y", y, names, ins, 8));
+    FCT_TRY(fct_check_finite(ctx, e.be, fct_ws_at(&e, p.off_scratch), "y", y, names, ins, 8));
   }
   return FCT_OK;
 }
@@ -368,30 +370,32 @@ static fct_status backward_plan(fct_context* ctx, const DLTensor* g, const DLTen
   if (!ctx) return FCT_ERR_NULL_ARGUMENT;
   memset(p, 0, sizeof *p);
   if (!gr) return fct_fail(ctx, FCT_ERR_NULL_ARGUMENT, "grads: expected fct_lora_grads, got NULL");
-  TRY(check_shape(ctx, x, A, B, base, opts, &p->s));
+  FCT_TRY(check_shape(ctx, x, A, B, base, opts, &p->s));
   const lora_shape* s = &p->s;
-  TRY(fct_check_batched(ctx, "grad_y", g, x, s->out, "out, the first dim of B"));
-  if (t) TRY(fct_check_batched(ctx, "t", t, x, s->r, "r, the first dim of A"));
-  if (gr->x) TRY(check_batched_output(ctx, "grad_x", gr->x, x, s->in, "in, the last dim of x"));
-  if (gr->A) TRY(check_matrix_output(ctx, "grad_A", gr->A, x, s->r, s->in, "the shape of A"));
-  if (gr->B) TRY(check_matrix_output(ctx, "grad_B", gr->B, x, s->out, s->r, "the shape of B"));
+  FCT_TRY(fct_check_batched(ctx, "grad_y", g, x, s->out, "out, the first dim of B"));
+  if (t) FCT_TRY(fct_check_batched(ctx, "t", t, x, s->r, "r, the first dim of A"));
+  if (gr->x) FCT_TRY(check_batched_output(ctx, "grad_x", gr->x, x, s->in, "in, the last dim of x"));
+  if (gr->A) FCT_TRY(check_matrix_output(ctx, "grad_A", gr->A, x, s->r, s->in, "the shape of A"));
+  if (gr->B) FCT_TRY(check_matrix_output(ctx, "grad_B", gr->B, x, s->out, s->r, "the shape of B"));
   if (gr->W) {
     if (s->kind != FCT_LORA_DENSE)
       return check_absent(ctx, "grad_W", gr->W, "the base is not dense");
-    TRY(check_matrix_output(ctx, "grad_W", gr->W, x, s->out, s->in, "the shape of W"));
+    FCT_TRY(check_matrix_output(ctx, "grad_W", gr->W, x, s->out, s->in, "the shape of W"));
   }
   if (gr->U || gr->V) {
     if (s->kind != FCT_LORA_LOWRANK)
       return check_absent(ctx, gr->U ? "grad_U" : "grad_V", gr->U ? (void*)gr->U : (void*)gr->V,
                           "the base is not low-rank");
-    if (gr->U) TRY(check_matrix_output(ctx, "grad_U", gr->U, x, s->out, s->rb, "the shape of U"));
-    if (gr->V) TRY(check_matrix_output(ctx, "grad_V", gr->V, x, s->rb, s->in, "the shape of V"));
+    if (gr->U)
+      FCT_TRY(check_matrix_output(ctx, "grad_U", gr->U, x, s->out, s->rb, "the shape of U"));
+    if (gr->V)
+      FCT_TRY(check_matrix_output(ctx, "grad_V", gr->V, x, s->rb, s->in, "the shape of V"));
   }
   if (gr->bias) {
     if (s->kind == FCT_LORA_GIVEN)
       return check_absent(ctx, "grad_bias", gr->bias, "the base output is given");
-    TRY(fct_check_vector(ctx, "grad_bias", gr->bias, x, s->out, "out, the first dim of B"));
-    TRY(fct_check_dense_output(ctx, "grad_bias", gr->bias));
+    FCT_TRY(fct_check_vector(ctx, "grad_bias", gr->bias, x, s->out, "out, the first dim of B"));
+    FCT_TRY(fct_check_dense_output(ctx, "grad_bias", gr->bias));
   }
   fct_args a;
   a.n = 0;
@@ -412,7 +416,7 @@ static fct_status backward_plan(fct_context* ctx, const DLTensor* g, const DLTen
   fct_args_add(&a, "grad_U", gr->U);
   fct_args_add(&a, "grad_V", gr->V);
   fct_args_add(&a, "grad_bias", gr->bias);
-  TRY(fct_args_check_overlaps(ctx, &a, first_out));
+  FCT_TRY(fct_args_check_overlaps(ctx, &a, first_out));
 
   /* What each gradient reads:
    *   grad_B: t (given, or drop(x)·Aᵀ again)   grad_A: grad_t, drop(x)
@@ -450,7 +454,7 @@ fct_status fct_lora_linear_backward_workspace(const fct_context* ctx, const DLTe
   if (!ctx || !bytes) return FCT_ERR_NULL_ARGUMENT;
   fct_context c = *ctx;
   lora_plan p;
-  TRY(backward_plan(&c, g, x, A, B, base, opts, t, grads, &p));
+  FCT_TRY(backward_plan(&c, g, x, A, B, base, opts, t, grads, &p));
   *bytes = p.bytes;
   return FCT_OK;
 }
@@ -461,74 +465,74 @@ fct_status fct_lora_linear_backward(fct_context* ctx, const DLTensor* g, const D
                                     const DLTensor* t, const fct_lora_grads* gr) {
   lora_plan p;
   fct_exec e;
-  TRY(backward_plan(ctx, g, x, A, B, base, opts, t, gr, &p));
-  TRY(fct_exec_begin(ctx, "x", x, &e));
+  FCT_TRY(backward_plan(ctx, g, x, A, B, base, opts, t, gr, &p));
+  FCT_TRY(fct_exec_begin(ctx, "x", x, &e));
   const lora_shape* s = &p.s;
   if (!gr->x && !gr->A && !gr->B && !gr->W && !gr->U && !gr->V && !gr->bias) return FCT_OK;
-  TRY(fct_check_workspace(ctx, p.bytes));
-  TRY(bind_weights(&e, &p));
+  FCT_TRY(fct_check_workspace(ctx, p.bytes));
+  FCT_TRY(bind_weights(&e, &p));
   int64_t M = s->M;
   fct_mat X = {0}, G = {0}, XA = {0};
-  if (p.x.t) TRY(batched_bind(&e, &p.x, &X));
-  if (p.g.t) TRY(batched_bind(&e, &p.g, &G));
+  if (p.x.t) FCT_TRY(batched_bind(&e, &p.x, &X));
+  if (p.g.t) FCT_TRY(batched_bind(&e, &p.g, &G));
   /* drop(x), when a gradient reads it (M = 0: nothing to draw). */
-  if (p.xd && M > 0) TRY(drop_into(&e, &p, &X, &XA));
+  if (p.xd && M > 0) FCT_TRY(drop_into(&e, &p, &X, &XA));
   else if (p.xd) XA = ws_mat(&e, p.off_xd, 0, s->in);
   else XA = X;
 
   if (gr->bias) /* grad_bias [out] = Σ_rows grad_y */
-    TRY(e.be->column_sums(ctx, e.device, e.dt, &G, fct_data(gr->bias)));
+    FCT_TRY(e.be->column_sums(ctx, e.device, e.dt, &G, fct_data(gr->bias)));
   if (gr->B) { /* grad_B [out, r] = s · grad_yᵀ · t */
     fct_mat T;
     if (t) {
-      TRY(batched_bind(&e, &p.t, &T));
+      FCT_TRY(batched_bind(&e, &p.t, &T));
     } else {
       fct_mat At = fct_mat_t(p.A.m);
       T = ws_mat(&e, p.off_t, M, s->r);
-      TRY(fct_x_gemm(&e, &XA, &At, &T, 0.0)); /* t = drop(x) · Aᵀ */
+      FCT_TRY(fct_x_gemm(&e, &XA, &At, &T, 0.0)); /* t = drop(x) · Aᵀ */
     }
     fct_mat Gt = fct_mat_t(G), GB = fct_dense(fct_data(gr->B), s->out, s->r);
-    TRY(e.be->gemm_scaled(ctx, e.device, e.dt, s->scale, &Gt, &T, &GB, 0.0));
+    FCT_TRY(e.be->gemm_scaled(ctx, e.device, e.dt, s->scale, &Gt, &T, &GB, 0.0));
   }
   fct_mat GT = {0};
   if (p.gt) { /* grad_t [M, r] = s · grad_y · B */
     GT = ws_mat(&e, p.off_gt, M, s->r);
-    TRY(e.be->gemm_scaled(ctx, e.device, e.dt, s->scale, &G, &p.B.m, &GT, 0.0));
+    FCT_TRY(e.be->gemm_scaled(ctx, e.device, e.dt, s->scale, &G, &p.B.m, &GT, 0.0));
   }
   if (gr->A) { /* grad_A [r, in] = grad_tᵀ · drop(x) */
     fct_mat GTt = fct_mat_t(GT), GA = fct_dense(fct_data(gr->A), s->r, s->in);
-    TRY(fct_x_gemm(&e, &GTt, &XA, &GA, 0.0));
+    FCT_TRY(fct_x_gemm(&e, &GTt, &XA, &GA, 0.0));
   }
   fct_mat Gt = fct_mat_t(G);
   if (gr->W) { /* grad_W [out, in] = grad_yᵀ · x */
     fct_mat GW = fct_dense(fct_data(gr->W), s->out, s->in);
-    TRY(fct_x_gemm(&e, &Gt, &X, &GW, 0.0));
+    FCT_TRY(fct_x_gemm(&e, &Gt, &X, &GW, 0.0));
   }
   fct_mat GTB = {0};
   if (p.gtb) { /* grad_tb [M, rb] = grad_y · U */
     GTB = ws_mat(&e, p.off_gtb, M, s->rb);
-    TRY(fct_x_gemm(&e, &G, &p.U.m, &GTB, 0.0));
+    FCT_TRY(fct_x_gemm(&e, &G, &p.U.m, &GTB, 0.0));
   }
   if (gr->U) { /* grad_U [out, rb] = grad_yᵀ · tb, tb = x · Vᵀ */
     fct_mat TB = ws_mat(&e, p.off_tb, M, s->rb), Vt = fct_mat_t(p.V.m);
     fct_mat GU = fct_dense(fct_data(gr->U), s->out, s->rb);
-    TRY(fct_x_gemm(&e, &X, &Vt, &TB, 0.0));
-    TRY(fct_x_gemm(&e, &Gt, &TB, &GU, 0.0));
+    FCT_TRY(fct_x_gemm(&e, &X, &Vt, &TB, 0.0));
+    FCT_TRY(fct_x_gemm(&e, &Gt, &TB, &GU, 0.0));
   }
   if (gr->V) { /* grad_V [rb, in] = grad_tbᵀ · x */
     fct_mat GTBt = fct_mat_t(GTB), GV = fct_dense(fct_data(gr->V), s->rb, s->in);
-    TRY(fct_x_gemm(&e, &GTBt, &X, &GV, 0.0));
+    FCT_TRY(fct_x_gemm(&e, &GTBt, &X, &GV, 0.0));
   }
   if (gr->x) {
     /* The adapter's part first, masked in place, then the base's on top. */
     fct_mat GX = fct_dense(fct_data(gr->x), M, s->in);
-    TRY(fct_x_gemm(&e, &GT, &p.A.m, &GX, 0.0)); /* grad_x [M, in] = grad_t · A */
+    FCT_TRY(fct_x_gemm(&e, &GT, &p.A.m, &GX, 0.0)); /* grad_x [M, in] = grad_t · A */
     if (s->dropout)
-      TRY(e.be->dropout(ctx, e.device, e.dt, &GX, &GX, s->seed, s->threshold, s->keep_scale));
+      FCT_TRY(e.be->dropout(ctx, e.device, e.dt, &GX, &GX, s->seed, s->threshold, s->keep_scale));
     if (s->kind == FCT_LORA_DENSE)
-      TRY(fct_x_gemm(&e, &G, &p.W.m, &GX, 1.0)); /* grad_x += grad_y · W */
+      FCT_TRY(fct_x_gemm(&e, &G, &p.W.m, &GX, 1.0)); /* grad_x += grad_y · W */
     else if (s->kind == FCT_LORA_LOWRANK)
-      TRY(fct_x_gemm(&e, &GTB, &p.V.m, &GX, 1.0)); /* grad_x += grad_tb · V */
+      FCT_TRY(fct_x_gemm(&e, &GTB, &p.V.m, &GX, 1.0)); /* grad_x += grad_tb · V */
   }
 
   /* Finiteness is checked on what scales with the batch, as the low-rank op
@@ -539,7 +543,7 @@ fct_status fct_lora_linear_backward(fct_context* ctx, const DLTensor* g, const D
     const char* names[] = {"grad_y", "x", "A", "B", "W", "U", "V"};
     const DLTensor* ins[] = {g, x, A, B, base->W, base->U, base->V};
     if (gr->x) return fct_check_finite(ctx, e.be, scratch, "grad_x", gr->x, names, ins, 7);
-    TRY(fct_check_finite_grad(ctx, e.be, scratch, g, "lora_linear"));
+    FCT_TRY(fct_check_finite_grad(ctx, e.be, scratch, g, "lora_linear"));
   }
   return FCT_OK;
 }

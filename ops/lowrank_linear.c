@@ -39,10 +39,10 @@ static fct_status lay_out(fct_context* ctx, lowrank_plan* p) {
 
 /* Checks the workspace and packs the inputs that need it. */
 static fct_status bind(const fct_exec* e, lowrank_plan* p) {
-  TRY(fct_check_workspace(e->ctx, p->bytes));
+  FCT_TRY(fct_check_workspace(e->ctx, p->bytes));
   fct_param* ins[] = {&p->g, &p->x, &p->U, &p->V, &p->t};
   for (int i = 0; i < 5; ++i)
-    if (ins[i]->t) TRY(fct_param_bind(e, ins[i]));
+    if (ins[i]->t) FCT_TRY(fct_param_bind(e, ins[i]));
   return FCT_OK;
 }
 
@@ -52,7 +52,7 @@ static fct_mat ws_mat(const fct_exec* e, size_t off, int64_t rows, int64_t cols)
 
 static fct_status check_matrix(fct_context* ctx, const char* name, const DLTensor* t,
                                const DLTensor* ref, const char* what) {
-  TRY(fct_check_tensor(ctx, name, t, 2));
+  FCT_TRY(fct_check_tensor(ctx, name, t, 2));
   if (t->ndim != 2)
     return fct_fail(ctx, FCT_ERR_NDIM, "%s: expected 2 dims %s, got %d", name, what, t->ndim);
   return fct_check_same(ctx, name, t, "x", ref);
@@ -61,9 +61,9 @@ static fct_status check_matrix(fct_context* ctx, const char* name, const DLTenso
 /* Checks x, U, V and fills the sizes of the plan. */
 static fct_status check_factors(fct_context* ctx, const DLTensor* x, const DLTensor* U,
                                 const DLTensor* V, lowrank_plan* p) {
-  TRY(fct_check_tensor(ctx, "x", x, 1));
-  TRY(check_matrix(ctx, "V", V, x, "[r, in]"));
-  TRY(check_matrix(ctx, "U", U, x, "[out, r]"));
+  FCT_TRY(fct_check_tensor(ctx, "x", x, 1));
+  FCT_TRY(check_matrix(ctx, "V", V, x, "[r, in]"));
+  FCT_TRY(check_matrix(ctx, "U", U, x, "[out, r]"));
   memset(p, 0, sizeof *p);
   p->es = fct_dtype_bytes(fct_dtype_of(x->dtype));
   p->in = x->shape[x->ndim - 1];
@@ -99,19 +99,19 @@ static fct_status forward_plan(fct_context* ctx, const DLTensor* x, const DLTens
                                const DLTensor* V, const DLTensor* bias, const DLTensor* y,
                                const DLTensor* t, lowrank_plan* p) {
   if (!ctx) return FCT_ERR_NULL_ARGUMENT;
-  TRY(check_factors(ctx, x, U, V, p));
+  FCT_TRY(check_factors(ctx, x, U, V, p));
   fct_mat m;
-  if (bias) TRY(fct_check_vector(ctx, "bias", bias, x, p->out, "out, the first dim of U"));
-  TRY(fct_check_batched(ctx, "y", y, x, p->out, "out, the first dim of U"));
-  TRY(fct_check_output(ctx, "y", y, &m));
+  if (bias) FCT_TRY(fct_check_vector(ctx, "bias", bias, x, p->out, "out, the first dim of U"));
+  FCT_TRY(fct_check_batched(ctx, "y", y, x, p->out, "out, the first dim of U"));
+  FCT_TRY(fct_check_output(ctx, "y", y, &m));
   if (t) {
-    TRY(fct_check_batched(ctx, "t", t, x, p->r, "r, the first dim of V"));
-    TRY(fct_check_output(ctx, "t", t, &m));
+    FCT_TRY(fct_check_batched(ctx, "t", t, x, p->r, "r, the first dim of V"));
+    FCT_TRY(fct_check_output(ctx, "t", t, &m));
   }
   const char* names[] = {"x", "U", "V", "bias", "t", "y"};
   const DLTensor* ts[] = {x, U, V, bias, t, y};
-  TRY(fct_check_disjoint_all(ctx, 5, names, ts, 6));
-  TRY(fct_check_disjoint_all(ctx, 4, names, ts, 5));
+  FCT_TRY(fct_check_disjoint_all(ctx, 5, names, ts, 6));
+  FCT_TRY(fct_check_disjoint_all(ctx, 4, names, ts, 5));
 
   fct_param_init_rows(&p->x, x, p->M, p->in);
   fct_param_init(&p->U, U, p->out, p->r, false);
@@ -127,7 +127,7 @@ fct_status fct_lowrank_linear_forward_workspace(const fct_context* ctx, const DL
   if (!ctx || !bytes) return FCT_ERR_NULL_ARGUMENT;
   fct_context c = *ctx; /* the query may write an error message, nothing else */
   lowrank_plan p;
-  TRY(forward_plan(&c, x, U, V, bias, y, t, &p));
+  FCT_TRY(forward_plan(&c, x, U, V, bias, y, t, &p));
   *bytes = p.bytes;
   return FCT_OK;
 }
@@ -137,22 +137,23 @@ fct_status fct_lowrank_linear_forward(fct_context* ctx, const DLTensor* x, const
                                       DLTensor* t) {
   lowrank_plan p;
   fct_exec e;
-  TRY(forward_plan(ctx, x, U, V, bias, y, t, &p));
-  TRY(fct_exec_begin(ctx, "x", x, &e));
+  FCT_TRY(forward_plan(ctx, x, U, V, bias, y, t, &p));
+  FCT_TRY(fct_exec_begin(ctx, "x", x, &e));
   if (p.M == 0) return FCT_OK;
-  TRY(bind(&e, &p));
+  FCT_TRY(bind(&e, &p));
   fct_mat Y, T;
   fct_fold(y, &Y);
   if (t) fct_fold(t, &T);
   else T = ws_mat(&e, p.off_t, p.M, p.r);
   fct_mat Vt = fct_mat_t(p.V.m), Ut = fct_mat_t(p.U.m);
-  TRY(fct_x_gemm(&e, &p.x.m, &Vt, &T, 0.0)); /* t [M, r] = x [M, in] · Vᵀ [in, r] */
-  if (bias) TRY(e.be->fill_rows(ctx, e.device, e.dt, &Y, fct_data(bias), fct_vector_stride(bias)));
-  TRY(fct_x_gemm(&e, &T, &Ut, &Y, bias ? 1.0 : 0.0)); /* y [M, out] (+)= t · Uᵀ */
+  FCT_TRY(fct_x_gemm(&e, &p.x.m, &Vt, &T, 0.0)); /* t [M, r] = x [M, in] · Vᵀ [in, r] */
+  if (bias)
+    FCT_TRY(e.be->fill_rows(ctx, e.device, e.dt, &Y, fct_data(bias), fct_vector_stride(bias)));
+  FCT_TRY(fct_x_gemm(&e, &T, &Ut, &Y, bias ? 1.0 : 0.0)); /* y [M, out] (+)= t · Uᵀ */
   if (ctx->flags & FCT_FLAG_CHECK_FINITE) {
     const char* names[] = {"x", "U", "V", "bias"};
     const DLTensor* ins[] = {x, U, V, bias};
-    TRY(fct_check_finite(ctx, e.be, fct_ws_at(&e, p.off_scratch), "y", y, names, ins, 4));
+    FCT_TRY(fct_check_finite(ctx, e.be, fct_ws_at(&e, p.off_scratch), "y", y, names, ins, 4));
   }
   return FCT_OK;
 }
@@ -166,35 +167,35 @@ static fct_status backward_plan(fct_context* ctx, const DLTensor* g, const DLTen
                                 const DLTensor* gx, const DLTensor* gU, const DLTensor* gV,
                                 const DLTensor* gb, lowrank_plan* p) {
   if (!ctx) return FCT_ERR_NULL_ARGUMENT;
-  TRY(check_factors(ctx, x, U, V, p));
+  FCT_TRY(check_factors(ctx, x, U, V, p));
   fct_mat m;
-  TRY(fct_check_batched(ctx, "grad_y", g, x, p->out, "out, the first dim of U"));
-  if (t) TRY(fct_check_batched(ctx, "t", t, x, p->r, "r, the first dim of V"));
+  FCT_TRY(fct_check_batched(ctx, "grad_y", g, x, p->out, "out, the first dim of U"));
+  if (t) FCT_TRY(fct_check_batched(ctx, "t", t, x, p->r, "r, the first dim of V"));
   if (gx) {
-    TRY(fct_check_batched(ctx, "grad_x", gx, x, p->in, "in, the last dim of x"));
-    TRY(fct_check_output(ctx, "grad_x", gx, &m));
+    FCT_TRY(fct_check_batched(ctx, "grad_x", gx, x, p->in, "in, the last dim of x"));
+    FCT_TRY(fct_check_output(ctx, "grad_x", gx, &m));
   }
   if (gU) {
-    TRY(check_matrix(ctx, "grad_U", gU, x, "[out, r]"));
+    FCT_TRY(check_matrix(ctx, "grad_U", gU, x, "[out, r]"));
     if (gU->shape[0] != p->out || gU->shape[1] != p->r)
       return fct_fail(ctx, FCT_ERR_SHAPE, "grad_U: expected the shape of U [%lld, %lld]",
                       (long long)p->out, (long long)p->r);
-    TRY(fct_check_output(ctx, "grad_U", gU, &m));
+    FCT_TRY(fct_check_output(ctx, "grad_U", gU, &m));
   }
   if (gV) {
-    TRY(check_matrix(ctx, "grad_V", gV, x, "[r, in]"));
+    FCT_TRY(check_matrix(ctx, "grad_V", gV, x, "[r, in]"));
     if (gV->shape[0] != p->r || gV->shape[1] != p->in)
       return fct_fail(ctx, FCT_ERR_SHAPE, "grad_V: expected the shape of V [%lld, %lld]",
                       (long long)p->r, (long long)p->in);
-    TRY(fct_check_output(ctx, "grad_V", gV, &m));
+    FCT_TRY(fct_check_output(ctx, "grad_V", gV, &m));
   }
   if (gb) {
-    TRY(fct_check_vector(ctx, "grad_bias", gb, x, p->out, "out, the first dim of U"));
-    TRY(fct_check_output(ctx, "grad_bias", gb, &m));
+    FCT_TRY(fct_check_vector(ctx, "grad_bias", gb, x, p->out, "out, the first dim of U"));
+    FCT_TRY(fct_check_output(ctx, "grad_bias", gb, &m));
   }
   const char* names[] = {"grad_y", "x", "U", "V", "t", "grad_x", "grad_U", "grad_V", "grad_bias"};
   const DLTensor* ts[] = {g, x, U, V, t, gx, gU, gV, gb};
-  for (int i = 5; i < 9; ++i) TRY(fct_check_disjoint_all(ctx, i, names, ts, 9));
+  for (int i = 5; i < 9; ++i) FCT_TRY(fct_check_disjoint_all(ctx, i, names, ts, 9));
 
   /* What each gradient reads: grad_bias: grad_y; grad_U: grad_y and
    * t = x·Vᵀ (given, or computed again); grad_V: grad_t = grad_y·U and x;
@@ -222,7 +223,7 @@ fct_status fct_lowrank_linear_backward_workspace(const fct_context* ctx, const D
   if (!ctx || !bytes) return FCT_ERR_NULL_ARGUMENT;
   fct_context c = *ctx;
   lowrank_plan p;
-  TRY(backward_plan(&c, g, x, U, V, t, gx, gU, gV, gb, &p));
+  FCT_TRY(backward_plan(&c, g, x, U, V, t, gx, gU, gV, gb, &p));
   *bytes = p.bytes;
   return FCT_OK;
 }
@@ -232,37 +233,37 @@ fct_status fct_lowrank_linear_backward(fct_context* ctx, const DLTensor* g, cons
                                        DLTensor* gx, DLTensor* gU, DLTensor* gV, DLTensor* gb) {
   lowrank_plan p;
   fct_exec e;
-  TRY(backward_plan(ctx, g, x, U, V, t, gx, gU, gV, gb, &p));
-  TRY(fct_exec_begin(ctx, "x", x, &e));
+  FCT_TRY(backward_plan(ctx, g, x, U, V, t, gx, gU, gV, gb, &p));
+  FCT_TRY(fct_exec_begin(ctx, "x", x, &e));
   if (!gx && !gU && !gV && !gb) return FCT_OK;
-  TRY(bind(&e, &p));
+  FCT_TRY(bind(&e, &p));
   const fct_mat* G = &p.g.m;
-  if (gb) TRY(e.be->column_sums(ctx, e.device, e.dt, G, fct_data(gb))); /* gb [out] = Σ_M g */
+  if (gb) FCT_TRY(e.be->column_sums(ctx, e.device, e.dt, G, fct_data(gb))); /* gb [out] = Σ_M g */
   if (gU) {
     fct_mat T = p.t_ready ? p.t.m : ws_mat(&e, p.off_t, p.M, p.r);
     if (!p.t_ready) {
       fct_mat Vt = fct_mat_t(p.V.m);
-      TRY(fct_x_gemm(&e, &p.x.m, &Vt, &T, 0.0)); /* t [M, r] = x · Vᵀ */
+      FCT_TRY(fct_x_gemm(&e, &p.x.m, &Vt, &T, 0.0)); /* t [M, r] = x · Vᵀ */
     }
     fct_mat Gt = fct_mat_t(*G), GU;
     fct_fold(gU, &GU);
-    TRY(fct_x_gemm(&e, &Gt, &T, &GU, 0.0)); /* gU [out, r] = gᵀ [out, M] · t */
+    FCT_TRY(fct_x_gemm(&e, &Gt, &T, &GU, 0.0)); /* gU [out, r] = gᵀ [out, M] · t */
   }
   /* Keyed on the outputs, not on grad_t's memory: grad_t is NULL when it is
    * empty and there is no workspace, yet grad_x (r == 0) or grad_V (M == 0)
    * must still be written as zeros. */
   if (gx || gV) {
     fct_mat GT = ws_mat(&e, p.off_gt, p.M, p.r);
-    TRY(fct_x_gemm(&e, G, &p.U.m, &GT, 0.0)); /* gt [M, r] = g [M, out] · U */
+    FCT_TRY(fct_x_gemm(&e, G, &p.U.m, &GT, 0.0)); /* gt [M, r] = g [M, out] · U */
     if (gV) {
       fct_mat GTt = fct_mat_t(GT), GV;
       fct_fold(gV, &GV);
-      TRY(fct_x_gemm(&e, &GTt, &p.x.m, &GV, 0.0)); /* gV [r, in] = gtᵀ · x */
+      FCT_TRY(fct_x_gemm(&e, &GTt, &p.x.m, &GV, 0.0)); /* gV [r, in] = gtᵀ · x */
     }
     if (gx) {
       fct_mat GX;
       fct_fold(gx, &GX);
-      TRY(fct_x_gemm(&e, &GT, &p.V.m, &GX, 0.0)); /* gx [M, in] = gt · V */
+      FCT_TRY(fct_x_gemm(&e, &GT, &p.V.m, &GX, 0.0)); /* gx [M, in] = gt · V */
     }
   }
   /* Finiteness is checked on what scales with the batch: grad_x (whose
@@ -275,7 +276,7 @@ fct_status fct_lowrank_linear_backward(fct_context* ctx, const DLTensor* g, cons
     const char* names[] = {"grad_y", "x", "U", "V"};
     const DLTensor* ins[] = {g, x, U, V};
     if (gx) return fct_check_finite(ctx, e.be, scratch, "grad_x", gx, names, ins, 4);
-    TRY(fct_check_finite_grad(ctx, e.be, scratch, g, "lowrank_linear"));
+    FCT_TRY(fct_check_finite_grad(ctx, e.be, scratch, g, "lowrank_linear"));
   }
   return FCT_OK;
 }

@@ -57,18 +57,18 @@ static fct_status check_args(fct_context* ctx, const DLTensor* indices, int d,
   g->r[0] = 1;
   for (int k = 0; k < d; ++k) {
     const char* name = fct_item_name(nm, sizeof nm, "cores", k);
-    TRY(fct_check_tensor(ctx, name, cores[k], 4));
+    FCT_TRY(fct_check_tensor(ctx, name, cores[k], 4));
     if (cores[k]->ndim != 4)
       return fct_fail(ctx, FCT_ERR_NDIM, "%s: expected 4 dims [r_(k-1), n_k, m_k, r_k], got %d",
                       name, cores[k]->ndim);
-    if (k > 0) TRY(fct_check_same(ctx, name, cores[k], "cores[0]", cores[0]));
-    TRY(fct_check_tt_core(ctx, name, cores[k], k, g->r[k], "[r_(k-1), n_k, m_k, r_k]"));
+    if (k > 0) FCT_TRY(fct_check_same(ctx, name, cores[k], "cores[0]", cores[0]));
+    FCT_TRY(fct_check_tt_core(ctx, name, cores[k], k, g->r[k], "[r_(k-1), n_k, m_k, r_k]"));
     const int64_t* sh = cores[k]->shape;
     g->n[k] = sh[1];
     g->m[k] = sh[2];
     g->r[k + 1] = sh[3];
   }
-  TRY(fct_check_tt_last(ctx, d, g->r[d]));
+  FCT_TRY(fct_check_tt_last(ctx, d, g->r[d]));
   /* Sizes: the padded vocabulary N, the digits' divisors, D_k, the states
    * and the slices, every product checked. */
   p->N = 1;
@@ -105,8 +105,8 @@ static fct_status check_args(fct_context* ctx, const DLTensor* indices, int d,
                     "num_embeddings: expected 0 to %lld (the product of the cores' n_k), got %lld",
                     (long long)p->N, (long long)num);
   p->num = num;
-  TRY(fct_check_indices(ctx, indices, cores[0], "cores[0]", &p->B));
-  TRY(fct_check_padding_idx(ctx, pad, num));
+  FCT_TRY(fct_check_indices(ctx, indices, cores[0], "cores[0]", &p->B));
+  FCT_TRY(fct_check_padding_idx(ctx, pad, num));
   p->pad = pad;
   p->dt = fct_dtype_of(cores[0]->dtype);
   p->es = fct_dtype_bytes(p->dt);
@@ -142,7 +142,7 @@ static void add_cores(fct_args* a, const char* list, int d, const DLTensor* cons
 /* Binds (packs) the cores and points the geometry at them. */
 static fct_status bind_cores(const fct_exec* e, tte_plan* p) {
   for (int k = 0; k < p->g.d; ++k) {
-    TRY(fct_param_bind(e, &p->core[k]));
+    FCT_TRY(fct_param_bind(e, &p->core[k]));
     p->g.core[k] = p->core[k].m.data;
   }
   return FCT_OK;
@@ -158,18 +158,18 @@ static fct_status forward_plan(fct_context* ctx, const DLTensor* indices, int d,
                                const DLTensor* const* cores, int64_t num, int64_t pad,
                                const DLTensor* y, tte_plan* p) {
   if (!ctx) return FCT_ERR_NULL_ARGUMENT;
-  TRY(check_args(ctx, indices, d, cores, num, pad, p));
-  TRY(fct_check_lookup_rows(ctx, "y", y, indices, p->g.dim,
+  FCT_TRY(check_args(ctx, indices, d, cores, num, pad, p));
+  FCT_TRY(fct_check_lookup_rows(ctx, "y", y, indices, p->g.dim,
                             "embedding_dim: the product of the cores' m_k", cores[0],
                             "cores[0]"));
   fct_mat m;
-  TRY(fct_check_contiguous_output(ctx, "y", y, p->B, p->g.dim, &m));
+  FCT_TRY(fct_check_contiguous_output(ctx, "y", y, p->B, p->g.dim, &m));
   fct_args a = {.n = 0};
   fct_args_add(&a, "indices", indices);
   add_cores(&a, "cores", d, cores);
   int first_out = a.n;
   fct_args_add(&a, "y", y);
-  TRY(fct_args_check_overlaps(ctx, &a, first_out));
+  FCT_TRY(fct_args_check_overlaps(ctx, &a, first_out));
   return lay_out(ctx, p, p->g.fwd_work, 0);
 }
 
@@ -180,7 +180,7 @@ fct_status fct_tt_embedding_forward_workspace(const fct_context* ctx, const DLTe
   if (!ctx || !bytes) return FCT_ERR_NULL_ARGUMENT;
   fct_context c = *ctx;
   tte_plan p;
-  TRY(forward_plan(&c, indices, d, cores, num_embeddings, padding_idx, y, &p));
+  FCT_TRY(forward_plan(&c, indices, d, cores, num_embeddings, padding_idx, y, &p));
   *bytes = p.bytes;
   return FCT_OK;
 }
@@ -190,27 +190,27 @@ fct_status fct_tt_embedding_forward(fct_context* ctx, const DLTensor* indices, i
                                     int64_t padding_idx, DLTensor* y) {
   tte_plan p;
   fct_exec e;
-  TRY(forward_plan(ctx, indices, d, cores, num_embeddings, padding_idx, y, &p));
-  TRY(fct_exec_begin(ctx, "cores[0]", cores[0], &e));
-  TRY(fct_check_workspace(ctx, p.bytes));
+  FCT_TRY(forward_plan(ctx, indices, d, cores, num_embeddings, padding_idx, y, &p));
+  FCT_TRY(fct_exec_begin(ctx, "cores[0]", cores[0], &e));
+  FCT_TRY(fct_check_workspace(ctx, p.bytes));
   if (p.B == 0) return FCT_OK;
   char* scratch = fct_ws_at(&e, p.off_scratch);
-  TRY(fct_validate_indices(&e, indices, p.B, p.num, kNum, scratch));
-  TRY(bind_cores(&e, &p));
+  FCT_TRY(fct_validate_indices(&e, indices, p.B, p.num, kNum, scratch));
+  FCT_TRY(bind_cores(&e, &p));
   int64_t* idx = (int64_t*)fct_ws_at(&e, p.off_idx);
   char* work = fct_ws_at(&e, p.off_work);
   char* y0 = fct_data(y);
   for (int64_t c0 = 0; c0 < p.B; c0 += p.Mc) {
     int64_t n = p.B - c0 < p.Mc ? p.B - c0 : p.Mc;
-    TRY(e.be->embedding_indices(ctx, indices, c0, n, p.num, p.pad, idx, scratch, NULL, NULL,
+    FCT_TRY(e.be->embedding_indices(ctx, indices, c0, n, p.num, p.pad, idx, scratch, NULL, NULL,
                                 NULL));
-    TRY(e.be->tt_embedding_rows(ctx, e.device, e.dt, &p.g, idx, n,
+    FCT_TRY(e.be->tt_embedding_rows(ctx, e.device, e.dt, &p.g, idx, n,
                                 y0 + c0 * p.g.dim * (int64_t)p.es, work));
   }
   if (p.check) {
     fct_args a = {.n = 0};
     add_cores(&a, "cores", d, cores);
-    TRY(fct_check_finite(ctx, e.be, scratch, "y", y, a.names, a.ts, a.n));
+    FCT_TRY(fct_check_finite(ctx, e.be, scratch, "y", y, a.names, a.ts, a.n));
   }
   return FCT_OK;
 }
@@ -224,8 +224,8 @@ static fct_status backward_plan(fct_context* ctx, const DLTensor* grad_y,
                                 int64_t num, int64_t pad, const DLTensor* const* gcores,
                                 tte_plan* p) {
   if (!ctx) return FCT_ERR_NULL_ARGUMENT;
-  TRY(check_args(ctx, indices, d, cores, num, pad, p));
-  TRY(fct_check_lookup_rows(ctx, "grad_y", grad_y, indices, p->g.dim,
+  FCT_TRY(check_args(ctx, indices, d, cores, num, pad, p));
+  FCT_TRY(fct_check_lookup_rows(ctx, "grad_y", grad_y, indices, p->g.dim,
                             "embedding_dim: the product of the cores' m_k", cores[0],
                             "cores[0]"));
   char nm[48];
@@ -233,8 +233,8 @@ static fct_status backward_plan(fct_context* ctx, const DLTensor* grad_y,
   for (int k = 0; gcores && k < d; ++k) {
     if (!gcores[k]) continue;
     const char* name = fct_item_name(nm, sizeof nm, "grad_cores", k);
-    TRY(fct_check_tensor(ctx, name, gcores[k], 4));
-    TRY(fct_check_same(ctx, name, gcores[k], "cores[0]", cores[0]));
+    FCT_TRY(fct_check_tensor(ctx, name, gcores[k], 4));
+    FCT_TRY(fct_check_same(ctx, name, gcores[k], "cores[0]", cores[0]));
     bool same = gcores[k]->ndim == 4;
     for (int i = 0; same && i < 4; ++i) same = gcores[k]->shape[i] == cores[k]->shape[i];
     if (!same)
@@ -242,7 +242,7 @@ static fct_status backward_plan(fct_context* ctx, const DLTensor* grad_y,
                       "%s: expected the shape of its core [%lld, %lld, %lld, %lld]", name,
                       (long long)cores[k]->shape[0], (long long)cores[k]->shape[1],
                       (long long)cores[k]->shape[2], (long long)cores[k]->shape[3]);
-    TRY(fct_check_contiguous_output(ctx, name, gcores[k], 1, 1, &m));
+    FCT_TRY(fct_check_contiguous_output(ctx, name, gcores[k], 1, 1, &m));
     p->gcore[k] = p->any_gcore = true;
   }
   fct_args a = {.n = 0};
@@ -251,7 +251,7 @@ static fct_status backward_plan(fct_context* ctx, const DLTensor* grad_y,
   add_cores(&a, "cores", d, cores);
   int first_out = a.n;
   add_cores(&a, "grad_cores", d, gcores);
-  TRY(fct_args_check_overlaps(ctx, &a, first_out));
+  FCT_TRY(fct_args_check_overlaps(ctx, &a, first_out));
   bool work = p->any_gcore && p->B > 0;
   p->pack_g = work && !fct_is_contiguous(grad_y);
   if (!work)
@@ -268,7 +268,7 @@ fct_status fct_tt_embedding_backward_workspace(const fct_context* ctx, const DLT
   if (!ctx || !bytes) return FCT_ERR_NULL_ARGUMENT;
   fct_context c = *ctx;
   tte_plan p;
-  TRY(backward_plan(&c, grad_y, indices, d, cores, num_embeddings, padding_idx, grad_cores,
+  FCT_TRY(backward_plan(&c, grad_y, indices, d, cores, num_embeddings, padding_idx, grad_cores,
                     &p));
   *bytes = p.bytes;
   return FCT_OK;
@@ -280,10 +280,10 @@ fct_status fct_tt_embedding_backward(fct_context* ctx, const DLTensor* grad_y,
                                      int64_t padding_idx, DLTensor* const* grad_cores) {
   tte_plan p;
   fct_exec e;
-  TRY(backward_plan(ctx, grad_y, indices, d, cores, num_embeddings, padding_idx,
+  FCT_TRY(backward_plan(ctx, grad_y, indices, d, cores, num_embeddings, padding_idx,
                     (const DLTensor* const*)grad_cores, &p));
-  TRY(fct_exec_begin(ctx, "cores[0]", cores[0], &e));
-  TRY(fct_check_workspace(ctx, p.bytes));
+  FCT_TRY(fct_exec_begin(ctx, "cores[0]", cores[0], &e));
+  FCT_TRY(fct_check_workspace(ctx, p.bytes));
   if (!p.any_gcore) return FCT_OK;
   const fct_tt_emb_geom* g = &p.g;
   char* gc[FCT_MAX_MODES];
@@ -291,17 +291,17 @@ fct_status fct_tt_embedding_backward(fct_context* ctx, const DLTensor* grad_y,
     if (!p.gcore[k]) continue;
     gc[k] = fct_data(grad_cores[k]);
     fct_mat z = fct_dense(gc[k], g->r[k] * g->n[k], g->m[k] * g->r[k + 1]);
-    TRY(e.be->zero(ctx, e.device, e.dt, &z));
+    FCT_TRY(e.be->zero(ctx, e.device, e.dt, &z));
   }
   if (p.B == 0) return FCT_OK;
   char* scratch = fct_ws_at(&e, p.off_scratch);
   /* Validated again: the backward op may be called on its own, and the
    * scatter writes through the indices. */
-  TRY(fct_validate_indices(&e, indices, p.B, p.num, kNum, scratch));
-  TRY(bind_cores(&e, &p));
+  FCT_TRY(fct_validate_indices(&e, indices, p.B, p.num, kNum, scratch));
+  FCT_TRY(bind_cores(&e, &p));
   const char* gy = fct_data(grad_y);
   if (p.pack_g) {
-    TRY(e.be->pack(ctx, grad_y, fct_ws_at(&e, p.off_g)));
+    FCT_TRY(e.be->pack(ctx, grad_y, fct_ws_at(&e, p.off_g)));
     gy = fct_ws_at(&e, p.off_g);
   }
   int64_t* idx = (int64_t*)fct_ws_at(&e, p.off_idx);
@@ -309,18 +309,18 @@ fct_status fct_tt_embedding_backward(fct_context* ctx, const DLTensor* grad_y,
   char* slices = fct_ws_at(&e, p.off_slices);
   for (int64_t c0 = 0; c0 < p.B; c0 += p.Mc) {
     int64_t n = p.B - c0 < p.Mc ? p.B - c0 : p.Mc;
-    TRY(e.be->embedding_indices(ctx, indices, c0, n, p.num, p.pad, idx, scratch, NULL, NULL,
+    FCT_TRY(e.be->embedding_indices(ctx, indices, c0, n, p.num, p.pad, idx, scratch, NULL, NULL,
                                 NULL));
-    TRY(e.be->tt_embedding_grad(ctx, e.device, e.dt, g, idx, n,
+    FCT_TRY(e.be->tt_embedding_grad(ctx, e.device, e.dt, g, idx, n,
                                 gy + c0 * g->dim * (int64_t)p.es, slices, work));
     for (int k = 0; k < d; ++k) {
       if (!p.gcore[k]) continue;
       /* grad G_k[a, i_k, c] += slice_k of index j [a, c], i_k its digit k */
-      TRY(e.be->embedding_scatter_add(ctx, e.device, e.dt, n, idx, g->div[k],
+      FCT_TRY(e.be->embedding_scatter_add(ctx, e.device, e.dt, n, idx, g->div[k],
                                       slices + g->slice_off[k] * (int64_t)p.es, g->slices,
                                       g->r[k], g->n[k], g->m[k] * g->r[k + 1], gc[k]));
     }
   }
-  if (p.check) TRY(fct_check_finite_grad(ctx, e.be, scratch, grad_y, "tt_embedding"));
+  if (p.check) FCT_TRY(fct_check_finite_grad(ctx, e.be, scratch, grad_y, "tt_embedding"));
   return FCT_OK;
 }

@@ -105,7 +105,7 @@ static fct_status check_shape(fct_context* ctx, const DLTensor* x, int d,
                               const DLTensor* const* cores, tt_shape* s) {
   char nm[48];
   memset(s, 0, sizeof *s);
-  TRY(fct_check_input_rows(ctx, "x", x, &s->M));
+  FCT_TRY(fct_check_input_rows(ctx, "x", x, &s->M));
   if (d < 1 || d > FCT_MAX_MODES)
     return fct_fail(ctx, FCT_ERR_INVALID_VALUE, "d: expected 1 to %d cores, got %d",
                     FCT_MAX_MODES, d);
@@ -117,8 +117,8 @@ static fct_status check_shape(fct_context* ctx, const DLTensor* x, int d,
   s->r[0] = 1;
   for (int k = 0; k < d; ++k) {
     const char* name = fct_item_name(nm, sizeof nm, "cores", k);
-    TRY(fct_check_param(ctx, name, cores[k], x, 4, "[r_(k-1), i_k, o_k, r_k]"));
-    TRY(fct_check_tt_core(ctx, name, cores[k], k, s->r[k], "[r_(k-1), i_k, o_k, r_k]"));
+    FCT_TRY(fct_check_param(ctx, name, cores[k], x, 4, "[r_(k-1), i_k, o_k, r_k]"));
+    FCT_TRY(fct_check_tt_core(ctx, name, cores[k], k, s->r[k], "[r_(k-1), i_k, o_k, r_k]"));
     const int64_t* sh = cores[k]->shape;
     s->in[k] = sh[1];
     s->out[k] = sh[2];
@@ -132,7 +132,7 @@ static fct_status check_shape(fct_context* ctx, const DLTensor* x, int d,
                       "%s: the products of the mode sizes and each core's size must be < 2^31",
                       name);
   }
-  TRY(fct_check_tt_last(ctx, d, s->r[d]));
+  FCT_TRY(fct_check_tt_last(ctx, d, s->r[d]));
   int64_t last = x->shape[x->ndim - 1];
   if (last != s->in_size)
     return fct_fail(ctx, FCT_ERR_SHAPE,
@@ -438,7 +438,7 @@ static fct_status build_group(const fct_exec* e, const tt_plan* p, int gi) {
   char* P = fct_ws_at(e, g->off_prefix);
   {
     int64_t sh[4] = {rin, o, i, r1}, st[4] = {i * o * r1, r1, o * r1, 1};
-    TRY(fct_x_permute(e, Ga, 4, sh, st, P));
+    FCT_TRY(fct_x_permute(e, Ga, 4, sh, st, P));
   }
   int64_t Oc = o, Ic = i;
   for (int k = a + 1; k <= g->b; ++k) {
@@ -449,10 +449,10 @@ static fct_status build_group(const fct_exec* e, const tt_plan* p, int gi) {
     int64_t rows = rin * Oc * Ic, cols = ik * ok * rn;
     fct_mat A = fct_dense(prev, rows, r), B = fct_dense(p->core[k].m.data, r, cols);
     fct_mat C = fct_dense(T, rows, cols);
-    TRY(fct_x_gemm(e, &A, &B, &C, 0.0));
+    FCT_TRY(fct_x_gemm(e, &A, &B, &C, 0.0));
     int64_t s_o = rn, s_i = ok * rn, s_I = ik * ok * rn, s_O = Ic * s_I, s_r = Oc * s_O;
     int64_t sh[6] = {rin, Oc, ok, Ic, ik, rn}, st[6] = {s_r, s_O, s_o, s_I, s_i, 1};
-    TRY(fct_x_permute(e, T, 6, sh, st, cur));
+    FCT_TRY(fct_x_permute(e, T, 6, sh, st, cur));
     Oc *= ok;
     Ic *= ik;
   }
@@ -460,14 +460,14 @@ static fct_status build_group(const fct_exec* e, const tt_plan* p, int gi) {
     const char* last = P + prefix_at(s, g, g->b) * (int64_t)e->es;
     int64_t O = g->O, I = g->I, ro = g->rout;
     int64_t sh[4] = {O, ro, rin, I}, st[4] = {I * ro, 1, O * I * ro, ro};
-    TRY(fct_x_permute(e, last, 4, sh, st, fct_ws_at(e, g->off_cmat)));
+    FCT_TRY(fct_x_permute(e, last, 4, sh, st, fct_ws_at(e, g->off_cmat)));
   }
   return FCT_OK;
 }
 
 static fct_status build_groups(const fct_exec* e, tt_plan* p) {
-  for (int k = 0; k < p->s.d; ++k) TRY(fct_param_bind(e, &p->core[k]));
-  for (int g = 0; g < p->G; ++g) TRY(build_group(e, p, g));
+  for (int k = 0; k < p->s.d; ++k) FCT_TRY(fct_param_bind(e, &p->core[k]));
+  for (int g = 0; g < p->G; ++g) FCT_TRY(build_group(e, p, g));
   return FCT_OK;
 }
 
@@ -510,12 +510,12 @@ static fct_status forward_plan(fct_context* ctx, const DLTensor* x, int d,
                                const DLTensor* y, tt_plan* p) {
   if (!ctx) return FCT_ERR_NULL_ARGUMENT;
   memset(p, 0, sizeof *p);
-  TRY(check_shape(ctx, x, d, cores, &p->s));
+  FCT_TRY(check_shape(ctx, x, d, cores, &p->s));
   const char* out_what = "out: the product of the cores' output modes";
-  if (bias) TRY(fct_check_vector(ctx, "bias", bias, x, p->s.out_size, out_what));
+  if (bias) FCT_TRY(fct_check_vector(ctx, "bias", bias, x, p->s.out_size, out_what));
   fct_mat m;
-  TRY(fct_check_batched(ctx, "y", y, x, p->s.out_size, out_what));
-  TRY(fct_check_contiguous_output(ctx, "y", y, p->s.M, p->s.out_size, &m));
+  FCT_TRY(fct_check_batched(ctx, "y", y, x, p->s.out_size, out_what));
+  FCT_TRY(fct_check_contiguous_output(ctx, "y", y, p->s.M, p->s.out_size, &m));
   fct_args a;
   a.n = 0;
   fct_args_add(&a, "x", x);
@@ -523,7 +523,7 @@ static fct_status forward_plan(fct_context* ctx, const DLTensor* x, int d,
   fct_args_add(&a, "bias", bias);
   int first_out = a.n;
   fct_args_add(&a, "y", y);
-  TRY(fct_args_check_overlaps(ctx, &a, first_out));
+  FCT_TRY(fct_args_check_overlaps(ctx, &a, first_out));
   p->n.pack_x = !fct_is_contiguous(x);
   p->n.check = ctx->flags & FCT_FLAG_CHECK_FINITE;
   p->n.small = ctx->flags & FCT_FLAG_SMALL_CHUNKS;
@@ -537,7 +537,7 @@ fct_status fct_tt_linear_forward_workspace(const fct_context* ctx, const DLTenso
   if (!ctx || !bytes) return FCT_ERR_NULL_ARGUMENT;
   fct_context c = *ctx;
   tt_plan p;
-  TRY(forward_plan(&c, x, d, cores, bias, y, &p));
+  FCT_TRY(forward_plan(&c, x, d, cores, bias, y, &p));
   *bytes = p.bytes;
   return FCT_OK;
 }
@@ -547,14 +547,14 @@ fct_status fct_tt_linear_forward(fct_context* ctx, const DLTensor* x, int d,
                                  DLTensor* y) {
   tt_plan p;
   fct_exec e;
-  TRY(forward_plan(ctx, x, d, cores, bias, y, &p));
-  TRY(fct_exec_begin(ctx, "x", x, &e));
+  FCT_TRY(forward_plan(ctx, x, d, cores, bias, y, &p));
+  FCT_TRY(fct_exec_begin(ctx, "x", x, &e));
   const tt_shape* s = &p.s;
   if (s->M == 0) return FCT_OK;
-  TRY(fct_check_workspace(ctx, p.bytes));
-  TRY(build_groups(&e, &p));
+  FCT_TRY(fct_check_workspace(ctx, p.bytes));
+  FCT_TRY(build_groups(&e, &p));
   char* xb;
-  TRY(fct_x_dense_base(&e, x, p.n.pack_x, p.off_x, &xb));
+  FCT_TRY(fct_x_dense_base(&e, x, p.n.pack_x, p.off_x, &xb));
   int64_t bst = fct_vector_stride(bias);
   char* buf[2] = {fct_ws_at(&e, p.off_a), fct_ws_at(&e, p.off_b)};
   for (int64_t m0 = 0; m0 < s->M; m0 += p.Mc) {
@@ -563,12 +563,12 @@ fct_status fct_tt_linear_forward(fct_context* ctx, const DLTensor* x, int d,
     char* yrows = fct_data(y) + m0 * s->out_size * (int64_t)e.es;
     if (bias) {
       fct_mat Yc = fct_dense(yrows, Mc, s->out_size);
-      TRY(e.be->fill_rows(ctx, e.device, e.dt, &Yc, fct_data(bias), bst));
+      FCT_TRY(e.be->fill_rows(ctx, e.device, e.dt, &Yc, fct_data(bias), bst));
     }
     for (int j = 0; j < p.G; ++j) {
       bool last = j == p.G - 1;
       char* dst = last ? yrows : buf[j & 1];
-      TRY(sweep_step(&e, &p, j, Mc, cur, dst, last && bias ? 1.0 : 0.0));
+      FCT_TRY(sweep_step(&e, &p, j, Mc, cur, dst, last && bias ? 1.0 : 0.0));
       cur = dst;
     }
   }
@@ -578,7 +578,7 @@ fct_status fct_tt_linear_forward(fct_context* ctx, const DLTensor* x, int d,
     fct_args_add(&a, "x", x);
     fct_args_add_list(&a, "cores", d, cores);
     fct_args_add(&a, "bias", bias);
-    TRY(fct_check_finite(ctx, e.be, fct_ws_at(&e, p.off_scratch), "y", y, a.names, a.ts, a.n));
+    FCT_TRY(fct_check_finite(ctx, e.be, fct_ws_at(&e, p.off_scratch), "y", y, a.names, a.ts, a.n));
   }
   return FCT_OK;
 }
@@ -592,14 +592,14 @@ static fct_status backward_plan(fct_context* ctx, const DLTensor* g, const DLTen
                                 const DLTensor* const* gcores, const DLTensor* gb, tt_plan* p) {
   if (!ctx) return FCT_ERR_NULL_ARGUMENT;
   memset(p, 0, sizeof *p);
-  TRY(check_shape(ctx, x, d, cores, &p->s));
+  FCT_TRY(check_shape(ctx, x, d, cores, &p->s));
   const tt_shape* s = &p->s;
   const char* out_what = "out: the product of the cores' output modes";
-  TRY(fct_check_batched(ctx, "grad_y", g, x, s->out_size, out_what));
+  FCT_TRY(fct_check_batched(ctx, "grad_y", g, x, s->out_size, out_what));
   fct_mat m;
   if (gx) {
-    TRY(fct_check_batched(ctx, "grad_x", gx, x, s->in_size, "in, the last dim of x"));
-    TRY(fct_check_contiguous_output(ctx, "grad_x", gx, s->M, s->in_size, &m));
+    FCT_TRY(fct_check_batched(ctx, "grad_x", gx, x, s->in_size, "in, the last dim of x"));
+    FCT_TRY(fct_check_contiguous_output(ctx, "grad_x", gx, s->M, s->in_size, &m));
   }
   tt_needs* n = &p->n;
   n->backward = true;
@@ -607,19 +607,19 @@ static fct_status backward_plan(fct_context* ctx, const DLTensor* g, const DLTen
   for (int k = 0; gcores && k < d; ++k) {
     if (!gcores[k]) continue;
     const char* name = fct_item_name(nm, sizeof nm, "grad_cores", k);
-    TRY(fct_check_param(ctx, name, gcores[k], x, 4, "(the shape of its core)"));
+    FCT_TRY(fct_check_param(ctx, name, gcores[k], x, 4, "(the shape of its core)"));
     for (int i = 0; i < 4; ++i)
       if (gcores[k]->shape[i] != cores[k]->shape[i])
         return fct_fail(ctx, FCT_ERR_SHAPE,
                         "%s: expected the shape of its core [%lld, %lld, %lld, %lld]", name,
                         (long long)cores[k]->shape[0], (long long)cores[k]->shape[1],
                         (long long)cores[k]->shape[2], (long long)cores[k]->shape[3]);
-    TRY(fct_check_contiguous_output(ctx, name, gcores[k], 1, 1, &m));
+    FCT_TRY(fct_check_contiguous_output(ctx, name, gcores[k], 1, 1, &m));
     n->gcore[k] = n->any_gcore = true;
   }
   if (gb) {
-    TRY(fct_check_vector(ctx, "grad_bias", gb, x, s->out_size, out_what));
-    TRY(fct_check_contiguous_output(ctx, "grad_bias", gb, 1, s->out_size, &m));
+    FCT_TRY(fct_check_vector(ctx, "grad_bias", gb, x, s->out_size, out_what));
+    FCT_TRY(fct_check_contiguous_output(ctx, "grad_bias", gb, 1, s->out_size, &m));
   }
   fct_args a;
   a.n = 0;
@@ -630,7 +630,7 @@ static fct_status backward_plan(fct_context* ctx, const DLTensor* g, const DLTen
   fct_args_add(&a, "grad_x", gx);
   fct_args_add_list(&a, "grad_cores", d, gcores);
   fct_args_add(&a, "grad_bias", gb);
-  TRY(fct_args_check_overlaps(ctx, &a, first_out));
+  FCT_TRY(fct_args_check_overlaps(ctx, &a, first_out));
   n->gx = gx != NULL;
   n->gb = gb != NULL;
   bool work = n->gx || n->any_gcore;
@@ -651,7 +651,7 @@ fct_status fct_tt_linear_backward_workspace(const fct_context* ctx, const DLTens
   if (!ctx || !bytes) return FCT_ERR_NULL_ARGUMENT;
   fct_context c = *ctx;
   tt_plan p;
-  TRY(backward_plan(&c, grad_y, x, d, cores, grad_x, grad_cores, grad_bias, &p));
+  FCT_TRY(backward_plan(&c, grad_y, x, d, cores, grad_x, grad_cores, grad_bias, &p));
   *bytes = p.bytes;
   return FCT_OK;
 }
@@ -671,7 +671,7 @@ static fct_status backward_chunk(const fct_exec* e, const tt_plan* p, const char
     at += Mc * p->state[j] * (int64_t)es;
   }
   if (n->any_gcore)
-    for (int j = 0; j + 1 < G; ++j) TRY(sweep_step(e, p, j, Mc, states[j], states[j + 1], 0.0));
+    for (int j = 0; j + 1 < G; ++j) FCT_TRY(sweep_step(e, p, j, Mc, states[j], states[j + 1], 0.0));
 
   /* Which steps still have to pass the gradient to their input. */
   bool below[FCT_MAX_MODES + 1];
@@ -690,11 +690,11 @@ static fct_status backward_chunk(const fct_exec* e, const tt_plan* p, const char
       if (single_gemm(st)) { /* gC [n, c] += gYᵀ [n, Bt] · U [Bt, c] */
         fct_mat GYt = fct_mat_t(fct_dense((char*)gy, Bt, st->n));
         fct_mat U = fct_dense(states[j], Bt, st->c);
-        TRY(fct_x_gemm(e, &GYt, &U, &GC, beta));
+        FCT_TRY(fct_x_gemm(e, &GYt, &U, &GC, beta));
       } else { /* gC [n, c] += Σ_b gY_b [n, q] · U_bᵀ [q, c] */
         fct_mat GY = fct_dense((char*)gy, st->n, st->q);
         fct_mat Ut = fct_mat_t(fct_dense(states[j], st->c, st->q));
-        TRY(e->be->gemm_reduce(e->ctx, e->device, e->dt, &GY, &Ut, &GC, beta, Bt,
+        FCT_TRY(e->be->gemm_reduce(e->ctx, e->device, e->dt, &GY, &Ut, &GC, beta, Bt,
                                st->n * st->q, st->c * st->q, fct_ws_at(e, p->off_reduce),
                                p->reduce_bytes));
       }
@@ -703,11 +703,11 @@ static fct_status backward_chunk(const fct_exec* e, const tt_plan* p, const char
     char* dst = j == 0 ? gxrows : gbuf[j & 1];
     if (single_gemm(st)) { /* gU [Bt, c] = gY [Bt, n] · C [n, c] */
       fct_mat GY = fct_dense((char*)gy, Bt, st->n), U = fct_dense(dst, Bt, st->c);
-      TRY(fct_x_gemm(e, &GY, &C, &U, 0.0));
+      FCT_TRY(fct_x_gemm(e, &GY, &C, &U, 0.0));
     } else { /* gU_b [c, q] = Cᵀ [c, n] · gY_b [n, q] */
       fct_mat Ct = fct_mat_t(C), GY = fct_dense((char*)gy, st->n, st->q);
       fct_mat U = fct_dense(dst, st->c, st->q);
-      TRY(fct_x_gemm_batched(e, &Ct, &GY, &U, 0.0, Bt, 0, st->n * st->q, st->c * st->q));
+      FCT_TRY(fct_x_gemm_batched(e, &Ct, &GY, &U, 0.0, Bt, 0, st->n * st->q, st->c * st->q));
     }
     gy = dst;
   }
@@ -742,7 +742,7 @@ static fct_status group_grads(const fct_exec* e, const tt_plan* p, int gi,
   if (p->ltr) { /* [O, r_out, r_in, I] -> [r_in, O, I, r_out] */
     int64_t O = g->O, I = g->I, ro = g->rout;
     int64_t sh[4] = {rin, O, I, ro}, st[4] = {I, ro * rin * I, 1, rin * I};
-    TRY(fct_x_permute(e, gc, 4, sh, st, gp[w]));
+    FCT_TRY(fct_x_permute(e, gc, 4, sh, st, gp[w]));
     cur = gp[w];
     w ^= 1;
   }
@@ -759,26 +759,26 @@ static fct_status group_grads(const fct_exec* e, const tt_plan* p, int gi,
     int64_t t_i = rn, t_I = ik * rn, t_o = Ic * t_I, t_O = ok * t_o, t_r = Oc * t_O;
     int64_t sh[6] = {rin, Oc, Ic, ik, ok, rn}, st[6] = {t_r, t_O, t_I, t_i, t_o, 1};
     char* gT = fct_ws_at(e, p->off_gt);
-    TRY(fct_x_permute(e, cur, 6, sh, st, gT));
+    FCT_TRY(fct_x_permute(e, cur, 6, sh, st, gT));
     int64_t rows = rin * Oc * Ic, cols = ik * ok * rn;
     fct_mat GT = fct_dense(gT, rows, cols);
     const char* Pprev = P + prefix_at(s, g, k - 1) * (int64_t)e->es;
     if (p->n.gcore[k]) { /* grad G_k [r, cols] = P_(k-1)ᵀ · gT */
       fct_mat Pt = fct_mat_t(fct_dense((char*)Pprev, rows, r));
       fct_mat C = fct_dense(fct_data(gcores[k]), r, cols);
-      TRY(fct_x_gemm(e, &Pt, &GT, &C, 0.0));
+      FCT_TRY(fct_x_gemm(e, &Pt, &GT, &C, 0.0));
     }
     if (!earlier) break;
     /* gP_(k-1) [rows, r] = gT · G_kᵀ */
     fct_mat Gkt = fct_mat_t(fct_dense(p->core[k].m.data, r, cols));
     fct_mat C = fct_dense(gp[w], rows, r);
-    TRY(fct_x_gemm(e, &GT, &Gkt, &C, 0.0));
+    FCT_TRY(fct_x_gemm(e, &GT, &Gkt, &C, 0.0));
     cur = gp[w];
     w ^= 1;
     if (k - 1 == a && p->n.gcore[a]) { /* gP_a [r_in, o, i, r] -> [r_in, i, o, r] */
       int64_t i = s->in[a], o = s->out[a], r1 = s->r[a + 1];
       int64_t sh4[4] = {rin, i, o, r1}, st4[4] = {o * i * r1, r1, i * r1, 1};
-      TRY(fct_x_permute(e, cur, 4, sh4, st4, fct_data(gcores[a])));
+      FCT_TRY(fct_x_permute(e, cur, 4, sh4, st4, fct_data(gcores[a])));
     }
   }
   return FCT_OK;
@@ -789,49 +789,49 @@ fct_status fct_tt_linear_backward(fct_context* ctx, const DLTensor* grad_y, cons
                                   DLTensor* const* grad_cores, DLTensor* grad_bias) {
   tt_plan p;
   fct_exec e;
-  TRY(backward_plan(ctx, grad_y, x, d, cores, grad_x, (const DLTensor* const*)grad_cores,
+  FCT_TRY(backward_plan(ctx, grad_y, x, d, cores, grad_x, (const DLTensor* const*)grad_cores,
                     grad_bias, &p));
-  TRY(fct_exec_begin(ctx, "x", x, &e));
+  FCT_TRY(fct_exec_begin(ctx, "x", x, &e));
   const tt_shape* s = &p.s;
   const tt_needs* n = &p.n;
   bool work = n->gx || n->any_gcore;
   if (!work && !n->gb) return FCT_OK;
-  TRY(fct_check_workspace(ctx, p.bytes));
+  FCT_TRY(fct_check_workspace(ctx, p.bytes));
   if (n->check && s->M > 0)
-    TRY(fct_check_finite_grad(ctx, e.be, fct_ws_at(&e, p.off_scratch), grad_y, "tt_linear"));
+    FCT_TRY(fct_check_finite_grad(ctx, e.be, fct_ws_at(&e, p.off_scratch), grad_y, "tt_linear"));
   char *xb = NULL, *gb = NULL;
-  TRY(fct_x_dense_base(&e, grad_y, n->pack_g, p.off_g, &gb));
+  FCT_TRY(fct_x_dense_base(&e, grad_y, n->pack_g, p.off_g, &gb));
   if (n->gb) {
     fct_mat G = fct_dense(gb, s->M, s->out_size);
-    TRY(e.be->column_sums(ctx, e.device, e.dt, &G, fct_data(grad_bias)));
+    FCT_TRY(e.be->column_sums(ctx, e.device, e.dt, &G, fct_data(grad_bias)));
   }
   if (!work) return FCT_OK;
   if (s->M == 0) {
     for (int k = 0; k < s->d; ++k) {
       if (!n->gcore[k]) continue;
       fct_mat G = fct_dense(fct_data(grad_cores[k]), s->r[k] * s->in[k] * s->out[k], s->r[k + 1]);
-      TRY(e.be->zero(ctx, e.device, e.dt, &G));
+      FCT_TRY(e.be->zero(ctx, e.device, e.dt, &G));
     }
     return FCT_OK;
   }
-  TRY(build_groups(&e, &p));
-  if (n->any_gcore) TRY(fct_x_dense_base(&e, x, n->pack_x, p.off_x, &xb));
+  FCT_TRY(build_groups(&e, &p));
+  if (n->any_gcore) FCT_TRY(fct_x_dense_base(&e, x, n->pack_x, p.off_x, &xb));
   for (int64_t m0 = 0; m0 < s->M; m0 += p.Mc) {
     int64_t Mc = s->M - m0 < p.Mc ? s->M - m0 : p.Mc;
     char* gx = grad_x ? fct_data(grad_x) + m0 * s->in_size * (int64_t)e.es : NULL;
     const char* xr = xb ? xb + m0 * s->in_size * (int64_t)e.es : NULL;
-    TRY(backward_chunk(&e, &p, xr, gb + m0 * s->out_size * (int64_t)e.es, gx, Mc,
+    FCT_TRY(backward_chunk(&e, &p, xr, gb + m0 * s->out_size * (int64_t)e.es, gx, Mc,
                        m0 > 0 ? 1.0 : 0.0));
   }
   for (int g = 0; g < p.G; ++g)
-    if (p.grp[g].grad) TRY(group_grads(&e, &p, g, grad_cores));
+    if (p.grp[g].grad) FCT_TRY(group_grads(&e, &p, g, grad_cores));
   if (n->check && grad_x) {
     fct_args a;
     a.n = 0;
     fct_args_add(&a, "grad_y", grad_y);
     fct_args_add(&a, "x", x);
     fct_args_add_list(&a, "cores", d, cores);
-    TRY(fct_check_finite(ctx, e.be, fct_ws_at(&e, p.off_scratch), "grad_x", grad_x, a.names,
+    FCT_TRY(fct_check_finite(ctx, e.be, fct_ws_at(&e, p.off_scratch), "grad_x", grad_x, a.names,
                          a.ts, a.n));
   }
   return FCT_OK;
@@ -878,8 +878,8 @@ fct_status fct_tt_linear_plan(int d, const int64_t* in_modes, const int64_t* out
   pb = pf;
   pb.n.backward = pb.n.gx = pb.n.gb = pb.n.any_gcore = true;
   for (int k = 0; k < d; ++k) pb.n.gcore[k] = true;
-  TRY(make_plan(NULL, &pf));
-  TRY(make_plan(NULL, &pb));
+  FCT_TRY(make_plan(NULL, &pf));
+  FCT_TRY(make_plan(NULL, &pb));
   memset(info, 0, sizeof *info);
   info->forward_flops = pf.flops;
   info->backward_flops = pb.flops;

@@ -91,7 +91,7 @@ static fct_status check_side(fct_context* ctx, const char* list, int n, const DL
   side->size = side->rank = 1;
   for (int k = 0; k < n; ++k) {
     const char* name = fct_item_name(nm, sizeof nm, list, k);
-    TRY(fct_check_param(ctx, name, f[k], x, 2, "[mode, rank]"));
+    FCT_TRY(fct_check_param(ctx, name, f[k], x, 2, "[mode, rank]"));
     if (f[k]->shape[0] < 1 || f[k]->shape[1] < 1)
       return fct_fail(ctx, FCT_ERR_SHAPE,
                       "%s: expected [mode, rank] with both >= 1, got [%lld, %lld]", name,
@@ -111,10 +111,10 @@ static fct_status check_shape(fct_context* ctx, const DLTensor* x, const DLTenso
                               int n_in, const DLTensor* const* V, int n_out,
                               const DLTensor* const* U, tk_shape* s) {
   memset(s, 0, sizeof *s);
-  TRY(fct_check_input_rows(ctx, "x", x, &s->M));
-  TRY(check_side(ctx, "in_factors", n_in, V, x, &s->in));
-  TRY(check_side(ctx, "out_factors", n_out, U, x, &s->out));
-  TRY(fct_check_param(ctx, "core", core, x, 2, "[S, T] (the core as a matrix)"));
+  FCT_TRY(fct_check_input_rows(ctx, "x", x, &s->M));
+  FCT_TRY(check_side(ctx, "in_factors", n_in, V, x, &s->in));
+  FCT_TRY(check_side(ctx, "out_factors", n_out, U, x, &s->out));
+  FCT_TRY(fct_check_param(ctx, "core", core, x, 2, "[S, T] (the core as a matrix)"));
   if (core->shape[0] != s->out.rank || core->shape[1] != s->in.rank)
     return fct_fail(ctx, FCT_ERR_SHAPE,
                     "core: expected [S, T] = [%lld, %lld] (the products of the ranks of "
@@ -254,7 +254,7 @@ static fct_status make_plan(fct_context* ctx, tk_plan* p) {
   p->Mc = p->n.small && best_mc > 3 ? 3 : best_mc;
   fct_layout L;
   lay_out(p, &L);
-  TRY(fct_layout_done(ctx, &L, &p->bytes));
+  FCT_TRY(fct_layout_done(ctx, &L, &p->bytes));
   double M = (double)s->M;
   if (!p->n.backward) {
     p->flops = M * per_row_flops;
@@ -275,9 +275,9 @@ static void init_params(tk_plan* p, const DLTensor* core) {
 }
 
 static fct_status bind_params(const fct_exec* e, tk_plan* p) {
-  TRY(fct_param_bind(e, &p->core));
-  for (int k = 0; k < p->s.in.n; ++k) TRY(fct_param_bind(e, &p->V[k]));
-  for (int k = 0; k < p->s.out.n; ++k) TRY(fct_param_bind(e, &p->U[k]));
+  FCT_TRY(fct_param_bind(e, &p->core));
+  for (int k = 0; k < p->s.in.n; ++k) FCT_TRY(fct_param_bind(e, &p->V[k]));
+  for (int k = 0; k < p->s.out.n; ++k) FCT_TRY(fct_param_bind(e, &p->U[k]));
   return FCT_OK;
 }
 
@@ -333,19 +333,19 @@ static fct_status forward_plan(fct_context* ctx, const DLTensor* x, const DLTens
                                tk_plan* p) {
   if (!ctx) return FCT_ERR_NULL_ARGUMENT;
   memset(p, 0, sizeof *p);
-  TRY(check_shape(ctx, x, core, n_in, V, n_out, U, &p->s));
+  FCT_TRY(check_shape(ctx, x, core, n_in, V, n_out, U, &p->s));
   const char* out_what = "out: the product of the mode sizes of out_factors";
-  if (bias) TRY(fct_check_vector(ctx, "bias", bias, x, p->s.out.size, out_what));
+  if (bias) FCT_TRY(fct_check_vector(ctx, "bias", bias, x, p->s.out.size, out_what));
   fct_mat m;
-  TRY(fct_check_batched(ctx, "y", y, x, p->s.out.size, out_what));
-  TRY(fct_check_contiguous_output(ctx, "y", y, p->s.M, p->s.out.size, &m));
+  FCT_TRY(fct_check_batched(ctx, "y", y, x, p->s.out.size, out_what));
+  FCT_TRY(fct_check_contiguous_output(ctx, "y", y, p->s.M, p->s.out.size, &m));
   fct_args a;
   a.n = 0;
   add_inputs(&a, x, core, n_in, V, n_out, U);
   fct_args_add(&a, "bias", bias);
   int first_out = a.n;
   fct_args_add(&a, "y", y);
-  TRY(fct_args_check_overlaps(ctx, &a, first_out));
+  FCT_TRY(fct_args_check_overlaps(ctx, &a, first_out));
   p->n.pack_x = !fct_is_contiguous(x);
   p->n.check = ctx->flags & FCT_FLAG_CHECK_FINITE;
   p->n.small = ctx->flags & FCT_FLAG_SMALL_CHUNKS;
@@ -362,7 +362,7 @@ fct_status fct_tucker_linear_forward_workspace(const fct_context* ctx, const DLT
   if (!ctx || !bytes) return FCT_ERR_NULL_ARGUMENT;
   fct_context c = *ctx;
   tk_plan p;
-  TRY(forward_plan(&c, x, core, n_in, in_factors, n_out, out_factors, bias, y, &p));
+  FCT_TRY(forward_plan(&c, x, core, n_in, in_factors, n_out, out_factors, bias, y, &p));
   *bytes = p.bytes;
   return FCT_OK;
 }
@@ -373,14 +373,14 @@ fct_status fct_tucker_linear_forward(fct_context* ctx, const DLTensor* x, const 
                                      DLTensor* y) {
   tk_plan p;
   fct_exec e;
-  TRY(forward_plan(ctx, x, core, n_in, in_factors, n_out, out_factors, bias, y, &p));
-  TRY(fct_exec_begin(ctx, "x", x, &e));
+  FCT_TRY(forward_plan(ctx, x, core, n_in, in_factors, n_out, out_factors, bias, y, &p));
+  FCT_TRY(fct_exec_begin(ctx, "x", x, &e));
   const tk_shape* s = &p.s;
   if (s->M == 0) return FCT_OK;
-  TRY(fct_check_workspace(ctx, p.bytes));
-  TRY(bind_params(&e, &p));
+  FCT_TRY(fct_check_workspace(ctx, p.bytes));
+  FCT_TRY(bind_params(&e, &p));
   char* xb;
-  TRY(fct_x_dense_base(&e, x, p.n.pack_x, p.off_x, &xb));
+  FCT_TRY(fct_x_dense_base(&e, x, p.n.pack_x, p.off_x, &xb));
   int64_t bst = fct_vector_stride(bias);
   char* buf[2] = {fct_ws_at(&e, p.off_a), fct_ws_at(&e, p.off_b)};
   for (int64_t m0 = 0; m0 < s->M; m0 += p.Mc) {
@@ -388,10 +388,10 @@ fct_status fct_tucker_linear_forward(fct_context* ctx, const DLTensor* x, const 
     const char* cur = xb + m0 * s->in.size * (int64_t)e.es;
     int w = 0;
     for (int j = 0; j < s->in.n; ++j, w ^= 1) {
-      TRY(in_step(&e, &p, j, Mc, cur, buf[w]));
+      FCT_TRY(in_step(&e, &p, j, Mc, cur, buf[w]));
       cur = buf[w];
     }
-    TRY(core_step(&e, &p, Mc, cur, buf[w]));
+    FCT_TRY(core_step(&e, &p, Mc, cur, buf[w]));
     cur = buf[w];
     w ^= 1;
     char* yrows = fct_data(y) + m0 * s->out.size * (int64_t)e.es;
@@ -400,9 +400,9 @@ fct_status fct_tucker_linear_forward(fct_context* ctx, const DLTensor* x, const 
       char* dst = last ? yrows : buf[w];
       if (last && bias) {
         fct_mat Yc = fct_dense(yrows, Mc, s->out.size);
-        TRY(e.be->fill_rows(ctx, e.device, e.dt, &Yc, fct_data(bias), bst));
+        FCT_TRY(e.be->fill_rows(ctx, e.device, e.dt, &Yc, fct_data(bias), bst));
       }
-      TRY(out_step(&e, &p, k, Mc, cur, dst, last && bias ? 1.0 : 0.0));
+      FCT_TRY(out_step(&e, &p, k, Mc, cur, dst, last && bias ? 1.0 : 0.0));
       cur = dst;
     }
   }
@@ -411,7 +411,7 @@ fct_status fct_tucker_linear_forward(fct_context* ctx, const DLTensor* x, const 
     a.n = 0;
     add_inputs(&a, x, core, n_in, in_factors, n_out, out_factors);
     fct_args_add(&a, "bias", bias);
-    TRY(fct_check_finite(ctx, e.be, fct_ws_at(&e, p.off_scratch), "y", y, a.names, a.ts, a.n));
+    FCT_TRY(fct_check_finite(ctx, e.be, fct_ws_at(&e, p.off_scratch), "y", y, a.names, a.ts, a.n));
   }
   return FCT_OK;
 }
@@ -423,7 +423,7 @@ fct_status fct_tucker_linear_forward(fct_context* ctx, const DLTensor* x, const 
 static fct_status check_grad(fct_context* ctx, const char* name, const DLTensor* g,
                              const DLTensor* like, const DLTensor* x) {
   fct_mat m;
-  TRY(fct_check_param(ctx, name, g, x, 2, "(the shape of its parameter)"));
+  FCT_TRY(fct_check_param(ctx, name, g, x, 2, "(the shape of its parameter)"));
   if (g->shape[0] != like->shape[0] || g->shape[1] != like->shape[1])
     return fct_fail(ctx, FCT_ERR_SHAPE, "%s: expected the shape of its parameter [%lld, %lld]",
                     name, (long long)like->shape[0], (long long)like->shape[1]);
@@ -437,32 +437,32 @@ static fct_status backward_plan(fct_context* ctx, const DLTensor* g, const DLTen
                                 const DLTensor* const* gU, const DLTensor* gb, tk_plan* p) {
   if (!ctx) return FCT_ERR_NULL_ARGUMENT;
   memset(p, 0, sizeof *p);
-  TRY(check_shape(ctx, x, core, n_in, V, n_out, U, &p->s));
+  FCT_TRY(check_shape(ctx, x, core, n_in, V, n_out, U, &p->s));
   const tk_shape* s = &p->s;
   const char* out_what = "out: the product of the mode sizes of out_factors";
-  TRY(fct_check_batched(ctx, "grad_y", g, x, s->out.size, out_what));
+  FCT_TRY(fct_check_batched(ctx, "grad_y", g, x, s->out.size, out_what));
   fct_mat m;
   if (gx) {
-    TRY(fct_check_batched(ctx, "grad_x", gx, x, s->in.size, "in, the last dim of x"));
-    TRY(fct_check_contiguous_output(ctx, "grad_x", gx, s->M, s->in.size, &m));
+    FCT_TRY(fct_check_batched(ctx, "grad_x", gx, x, s->in.size, "in, the last dim of x"));
+    FCT_TRY(fct_check_contiguous_output(ctx, "grad_x", gx, s->M, s->in.size, &m));
   }
-  if (gcore) TRY(check_grad(ctx, "grad_core", gcore, core, x));
+  if (gcore) FCT_TRY(check_grad(ctx, "grad_core", gcore, core, x));
   char nm[48];
   tk_needs* n = &p->n;
   n->backward = true;
   for (int k = 0; gV && k < n_in; ++k) {
     if (!gV[k]) continue;
-    TRY(check_grad(ctx, fct_item_name(nm, sizeof nm, "grad_in_factors", k), gV[k], V[k], x));
+    FCT_TRY(check_grad(ctx, fct_item_name(nm, sizeof nm, "grad_in_factors", k), gV[k], V[k], x));
     n->gin[k] = n->any_gin = true;
   }
   for (int k = 0; gU && k < n_out; ++k) {
     if (!gU[k]) continue;
-    TRY(check_grad(ctx, fct_item_name(nm, sizeof nm, "grad_out_factors", k), gU[k], U[k], x));
+    FCT_TRY(check_grad(ctx, fct_item_name(nm, sizeof nm, "grad_out_factors", k), gU[k], U[k], x));
     n->gout[k] = n->any_gout = true;
   }
   if (gb) {
-    TRY(fct_check_vector(ctx, "grad_bias", gb, x, s->out.size, out_what));
-    TRY(fct_check_contiguous_output(ctx, "grad_bias", gb, 1, s->out.size, &m));
+    FCT_TRY(fct_check_vector(ctx, "grad_bias", gb, x, s->out.size, out_what));
+    FCT_TRY(fct_check_contiguous_output(ctx, "grad_bias", gb, 1, s->out.size, &m));
   }
   fct_args a;
   a.n = 0;
@@ -474,7 +474,7 @@ static fct_status backward_plan(fct_context* ctx, const DLTensor* g, const DLTen
   fct_args_add_list(&a, "grad_in_factors", n_in, gV);
   fct_args_add_list(&a, "grad_out_factors", n_out, gU);
   fct_args_add(&a, "grad_bias", gb);
-  TRY(fct_args_check_overlaps(ctx, &a, first_out));
+  FCT_TRY(fct_args_check_overlaps(ctx, &a, first_out));
   n->gx = gx != NULL;
   n->gcore = gcore != NULL;
   n->gb = gb != NULL;
@@ -495,7 +495,7 @@ fct_status fct_tucker_linear_backward_workspace(
   if (!ctx || !bytes) return FCT_ERR_NULL_ARGUMENT;
   fct_context c = *ctx;
   tk_plan p;
-  TRY(backward_plan(&c, grad_y, x, core, n_in, in_factors, n_out, out_factors, grad_x,
+  FCT_TRY(backward_plan(&c, grad_y, x, core, n_in, in_factors, n_out, out_factors, grad_x,
                     grad_core, grad_in_factors, grad_out_factors, grad_bias, &p));
   *bytes = p.bytes;
   return FCT_OK;
@@ -507,17 +507,17 @@ static fct_status zero_grads(const fct_exec* e, const tk_plan* p, DLTensor* gcor
   const tk_shape* s = &p->s;
   if (gcore) {
     fct_mat G = fct_dense(fct_data(gcore), s->out.rank, s->in.rank);
-    TRY(e->be->zero(e->ctx, e->device, e->dt, &G));
+    FCT_TRY(e->be->zero(e->ctx, e->device, e->dt, &G));
   }
   for (int k = 0; k < s->in.n; ++k) {
     if (!p->n.gin[k]) continue;
     fct_mat G = fct_dense(fct_data(gV[k]), s->in.modes[k], s->in.ranks[k]);
-    TRY(e->be->zero(e->ctx, e->device, e->dt, &G));
+    FCT_TRY(e->be->zero(e->ctx, e->device, e->dt, &G));
   }
   for (int k = 0; k < s->out.n; ++k) {
     if (!p->n.gout[k]) continue;
     fct_mat G = fct_dense(fct_data(gU[k]), s->out.modes[k], s->out.ranks[k]);
-    TRY(e->be->zero(e->ctx, e->device, e->dt, &G));
+    FCT_TRY(e->be->zero(e->ctx, e->device, e->dt, &G));
   }
   return FCT_OK;
 }
@@ -551,7 +551,7 @@ static fct_status backward_chunk(const fct_exec* e, const tk_plan* p, const char
   for (int j = 0; j < s->in.n; ++j) {
     in_states[j + 1] = at;
     at += Mc * p->in_state[j + 1] * (int64_t)es;
-    if (need_states) TRY(in_step(e, p, j, Mc, in_states[j], in_states[j + 1]));
+    if (need_states) FCT_TRY(in_step(e, p, j, Mc, in_states[j], in_states[j + 1]));
   }
   char* out_states[FCT_MAX_MODES];
   at = fct_ws_at(e, p->off_out);
@@ -560,9 +560,9 @@ static fct_status backward_chunk(const fct_exec* e, const tk_plan* p, const char
     at += Mc * p->out_state[k] * (int64_t)es;
   }
   if (n->any_gout) {
-    TRY(core_step(e, p, Mc, in_states[s->in.n], out_states[0]));
+    FCT_TRY(core_step(e, p, Mc, in_states[s->in.n], out_states[0]));
     for (int k = 0; k + 1 < s->out.n; ++k)
-      TRY(out_step(e, p, k, Mc, out_states[k], out_states[k + 1], 0.0));
+      FCT_TRY(out_step(e, p, k, Mc, out_states[k], out_states[k + 1], 0.0));
   }
 
   /* Out steps backward, k = last .. 0: grad [Q, o_k] -> grad [s_k, Q]. */
@@ -576,7 +576,7 @@ static fct_status backward_chunk(const fct_exec* e, const tk_plan* p, const char
     if (n->gout[k]) {
       fct_mat Zt = fct_mat_t(fct_dense(out_states[k], sk, Q)); /* [Q, s_k] */
       fct_mat C = fct_dense(fct_data(gU[k]), o, sk);
-      TRY(fct_x_gemm(e, &Gt, &Zt, &C, beta)); /* grad U_k [o_k, s_k] += gᵀ · Zᵀ */
+      FCT_TRY(fct_x_gemm(e, &Gt, &Zt, &C, beta)); /* grad U_k [o_k, s_k] += gᵀ · Zᵀ */
     }
     bool lower = false; /* a gradient of an output factor before this one */
     for (int l = 0; l < k; ++l) lower = lower || n->gout[l];
@@ -584,7 +584,7 @@ static fct_status backward_chunk(const fct_exec* e, const tk_plan* p, const char
     if (!more) return FCT_OK;
     fct_mat Ut = fct_mat_t(p->U[k].m); /* [s_k, o_k] */
     fct_mat C = fct_dense(gbuf[w], sk, Q);
-    TRY(fct_x_gemm(e, &Ut, &Gt, &C, 0.0)); /* grad [s_k, Q] = U_kᵀ · gᵀ */
+    FCT_TRY(fct_x_gemm(e, &Ut, &Gt, &C, 0.0)); /* grad [s_k, Q] = U_kᵀ · gᵀ */
     gcur = gbuf[w];
     w ^= 1;
   }
@@ -593,12 +593,12 @@ static fct_status backward_chunk(const fct_exec* e, const tk_plan* p, const char
   if (n->gcore) {
     fct_mat Xt = fct_mat_t(fct_dense(in_states[s->in.n], s->in.rank, Mc)); /* [Mc, T] */
     fct_mat C = fct_dense(fct_data(gcore), s->out.rank, s->in.rank);
-    TRY(fct_x_gemm(e, &GZ, &Xt, &C, beta));
+    FCT_TRY(fct_x_gemm(e, &GZ, &Xt, &C, beta));
   }
   if (!need_core_grad) return FCT_OK;
   fct_mat coreT = fct_mat_t(p->core.m);
   fct_mat GX = fct_dense(gbuf[w], s->in.rank, Mc);
-  TRY(fct_x_gemm(e, &coreT, &GZ, &GX, 0.0));
+  FCT_TRY(fct_x_gemm(e, &coreT, &GZ, &GX, 0.0));
   gcur = gbuf[w];
   w ^= 1;
   /* In steps backward, j = n_in-1 .. 0 (modes 0 .. n_in-1). */
@@ -610,13 +610,13 @@ static fct_status backward_chunk(const fct_exec* e, const tk_plan* p, const char
     if (n->gin[k]) {
       fct_mat Xt = fct_mat_t(fct_dense(in_states[j], R, i)); /* [i_k, R] */
       fct_mat C = fct_dense(fct_data(gV[k]), i, t);
-      TRY(fct_x_gemm(e, &Xt, &Gt, &C, beta)); /* grad V_k [i_k, t_k] += Xᵀ · gᵀ */
+      FCT_TRY(fct_x_gemm(e, &Xt, &Gt, &C, beta)); /* grad V_k [i_k, t_k] += Xᵀ · gᵀ */
     }
     if (!need_below[j]) break;
     fct_mat Vt = fct_mat_t(p->V[k].m); /* [t_k, i_k] */
     char* dst = j == 0 ? gxrows : gbuf[w];
     fct_mat C = fct_dense(dst, R, i);
-    TRY(fct_x_gemm(e, &Gt, &Vt, &C, 0.0)); /* grad [R, i_k] = gᵀ · V_kᵀ */
+    FCT_TRY(fct_x_gemm(e, &Gt, &Vt, &C, 0.0)); /* grad [R, i_k] = gᵀ · V_kᵀ */
     gcur = dst;
     w ^= 1;
   }
@@ -631,31 +631,32 @@ fct_status fct_tucker_linear_backward(fct_context* ctx, const DLTensor* grad_y,
                                       DLTensor* const* grad_out_factors, DLTensor* grad_bias) {
   tk_plan p;
   fct_exec e;
-  TRY(backward_plan(ctx, grad_y, x, core, n_in, in_factors, n_out, out_factors, grad_x,
+  FCT_TRY(backward_plan(ctx, grad_y, x, core, n_in, in_factors, n_out, out_factors, grad_x,
                     grad_core, (const DLTensor* const*)grad_in_factors,
                     (const DLTensor* const*)grad_out_factors, grad_bias, &p));
-  TRY(fct_exec_begin(ctx, "x", x, &e));
+  FCT_TRY(fct_exec_begin(ctx, "x", x, &e));
   const tk_shape* s = &p.s;
   const tk_needs* n = &p.n;
   bool work = n->gx || n->gcore || n->any_gin || n->any_gout;
   if (!work && !n->gb) return FCT_OK;
-  TRY(fct_check_workspace(ctx, p.bytes));
+  FCT_TRY(fct_check_workspace(ctx, p.bytes));
   if (n->check && s->M > 0)
-    TRY(fct_check_finite_grad(ctx, e.be, fct_ws_at(&e, p.off_scratch), grad_y, "tucker_linear"));
-  TRY(bind_params(&e, &p));
+    FCT_TRY(
+        fct_check_finite_grad(ctx, e.be, fct_ws_at(&e, p.off_scratch), grad_y, "tucker_linear"));
+  FCT_TRY(bind_params(&e, &p));
   char *xb = NULL, *gb = NULL;
-  TRY(fct_x_dense_base(&e, grad_y, n->pack_g, p.off_g, &gb));
+  FCT_TRY(fct_x_dense_base(&e, grad_y, n->pack_g, p.off_g, &gb));
   if (n->gb) {
     fct_mat G = fct_dense(gb, s->M, s->out.size);
-    TRY(e.be->column_sums(ctx, e.device, e.dt, &G, fct_data(grad_bias)));
+    FCT_TRY(e.be->column_sums(ctx, e.device, e.dt, &G, fct_data(grad_bias)));
   }
   if (!work) return FCT_OK;
   if (s->M == 0) return zero_grads(&e, &p, grad_core, grad_in_factors, grad_out_factors);
-  TRY(fct_x_dense_base(&e, x, n->pack_x, p.off_x, &xb));
+  FCT_TRY(fct_x_dense_base(&e, x, n->pack_x, p.off_x, &xb));
   for (int64_t m0 = 0; m0 < s->M; m0 += p.Mc) {
     int64_t Mc = s->M - m0 < p.Mc ? s->M - m0 : p.Mc;
     char* gx = grad_x ? fct_data(grad_x) + m0 * s->in.size * (int64_t)e.es : NULL;
-    TRY(backward_chunk(&e, &p, xb + m0 * s->in.size * (int64_t)e.es,
+    FCT_TRY(backward_chunk(&e, &p, xb + m0 * s->in.size * (int64_t)e.es,
                        gb + m0 * s->out.size * (int64_t)e.es, gx, grad_core, grad_in_factors,
                        grad_out_factors, Mc, m0 > 0 ? 1.0 : 0.0));
   }
@@ -664,7 +665,7 @@ fct_status fct_tucker_linear_backward(fct_context* ctx, const DLTensor* grad_y,
     a.n = 0;
     fct_args_add(&a, "grad_y", grad_y);
     add_inputs(&a, x, core, n_in, in_factors, n_out, out_factors);
-    TRY(fct_check_finite(ctx, e.be, fct_ws_at(&e, p.off_scratch), "grad_x", grad_x, a.names,
+    FCT_TRY(fct_check_finite(ctx, e.be, fct_ws_at(&e, p.off_scratch), "grad_x", grad_x, a.names,
                          a.ts, a.n));
   }
   return FCT_OK;
@@ -700,16 +701,16 @@ fct_status fct_tucker_linear_plan(int n_in, const int64_t* in_modes, const int64
   if (!fct_fits_int(batch)) return FCT_ERR_OVERFLOW; /* M < 2^31, as the ops */
   tk_plan pf, pb;
   memset(&pf, 0, sizeof pf);
-  TRY(side_from(n_in, in_modes, in_ranks, &pf.s.in));
-  TRY(side_from(n_out, out_modes, out_ranks, &pf.s.out));
+  FCT_TRY(side_from(n_in, in_modes, in_ranks, &pf.s.in));
+  FCT_TRY(side_from(n_out, out_modes, out_ranks, &pf.s.out));
   pf.s.M = batch;
   pf.s.es = fct_dtype_bytes(fct_dtype_of(dtype));
   pf.s.cuda = device.device_type == kDLCUDA;
   pb = pf;
   pb.n.backward = pb.n.gx = pb.n.gb = pb.n.gcore = pb.n.any_gin = pb.n.any_gout = true;
   for (int k = 0; k < FCT_MAX_MODES; ++k) pb.n.gin[k] = pb.n.gout[k] = true;
-  TRY(make_plan(NULL, &pf));
-  TRY(make_plan(NULL, &pb));
+  FCT_TRY(make_plan(NULL, &pf));
+  FCT_TRY(make_plan(NULL, &pb));
   memset(info, 0, sizeof *info);
   info->forward_flops = pf.flops;
   info->backward_flops = pb.flops;

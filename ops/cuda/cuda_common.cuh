@@ -12,12 +12,6 @@
 
 #include "backend.h"
 
-#define FCT_TRY(expr)            \
-  do {                           \
-    fct_status s_ = (expr);      \
-    if (s_ != FCT_OK) return s_; \
-  } while (0)
-
 /* Threads per block of the element-wise kernels, and a cap on blocks: the
  * kernels loop grid-stride, so more blocks than this only add scheduling. */
 #define FCT_CUDA_THREADS 256

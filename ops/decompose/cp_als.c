@@ -78,7 +78,7 @@ static fct_status cp_layout(const fct_dec_run* r, const cp_plan* p, fct_arena* d
     maxI = In > maxI ? In : maxI;
     if (p->o.init == FCT_INIT_SVD) {
       int64_t k = R < In ? R : In, s;
-      FCT_TRY_(r->e->top_left_sv_scratch(r, &p->d, n, k, &s));
+      FCT_TRY(r->e->top_left_sv_scratch(r, &p->d, n, k, &s));
       init = s > init ? s : init;
     }
   }
@@ -151,15 +151,15 @@ static fct_status cp_init(const fct_dec_run* r, const cp_plan* p, cp_bufs* b, co
     double* A = b->A[n];
     uint64_t stream = FCT_RNG_FACTOR(n);
     if (p->o.init == FCT_INIT_GIVEN) { /* factor n row-major [In, R] -> column-major */
-      FCT_TRY_(e->load_transposed(r, p->F[n], In, R, b->stage));
-      FCT_TRY_(e->to_host(r, A, b->stage, (size_t)(In * R) * sizeof(double)));
+      FCT_TRY(e->load_transposed(r, p->F[n], In, R, b->stage));
+      FCT_TRY(e->to_host(r, A, b->stage, (size_t)(In * R) * sizeof(double)));
       continue;
     }
     bool svd = p->o.init == FCT_INIT_SVD && (n > 0 || p->o.n_iter_max == 0 || small);
     int64_t k = svd ? (R < In ? R : In) : 0;
     if (svd) {
-      FCT_TRY_(e->top_left_sv(r, X, &p->d, n, k, b->stage, p->o.seed, stream, b->sv));
-      FCT_TRY_(e->to_host(r, A, b->stage, (size_t)(In * k) * sizeof(double)));
+      FCT_TRY(e->top_left_sv(r, X, &p->d, n, k, b->stage, p->o.seed, stream, b->sv));
+      FCT_TRY(e->to_host(r, A, b->stage, (size_t)(In * k) * sizeof(double)));
     }
     /* Random entries, uniform [0, 1) as TensorLy draws them, for the columns
      * the SVD cannot give (R > I_n) or all of them. */
@@ -168,8 +168,8 @@ static fct_status cp_init(const fct_dec_run* r, const cp_plan* p, cp_bufs* b, co
         A[i + j * In] = fct_rng_uniform(p->o.seed, stream, (uint64_t)(i + j * In));
   }
   if (p->o.init == FCT_INIT_GIVEN && p->w) {
-    FCT_TRY_(e->load_transposed(r, p->w, 1, R, b->stage));
-    FCT_TRY_(e->to_host(r, b->lam, b->stage, (size_t)R * sizeof(double)));
+    FCT_TRY(e->load_transposed(r, p->w, 1, R, b->stage));
+    FCT_TRY(e->to_host(r, b->lam, b->stage, (size_t)R * sizeof(double)));
   }
   for (int n = 0; n < p->d.N; ++n) {
     normalize_columns(b->A[n], p->d.dim[n], R, b->M);
@@ -199,23 +199,23 @@ static fct_status refresh_partial(const fct_dec_run* r, const cp_plan* p, cp_buf
   const double* kr = b->kr;
   double* P = b->P[g];
   if (b->KRd) {
-    FCT_TRY_(r->e->to_device(r, b->KRd, kr, (size_t)(T * R) * sizeof(double)));
+    FCT_TRY(r->e->to_device(r, b->KRd, kr, (size_t)(T * R) * sizeof(double)));
     kr = b->KRd;
     P = b->Pd;
   }
   /* X row-major [left, right] is column-major Xcm [right, left]. */
   if (other) /* P [left, R] = Xcmᵀ·KR_right */
-    FCT_TRY_(r->e->gemm(r, true, false, left, R, right, X, right, kr, right, P, left));
+    FCT_TRY(r->e->gemm(r, true, false, left, R, right, X, right, kr, right, P, left));
   else /* P [right, R] = Xcm·KR_left */
-    FCT_TRY_(r->e->gemm(r, false, false, right, R, left, X, right, kr, left, P, right));
-  if (b->Pd) FCT_TRY_(r->e->to_host(r, b->P[g], P, (size_t)(S * R) * sizeof(double)));
+    FCT_TRY(r->e->gemm(r, false, false, right, R, left, X, right, kr, left, P, right));
+  if (b->Pd) FCT_TRY(r->e->to_host(r, b->P[g], P, (size_t)(S * R) * sizeof(double)));
   return FCT_OK;
 }
 
 /* b->M = the last mode's MTTKRP from scratch. */
 static fct_status last_mttkrp(const fct_dec_run* r, const cp_plan* p, cp_bufs* b,
                               const double* X) {
-  FCT_TRY_(refresh_partial(r, p, b, X, 1));
+  FCT_TRY(refresh_partial(r, p, b, X, 1));
   group_mttkrp(p, b, p->d.N - 1);
   return FCT_OK;
 }
@@ -225,7 +225,7 @@ static fct_status cp_error(const fct_dec_run* r, const cp_plan* p, cp_bufs* b, c
                            double sumsq, double* err) {
   int N = p->d.N, n = N - 1;
   int64_t R = p->R, In = p->d.dim[n];
-  FCT_TRY_(last_mttkrp(r, p, b, X));
+  FCT_TRY(last_mttkrp(r, p, b, X));
   double ip = 0, nh = 0;
   for (int64_t j = 0; j < R; ++j)
     for (int64_t i = 0; i < In; ++i) ip += b->lam[j] * b->A[n][i + j * In] * b->M[i + j * In];
@@ -270,7 +270,7 @@ static fct_status cp_refine_small_modes(const fct_dec_run* r, const cp_plan* p, 
   for (int n = 1; n < p->d.N; ++n) {
     if (p->d.dim[n] >= p->R) continue;
     double ip, nh;
-    FCT_TRY_(refresh_partial(r, p, b, X, n >= p->h));
+    FCT_TRY(refresh_partial(r, p, b, X, n >= p->h));
     group_mttkrp(p, b, n);
     cp_update(p, b, n, &ip, &nh);
   }
@@ -291,10 +291,10 @@ static fct_status cp_store(const fct_dec_run* r, const cp_plan* p, cp_bufs* b) {
   }
   for (int n = 0; n < N; ++n) {
     int64_t In = p->d.dim[n];
-    FCT_TRY_(e->to_device(r, b->stage, b->A[n], (size_t)(In * R) * sizeof(double)));
-    FCT_TRY_(e->store(r, p->F[n], 0, b->stage, In, R, 1, In));
+    FCT_TRY(e->to_device(r, b->stage, b->A[n], (size_t)(In * R) * sizeof(double)));
+    FCT_TRY(e->store(r, p->F[n], 0, b->stage, In, R, 1, In));
   }
-  FCT_TRY_(e->to_device(r, b->stage, b->lam, (size_t)R * sizeof(double)));
+  FCT_TRY(e->to_device(r, b->stage, b->lam, (size_t)R * sizeof(double)));
   return e->store(r, p->w, 0, b->stage, 1, R, 0, 1);
 }
 
@@ -302,28 +302,28 @@ static fct_status cp_solve(const fct_dec_run* r, const cp_plan* p, cp_bufs* b, b
                            double* errors, fct_decomp_info* info) {
   const fct_dec_engine* e = r->e;
   const double* X = in_place ? (const double*)fct_data(p->X) : b->X;
-  if (!in_place) FCT_TRY_(e->load(r, p->X, b->X));
+  if (!in_place) FCT_TRY(e->load(r, p->X, b->X));
   double sumsq;
-  FCT_TRY_(e->scan(r, "tensor", X, p->numel, &sumsq, b->scan));
+  FCT_TRY(e->scan(r, "tensor", X, p->numel, &sumsq, b->scan));
   fct_decomp_info res = {0.0, 0, 0};
   if (sumsq == 0) { /* zero (or empty) tensor: zero model, no error */
     for (int n = 0; n < p->d.N; ++n)
       memset(b->A[n], 0, (size_t)(p->d.dim[n] * p->R) * sizeof(double));
     memset(b->lam, 0, (size_t)p->R * sizeof(double));
-    FCT_TRY_(cp_store(r, p, b));
+    FCT_TRY(cp_store(r, p, b));
     res.converged = 1;
     if (info) *info = res;
     return FCT_OK;
   }
-  FCT_TRY_(cp_init(r, p, b, X));
-  FCT_TRY_(cp_refine_small_modes(r, p, b, X));
+  FCT_TRY(cp_init(r, p, b, X));
+  FCT_TRY(cp_refine_small_modes(r, p, b, X));
   double err = 0.0, prev = 0.0;
-  if (p->o.n_iter_max == 0) FCT_TRY_(cp_error(r, p, b, X, sumsq, &err));
+  if (p->o.n_iter_max == 0) FCT_TRY(cp_error(r, p, b, X, sumsq, &err));
   for (int32_t it = 0; it < p->o.n_iter_max; ++it) {
     double ip = 0, nh = 0;
     for (int n = 0; n < p->d.N; ++n) {
-      if (n == 0) FCT_TRY_(refresh_partial(r, p, b, X, 0));     /* right group fixed now */
-      if (n == p->h) FCT_TRY_(refresh_partial(r, p, b, X, 1));  /* left group updated */
+      if (n == 0) FCT_TRY(refresh_partial(r, p, b, X, 0));     /* right group fixed now */
+      if (n == p->h) FCT_TRY(refresh_partial(r, p, b, X, 1));  /* left group updated */
       group_mttkrp(p, b, n);
       cp_update(p, b, n, &ip, &nh);
     }
@@ -338,7 +338,7 @@ static fct_status cp_solve(const fct_dec_run* r, const cp_plan* p, cp_bufs* b, b
     prev = err;
   }
   res.rel_error = err;
-  FCT_TRY_(cp_store(r, p, b));
+  FCT_TRY(cp_store(r, p, b));
   if (info) *info = res;
   return FCT_OK;
 }
@@ -352,13 +352,13 @@ static fct_status cp_run(const fct_dec_run* r, const cp_plan* p, double* errors,
   fct_arena dev = {(char*)ctx->workspace, 0, false};
   cp_bufs b;
   if (r->e->host) {
-    FCT_TRY_(cp_layout(r, p, &dev, &dev, &b, in_place));
-    FCT_TRY_(fct_arena_check(ctx, &dev));
+    FCT_TRY(cp_layout(r, p, &dev, &dev, &b, in_place));
+    FCT_TRY(fct_arena_check(ctx, &dev));
     return cp_solve(r, p, &b, in_place, errors, info);
   }
   fct_arena sizing = {NULL, 0, false};
-  FCT_TRY_(cp_layout(r, p, &dev, &sizing, &b, in_place));
-  FCT_TRY_(fct_arena_check(ctx, &dev));
+  FCT_TRY(cp_layout(r, p, &dev, &sizing, &b, in_place));
+  FCT_TRY(fct_arena_check(ctx, &dev));
   if (sizing.overflow) return fct_fail(ctx, FCT_ERR_OVERFLOW, "cp: host buffers overflow size_t");
   char* mem = malloc(sizing.used ? sizing.used : 1);
   if (!mem)
@@ -379,7 +379,7 @@ static fct_status cp_run(const fct_dec_run* r, const cp_plan* p, double* errors,
 static fct_status cp_check(fct_context* ctx, const DLTensor* X, int nf, DLTensor* const* F,
                            const DLTensor* w, const fct_cp_options* o, cp_plan* p) {
   if (!o) return fct_fail(ctx, FCT_ERR_NULL_ARGUMENT, "opts: expected options, got NULL");
-  FCT_TRY_(fct_dec_check_input(ctx, "tensor", X, 2, CP_MAX_MODES));
+  FCT_TRY(fct_dec_check_input(ctx, "tensor", X, 2, CP_MAX_MODES));
   memset(p, 0, sizeof *p);
   p->X = X;
   p->F = F;
@@ -414,23 +414,24 @@ static fct_status cp_check(fct_context* ctx, const DLTensor* X, int nf, DLTensor
   if (o->normalize_factors != 0 && o->normalize_factors != 1)
     return fct_fail(ctx, FCT_ERR_INVALID_VALUE, "normalize_factors: expected 0 or 1, got %d",
                     o->normalize_factors);
-  FCT_TRY_(fct_check_tensor(ctx, "factors[0]", F[0], 2));
+  FCT_TRY(fct_check_tensor(ctx, "factors[0]", F[0], 2));
   p->R = F[0]->ndim == 2 ? F[0]->shape[1] : 0;
   if (p->R < 1)
     return fct_fail(ctx, FCT_ERR_INVALID_VALUE,
                     "rank: expected >= 1 (the columns of factors[0], [I_0, rank]), got %lld",
                     (long long)p->R);
-  FCT_TRY_(fct_dec_check_int(ctx, "rank", p->R));
+  FCT_TRY(fct_dec_check_int(ctx, "rank", p->R));
   for (int n = 0; n < nf; ++n) {
     char name[32];
     snprintf(name, sizeof name, "factors[%d]", n);
     int64_t shape[2] = {X->shape[n], p->R};
-    FCT_TRY_(fct_dec_check_output(ctx, name, F[n], X, 2, shape));
-    for (int m = 0; m < n; ++m) FCT_TRY_(fct_check_disjoint(ctx, name, F[n], "another factor", F[m]));
+    FCT_TRY(fct_dec_check_output(ctx, name, F[n], X, 2, shape));
+    for (int m = 0; m < n; ++m)
+      FCT_TRY(fct_check_disjoint(ctx, name, F[n], "another factor", F[m]));
   }
   int64_t wshape[1] = {p->R};
-  FCT_TRY_(fct_dec_check_output(ctx, "weights", w, X, 1, wshape));
-  for (int n = 0; n < nf; ++n) FCT_TRY_(fct_check_disjoint(ctx, "weights", w, "a factor", F[n]));
+  FCT_TRY(fct_dec_check_output(ctx, "weights", w, X, 1, wshape));
+  for (int n = 0; n < nf; ++n) FCT_TRY(fct_check_disjoint(ctx, "weights", w, "a factor", F[n]));
   return FCT_OK;
 }
 
@@ -440,13 +441,13 @@ fct_status fct_cp_als_workspace(const fct_context* ctx, const DLTensor* X, int n
   if (!ctx || !bytes) return FCT_ERR_NULL_ARGUMENT;
   fct_context c = *ctx;
   cp_plan p;
-  FCT_TRY_(cp_check(&c, X, n_factors, (DLTensor* const*)factors, weights, opts, &p));
+  FCT_TRY(cp_check(&c, X, n_factors, (DLTensor* const*)factors, weights, opts, &p));
   fct_dec_run r;
-  FCT_TRY_(fct_dec_run_for(&c, "tensor", X, &r));
+  FCT_TRY(fct_dec_run_for(&c, "tensor", X, &r));
   fct_arena a = {NULL, 0, false}, host = {NULL, 0, false};
   cp_bufs b;
   bool in_place = fct_dec_dense_f64(X);
-  FCT_TRY_(cp_layout(&r, &p, &a, r.e->host ? &a : &host, &b, in_place));
+  FCT_TRY(cp_layout(&r, &p, &a, r.e->host ? &a : &host, &b, in_place));
   if (a.overflow) return fct_fail(&c, FCT_ERR_OVERFLOW, "workspace: its size overflows size_t");
   *bytes = a.used;
   return FCT_OK;
@@ -457,8 +458,8 @@ fct_status fct_cp_als(fct_context* ctx, const DLTensor* X, int n_factors, DLTens
                       fct_decomp_info* info) {
   if (!ctx) return FCT_ERR_NULL_ARGUMENT;
   cp_plan p;
-  FCT_TRY_(cp_check(ctx, X, n_factors, factors, weights, opts, &p));
+  FCT_TRY(cp_check(ctx, X, n_factors, factors, weights, opts, &p));
   fct_dec_run r;
-  FCT_TRY_(fct_dec_run_for(ctx, "tensor", X, &r));
+  FCT_TRY(fct_dec_run_for(ctx, "tensor", X, &r));
   return cp_run(&r, &p, errors, info);
 }

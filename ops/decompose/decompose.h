@@ -18,12 +18,6 @@
 extern "C" {
 #endif
 
-#define FCT_TRY_(expr)           \
-  do {                           \
-    fct_status s_ = (expr);      \
-    if (s_ != FCT_OK) return s_; \
-  } while (0)
-
 /* ------------------------------------------------------------------------- */
 /* Workspace arena. The same layout code runs twice: once with base == NULL  */
 /* to size the workspace (the *_workspace query), once over the caller's     */

@@ -23,7 +23,7 @@ fct_status fct_dec_check_input(fct_context* ctx, const char* name, const DLTenso
   if (dt != FCT_F32 && dt != FCT_F64)
     return fct_fail(ctx, FCT_ERR_DTYPE, "%s: expected dtype float32 or float64, got %s", name,
                     fct_dtype_name(X->dtype));
-  FCT_TRY_(fct_check_tensor(ctx, name, X, 0));
+  FCT_TRY(fct_check_tensor(ctx, name, X, 0));
   if (X->ndim < min_ndim || X->ndim > max_ndim) {
     if (min_ndim == max_ndim)
       return fct_fail(ctx, FCT_ERR_NDIM, "%s: expected %d dims, got %d", name, min_ndim, X->ndim);
@@ -63,8 +63,8 @@ static bool is_row_major(const DLTensor* t) {
 
 fct_status fct_dec_check_output(fct_context* ctx, const char* name, const DLTensor* t,
                                 const DLTensor* X, int ndim, const int64_t* shape) {
-  FCT_TRY_(fct_check_tensor(ctx, name, t, 0));
-  FCT_TRY_(fct_check_same(ctx, name, t, "the input", X));
+  FCT_TRY(fct_check_tensor(ctx, name, t, 0));
+  FCT_TRY(fct_check_same(ctx, name, t, "the input", X));
   bool ok = t->ndim == ndim;
   for (int i = 0; ok && i < ndim; ++i) ok = t->shape[i] == shape[i];
   if (!ok) {
@@ -330,7 +330,7 @@ fct_status fct_dec_run_for(fct_context* ctx, const char* name, const DLTensor* X
     return fct_fail(ctx, FCT_ERR_DEVICE, "%s: expected a cpu or cuda tensor, got a %s tensor",
                     name, fct_device_name(X->device.device_type));
   const fct_decompose_backend* be;
-  FCT_TRY_(fct_cuda_decompose_for(ctx, name, &be));
+  FCT_TRY(fct_cuda_decompose_for(ctx, name, &be));
   if (!be->engine)
     return fct_fail(ctx, FCT_ERR_UNSUPPORTED, "%s: the loaded CUDA backend has no decomposition "
                     "engine", name);

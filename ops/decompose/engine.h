@@ -21,6 +21,7 @@
 #include <stdint.h>
 
 #include "fct_tensor.h"
+#include "fct_try.h"
 
 #ifdef __cplusplus
 extern "C" {

@@ -134,9 +134,9 @@ static fct_status rsvd_cpu(fct_context* ctx, const fct_svd_plan* p, fct_decomp_i
   fct_arena ar = {(char*)ctx->workspace, 0, false};
   rsvd_bufs b;
   rsvd_layout(p, &ar, &b);
-  FCT_TRY_(fct_arena_check(ctx, &ar));
+  FCT_TRY(fct_arena_check(ctx, &ar));
   double sumsq;
-  FCT_TRY_(fct_dec_scan_cpu(ctx, "A", p->A, &sumsq));
+  FCT_TRY(fct_dec_scan_cpu(ctx, "A", p->A, &sumsq));
   int64_t m = p->m, n = p->n, k = p->k;
   fct_dtype dt = p->dt;
   fct_mat A = p->a;
@@ -200,7 +200,7 @@ static fct_status rsvd_plan(fct_context* ctx, const DLTensor* A, const DLTensor*
                             const DLTensor* S, const DLTensor* Vh, const fct_rsvd_options* o,
                             fct_svd_plan* p) {
   if (!o) return fct_fail(ctx, FCT_ERR_NULL_ARGUMENT, "opts: expected options, got NULL");
-  FCT_TRY_(fct_dec_svd_plan(ctx, A, U, S, Vh, true, p));
+  FCT_TRY(fct_dec_svd_plan(ctx, A, U, S, Vh, true, p));
   if (o->n_oversamples < 0)
     return fct_fail(ctx, FCT_ERR_INVALID_VALUE, "n_oversamples: expected >= 0, got %lld",
                     (long long)o->n_oversamples);
@@ -220,10 +220,10 @@ fct_status fct_randomized_svd_workspace(const fct_context* ctx, const DLTensor* 
   if (!ctx || !bytes) return FCT_ERR_NULL_ARGUMENT;
   fct_context c = *ctx;
   fct_svd_plan p;
-  FCT_TRY_(rsvd_plan(&c, A, U, S, Vh, opts, &p));
+  FCT_TRY(rsvd_plan(&c, A, U, S, Vh, opts, &p));
   if (A->device.device_type == kDLCUDA) {
     const fct_decompose_backend* be;
-    FCT_TRY_(fct_cuda_decompose_for(&c, "A", &be));
+    FCT_TRY(fct_cuda_decompose_for(&c, "A", &be));
     return be->rsvd_workspace(&c, &p, bytes);
   }
   fct_arena a = {NULL, 0, false};
@@ -239,10 +239,10 @@ fct_status fct_randomized_svd(fct_context* ctx, const DLTensor* A, DLTensor* U, 
                               fct_decomp_info* info) {
   if (!ctx) return FCT_ERR_NULL_ARGUMENT;
   fct_svd_plan p;
-  FCT_TRY_(rsvd_plan(ctx, A, U, S, Vh, opts, &p));
+  FCT_TRY(rsvd_plan(ctx, A, U, S, Vh, opts, &p));
   if (A->device.device_type == kDLCUDA) {
     const fct_decompose_backend* be;
-    FCT_TRY_(fct_cuda_decompose_for(ctx, "A", &be));
+    FCT_TRY(fct_cuda_decompose_for(ctx, "A", &be));
     return be->rsvd(ctx, &p, info);
   }
   return rsvd_cpu(ctx, &p, info);

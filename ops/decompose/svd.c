@@ -18,13 +18,13 @@
 fct_status fct_dec_svd_plan(fct_context* ctx, const DLTensor* A, const DLTensor* U,
                             const DLTensor* S, const DLTensor* Vh, bool randomized,
                             fct_svd_plan* p) {
-  FCT_TRY_(fct_dec_check_input(ctx, "A", A, 2, 2));
+  FCT_TRY(fct_dec_check_input(ctx, "A", A, 2, 2));
   memset(p, 0, sizeof *p);
   p->dt = fct_dtype_of(A->dtype);
   p->m = A->shape[0];
   p->n = A->shape[1];
   int64_t q = p->m < p->n ? p->m : p->n;
-  FCT_TRY_(fct_check_tensor(ctx, "U", U, 2));
+  FCT_TRY(fct_check_tensor(ctx, "U", U, 2));
   if (U->ndim != 2 || U->shape[0] != p->m)
     return fct_fail(ctx, FCT_ERR_SHAPE, "U: expected shape [m, rank] with m = %lld (A's rows)",
                     (long long)p->m);
@@ -35,9 +35,9 @@ fct_status fct_dec_svd_plan(fct_context* ctx, const DLTensor* A, const DLTensor*
                     "got %lld (U's columns)",
                     (long long)q, (long long)p->m, (long long)p->n, (long long)p->r);
   int64_t ushape[2] = {p->m, p->r}, vshape[2] = {p->r, p->n};
-  FCT_TRY_(fct_dec_check_output(ctx, "U", U, A, 2, ushape));
-  FCT_TRY_(fct_dec_check_output(ctx, "Vh", Vh, A, 2, vshape));
-  FCT_TRY_(fct_check_tensor(ctx, "S", S, 1));
+  FCT_TRY(fct_dec_check_output(ctx, "U", U, A, 2, ushape));
+  FCT_TRY(fct_dec_check_output(ctx, "Vh", Vh, A, 2, vshape));
+  FCT_TRY(fct_check_tensor(ctx, "S", S, 1));
   p->s = S->ndim == 1 ? S->shape[0] : -1;
   if (randomized && p->s != p->r)
     return fct_fail(ctx, FCT_ERR_SHAPE, "S: expected shape [%lld] (the rank)", (long long)p->r);
@@ -46,10 +46,10 @@ fct_status fct_dec_svd_plan(fct_context* ctx, const DLTensor* A, const DLTensor*
                     "S: expected shape [s] with rank = %lld <= s <= min(m, n) = %lld",
                     (long long)p->r, (long long)q);
   int64_t sshape[1] = {p->s};
-  FCT_TRY_(fct_dec_check_output(ctx, "S", S, A, 1, sshape));
-  FCT_TRY_(fct_check_disjoint(ctx, "U", U, "S", S));
-  FCT_TRY_(fct_check_disjoint(ctx, "U", U, "Vh", Vh));
-  FCT_TRY_(fct_check_disjoint(ctx, "S", S, "Vh", Vh));
+  FCT_TRY(fct_dec_check_output(ctx, "S", S, A, 1, sshape));
+  FCT_TRY(fct_check_disjoint(ctx, "U", U, "S", S));
+  FCT_TRY(fct_check_disjoint(ctx, "U", U, "Vh", Vh));
+  FCT_TRY(fct_check_disjoint(ctx, "S", S, "Vh", Vh));
   p->A = A;
   p->U = (DLTensor*)U;
   p->S = (DLTensor*)S;
@@ -96,9 +96,9 @@ static fct_status svd_cpu(fct_context* ctx, const fct_svd_plan* p, fct_decomp_in
   fct_arena a = {(char*)ctx->workspace, 0, false};
   svd_bufs b;
   svd_layout(p, &a, &b);
-  FCT_TRY_(fct_arena_check(ctx, &a));
+  FCT_TRY(fct_arena_check(ctx, &a));
   double sumsq;
-  FCT_TRY_(fct_dec_scan_cpu(ctx, "A", p->A, &sumsq));
+  FCT_TRY(fct_dec_scan_cpu(ctx, "A", p->A, &sumsq));
   fct_dec_load_f64(p->A, b.W);
   int rc = fct_la_gesdd(p->n, p->m, b.W, p->n, b.s, b.Ut, p->n, b.VTt, b.q, b.work, b.lwork,
                         b.iwork);
@@ -126,10 +126,10 @@ fct_status fct_svd_workspace(const fct_context* ctx, const DLTensor* A, const DL
   if (!ctx || !bytes) return FCT_ERR_NULL_ARGUMENT;
   fct_context c = *ctx; /* the query may write an error message, nothing else */
   fct_svd_plan p;
-  FCT_TRY_(fct_dec_svd_plan(&c, A, U, S, Vh, false, &p));
+  FCT_TRY(fct_dec_svd_plan(&c, A, U, S, Vh, false, &p));
   if (A->device.device_type == kDLCUDA) {
     const fct_decompose_backend* be;
-    FCT_TRY_(fct_cuda_decompose_for(&c, "A", &be));
+    FCT_TRY(fct_cuda_decompose_for(&c, "A", &be));
     return be->svd_workspace(&c, &p, bytes);
   }
   fct_arena a = {NULL, 0, false};
@@ -144,10 +144,10 @@ fct_status fct_svd(fct_context* ctx, const DLTensor* A, DLTensor* U, DLTensor* S
                    fct_decomp_info* info) {
   if (!ctx) return FCT_ERR_NULL_ARGUMENT;
   fct_svd_plan p;
-  FCT_TRY_(fct_dec_svd_plan(ctx, A, U, S, Vh, false, &p));
+  FCT_TRY(fct_dec_svd_plan(ctx, A, U, S, Vh, false, &p));
   if (A->device.device_type == kDLCUDA) {
     const fct_decompose_backend* be;
-    FCT_TRY_(fct_cuda_decompose_for(ctx, "A", &be));
+    FCT_TRY(fct_cuda_decompose_for(ctx, "A", &be));
     return be->svd(ctx, &p, info);
   }
   return svd_cpu(ctx, &p, info);

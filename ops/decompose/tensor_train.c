@@ -61,13 +61,13 @@ static fct_status tt_layout(const fct_dec_run* r, const tt_plan* p, fct_arena* a
     u = b * qk > u ? b * qk : u;
     vt = qk * a > vt ? qk * a : vt;
     q = qk > q ? qk : q;
-    FCT_TRY_(r->e->svd_scratch(r, b, a, &l));
+    FCT_TRY(r->e->svd_scratch(r, b, a, &l));
     lw = l > lw ? l : lw;
     /* At run time a = r_k·n_k may be smaller than sized, and a wide step
      * (a > b) may turn tall: size that orientation too (an engine's SVD
      * may take another path for it, as gesvd on CUDA does). */
     if (a > b) {
-      FCT_TRY_(r->e->svd_scratch(r, b, b, &l));
+      FCT_TRY(r->e->svd_scratch(r, b, b, &l));
       lw = l > lw ? l : lw;
     }
   }
@@ -108,9 +108,9 @@ static int64_t choose_rank(const double* s, int64_t q, double tail2, int64_t cap
 static fct_status tt_steps(const fct_dec_run* r, const tt_plan* p, tt_bufs* t, double* s_host,
                            int64_t* ranks, fct_decomp_info* info) {
   const fct_dec_engine* e = r->e;
-  FCT_TRY_(e->load(r, p->X, t->C));
+  FCT_TRY(e->load(r, p->X, t->C));
   double sumsq;
-  FCT_TRY_(e->scan(r, "tensor", t->C, p->numel, &sumsq, t->scan));
+  FCT_TRY(e->scan(r, "tensor", t->C, p->numel, &sumsq, t->scan));
   double tail2 = p->eps > 0 && p->N > 1 ? p->eps * p->eps * sumsq / (double)(p->N - 1) : -1.0;
   double err2 = 0;
   int64_t rk = 1, off = 0;
@@ -121,20 +121,20 @@ static fct_status tt_steps(const fct_dec_run* r, const tt_plan* p, tt_bufs* t, d
     int64_t q = a < b ? a : b;
     char what[32];
     snprintf(what, sizeof what, "core %d", k);
-    FCT_TRY_(e->svd(r, b, a, t->C, t->s, t->U, t->VT, t->work, what));
-    FCT_TRY_(e->to_host(r, s_host, t->s, (size_t)q * sizeof(double)));
+    FCT_TRY(e->svd(r, b, a, t->C, t->s, t->U, t->VT, t->work, what));
+    FCT_TRY(e->to_host(r, s_host, t->s, (size_t)q * sizeof(double)));
     double dropped;
     int64_t rn = choose_rank(s_host, q, tail2, p->rmax[k + 1], a, b, &dropped);
     err2 += dropped;
     /* core k [rk, n_k, rn] row-major: element (row, j) = VT'[j + row·q]. */
-    FCT_TRY_(e->store(r, p->cores, off, t->VT, a, rn, q, 1));
+    FCT_TRY(e->store(r, p->cores, off, t->VT, a, rn, q, 1));
     off += a * rn;
     /* next C [rn, b] row-major: row j = s_j · U'[:, j]. */
-    FCT_TRY_(e->copy(r, t->C, t->U, rn, b, b, 1, t->s));
+    FCT_TRY(e->copy(r, t->C, t->U, rn, b, b, 1, t->s));
     rk = rn;
     ranks[k + 1] = rn;
   }
-  FCT_TRY_(e->store(r, p->cores, off, t->C, 1, rk * p->n[p->N - 1], 0, 1));
+  FCT_TRY(e->store(r, p->cores, off, t->C, 1, rk * p->n[p->N - 1], 0, 1));
   ranks[p->N] = 1;
   if (info) {
     info->rel_error = sumsq > 0 ? sqrt(err2 / sumsq) : 0.0;
@@ -148,8 +148,8 @@ static fct_status tt_run(const fct_dec_run* r, const tt_plan* p, int64_t* ranks,
                          fct_decomp_info* info) {
   fct_arena ar = {(char*)r->ctx->workspace, 0, false};
   tt_bufs t;
-  FCT_TRY_(tt_layout(r, p, &ar, &t));
-  FCT_TRY_(fct_arena_check(r->ctx, &ar));
+  FCT_TRY(tt_layout(r, p, &ar, &t));
+  FCT_TRY(fct_arena_check(r->ctx, &ar));
   if (r->e->host) return tt_steps(r, p, &t, t.s, ranks, info);
   /* The rank choice reads the singular values on the host. */
   int64_t q = 1;
@@ -179,7 +179,7 @@ static int64_t min3(int64_t a, int64_t b, int64_t c) {
 /* Checks everything but the output and fills p (capacity included). */
 static fct_status tt_check(fct_context* ctx, const DLTensor* X, int N, const int64_t* sizes,
                            const int64_t* caps, double eps, tt_plan* p) {
-  FCT_TRY_(fct_dec_check_input(ctx, "tensor", X, 0, FCT_MAX_DIMS));
+  FCT_TRY(fct_dec_check_input(ctx, "tensor", X, 0, FCT_MAX_DIMS));
   memset(p, 0, sizeof *p);
   p->X = X;
   p->eps = eps;
@@ -241,7 +241,7 @@ static fct_status tt_check(fct_context* ctx, const DLTensor* X, int N, const int
   for (int k = 0; k + 1 < N; ++k) {
     int64_t a, b, q;
     step_dims(p, k, &a, &b, &q);
-    FCT_TRY_(fct_dec_check_int(ctx, "tensor (an unfolding's rows)", a));
+    FCT_TRY(fct_dec_check_int(ctx, "tensor (an unfolding's rows)", a));
   }
   return FCT_OK;
 }
@@ -257,7 +257,7 @@ fct_status fct_tensor_train_capacity(const fct_context* ctx, const DLTensor* X, 
   if (!ctx || !elements) return FCT_ERR_NULL_ARGUMENT;
   fct_context c = *ctx;
   tt_plan p;
-  FCT_TRY_(tt_check(&c, X, n_modes, mode_sizes, max_ranks, 0.0, &p));
+  FCT_TRY(tt_check(&c, X, n_modes, mode_sizes, max_ranks, 0.0, &p));
   *elements = p.capacity;
   return FCT_OK;
 }
@@ -268,13 +268,13 @@ fct_status fct_tensor_train_workspace(const fct_context* ctx, const DLTensor* X,
   if (!ctx || !bytes) return FCT_ERR_NULL_ARGUMENT;
   fct_context c = *ctx;
   tt_plan p;
-  FCT_TRY_(tt_check(&c, X, n_modes, mode_sizes, max_ranks, eps, &p));
-  FCT_TRY_(tt_check_cores(&c, &p, cores));
+  FCT_TRY(tt_check(&c, X, n_modes, mode_sizes, max_ranks, eps, &p));
+  FCT_TRY(tt_check_cores(&c, &p, cores));
   fct_dec_run r;
-  FCT_TRY_(fct_dec_run_for(&c, "tensor", X, &r));
+  FCT_TRY(fct_dec_run_for(&c, "tensor", X, &r));
   fct_arena a = {NULL, 0, false};
   tt_bufs t;
-  FCT_TRY_(tt_layout(&r, &p, &a, &t));
+  FCT_TRY(tt_layout(&r, &p, &a, &t));
   if (a.overflow) return fct_fail(&c, FCT_ERR_OVERFLOW, "workspace: its size overflows size_t");
   *bytes = a.used;
   return FCT_OK;
@@ -286,10 +286,10 @@ fct_status fct_tensor_train(fct_context* ctx, const DLTensor* X, int n_modes,
   if (!ctx) return FCT_ERR_NULL_ARGUMENT;
   if (!ranks) return fct_fail(ctx, FCT_ERR_NULL_ARGUMENT, "ranks: expected n_modes + 1 int64, got NULL");
   tt_plan p;
-  FCT_TRY_(tt_check(ctx, X, n_modes, mode_sizes, max_ranks, eps, &p));
-  FCT_TRY_(tt_check_cores(ctx, &p, cores));
+  FCT_TRY(tt_check(ctx, X, n_modes, mode_sizes, max_ranks, eps, &p));
+  FCT_TRY(tt_check_cores(ctx, &p, cores));
   p.cores = cores;
   fct_dec_run r;
-  FCT_TRY_(fct_dec_run_for(ctx, "tensor", X, &r));
+  FCT_TRY(fct_dec_run_for(ctx, "tensor", X, &r));
   return tt_run(&r, &p, ranks, info);
 }

@@ -69,7 +69,7 @@ static fct_status contract(const fct_dec_run* r, const tk_plan* p, const double*
   for (int j = 0; j < p->d.N; ++j) {
     int m = p->order[j];
     if (m == skip) continue;
-    FCT_TRY_(r->e->mode_product_t(r, cur, &d, m, U[m], p->R[m], dst));
+    FCT_TRY(r->e->mode_product_t(r, cur, &d, m, U[m], p->R[m], dst));
     d.dim[m] = p->R[m];
     cur = dst;
     dst = dst == a ? b : a;
@@ -92,13 +92,13 @@ static fct_status tk_layout(const fct_dec_run* r, const tk_plan* p, fct_arena* a
     int64_t pk;
     fct_dims dy = contracted_dims(p, n, &pk);
     peak = max64(peak, pk);
-    FCT_TRY_(e->top_left_sv_scratch(r, &dy, n, p->R[n], &s));
+    FCT_TRY(e->top_left_sv_scratch(r, &dy, n, p->R[n], &s));
     sv = max64(sv, s);
     if (p->o.init == FCT_INIT_SVD) {
-      FCT_TRY_(e->top_left_sv_scratch(r, &p->d, n, p->R[n], &s));
+      FCT_TRY(e->top_left_sv_scratch(r, &p->d, n, p->R[n], &s));
       sv = max64(sv, s);
     } else {
-      FCT_TRY_(e->orth_scratch(r, p->d.dim[n], p->R[n], &s));
+      FCT_TRY(e->orth_scratch(r, p->d.dim[n], p->R[n], &s));
       ow = max64(ow, s);
     }
   }
@@ -120,14 +120,14 @@ static fct_status tk_init(const fct_dec_run* r, const tk_plan* p, tk_bufs* b, co
     double* U = b->U[n];
     if (p->o.init == FCT_INIT_SVD) {
       if (n == 0 && p->o.n_iter_max > 0) continue; /* never read */
-      FCT_TRY_(e->top_left_sv(r, X, &p->d, n, Rn, U, p->o.seed, FCT_RNG_FACTOR(n), b->sv));
+      FCT_TRY(e->top_left_sv(r, X, &p->d, n, Rn, U, p->o.seed, FCT_RNG_FACTOR(n), b->sv));
       continue;
     }
     if (p->o.init == FCT_INIT_GIVEN)
-      FCT_TRY_(e->load_transposed(r, p->F[n], In, Rn, U));
+      FCT_TRY(e->load_transposed(r, p->F[n], In, Rn, U));
     else
-      FCT_TRY_(e->uniform(r, U, In * Rn, p->o.seed, FCT_RNG_FACTOR(n)));
-    FCT_TRY_(e->orth(r, In, Rn, U, b->orth)); /* HOOI wants orthonormal */
+      FCT_TRY(e->uniform(r, U, In * Rn, p->o.seed, FCT_RNG_FACTOR(n)));
+    FCT_TRY(e->orth(r, In, Rn, U, b->orth)); /* HOOI wants orthonormal */
   }
   return FCT_OK;
 }
@@ -136,7 +136,7 @@ static fct_status tk_init(const fct_dec_run* r, const tk_plan* p, tk_bufs* b, co
 static fct_status tk_error(const fct_dec_run* r, double sumsq, const double* core, int64_t n,
                            double* scratch, double* err) {
   double c2;
-  FCT_TRY_(r->e->scan(r, "core", core, n, &c2, scratch));
+  FCT_TRY(r->e->scan(r, "core", core, n, &c2, scratch));
   double e2 = sumsq - c2;
   *err = sumsq > 0 && e2 > 0 ? sqrt(e2 / sumsq) : 0.0;
   return FCT_OK;
@@ -149,39 +149,39 @@ static fct_status tk_run(const fct_dec_run* r, const tk_plan* p, double* errors,
   bool in_place = fct_dec_dense_f64(p->X);
   fct_arena ar = {(char*)ctx->workspace, 0, false};
   tk_bufs b;
-  FCT_TRY_(tk_layout(r, p, &ar, &b, in_place));
-  FCT_TRY_(fct_arena_check(ctx, &ar));
+  FCT_TRY(tk_layout(r, p, &ar, &b, in_place));
+  FCT_TRY(fct_arena_check(ctx, &ar));
   const double* X = in_place ? (const double*)fct_data(p->X) : b.X;
-  if (!in_place) FCT_TRY_(e->load(r, p->X, b.X));
+  if (!in_place) FCT_TRY(e->load(r, p->X, b.X));
   double sumsq;
-  FCT_TRY_(e->scan(r, "tensor", X, p->numel, &sumsq, b.scan));
+  FCT_TRY(e->scan(r, "tensor", X, p->numel, &sumsq, b.scan));
   fct_decomp_info res = {0.0, 0, 0};
   /* A zero tensor goes through the same steps: its factors are orthonormal
    * (the singular vectors of a zero unfolding), its core zero. */
   double* const* U = b.U;
-  FCT_TRY_(tk_init(r, p, &b, X));
+  FCT_TRY(tk_init(r, p, &b, X));
   fct_dims dc;
   int64_t ncore = 1;
   for (int n = 0; n < p->d.N; ++n) ncore *= p->R[n];
   const double* core = NULL;
   double err = 0.0, prev = 0.0;
   if (p->o.n_iter_max == 0) {
-    FCT_TRY_(contract(r, p, X, -1, U, b.bufA, b.bufB, &dc, &core));
-    FCT_TRY_(tk_error(r, sumsq, core, ncore, b.scan, &err));
+    FCT_TRY(contract(r, p, X, -1, U, b.bufA, b.bufB, &dc, &core));
+    FCT_TRY(tk_error(r, sumsq, core, ncore, b.scan, &err));
   }
   for (int32_t it = 0; it < p->o.n_iter_max; ++it) {
     for (int n = 0; n < p->d.N; ++n) {
       fct_dims dy;
       const double* Y;
-      FCT_TRY_(contract(r, p, X, n, U, b.bufA, b.bufB, &dy, &Y));
-      FCT_TRY_(e->top_left_sv(r, Y, &dy, n, p->R[n], U[n], p->o.seed, FCT_RNG_FACTOR(n), b.sv));
+      FCT_TRY(contract(r, p, X, n, U, b.bufA, b.bufB, &dy, &Y));
+      FCT_TRY(e->top_left_sv(r, Y, &dy, n, p->R[n], U[n], p->o.seed, FCT_RNG_FACTOR(n), b.sv));
       if (n == p->d.N - 1) { /* core = Y ×_n U_nᵀ, into the other buffer */
         double* dst = Y == b.bufA ? b.bufB : b.bufA;
-        FCT_TRY_(e->mode_product_t(r, Y, &dy, n, U[n], p->R[n], dst));
+        FCT_TRY(e->mode_product_t(r, Y, &dy, n, U[n], p->R[n], dst));
         core = dst;
       }
     }
-    FCT_TRY_(tk_error(r, sumsq, core, ncore, b.scan, &err));
+    FCT_TRY(tk_error(r, sumsq, core, ncore, b.scan, &err));
     if (errors) errors[it] = err;
     res.n_iter = it + 1;
     if (it >= 1 && fabs(prev - err) < p->o.tol) {
@@ -192,8 +192,8 @@ static fct_status tk_run(const fct_dec_run* r, const tk_plan* p, double* errors,
   }
   res.rel_error = err;
   for (int n = 0; n < p->d.N; ++n)
-    FCT_TRY_(e->store(r, p->F[n], 0, U[n], p->d.dim[n], p->R[n], 1, p->d.dim[n]));
-  FCT_TRY_(e->store(r, p->core, 0, core, 1, ncore, 0, 1));
+    FCT_TRY(e->store(r, p->F[n], 0, U[n], p->d.dim[n], p->R[n], 1, p->d.dim[n]));
+  FCT_TRY(e->store(r, p->core, 0, core, 1, ncore, 0, 1));
   if (info) *info = res;
   return FCT_OK;
 }
@@ -205,7 +205,7 @@ static fct_status tk_run(const fct_dec_run* r, const tk_plan* p, double* errors,
 static fct_status tk_check(fct_context* ctx, const DLTensor* X, const DLTensor* core, int nf,
                            DLTensor* const* F, const fct_tucker_options* o, tk_plan* p) {
   if (!o) return fct_fail(ctx, FCT_ERR_NULL_ARGUMENT, "opts: expected options, got NULL");
-  FCT_TRY_(fct_dec_check_input(ctx, "tensor", X, 2, TK_MAX_MODES));
+  FCT_TRY(fct_dec_check_input(ctx, "tensor", X, 2, TK_MAX_MODES));
   memset(p, 0, sizeof *p);
   p->X = X;
   p->core = (DLTensor*)core;
@@ -234,7 +234,7 @@ static fct_status tk_check(fct_context* ctx, const DLTensor* X, const DLTensor* 
   for (int n = 0; n < nf; ++n) {
     char name[32];
     snprintf(name, sizeof name, "factors[%d]", n);
-    FCT_TRY_(fct_check_tensor(ctx, name, F[n], 2));
+    FCT_TRY(fct_check_tensor(ctx, name, F[n], 2));
     int64_t Rn = F[n]->ndim == 2 ? F[n]->shape[1] : 0;
     if (Rn < 1 || Rn > X->shape[n])
       return fct_fail(ctx, FCT_ERR_INVALID_VALUE,
@@ -243,11 +243,12 @@ static fct_status tk_check(fct_context* ctx, const DLTensor* X, const DLTensor* 
                       n, (long long)X->shape[n], n, (long long)Rn, name);
     p->R[n] = Rn;
     int64_t shape[2] = {X->shape[n], Rn};
-    FCT_TRY_(fct_dec_check_output(ctx, name, F[n], X, 2, shape));
-    for (int m = 0; m < n; ++m) FCT_TRY_(fct_check_disjoint(ctx, name, F[n], "another factor", F[m]));
+    FCT_TRY(fct_dec_check_output(ctx, name, F[n], X, 2, shape));
+    for (int m = 0; m < n; ++m)
+      FCT_TRY(fct_check_disjoint(ctx, name, F[n], "another factor", F[m]));
   }
-  FCT_TRY_(fct_dec_check_output(ctx, "core", core, X, X->ndim, p->R));
-  for (int n = 0; n < nf; ++n) FCT_TRY_(fct_check_disjoint(ctx, "core", core, "a factor", F[n]));
+  FCT_TRY(fct_dec_check_output(ctx, "core", core, X, X->ndim, p->R));
+  for (int n = 0; n < nf; ++n) FCT_TRY(fct_check_disjoint(ctx, "core", core, "a factor", F[n]));
   /* Contraction order: largest reduction I_m / R_m first (stable). */
   for (int n = 0; n < p->d.N; ++n) p->order[n] = n;
   for (int i = 1; i < p->d.N; ++i)
@@ -268,12 +269,12 @@ fct_status fct_tucker_hooi_workspace(const fct_context* ctx, const DLTensor* X,
   if (!ctx || !bytes) return FCT_ERR_NULL_ARGUMENT;
   fct_context c = *ctx;
   tk_plan p;
-  FCT_TRY_(tk_check(&c, X, core, n_factors, (DLTensor* const*)factors, opts, &p));
+  FCT_TRY(tk_check(&c, X, core, n_factors, (DLTensor* const*)factors, opts, &p));
   fct_dec_run r;
-  FCT_TRY_(fct_dec_run_for(&c, "tensor", X, &r));
+  FCT_TRY(fct_dec_run_for(&c, "tensor", X, &r));
   fct_arena a = {NULL, 0, false};
   tk_bufs b;
-  FCT_TRY_(tk_layout(&r, &p, &a, &b, fct_dec_dense_f64(X)));
+  FCT_TRY(tk_layout(&r, &p, &a, &b, fct_dec_dense_f64(X)));
   if (a.overflow) return fct_fail(&c, FCT_ERR_OVERFLOW, "workspace: its size overflows size_t");
   *bytes = a.used;
   return FCT_OK;
@@ -284,8 +285,8 @@ fct_status fct_tucker_hooi(fct_context* ctx, const DLTensor* X, DLTensor* core, 
                            double* errors, fct_decomp_info* info) {
   if (!ctx) return FCT_ERR_NULL_ARGUMENT;
   tk_plan p;
-  FCT_TRY_(tk_check(ctx, X, core, n_factors, factors, opts, &p));
+  FCT_TRY(tk_check(ctx, X, core, n_factors, factors, opts, &p));
   fct_dec_run r;
-  FCT_TRY_(fct_dec_run_for(ctx, "tensor", X, &r));
+  FCT_TRY(fct_dec_run_for(ctx, "tensor", X, &r));
   return tk_run(&r, &p, errors, info);
 }
