@@ -36,7 +36,7 @@
  */
 #include <string.h>
 
-#include "linear_common.h"
+#include "op_common.h"
 
 typedef enum { CC_DEPTHWISE, CC_DIRECT, CC_IM2COL } cc_kind;
 

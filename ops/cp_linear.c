@@ -18,14 +18,14 @@
  * streamed once more: small chunks keep the blocks in cache but stream the
  * batch R/Rc times, large chunks stream it once but spill the blocks to
  * memory (2·(in+out)·R elements of traffic) and need more workspace.
- * chunk_cost() prices both in FLOP-equivalents (linear_common.h) and the
+ * chunk_cost() prices both in FLOP-equivalents (op_common.h) and the
  * cheapest of Rc ∈ {R, 64, 128, 256, ...} is taken.
  */
 #include <math.h>
 #include <stdio.h>
 #include <string.h>
 
-#include "linear_common.h"
+#include "op_common.h"
 
 /* One side of the factorization: the factors and their mode sizes. */
 typedef struct cp_side {

@@ -7,7 +7,7 @@
 #ifndef FCT_EMBEDDING_COMMON_H
 #define FCT_EMBEDDING_COMMON_H
 
-#include "linear_common.h"
+#include "op_common.h"
 
 /* indices: non-NULL, int64 or int32, 0 to FCT_MAX_DIMS - 1 dims (y adds
  * one), on ref's device; *count = its number of elements. */
@@ -24,7 +24,7 @@ fct_status fct_check_lookup_rows(fct_context* ctx, const char* name, const DLTen
                                  const DLTensor* ref, const char* ref_name);
 
 /* Indices per chunk when each costs per_index bytes of workspace: the
- * chunk budget of the device (linear_common.h), at most `count` and 2^31 - 1
+ * chunk budget of the device (op_common.h), at most `count` and 2^31 - 1
  * (GEMM rows), 3 under FCT_FLAG_SMALL_CHUNKS; 0 only when count is 0. */
 int64_t fct_embedding_chunk(const fct_context* ctx, bool cuda, int64_t count, size_t per_index);
 

@@ -22,7 +22,7 @@
 #include <stdio.h>
 #include <string.h>
 
-#include "linear_common.h"
+#include "op_common.h"
 #include "lora_dropout.h"
 
 uint64_t fct_lora_dropout_bits(uint64_t seed, uint64_t i) { return fct_dropout_bits(seed, i); }

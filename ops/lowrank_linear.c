@@ -7,7 +7,7 @@
  */
 #include <string.h>
 
-#include "linear_common.h"
+#include "op_common.h"
 
 /* Sizes of one call, the inputs BLAS reads (each read in place or packed
  * into the workspace; .t is NULL for one the call does not read) and the

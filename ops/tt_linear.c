@@ -23,7 +23,7 @@
  * A single group of all d >= 2 cores would be W itself: never chosen.
  *
  * Cost model. Every grouping (2^(d-1) - 1 of them) and both directions are
- * priced in FLOP-equivalents (linear_common.h):
+ * priced in FLOP-equivalents (op_common.h):
  *   merge FLOPs and traffic (once per call, independent of M)
  *   + M · Σ_steps (2·B·n·c·q FLOPs + FLOP_PER_BYTE · bytes of the states)
  *   + CALL_FLOPS · calls (CPU: one BLAS call per product of a batched step,
@@ -43,7 +43,7 @@
 #include <stdio.h>
 #include <string.h>
 
-#include "linear_common.h"
+#include "op_common.h"
 
 typedef struct tt_shape {
   int d;

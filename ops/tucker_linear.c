@@ -23,7 +23,7 @@
  * (Mc). Larger chunks read the core and factors fewer times and make fewer
  * calls; smaller ones keep the chunk's intermediates in cache (and bound the
  * workspace). chunk_cost() prices each Mc in FLOP-equivalents
- * (linear_common.h) and the cheapest of Mc ∈ {M, 8, 16, 32, ...} wins.
+ * (op_common.h) and the cheapest of Mc ∈ {M, 8, 16, 32, ...} wins.
  *
  * The backward recomputes the forward's intermediates per chunk (memory-
  * bound steps and one core GEMM) rather than keeping them from the forward:
@@ -33,7 +33,7 @@
 #include <stdio.h>
 #include <string.h>
 
-#include "linear_common.h"
+#include "op_common.h"
 
 typedef struct tk_side {
   int n;

@@ -1,12 +1,13 @@
 /*
- * linear_common.h (internal): what the entry points of the tensorized linear
- * ops (ops/cp_linear.c, ops/tucker_linear.c, ops/tt_linear.c) share:
- * argument checks with messages naming the argument, workspace carving,
- * finite checks, the per-call execution state with thin wrappers over the
- * backend primitives, and the machine constants of the cost models.
+ * op_common.h (internal): what the entry points of the layers' ops share
+ * (ops/lowrank_linear.c, ops/{cp,tucker,tt}_linear.c, ops/lora_linear.c,
+ * ops/conv_chain.c, ops/{lowrank,tt}_embedding.c): argument checks with
+ * messages naming the argument, workspace carving, finite checks, the
+ * per-call execution state with thin wrappers over the backend primitives,
+ * and the machine constants of the cost models.
  */
-#ifndef FCT_LINEAR_COMMON_H
-#define FCT_LINEAR_COMMON_H
+#ifndef FCT_OP_COMMON_H
+#define FCT_OP_COMMON_H
 
 #include "backend.h"
 
@@ -227,4 +228,4 @@ fct_status fct_check_finite(fct_context* ctx, const fct_backend* be, char* scrat
 fct_status fct_check_finite_grad(fct_context* ctx, const fct_backend* be, char* scratch,
                                  const DLTensor* g, const char* op);
 
-#endif /* FCT_LINEAR_COMMON_H */
+#endif /* FCT_OP_COMMON_H */

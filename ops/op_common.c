@@ -1,6 +1,5 @@
-/* Shared pieces of the tensorized linear ops' entry points (see
- * linear_common.h). */
-#include "linear_common.h"
+/* What the layers' entry points share (see op_common.h). */
+#include "op_common.h"
 
 #include <limits.h>
 #include <stdio.h>
@@ -260,7 +259,7 @@ fct_status fct_args_check_overlaps(fct_context* ctx, const fct_args* a, int firs
 }
 
 /* ------------------------------------------------------------------------- */
-/* Finite checks (as ops/lowrank_linear.c words them)                         */
+/* Finite checks                                                              */
 /* ------------------------------------------------------------------------- */
 
 fct_status fct_check_finite(fct_context* ctx, const fct_backend* be, char* scratch,
