@@ -145,28 +145,10 @@ fct_status fct_elems_bytes(fct_context* ctx, const char* name, int64_t count, fc
   return FCT_OK;
 }
 
-size_t fct_layout_take(fct_layout* L, int64_t count, size_t es) {
-  size_t bytes;
-  if (count < 0 || !fct_mul_ok((size_t)count, es, &bytes) || L->cursor > SIZE_MAX / 2 ||
-      bytes > SIZE_MAX / 4) {
-    L->overflow = true;
-    return 0;
-  }
-  return fct_ws_take(&L->cursor, bytes);
-}
-
 fct_status fct_layout_done(fct_context* ctx, const fct_layout* L, size_t* bytes) {
   if (L->overflow)
     return fct_fail(ctx, FCT_ERR_OVERFLOW, "workspace: the size overflows (sizes too large)");
   *bytes = L->cursor;
-  return FCT_OK;
-}
-
-fct_status fct_check_workspace(fct_context* ctx, size_t bytes) {
-  if (ctx->workspace_bytes < bytes || (bytes > 0 && !ctx->workspace))
-    return fct_fail(ctx, FCT_ERR_WORKSPACE, "workspace: expected at least %zu bytes, got %zu%s",
-                    bytes, ctx->workspace ? ctx->workspace_bytes : (size_t)0,
-                    ctx->workspace ? "" : " (NULL)");
   return FCT_OK;
 }
 

@@ -10,6 +10,7 @@
 #define FCT_OP_COMMON_H
 
 #include "backend.h"
+#include "workspace.h"
 
 /* ------------------------------------------------------------------------- */
 /* Cost model constants                                                       */
@@ -129,20 +130,10 @@ fct_status fct_args_check_overlaps(fct_context* ctx, const fct_args* a, int firs
 fct_status fct_elems_bytes(fct_context* ctx, const char* name, int64_t count, fct_dtype dt,
                            size_t* bytes);
 
-/* A workspace layout under construction: regions are carved with
- * fct_layout_take (FCT_WS_ALIGN aligned) and later resolved against the
- * caller's workspace. An overflowing size poisons the layout. */
-typedef struct fct_layout {
-  size_t cursor;
-  bool overflow;
-} fct_layout;
-
-/* Reserves count elements of es bytes; returns the offset. */
-size_t fct_layout_take(fct_layout* L, int64_t count, size_t es);
+/* Workspace layouts (fct_layout): workspace.h. Done: fails naming the
+ * overflow, else *bytes = the size. */
 fct_status fct_layout_done(fct_context* ctx, const fct_layout* L, size_t* bytes);
 
-/* The workspace must hold `bytes`. */
-fct_status fct_check_workspace(fct_context* ctx, size_t bytes);
 
 /* ------------------------------------------------------------------------- */
 /* Execution                                                                  */

@@ -151,7 +151,7 @@ static fct_status svd_layout(fct_context* ctx, cusolverDnHandle_t h, const fct_s
   b->sign = fct_arena_f64(a, (size_t)b->q);
   b->err = fct_arena_f64(a, 1);
   b->info = (int*)fct_arena_take(a, 1, sizeof(int));
-  return a->overflow ? fct_fail(ctx, FCT_ERR_OVERFLOW, "workspace: its size overflows size_t")
+  return a->L.overflow ? fct_fail(ctx, FCT_ERR_OVERFLOW, "workspace: its size overflows size_t")
                      : FCT_OK;
 }
 
@@ -159,10 +159,10 @@ static fct_status svd_workspace_in(fct_context* ctx, const fct_cuda_env* env,
                                    const fct_svd_plan* p, size_t* bytes) {
   cusolverDnHandle_t h = NULL;
   FCT_TRY(fct_cudec_solver(ctx, env, &h));
-  fct_arena a = {NULL, 0, false};
+  fct_arena a = {NULL, {0, false}};
   svd_bufs b;
   FCT_TRY(svd_layout(ctx, h, p, &a, &b));
-  *bytes = a.used;
+  *bytes = a.L.cursor;
   return FCT_OK;
 }
 
@@ -170,7 +170,7 @@ static fct_status svd_in(fct_context* ctx, const fct_cuda_env* env, const fct_sv
                          fct_decomp_info* info) {
   cusolverDnHandle_t h = NULL;
   FCT_TRY(fct_cudec_solver(ctx, env, &h));
-  fct_arena a = {(char*)ctx->workspace, 0, false};
+  fct_arena a = {(char*)ctx->workspace, {0, false}};
   svd_bufs b;
   FCT_TRY(svd_layout(ctx, h, p, &a, &b));
   FCT_TRY(fct_arena_check(ctx, &a));
@@ -267,7 +267,7 @@ static fct_status rsvd_layout(fct_context* ctx, cusolverDnHandle_t h, const fct_
   b->sign = fct_arena_f64(a, (size_t)p->r);
   b->err = fct_arena_f64(a, 1);
   b->info = (int*)fct_arena_take(a, 1, sizeof(int));
-  return a->overflow ? fct_fail(ctx, FCT_ERR_OVERFLOW, "workspace: its size overflows size_t")
+  return a->L.overflow ? fct_fail(ctx, FCT_ERR_OVERFLOW, "workspace: its size overflows size_t")
                      : FCT_OK;
 }
 
@@ -320,10 +320,10 @@ static fct_status rsvd_workspace_in(fct_context* ctx, const fct_cuda_env* env,
                                     const fct_svd_plan* p, size_t* bytes) {
   cusolverDnHandle_t h = NULL;
   FCT_TRY(fct_cudec_solver(ctx, env, &h));
-  fct_arena a = {NULL, 0, false};
+  fct_arena a = {NULL, {0, false}};
   rsvd_bufs b;
   FCT_TRY(rsvd_layout(ctx, h, p, &a, &b));
-  *bytes = a.used;
+  *bytes = a.L.cursor;
   return FCT_OK;
 }
 
@@ -331,7 +331,7 @@ static fct_status rsvd_in(fct_context* ctx, const fct_cuda_env* env, const fct_s
                           fct_decomp_info* info) {
   cusolverDnHandle_t h = NULL;
   FCT_TRY(fct_cudec_solver(ctx, env, &h));
-  fct_arena ar = {(char*)ctx->workspace, 0, false};
+  fct_arena ar = {(char*)ctx->workspace, {0, false}};
   rsvd_bufs b;
   FCT_TRY(rsvd_layout(ctx, h, p, &ar, &b));
   FCT_TRY(fct_arena_check(ctx, &ar));

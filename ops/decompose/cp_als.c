@@ -349,23 +349,23 @@ static fct_status cp_run(const fct_dec_run* r, const cp_plan* p, double* errors,
                          fct_decomp_info* info) {
   fct_context* ctx = r->ctx;
   bool in_place = fct_dec_dense_f64(p->X);
-  fct_arena dev = {(char*)ctx->workspace, 0, false};
+  fct_arena dev = {(char*)ctx->workspace, {0, false}};
   cp_bufs b;
   if (r->e->host) {
     FCT_TRY(cp_layout(r, p, &dev, &dev, &b, in_place));
     FCT_TRY(fct_arena_check(ctx, &dev));
     return cp_solve(r, p, &b, in_place, errors, info);
   }
-  fct_arena sizing = {NULL, 0, false};
+  fct_arena sizing = {NULL, {0, false}};
   FCT_TRY(cp_layout(r, p, &dev, &sizing, &b, in_place));
   FCT_TRY(fct_arena_check(ctx, &dev));
-  if (sizing.overflow) return fct_fail(ctx, FCT_ERR_OVERFLOW, "cp: host buffers overflow size_t");
-  char* mem = malloc(sizing.used ? sizing.used : 1);
+  if (sizing.L.overflow) return fct_fail(ctx, FCT_ERR_OVERFLOW, "cp: host buffers overflow size_t");
+  char* mem = malloc(sizing.L.cursor ? sizing.L.cursor : 1);
   if (!mem)
     return fct_fail(ctx, FCT_ERR_WORKSPACE, "cp: cannot allocate %zu bytes of host buffers",
-                    sizing.used);
-  fct_arena host = {mem, 0, false};
-  dev = (fct_arena){(char*)ctx->workspace, 0, false};
+                    sizing.L.cursor);
+  fct_arena host = {mem, {0, false}};
+  dev = (fct_arena){(char*)ctx->workspace, {0, false}};
   fct_status st = cp_layout(r, p, &dev, &host, &b, in_place);
   if (st == FCT_OK) st = cp_solve(r, p, &b, in_place, errors, info);
   free(mem);
@@ -444,12 +444,12 @@ fct_status fct_cp_als_workspace(const fct_context* ctx, const DLTensor* X, int n
   FCT_TRY(cp_check(&c, X, n_factors, (DLTensor* const*)factors, weights, opts, &p));
   fct_dec_run r;
   FCT_TRY(fct_dec_run_for(&c, "tensor", X, &r));
-  fct_arena a = {NULL, 0, false}, host = {NULL, 0, false};
+  fct_arena a = {NULL, {0, false}}, host = {NULL, {0, false}};
   cp_bufs b;
   bool in_place = fct_dec_dense_f64(X);
   FCT_TRY(cp_layout(&r, &p, &a, r.e->host ? &a : &host, &b, in_place));
-  if (a.overflow) return fct_fail(&c, FCT_ERR_OVERFLOW, "workspace: its size overflows size_t");
-  *bytes = a.used;
+  if (a.L.overflow) return fct_fail(&c, FCT_ERR_OVERFLOW, "workspace: its size overflows size_t");
+  *bytes = a.L.cursor;
   return FCT_OK;
 }
 

@@ -13,47 +13,20 @@
 
 #include "engine.h"
 #include "fct_tensor.h"
+#include "workspace.h"
 
 #ifdef __cplusplus
 extern "C" {
 #endif
 
-/* ------------------------------------------------------------------------- */
-/* Workspace arena. The same layout code runs twice: once with base == NULL  */
-/* to size the workspace (the *_workspace query), once over the caller's     */
-/* workspace. So the query and the call cannot disagree.                     */
-/* ------------------------------------------------------------------------- */
-typedef struct fct_arena {
-  char* base;      /* NULL while sizing */
-  size_t used;
-  bool overflow;   /* a size overflowed size_t */
-} fct_arena;
-
-/* n elements of `elem` bytes, FCT_WS_ALIGN aligned; NULL while sizing.
- * (Inline: libfactorch_cuda lays out its workspaces with it too.) */
-static inline void* fct_arena_take(fct_arena* a, size_t n, size_t elem) {
-  size_t bytes;
-  if (!fct_mul_ok(n, elem, &bytes) || a->used > SIZE_MAX - bytes - FCT_WS_ALIGN) {
-    a->overflow = true;
-    return NULL;
-  }
-  size_t off = fct_ws_take(&a->used, bytes);
-  return a->base ? a->base + off : NULL;
-}
-
-static inline double* fct_arena_f64(fct_arena* a, size_t n) {
-  return (double*)fct_arena_take(a, n, sizeof(double));
-}
+/* Workspace arena: fct_arena (workspace.h), and its final check. */
 
 /* Fails with FCT_ERR_OVERFLOW when the arena overflowed, FCT_ERR_WORKSPACE
- * when ctx's workspace is smaller than a->used. */
+ * when ctx's workspace is smaller than a->L.cursor. */
 static inline fct_status fct_arena_check(fct_context* ctx, const fct_arena* a) {
-  if (a->overflow) return fct_fail(ctx, FCT_ERR_OVERFLOW, "workspace: its size overflows size_t");
-  if (ctx->workspace_bytes < a->used || (a->used > 0 && !ctx->workspace))
-    return fct_fail(ctx, FCT_ERR_WORKSPACE, "workspace: expected at least %zu bytes, got %zu%s",
-                    a->used, ctx->workspace ? ctx->workspace_bytes : (size_t)0,
-                    ctx->workspace ? "" : " (NULL)");
-  return FCT_OK;
+  if (a->L.overflow)
+    return fct_fail(ctx, FCT_ERR_OVERFLOW, "workspace: its size overflows size_t");
+  return fct_check_workspace(ctx, a->L.cursor);
 }
 
 /* ------------------------------------------------------------------------- */

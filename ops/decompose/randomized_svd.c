@@ -131,7 +131,7 @@ static void sketch_chunks(int64_t begin, int64_t end, void* arg) {
 }
 
 static fct_status rsvd_cpu(fct_context* ctx, const fct_svd_plan* p, fct_decomp_info* info) {
-  fct_arena ar = {(char*)ctx->workspace, 0, false};
+  fct_arena ar = {(char*)ctx->workspace, {0, false}};
   rsvd_bufs b;
   rsvd_layout(p, &ar, &b);
   FCT_TRY(fct_arena_check(ctx, &ar));
@@ -226,11 +226,11 @@ fct_status fct_randomized_svd_workspace(const fct_context* ctx, const DLTensor* 
     FCT_TRY(fct_cuda_decompose_for(&c, "A", &be));
     return be->rsvd_workspace(&c, &p, bytes);
   }
-  fct_arena a = {NULL, 0, false};
+  fct_arena a = {NULL, {0, false}};
   rsvd_bufs b;
   rsvd_layout(&p, &a, &b);
-  if (a.overflow) return fct_fail(&c, FCT_ERR_OVERFLOW, "workspace: its size overflows size_t");
-  *bytes = a.used;
+  if (a.L.overflow) return fct_fail(&c, FCT_ERR_OVERFLOW, "workspace: its size overflows size_t");
+  *bytes = a.L.cursor;
   return FCT_OK;
 }
 

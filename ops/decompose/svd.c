@@ -93,7 +93,7 @@ static void svd_layout(const fct_svd_plan* p, fct_arena* a, svd_bufs* b) {
 }
 
 static fct_status svd_cpu(fct_context* ctx, const fct_svd_plan* p, fct_decomp_info* info) {
-  fct_arena a = {(char*)ctx->workspace, 0, false};
+  fct_arena a = {(char*)ctx->workspace, {0, false}};
   svd_bufs b;
   svd_layout(p, &a, &b);
   FCT_TRY(fct_arena_check(ctx, &a));
@@ -132,11 +132,11 @@ fct_status fct_svd_workspace(const fct_context* ctx, const DLTensor* A, const DL
     FCT_TRY(fct_cuda_decompose_for(&c, "A", &be));
     return be->svd_workspace(&c, &p, bytes);
   }
-  fct_arena a = {NULL, 0, false};
+  fct_arena a = {NULL, {0, false}};
   svd_bufs b;
   svd_layout(&p, &a, &b);
-  if (a.overflow) return fct_fail(&c, FCT_ERR_OVERFLOW, "workspace: its size overflows size_t");
-  *bytes = a.used;
+  if (a.L.overflow) return fct_fail(&c, FCT_ERR_OVERFLOW, "workspace: its size overflows size_t");
+  *bytes = a.L.cursor;
   return FCT_OK;
 }
 

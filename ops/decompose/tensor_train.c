@@ -146,7 +146,7 @@ static fct_status tt_steps(const fct_dec_run* r, const tt_plan* p, tt_bufs* t, d
 
 static fct_status tt_run(const fct_dec_run* r, const tt_plan* p, int64_t* ranks,
                          fct_decomp_info* info) {
-  fct_arena ar = {(char*)r->ctx->workspace, 0, false};
+  fct_arena ar = {(char*)r->ctx->workspace, {0, false}};
   tt_bufs t;
   FCT_TRY(tt_layout(r, p, &ar, &t));
   FCT_TRY(fct_arena_check(r->ctx, &ar));
@@ -272,11 +272,11 @@ fct_status fct_tensor_train_workspace(const fct_context* ctx, const DLTensor* X,
   FCT_TRY(tt_check_cores(&c, &p, cores));
   fct_dec_run r;
   FCT_TRY(fct_dec_run_for(&c, "tensor", X, &r));
-  fct_arena a = {NULL, 0, false};
+  fct_arena a = {NULL, {0, false}};
   tt_bufs t;
   FCT_TRY(tt_layout(&r, &p, &a, &t));
-  if (a.overflow) return fct_fail(&c, FCT_ERR_OVERFLOW, "workspace: its size overflows size_t");
-  *bytes = a.used;
+  if (a.L.overflow) return fct_fail(&c, FCT_ERR_OVERFLOW, "workspace: its size overflows size_t");
+  *bytes = a.L.cursor;
   return FCT_OK;
 }
 

@@ -147,7 +147,7 @@ static fct_status tk_run(const fct_dec_run* r, const tk_plan* p, double* errors,
   const fct_dec_engine* e = r->e;
   fct_context* ctx = r->ctx;
   bool in_place = fct_dec_dense_f64(p->X);
-  fct_arena ar = {(char*)ctx->workspace, 0, false};
+  fct_arena ar = {(char*)ctx->workspace, {0, false}};
   tk_bufs b;
   FCT_TRY(tk_layout(r, p, &ar, &b, in_place));
   FCT_TRY(fct_arena_check(ctx, &ar));
@@ -272,11 +272,11 @@ fct_status fct_tucker_hooi_workspace(const fct_context* ctx, const DLTensor* X,
   FCT_TRY(tk_check(&c, X, core, n_factors, (DLTensor* const*)factors, opts, &p));
   fct_dec_run r;
   FCT_TRY(fct_dec_run_for(&c, "tensor", X, &r));
-  fct_arena a = {NULL, 0, false};
+  fct_arena a = {NULL, {0, false}};
   tk_bufs b;
   FCT_TRY(tk_layout(&r, &p, &a, &b, fct_dec_dense_f64(X)));
-  if (a.overflow) return fct_fail(&c, FCT_ERR_OVERFLOW, "workspace: its size overflows size_t");
-  *bytes = a.used;
+  if (a.L.overflow) return fct_fail(&c, FCT_ERR_OVERFLOW, "workspace: its size overflows size_t");
+  *bytes = a.L.cursor;
   return FCT_OK;
 }
 
