@@ -1,7 +1,14 @@
 /*
- * backend.h (internal): what the device-independent entry points hand to a
- * backend. The entry points (ops/<op>.c) check arguments, build a plan and lay
- * out the workspace; a backend (ops/cpu, ops/cuda) only computes.
+ * backend.h (internal): what the device-independent entry points of the
+ * layers' ops hand to a backend. The entry points (ops/<op>.c) check
+ * arguments, build a plan and lay out the workspace; a backend
+ * (ops/cpu/backend_cpu.c, ops/cuda/backend_cuda.cu) only computes.
+ *
+ * The decompositions run on a second table, ops/decompose/engine.h (CPU:
+ * ops/cpu/engine_cpu.c, CUDA: ops/cuda/engine_cuda.cu), because they serve
+ * a second purpose: one-off factorisations in float64 over column-major
+ * LAPACK-style buffers (SVD, QR, mode products), where these primitives run
+ * every training step in the tensors' own dtype over row-major strided views.
  */
 #ifndef FCT_BACKEND_H
 #define FCT_BACKEND_H

@@ -4,10 +4,10 @@
  * cuBLAS (GEMMs, strided batched for the mode products), cuSOLVER (gesvd,
  * geqrf + orgqr) and the element kernels of decompose_kernels_cuda.cu.
  *
- * Differences from the CPU engine, same results up to rounding and the
- * signs of singular vectors (where an unfolding is rank-deficient, e.g. a
- * zero tensor, the completion beyond its rank differs: both are orthonormal,
- * as engine.h allows):
+ * Differences from the CPU engine (its twin, ops/cpu/engine_cpu.c), same
+ * results up to rounding and the signs of singular vectors (where an
+ * unfolding is rank-deficient, e.g. a zero tensor, the completion beyond its
+ * rank differs: both are orthonormal, as engine.h allows):
  *  - top_left_sv takes the singular vectors of the unfolding from gesvd of
  *    its tall orientation (a transposed copy of the tensor), where the CPU
  *    engine uses the eigenvectors of its Gram matrix; beyond the

@@ -1,10 +1,18 @@
 /*
  * engine.h (internal): where the dense float64 work of CP-ALS, Tucker-HOOI
  * and TT-SVD runs. The algorithms (cp_als.c, tucker_hooi.c,
- * tensor_train.c) are written once, over this table; engine_cpu.c runs it
- * on the host (OpenBLAS + LAPACK), ops/cuda/engine_cuda.cu on a GPU
+ * tensor_train.c) are written once, over this table; ops/cpu/engine_cpu.c
+ * runs it on the host (OpenBLAS + LAPACK), ops/cuda/engine_cuda.cu on a GPU
  * (cuBLAS + cuSOLVER + a few kernels), registered with libfactorch when
  * libfactorch_cuda is loaded.
+ *
+ * A second table beside the layers' backend (ops/backend.h) because it
+ * serves a second purpose: a decomposition is a one-off factorisation in
+ * float64 whatever the tensor's dtype, over column-major LAPACK-style
+ * buffers, and needs SVDs, QR and mode products; the layers' primitives run
+ * every step of training in the tensors' own dtype over row-major strided
+ * views (fct_mat), batched, with no factorisation. Neither table's entries
+ * would fit the other's callers without a conversion at every call.
  *
  * Every double* handed to an engine is in the engine's memory (laid out in
  * ctx->workspace), except where marked host. Matrices are column-major with
@@ -98,7 +106,7 @@ struct fct_dec_engine {
                     double* VT, double* scratch, const char* what);
 };
 
-/* The CPU engine (engine_cpu.c), and the same with host = false (a test
+/* The CPU engine (ops/cpu/engine_cpu.c), and the same with host = false (a test
  * hook: FACTORCH_TEST_DEVICE_PATH=1 makes CPU tensors use it). */
 extern const fct_dec_engine fct_dec_cpu_engine;
 extern const fct_dec_engine fct_dec_cpu_engine_split;

@@ -1,6 +1,7 @@
 /*
- * The decompositions' CPU engine (engine.h): OpenBLAS + LAPACK through
- * linalg_cpu.h and tensor_ops_cpu.h, host memory throughout.
+ * The decompositions' CPU engine (ops/decompose/engine.h): OpenBLAS + LAPACK
+ * through ops/decompose/linalg_cpu.h and tensor_ops_cpu.h, host memory
+ * throughout. Its CUDA twin is ops/cuda/engine_cuda.cu.
  */
 #include <string.h>
 
