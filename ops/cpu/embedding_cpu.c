@@ -1,7 +1,7 @@
 /*
  * CPU primitives of the factorized embeddings (float32, float64; backend.h):
  * reading and validating indices, gathering rows, a deterministic
- * scatter-add, and the TT chains (embedding_cpu_chain.h). Gather and the
+ * scatter-add, and the TT chains (embedding_cpu_chain.inc). Gather and the
  * chains run in the host's thread pool over indices; the scatter-add over
  * destination rows, so no two tasks write the same element and each
  * element sums its contributions in index order, whatever the threads.
@@ -13,15 +13,15 @@
 #include "gemm_cpu.h"
 
 #define T float
-#define SUF f32
-#include "embedding_cpu_chain.h"
+#define FN(name) name##_f32
+#include "embedding_cpu_chain.inc"
 #undef T
-#undef SUF
+#undef FN
 #define T double
-#define SUF f64
-#include "embedding_cpu_chain.h"
+#define FN(name) name##_f64
+#include "embedding_cpu_chain.inc"
 #undef T
-#undef SUF
+#undef FN
 
 /* ------------------------------------------------------------------------- */
 /* Indices                                                                    */
