@@ -37,18 +37,9 @@ typedef struct lora_shape {
   size_t es;
 } lora_shape;
 
-/* A batched input (x, grad_y, t) as a BLAS-readable [M, n] matrix: read in
- * place, or packed into the workspace. */
-typedef struct batched {
-  const DLTensor* t;
-  int64_t rows, cols;
-  bool pack;
-  size_t off;
-} batched;
-
 typedef struct lora_plan {
   lora_shape s;
-  batched x, g, t;         /* g, t: backward only */
+  fct_param x, g, t;       /* batched inputs (fct_param_init_rows); g, t: backward only */
   fct_param A, B, W, U, V; /* the weights in use */
   bool xd, t_ws, tb, gt, gtb, scratch;
   size_t off_xd, off_t, off_tb, off_gt, off_gtb, off_scratch;
@@ -176,18 +167,6 @@ static fct_status check_matrix_output(fct_context* ctx, const char* name, const 
 /* Plan                                                                       */
 /* ------------------------------------------------------------------------- */
 
-static void batched_init(batched* b, const DLTensor* t, int64_t rows, int64_t cols) {
-  fct_mat m;
-  b->t = t;
-  b->rows = rows;
-  b->cols = cols;
-  b->pack = t && fct_input_needs_pack(t, &m);
-}
-
-static void batched_lay_out(batched* b, fct_layout* L, size_t es) {
-  if (b->t && b->pack) b->off = fct_layout_take(L, b->rows * b->cols, es);
-}
-
 static void weights_init(lora_plan* p, const DLTensor* A, const DLTensor* B,
                          const fct_lora_base* base) {
   const lora_shape* s = &p->s;
@@ -203,12 +182,9 @@ static void weights_init(lora_plan* p, const DLTensor* A, const DLTensor* B,
 static void lay_out(lora_plan* p, fct_layout* L, bool check) {
   const lora_shape* s = &p->s;
   memset(L, 0, sizeof *L);
-  batched_lay_out(&p->x, L, s->es);
-  batched_lay_out(&p->g, L, s->es);
-  batched_lay_out(&p->t, L, s->es);
-  fct_param* ws[] = {&p->A, &p->B, &p->W, &p->U, &p->V};
-  for (int i = 0; i < 5; ++i)
-    if (ws[i]->t) fct_param_lay_out(ws[i], L, s->es);
+  fct_param* ins[] = {&p->x, &p->g, &p->t, &p->A, &p->B, &p->W, &p->U, &p->V};
+  for (int i = 0; i < 8; ++i)
+    if (ins[i]->t) fct_param_lay_out(ins[i], L, s->es);
   if (p->xd) p->off_xd = fct_layout_take(L, s->M * s->in, s->es);
   if (p->t_ws) p->off_t = fct_layout_take(L, s->M * s->r, s->es);
   if (p->tb) p->off_tb = fct_layout_take(L, s->M * s->rb, s->es);
@@ -222,13 +198,9 @@ static void lay_out(lora_plan* p, fct_layout* L, bool check) {
 /* Execution helpers                                                          */
 /* ------------------------------------------------------------------------- */
 
-static fct_status batched_bind(const fct_exec* e, const batched* b, fct_mat* m) {
-  if (!b->pack) {
-    fct_fold(b->t, m);
-    return FCT_OK;
-  }
-  FCT_TRY(e->be->pack(e->ctx, b->t, fct_ws_at(e, b->off)));
-  *m = fct_dense(fct_ws_at(e, b->off), b->rows, b->cols);
+static fct_status batched_bind(const fct_exec* e, fct_param* b, fct_mat* m) {
+  FCT_TRY(fct_param_bind(e, b));
+  *m = b->m;
   return FCT_OK;
 }
 
@@ -287,7 +259,7 @@ static fct_status forward_plan(fct_context* ctx, const DLTensor* x, const DLTens
   fct_args_add(&a, "t", t);
   FCT_TRY(fct_args_check_overlaps(ctx, &a, first_out));
 
-  batched_init(&p->x, x, s->M, s->in);
+  fct_param_init_rows(&p->x, x, s->M, s->in);
   weights_init(p, A, B, base);
   p->xd = s->dropout;
   p->t_ws = t == NULL;
@@ -428,9 +400,9 @@ static fct_status backward_plan(fct_context* ctx, const DLTensor* g, const DLTen
   bool need_xa = gr->A || recompute_t; /* drop(x), or x itself when p = 0 */
   bool need_x = need_xa || gr->W || gr->U || gr->V;
   bool need_g = gr->x || gr->A || gr->B || gr->W || gr->U || gr->V || gr->bias;
-  if (need_x) batched_init(&p->x, x, s->M, s->in);
-  if (need_g) batched_init(&p->g, g, s->M, s->out);
-  if (gr->B && t) batched_init(&p->t, t, s->M, s->r);
+  if (need_x) fct_param_init_rows(&p->x, x, s->M, s->in);
+  if (need_g) fct_param_init_rows(&p->g, g, s->M, s->out);
+  if (gr->B && t) fct_param_init_rows(&p->t, t, s->M, s->r);
   fct_param_init(&p->A, A, s->r, s->in, false);
   fct_param_init(&p->B, B, s->out, s->r, false);
   if (gr->x && s->kind == FCT_LORA_DENSE) fct_param_init(&p->W, base->W, s->out, s->in, false);
