@@ -1,43 +1,13 @@
 /*
  * The CUDA backend table, registered with libfactorch when libfactorch_cuda
- * is loaded; the per-thread cuBLAS handles; the device guard and the mapping
- * of CUDA/cuBLAS errors to fct_status.
+ * is loaded; the device guard and the mapping of CUDA/cuBLAS errors to
+ * fct_status. The cuBLAS handles: handles_cuda.cu.
  */
-#include <pthread.h>
-
 #include "cuda_common.cuh"
 #include "embedding_cuda.cuh" /* factorized embeddings */
 
-/* cuBLAS handles are not safe to share between threads that use them at the
- * same time, and each belongs to the device current at its creation: keep
- * one per thread and device, created on first use. */
-#define FCT_CUDA_MAX_DEVICES 64
-static __thread cublasHandle_t t_handles[FCT_CUDA_MAX_DEVICES];
-
 /* C linkage throughout, static helpers included: no C++ symbols. */
 extern "C" {
-
-/* A thread-specific key whose destructor releases a thread's handles when
- * the thread exits (pthread_exit or return; not at process exit, when the
- * driver may already be gone). */
-static pthread_key_t g_handles_key;
-static pthread_once_t g_handles_once = PTHREAD_ONCE_INIT;
-static bool g_handles_key_ok;
-
-static void destroy_handles(void* arg) {
-  cublasHandle_t* hs = (cublasHandle_t*)arg;
-  for (int d = 0; d < FCT_CUDA_MAX_DEVICES; ++d) {
-    if (!hs[d]) continue;
-    /* A handle is destroyed on its own device; if CUDA is shutting down we
-     * cannot, and the process is ending anyway. */
-    if (cudaSetDevice(d) == cudaSuccess) cublasDestroy(hs[d]);
-    hs[d] = NULL;
-  }
-}
-
-static void make_handles_key(void) {
-  g_handles_key_ok = pthread_key_create(&g_handles_key, destroy_handles) == 0;
-}
 
 fct_status fct_cuda_check(fct_context* ctx, cudaError_t err, const char* what) {
   if (err == cudaSuccess) return FCT_OK;
@@ -62,25 +32,6 @@ unsigned fct_cuda_blocks(int64_t n) {
   return (unsigned)(b < FCT_CUDA_MAX_BLOCKS ? b : FCT_CUDA_MAX_BLOCKS);
 }
 
-/* This thread's handle for the current device `dev`, bound to `stream`. */
-static fct_status blas_handle(fct_context* ctx, int dev, cudaStream_t stream,
-                              cublasHandle_t* out) {
-  if (dev < 0 || dev >= FCT_CUDA_MAX_DEVICES)
-    return fct_fail(ctx, FCT_ERR_UNSUPPORTED, "cuda device %d: at most %d devices are supported",
-                    dev, FCT_CUDA_MAX_DEVICES);
-  if (!t_handles[dev]) {
-    cublasHandle_t h;
-    FCT_TRY(fct_cublas_check(ctx, cublasCreate(&h), "cublasCreate"));
-    t_handles[dev] = h;
-    pthread_once(&g_handles_once, make_handles_key);
-    if (g_handles_key_ok) pthread_setspecific(g_handles_key, t_handles);
-  }
-  /* The stream changes from call to call (torch's current stream). */
-  FCT_TRY(fct_cublas_check(ctx, cublasSetStream(t_handles[dev], stream), "cublasSetStream"));
-  *out = t_handles[dev];
-  return FCT_OK;
-}
-
 fct_status fct_cuda_enter(fct_context* ctx, int device, const void* ptr, bool with_blas,
                           fct_cuda_env* env) {
   env->stream = (cudaStream_t)ctx->stream;
@@ -98,7 +49,7 @@ fct_status fct_cuda_enter(fct_context* ctx, int device, const void* ptr, bool wi
   if (env->device != env->prev_device)
     FCT_TRY(fct_cuda_check(ctx, cudaSetDevice(env->device), "cudaSetDevice"));
   if (with_blas) {
-    fct_status s = blas_handle(ctx, env->device, env->stream, &env->blas);
+    fct_status s = fct_cuda_blas_handle(ctx, env->device, env->stream, &env->blas);
     if (s != FCT_OK) return fct_cuda_leave(ctx, env, s);
   }
   return FCT_OK;

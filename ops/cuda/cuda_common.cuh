@@ -44,6 +44,11 @@ fct_status fct_cuda_enter(fct_context* ctx, int device, const void* ptr, bool wi
 /* Restores the caller's device; returns status (or a failure to restore). */
 fct_status fct_cuda_leave(fct_context* ctx, const fct_cuda_env* env, fct_status status);
 
+/* This thread's cuBLAS handle for device dev, bound to stream
+ * (handles_cuda.cu, which also keeps the cuSOLVER ones). */
+fct_status fct_cuda_blas_handle(fct_context* ctx, int dev, cudaStream_t stream,
+                                cublasHandle_t* out);
+
 /* Blocks for n elements (n > 0), capped at FCT_CUDA_MAX_BLOCKS. */
 unsigned fct_cuda_blocks(int64_t n);
 

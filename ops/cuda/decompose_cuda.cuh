@@ -92,7 +92,7 @@ fct_status fct_cudec_rng(fct_context* ctx, const fct_cuda_env* env, double* a, i
 fct_status fct_cudec_permute3(fct_context* ctx, const fct_cuda_env* env, const double* src,
                               int64_t A, int64_t B, int64_t C, double* dst, bool swap_last);
 /* This thread's cuSOLVER handle for env's device, bound to env's stream
- * (svd_cuda.cu). */
+ * (handles_cuda.cu, one cache with the cuBLAS handles). */
 fct_status fct_cudec_solver(fct_context* ctx, const fct_cuda_env* env, cusolverDnHandle_t* out);
 /* FCT_OK, or FCT_ERR_BLAS naming `what` and cuSOLVER's status. */
 fct_status fct_cudec_solver_check(fct_context* ctx, cusolverStatus_t st, const char* what);

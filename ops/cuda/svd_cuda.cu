@@ -8,70 +8,27 @@
  * the Gram matrix of Aᵀ·Q, this one uses Householder QR of Aᵀ·Q and the
  * singular values of its R: the same bases and shift up to rounding.
  *
- * NOT YET RUN ON A GPU: it compiles here (no GPU on the development
- * machine); tests/c/test_decompose_cuda.c and tests/python/test_decompose.py
- * compare it with the CPU code wherever a GPU is present. Both scan the input for NaN/Inf first (one stream sync
- * before any work) and synchronise the stream at the end to return the
- * error on the host. Kernels: decompose_kernels_cuda.cu.
+ * tests/c/test_decompose_cuda.c and tests/python/test_decompose.py compare
+ * it with the CPU code wherever a GPU is present (they skip without one;
+ * README.md says which paths have run on a GPU). Both scan the input for
+ * NaN/Inf first (one stream sync before any work) and synchronise the
+ * stream at the end to return the error on the host. Kernels:
+ * decompose_kernels_cuda.cu.
  *
  * cuSOLVER's gesvd needs rows >= cols: the SVD runs on A or Aᵀ, whichever
  * is tall, and the results are read back through strided views.
  */
 #include <math.h>
-#include <pthread.h>
 #include <stdint.h>
 #include <string.h>
 
 #include "decompose_cuda.cuh"
 
-#define SOLVER_MAX_DEVICES 64
-
-/* One cuSOLVER handle per thread and device, like the cuBLAS handles of
- * backend_cuda.cu (a handle belongs to the device current at creation and
- * must not be used by two threads at once). */
-static __thread cusolverDnHandle_t t_solvers[SOLVER_MAX_DEVICES];
-
 extern "C" {
-
-static pthread_key_t g_solver_key;
-static pthread_once_t g_solver_once = PTHREAD_ONCE_INIT;
-static bool g_solver_key_ok;
-
-static void destroy_solvers(void* arg) {
-  cusolverDnHandle_t* hs = (cusolverDnHandle_t*)arg;
-  for (int d = 0; d < SOLVER_MAX_DEVICES; ++d) {
-    if (!hs[d]) continue;
-    if (cudaSetDevice(d) == cudaSuccess) cusolverDnDestroy(hs[d]);
-    hs[d] = NULL;
-  }
-}
-
-static void make_solver_key(void) {
-  g_solver_key_ok = pthread_key_create(&g_solver_key, destroy_solvers) == 0;
-}
 
 fct_status fct_cudec_solver_check(fct_context* ctx, cusolverStatus_t st, const char* what) {
   if (st == CUSOLVER_STATUS_SUCCESS) return FCT_OK;
   return fct_fail(ctx, FCT_ERR_BLAS, "%s failed: cusolver status %d", what, (int)st);
-}
-
-/* This thread's solver for env's device, bound to env's stream. */
-fct_status fct_cudec_solver(fct_context* ctx, const fct_cuda_env* env, cusolverDnHandle_t* out) {
-  int dev = env->device;
-  if (dev < 0 || dev >= SOLVER_MAX_DEVICES)
-    return fct_fail(ctx, FCT_ERR_UNSUPPORTED, "cuda device %d: at most %d devices are supported",
-                    dev, SOLVER_MAX_DEVICES);
-  if (!t_solvers[dev]) {
-    cusolverDnHandle_t h = NULL;
-    FCT_TRY(fct_cudec_solver_check(ctx, cusolverDnCreate(&h), "cusolverDnCreate"));
-    t_solvers[dev] = h;
-    pthread_once(&g_solver_once, make_solver_key);
-    if (g_solver_key_ok) pthread_setspecific(g_solver_key, t_solvers);
-  }
-  FCT_TRY(fct_cudec_solver_check(ctx, cusolverDnSetStream(t_solvers[dev], env->stream),
-                       "cusolverDnSetStream"));
-  *out = t_solvers[dev];
-  return FCT_OK;
 }
 
 /* The scan's host copy: fails on NaN/Inf (one stream sync). */
