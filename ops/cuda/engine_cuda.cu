@@ -16,9 +16,9 @@
  *  - svd runs gesvd (rows >= cols only in cuSOLVER): a wide matrix is
  *    transposed first and the factors transposed back.
  *
- * NOT YET RUN ON A GPU: it compiles here (no GPU on the development
- * machine); tests/c/test_decompose_cuda.c and tests/python/test_decompose.py
- * compare CP, Tucker and TT on CUDA with the CPU wherever a GPU is present.
+ * tests/c/test_decompose_cuda.c and tests/python/test_decompose.py compare
+ * CP, Tucker and TT on CUDA with the CPU wherever a GPU is present (they
+ * skip without one; README.md says which paths have run on a GPU).
  *
  * Each entry enters the run's device for the call and leaves it after; the
  * ones returning a host value synchronise ctx->stream.
