@@ -311,7 +311,7 @@ static fct_status input_view(const fct_exec* e, const DLTensor* t, bool pack, si
     return FCT_OK;
   }
   FCT_TRY(e->be->pack(e->ctx, t, fct_ws_at(e, off)));
-  *m = fct_dense(fct_ws_at(e, off), M, n);
+  *m = fct_ws_mat(e, off, M, n);
   return FCT_OK;
 }
 
@@ -396,7 +396,7 @@ fct_status fct_cp_linear_forward(fct_context* ctx, const DLTensor* x, int n_in,
     FCT_TRY(build_kr(&e, &s->out, 0, s->out.n, c0, rc, kout, &rows));
     fct_mat Kin = fct_dense(kin, s->in.size, rc), Kout = fct_dense(kout, s->out.size, rc);
     fct_mat Z = z ? (fct_mat){fct_data(z) + c0 * (int64_t)e.es, s->M, rc, s->R, 1}
-                  : fct_dense(fct_ws_at(&e, p.off_z), s->M, rc);
+                  : fct_ws_mat(&e, p.off_z, s->M, rc);
     FCT_TRY(fct_x_gemm(&e, &X, &Kin, &Z, 0.0));              /* z_c [M, rc] = x · KR(A)_c */
     fct_mat KoutT = fct_mat_t(Kout);
     FCT_TRY(fct_x_gemm(&e, &Z, &KoutT, &Y, (c0 > 0 || bias) ? 1.0 : 0.0)); /* y += z_c · KR(B)_cᵀ */
@@ -531,8 +531,8 @@ fct_status fct_cp_linear_backward(fct_context* ctx, const DLTensor* grad_y, cons
   fct_mat Gx = n->gx ? fct_dense(fct_data(grad_x), M, in) : (fct_mat){0};
   for (int64_t c0 = 0; c0 < s->R && (n->gx || n->gin || n->gout); c0 += p.Rc) {
     int64_t rc = s->R - c0 < p.Rc ? s->R - c0 : p.Rc, rows;
-    fct_mat Kin = fct_dense(fct_ws_at(&e, p.off_kin), in, rc);
-    fct_mat Kout = fct_dense(fct_ws_at(&e, p.off_kout), out, rc);
+    fct_mat Kin = fct_ws_mat(&e, p.off_kin, in, rc);
+    fct_mat Kout = fct_ws_mat(&e, p.off_kout, out, rc);
     if (n->gx || (n->gout && !n->z_given))
       FCT_TRY(build_kr(&e, &s->in, 0, s->in.n, c0, rc, Kin.data, &rows));
     if (n->gx || n->gin) FCT_TRY(build_kr(&e, &s->out, 0, s->out.n, c0, rc, Kout.data, &rows));
@@ -543,13 +543,13 @@ fct_status fct_cp_linear_backward(fct_context* ctx, const DLTensor* grad_y, cons
         if (Z.data) Z.data += c0 * Z.cs * (int64_t)e.es; /* an empty z's data may be NULL */
         Z.cols = rc;
       } else {
-        Z = fct_dense(fct_ws_at(&e, p.off_z), M, rc);
+        Z = fct_ws_mat(&e, p.off_z, M, rc);
         FCT_TRY(fct_x_gemm(&e, &X, &Kin, &Z, 0.0)); /* z_c = x · KR(A)_c */
       }
     }
     fct_mat GZ = {0};
     if (n->gx || n->gin) {
-      GZ = fct_dense(fct_ws_at(&e, p.off_gz), M, rc);
+      GZ = fct_ws_mat(&e, p.off_gz, M, rc);
       FCT_TRY(fct_x_gemm(&e, &G, &Kout, &GZ, 0.0)); /* gz [M, rc] = grad_y · KR(B)_c */
     }
     if (n->gx) {
@@ -557,12 +557,12 @@ fct_status fct_cp_linear_backward(fct_context* ctx, const DLTensor* grad_y, cons
       FCT_TRY(fct_x_gemm(&e, &GZ, &KinT, &Gx, c0 > 0 ? 1.0 : 0.0)); /* grad_x += gz · KR(A)_cᵀ */
     }
     if (n->gout) {
-      fct_mat GK = fct_dense(fct_ws_at(&e, p.off_gk), out, rc), Gt = fct_mat_t(G);
+      fct_mat GK = fct_ws_mat(&e, p.off_gk, out, rc), Gt = fct_mat_t(G);
       FCT_TRY(fct_x_gemm(&e, &Gt, &Z, &GK, 0.0)); /* gKR(B)_c [out, rc] = grad_yᵀ · z_c */
       FCT_TRY(side_grads(&e, &p, &s->out, &GK, grad_out_factors, c0, rc));
     }
     if (n->gin) {
-      fct_mat GK = fct_dense(fct_ws_at(&e, p.off_gk), in, rc), Xt = fct_mat_t(X);
+      fct_mat GK = fct_ws_mat(&e, p.off_gk, in, rc), Xt = fct_mat_t(X);
       FCT_TRY(fct_x_gemm(&e, &Xt, &GZ, &GK, 0.0)); /* gKR(A)_c [in, rc] = xᵀ · gz */
       FCT_TRY(side_grads(&e, &p, &s->in, &GK, grad_in_factors, c0, rc));
     }

@@ -211,14 +211,10 @@ static fct_status bind_weights(const fct_exec* e, lora_plan* p) {
   return FCT_OK;
 }
 
-static fct_mat ws_mat(const fct_exec* e, size_t off, int64_t rows, int64_t cols) {
-  return fct_dense(fct_ws_at(e, off), rows, cols);
-}
-
 /* xd [M, in] = drop(X) in the workspace. */
 static fct_status drop_into(const fct_exec* e, const lora_plan* p, const fct_mat* X,
                             fct_mat* XD) {
-  *XD = ws_mat(e, p->off_xd, p->s.M, p->s.in);
+  *XD = fct_ws_mat(e, p->off_xd, p->s.M, p->s.in);
   return e->be->dropout(e->ctx, e->device, e->dt, X, XD, p->s.seed, p->s.threshold,
                         p->s.keep_scale);
 }
@@ -308,7 +304,7 @@ fct_status fct_lora_linear_forward(fct_context* ctx, const DLTensor* x, const DL
       fct_mat Wt = fct_mat_t(p.W.m);
       FCT_TRY(fct_x_gemm(&e, &X, &Wt, &Y, beta)); /* y [M, out] (+)= x · Wᵀ */
     } else {
-      fct_mat TB = ws_mat(&e, p.off_tb, s->M, s->rb);
+      fct_mat TB = fct_ws_mat(&e, p.off_tb, s->M, s->rb);
       fct_mat Vt = fct_mat_t(p.V.m), Ut = fct_mat_t(p.U.m);
       FCT_TRY(fct_x_gemm(&e, &X, &Vt, &TB, 0.0)); /* tb [M, rb] = x · Vᵀ */
       FCT_TRY(fct_x_gemm(&e, &TB, &Ut, &Y, beta)); /* y (+)= tb · Uᵀ */
@@ -318,7 +314,7 @@ fct_status fct_lora_linear_forward(fct_context* ctx, const DLTensor* x, const DL
   /* The adapter, accumulated into y. */
   fct_mat XA = X;
   if (s->dropout) FCT_TRY(drop_into(&e, &p, &X, &XA));
-  fct_mat T = t ? fct_dense(fct_data(t), s->M, s->r) : ws_mat(&e, p.off_t, s->M, s->r);
+  fct_mat T = t ? fct_dense(fct_data(t), s->M, s->r) : fct_ws_mat(&e, p.off_t, s->M, s->r);
   fct_mat At = fct_mat_t(p.A.m), Bt = fct_mat_t(p.B.m);
   FCT_TRY(fct_x_gemm(&e, &XA, &At, &T, 0.0)); /* t [M, r] = drop(x) · Aᵀ */
   FCT_TRY(e.be->gemm_scaled(ctx, e.device, e.dt, s->scale, &T, &Bt, &Y, 1.0)); /* y += s·t·Bᵀ */
@@ -449,7 +445,7 @@ fct_status fct_lora_linear_backward(fct_context* ctx, const DLTensor* g, const D
   if (p.g.t) FCT_TRY(batched_bind(&e, &p.g, &G));
   /* drop(x), when a gradient reads it (M = 0: nothing to draw). */
   if (p.xd && M > 0) FCT_TRY(drop_into(&e, &p, &X, &XA));
-  else if (p.xd) XA = ws_mat(&e, p.off_xd, 0, s->in);
+  else if (p.xd) XA = fct_ws_mat(&e, p.off_xd, 0, s->in);
   else XA = X;
 
   if (gr->bias) /* grad_bias [out] = Σ_rows grad_y */
@@ -460,7 +456,7 @@ fct_status fct_lora_linear_backward(fct_context* ctx, const DLTensor* g, const D
       FCT_TRY(batched_bind(&e, &p.t, &T));
     } else {
       fct_mat At = fct_mat_t(p.A.m);
-      T = ws_mat(&e, p.off_t, M, s->r);
+      T = fct_ws_mat(&e, p.off_t, M, s->r);
       FCT_TRY(fct_x_gemm(&e, &XA, &At, &T, 0.0)); /* t = drop(x) · Aᵀ */
     }
     fct_mat Gt = fct_mat_t(G), GB = fct_dense(fct_data(gr->B), s->out, s->r);
@@ -468,7 +464,7 @@ fct_status fct_lora_linear_backward(fct_context* ctx, const DLTensor* g, const D
   }
   fct_mat GT = {0};
   if (p.gt) { /* grad_t [M, r] = s · grad_y · B */
-    GT = ws_mat(&e, p.off_gt, M, s->r);
+    GT = fct_ws_mat(&e, p.off_gt, M, s->r);
     FCT_TRY(e.be->gemm_scaled(ctx, e.device, e.dt, s->scale, &G, &p.B.m, &GT, 0.0));
   }
   if (gr->A) { /* grad_A [r, in] = grad_tᵀ · drop(x) */
@@ -482,11 +478,11 @@ fct_status fct_lora_linear_backward(fct_context* ctx, const DLTensor* g, const D
   }
   fct_mat GTB = {0};
   if (p.gtb) { /* grad_tb [M, rb] = grad_y · U */
-    GTB = ws_mat(&e, p.off_gtb, M, s->rb);
+    GTB = fct_ws_mat(&e, p.off_gtb, M, s->rb);
     FCT_TRY(fct_x_gemm(&e, &G, &p.U.m, &GTB, 0.0));
   }
   if (gr->U) { /* grad_U [out, rb] = grad_yᵀ · tb, tb = x · Vᵀ */
-    fct_mat TB = ws_mat(&e, p.off_tb, M, s->rb), Vt = fct_mat_t(p.V.m);
+    fct_mat TB = fct_ws_mat(&e, p.off_tb, M, s->rb), Vt = fct_mat_t(p.V.m);
     fct_mat GU = fct_dense(fct_data(gr->U), s->out, s->rb);
     FCT_TRY(fct_x_gemm(&e, &X, &Vt, &TB, 0.0));
     FCT_TRY(fct_x_gemm(&e, &Gt, &TB, &GU, 0.0));

@@ -230,7 +230,7 @@ fct_status fct_lowrank_embedding_backward(fct_context* ctx, const DLTensor* grad
   if (p.gU) FCT_TRY(fct_param_bind(&e, &p.V));
   if (p.pack_g) {
     FCT_TRY(e.be->pack(ctx, grad_y, fct_ws_at(&e, p.off_g)));
-    p.g = fct_dense(fct_ws_at(&e, p.off_g), p.B, p.dim);
+    p.g = fct_ws_mat(&e, p.off_g, p.B, p.dim);
   }
   int64_t* idx = (int64_t*)fct_ws_at(&e, p.off_idx);
   char* rows = fct_ws_at(&e, p.off_rows);

@@ -46,10 +46,6 @@ static fct_status bind(const fct_exec* e, lowrank_plan* p) {
   return FCT_OK;
 }
 
-static fct_mat ws_mat(const fct_exec* e, size_t off, int64_t rows, int64_t cols) {
-  return fct_dense(fct_ws_at(e, off), rows, cols);
-}
-
 static fct_status check_matrix(fct_context* ctx, const char* name, const DLTensor* t,
                                const DLTensor* ref, const char* what) {
   FCT_TRY(fct_check_tensor(ctx, name, t, 2));
@@ -144,7 +140,7 @@ fct_status fct_lowrank_linear_forward(fct_context* ctx, const DLTensor* x, const
   fct_mat Y, T;
   fct_fold(y, &Y);
   if (t) fct_fold(t, &T);
-  else T = ws_mat(&e, p.off_t, p.M, p.r);
+  else T = fct_ws_mat(&e, p.off_t, p.M, p.r);
   fct_mat Vt = fct_mat_t(p.V.m), Ut = fct_mat_t(p.U.m);
   FCT_TRY(fct_x_gemm(&e, &p.x.m, &Vt, &T, 0.0)); /* t [M, r] = x [M, in] · Vᵀ [in, r] */
   if (bias)
@@ -240,7 +236,7 @@ fct_status fct_lowrank_linear_backward(fct_context* ctx, const DLTensor* g, cons
   const fct_mat* G = &p.g.m;
   if (gb) FCT_TRY(e.be->column_sums(ctx, e.device, e.dt, G, fct_data(gb))); /* gb [out] = Σ_M g */
   if (gU) {
-    fct_mat T = p.t_ready ? p.t.m : ws_mat(&e, p.off_t, p.M, p.r);
+    fct_mat T = p.t_ready ? p.t.m : fct_ws_mat(&e, p.off_t, p.M, p.r);
     if (!p.t_ready) {
       fct_mat Vt = fct_mat_t(p.V.m);
       FCT_TRY(fct_x_gemm(&e, &p.x.m, &Vt, &T, 0.0)); /* t [M, r] = x · Vᵀ */
@@ -253,7 +249,7 @@ fct_status fct_lowrank_linear_backward(fct_context* ctx, const DLTensor* g, cons
    * empty and there is no workspace, yet grad_x (r == 0) or grad_V (M == 0)
    * must still be written as zeros. */
   if (gx || gV) {
-    fct_mat GT = ws_mat(&e, p.off_gt, p.M, p.r);
+    fct_mat GT = fct_ws_mat(&e, p.off_gt, p.M, p.r);
     FCT_TRY(fct_x_gemm(&e, G, &p.U.m, &GT, 0.0)); /* gt [M, r] = g [M, out] · U */
     if (gV) {
       fct_mat GTt = fct_mat_t(GT), GV;

@@ -194,7 +194,7 @@ void fct_param_lay_out(fct_param* p, fct_layout* L, size_t es) {
 fct_status fct_param_bind(const fct_exec* e, fct_param* p) {
   if (p->pack) {
     FCT_TRY(e->be->pack(e->ctx, p->t, fct_ws_at(e, p->off)));
-    p->m = fct_dense(fct_ws_at(e, p->off), p->rows, p->cols);
+    p->m = fct_ws_mat(e, p->off, p->rows, p->cols);
   } else if (p->fold || p->t->ndim == 2) {
     fct_fold(p->t, &p->m);
   } else {

@@ -177,6 +177,11 @@ static inline char* fct_ws_at(const fct_exec* e, size_t off) {
   return e->ws ? e->ws + off : NULL;
 }
 
+/* A dense [rows, cols] matrix in the workspace at off. */
+static inline fct_mat fct_ws_mat(const fct_exec* e, size_t off, int64_t rows, int64_t cols) {
+  return fct_dense(fct_ws_at(e, off), rows, cols);
+}
+
 /* C = A·B + beta·C (one product). */
 static inline fct_status fct_x_gemm(const fct_exec* e, const fct_mat* A, const fct_mat* B,
                                     const fct_mat* C, double beta) {

@@ -476,7 +476,7 @@ static fct_status build_groups(const fct_exec* e, tt_plan* p) {
 /* ------------------------------------------------------------------------- */
 
 static fct_mat cmat(const fct_exec* e, const tt_plan* p, const tt_step* st) {
-  return fct_dense(fct_ws_at(e, p->grp[st->g].off_cmat), st->n, st->c);
+  return fct_ws_mat(e, p->grp[st->g].off_cmat, st->n, st->c);
 }
 
 /* dst = step j applied to src, for a chunk of Mc rows. */
@@ -686,7 +686,7 @@ static fct_status backward_chunk(const fct_exec* e, const tt_plan* p, const char
     fct_mat C = cmat(e, p, st);
     int64_t Bt = Mc * st->B;
     if (gr->grad) {
-      fct_mat GC = fct_dense(fct_ws_at(e, gr->off_gcmat), st->n, st->c);
+      fct_mat GC = fct_ws_mat(e, gr->off_gcmat, st->n, st->c);
       if (single_gemm(st)) { /* gC [n, c] += gYᵀ [n, Bt] · U [Bt, c] */
         fct_mat GYt = fct_mat_t(fct_dense((char*)gy, Bt, st->n));
         fct_mat U = fct_dense(states[j], Bt, st->c);
