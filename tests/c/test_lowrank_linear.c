@@ -109,6 +109,7 @@ static void test_values(bool big) {
       {"x rows with gaps", 2, {0, 0, 0}, 3, 0},
       {"x 3-D", 3, {0, 0, 0}, 0, 0},
       {"x 3-D non-foldable", 3, {1, 0, 2}, 0, 0},
+      {"x 3-D rows with gaps", 3, {0, 0, 0}, 2, 0}, /* folds: read in place */
   };
   static const int64_t shapes[][4] = {
       /* M, in, out, r */
@@ -281,6 +282,58 @@ static void test_big_nan_scan(void) {
   tb_free(x); tb_free(U); tb_free(V); tb_free(y);
 }
 
+/* Workspace answers: a batched x whose leading dims fold into one row
+ * stride ([2, 3, in] with gaps between its rows) is read in place, one whose
+ * dims do not fold is packed (M·in elements); t [M, r] lives in the
+ * workspace when it is not given, grad_t [M, r] whenever grad_x or grad_V
+ * is asked for. */
+static void test_workspace_sizes(void) {
+  for (int bits = 32; bits <= 64; bits += 32) {
+    const int64_t M = 6, in = 7, out = 5, r = 3;
+    const size_t es = (size_t)bits / 8;
+    int64_t xs[3] = {2, 3, in}, ys[3] = {2, 3, out}, ts[3] = {2, 3, r};
+    int64_t us[2] = {out, r}, vs[2] = {r, in}, bs[1] = {out};
+    int nonfold[3] = {1, 0, 2};
+    test_tensor* xg = tb_new(bits, 3, xs, NULL, 2);
+    test_tensor* xn = tb_new(bits, 3, xs, nonfold, 0);
+    test_tensor* U = tb_new(bits, 2, us, NULL, 0);
+    test_tensor* V = tb_new(bits, 2, vs, NULL, 0);
+    test_tensor* g = tb_new(bits, 3, ys, NULL, 0);
+    test_tensor* y = tb_output(bits, 3, ys);
+    test_tensor* t = tb_output(bits, 3, ts);
+    test_tensor* gx = tb_output(bits, 3, xs);
+    test_tensor* gU = tb_output(bits, 2, us);
+    test_tensor* gV = tb_output(bits, 2, vs);
+    test_tensor* gb = tb_output(bits, 1, bs);
+    fct_context c = test_ctx(0);
+    size_t bytes = 1;
+    fct_status st = fct_lowrank_linear_forward_workspace(&c, &xg->dl, &U->dl, &V->dl, NULL,
+                                                         &y->dl, &t->dl, &bytes);
+    CHECK(st == FCT_OK && bytes == 0, "f%d gapped x, t given: %zu bytes, expected 0 (%s)", bits,
+          bytes, test_err);
+    st = fct_lowrank_linear_forward_workspace(&c, &xg->dl, &U->dl, &V->dl, NULL, &y->dl, NULL,
+                                              &bytes);
+    CHECK(st == FCT_OK && bytes == M * r * es, "f%d gapped x, no t: %zu bytes, expected %zu",
+          bits, bytes, (size_t)(M * r) * es);
+    st = fct_lowrank_linear_forward_workspace(&c, &xn->dl, &U->dl, &V->dl, NULL, &y->dl, &t->dl,
+                                              &bytes);
+    CHECK(st == FCT_OK && bytes == M * in * es, "f%d non-foldable x: %zu bytes, expected %zu",
+          bits, bytes, (size_t)(M * in) * es);
+    st = fct_lowrank_linear_backward_workspace(&c, &g->dl, &xg->dl, &U->dl, &V->dl, &t->dl,
+                                               &gx->dl, &gU->dl, &gV->dl, &gb->dl, &bytes);
+    CHECK(st == FCT_OK && bytes == M * r * es,
+          "f%d backward, t given: %zu bytes, expected %zu (grad_t)", bits, bytes,
+          (size_t)(M * r) * es);
+    st = fct_lowrank_linear_backward_workspace(&c, &g->dl, &xg->dl, &U->dl, &V->dl, NULL, NULL,
+                                               &gU->dl, NULL, NULL, &bytes);
+    CHECK(st == FCT_OK && bytes == M * r * es,
+          "f%d backward grad_U only, no t: %zu bytes, expected %zu (t)", bits, bytes,
+          (size_t)(M * r) * es);
+    tb_free(xg); tb_free(xn); tb_free(U); tb_free(V); tb_free(g); tb_free(y); tb_free(t);
+    tb_free(gx); tb_free(gU); tb_free(gV); tb_free(gb);
+  }
+}
+
 int main(void) {
   test_values(false); /* OpenBLAS's own threads */
   fct_cpu_set_thread_pool(tb_reverse_pool, tb_three_threads);
@@ -289,6 +342,7 @@ int main(void) {
   test_big_nan_scan();
   fct_cpu_set_thread_pool(NULL, NULL);
   test_errors();
+  test_workspace_sizes();
   test_free_workspace();
   return test_report();
 }
