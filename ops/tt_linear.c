@@ -20,7 +20,9 @@
  * Per row a step costs 2·B·n·c·q FLOPs: with modes of 8 and ranks r, every
  * unmerged step costs 2·512·(core size), merging pairs of cores cuts the
  * product of the outer sizes from 512 to 64 at the price of larger cores.
- * A single group of all d >= 2 cores would be W itself: never chosen.
+ * A single group of all d >= 2 cores is W itself (the merge chain forms
+ * it, the sweep is one GEMM): taken when it is the cheapest and its
+ * workspace (W and its prefix products) fits the cap.
  *
  * Cost model. Every grouping (2^(d-1) - 1 of them) and both directions are
  * priced in FLOP-equivalents (linear_common.h):
@@ -60,6 +62,7 @@ typedef struct tt_needs {
   bool any_gcore;
   bool pack_x, pack_g, check;
   bool small; /* FCT_FLAG_SMALL_CHUNKS */
+  bool force_contract, force_form_w;
 } tt_needs;
 
 typedef struct tt_group {
@@ -365,13 +368,25 @@ static fct_status make_plan(fct_context* ctx, tt_plan* p) {
   double best = INFINITY;
   unsigned best_cuts = all;
   bool best_ltr = false;
+  /* One group of every core (cuts == 0, d >= 2) forms W: x·W in one GEMM,
+   * and backward grad_W = xᵀ·grad_y projected on the cores through the
+   * merge chain. It competes with the chains when its workspace fits the
+   * cap (W and its prefix products are W-sized); the flags force one side. */
+  bool only_w = p->n.force_form_w && d >= 2;
+  bool no_w = p->n.force_contract && !p->n.force_form_w;
   for (unsigned cuts = 0; cuts <= all; ++cuts) {
-    if (d >= 2 && cuts == 0) continue; /* one group of every core is W */
+    bool is_w = d >= 2 && cuts == 0;
+    if ((is_w && no_w) || (!is_w && only_w)) continue;
     for (int dir = 0; dir < 2; ++dir) {
       p->ltr = dir == 1;
       make_groups(p, cuts);
       make_steps(p);
       double c = plan_cost(p, &mc);
+      if (is_w && !only_w) {
+        fct_layout L;
+        lay_out(p, &L);
+        if (L.overflow || L.cursor > mc.workspace_cap) continue;
+      }
       if (c < best) {
         best = c;
         best_cuts = cuts;
@@ -527,6 +542,8 @@ static fct_status forward_plan(fct_context* ctx, const DLTensor* x, int d,
   p->n.pack_x = !fct_is_contiguous(x);
   p->n.check = ctx->flags & FCT_FLAG_CHECK_FINITE;
   p->n.small = ctx->flags & FCT_FLAG_SMALL_CHUNKS;
+  p->n.force_contract = ctx->flags & FCT_FLAG_FORCE_CONTRACT;
+  p->n.force_form_w = ctx->flags & FCT_FLAG_FORCE_FORM_W;
   init_params(p, cores);
   return make_plan(ctx, p);
 }
@@ -638,6 +655,8 @@ static fct_status backward_plan(fct_context* ctx, const DLTensor* g, const DLTen
   n->pack_g = (work || n->gb) && !fct_is_contiguous(g);
   n->check = ctx->flags & FCT_FLAG_CHECK_FINITE;
   n->small = ctx->flags & FCT_FLAG_SMALL_CHUNKS;
+  n->force_contract = ctx->flags & FCT_FLAG_FORCE_CONTRACT;
+  n->force_form_w = ctx->flags & FCT_FLAG_FORCE_FORM_W;
   init_params(p, cores);
   return make_plan(ctx, p);
 }
@@ -889,5 +908,10 @@ fct_status fct_tt_linear_plan(int d, const int64_t* in_modes, const int64_t* out
   describe(&pf, f, sizeof f);
   describe(&pb, b, sizeof b);
   snprintf(info->plan, sizeof info->plan, "tt forward: %s; backward: %s", f, b);
+  /* d == 1: the one core is W, the chain and W are the same thing. */
+  snprintf(info->forward_strategy, sizeof info->forward_strategy, "%s",
+           d >= 2 && pf.G == 1 ? "form_w" : "contract");
+  snprintf(info->backward_strategy, sizeof info->backward_strategy, "%s",
+           d >= 2 && pb.G == 1 ? "form_w" : "contract");
   return FCT_OK;
 }
