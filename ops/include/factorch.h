@@ -349,7 +349,8 @@ FCT_API fct_status fct_tensor_train(fct_context* ctx, const DLTensor* X, int n_m
  * core (whole W). CP has the chain only: its forward also produces
  * z = x·KR(A) for the backward, after which y = z·KR(B)ᵀ costs less than
  * forming W, and its backward through W costs 6·in·out·R + 4·M·in·out
- * against the chain's 4·M·R·(in + out), more whenever M < R. */
+ * FLOPs against the chain's 4·M·R·(in + out) (at 4096 x 4096, M = 2048:
+ * 1.6x the chain's at 10x compression, 1.9x at 50x). */
 #define FCT_FLAG_FORCE_CONTRACT 4u
 #define FCT_FLAG_FORCE_FORM_W 8u
 
