@@ -345,8 +345,8 @@ FCT_API fct_status fct_tensor_train(fct_context* ctx, const DLTensor* X, int n_m
  * W (in row blocks bounded like the chain's chunks) from the factors, then
  * dense GEMMs: y = x·Wᵀ forward; grad_x = grad_y·W and grad_W = grad_yᵀ·x
  * projected on the factors backward. FORM_W wins when both are set.
- * Tucker forms W in blocks of rows; TT as its one merged group of every
- * core (whole W). CP has the chain only: its forward also produces
+ * Tucker and TT form W in blocks of rows of the first output mode. CP has
+ * the chain only: its forward also produces
  * z = x·KR(A) for the backward, after which y = z·KR(B)ᵀ costs less than
  * forming W, and its backward through W costs 6·in·out·R + 4·M·in·out
  * FLOPs against the chain's 4·M·R·(in + out) (at 4096 x 4096, M = 2048:
