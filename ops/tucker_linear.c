@@ -1036,18 +1036,15 @@ fct_status fct_tucker_linear_plan(int n_in, const int64_t* in_modes, const int64
   info->backward_flops = pb.flops;
   info->forward_workspace = pf.bytes;
   info->backward_workspace = pb.bytes;
+  char f[64], b[64];
+  snprintf(f, sizeof f, pf.form_w ? "W formed in blocks of %lld rows" : "chunks of %lld rows",
+           (long long)(pf.form_w ? pf.ob : pf.Mc));
+  snprintf(b, sizeof b, pb.form_w ? "W formed in blocks of %lld rows" : "chunks of %lld rows",
+           (long long)(pb.form_w ? pb.ob : pb.Mc));
   snprintf(info->plan, sizeof info->plan,
            "tucker: %d input factors (last first), core [%lld, %lld], %d output factors "
-           "(first first); chunks of %lld rows (forward), %lld (backward)",
-           n_in, (long long)pf.s.out.rank, (long long)pf.s.in.rank, n_out, (long long)pf.Mc,
-           (long long)pb.Mc);
-  if (pf.form_w || pb.form_w) {
-    tk_plan* w = pf.form_w ? &pf : &pb;
-    size_t len = strlen(info->plan);
-    snprintf(info->plan + len, sizeof info->plan - len,
-             "; W formed in blocks of %lld rows (%s)", (long long)w->ob,
-             pf.form_w && pb.form_w ? "forward and backward" : pf.form_w ? "forward" : "backward");
-  }
+           "(first first); forward: %s; backward: %s",
+           n_in, (long long)pf.s.out.rank, (long long)pf.s.in.rank, n_out, f, b);
   snprintf(info->forward_strategy, sizeof info->forward_strategy, "%s",
            pf.form_w ? "form_w" : "contract");
   snprintf(info->backward_strategy, sizeof info->backward_strategy, "%s",
