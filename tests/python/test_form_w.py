@@ -1,6 +1,6 @@
-"""The two strategies of the tensorized linear ops (CP, Tucker, TT): the
-contraction chain of x with the factors, and forming W (in row blocks) from
-the factors followed by dense GEMMs. Each is forced in turn
+"""The two strategies of the Tucker and TT linear ops (CP has the chain
+only): the contraction chain of x with the factors, and forming W (in row
+blocks) from the factors followed by dense GEMMs. Each is forced in turn
 (FCT_FLAG_FORCE_CONTRACT / FCT_FLAG_FORCE_FORM_W) and checked against a
 float64 reference on random inputs: forward and backward, with and without
 bias, odd shapes, M = 0, 1 and large, blocks of one row (FCT_FLAG_SMALL_CHUNKS),
@@ -47,7 +47,6 @@ def _cases(fact):
     yield from samples(fact, "cpu", torch.float64, requires_grad=True)
     g = torch.Generator().manual_seed(1)
     extra = {
-        "cp": [CP((3, 5), (7, 2), 6), CP((5,), (3, 3, 2), 4)],
         "tucker": [Tucker((3, 5), (7, 2), ((2, 3), (3, 2))),
                    Tucker((5,), (3, 3, 2), ((4,), (2, 3, 2)))],
         "tt": [TensorTrain((3, 5), (7, 2), (1, 4, 1)),
