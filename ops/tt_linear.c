@@ -1093,9 +1093,16 @@ fct_status fct_tt_linear_plan(int d, const int64_t* in_modes, const int64_t* out
   char f[112], b[112];
   describe(&pf, f, sizeof f);
   describe(&pb, b, sizeof b);
-  if (pf.form_w) snprintf(f, sizeof f, "W formed in blocks of %lld rows", (long long)pf.ob);
-  if (pb.form_w) snprintf(b, sizeof b, "W formed in blocks of %lld rows", (long long)pb.ob);
   snprintf(info->plan, sizeof info->plan, "tt forward: %s; backward: %s", f, b);
+  /* The chains stay described (factorch/_decomp.py mirrors the forward's
+   * groups); forming W, where taken, is said after them. */
+  if (pf.form_w || pb.form_w) {
+    tt_plan* w = pf.form_w ? &pf : &pb;
+    size_t len = strlen(info->plan);
+    snprintf(info->plan + len, sizeof info->plan - len,
+             "; instead W formed in blocks of %lld rows (%s)", (long long)w->ob,
+             pf.form_w && pb.form_w ? "forward and backward" : pf.form_w ? "forward" : "backward");
+  }
   snprintf(info->forward_strategy, sizeof info->forward_strategy, "%s",
            pf.form_w ? "form_w" : "contract");
   snprintf(info->backward_strategy, sizeof info->backward_strategy, "%s",
