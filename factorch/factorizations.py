@@ -262,6 +262,8 @@ class _PlanInfo(ctypes.Structure):
         ("forward_workspace", ctypes.c_size_t),
         ("backward_workspace", ctypes.c_size_t),
         ("plan", ctypes.c_char * 256),
+        ("forward_strategy", ctypes.c_char * 16),
+        ("backward_strategy", ctypes.c_char * 16),
     ]
 
 
@@ -334,7 +336,9 @@ class Tensorized(Factorization):
 
     def plan(self, batch: int = 1, device="cpu", dtype=torch.float32) -> dict:
         """What the C kernels would do for a batch of ``batch`` rows: FLOPs of
-        the forward and backward, workspace bytes, and the contraction order."""
+        the forward and backward, workspace bytes, the contraction order, and
+        the strategy per direction ("contract": the chain of x with the
+        factors; "form_w": W formed in row blocks, then dense GEMMs)."""
         dev = _DLDevice(2 if torch.device(device).type == "cuda" else 1, 0)
         code, bits = _DTYPES.get(dtype, (2, 32))
         info = _PlanInfo()
@@ -349,6 +353,8 @@ class Tensorized(Factorization):
             "forward_workspace": int(info.forward_workspace),
             "backward_workspace": int(info.backward_workspace),
             "plan": info.plan.decode(),
+            "forward_strategy": info.forward_strategy.decode(),
+            "backward_strategy": info.backward_strategy.decode(),
         }
 
     def flops(self, batch=1, device="cpu", dtype=torch.float32):

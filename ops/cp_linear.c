@@ -630,5 +630,8 @@ fct_status fct_cp_linear_plan(int n_in, const int64_t* in_modes, int n_out,
            "cp: z = x·KR(in) then y = z·KR(out)^T, Khatri-Rao blocks of %lld columns "
            "(forward), %lld (backward), R = %lld",
            (long long)pf.Rc, (long long)pb.Rc, (long long)s.R);
+  /* CP has the chain only (factorch.h, FCT_FLAG_FORCE_FORM_W). */
+  snprintf(info->forward_strategy, sizeof info->forward_strategy, "contract");
+  snprintf(info->backward_strategy, sizeof info->backward_strategy, "contract");
   return FCT_OK;
 }

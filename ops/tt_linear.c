@@ -20,7 +20,17 @@
  * Per row a step costs 2·B·n·c·q FLOPs: with modes of 8 and ranks r, every
  * unmerged step costs 2·512·(core size), merging pairs of cores cuts the
  * product of the outer sizes from 512 to 64 at the price of larger cores.
- * A single group of all d >= 2 cores would be W itself: never chosen.
+ * A single group of all d >= 2 cores would be W itself: not a chain, but
+ * the second strategy below.
+ *
+ * Forming W (fw_*). W's rows for a block of o_1 (nb rows of core 0's output
+ * mode) are the TT whose core 0 is G_1[:, :, block, :]: merging all its
+ * cores right to left gives W_block [nb·o_2···o_d, in] in the chain's own
+ * layout. Forward: y[:, block] = x·W_blockᵀ. Backward: grad_x += grad_y[:,
+ * block]·W_block, grad W_block = grad_y[:, block]ᵀ·x back through the
+ * merge chain (core 0's block gradient, the others accumulated). The cost
+ * model prices it beside the best chain; it is taken when cheaper and
+ * within the workspace cap (blocks sized by the chunk budget).
  *
  * Cost model. Every grouping (2^(d-1) - 1 of them) and both directions are
  * priced in FLOP-equivalents (op_common.h):
@@ -60,6 +70,7 @@ typedef struct tt_needs {
   bool any_gcore;
   bool pack_x, pack_g, check;
   bool small; /* FCT_FLAG_SMALL_CHUNKS */
+  bool force_contract, force_form_w;
 } tt_needs;
 
 typedef struct tt_group {
@@ -95,6 +106,11 @@ typedef struct tt_plan {
   size_t off_reduce, reduce_bytes, off_scratch;
   size_t bytes;
   double cost, flops;
+  /* Forming W: blocks of nb rows of o_1 (nb divides o_1), ob rows of W;
+   * core 0's block packed at off_c0, its gradient blocks at off_g0. */
+  bool form_w;
+  int64_t nb, ob;
+  size_t off_c0, off_g0;
 } tt_plan;
 
 /* ------------------------------------------------------------------------- */
@@ -358,6 +374,75 @@ static void lay_out(tt_plan* p, fct_layout* L) {
   if (n->check) p->off_scratch = fct_layout_take(L, 256, 1);
 }
 
+/* Rows of o_1 per block of W: the largest divisor of o_1 whose block of W
+ * fits the chunk budget (1 at least; 1 under FCT_FLAG_SMALL_CHUNKS). */
+static void fw_choose_block(tt_plan* p, const fct_machine* mc) {
+  const tt_shape* s = &p->s;
+  int64_t rest = s->out_size / s->out[0];
+  double row = (double)rest * (double)s->in_size * (double)s->es;
+  int64_t nb = 1;
+  for (int64_t c = 1; c <= s->out[0] && !p->n.small; ++c)
+    if (s->out[0] % c == 0 && (double)c * row <= (double)mc->chunk_bytes) nb = c;
+  p->nb = nb;
+  p->ob = nb * rest;
+  p->form_w = true;
+}
+
+/* The plan of one block (b): p's with o_1 = nb, one group of every core,
+ * right to left (its merged core is W_block [ob, in]); its layout L, then
+ * core 0's block and the gradient blocks of core 0. Every block has the same
+ * layout. */
+static void fw_block_plan(const tt_plan* p, tt_plan* b, fct_layout* L) {
+  *b = *p;
+  b->s.out[0] = p->nb;
+  b->s.out_size = p->ob;
+  b->ltr = false;
+  make_groups(b, 0);
+  make_steps(b);
+  b->Mc = b->s.M;
+  lay_out(b, L);
+  const tt_shape* s = &p->s;
+  int64_t c0 = s->r[0] * s->in[0] * p->nb * s->r[1];
+  b->off_c0 = fct_layout_take(L, c0, s->es);
+  if (p->n.backward && p->n.gcore[0])
+    b->off_g0 = fct_layout_take(L, c0 * (s->out[0] / p->nb), s->es);
+}
+
+static double fw_flops(const tt_plan* p, const tt_plan* b) {
+  const tt_shape* s = &p->s;
+  double mf, mel, mcalls;
+  merge_cost(b, &mf, &mel, &mcalls);
+  double nblk = (double)(s->out[0] / p->nb);
+  double dense = 2.0 * (double)s->M * (double)s->in_size * (double)s->out_size;
+  if (!p->n.backward) return nblk * mf + dense;
+  double f = nblk * mf;
+  if (p->n.gx) f += dense;
+  if (p->n.any_gcore) f += dense + 2 * nblk * mf;
+  return f;
+}
+
+/* Forming W in FLOP-equivalents: FLOPs, the merge chains' traffic per
+ * block, x (and grad_x) streamed once per block, y or grad_y once, and the
+ * calls. */
+static double fw_cost(const tt_plan* p, const tt_plan* b, const fct_machine* mc) {
+  const tt_shape* s = &p->s;
+  double mf, mel, mcalls;
+  merge_cost(b, &mf, &mel, &mcalls);
+  double nblk = (double)(s->out[0] / p->nb), es = (double)s->es;
+  double M = (double)s->M, in = (double)s->in_size, out = (double)s->out_size;
+  double elems, calls;
+  if (!p->n.backward) {
+    elems = nblk * (mel + M * in) + M * out;
+    calls = nblk * (mcalls + 2);
+  } else {
+    double k = p->n.any_gcore ? 3 : 1;
+    elems = nblk * (k * mel + M * in * ((p->n.any_gcore ? 1 : 0) + (p->n.gx ? 2 : 0))) +
+            M * out * 2;
+    calls = nblk * (k * mcalls + 4);
+  }
+  return fw_flops(p, b) + mc->flop_per_byte * es * elems + mc->call_flops * calls;
+}
+
 static fct_status make_plan(fct_context* ctx, tt_plan* p) {
   fct_machine mc = fct_machine_for(p->s.cuda);
   int d = p->s.d;
@@ -366,7 +451,7 @@ static fct_status make_plan(fct_context* ctx, tt_plan* p) {
   unsigned best_cuts = all;
   bool best_ltr = false;
   for (unsigned cuts = 0; cuts <= all; ++cuts) {
-    if (d >= 2 && cuts == 0) continue; /* one group of every core is W */
+    if (d >= 2 && cuts == 0) continue; /* one group of every core is W: fw_* below */
     for (int dir = 0; dir < 2; ++dir) {
       p->ltr = dir == 1;
       make_groups(p, cuts);
@@ -383,8 +468,27 @@ static fct_status make_plan(fct_context* ctx, tt_plan* p) {
   make_groups(p, best_cuts);
   make_steps(p);
   p->cost = plan_cost(p, &mc);
+  p->form_w = false;
   fct_layout L;
   lay_out(p, &L);
+  if (d >= 2 && p->s.M > 0 && !(p->n.force_contract && !p->n.force_form_w)) {
+    tt_plan w = *p;
+    fw_choose_block(&w, &mc);
+    tt_plan b;
+    fct_layout Lw;
+    fw_block_plan(&w, &b, &Lw);
+    w.off_x = b.off_x; /* what the entry points read outside the blocks */
+    w.off_g = b.off_g;
+    w.off_scratch = b.off_scratch;
+    double c = fw_cost(&w, &b, &mc);
+    bool fits = !Lw.overflow && Lw.cursor <= mc.workspace_cap;
+    if (p->n.force_form_w || (fits && c < p->cost)) {
+      *p = w;
+      p->cost = c;
+      p->flops = fw_flops(&w, &b);
+      return fct_layout_done(ctx, &Lw, &p->bytes);
+    }
+  }
   return fct_layout_done(ctx, &L, &p->bytes);
 }
 
@@ -502,6 +606,89 @@ static void init_params(tt_plan* p, const DLTensor* const* cores) {
 }
 
 /* ------------------------------------------------------------------------- */
+/* Forming W                                                                  */
+/* ------------------------------------------------------------------------- */
+
+static fct_status group_grads(const fct_exec* e, const tt_plan* p, int gi,
+                              DLTensor* const* gcores, double beta, char* g0);
+
+static fct_status fw_bind(const fct_exec* e, tt_plan* p, tt_plan* b) {
+  for (int k = 0; k < p->s.d; ++k) FCT_TRY(fct_param_bind(e, &p->core[k]));
+  fct_layout L;
+  fw_block_plan(p, b, &L);
+  return FCT_OK;
+}
+
+/* W's rows for o_1 in [a0, a0 + nb): core 0's block packed, then merged
+ * with the other cores; *W = W_block [ob, in]. */
+static fct_status fw_form_block(const fct_exec* e, const tt_plan* p, tt_plan* b, int64_t a0,
+                                char** W) {
+  const tt_shape* s = &p->s;
+  int64_t ri = s->r[0] * s->in[0], o1 = s->out[0], r1 = s->r[1];
+  char* c0 = fct_ws_at(e, b->off_c0);
+  int64_t sh[3] = {ri, p->nb, r1}, st[3] = {o1 * r1, r1, 1};
+  FCT_TRY(fct_x_permute(e, p->core[0].m.data + a0 * r1 * (int64_t)e->es, 3, sh, st, c0));
+  b->core[0].m = fct_dense(c0, ri * p->nb, r1);
+  FCT_TRY(build_group(e, b, 0));
+  *W = fct_ws_at(e, b->grp[0].off_cmat);
+  return FCT_OK;
+}
+
+static fct_status fw_forward(const fct_exec* e, tt_plan* p, const char* xb, DLTensor* y,
+                             const DLTensor* bias) {
+  const tt_shape* s = &p->s;
+  tt_plan b;
+  FCT_TRY(fw_bind(e, p, &b));
+  int64_t rest = s->out_size / s->out[0];
+  fct_mat X = fct_dense((char*)xb, s->M, s->in_size), Y = fct_dense(fct_data(y), s->M, s->out_size);
+  if (bias)
+    FCT_TRY(e->be->fill_rows(e->ctx, e->device, e->dt, &Y, fct_data(bias), fct_vector_stride(bias)));
+  for (int64_t a0 = 0; a0 < s->out[0]; a0 += p->nb) {
+    char* W;
+    FCT_TRY(fw_form_block(e, p, &b, a0, &W));
+    fct_mat Wt = fct_mat_t(fct_dense(W, p->ob, s->in_size));
+    fct_mat C = {Y.data + a0 * rest * (int64_t)e->es, s->M, p->ob, s->out_size, 1};
+    FCT_TRY(fct_x_gemm(e, &X, &Wt, &C, bias ? 1.0 : 0.0)); /* y[:, block] = x · W_blockᵀ */
+  }
+  return FCT_OK;
+}
+
+static fct_status fw_backward(const fct_exec* e, tt_plan* p, const char* xb, const char* gyb,
+                              DLTensor* grad_x, DLTensor* const* grad_cores) {
+  const tt_shape* s = &p->s;
+  const tt_needs* n = &p->n;
+  size_t es = e->es;
+  tt_plan b;
+  FCT_TRY(fw_bind(e, p, &b));
+  int64_t rest = s->out_size / s->out[0], nblk = s->out[0] / p->nb;
+  int64_t c0 = s->r[0] * s->in[0] * p->nb * s->r[1];
+  fct_mat X = fct_dense((char*)xb, s->M, s->in_size);
+  for (int64_t blk = 0; blk < nblk; ++blk) {
+    int64_t a0 = blk * p->nb;
+    double beta = blk > 0 ? 1.0 : 0.0;
+    char* W;
+    FCT_TRY(fw_form_block(e, p, &b, a0, &W));
+    fct_mat Gb = {(char*)gyb + a0 * rest * (int64_t)es, s->M, p->ob, s->out_size, 1};
+    if (n->gx) {
+      fct_mat Wb = fct_dense(W, p->ob, s->in_size);
+      fct_mat Gx = fct_dense(fct_data(grad_x), s->M, s->in_size);
+      FCT_TRY(fct_x_gemm(e, &Gb, &Wb, &Gx, beta)); /* grad_x += grad_y[:, block] · W_block */
+    }
+    if (!n->any_gcore) continue;
+    fct_mat Gbt = fct_mat_t(Gb), GC = fct_ws_mat(e, b.grp[0].off_gcmat, p->ob, s->in_size);
+    FCT_TRY(fct_x_gemm(e, &Gbt, &X, &GC, 0.0)); /* grad W_block = grad_y[:, block]ᵀ · x */
+    char* g0 = n->gcore[0] ? fct_ws_at(e, b.off_g0) + blk * c0 * (int64_t)es : NULL;
+    FCT_TRY(group_grads(e, &b, 0, grad_cores, beta, g0));
+  }
+  if (n->any_gcore && n->gcore[0]) { /* [blk, r_0·i_1, nb, r_1] -> [r_0·i_1, (blk, nb), r_1] */
+    int64_t ri = s->r[0] * s->in[0], r1 = s->r[1];
+    int64_t sh[4] = {ri, nblk, p->nb, r1}, st[4] = {p->nb * r1, c0, r1, 1};
+    FCT_TRY(fct_x_permute(e, fct_ws_at(e, b.off_g0), 4, sh, st, fct_data(grad_cores[0])));
+  }
+  return FCT_OK;
+}
+
+/* ------------------------------------------------------------------------- */
 /* Forward                                                                    */
 /* ------------------------------------------------------------------------- */
 
@@ -527,6 +714,8 @@ static fct_status forward_plan(fct_context* ctx, const DLTensor* x, int d,
   p->n.pack_x = !fct_is_contiguous(x);
   p->n.check = ctx->flags & FCT_FLAG_CHECK_FINITE;
   p->n.small = ctx->flags & FCT_FLAG_SMALL_CHUNKS;
+  p->n.force_contract = ctx->flags & FCT_FLAG_FORCE_CONTRACT;
+  p->n.force_form_w = ctx->flags & FCT_FLAG_FORCE_FORM_W;
   init_params(p, cores);
   return make_plan(ctx, p);
 }
@@ -552,8 +741,13 @@ fct_status fct_tt_linear_forward(fct_context* ctx, const DLTensor* x, int d,
   const tt_shape* s = &p.s;
   if (s->M == 0) return FCT_OK;
   FCT_TRY(fct_check_workspace(ctx, p.bytes));
-  FCT_TRY(build_groups(&e, &p));
   char* xb;
+  if (p.form_w) {
+    FCT_TRY(fct_x_dense_base(&e, x, p.n.pack_x, p.off_x, &xb));
+    FCT_TRY(fw_forward(&e, &p, xb, y, bias));
+    goto check;
+  }
+  FCT_TRY(build_groups(&e, &p));
   FCT_TRY(fct_x_dense_base(&e, x, p.n.pack_x, p.off_x, &xb));
   int64_t bst = fct_vector_stride(bias);
   char* buf[2] = {fct_ws_at(&e, p.off_a), fct_ws_at(&e, p.off_b)};
@@ -572,6 +766,7 @@ fct_status fct_tt_linear_forward(fct_context* ctx, const DLTensor* x, int d,
       cur = dst;
     }
   }
+check:
   if (p.n.check) {
     fct_args a;
     a.n = 0;
@@ -638,6 +833,8 @@ static fct_status backward_plan(fct_context* ctx, const DLTensor* g, const DLTen
   n->pack_g = (work || n->gb) && !fct_is_contiguous(g);
   n->check = ctx->flags & FCT_FLAG_CHECK_FINITE;
   n->small = ctx->flags & FCT_FLAG_SMALL_CHUNKS;
+  n->force_contract = ctx->flags & FCT_FLAG_FORCE_CONTRACT;
+  n->force_form_w = ctx->flags & FCT_FLAG_FORCE_FORM_W;
   init_params(p, cores);
   return make_plan(ctx, p);
 }
@@ -715,9 +912,11 @@ static fct_status backward_chunk(const fct_exec* e, const tt_plan* p, const char
 }
 
 /* The member cores' gradients from a group's merged-core gradient: back
- * through the merge chain (the inverse permutes of build_group). */
+ * through the merge chain (the inverse permutes of build_group). Cores after
+ * the first: beta·grad + the new one; the first core's gradient goes to g0
+ * when given (forming W: one block of it), else to its output. */
 static fct_status group_grads(const fct_exec* e, const tt_plan* p, int gi,
-                              DLTensor* const* gcores) {
+                              DLTensor* const* gcores, double beta, char* g0) {
   const tt_shape* s = &p->s;
   const tt_group* g = &p->grp[gi];
   int a = g->a;
@@ -766,7 +965,7 @@ static fct_status group_grads(const fct_exec* e, const tt_plan* p, int gi,
     if (p->n.gcore[k]) { /* grad G_k [r, cols] = P_(k-1)ᵀ · gT */
       fct_mat Pt = fct_mat_t(fct_dense((char*)Pprev, rows, r));
       fct_mat C = fct_dense(fct_data(gcores[k]), r, cols);
-      FCT_TRY(fct_x_gemm(e, &Pt, &GT, &C, 0.0));
+      FCT_TRY(fct_x_gemm(e, &Pt, &GT, &C, beta));
     }
     if (!earlier) break;
     /* gP_(k-1) [rows, r] = gT · G_kᵀ */
@@ -778,7 +977,7 @@ static fct_status group_grads(const fct_exec* e, const tt_plan* p, int gi,
     if (k - 1 == a && p->n.gcore[a]) { /* gP_a [r_in, o, i, r] -> [r_in, i, o, r] */
       int64_t i = s->in[a], o = s->out[a], r1 = s->r[a + 1];
       int64_t sh4[4] = {rin, i, o, r1}, st4[4] = {o * i * r1, r1, i * r1, 1};
-      FCT_TRY(fct_x_permute(e, cur, 4, sh4, st4, fct_data(gcores[a])));
+      FCT_TRY(fct_x_permute(e, cur, 4, sh4, st4, g0 ? g0 : fct_data(gcores[a])));
     }
   }
   return FCT_OK;
@@ -814,8 +1013,12 @@ fct_status fct_tt_linear_backward(fct_context* ctx, const DLTensor* grad_y, cons
     }
     return FCT_OK;
   }
-  FCT_TRY(build_groups(&e, &p));
   if (n->any_gcore) FCT_TRY(fct_x_dense_base(&e, x, n->pack_x, p.off_x, &xb));
+  if (p.form_w) {
+    FCT_TRY(fw_backward(&e, &p, xb, gb, grad_x, grad_cores));
+    goto check;
+  }
+  FCT_TRY(build_groups(&e, &p));
   for (int64_t m0 = 0; m0 < s->M; m0 += p.Mc) {
     int64_t Mc = s->M - m0 < p.Mc ? s->M - m0 : p.Mc;
     char* gx = grad_x ? fct_data(grad_x) + m0 * s->in_size * (int64_t)e.es : NULL;
@@ -824,7 +1027,8 @@ fct_status fct_tt_linear_backward(fct_context* ctx, const DLTensor* grad_y, cons
                        m0 > 0 ? 1.0 : 0.0));
   }
   for (int g = 0; g < p.G; ++g)
-    if (p.grp[g].grad) FCT_TRY(group_grads(&e, &p, g, grad_cores));
+    if (p.grp[g].grad) FCT_TRY(group_grads(&e, &p, g, grad_cores, 0.0, NULL));
+check:
   if (n->check && grad_x) {
     fct_args a;
     a.n = 0;
@@ -889,5 +1093,18 @@ fct_status fct_tt_linear_plan(int d, const int64_t* in_modes, const int64_t* out
   describe(&pf, f, sizeof f);
   describe(&pb, b, sizeof b);
   snprintf(info->plan, sizeof info->plan, "tt forward: %s; backward: %s", f, b);
+  /* The chains stay described (factorch/_decomp.py mirrors the forward's
+   * groups); forming W, where taken, is said after them. */
+  if (pf.form_w || pb.form_w) {
+    tt_plan* w = pf.form_w ? &pf : &pb;
+    size_t len = strlen(info->plan);
+    snprintf(info->plan + len, sizeof info->plan - len,
+             "; instead W formed in blocks of %lld rows (%s)", (long long)w->ob,
+             pf.form_w && pb.form_w ? "forward and backward" : pf.form_w ? "forward" : "backward");
+  }
+  snprintf(info->forward_strategy, sizeof info->forward_strategy, "%s",
+           pf.form_w ? "form_w" : "contract");
+  snprintf(info->backward_strategy, sizeof info->backward_strategy, "%s",
+           pb.form_w ? "form_w" : "contract");
   return FCT_OK;
 }

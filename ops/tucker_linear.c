@@ -56,6 +56,7 @@ typedef struct tk_needs {
   bool any_gin, any_gout;
   bool pack_x, pack_g, check;
   bool small; /* FCT_FLAG_SMALL_CHUNKS */
+  bool force_contract, force_form_w;
 } tk_needs;
 
 typedef struct tk_plan {
@@ -68,10 +69,29 @@ typedef struct tk_plan {
   int64_t max_state;                    /* over the intermediates (x and y excluded) */
   int64_t in_states_total, out_states_total; /* what the backward keeps */
   fct_param core, V[FCT_MAX_MODES], U[FCT_MAX_MODES];
+  /* Forming W instead (form_w): blocks of nb rows of U_1, each W's rows
+   * [ob = nb·o_2···o_q, in]; the two runs' intermediates per block. */
+  bool form_w;
+  int64_t nb, ob;
+  int64_t u_max, u_total, v_max, v_total;
+  size_t off_p, off_w, off_gw, off_gp, off_us, off_vs;
   size_t off_x, off_g, off_a, off_b, off_in, off_out, off_ga, off_gb, off_scratch;
   size_t bytes;
   double flops;
 } tk_plan;
+
+/* A run of expansion steps, as the chain's output steps: its input
+ * [r_1..r_n, Mc] becomes [Mc, m_1..m_n], one mode at a time,
+ *   step k: [r_k, r_{>k}, Mc, m_{<k}] -> [r_{>k}, Mc, m_{<k}, m_k]
+ * with F_k [m_k, r_k]. Forming W is two runs: the output factors over the
+ * core (Mc = T) give P [T, out] = (core·(⊗U)ᵀ viewed per t), then the input
+ * factors over P (Mc = out) give W [out, in]. */
+typedef struct tk_run {
+  int n;
+  fct_mat F[FCT_MAX_MODES];
+  int64_t modes[FCT_MAX_MODES], ranks[FCT_MAX_MODES];
+  int64_t Mc;
+} tk_run;
 
 /* ------------------------------------------------------------------------- */
 /* Checks                                                                     */
@@ -184,7 +204,22 @@ static void lay_out(tk_plan* p, fct_layout* L) {
   if (n->pack_x) p->off_x = fct_layout_take(L, s->M * s->in.size, es);
   if (n->pack_g) p->off_g = fct_layout_take(L, s->M * s->out.size, es);
   int64_t Mc = p->Mc;
-  if (!n->backward) {
+  if (p->form_w) {
+    int64_t buf = p->u_max > p->v_max ? p->u_max : p->v_max;
+    p->off_p = fct_layout_take(L, s->in.rank * p->ob, es);
+    p->off_w = fct_layout_take(L, p->ob * s->in.size, es);
+    if (!n->backward) {
+      p->off_a = fct_layout_take(L, buf, es);
+      p->off_b = fct_layout_take(L, buf, es);
+    } else {
+      p->off_gw = fct_layout_take(L, p->ob * s->in.size, es);
+      p->off_gp = fct_layout_take(L, s->in.rank * p->ob, es);
+      p->off_us = fct_layout_take(L, p->u_total, es);
+      p->off_vs = fct_layout_take(L, p->v_total, es);
+      p->off_ga = fct_layout_take(L, buf, es);
+      p->off_gb = fct_layout_take(L, buf, es);
+    }
+  } else if (!n->backward) {
     p->off_a = fct_layout_take(L, Mc * p->max_state, es);
     p->off_b = fct_layout_take(L, Mc * p->max_state, es);
   } else {
@@ -222,6 +257,120 @@ static double chunk_cost(const tk_plan* p, const fct_machine* mc, int64_t Mc, si
          mc->call_flops * nch * calls;
 }
 
+/* Elements of state k of a run (k = 0: its input, k = n: its output). */
+static int64_t run_state(const tk_run* r, int k) {
+  int64_t v = r->Mc;
+  for (int j = k; j < r->n; ++j) v *= r->ranks[j];
+  for (int j = 0; j < k; ++j) v *= r->modes[j];
+  return v;
+}
+
+static double run_flops(const tk_run* r) {
+  double f = 0;
+  for (int k = 0; k < r->n; ++k) f += 2.0 * (double)run_state(r, k) * (double)r->modes[k];
+  return f;
+}
+
+/* The two runs forming the W rows of U_1's rows [a0, a0 + nbb); the
+ * factor views are set once the parameters are bound. */
+static void fw_runs(const tk_plan* p, int64_t a0, int64_t nbb, size_t es, tk_run* u,
+                    tk_run* v) {
+  const tk_shape* s = &p->s;
+  memset(u, 0, sizeof *u);
+  memset(v, 0, sizeof *v);
+  u->n = s->out.n;
+  u->Mc = s->in.rank;
+  for (int k = 0; k < s->out.n; ++k) {
+    u->modes[k] = s->out.modes[k];
+    u->ranks[k] = s->out.ranks[k];
+    u->F[k] = p->U[k].m;
+  }
+  u->modes[0] = nbb;
+  u->F[0].rows = nbb;
+  if (u->F[0].data) u->F[0].data += a0 * u->F[0].rs * (int64_t)es;
+  v->n = s->in.n;
+  v->Mc = nbb * (s->out.size / s->out.modes[0]);
+  for (int k = 0; k < s->in.n; ++k) {
+    v->modes[k] = s->in.modes[k];
+    v->ranks[k] = s->in.ranks[k];
+    v->F[k] = p->V[k].m;
+  }
+}
+
+/* Block size and intermediate sizes of forming W: a block's rows of W fill
+ * at most the chunk budget (one row of U_1 at least). */
+static void fw_size(tk_plan* p, const fct_machine* mc) {
+  const tk_shape* s = &p->s;
+  int64_t rest = s->out.size / s->out.modes[0];
+  double row = (double)rest * (double)s->in.size * (double)s->es;
+  int64_t nb = (int64_t)((double)mc->chunk_bytes / row);
+  if (nb < 1) nb = 1;
+  if (nb > s->out.modes[0]) nb = s->out.modes[0];
+  if (p->n.small) nb = 1;
+  p->nb = nb;
+  p->ob = nb * rest;
+  tk_run u, v;
+  fw_runs(p, 0, nb, s->es, &u, &v);
+  p->u_max = p->v_max = 1;
+  p->u_total = p->v_total = 0;
+  for (int k = 1; k < u.n; ++k) {
+    int64_t e = run_state(&u, k);
+    if (e > p->u_max) p->u_max = e;
+    p->u_total += e;
+  }
+  for (int k = 1; k < v.n; ++k) {
+    int64_t e = run_state(&v, k);
+    if (e > p->v_max) p->v_max = e;
+    p->v_total += e;
+  }
+}
+
+/* FLOPs of forming W once (both runs over every block). */
+static double fw_form_flops(const tk_plan* p) {
+  tk_run u, v;
+  fw_runs(p, 0, p->s.out.modes[0], p->s.es, &u, &v);
+  return run_flops(&u) + run_flops(&v);
+}
+
+/* FLOPs of a pass that forms W: forward, W then y = x·Wᵀ; backward, W
+ * (for grad_x = grad_y·W) and grad_W = grad_yᵀ·x projected back through the
+ * two runs (two GEMMs per step). */
+static double fw_flops(const tk_plan* p) {
+  const tk_shape* s = &p->s;
+  const tk_needs* n = &p->n;
+  double M = (double)s->M, dense = 2 * M * (double)s->in.size * (double)s->out.size;
+  double form = fw_form_flops(p);
+  if (!n->backward) return form + dense;
+  bool weights = n->gcore || n->any_gin || n->any_gout;
+  double f = form;
+  if (n->gx) f += dense;
+  if (weights) f += dense + 2 * form;
+  if (n->gb) f += M * (double)s->out.size;
+  return f;
+}
+
+/* Cost of forming W in FLOP-equivalents: its FLOPs, the traffic (x and
+ * grad_x streamed once per block, grad_y and y once, W's blocks and the
+ * runs' states written and read) and the calls. */
+static double fw_cost(const tk_plan* p, const fct_machine* mc) {
+  const tk_shape* s = &p->s;
+  const tk_needs* n = &p->n;
+  double M = (double)s->M, in = (double)s->in.size, out = (double)s->out.size;
+  double nblk = ceil((double)s->out.modes[0] / (double)p->nb), es = (double)s->es;
+  double states = nblk * (double)(p->u_total + p->v_total) + 2 * (double)s->in.rank * out;
+  double elems, calls;
+  if (!n->backward) {
+    elems = nblk * M * in + M * out + 2 * out * in + 2 * states;
+    calls = nblk * (s->in.n + s->out.n + 1);
+  } else {
+    bool weights = n->gcore || n->any_gin || n->any_gout;
+    elems = nblk * M * in * ((weights ? 1 : 0) + (n->gx ? 2 : 0)) +
+            M * out * ((weights ? 1 : 0) + (n->gx ? 1 : 0)) + 4 * out * in + 6 * states;
+    calls = nblk * (3 * (s->in.n + s->out.n) + 3);
+  }
+  return fw_flops(p) + mc->flop_per_byte * es * elems + mc->call_flops * calls;
+}
+
 static fct_status make_plan(fct_context* ctx, tk_plan* p) {
   const tk_shape* s = &p->s;
   double per_row_flops = shape_states(p);
@@ -252,9 +401,6 @@ static fct_status make_plan(fct_context* ctx, tk_plan* p) {
     }
   }
   p->Mc = p->n.small && best_mc > 3 ? 3 : best_mc;
-  fct_layout L;
-  lay_out(p, &L);
-  FCT_TRY(fct_layout_done(ctx, &L, &p->bytes));
   double M = (double)s->M;
   if (!p->n.backward) {
     p->flops = M * per_row_flops;
@@ -262,12 +408,32 @@ static fct_status make_plan(fct_context* ctx, tk_plan* p) {
     /* Recomputing the forward, then about two GEMMs per forward step. */
     p->flops = 3 * M * per_row_flops + (p->n.gb ? M * (double)s->out.size : 0);
   }
+  /* Forming W instead: priced with the same constants; taken when cheaper
+   * and within the workspace cap (or forced). */
+  p->form_w = false;
+  if (s->M > 0 && !(p->n.force_contract && !p->n.force_form_w)) {
+    tk_plan w = *p;
+    w.form_w = true;
+    fw_size(&w, &mc);
+    fct_layout L;
+    lay_out(&w, &L);
+    bool fits = !L.overflow && L.cursor <= mc.workspace_cap;
+    double chain = p->flops + (isfinite(best) ? best : chunk_cost(p, &mc, p->Mc, row_bytes));
+    if (p->n.force_form_w || (fits && fw_cost(&w, &mc) < chain)) {
+      *p = w;
+      p->flops = fw_flops(p);
+    }
+  }
+  fct_layout L;
+  lay_out(p, &L);
+  FCT_TRY(fct_layout_done(ctx, &L, &p->bytes));
   return FCT_OK;
 }
 
 static void init_params(tk_plan* p, const DLTensor* core) {
   const tk_shape* s = &p->s;
-  fct_param_init(&p->core, core, s->out.rank, s->in.rank, false);
+  /* Dense: forming W reads it as the input of a run. */
+  fct_param_init(&p->core, core, s->out.rank, s->in.rank, true);
   for (int k = 0; k < s->in.n; ++k)
     fct_param_init(&p->V[k], s->in.f[k], s->in.modes[k], s->in.ranks[k], false);
   for (int k = 0; k < s->out.n; ++k)
@@ -323,6 +489,154 @@ static fct_status core_step(const fct_exec* e, const tk_plan* p, int64_t Mc, con
   return fct_x_gemm(e, &p->core.m, &B, &C, 0.0);
 }
 
+/* A run forward: st[0] its input, st[n] its output, st[1..n-1] its
+ * intermediates (distinct from their neighbours). */
+static fct_status run_forward(const fct_exec* e, const tk_run* r, char* const* st) {
+  for (int k = 0; k < r->n; ++k) {
+    int64_t Q = run_state(r, k) / r->ranks[k];
+    fct_mat A = fct_mat_t(fct_dense(st[k], r->ranks[k], Q)), B = fct_mat_t(r->F[k]);
+    fct_mat C = fct_dense(st[k + 1], Q, r->modes[k]);
+    FCT_TRY(fct_x_gemm(e, &A, &B, &C, 0.0)); /* [Q, m_k] = srcᵀ · F_kᵀ */
+  }
+  return FCT_OK;
+}
+
+/* A run backward from gout (the gradient of st[n]): gF[k] (data NULL: not
+ * asked) = betaF[k]·gF[k] + grad F_k; gin (NULL: not asked) = beta_in·gin +
+ * the gradient of st[0]; gbuf: two buffers of the largest intermediate. */
+static fct_status run_backward(const fct_exec* e, const tk_run* r, char* const* st,
+                               const char* gout, const fct_mat* gF, const double* betaF,
+                               char* gin, double beta_in, char* const* gbuf) {
+  bool need[FCT_MAX_MODES + 1]; /* the gradient of state k is needed */
+  need[0] = gin != NULL;
+  for (int k = 1; k < r->n; ++k) need[k] = need[k - 1] || gF[k - 1].data != NULL;
+  const char* gcur = gout;
+  int w = 0;
+  for (int k = r->n - 1; k >= 0; --k) {
+    int64_t Q = run_state(r, k) / r->ranks[k];
+    fct_mat Gt = fct_mat_t(fct_dense((char*)gcur, Q, r->modes[k])); /* [m_k, Q] */
+    if (gF[k].data) {
+      fct_mat B = fct_mat_t(fct_dense(st[k], r->ranks[k], Q)); /* [Q, r_k] */
+      FCT_TRY(fct_x_gemm(e, &Gt, &B, &gF[k], betaF[k]));          /* grad F_k += gᵀ · srcᵀ */
+    }
+    if (!need[k]) break;
+    fct_mat Ft = fct_mat_t(r->F[k]); /* [r_k, m_k] */
+    char* dst = k == 0 ? gin : gbuf[w];
+    fct_mat C = fct_dense(dst, r->ranks[k], Q);
+    FCT_TRY(fct_x_gemm(e, &Ft, &Gt, &C, k == 0 ? beta_in : 0.0)); /* grad src = F_kᵀ · gᵀ */
+    gcur = dst;
+    w ^= 1;
+  }
+  return FCT_OK;
+}
+
+/* The states of the two runs of one block: the output factors' run from
+ * the core to P, the input factors' run from P to W's rows. keep: the
+ * intermediates in their own regions (the backward reads them), else in
+ * the two alternating buffers. */
+static void fw_states(const fct_exec* e, const tk_plan* p, const tk_run* u, const tk_run* v,
+                      bool keep, char** su, char** sv) {
+  char* buf[2] = {fct_ws_at(e, p->off_a), fct_ws_at(e, p->off_b)};
+  char* P = fct_ws_at(e, p->off_p);
+  char* at = fct_ws_at(e, p->off_us);
+  su[0] = p->core.m.data;
+  for (int k = 1; k < u->n; ++k) {
+    su[k] = keep ? at : buf[(k - 1) & 1];
+    if (keep) at += run_state(u, k) * (int64_t)e->es;
+  }
+  su[u->n] = P;
+  at = fct_ws_at(e, p->off_vs);
+  sv[0] = P;
+  for (int k = 1; k < v->n; ++k) {
+    sv[k] = keep ? at : buf[(k - 1) & 1];
+    if (keep) at += run_state(v, k) * (int64_t)e->es;
+  }
+  sv[v->n] = fct_ws_at(e, p->off_w);
+}
+
+/* y = x·Wᵀ + bias with W formed one block of rows at a time. */
+static fct_status fw_forward(const fct_exec* e, const tk_plan* p, const char* xb, DLTensor* y,
+                             const DLTensor* bias) {
+  const tk_shape* s = &p->s;
+  int64_t rest = s->out.size / s->out.modes[0];
+  fct_mat X = fct_dense((char*)xb, s->M, s->in.size);
+  fct_mat Y = fct_dense(fct_data(y), s->M, s->out.size);
+  if (bias)
+    FCT_TRY(e->be->fill_rows(e->ctx, e->device, e->dt, &Y, fct_data(bias), fct_vector_stride(bias)));
+  for (int64_t a0 = 0; a0 < s->out.modes[0]; a0 += p->nb) {
+    int64_t nbb = s->out.modes[0] - a0 < p->nb ? s->out.modes[0] - a0 : p->nb, ob = nbb * rest;
+    tk_run u, v;
+    fw_runs(p, a0, nbb, e->es, &u, &v);
+    char *su[FCT_MAX_MODES + 1], *sv[FCT_MAX_MODES + 1];
+    fw_states(e, p, &u, &v, false, su, sv);
+    FCT_TRY(run_forward(e, &u, su));
+    FCT_TRY(run_forward(e, &v, sv));
+    fct_mat Wt = fct_mat_t(fct_dense(sv[v.n], ob, s->in.size));
+    fct_mat C = {Y.data + a0 * rest * (int64_t)e->es, s->M, ob, s->out.size, 1};
+    FCT_TRY(fct_x_gemm(e, &X, &Wt, &C, bias ? 1.0 : 0.0)); /* y[:, block] = x · W_blockᵀ */
+  }
+  return FCT_OK;
+}
+
+/* The gradients with W formed one block of rows at a time: grad_x +=
+ * grad_y[:, block]·W_block; grad W_block = grad_y[:, block]ᵀ·x, then back
+ * through the input factors' run (grad V_k, grad P) and the output
+ * factors' run (grad U_k, U_1's rows of the block, and grad core). */
+static fct_status fw_backward(const fct_exec* e, const tk_plan* p, const char* xb,
+                              const char* gyb, DLTensor* grad_x, DLTensor* gcore,
+                              DLTensor* const* gV, DLTensor* const* gU) {
+  const tk_shape* s = &p->s;
+  const tk_needs* n = &p->n;
+  size_t es = e->es;
+  int64_t rest = s->out.size / s->out.modes[0];
+  bool weights = n->gcore || n->any_gin || n->any_gout;
+  fct_mat X = fct_dense((char*)xb, s->M, s->in.size);
+  char* gbuf[2] = {fct_ws_at(e, p->off_ga), fct_ws_at(e, p->off_gb)};
+  for (int64_t a0 = 0; a0 < s->out.modes[0]; a0 += p->nb) {
+    int64_t nbb = s->out.modes[0] - a0 < p->nb ? s->out.modes[0] - a0 : p->nb, ob = nbb * rest;
+    double beta = a0 > 0 ? 1.0 : 0.0;
+    tk_run u, v;
+    fw_runs(p, a0, nbb, es, &u, &v);
+    char *su[FCT_MAX_MODES + 1], *sv[FCT_MAX_MODES + 1];
+    fw_states(e, p, &u, &v, true, su, sv);
+    FCT_TRY(run_forward(e, &u, su));
+    FCT_TRY(run_forward(e, &v, sv));
+    fct_mat Gb = {(char*)gyb + a0 * rest * (int64_t)es, s->M, ob, s->out.size, 1};
+    if (n->gx) {
+      fct_mat Wb = fct_dense(sv[v.n], ob, s->in.size);
+      fct_mat Gx = fct_dense(fct_data(grad_x), s->M, s->in.size);
+      FCT_TRY(fct_x_gemm(e, &Gb, &Wb, &Gx, beta)); /* grad_x += grad_y[:, block] · W_block */
+    }
+    if (!weights) continue;
+    char* GW = fct_ws_at(e, p->off_gw);
+    fct_mat Gbt = fct_mat_t(Gb), C = fct_dense(GW, ob, s->in.size);
+    FCT_TRY(fct_x_gemm(e, &Gbt, &X, &C, 0.0)); /* grad W_block = grad_y[:, block]ᵀ · x */
+    fct_mat gF[FCT_MAX_MODES];
+    double bF[FCT_MAX_MODES];
+    for (int k = 0; k < s->in.n; ++k) {
+      gF[k] = n->gin[k] ? fct_dense(fct_data(gV[k]), s->in.modes[k], s->in.ranks[k])
+                        : (fct_mat){0};
+      bF[k] = beta;
+    }
+    bool need_gp = n->gcore || n->any_gout;
+    char* GP = fct_ws_at(e, p->off_gp);
+    FCT_TRY(run_backward(e, &v, sv, GW, gF, bF, need_gp ? GP : NULL, 0.0, gbuf));
+    if (!need_gp) continue;
+    for (int k = 0; k < s->out.n; ++k) {
+      gF[k] = n->gout[k] ? fct_dense(fct_data(gU[k]), s->out.modes[k], s->out.ranks[k])
+                         : (fct_mat){0};
+      bF[k] = beta;
+    }
+    if (gF[0].data) { /* the block's rows of U_1, written once */
+      gF[0].data += a0 * s->out.ranks[0] * (int64_t)es;
+      gF[0].rows = nbb;
+      bF[0] = 0.0;
+    }
+    FCT_TRY(run_backward(e, &u, su, GP, gF, bF, gcore ? fct_data(gcore) : NULL, beta, gbuf));
+  }
+  return FCT_OK;
+}
+
 /* ------------------------------------------------------------------------- */
 /* Forward                                                                    */
 /* ------------------------------------------------------------------------- */
@@ -349,6 +663,8 @@ static fct_status forward_plan(fct_context* ctx, const DLTensor* x, const DLTens
   p->n.pack_x = !fct_is_contiguous(x);
   p->n.check = ctx->flags & FCT_FLAG_CHECK_FINITE;
   p->n.small = ctx->flags & FCT_FLAG_SMALL_CHUNKS;
+  p->n.force_contract = ctx->flags & FCT_FLAG_FORCE_CONTRACT;
+  p->n.force_form_w = ctx->flags & FCT_FLAG_FORCE_FORM_W;
   init_params(p, core);
   return make_plan(ctx, p);
 }
@@ -383,7 +699,8 @@ fct_status fct_tucker_linear_forward(fct_context* ctx, const DLTensor* x, const 
   FCT_TRY(fct_x_dense_base(&e, x, p.n.pack_x, p.off_x, &xb));
   int64_t bst = fct_vector_stride(bias);
   char* buf[2] = {fct_ws_at(&e, p.off_a), fct_ws_at(&e, p.off_b)};
-  for (int64_t m0 = 0; m0 < s->M; m0 += p.Mc) {
+  if (p.form_w) FCT_TRY(fw_forward(&e, &p, xb, y, bias));
+  for (int64_t m0 = 0; m0 < s->M && !p.form_w; m0 += p.Mc) {
     int64_t Mc = s->M - m0 < p.Mc ? s->M - m0 : p.Mc;
     const char* cur = xb + m0 * s->in.size * (int64_t)e.es;
     int w = 0;
@@ -483,6 +800,8 @@ static fct_status backward_plan(fct_context* ctx, const DLTensor* g, const DLTen
   n->pack_g = (work || n->gb) && !fct_is_contiguous(g);
   n->check = ctx->flags & FCT_FLAG_CHECK_FINITE;
   n->small = ctx->flags & FCT_FLAG_SMALL_CHUNKS;
+  n->force_contract = ctx->flags & FCT_FLAG_FORCE_CONTRACT;
+  n->force_form_w = ctx->flags & FCT_FLAG_FORCE_FORM_W;
   init_params(p, core);
   return make_plan(ctx, p);
 }
@@ -641,8 +960,7 @@ fct_status fct_tucker_linear_backward(fct_context* ctx, const DLTensor* grad_y,
   if (!work && !n->gb) return FCT_OK;
   FCT_TRY(fct_check_workspace(ctx, p.bytes));
   if (n->check && s->M > 0)
-    FCT_TRY(
-        fct_check_finite_grad(ctx, e.be, fct_ws_at(&e, p.off_scratch), grad_y, "tucker_linear"));
+    FCT_TRY(fct_check_finite_grad(ctx, e.be, fct_ws_at(&e, p.off_scratch), grad_y, "tucker_linear"));
   FCT_TRY(bind_params(&e, &p));
   char *xb = NULL, *gb = NULL;
   FCT_TRY(fct_x_dense_base(&e, grad_y, n->pack_g, p.off_g, &gb));
@@ -653,7 +971,9 @@ fct_status fct_tucker_linear_backward(fct_context* ctx, const DLTensor* grad_y,
   if (!work) return FCT_OK;
   if (s->M == 0) return zero_grads(&e, &p, grad_core, grad_in_factors, grad_out_factors);
   FCT_TRY(fct_x_dense_base(&e, x, n->pack_x, p.off_x, &xb));
-  for (int64_t m0 = 0; m0 < s->M; m0 += p.Mc) {
+  if (p.form_w)
+    FCT_TRY(fw_backward(&e, &p, xb, gb, grad_x, grad_core, grad_in_factors, grad_out_factors));
+  for (int64_t m0 = 0; m0 < s->M && !p.form_w; m0 += p.Mc) {
     int64_t Mc = s->M - m0 < p.Mc ? s->M - m0 : p.Mc;
     char* gx = grad_x ? fct_data(grad_x) + m0 * s->in.size * (int64_t)e.es : NULL;
     FCT_TRY(backward_chunk(&e, &p, xb + m0 * s->in.size * (int64_t)e.es,
@@ -716,10 +1036,18 @@ fct_status fct_tucker_linear_plan(int n_in, const int64_t* in_modes, const int64
   info->backward_flops = pb.flops;
   info->forward_workspace = pf.bytes;
   info->backward_workspace = pb.bytes;
+  char f[64], b[64];
+  snprintf(f, sizeof f, pf.form_w ? "W formed in blocks of %lld rows" : "chunks of %lld rows",
+           (long long)(pf.form_w ? pf.ob : pf.Mc));
+  snprintf(b, sizeof b, pb.form_w ? "W formed in blocks of %lld rows" : "chunks of %lld rows",
+           (long long)(pb.form_w ? pb.ob : pb.Mc));
   snprintf(info->plan, sizeof info->plan,
            "tucker: %d input factors (last first), core [%lld, %lld], %d output factors "
-           "(first first); chunks of %lld rows (forward), %lld (backward)",
-           n_in, (long long)pf.s.out.rank, (long long)pf.s.in.rank, n_out, (long long)pf.Mc,
-           (long long)pb.Mc);
+           "(first first); forward: %s; backward: %s",
+           n_in, (long long)pf.s.out.rank, (long long)pf.s.in.rank, n_out, f, b);
+  snprintf(info->forward_strategy, sizeof info->forward_strategy, "%s",
+           pf.form_w ? "form_w" : "contract");
+  snprintf(info->backward_strategy, sizeof info->backward_strategy, "%s",
+           pb.form_w ? "form_w" : "contract");
   return FCT_OK;
 }

@@ -290,7 +290,10 @@ class FactorizedLinear(FactorViews, LayoutState, nn.Module):
 
     def plan(self, batch: int = 1) -> dict:
         """What the C kernels would do for ``batch`` rows (cp, tucker, tt):
-        FLOPs forward and backward, workspace bytes, the contraction order."""
+        FLOPs forward and backward, workspace bytes, the contraction order,
+        and per direction whether they contract x with the factors or form
+        W in blocks first (``forward_strategy`` / ``backward_strategy``:
+        "contract" or "form_w")."""
         if not isinstance(self.layout, FZ.Tensorized):
             raise TypeError("plan: only for factorization='cp', 'tucker' or 'tt'")
         return self.layout.plan(batch, self.factors.device, self.factors.dtype)

@@ -339,6 +339,21 @@ FCT_API fct_status fct_tensor_train(fct_context* ctx, const DLTensor* X, int n_m
  * for tests of the chunked paths. */
 #define FCT_FLAG_SMALL_CHUNKS 2u
 
+/* For fct_context.flags: force one strategy of the tensorized linear ops
+ * (CP, Tucker, TT) instead of the cost model's choice, so that tests reach
+ * both. CONTRACT: the contraction chain of x with the factors. FORM_W: form
+ * W (in row blocks bounded like the chain's chunks) from the factors, then
+ * dense GEMMs: y = x·Wᵀ forward; grad_x = grad_y·W and grad_W = grad_yᵀ·x
+ * projected on the factors backward. FORM_W wins when both are set.
+ * Tucker and TT form W in blocks of rows of the first output mode. CP has
+ * the chain only: its forward also produces
+ * z = x·KR(A) for the backward, after which y = z·KR(B)ᵀ costs less than
+ * forming W, and its backward through W costs 6·in·out·R + 4·M·in·out
+ * FLOPs against the chain's 4·M·R·(in + out) (at 4096 x 4096, M = 2048:
+ * 1.6x the chain's at 10x compression, 1.9x at 50x). */
+#define FCT_FLAG_FORCE_CONTRACT 4u
+#define FCT_FLAG_FORCE_FORM_W 8u
+
 /* What a tensorized linear op would do for a batch (fct_*_linear_plan). */
 typedef struct fct_linear_plan_info {
   double forward_flops;      /* 2 × multiply-adds of the forward for the batch */
@@ -346,6 +361,10 @@ typedef struct fct_linear_plan_info {
   size_t forward_workspace;  /* bytes, for C-contiguous x and grad_y */
   size_t backward_workspace;
   char plan[256];            /* the contraction order chosen, in words */
+  /* The strategy chosen per direction: "contract" (the chain of x with the
+   * factors) or "form_w" (W formed in row blocks, then dense GEMMs). */
+  char forward_strategy[16];
+  char backward_strategy[16];
 } fct_linear_plan_info;
 
 /* CP: W[(o_1..o_q), (i_1..i_p)] = Σ_r ∏_k A_k[i_k, r] · ∏_k B_k[o_k, r].    */

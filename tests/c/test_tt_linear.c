@@ -3,7 +3,8 @@
  * naively from the cores (test_tensorized.c): d = 1 to 4 cores, ranks from 1
  * to the largest meaningful ones, rectangular and size-1 modes, M = 1,
  * M = 0, batch dims, transposed/gapped x, cores stored with odd strides
- * (packed), the chunked paths (FCT_FLAG_SMALL_CHUNKS), several subsets of
+ * (packed), the chunked paths (FCT_FLAG_SMALL_CHUNKS), both strategies (the
+ * FCT_FLAG_FORCE_* flags), several subsets of
  * gradients. The cases are chosen so that the cost model picks every kind of
  * plan (merged and single groups, both sweep directions); the test checks
  * that it did. Then bad arguments. Outputs start NaN-filled.
@@ -196,6 +197,12 @@ static void test_values(void) {
           if (layouts[li].x3d && cases[ci].M % 2) continue;
           run_case(bits, &cases[ci], &layouts[li], bias, 0);
           if (li <= 1) run_case(bits, &cases[ci], &layouts[li], bias, FCT_FLAG_SMALL_CHUNKS);
+          /* Both strategies whatever the cost model prefers; blocks of one row. */
+          run_case(bits, &cases[ci], &layouts[li], bias, FCT_FLAG_FORCE_CONTRACT);
+          run_case(bits, &cases[ci], &layouts[li], bias, FCT_FLAG_FORCE_FORM_W);
+          if (li <= 1)
+            run_case(bits, &cases[ci], &layouts[li], bias,
+                     FCT_FLAG_FORCE_FORM_W | FCT_FLAG_SMALL_CHUNKS);
         }
   CHECK(g_seen_merged && g_seen_single && g_seen_ltr && g_seen_rtl,
         "the cases cover every kind of plan: merged %d, single %d, ltr %d, rtl %d",
@@ -264,16 +271,28 @@ static void test_errors(void) {
   test_expect_fail(st, FCT_ERR_SHAPE, "grad_cores[0]", "grad core of another's shape");
 
   /* The cost model on the benchmark's layer: 4096 x 4096 as (8, 8, 8, 8),
-   * ranks 50: pairs of merged cores for a large batch. */
+   * ranks 50: pairs of merged cores for a moderate batch; W formed (in
+   * blocks) for a large one. */
   int64_t modes[4] = {8, 8, 8, 8}, ranks[5] = {1, 50, 50, 50, 1};
   fct_linear_plan_info info;
+  st = fct_tt_linear_plan(4, modes, modes, ranks, 128, (DLDevice){kDLCPU, 0},
+                          (DLDataType){kDLFloat, 32, 1}, &info);
+  CHECK(st == FCT_OK && strstr(info.plan, "forward: groups [0-1] [2-3]") &&
+            !strcmp(info.forward_strategy, "contract"),
+        "tt plan: %d %s", st, info.plan);
+  CHECK(info.forward_flops < 2.0 * 128 * 64 * 64 * 64 * 50 * 2 * 1.01 &&
+            info.forward_flops > 2.0 * 128 * 64 * 64 * 64 * 50 * 2,
+        "tt plan flops %g", info.forward_flops);
   st = fct_tt_linear_plan(4, modes, modes, ranks, 2048, (DLDevice){kDLCPU, 0},
                           (DLDataType){kDLFloat, 32, 1}, &info);
-  CHECK(st == FCT_OK && strstr(info.plan, "forward: groups [0-1] [2-3]"), "tt plan: %d %s", st,
-        info.plan);
-  CHECK(info.forward_flops < 2.0 * 2048 * 64 * 64 * 64 * 50 * 2 * 1.01 &&
-            info.forward_flops > 2.0 * 2048 * 64 * 64 * 64 * 50 * 2,
-        "tt plan flops %g", info.forward_flops);
+  double dense = 2.0 * 2048 * 4096 * 4096;
+  CHECK(st == FCT_OK && !strcmp(info.forward_strategy, "form_w") &&
+            !strcmp(info.backward_strategy, "form_w") && strstr(info.plan, "W formed") &&
+            info.forward_flops > dense && info.forward_flops < 1.1 * dense &&
+            info.forward_workspace <= ((size_t)64 << 20) &&
+            info.backward_workspace <= ((size_t)64 << 20),
+        "tt plan at M = 2048: %d %s %s %s %g", st, info.plan, info.forward_strategy,
+        info.backward_strategy, info.forward_flops);
   ranks[1] = 0;
   st = fct_tt_linear_plan(4, modes, modes, ranks, 2048, (DLDevice){kDLCPU, 0},
                           (DLDataType){kDLFloat, 32, 1}, &info);

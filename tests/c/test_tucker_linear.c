@@ -3,7 +3,8 @@
  * W naively from the core and factors (test_tensorized.c): 1 to 3 modes per
  * side, ranks below, equal to and above the mode sizes, modes of size 1,
  * M = 1, M = 0, batch dims, transposed/gapped x, factors and core stored
- * column-major (packed), the chunked paths (FCT_FLAG_SMALL_CHUNKS), several
+ * column-major (packed), the chunked paths (FCT_FLAG_SMALL_CHUNKS), both
+ * strategies (the FCT_FLAG_FORCE_* flags), several
  * subsets of gradients; then bad arguments. Outputs start NaN-filled.
  */
 #include <math.h>
@@ -199,6 +200,12 @@ static void test_values(void) {
           if (layouts[li].x3d && cases[ci].M % 2) continue;
           run_case(bits, &cases[ci], &layouts[li], bias, 0);
           if (li <= 1) run_case(bits, &cases[ci], &layouts[li], bias, FCT_FLAG_SMALL_CHUNKS);
+          /* Both strategies whatever the cost model prefers; blocks of one row. */
+          run_case(bits, &cases[ci], &layouts[li], bias, FCT_FLAG_FORCE_CONTRACT);
+          run_case(bits, &cases[ci], &layouts[li], bias, FCT_FLAG_FORCE_FORM_W);
+          if (li <= 1)
+            run_case(bits, &cases[ci], &layouts[li], bias,
+                     FCT_FLAG_FORCE_FORM_W | FCT_FLAG_SMALL_CHUNKS);
         }
 }
 
