@@ -8,6 +8,7 @@ medians of the same run.
 
 from __future__ import annotations
 
+import os
 import platform
 import statistics
 import sys
@@ -77,10 +78,41 @@ def interleaved_calls(cands: dict[str, Callable[[], object]], rounds: int, warm_
     return {n: statistics.median(s) for n, s in samples.items()}, results
 
 
+def openblas_kernel() -> str:
+    """The kernel family OpenBLAS (scipy-openblas32, factorch's BLAS) picked in
+    this process, and what in the environment forced it, e.g. "SkylakeX
+    (own choice)" or "Haswell (OPENBLAS_CORETYPE=Haswell)"."""
+    try:
+        import scipy_openblas32
+
+        kernel = scipy_openblas32.get_openblas_config().split()[-2]
+    except Exception as e:  # noqa: BLE001 - a report, never a failure
+        kernel = f"unknown ({type(e).__name__})"
+    forced = [f"{k}={os.environ[k]}" for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if k in os.environ]
+    return f"{kernel} ({', '.join(forced) if forced else 'own choice'})"
+
+
+def kernel_pinned() -> bool:
+    """Whether the environment overrides OpenBLAS's own kernel choice."""
+    return any(k in os.environ for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"))
+
+
+def section_title(title: str) -> str:
+    """A RESULTS.md section title per OpenBLAS setting: the plain title for
+    OpenBLAS's own choice (what a user's machine runs, where the floors
+    hold), and a suffixed one for a pinned kernel, so a second run of the
+    same benchmark with OPENBLAS_CORETYPE set writes its table beside the
+    first instead of over it."""
+    if not kernel_pinned():
+        return title
+    return f"{title} [OpenBLAS pinned: {openblas_kernel()}]"
+
+
 def machine() -> str:
     return (
         f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
-        f"torch {torch.__version__}, Python {sys.version.split()[0]}"
+        f"torch {torch.__version__}, Python {sys.version.split()[0]}, "
+        f"OpenBLAS kernel {openblas_kernel()}"
     )
 
 
@@ -99,7 +131,10 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def write_section(path: str, title: str, body: str) -> None:
-    """Replaces the section `## title` of a markdown file (or appends it)."""
+    """Replaces the section `## title` of a markdown file (or appends it);
+    with OpenBLAS's kernel pinned by the environment the title carries the
+    pinned kernel (section_title)."""
+    title = section_title(title)
     try:
         text = open(path, encoding="utf-8").read()
     except FileNotFoundError:
