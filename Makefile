@@ -174,7 +174,7 @@ test-models: build models fortunes
 # writes its section of bench/RESULTS.md. Run on a quiet machine: they time
 # 2 cores. `bench-<name>` runs one.
 BENCH_NAMES := lowrank_linear factorized_linear factorized_conv factorized_embedding decompose compress \
-  lora onnx recovery
+  lora onnx recovery busy_cpu check_finite
 bench: $(addprefix bench-,$(BENCH_NAMES))
 
 $(STAMPS)/bench-deps: $(STAMPS)/build
