@@ -13,8 +13,6 @@
  * lists and are registered with torch_library_impl. The C ops:
  * ops/lowrank_embedding.c, ops/tt_embedding.c.
  */
-#include "embedding_glue.h"
-
 #include <string.h>
 
 #include "tensorized_glue.h"

@@ -14,7 +14,6 @@
  */
 #include <string.h>
 
-#include "lora_linear_glue.h"
 #include "tensorized_glue.h"
 
 static double take_double(StableIValue v) {

@@ -16,8 +16,6 @@
  */
 #include <string.h>
 
-#include "lowrank_linear_glue.h"
-
 #include "tensorized_glue.h"
 #include "tensor_view.h"
 #include "fct_tensor.h"

@@ -11,18 +11,8 @@
 #define FCT_TENSORIZED_GLUE_H
 
 #include "fct_tensor.h"
+#include "kernels.h"
 #include "tensor_view.h"
-
-void fct_cp_linear_kernel(StableIValue* stack, uint64_t num_args, uint64_t num_outputs);
-void fct_cp_linear_backward_kernel(StableIValue* stack, uint64_t num_args, uint64_t num_outputs);
-void fct_tucker_linear_kernel(StableIValue* stack, uint64_t num_args, uint64_t num_outputs);
-void fct_tucker_linear_backward_kernel(StableIValue* stack, uint64_t num_args,
-                                       uint64_t num_outputs);
-void fct_tt_linear_kernel(StableIValue* stack, uint64_t num_args, uint64_t num_outputs);
-void fct_tt_linear_backward_kernel(StableIValue* stack, uint64_t num_args, uint64_t num_outputs);
-void fct_conv_chain_kernel(StableIValue* stack, uint64_t num_args, uint64_t num_outputs);
-void fct_conv_chain_backward_kernel(StableIValue* stack, uint64_t num_args,
-                                    uint64_t num_outputs);
 
 /* ------------------------------------------------------------------------- */
 /* Shared helpers (tensorized_glue.c)                                         */
