@@ -12,7 +12,7 @@
 #include <stdio.h>
 #include <string.h>
 
-#include "tensorized_glue.h"
+#include "glue_common.h"
 
 #define FCT_STAGE_INTS 16
 

@@ -8,7 +8,7 @@
  */
 #include <string.h>
 
-#include "tensorized_glue.h"
+#include "glue_common.h"
 
 static const char kWhat[] = "the CP factors [mode, rank] of in_modes then out_modes";
 

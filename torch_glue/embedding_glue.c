@@ -9,13 +9,13 @@
  *                                   modes, dims, ranks, padding_idx) -> grad_weights
  * padding_idx is -1 for none. The TT weights are the layer's flat parameter,
  * the cores G_k [r_k, n_k, m_k, r_(k+1)] row-major, back to back (the
- * tensorized linear layers' layout, tensorized_glue.h); the TT ops take int
+ * tensorized linear layers' layout, glue_common.h); the TT ops take int
  * lists and are registered with torch_library_impl. The C ops:
  * ops/lowrank_embedding.c, ops/tt_embedding.c.
  */
 #include <string.h>
 
-#include "tensorized_glue.h"
+#include "glue_common.h"
 
 static int64_t take_int(StableIValue slot) {
   int64_t v;

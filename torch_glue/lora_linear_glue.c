@@ -14,7 +14,7 @@
  */
 #include <string.h>
 
-#include "tensorized_glue.h"
+#include "glue_common.h"
 
 static double take_double(StableIValue v) {
   double d;

@@ -16,7 +16,7 @@
  */
 #include <string.h>
 
-#include "tensorized_glue.h"
+#include "glue_common.h"
 #include "tensor_view.h"
 #include "fct_tensor.h"
 

@@ -7,7 +7,7 @@
  * row-major, back to back; ranks holds d + 1 values, the ends 1.
  * The C ops: ops/tt_linear.c.
  */
-#include "tensorized_glue.h"
+#include "glue_common.h"
 
 static const char kWhat[] = "the TT cores [r_k, i_k, o_k, r_(k+1)] one after the other";
 

@@ -8,7 +8,7 @@
  * then V_k [i_k, t_k] for the input modes, then U_k [o_k, s_k] for the
  * output modes, each row-major, back to back. The C ops: ops/tucker_linear.c.
  */
-#include "tensorized_glue.h"
+#include "glue_common.h"
 
 static const char kWhat[] =
     "the Tucker core [out_ranks..., in_ranks...] then the factors [mode, rank] of in_modes then "

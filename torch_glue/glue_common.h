@@ -1,21 +1,20 @@
 /*
- * tensorized_glue.h (internal): what the boxed kernels of the CP, Tucker and
- * TT linear ops share. Each layer keeps ONE flat parameter tensor holding
- * all its factors or cores back to back (row-major each); the schema passes
- * it with the mode sizes and ranks as int lists, and the kernel carves
- * zero-copy DLTensor views of the factors out of it (and views of the flat
- * gradient the same way, so the C ops write every factor's gradient in
- * place: no torch.cat, no copies).
+ * glue_common.h (internal): what the boxed kernels share. Each factorized
+ * layer keeps ONE flat parameter tensor holding all its factors or cores
+ * back to back (row-major each); the schema passes it with the mode sizes
+ * and ranks as int lists, and the kernel carves zero-copy DLTensor views of
+ * the factors out of it (and views of the flat gradient the same way, so the
+ * C ops write every factor's gradient in place: no torch.cat, no copies).
  */
-#ifndef FCT_TENSORIZED_GLUE_H
-#define FCT_TENSORIZED_GLUE_H
+#ifndef FCT_GLUE_COMMON_H
+#define FCT_GLUE_COMMON_H
 
 #include "fct_tensor.h"
 #include "kernels.h"
 #include "tensor_view.h"
 
 /* ------------------------------------------------------------------------- */
-/* Shared helpers (tensorized_glue.c)                                         */
+/* Shared helpers (glue_common.c)                                             */
 /* ------------------------------------------------------------------------- */
 
 #define FCT_GLUE_MAX_VIEWS (2 * FCT_MAX_MODES + 1)

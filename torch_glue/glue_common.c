@@ -1,6 +1,5 @@
-/* Helpers shared by the boxed kernels of the CP, Tucker and TT linear ops
- * (see tensorized_glue.h). */
-#include "tensorized_glue.h"
+/* What the boxed kernels share (glue_common.h). */
+#include "glue_common.h"
 
 #include <stdarg.h>
 #include <stdio.h>
