@@ -15,7 +15,8 @@
  * num_outputs) as new tensor handles, which torch then owns. To fail it
  * releases what it owns and raises through aoti_torch_check, which throws a
  * C++ exception through these C frames (the library is built with
- * -fexceptions). tensor_view.h owns the handles and raises.
+ * -fexceptions). glue_common.h decodes the slots; tensor_view.h owns the
+ * handles and raises.
  */
 #ifndef FCT_KERNELS_H
 #define FCT_KERNELS_H
