@@ -124,7 +124,7 @@ void fct_conv_chain_backward_kernel(StableIValue* stack, uint64_t num_args,
   cv_views(&c, &a, &d[2], &d[1], &cv);
   int64_t cy = d[0].ndim >= 2 ? d[0].shape[1] : 0;
   fct_grads g;
-  fct_alloc_grads(&c, &d[1], &cv, &gcv, cy, need[0], need[1], need[2], kWhat, &g);
+  fct_alloc_grads(&c, &d[1], &cv, &gcv, cy, need, kWhat, &g);
   /* An empty saved is absent only for one stage; the op names it otherwise. */
   const DLTensor* saved = a.n == 1 ? fct_nullable(&d[3]) : &d[3];
   DLTensor* const* gw = need[1] ? gcv.out : NULL;

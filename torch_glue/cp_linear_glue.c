@@ -67,7 +67,7 @@ void fct_cp_linear_backward_kernel(StableIValue* stack, uint64_t num_args,
   cp_views(&c, &im, &om, R, &d[2], &d[1], &cv, &out);
 
   fct_grads g;
-  fct_alloc_grads(&c, &d[1], &cv, &gcv, out, need[0], need[1], need[2], kWhat, &g);
+  fct_alloc_grads(&c, &d[1], &cv, &gcv, out, need, kWhat, &g);
   DLTensor* const* gA = need[1] ? gcv.out : NULL;
   DLTensor* const* gB = need[1] ? gcv.out + im.n : NULL;
   FCT_GLUE_RUN(&c, stack, num_outputs, fct_cp_linear_backward, &d[0], &d[1], im.n, cv.in, om.n,

@@ -127,14 +127,13 @@ DLTensor* fct_batched_result(fct_call* c, const DLTensor* x, int64_t last) {
 }
 
 void fct_alloc_grads(fct_call* c, const DLTensor* x, const fct_carve* cv, fct_carve* gcv,
-                     int64_t out, bool need_x, bool need_w, bool need_b, const char* what,
-                     fct_grads* g) {
+                     int64_t out, const bool need[3], const char* what, fct_grads* g) {
   bool sane = x->ndim >= 1 && x->ndim <= FCT_MAX_DIMS;
-  g->gx = fct_call_grad(c, need_x && sane, x->ndim, x->shape);
-  DLTensor* gw = fct_call_grad(c, need_w, 1, &cv->total);
-  g->gb = fct_call_grad(c, need_b, 1, &out);
+  g->gx = fct_call_grad(c, need[0] && sane, x->ndim, x->shape);
+  DLTensor* gw = fct_call_grad(c, need[1], 1, &cv->total);
+  g->gb = fct_call_grad(c, need[2], 1, &out);
   fct_carve_copy(gcv, cv);
-  if (need_w && !fct_carve_bind(c, gcv, gw, x, "grad_weights", what))
+  if (need[1] && !fct_carve_bind(c, gcv, gw, x, "grad_weights", what))
     fct_call_raise(c, FCT_ERR_SHAPE);
 }
 

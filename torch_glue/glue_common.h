@@ -169,8 +169,8 @@ typedef struct fct_grads {
   DLTensor* gb; /* NULL when not asked for */
 } fct_grads;
 
+/* need: grad_x, grad_weights, grad_bias asked for. */
 void fct_alloc_grads(fct_call* c, const DLTensor* x, const fct_carve* cv, fct_carve* gcv,
-                     int64_t out, bool need_x, bool need_w, bool need_b, const char* what,
-                     fct_grads* g);
+                     int64_t out, const bool need[3], const char* what, fct_grads* g);
 
 #endif

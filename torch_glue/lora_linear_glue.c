@@ -33,23 +33,27 @@ static void take_options(fct_call* c, const DLTensor* seed, double scale, double
   o->seed = (uint64_t)v;
 }
 
-/* The base of kind `kind` over the given views (the others left NULL). */
-static void make_base(fct_call* c, int64_t kind, const DLTensor* W, const DLTensor* U,
-                      const DLTensor* V, const DLTensor* base_out, const DLTensor* bias,
-                      fct_lora_base* b) {
+/* The base and options from the slots base_kind, scale, dropout (`slots`)
+ * and the views W, U, V (wuv[0 .. 2]), base_out, bias (NULL: not read) and
+ * seed; the tensors of the other kinds are left NULL. */
+static void lora_config(fct_call* c, const StableIValue* slots, const DLTensor* wuv,
+                        const DLTensor* base_out, const DLTensor* bias, const DLTensor* seed,
+                        fct_lora_base* b, fct_lora_options* o) {
+  int64_t kind = fct_slot_int(slots[0]);
   memset(b, 0, sizeof *b);
   if (kind < FCT_LORA_DENSE || kind > FCT_LORA_GIVEN)
     fct_call_fail(c, FCT_ERR_INVALID_VALUE,
                   "base_kind: expected 0 (dense), 1 (low-rank) or 2 (given), got %lld",
                   (long long)kind);
   b->kind = (int32_t)kind;
-  if (kind == FCT_LORA_DENSE) b->W = W;
+  if (kind == FCT_LORA_DENSE) b->W = &wuv[0];
   if (kind == FCT_LORA_LOWRANK) {
-    b->U = U;
-    b->V = V;
+    b->U = &wuv[1];
+    b->V = &wuv[2];
   }
   if (kind == FCT_LORA_GIVEN) b->base_out = base_out;
   b->bias = bias ? fct_nullable(bias) : NULL;
+  take_options(c, seed, fct_slot_double(slots[1]), fct_slot_double(slots[2]), o);
 }
 
 void fct_lora_linear_kernel(StableIValue* stack, uint64_t num_args, uint64_t num_outputs) {
@@ -57,13 +61,10 @@ void fct_lora_linear_kernel(StableIValue* stack, uint64_t num_args, uint64_t num
   fct_call c = {0};
   DLTensor d[9]; /* x, A, B, W, U, V, base_out, bias, seed */
   fct_take_tensors(&c, stack, 9, d);
-  int64_t kind = fct_slot_int(stack[9]);
-  double scale = fct_slot_double(stack[10]), p = fct_slot_double(stack[11]);
   fct_call_start(&c, 0);
   fct_lora_base base;
-  make_base(&c, kind, &d[3], &d[4], &d[5], &d[6], &d[7], &base);
   fct_lora_options opts;
-  take_options(&c, &d[8], scale, p, &opts);
+  lora_config(&c, stack + 9, &d[3], &d[6], &d[7], &d[8], &base, &opts);
 
   /* y [*lead, out], t [*lead, r], shaped only when x, A, B have sane ranks;
    * otherwise the query names the bad argument. */
@@ -80,15 +81,12 @@ void fct_lora_linear_backward_kernel(StableIValue* stack, uint64_t num_args,
   fct_call c = {0};
   DLTensor d[9]; /* grad_y, x, A, B, W, U, V, t, seed */
   fct_take_tensors(&c, stack, 9, d);
-  int64_t kind = fct_slot_int(stack[9]);
-  double scale = fct_slot_double(stack[10]), p = fct_slot_double(stack[11]);
   bool need[7]; /* x, A, B, W, U, V, bias */
   fct_slot_bools(stack + 12, 7, need);
   fct_call_start(&c, 1);
   fct_lora_base base;
-  make_base(&c, kind, &d[4], &d[5], &d[6], NULL, NULL, &base);
   fct_lora_options opts;
-  take_options(&c, &d[8], scale, p, &opts);
+  lora_config(&c, stack + 9, &d[4], NULL, NULL, &d[8], &base, &opts);
   const DLTensor* t = fct_numel(&d[7]) == 0 && d[7].ndim == 1 ? NULL : &d[7];
 
   /* Each gradient shaped as its input (x, A, B, W, U, V: d[1 .. 6]; bias:

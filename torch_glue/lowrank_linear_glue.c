@@ -108,7 +108,7 @@ void fct_lowrank_linear_flat_backward_kernel(StableIValue* stack, uint64_t num_a
   fct_carve cv, gcv;
   lowrank_views(&c, out, r, &d[2], &d[1], &cv);
   fct_grads g;
-  fct_alloc_grads(&c, &d[1], &cv, &gcv, out, need[0], need[1], need[2], kFlatWhat, &g);
+  fct_alloc_grads(&c, &d[1], &cv, &gcv, out, need, kFlatWhat, &g);
   const DLTensor *V = cv.in[0], *U = cv.in[1];
   DLTensor* gV = need[1] ? gcv.out[0] : NULL;
   DLTensor* gU = need[1] ? gcv.out[1] : NULL;

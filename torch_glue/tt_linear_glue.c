@@ -60,7 +60,7 @@ void fct_tt_linear_backward_kernel(StableIValue* stack, uint64_t num_args, uint6
   tt_views(&c, &a, &d[2], &d[1], &cv, &out);
 
   fct_grads g;
-  fct_alloc_grads(&c, &d[1], &cv, &gcv, out, need[0], need[1], need[2], kWhat, &g);
+  fct_alloc_grads(&c, &d[1], &cv, &gcv, out, need, kWhat, &g);
   DLTensor* const* gG = need[1] ? gcv.out : NULL;
   FCT_GLUE_RUN(&c, stack, num_outputs, fct_tt_linear_backward, &d[0], &d[1], a.im.n, cv.in, g.gx,
                fct_out_views(gG), g.gb);

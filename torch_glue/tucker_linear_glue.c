@@ -84,7 +84,7 @@ void fct_tucker_linear_backward_kernel(StableIValue* stack, uint64_t num_args,
   int n_in = a.im.n, n_out = a.om.n;
 
   fct_grads g;
-  fct_alloc_grads(&c, &d[1], &cv, &gcv, out, need[0], need[1], need[2], kWhat, &g);
+  fct_alloc_grads(&c, &d[1], &cv, &gcv, out, need, kWhat, &g);
   DLTensor* gcore = need[1] ? gcv.out[0] : NULL;
   DLTensor* const* gV = need[1] ? gcv.out + 1 : NULL;
   DLTensor* const* gU = need[1] ? gcv.out + 1 + n_in : NULL;
