@@ -12,22 +12,7 @@
  * are the mask's seed. Gradients not asked for come back as empty [0]
  * tensors. The C ops: ops/lora_linear.c.
  */
-#include <string.h>
-
-#include "lora_linear_glue.h"
-#include "tensorized_glue.h"
-
-static double take_double(StableIValue v) {
-  double d;
-  memcpy(&d, &v, sizeof d);
-  return d;
-}
-
-static int64_t take_int(StableIValue v) {
-  int64_t i;
-  memcpy(&i, &v, sizeof i);
-  return i;
-}
+#include "glue_common.h"
 
 /* The options, the seed read from its tensor when dropout is on. */
 static void take_options(fct_call* c, const DLTensor* seed, double scale, double p,
@@ -38,131 +23,83 @@ static void take_options(fct_call* c, const DLTensor* seed, double scale, double
   if (!(p > 0.0)) return; /* p = 0 needs no seed; bad p is the C op's to name */
   if (seed->device.device_type != kDLCPU || seed->dtype.code != kDLInt ||
       seed->dtype.bits != 64 || fct_numel(seed) != 1)
-    fct_glue_fail(c, FCT_ERR_INVALID_VALUE,
+    fct_call_fail(c, FCT_ERR_INVALID_VALUE,
                   "seed: expected a one-element int64 cpu tensor when dropout > 0, got %d dims of "
                   "%s on %s",
-                  seed->ndim, fct_dtype_name(seed->dtype), fct_device_name(seed->device.device_type));
+                  seed->ndim, fct_dtype_name(seed->dtype),
+                  fct_device_name(seed->device.device_type));
   int64_t v;
   memcpy(&v, fct_data(seed), sizeof v);
   o->seed = (uint64_t)v;
 }
 
-/* The base of kind `kind` over the given views (the others left NULL). */
-static void make_base(fct_call* c, int64_t kind, const DLTensor* W, const DLTensor* U,
-                      const DLTensor* V, const DLTensor* base_out, const DLTensor* bias,
-                      fct_lora_base* b) {
+/* The base and options from the slots base_kind, scale, dropout (`slots`)
+ * and the views W, U, V (wuv[0 .. 2]), base_out, bias (NULL: not read) and
+ * seed; the tensors of the other kinds are left NULL. */
+static void lora_config(fct_call* c, const StableIValue* slots, const DLTensor* wuv,
+                        const DLTensor* base_out, const DLTensor* bias, const DLTensor* seed,
+                        fct_lora_base* b, fct_lora_options* o) {
+  int64_t kind = fct_slot_int(slots[0]);
   memset(b, 0, sizeof *b);
   if (kind < FCT_LORA_DENSE || kind > FCT_LORA_GIVEN)
-    fct_glue_fail(c, FCT_ERR_INVALID_VALUE,
+    fct_call_fail(c, FCT_ERR_INVALID_VALUE,
                   "base_kind: expected 0 (dense), 1 (low-rank) or 2 (given), got %lld",
                   (long long)kind);
   b->kind = (int32_t)kind;
-  if (kind == FCT_LORA_DENSE) b->W = W;
+  if (kind == FCT_LORA_DENSE) b->W = &wuv[0];
   if (kind == FCT_LORA_LOWRANK) {
-    b->U = U;
-    b->V = V;
+    b->U = &wuv[1];
+    b->V = &wuv[2];
   }
   if (kind == FCT_LORA_GIVEN) b->base_out = base_out;
-  b->bias = bias && fct_numel(bias) != 0 ? bias : NULL;
+  b->bias = bias ? fct_nullable(bias) : NULL;
+  take_options(c, seed, fct_slot_double(slots[1]), fct_slot_double(slots[2]), o);
 }
 
 void fct_lora_linear_kernel(StableIValue* stack, uint64_t num_args, uint64_t num_outputs) {
   (void)num_args;
-  (void)num_outputs;
   fct_call c = {0};
-  AtenTensorHandle in[9];
   DLTensor d[9]; /* x, A, B, W, U, V, base_out, bias, seed */
-  fct_take_tensors(&c, stack, 9, in, d);
-  int64_t kind = take_int(stack[9]);
-  double scale = take_double(stack[10]), p = take_double(stack[11]);
-  if (!fct_call_begin(&c, in[0])) fct_call_end(&c, FCT_ERR_CUDA, NULL, 0);
+  fct_take_tensors(&c, stack, 9, d);
+  fct_call_start(&c, 0);
   fct_lora_base base;
-  make_base(&c, kind, &d[3], &d[4], &d[5], &d[6], &d[7], &base);
   fct_lora_options opts;
-  take_options(&c, &d[8], scale, p, &opts);
+  lora_config(&c, stack + 9, &d[3], &d[6], &d[7], &d[8], &base, &opts);
 
   /* y [*lead, out], t [*lead, r], shaped only when x, A, B have sane ranks;
-   * otherwise the query below names the bad argument. */
-  AtenTensorHandle res[2] = {NULL, NULL};
-  DLTensor dy, dt;
-  int64_t shape[FCT_MAX_DIMS];
-  int nd;
-  bool sane = d[1].ndim == 2 && d[2].ndim == 2 && fct_batched_shape(&d[0], d[2].shape[0], shape, &nd);
-  if (sane) {
-    int32_t dtype;
-    aoti_torch_get_dtype(in[0], &dtype);
-    res[0] = fct_call_empty(&c, dtype, nd, shape);
-    shape[nd - 1] = d[1].shape[0];
-    res[1] = res[0] ? fct_call_empty(&c, dtype, nd, shape) : NULL;
-    if (!res[1]) fct_call_end(&c, FCT_ERR_WORKSPACE, NULL, 0);
-    fct_torch_view(res[0], &dy);
-    fct_torch_view(res[1], &dt);
-  }
-  size_t bytes = 0;
-  fct_status st = fct_lora_linear_forward_workspace(&c.ctx, &d[0], &d[1], &d[2], &base, &opts,
-                                                    sane ? &dy : NULL, sane ? &dt : NULL, &bytes);
-  if (st == FCT_OK && !fct_call_workspace(&c, bytes)) st = FCT_ERR_WORKSPACE;
-  if (st == FCT_OK)
-    st = fct_lora_linear_forward(&c.ctx, &d[0], &d[1], &d[2], &base, &opts, &dy, &dt);
-  fct_call_end(&c, st, res, 2);
-  stack[0] = (StableIValue)(uintptr_t)res[0];
-  stack[1] = (StableIValue)(uintptr_t)res[1];
+   * otherwise the query names the bad argument. */
+  bool sane = d[1].ndim == 2 && d[2].ndim == 2;
+  DLTensor* y = sane ? fct_batched_result(&c, &d[0], d[2].shape[0]) : NULL;
+  DLTensor* t = y ? fct_batched_result(&c, &d[0], d[1].shape[0]) : NULL;
+  FCT_GLUE_RUN(&c, stack, num_outputs, fct_lora_linear_forward, &d[0], &d[1], &d[2], &base, &opts,
+               y, t);
 }
 
 void fct_lora_linear_backward_kernel(StableIValue* stack, uint64_t num_args,
                                      uint64_t num_outputs) {
   (void)num_args;
-  (void)num_outputs;
   fct_call c = {0};
-  AtenTensorHandle in[9];
   DLTensor d[9]; /* grad_y, x, A, B, W, U, V, t, seed */
-  fct_take_tensors(&c, stack, 9, in, d);
-  int64_t kind = take_int(stack[9]);
-  double scale = take_double(stack[10]), p = take_double(stack[11]);
+  fct_take_tensors(&c, stack, 9, d);
   bool need[7]; /* x, A, B, W, U, V, bias */
-  for (int i = 0; i < 7; ++i) need[i] = (stack[12 + i] & 0xff) != 0;
-  if (!fct_call_begin(&c, in[1])) fct_call_end(&c, FCT_ERR_CUDA, NULL, 0);
+  fct_slot_bools(stack + 12, 7, need);
+  fct_call_start(&c, 1);
   fct_lora_base base;
-  make_base(&c, kind, &d[4], &d[5], &d[6], NULL, NULL, &base);
   fct_lora_options opts;
-  take_options(&c, &d[8], scale, p, &opts);
+  lora_config(&c, stack + 9, &d[4], NULL, NULL, &d[8], &base, &opts);
   const DLTensor* t = fct_numel(&d[7]) == 0 && d[7].ndim == 1 ? NULL : &d[7];
 
-  /* Each gradient shaped as its input (bias: [out], out = B's first dim);
-   * one asked for but of an input with a bad rank is passed as NULL, so
-   * that the C op's checks of the inputs name it. */
-  const DLTensor* like[6] = {&d[1], &d[2], &d[3], &d[4], &d[5], &d[6]};
-  int want_ndim[6] = {-1, 2, 2, 2, 2, 2};
-  int32_t dtype;
-  aoti_torch_get_dtype(in[1], &dtype);
-  AtenTensorHandle res[7];
-  DLTensor dg[7];
-  DLTensor* pg[7] = {NULL};
-  for (int i = 0; i < 7; ++i) {
-    bool sane;
-    if (i == 6) {
-      sane = d[3].ndim == 2;
-    } else {
-      int nd = like[i]->ndim;
-      sane = want_ndim[i] < 0 ? nd >= 1 && nd <= FCT_MAX_DIMS : nd == want_ndim[i];
-    }
-    bool make = need[i] && sane;
-    if (make && i < 6) res[i] = fct_call_empty(&c, dtype, like[i]->ndim, like[i]->shape);
-    else if (make) res[i] = fct_call_empty(&c, dtype, 1, &d[3].shape[0]);
-    else res[i] = fct_call_none(&c, dtype);
-    if (!res[i]) fct_call_end(&c, FCT_ERR_WORKSPACE, NULL, 0);
-    if (make) {
-      fct_torch_view(res[i], &dg[i]);
-      pg[i] = &dg[i];
-    }
+  /* Each gradient shaped as its input (x, A, B, W, U, V: d[1 .. 6]; bias:
+   * [out], out = B's first dim); one asked for but of an input with a bad
+   * rank is passed as NULL, so that the C op's checks of the inputs name it. */
+  DLTensor* g[7];
+  for (int i = 0; i < 6; ++i) {
+    const DLTensor* like = &d[i + 1];
+    bool sane = i == 0 ? like->ndim >= 1 && like->ndim <= FCT_MAX_DIMS : like->ndim == 2;
+    g[i] = fct_call_grad(&c, need[i] && sane, like->ndim, like->shape);
   }
-  fct_lora_grads grads = {pg[0], pg[1], pg[2], pg[3], pg[4], pg[5], pg[6]};
-  size_t bytes = 0;
-  fct_status st = fct_lora_linear_backward_workspace(&c.ctx, &d[0], &d[1], &d[2], &d[3], &base,
-                                                     &opts, t, &grads, &bytes);
-  if (st == FCT_OK && !fct_call_workspace(&c, bytes)) st = FCT_ERR_WORKSPACE;
-  if (st == FCT_OK)
-    st = fct_lora_linear_backward(&c.ctx, &d[0], &d[1], &d[2], &d[3], &base, &opts, t, &grads);
-  fct_call_end(&c, st, res, 7);
-  for (int i = 0; i < 7; ++i) stack[i] = (StableIValue)(uintptr_t)res[i];
+  g[6] = fct_call_grad(&c, need[6] && d[3].ndim == 2, 1, d[3].shape);
+  fct_lora_grads grads = {g[0], g[1], g[2], g[3], g[4], g[5], g[6]};
+  FCT_GLUE_RUN(&c, stack, num_outputs, fct_lora_linear_backward, &d[0], &d[1], &d[2], &d[3],
+               &base, &opts, t, &grads);
 }

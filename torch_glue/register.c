@@ -12,10 +12,7 @@
  * free (torch_list_*); the others keep aoti_torch_library_impl.
  */
 #include "factorch.h"
-#include "embedding_glue.h" /* factorized embeddings */
-#include "lora_linear_glue.h"
-#include "lowrank_linear_glue.h"
-#include "tensorized_glue.h"
+#include "kernels.h"
 #include "torch_shim.h"
 
 typedef struct op_entry {

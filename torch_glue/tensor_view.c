@@ -7,6 +7,7 @@
 
 #include <dlfcn.h>
 #include <pthread.h>
+#include <stdarg.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <string.h>
@@ -89,9 +90,10 @@ static bool fail(fct_call* c, const char* msg) {
   return false;
 }
 
-bool fct_call_begin(fct_call* c, AtenTensorHandle h) {
+static bool call_begin(fct_call* c, AtenTensorHandle h) {
   aoti_torch_get_device_type(h, &c->device_type);
   aoti_torch_get_device_index(h, &c->device_index);
+  aoti_torch_get_dtype(h, &c->dtype);
   c->ctx.error = c->error;
   c->ctx.error_bytes = sizeof c->error;
   c->ctx.flags = fct_torch_flags(c->device_type);
@@ -106,7 +108,14 @@ bool fct_call_begin(fct_call* c, AtenTensorHandle h) {
   return true;
 }
 
-AtenTensorHandle fct_call_empty(fct_call* c, int32_t dtype, int64_t ndim, const int64_t* sizes) {
+void fct_call_start(fct_call* c, int input) {
+  if (!call_begin(c, c->owned.h[input])) fct_call_raise(c, FCT_ERR_CUDA);
+}
+
+/* A new contiguous tensor on the call's device, recorded in c->owned.
+ * NULL on failure (message set). */
+static AtenTensorHandle call_empty(fct_call* c, int32_t dtype, int64_t ndim,
+                                   const int64_t* sizes) {
   int64_t strides[FCT_MAX_DIMS];
   if (ndim > FCT_MAX_DIMS) {
     fail(c, "factorch: too many dims for an output");
@@ -115,9 +124,9 @@ AtenTensorHandle fct_call_empty(fct_call* c, int32_t dtype, int64_t ndim, const 
   int64_t s = 1;
   for (int64_t i = ndim - 1; i >= 0; --i) {
     strides[i] = s;
-    /* Checked: sizes come from the caller's lists and tensors (an expanded
-     * batch, TT embedding dims multiplying past 2^63 / rows); `s *=`
-     * overflowed here (UB) before torch refused the size. */
+    /* Sizes come from the caller's lists and tensors (an expanded batch, TT
+     * embedding dims multiplying past 2^63 / rows): checked, as `s *=` would
+     * overflow before torch refused the size. */
     if (sizes[i] < 0 || __builtin_mul_overflow(s, sizes[i] > 0 ? sizes[i] : 1, &s)) {
       fail(c, "factorch: an output's sizes are negative or overflow int64");
       return NULL;
@@ -134,21 +143,46 @@ AtenTensorHandle fct_call_empty(fct_call* c, int32_t dtype, int64_t ndim, const 
   return h;
 }
 
+DLTensor* fct_call_result(fct_call* c, int64_t ndim, const int64_t* sizes) {
+  if (c->nres >= FCT_MAX_RESULTS) {
+    fail(c, "factorch: too many results for one call");
+    fct_call_raise(c, FCT_ERR_WORKSPACE);
+  }
+  AtenTensorHandle h = call_empty(c, c->dtype, ndim, sizes);
+  if (!h) fct_call_raise(c, FCT_ERR_WORKSPACE);
+  DLTensor* view = &c->res_view[c->nres];
+  c->res[c->nres++] = h;
+  fct_torch_view(h, view);
+  return view;
+}
+
+DLTensor* fct_call_no_result(fct_call* c) {
+  int64_t zero = 0;
+  fct_call_result(c, 1, &zero);
+  return NULL;
+}
+
+DLTensor* fct_call_grad(fct_call* c, bool make, int64_t ndim, const int64_t* sizes) {
+  return make ? fct_call_result(c, ndim, sizes) : fct_call_no_result(c);
+}
+
 bool fct_call_workspace(fct_call* c, size_t bytes) {
   c->ctx.workspace = NULL;
   c->ctx.workspace_bytes = bytes;
   if (bytes == 0) return true;
   int64_t n = (int64_t)bytes;
-  AtenTensorHandle h = fct_call_empty(c, aoti_torch_dtype_uint8(), 1, &n);
+  AtenTensorHandle h = call_empty(c, aoti_torch_dtype_uint8(), 1, &n);
   if (!h) return false;
   aoti_torch_get_data_ptr(h, &c->ctx.workspace);
   return true;
 }
 
-void fct_call_end(fct_call* c, fct_status st, const AtenTensorHandle* keep, int nkeep) {
+/* Releases every owned handle (but the results when keep_results) and drops
+ * the device guard. */
+static void release(fct_call* c, bool keep_results) {
   for (int i = 0; i < c->owned.n; ++i) {
     bool kept = false;
-    for (int k = 0; st == FCT_OK && k < nkeep; ++k) kept |= keep[k] == c->owned.h[i];
+    for (int k = 0; keep_results && k < c->nres; ++k) kept |= c->res[k] == c->owned.h[i];
     if (!kept) aoti_torch_delete_tensor_object(c->owned.h[i]);
   }
   c->owned.n = 0;
@@ -156,8 +190,30 @@ void fct_call_end(fct_call* c, fct_status st, const AtenTensorHandle* keep, int 
     g_delete_guard(c->guard);
     c->guard = NULL;
   }
-  if (st != FCT_OK) {
-    if (!c->error[0]) snprintf(c->error, sizeof c->error, "%s", fct_status_string(st));
-    aoti_torch_check(false, "factorch", __FILE__, __LINE__, c->error);
+}
+
+void fct_call_raise(fct_call* c, fct_status st) {
+  release(c, false);
+  if (!c->error[0]) snprintf(c->error, sizeof c->error, "%s", fct_status_string(st));
+  aoti_torch_check(false, "factorch", __FILE__, __LINE__, c->error);
+}
+
+void fct_call_fail(fct_call* c, fct_status st, const char* fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(c->error, sizeof c->error, fmt, ap);
+  va_end(ap);
+  fct_call_raise(c, st);
+}
+
+void fct_call_return(fct_call* c, fct_status st, StableIValue* stack, int n) {
+  if (st == FCT_OK && c->nres != n) {
+    /* Only reachable if a C op accepted an output left unallocated. */
+    snprintf(c->error, sizeof c->error,
+             "factorch: internal error: %d of the op's %d results were allocated", c->nres, n);
+    st = FCT_ERR_INVALID_VALUE;
   }
+  if (st != FCT_OK) fct_call_raise(c, st);
+  release(c, true);
+  for (int i = 0; i < n; ++i) stack[i] = (StableIValue)(uintptr_t)c->res[i];
 }

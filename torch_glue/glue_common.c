@@ -1,13 +1,11 @@
-/* Helpers shared by the boxed kernels of the CP, Tucker and TT linear ops
- * (see tensorized_glue.h). */
-#include "tensorized_glue.h"
+/* What the boxed kernels share (glue_common.h). */
+#include "glue_common.h"
 
-#include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
 
 size_t fct_take_int_array(StableIValue slot, int cap, int64_t* v, int* n) {
-  StableListHandle l = (StableListHandle)(uintptr_t)slot;
+  StableListHandle l = fct_slot_list(slot);
   size_t total = 0;
   *n = 0;
   if (!l) return 0;
@@ -15,7 +13,7 @@ size_t fct_take_int_array(StableIValue slot, int cap, int64_t* v, int* n) {
     for (size_t i = 0; i < total && i < (size_t)cap; ++i) {
       StableIValue item = 0;
       if (torch_list_get_item(l, i, &item) != 0) break;
-      memcpy(&v[i], &item, sizeof(int64_t));
+      v[i] = fct_slot_int(item);
       *n = (int)i + 1;
     }
   }
@@ -28,12 +26,11 @@ void fct_take_ints(StableIValue slot, int cap, fct_ints* out) {
   out->total = fct_take_int_array(slot, cap, out->v, &out->n);
 }
 
-void fct_take_tensors(fct_call* c, const StableIValue* stack, int n, AtenTensorHandle* h,
-                      DLTensor* dl) {
+void fct_take_tensors(fct_call* c, const StableIValue* stack, int n, DLTensor* dl) {
   for (int i = 0; i < n; ++i) {
-    h[i] = (AtenTensorHandle)(uintptr_t)stack[i];
-    c->owned.h[c->owned.n++] = h[i];
-    fct_torch_view(h[i], &dl[i]);
+    AtenTensorHandle h = fct_slot_tensor(stack[i]);
+    c->owned.h[c->owned.n++] = h;
+    fct_torch_view(h, &dl[i]);
   }
 }
 
@@ -88,10 +85,10 @@ void fct_carve_copy(fct_carve* dst, const fct_carve* src) {
 bool fct_carve_bind(fct_call* c, fct_carve* cv, const DLTensor* flat, const DLTensor* x,
                     const char* name, const char* what) {
   fct_context* ctx = &c->ctx;
-  /* x first: the flat tensor is compared with it, and an x of a bad dtype
-   * (int64, or None: an undefined tensor) was reported as "weights: expected
-   * dtype int64 (the dtype of x)", naming the wrong argument. Every caller's
-   * x needs >= 1 dim, as its C op then checks too. */
+  /* x first: the flat tensor is compared with it, so a bad x (int64, or
+   * None: an undefined tensor) must be named as x, not as a flat tensor of
+   * the wrong dtype. Every caller's x needs >= 1 dim, as its C op then checks
+   * too. */
   if (x != flat && fct_check_tensor(ctx, "x", x, 1) != FCT_OK) return false;
   if (fct_check_tensor(ctx, name, flat, 1) != FCT_OK) return false;
   if (fct_check_same(ctx, name, flat, "x", x) != FCT_OK) return false;
@@ -121,48 +118,23 @@ bool fct_carve_bind(fct_call* c, fct_carve* cv, const DLTensor* flat, const DLTe
   return true;
 }
 
-void fct_glue_fail(fct_call* c, fct_status st, const char* fmt, ...) {
-  if (fmt) {
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(c->error, sizeof c->error, fmt, ap);
-    va_end(ap);
-  }
-  fct_call_end(c, st, NULL, 0);
-}
-
-bool fct_batched_shape(const DLTensor* x, int64_t last, int64_t* shape, int* ndim) {
-  if (x->ndim < 1 || x->ndim > FCT_MAX_DIMS) return false;
+DLTensor* fct_batched_result(fct_call* c, const DLTensor* x, int64_t last) {
+  if (x->ndim < 1 || x->ndim > FCT_MAX_DIMS) return NULL;
+  int64_t shape[FCT_MAX_DIMS];
   for (int i = 0; i < x->ndim - 1; ++i) shape[i] = x->shape[i];
   shape[x->ndim - 1] = last;
-  *ndim = x->ndim;
-  return true;
+  return fct_call_result(c, x->ndim, shape);
 }
 
-AtenTensorHandle fct_call_none(fct_call* c, int32_t dtype) {
-  int64_t zero = 0;
-  return fct_call_empty(c, dtype, 1, &zero);
-}
-
-void fct_alloc_grads(fct_call* c, AtenTensorHandle xh, const DLTensor* x, const fct_carve* cv,
-                     fct_carve* gcv, int64_t out, bool need_x, bool need_w, bool need_b,
-                     const char* what, fct_grads* g) {
-  int32_t dtype;
-  aoti_torch_get_dtype(xh, &dtype);
+void fct_alloc_grads(fct_call* c, const DLTensor* x, const fct_carve* cv, fct_carve* gcv,
+                     int64_t out, const bool need[3], const char* what, fct_grads* g) {
   bool sane = x->ndim >= 1 && x->ndim <= FCT_MAX_DIMS;
-  g->res[0] =
-      need_x && sane ? fct_call_empty(c, dtype, x->ndim, x->shape) : fct_call_none(c, dtype);
-  g->res[1] = need_w ? fct_call_empty(c, dtype, 1, &cv->total) : fct_call_none(c, dtype);
-  g->res[2] = need_b ? fct_call_empty(c, dtype, 1, &out) : fct_call_none(c, dtype);
-  if (!g->res[0] || !g->res[1] || !g->res[2]) fct_call_end(c, FCT_ERR_WORKSPACE, NULL, 0);
-  fct_torch_view(g->res[0], &g->dgx);
-  fct_torch_view(g->res[1], &g->dgw);
-  fct_torch_view(g->res[2], &g->dgb);
+  g->gx = fct_call_grad(c, need[0] && sane, x->ndim, x->shape);
+  DLTensor* gw = fct_call_grad(c, need[1], 1, &cv->total);
+  g->gb = fct_call_grad(c, need[2], 1, &out);
   fct_carve_copy(gcv, cv);
-  if (need_w && !fct_carve_bind(c, gcv, &g->dgw, x, "grad_weights", what))
-    fct_call_end(c, FCT_ERR_SHAPE, NULL, 0);
-  g->gx = need_x && sane ? &g->dgx : NULL;
-  g->gb = need_b ? &g->dgb : NULL;
+  if (need[1] && !fct_carve_bind(c, gcv, gw, x, "grad_weights", what))
+    fct_call_raise(c, FCT_ERR_SHAPE);
 }
 
 void fct_tt_carve(fct_call* c, const fct_tt_lists* l, const DLTensor* flat, const DLTensor* ref,
@@ -170,20 +142,20 @@ void fct_tt_carve(fct_call* c, const fct_tt_lists* l, const DLTensor* flat, cons
   if (!fct_check_ints(c, l->a_name, l->a, 1, FCT_MAX_MODES, l->a_what) ||
       !fct_check_ints(c, l->b_name, l->b, l->a->n, l->a->n, l->b_what) ||
       !fct_check_ints(c, "ranks", l->r, l->a->n + 1, l->a->n + 1, "ranks (d + 1)"))
-    fct_call_end(c, FCT_ERR_INVALID_VALUE, NULL, 0);
+    fct_call_raise(c, FCT_ERR_INVALID_VALUE);
   int d = l->a->n;
   const int64_t* r = l->r->v;
   if (r[0] != 1 || r[d] != 1)
-    fct_glue_fail(c, FCT_ERR_INVALID_VALUE,
+    fct_call_fail(c, FCT_ERR_INVALID_VALUE,
                   "ranks: expected the first and last of the d + 1 ranks to be 1, got %lld and "
                   "%lld",
                   (long long)r[0], (long long)r[d]);
   *prod_b = 1;
   for (int k = 0; k < d; ++k)
     if (__builtin_mul_overflow(*prod_b, l->b->v[k], prod_b))
-      fct_glue_fail(c, FCT_ERR_OVERFLOW, "%s: the product overflows int64", l->b_name);
+      fct_call_fail(c, FCT_ERR_OVERFLOW, "%s: the product overflows int64", l->b_name);
   fct_carve_init(cv);
   for (int k = 0; k < d; ++k)
     fct_carve_add(cv, 4, (int64_t[4]){r[k], l->a->v[k], l->b->v[k], r[k + 1]});
-  if (!fct_carve_bind(c, cv, flat, ref, "weights", what)) fct_call_end(c, FCT_ERR_SHAPE, NULL, 0);
+  if (!fct_carve_bind(c, cv, flat, ref, "weights", what)) fct_call_raise(c, FCT_ERR_SHAPE);
 }
