@@ -154,8 +154,9 @@ def _register_autograd(qualname, backward, setup_context):
 def _check_devices(ref_name, ref, **tensors):
     """Every tensor on ref's device. A fake also runs when only SOME of the
     arguments are meta tensors (the dispatcher then picks the Meta kernel for
-    a call on CPU tensors); without this check such a call returned an
-    uninitialised CPU tensor instead of raising (tests/python/test_fuzz_ops.py)."""
+    a call on CPU tensors); without this check such a call would return an
+    uninitialised CPU tensor instead of raising (the ops' fuzz tests mix
+    devices)."""
     for name, t in tensors.items():
         torch._check(
             t.device == ref.device,
@@ -537,9 +538,9 @@ def _conv_stages(stages):
 def _check_conv_stages(st):
     """The checks of fct_conv_chain_check (ops/conv_chain.c), all but the C
     kernels' int32 GEMM limits, so that the fakes (meta tensors,
-    torch.compile) reject what the C op rejects, naming `stages`. Before, a
-    stride or groups of 0 raised ZeroDivisionError here and negative or huge
-    sizes failed in new_empty (tests/python/test_fuzz_ops.py). One
+    torch.compile) reject what the C op rejects, naming `stages`, where a
+    stride or groups of 0 would divide by zero and negative or huge sizes
+    would fail in new_empty (tests/python/test_fuzz_conv_ops.py). One
     torch._check per condition: they may be symbolic."""
     prev = None
     for i, s in enumerate(st):

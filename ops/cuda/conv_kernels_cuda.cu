@@ -55,7 +55,7 @@ static bool fits_int32(const fct_conv_geom* g, int64_t n) {
    * OH·sh, kh·dh and the sums below then overflowed int64 (UB), possibly
    * into a small reach and the int32 kernels with truncated geometry (the
    * CPU kernels' span arithmetic had the same overflow:
-   * tests/python/test_fuzz_ops.py). Such calls take the int64 kernels. */
+   * tests/python/test_fuzz_conv_ops.py). Such calls take the int64 kernels. */
   const int64_t big = (int64_t)1 << 30;
   const int64_t terms[] = {g->H, g->W, g->kh, g->kw, g->sh, g->sw, g->pt, g->pl,
                            g->dh, g->dw, g->OH, g->OW};
