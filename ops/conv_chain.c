@@ -352,7 +352,7 @@ static fct_status layout_for(fct_context* ctx, cc_plan* p, int T) {
   if (p->pack_g && __builtin_mul_overflow(p->N, p->s[p->S - 1].out_numel, &gn)) L.overflow = true;
   if (p->pack_x) p->off_x = fct_layout_take(&L, xn, p->es);
   if (p->pack_g) p->off_g = fct_layout_take(&L, gn, p->es);
-  if (p->check) p->off_scratch = fct_layout_take(&L, 256, 1);
+  if (p->check && p->cuda) p->off_scratch = fct_layout_take(&L, FCT_CHECK_SCRATCH, 1);
   /* One worker's region, laid out from 0. */
   fct_layout W;
   memset(&W, 0, sizeof W);

@@ -212,7 +212,7 @@ static void lay_out(cp_plan* p, fct_layout* L) {
     p->off_pre = fct_layout_take(L, part * Rc, es);
     p->off_suf = fct_layout_take(L, part * Rc, es);
   }
-  if (n->check) p->off_scratch = fct_layout_take(L, 256, 1);
+  if (n->check && p->s.cuda) p->off_scratch = fct_layout_take(L, FCT_CHECK_SCRATCH, 1);
 }
 
 static fct_status make_plan(fct_context* ctx, const cp_shape* s, const cp_needs* n, cp_plan* p) {

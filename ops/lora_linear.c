@@ -34,6 +34,7 @@ typedef struct lora_shape {
   double scale, p, keep_scale;
   uint64_t seed, threshold;
   bool dropout; /* p > 0 */
+  bool cuda;    /* x on a CUDA device */
   size_t es;
 } lora_shape;
 
@@ -93,6 +94,7 @@ static fct_status check_shape(fct_context* ctx, const DLTensor* x, const DLTenso
   memset(s, 0, sizeof *s);
   FCT_TRY(fct_check_input_rows(ctx, "x", x, &s->M));
   s->in = x->shape[x->ndim - 1];
+  s->cuda = x->device.device_type == kDLCUDA;
   FCT_TRY(fct_check_param(ctx, "A", A, x, 2, "[r, in]"));
   s->r = A->shape[0];
   if (A->shape[1] != s->in)
@@ -191,7 +193,8 @@ static void lay_out(lora_plan* p, fct_layout* L, bool check) {
   if (p->gt) p->off_gt = fct_layout_take(L, s->M * s->r, s->es);
   if (p->gtb) p->off_gtb = fct_layout_take(L, s->M * s->rb, s->es);
   p->scratch = check;
-  if (check) p->off_scratch = fct_layout_take(L, 256, 1);
+  if (check && s->cuda)
+    p->off_scratch = fct_layout_take(L, FCT_CHECK_SCRATCH, 1);
 }
 
 /* ------------------------------------------------------------------------- */

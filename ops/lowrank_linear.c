@@ -18,6 +18,7 @@ typedef struct lowrank_plan {
   size_t es;
   fct_param x, g, U, V, t;
   bool t_ready; /* backward: t holds x·Vᵀ already */
+  bool cuda;
   bool t_ws, gt_ws, scratch;
   size_t off_t, off_gt, off_scratch;
   size_t bytes;
@@ -33,7 +34,7 @@ static fct_status lay_out(fct_context* ctx, lowrank_plan* p) {
   if (p->t_ws) p->off_t = fct_layout_take(&L, p->M * p->r, p->es);
   if (p->gt_ws) p->off_gt = fct_layout_take(&L, p->M * p->r, p->es);
   p->scratch = ctx->flags & FCT_FLAG_CHECK_FINITE;
-  if (p->scratch) p->off_scratch = fct_layout_take(&L, 256, 1);
+  if (p->scratch && p->cuda) p->off_scratch = fct_layout_take(&L, FCT_CHECK_SCRATCH, 1);
   return fct_layout_done(ctx, &L, &p->bytes);
 }
 
@@ -62,6 +63,7 @@ static fct_status check_factors(fct_context* ctx, const DLTensor* x, const DLTen
   FCT_TRY(check_matrix(ctx, "U", U, x, "[out, r]"));
   memset(p, 0, sizeof *p);
   p->es = fct_dtype_bytes(fct_dtype_of(x->dtype));
+  p->cuda = x->device.device_type == kDLCUDA;
   p->in = x->shape[x->ndim - 1];
   p->r = V->shape[0];
   p->out = U->shape[0];

@@ -214,6 +214,12 @@ fct_status fct_x_permute(const fct_exec* e, const char* data, int ndim, const in
 /* Finite checks                                                              */
 /* ------------------------------------------------------------------------- */
 
+/* Bytes of workspace the checks below take as `scratch` on CUDA (device-side
+ * counts). The CPU scan needs none, so the ops reserve it for CUDA calls
+ * only: a CPU call that needs no other workspace then allocates none (at
+ * M = 1 the allocation cost more than the scan); scratch may be NULL there. */
+#define FCT_CHECK_SCRATCH 256
+
 /* When out holds NaN/Inf: fails naming the inputs that hold them (ins may
  * contain NULLs, skipped), or blaming overflow when all are finite. */
 fct_status fct_check_finite(fct_context* ctx, const fct_backend* be, char* scratch,

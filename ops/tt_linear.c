@@ -371,7 +371,7 @@ static void lay_out(tt_plan* p, fct_layout* L) {
       p->off_gb = fct_layout_take(L, p->Mc * p->max_state, es);
     }
   }
-  if (n->check) p->off_scratch = fct_layout_take(L, 256, 1);
+  if (n->check && p->s.cuda) p->off_scratch = fct_layout_take(L, FCT_CHECK_SCRATCH, 1);
 }
 
 /* Rows of o_1 per block of W: the largest divisor of o_1 whose block of W

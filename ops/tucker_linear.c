@@ -231,7 +231,7 @@ static void lay_out(tk_plan* p, fct_layout* L) {
     p->off_ga = fct_layout_take(L, Mc * gmax, es);
     p->off_gb = fct_layout_take(L, Mc * gmax, es);
   }
-  if (n->check) p->off_scratch = fct_layout_take(L, 256, 1);
+  if (n->check && p->s.cuda) p->off_scratch = fct_layout_take(L, FCT_CHECK_SCRATCH, 1);
 }
 
 /* Cost of a pass with chunks of Mc rows (see the top of the file). Traffic:
