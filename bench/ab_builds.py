@@ -43,13 +43,7 @@ def child(min_time: float, samples: int) -> None:
     from factorch.nn import FactorizedLinear
 
     def timed(layer, x, g, train):
-        params = [x, *layer.parameters()]
-        if train:
-            fn = lambda: torch.autograd.grad(layer(x), params, g)  # noqa: E731
-        else:
-            def fn():
-                with torch.no_grad():
-                    return layer(x)
+        fn = harness.layer_step(layer, x, g, train)
         fn()
         return statistics.median(harness.time_call(fn, min_time) for _ in range(samples))
 

@@ -71,18 +71,6 @@ class Busy:
         self.proc.wait()
 
 
-def step(mod, x, g, train):
-    params = [x, *mod.parameters()] if train else None
-    if train:
-        return lambda: torch.autograd.grad(mod(x), params, g)
-
-    def fwd():
-        with torch.no_grad():
-            return mod(x)
-
-    return fwd
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=5)
@@ -99,7 +87,8 @@ def main() -> None:
             dense = nn.Linear(n_in, n_out)
             x = torch.randn(M, n_in, requires_grad=train)
             g = torch.randn(M, n_out)
-            cands = {"factorch": step(layer, x, g, train), "nn.Linear": step(dense, x, g, train)}
+            cands = {"factorch": harness.layer_step(layer, x, g, train),
+                     "nn.Linear": harness.layer_step(dense, x, g, train)}
             samples = {(s, n): [] for s in ("quiet", "busy") for n in cands}
             for fn in cands.values():
                 fn()

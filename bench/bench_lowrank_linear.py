@@ -17,7 +17,7 @@ from torch import nn
 import factorch
 from factorch.nn import FactorizedLinear
 
-from harness import fmt_time, interleaved, machine, markdown_table, write_section
+from harness import fmt_time, interleaved, layer_step, machine, markdown_table, write_section
 
 SHAPES = [  # (M, in, out, rank)
     (2048, 4096, 4096, 512),
@@ -48,18 +48,7 @@ def candidates(M, n_in, n_out, rank, device, train):
     g = torch.randn(M, n_out, device=device)
     mods = {"factorch": fact, "plain torch U·V": plain, "nn.Linear": dense}
 
-    def step(mod):
-        params = [x, *mod.parameters()]
-        if train:
-            return lambda: torch.autograd.grad(mod(x), params, g)
-
-        def fwd():
-            with torch.no_grad():
-                return mod(x)
-
-        return fwd
-
-    return {name: step(m) for name, m in mods.items()}
+    return {name: layer_step(m, x, g, train) for name, m in mods.items()}
 
 
 def main(argv=None) -> None:

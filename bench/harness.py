@@ -108,6 +108,21 @@ def section_title(title: str) -> str:
     return f"{title} [OpenBLAS pinned: {openblas_kernel()}]"
 
 
+def layer_step(mod, x, g, train: bool) -> Callable[[], object]:
+    """One timed call of a layer: forward + backward (the gradients of x and
+    of every parameter for grad_y = g) when train, else the forward under
+    no_grad."""
+    if train:
+        params = [x, *mod.parameters()]
+        return lambda: torch.autograd.grad(mod(x), params, g)
+
+    def fwd():
+        with torch.no_grad():
+            return mod(x)
+
+    return fwd
+
+
 def machine() -> str:
     return (
         f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
