@@ -400,8 +400,12 @@ static void fw_block_plan(const tt_plan* p, tt_plan* b, fct_layout* L) {
   make_groups(b, 0);
   make_steps(b);
   b->Mc = b->s.M;
+  /* grad_y is packed whole (all blocks read it), not one block's columns. */
+  b->n.pack_g = false;
   lay_out(b, L);
   const tt_shape* s = &p->s;
+  b->n.pack_g = p->n.pack_g;
+  if (p->n.pack_g) b->off_g = fct_layout_take(L, s->M * s->out_size, s->es);
   int64_t c0 = s->r[0] * s->in[0] * p->nb * s->r[1];
   b->off_c0 = fct_layout_take(L, c0, s->es);
   if (p->n.backward && p->n.gcore[0])

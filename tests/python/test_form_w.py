@@ -130,3 +130,26 @@ def test_layer_plan_reports_the_strategy():
         assert p["forward_strategy"] in ("contract", "form_w"), fact
         assert p["backward_strategy"] in ("contract", "form_w"), fact
     assert CP((8, 8), (8, 8), 20).plan(4096)["forward_strategy"] == "contract"
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+@pytest.mark.parametrize("fact", FACTS)
+def test_strided_x_and_grad_y_under_each_strategy(fact, strategy):
+    """x and grad_y that BLAS cannot read in place are packed into the
+    workspace whole, also when W is formed block by block."""
+    g = torch.Generator().manual_seed(2)
+    layout = {"tucker": Tucker((3, 5), (7, 2), ((2, 3), (3, 2))),
+              "tt": TensorTrain((3, 2, 5), (2, 3, 3), (1, 3, 5, 1))}[fact]
+    for M in (1, 37, 300):
+        x = rand(M, 2 * layout.in_features, dtype=torch.float64, gen=g)[:, ::2].requires_grad_()
+        w = rand(layout.num_parameters, dtype=torch.float64, gen=g).requires_grad_()
+        b = rand(layout.out_features, dtype=torch.float64, gen=g).requires_grad_()
+        gy = rand(layout.out_features, M, dtype=torch.float64, gen=g).T  # column-major
+        with forced(STRATEGIES[strategy]):
+            y = _first(OPS[fact](x, w, b, *layout.op_args()))
+            got = torch.autograd.grad(y, (x, w, b), gy)
+        y_ref = x @ layout.to_dense(w).T + b  # W [out, in]
+        torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+        want = torch.autograd.grad(y_ref, (x, w, b), gy)
+        for a, e in zip(got, want):
+            torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-9, msg=f"{fact} {strategy} M={M}")
