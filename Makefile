@@ -173,7 +173,7 @@ test-models: build models fortunes
 # Benchmarks against the anchors (tensorly, tensorly-torch, torchtt); each
 # writes its section of bench/RESULTS.md. Run on a quiet machine: they time
 # 2 cores. `bench-<name>` runs one.
-BENCH_NAMES := lowrank_linear factorized_linear factorized_conv factorized_embedding decompose compress \
+BENCH_NAMES := lowrank_linear factorized_linear factorized_conv factorized_embedding decompose compress decode \
   lora onnx recovery busy_cpu check_finite
 bench: $(addprefix bench-,$(BENCH_NAMES))
 
