@@ -8,7 +8,7 @@ its own samples); a case's figure per build is the median over that build's
 rounds, and B / A is the ratio of those medians.
 
     .venv/bin/python bench/ab_builds.py --a /work/ab-before:/work/ab-before/build/dev \\
-        --b .:build/py [--rounds 6] [--write bench/RESULTS.md --title "..."]
+        --b .:build/py [--rounds 6] [--quick] [--write bench/RESULTS.md --title "..."]
 
 Cases: the low-rank table's shapes (bench_lowrank_linear.py) and CP / Tucker /
 TT at 4096 = 8^4 x 8^4 (bench_factorized_linear.py's layout) at 10x and 50x,
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import os
 import shlex
 import statistics
@@ -34,7 +35,7 @@ TENSORIZED = [(fact, frac, M) for fact in ("cp", "tucker", "tt") for frac in (0.
               for M in (1, 128, 2048)]
 
 
-def child(min_time: float, samples: int) -> None:
+def child(min_time: float, samples: int, quick: bool, only: str | None) -> None:
     """Runs in a build's process: times every case, prints JSON."""
     sys.path.insert(0, str(HERE))
     import torch
@@ -42,7 +43,10 @@ def child(min_time: float, samples: int) -> None:
     import harness
     from factorch.nn import FactorizedLinear
 
-    def timed(layer, x, g, train):
+    def timed(label, layer, x, g, train):
+        """Seconds per call, or None for a case --only leaves out."""
+        if only and not re.search(only, label):
+            return None
         fn = harness.layer_step(layer, x, g, train)
         fn()
         return statistics.median(harness.time_call(fn, min_time) for _ in range(samples))
@@ -53,25 +57,29 @@ def child(min_time: float, samples: int) -> None:
         layer = FactorizedLinear(n_in, n_out, rank=rank)
         x, g = torch.randn(M, n_in, requires_grad=True), torch.randn(M, n_out)
         for train in (True, False):
-            out[f"lowrank ({M}, {n_in}, {n_out}, {rank}) {'fwd+bwd' if train else 'fwd'}"] = \
-                timed(layer, x, g, train)
+            label = f"lowrank ({M}, {n_in}, {n_out}, {rank}) {'fwd+bwd' if train else 'fwd'}"
+            out[label] = timed(label, layer, x, g, train)
     modes = (8, 8, 8, 8)
     for fact, frac, M in TENSORIZED:
+        if quick and (frac != 0.02 or M == 2048):
+            continue
         layer = FactorizedLinear(4096, 4096, fact, rank=frac, tensorized_shape=(modes, modes))
         x, g = torch.randn(M, 4096, requires_grad=True), torch.randn(M, 4096)
         for train in (True, False):
             label = f"{fact} {round(1 / frac)}x M={M} {'fwd+bwd' if train else 'fwd'}"
-            out[label] = timed(layer, x, g, train)
+            out[label] = timed(label, layer, x, g, train)
+    out = {k: v for k, v in out.items() if v is not None}
     print("AB-RESULT " + json.dumps(out), flush=True)
 
 
-def run_build(spec: str, min_time: float, samples: int) -> dict:
+def run_build(spec: str, min_time: float, samples: int, quick: bool, only: str | None) -> dict:
     tree, libs = spec.split(":")
     tree, libs = Path(tree).resolve(), Path(libs if os.path.isabs(libs) else Path(tree) / libs).resolve()
     env = dict(os.environ, PYTHONPATH=str(tree), FACTORCH_LIB_DIR=str(libs),
                SKBUILD_EDITABLE_SKIP=str(Path(sys.prefix).parent / "build" / "py"))
     cmd = [sys.executable, str(HERE / "ab_builds.py"), "--child", "--min-time", str(min_time),
-           "--samples", str(samples)]
+           "--samples", str(samples)] + (["--quick"] if quick else []) + \
+        (["--only", only] if only else [])
     res = subprocess.run(cmd, env=env, cwd=tree, capture_output=True, text=True, check=True)
     line = next(ln for ln in res.stdout.splitlines() if ln.startswith("AB-RESULT "))
     return json.loads(line[len("AB-RESULT "):])
@@ -86,10 +94,13 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=3)
     ap.add_argument("--write", metavar="RESULTS.md")
     ap.add_argument("--title", default="A/B of two builds (cpu)")
+    ap.add_argument("--quick", action="store_true",
+                    help="the tensorized cases at 50x and M = 1, 128 only (minutes, not an hour)")
+    ap.add_argument("--only", metavar="REGEX", help="the cases whose label matches")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        child(args.min_time, args.samples)
+        child(args.min_time, args.samples, args.quick, args.only)
         return
     sys.path.insert(0, str(HERE))
     import harness
@@ -97,7 +108,8 @@ def main() -> None:
     runs = {"A": [], "B": []}
     for r in range(args.rounds):
         for which in (("A", "B") if r % 2 == 0 else ("B", "A")):
-            runs[which].append(run_build(getattr(args, which.lower()), args.min_time, args.samples))
+            runs[which].append(run_build(getattr(args, which.lower()), args.min_time, args.samples,
+                                         args.quick, args.only))
             print(f"round {r + 1}/{args.rounds}: {which} done", flush=True)
     rows, ratios = [], []
     for case in runs["A"][0]:
