@@ -69,8 +69,11 @@ def needs_definition(args) -> bool:
     transform is active (its interpreter is on functorch's stack while the
     transformed function runs), or a forward-mode AD level is open and an
     argument has a tangent. Cheap in the usual case (two checks, no loop)."""
-    if torch.compiler.is_compiling():
-        return False
+    return not torch.compiler.is_compiling() and _transformed(args)
+
+
+def _transformed(args) -> bool:
+    """needs_definition outside torch.compile / torch.export tracing."""
     if _peek_interpreter() is not None:
         return True
     if _forward_ad._current_level < 0:
@@ -95,7 +98,7 @@ def call(name: str, *args):
         op = _overloads[name] = getattr(ops, name).default
     if torch.compiler.is_compiling():
         return op(*args)
-    if needs_definition(args):
+    if _transformed(args):
         from ._decomp import definition
 
         return definition(name)(*args)
