@@ -17,6 +17,7 @@ the candidates run in rotated order; figures are medians over rounds.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
 import statistics
@@ -95,11 +96,7 @@ def main() -> None:
             for r in range(args.rounds):
                 for state in ("quiet", "busy"):
                     names = list(cands)[r % 2:] + list(cands)[: r % 2]
-                    if state == "busy":
-                        with Busy(args.core):
-                            for n in names:
-                                samples[state, n].append(harness.time_call(cands[n], args.min_time))
-                    else:
+                    with Busy(args.core) if state == "busy" else contextlib.nullcontext():
                         for n in names:
                             samples[state, n].append(harness.time_call(cands[n], args.min_time))
             med = {k: statistics.median(v) for k, v in samples.items()}
