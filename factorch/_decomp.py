@@ -216,7 +216,7 @@ def cp_linear(x, weights, bias, in_modes, out_modes, rank):
 
 
 @register("tucker_linear")
-def tucker_linear(x, weights, bias, in_modes, out_modes, in_ranks, out_ranks):
+def tucker_linear(x, weights, bias, in_modes, out_modes, in_ranks, out_ranks, keep):
     p, q = len(in_modes), len(out_modes)
     S, T = math.prod(out_ranks), math.prod(in_ranks)
     shapes = ([(S, T)] + [(i, t) for i, t in zip(in_modes, in_ranks)]
@@ -236,7 +236,14 @@ def tucker_linear(x, weights, bias, in_modes, out_modes, in_ranks, out_ranks):
         after = math.prod(out_ranks[k + 1:])
         h = torch.matmul(Us[k], h.reshape(-1, out_ranks[k], after))
     y = h.reshape(*lead, math.prod(out_modes))
-    return _add_bias(y, bias)
+    # states: the op's shape (its fake's); their layout is the C op's own
+    # (chunks of rows it picks), so zeros here. Only the C backward reads
+    # states, and it never gets these: autograd differentiates this
+    # definition instead.
+    from ._ops import tucker_states_per_row
+
+    per_row = tucker_states_per_row(in_modes, out_modes, in_ranks, out_ranks) if keep else 0
+    return _add_bias(y, bias), x.new_zeros((math.prod(lead) * per_row,))
 
 
 _TT_PLAN = re.compile(r"forward: groups ((?:\[\d+(?:-\d+)?\] ?)+) (right-to-left|left-to-right)")

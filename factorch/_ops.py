@@ -410,8 +410,18 @@ def _tucker_numel(in_modes, out_modes, in_ranks, out_ranks):
             + sum(o * s for o, s in zip(out_modes, out_ranks)))
 
 
+def tucker_states_per_row(in_modes, out_modes, in_ranks, out_ranks) -> int:
+    """Elements per row of what tucker_linear keeps for its backward
+    (fct_tucker_linear_states, ops/tucker_linear.c): t = x projected on
+    every input factor [M, T] and z = t·coreᵀ [M, S], when T + S <= in + out
+    (no more than x's and y's rows together); 0 otherwise (the backward
+    recomputes them)."""
+    k = _prod(in_ranks) + _prod(out_ranks)
+    return k if k <= _prod(in_modes) + _prod(out_modes) else 0
+
+
 @torch.library.register_fake("factorch::tucker_linear")
-def _tucker_linear_fake(x, weights, bias, in_modes, out_modes, in_ranks, out_ranks):
+def _tucker_linear_fake(x, weights, bias, in_modes, out_modes, in_ranks, out_ranks, keep):
     out = _prod(out_modes)
     torch._check(len(in_ranks) == len(in_modes),
                  lambda: f"in_ranks: expected {len(in_modes)} ranks (one per input mode)")
@@ -420,14 +430,35 @@ def _tucker_linear_fake(x, weights, bias, in_modes, out_modes, in_ranks, out_ran
     _check_tensorized(x, weights, bias, _tucker_numel(in_modes, out_modes, in_ranks, out_ranks),
                       out, "the Tucker core then the factors of in_modes then out_modes")
     _check_in(x, in_modes, "mode sizes of in_factors")
-    return x.new_empty((*x.shape[:-1], out))
+    per_row = tucker_states_per_row(in_modes, out_modes, in_ranks, out_ranks) if keep else 0
+    return (x.new_empty((*x.shape[:-1], out)),
+            x.new_empty((_prod(x.shape[:-1]) * per_row,)))
 
 
 @torch.library.register_fake("factorch::tucker_linear_backward")
-def _tucker_linear_backward_fake(grad_y, x, weights, in_modes, out_modes, in_ranks, out_ranks,
-                                 need_x, need_weights, need_bias):
-    _check_devices("x", x, grad_y=grad_y, weights=weights)
+def _tucker_linear_backward_fake(grad_y, x, weights, states, in_modes, out_modes, in_ranks,
+                                 out_ranks, need_x, need_weights, need_bias):
+    _check_devices("x", x, grad_y=grad_y, weights=weights, states=states)
     return _grads_fake(x, weights, _prod(out_modes), need_x, need_weights, need_bias)
+
+
+def _tucker_linear_setup(ctx, inputs, output):
+    x, weights, bias, *args = inputs
+    ctx.save_for_backward(x, weights, output[1], bias)
+    ctx.args = tuple(args[:4])  # the lists; keep is not the backward's
+    ctx.has_bias = bias.numel() != 0
+    ctx.mark_non_differentiable(output[1])
+
+
+def _tucker_linear_backward(ctx, grad_y, _grad_states):
+    x, weights, states, bias = ctx.saved_tensors
+    nx, nw, nb = ctx.needs_input_grad[:3]
+    nb = nb and ctx.has_bias
+    if _recording(grad_y, x, weights, bias):
+        return tuple(_grads_by_definition("tucker_linear", (x, weights, bias, *ctx.args, False),
+                                          (nx, nw, nb) + (False,) * 5, grad_y))
+    gx, gw, gb = ops.tucker_linear_backward(grad_y, x, weights, states, *ctx.args, nx, nw, nb)
+    return (gx if nx else None, gw if nw else None, gb if nb else None) + (None,) * 5
 
 
 def _tensorized_setup(ctx, inputs, output):
@@ -452,9 +483,7 @@ def _tensorized_backward(op, name):
 
 
 _register_autograd(
-    "factorch::tucker_linear",
-    _tensorized_backward(ops.tucker_linear_backward, "tucker_linear"),
-    setup_context=_tensorized_setup,
+    "factorch::tucker_linear", _tucker_linear_backward, setup_context=_tucker_linear_setup
 )
 
 

@@ -108,8 +108,8 @@ for _pre, _args in (
     ("lowrank_linear_backward", [_T] * 9),
     ("cp_linear_forward", [_T, c_int, _TP, c_int, _TP, _T, _T, _T]),
     ("cp_linear_backward", [_T, _T, c_int, _TP, c_int, _TP, _T, _T, _TP, _TP, _T]),
-    ("tucker_linear_forward", [_T, _T, c_int, _TP, c_int, _TP, _T, _T]),
-    ("tucker_linear_backward", [_T, _T, _T, c_int, _TP, c_int, _TP, _T, _T, _TP, _TP, _T]),
+    ("tucker_linear_forward", [_T, _T, c_int, _TP, c_int, _TP, _T, _T, _T]),
+    ("tucker_linear_backward", [_T, _T, _T, c_int, _TP, c_int, _TP, _T, _T, _T, _TP, _TP, _T]),
     ("tt_linear_forward", [_T, c_int, _TP, _T, _T]),
     ("tt_linear_backward", [_T, _T, c_int, _TP, _T, _TP, _T]),
     ("conv_chain_forward", [_T, c_int, POINTER(_I64), _TP, _T, _T, _T]),
@@ -532,7 +532,7 @@ def _tensorized_forward(kind, x, weights, bias, in_modes, out_modes, r1, r2, out
     if kind == "cp":
         args = [xp, p, w.array(0, p), q, w.array(p), b, y, None]
     elif kind == "tucker":
-        args = [xp, w.ptrs[0], p, w.array(1, 1 + p), q, w.array(1 + p), b, y]
+        args = [xp, w.ptrs[0], p, w.array(1, 1 + p), q, w.array(1 + p), b, y, None]
     else:
         args = [xp, p, w.array(), b, y]
     c.run(getattr(_core, f"fct_{kind}_linear_forward_workspace"),
@@ -557,7 +557,7 @@ def _tensorized_backward(kind, grad_y, x, weights, in_modes, out_modes, r1, r2, 
     if kind == "cp":
         args = [gy, xv.ptr, p, w.array(0, p), q, w.array(p), None, gx, g(0, p), g(p), gb]
     elif kind == "tucker":
-        args = [gy, xv.ptr, w.ptrs[0], p, w.array(1, 1 + p), q, w.array(1 + p), gx,
+        args = [gy, xv.ptr, w.ptrs[0], p, w.array(1, 1 + p), q, w.array(1 + p), None, gx,
                 None if gw is None else gw.ptrs[0], g(1, 1 + p), g(1 + p), gb]
     else:
         args = [gy, xv.ptr, p, w.array(), gx, g(), gb]

@@ -504,6 +504,9 @@ class Tucker(Tensorized):
     def _op(self):
         return F.tucker_linear_flat
 
+    def linear(self, x, flat, bias, keep_states: bool = True):
+        return F.tucker_linear_flat(x, flat, bias, *self.op_args(), keep_states)
+
     def _plan_call(self, batch, dev, dt, info):
         ins, outs = self.in_modes, self.out_modes
         t, s = self.rank

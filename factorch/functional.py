@@ -110,11 +110,21 @@ def cp_linear_flat(x: Tensor, weights: Tensor, bias: Tensor | None, in_modes, ou
 
 
 def tucker_linear_flat(x: Tensor, weights: Tensor, bias: Tensor | None, in_modes, out_modes,
-                       in_ranks, out_ranks) -> Tensor:
+                       in_ranks, out_ranks, keep_states: bool = True) -> Tensor:
     """:func:`tucker_linear` on the flat layout (core, then V_k, then U_k)."""
     x, lead = _merge_leading(x)
-    return _split_leading(_ops.call("tucker_linear", x, weights, _bias(x, bias), list(in_modes),
-                                    list(out_modes), list(in_ranks), list(out_ranks)), lead)
+    args = (x, weights, _bias(x, bias))
+    # keep: the C op writes what its backward would recompute (t and z,
+    # within a budget: factorch._ops.tucker_states_per_row) when a backward
+    # can follow (a jit trace records one value for every later call, so it
+    # keeps them); the torch definition (forward mode, torch.func) has
+    # autograd's own.
+    keep = bool(keep_states) and (torch.jit.is_tracing() or (
+        torch.is_grad_enabled() and any(t.requires_grad for t in args))) and (
+        not _ops.needs_definition(args))
+    y = _ops.call("tucker_linear", *args, list(in_modes), list(out_modes), list(in_ranks),
+                  list(out_ranks), keep)[0]
+    return _split_leading(y, lead)
 
 
 def tt_linear_flat(x: Tensor, weights: Tensor, bias: Tensor | None, in_modes, out_modes,
@@ -154,7 +164,7 @@ def cp_linear(x: Tensor, in_factors, out_factors, bias: Tensor | None = None) ->
 
 
 def tucker_linear(x: Tensor, core: Tensor, in_factors, out_factors,
-                  bias: Tensor | None = None) -> Tensor:
+                  bias: Tensor | None = None, keep_states: bool = True) -> Tensor:
     """``y = x @ W.T + bias`` with
     ``W[(o), (i)] = Σ core[s_1..s_q, t_1..t_p] · ∏ U_k[o_k, s_k] · ∏ V_k[i_k, t_k]``.
 
@@ -164,6 +174,11 @@ def tucker_linear(x: Tensor, core: Tensor, in_factors, out_factors,
         in_factors: ``V_k [i_k, t_k]``.
         out_factors: ``U_k [o_k, s_k]``.
         bias: ``[out]`` or None.
+        keep_states: when a backward can follow, the forward keeps x
+            projected on the input factors and that times the core
+            (``[.., T + S]`` elements, only where ``T + S <= in + out``) so
+            the backward does not recompute them; False recomputes them
+            (less memory, a slower backward).
     """
     V = _check_list("in_factors", in_factors, 2, "[i_k, t_k]")
     U = _check_list("out_factors", out_factors, 2, "[o_k, s_k]")
@@ -176,7 +191,7 @@ def tucker_linear(x: Tensor, core: Tensor, in_factors, out_factors,
             f"got {got}"
         )
     return tucker_linear_flat(x, _flat([core] + V + U), bias, [v.shape[0] for v in V],
-                              [u.shape[0] for u in U], t, s)
+                              [u.shape[0] for u in U], t, s, keep_states)
 
 
 def tt_linear(x: Tensor, cores, bias: Tensor | None = None) -> Tensor:

@@ -25,9 +25,23 @@
  * workspace). chunk_cost() prices each Mc in FLOP-equivalents
  * (op_common.h) and the cheapest of Mc ∈ {M, 8, 16, 32, ...} wins.
  *
- * The backward recomputes the forward's intermediates per chunk (memory-
- * bound steps and one core GEMM) rather than keeping them from the forward:
- * that keeps the op's saved state to x alone.
+ * Kept states. The backward reads the forward's intermediates: the input
+ * side's states (for grad V_k), X̃ᵀ (for grad core), Zᵀ and the output
+ * side's states (for grad U_k). Without `states` it recomputes them per
+ * chunk. With it the forward writes two of them there, t = X̃ and z = Zᵀ's
+ * rows (T + S elements per row), and the backward takes them instead: z is
+ * the core's GEMM, 2·S·T FLOPs per row, the bulk of the pass's FLOPs and its
+ * only compute-bound step, and t is what grad core needs besides. The factor
+ * steps' intermediates are not kept: each costs 2·i_k (or 2·s_k) FLOPs per
+ * element, memory-bound, and together they are larger than x (up to
+ * max(in, out)·t_k/i_k per row each), so recomputing them from x or z in
+ * cache costs less than writing and reading them back from memory. They are
+ * kept only when T + S <= in + out (no more than x's and y's rows together;
+ * fct_tucker_linear_states), a rule on shapes alone so that torch's fake
+ * kernel knows the output's size. Both passes then run in the same chunks
+ * of rows (keep_chunk: a function of the shapes, the dtype and the device,
+ * not of the flags), each chunk's t [T, Mc] then z [S, Mc] back to back in
+ * the steps' layouts, so neither pass copies them.
  */
 #include <math.h>
 #include <stdio.h>
@@ -57,6 +71,7 @@ typedef struct tk_needs {
   bool pack_x, pack_g, check;
   bool small; /* FCT_FLAG_SMALL_CHUNKS */
   bool force_contract, force_form_w;
+  bool keep; /* forward: writes states; backward: reads them */
 } tk_needs;
 
 typedef struct tk_plan {
@@ -67,7 +82,8 @@ typedef struct tk_plan {
   int64_t in_state[FCT_MAX_MODES + 1];  /* before in step j (j = 0: x; j = n_in: X̃ᵀ) */
   int64_t out_state[FCT_MAX_MODES + 1]; /* before out step j (j = 0: Zᵀ; j = n_out: y) */
   int64_t max_state;                    /* over the intermediates (x and y excluded) */
-  int64_t in_states_total, out_states_total; /* what the backward keeps */
+  int64_t in_states_total, out_states_total; /* what the backward recomputes */
+  int64_t kept; /* elements per row of the kept states (T + S) when keep */
   fct_param core, V[FCT_MAX_MODES], U[FCT_MAX_MODES];
   /* Forming W instead (form_w): blocks of nb rows of U_1, each W's rows
    * [ob = nb·o_2···o_q, in]; the two runs' intermediates per block. */
@@ -152,6 +168,33 @@ static fct_status check_shape(fct_context* ctx, const DLTensor* x, const DLTenso
   return FCT_OK;
 }
 
+/* Elements per row of the kept states (the top of the file): T + S when
+ * no more than in + out, else 0 (not kept). */
+static int64_t kept_per_row(const tk_side* in, const tk_side* out) {
+  int64_t k = in->rank + out->rank; /* each < 2^31 (check_side) */
+  return k <= in->size + out->size ? k : 0;
+}
+
+/* states: [M·(T + S)], x's dtype and device, C-contiguous; only where the
+ * shapes keep states. */
+static fct_status check_states(fct_context* ctx, const DLTensor* states, const DLTensor* x,
+                               const tk_shape* s) {
+  int64_t per = kept_per_row(&s->in, &s->out), n;
+  if (per == 0)
+    return fct_fail(ctx, FCT_ERR_INVALID_VALUE,
+                    "states: expected NULL: no states are kept for these shapes (T + S = %lld "
+                    "exceeds in + out = %lld; fct_tucker_linear_states)",
+                    (long long)(s->in.rank + s->out.rank),
+                    (long long)(s->in.size + s->out.size));
+  if (__builtin_mul_overflow(s->M, per, &n))
+    return fct_fail(ctx, FCT_ERR_OVERFLOW, "states: M·(T + S) overflows int64");
+  FCT_TRY(fct_check_vector(ctx, "states", states, x, n,
+                           "M·(T + S): the batch times the kept elements per row"));
+  if (!fct_is_contiguous(states))
+    return fct_fail(ctx, FCT_ERR_LAYOUT, "states: expected a C-contiguous tensor");
+  return FCT_OK;
+}
+
 /* ------------------------------------------------------------------------- */
 /* Plan                                                                       */
 /* ------------------------------------------------------------------------- */
@@ -224,10 +267,13 @@ static void lay_out(tk_plan* p, fct_layout* L) {
     p->off_b = fct_layout_take(L, Mc * p->max_state, es);
   } else {
     /* Gradient states have the sizes of the intermediates (grad_y is read
-     * in place, grad_x written in place). */
+     * in place, grad_x written in place); kept X̃ᵀ and Zᵀ are read from
+     * states. */
     int64_t gmax = p->max_state;
-    p->off_in = fct_layout_take(L, Mc * p->in_states_total, es);
-    p->off_out = fct_layout_take(L, Mc * p->out_states_total, es);
+    int64_t in_ws = p->in_states_total - (n->keep ? s->in.rank : 0);
+    int64_t out_ws = p->out_states_total - (n->keep ? s->out.rank : 0);
+    p->off_in = fct_layout_take(L, Mc * in_ws, es);
+    p->off_out = fct_layout_take(L, Mc * out_ws, es);
     p->off_ga = fct_layout_take(L, Mc * gmax, es);
     p->off_gb = fct_layout_take(L, Mc * gmax, es);
   }
@@ -371,25 +417,28 @@ static double fw_cost(const tk_plan* p, const fct_machine* mc) {
   return fw_flops(p) + mc->flop_per_byte * es * elems + mc->call_flops * calls;
 }
 
-static fct_status make_plan(fct_context* ctx, tk_plan* p) {
+/* Bytes per row of the chain's chunk workspace. */
+static size_t chunk_row_bytes(const tk_plan* p) {
   const tk_shape* s = &p->s;
-  double per_row_flops = shape_states(p);
-  fct_machine mc = fct_machine_for(s->cuda);
-  /* Bytes per row of chunk workspace. */
-  size_t row_bytes;
-  if (!p->n.backward) {
-    row_bytes = 2 * (size_t)p->max_state * s->es;
-  } else {
-    int64_t gmax = p->max_state;
-    row_bytes = (size_t)(p->in_states_total + p->out_states_total + 2 * gmax) * s->es;
-  }
+  if (!p->n.backward) return 2 * (size_t)p->max_state * s->es;
+  int64_t gmax = p->max_state;
+  int64_t in_ws = p->in_states_total - (p->n.keep ? s->in.rank : 0);
+  int64_t out_ws = p->out_states_total - (p->n.keep ? s->out.rank : 0);
+  return (size_t)(in_ws + out_ws + 2 * gmax) * s->es;
+}
+
+/* The cheapest chunk of Mc ∈ {M, 8, 16, 32, ...} (1 when M == 0); *cost
+ * its cost (INFINITY when M == 0). */
+static int64_t best_chunk(const tk_plan* p, const fct_machine* mc, double* cost) {
+  const tk_shape* s = &p->s;
+  size_t row_bytes = chunk_row_bytes(p);
   int64_t best_mc = s->M > 0 ? s->M : 1;
   double best = INFINITY;
   if (s->M > 0) {
     for (int64_t mcand = s->M;;) {
-      double c = chunk_cost(p, &mc, mcand, row_bytes);
+      double c = chunk_cost(p, mc, mcand, row_bytes);
       /* Workspace beyond the cap only when nothing smaller fits. */
-      bool fits = (double)row_bytes * (double)mcand <= (double)mc.workspace_cap;
+      bool fits = (double)row_bytes * (double)mcand <= (double)mc->workspace_cap;
       if ((fits || mcand <= 8) && c < best) {
         best = c;
         best_mc = mcand;
@@ -400,6 +449,32 @@ static fct_status make_plan(fct_context* ctx, tk_plan* p) {
       mcand = next;
     }
   }
+  *cost = best;
+  return best_mc;
+}
+
+/* The rows per chunk of both passes when states are kept (their layout
+ * depends on it): the backward's best chunk asking for every gradient, a
+ * function of the shapes, M, the dtype and the device alone, so that the
+ * forward and the backward agree whatever the flags and the gradients
+ * asked for. */
+static int64_t keep_chunk(const tk_plan* p, const fct_machine* mc) {
+  tk_plan q = *p;
+  memset(&q.n, 0, sizeof q.n);
+  q.n.backward = q.n.keep = true;
+  q.n.gx = q.n.gb = q.n.gcore = q.n.any_gin = q.n.any_gout = true;
+  for (int k = 0; k < FCT_MAX_MODES; ++k) q.n.gin[k] = q.n.gout[k] = true;
+  double cost;
+  return best_chunk(&q, mc, &cost);
+}
+
+static fct_status make_plan(fct_context* ctx, tk_plan* p) {
+  const tk_shape* s = &p->s;
+  double per_row_flops = shape_states(p);
+  fct_machine mc = fct_machine_for(s->cuda);
+  size_t row_bytes = chunk_row_bytes(p);
+  double best;
+  int64_t best_mc = best_chunk(p, &mc, &best);
   p->Mc = p->n.small && best_mc > 3 ? 3 : best_mc;
   double M = (double)s->M;
   if (!p->n.backward) {
@@ -408,10 +483,17 @@ static fct_status make_plan(fct_context* ctx, tk_plan* p) {
     /* Recomputing the forward, then about two GEMMs per forward step. */
     p->flops = 3 * M * per_row_flops + (p->n.gb ? M * (double)s->out.size : 0);
   }
+  p->form_w = false;
+  if (p->n.keep) {
+    /* States kept: the chain, in the chunks both passes share; the
+     * backward does not recompute the core's GEMM. */
+    p->kept = s->in.rank + s->out.rank;
+    p->Mc = keep_chunk(p, &mc);
+    if (p->n.backward) p->flops -= 2 * M * (double)s->out.rank * (double)s->in.rank;
+  }
   /* Forming W instead: priced with the same constants; taken when cheaper
    * and within the workspace cap (or forced). */
-  p->form_w = false;
-  if (s->M > 0 && !(p->n.force_contract && !p->n.force_form_w)) {
+  if (s->M > 0 && !p->n.keep && !(p->n.force_contract && !p->n.force_form_w)) {
     tk_plan w = *p;
     w.form_w = true;
     fw_size(&w, &mc);
@@ -644,7 +726,7 @@ static fct_status fw_backward(const fct_exec* e, const tk_plan* p, const char* x
 static fct_status forward_plan(fct_context* ctx, const DLTensor* x, const DLTensor* core,
                                int n_in, const DLTensor* const* V, int n_out,
                                const DLTensor* const* U, const DLTensor* bias, const DLTensor* y,
-                               tk_plan* p) {
+                               const DLTensor* states, tk_plan* p) {
   if (!ctx) return FCT_ERR_NULL_ARGUMENT;
   memset(p, 0, sizeof *p);
   FCT_TRY(check_shape(ctx, x, core, n_in, V, n_out, U, &p->s));
@@ -653,13 +735,16 @@ static fct_status forward_plan(fct_context* ctx, const DLTensor* x, const DLTens
   fct_mat m;
   FCT_TRY(fct_check_batched(ctx, "y", y, x, p->s.out.size, out_what));
   FCT_TRY(fct_check_contiguous_output(ctx, "y", y, p->s.M, p->s.out.size, &m));
+  if (states) FCT_TRY(check_states(ctx, states, x, &p->s));
   fct_args a;
   a.n = 0;
   add_inputs(&a, x, core, n_in, V, n_out, U);
   fct_args_add(&a, "bias", bias);
   int first_out = a.n;
   fct_args_add(&a, "y", y);
+  fct_args_add(&a, "states", states);
   FCT_TRY(fct_args_check_overlaps(ctx, &a, first_out));
+  p->n.keep = states != NULL;
   p->n.pack_x = !fct_is_contiguous(x);
   p->n.check = ctx->flags & FCT_FLAG_CHECK_FINITE;
   p->n.small = ctx->flags & FCT_FLAG_SMALL_CHUNKS;
@@ -674,11 +759,11 @@ fct_status fct_tucker_linear_forward_workspace(const fct_context* ctx, const DLT
                                                const DLTensor* const* in_factors, int n_out,
                                                const DLTensor* const* out_factors,
                                                const DLTensor* bias, const DLTensor* y,
-                                               size_t* bytes) {
+                                               const DLTensor* states, size_t* bytes) {
   if (!ctx || !bytes) return FCT_ERR_NULL_ARGUMENT;
   fct_context c = *ctx;
   tk_plan p;
-  FCT_TRY(forward_plan(&c, x, core, n_in, in_factors, n_out, out_factors, bias, y, &p));
+  FCT_TRY(forward_plan(&c, x, core, n_in, in_factors, n_out, out_factors, bias, y, states, &p));
   *bytes = p.bytes;
   return FCT_OK;
 }
@@ -686,10 +771,10 @@ fct_status fct_tucker_linear_forward_workspace(const fct_context* ctx, const DLT
 fct_status fct_tucker_linear_forward(fct_context* ctx, const DLTensor* x, const DLTensor* core,
                                      int n_in, const DLTensor* const* in_factors, int n_out,
                                      const DLTensor* const* out_factors, const DLTensor* bias,
-                                     DLTensor* y) {
+                                     DLTensor* y, DLTensor* states) {
   tk_plan p;
   fct_exec e;
-  FCT_TRY(forward_plan(ctx, x, core, n_in, in_factors, n_out, out_factors, bias, y, &p));
+  FCT_TRY(forward_plan(ctx, x, core, n_in, in_factors, n_out, out_factors, bias, y, states, &p));
   FCT_TRY(fct_exec_begin(ctx, "x", x, &e));
   const tk_shape* s = &p.s;
   if (s->M == 0) return FCT_OK;
@@ -703,13 +788,17 @@ fct_status fct_tucker_linear_forward(fct_context* ctx, const DLTensor* x, const 
   for (int64_t m0 = 0; m0 < s->M && !p.form_w; m0 += p.Mc) {
     int64_t Mc = s->M - m0 < p.Mc ? s->M - m0 : p.Mc;
     const char* cur = xb + m0 * s->in.size * (int64_t)e.es;
+    /* Kept: this chunk's X̃ᵀ [T, Mc], then Zᵀ [S, Mc], in states. */
+    char* kt = p.n.keep ? fct_data(states) + m0 * p.kept * (int64_t)e.es : NULL;
     int w = 0;
     for (int j = 0; j < s->in.n; ++j, w ^= 1) {
-      FCT_TRY(in_step(&e, &p, j, Mc, cur, buf[w]));
-      cur = buf[w];
+      char* dst = kt && j == s->in.n - 1 ? kt : buf[w];
+      FCT_TRY(in_step(&e, &p, j, Mc, cur, dst));
+      cur = dst;
     }
-    FCT_TRY(core_step(&e, &p, Mc, cur, buf[w]));
-    cur = buf[w];
+    char* zt = kt ? kt + Mc * s->in.rank * (int64_t)e.es : buf[w];
+    FCT_TRY(core_step(&e, &p, Mc, cur, zt));
+    cur = zt;
     w ^= 1;
     char* yrows = fct_data(y) + m0 * s->out.size * (int64_t)e.es;
     for (int k = 0; k < s->out.n; ++k, w ^= 1) {
@@ -749,15 +838,17 @@ static fct_status check_grad(fct_context* ctx, const char* name, const DLTensor*
 
 static fct_status backward_plan(fct_context* ctx, const DLTensor* g, const DLTensor* x,
                                 const DLTensor* core, int n_in, const DLTensor* const* V,
-                                int n_out, const DLTensor* const* U, const DLTensor* gx,
-                                const DLTensor* gcore, const DLTensor* const* gV,
-                                const DLTensor* const* gU, const DLTensor* gb, tk_plan* p) {
+                                int n_out, const DLTensor* const* U, const DLTensor* states,
+                                const DLTensor* gx, const DLTensor* gcore,
+                                const DLTensor* const* gV, const DLTensor* const* gU,
+                                const DLTensor* gb, tk_plan* p) {
   if (!ctx) return FCT_ERR_NULL_ARGUMENT;
   memset(p, 0, sizeof *p);
   FCT_TRY(check_shape(ctx, x, core, n_in, V, n_out, U, &p->s));
   const tk_shape* s = &p->s;
   const char* out_what = "out: the product of the mode sizes of out_factors";
   FCT_TRY(fct_check_batched(ctx, "grad_y", g, x, s->out.size, out_what));
+  if (states) FCT_TRY(check_states(ctx, states, x, s));
   fct_mat m;
   if (gx) {
     FCT_TRY(fct_check_batched(ctx, "grad_x", gx, x, s->in.size, "in, the last dim of x"));
@@ -785,6 +876,7 @@ static fct_status backward_plan(fct_context* ctx, const DLTensor* g, const DLTen
   a.n = 0;
   fct_args_add(&a, "grad_y", g);
   add_inputs(&a, x, core, n_in, V, n_out, U);
+  fct_args_add(&a, "states", states);
   int first_out = a.n;
   fct_args_add(&a, "grad_x", gx);
   fct_args_add(&a, "grad_core", gcore);
@@ -795,6 +887,7 @@ static fct_status backward_plan(fct_context* ctx, const DLTensor* g, const DLTen
   n->gx = gx != NULL;
   n->gcore = gcore != NULL;
   n->gb = gb != NULL;
+  n->keep = states != NULL;
   bool work = n->gx || n->gcore || n->any_gin || n->any_gout;
   n->pack_x = work && !fct_is_contiguous(x);
   n->pack_g = (work || n->gb) && !fct_is_contiguous(g);
@@ -809,13 +902,14 @@ static fct_status backward_plan(fct_context* ctx, const DLTensor* g, const DLTen
 fct_status fct_tucker_linear_backward_workspace(
     const fct_context* ctx, const DLTensor* grad_y, const DLTensor* x, const DLTensor* core,
     int n_in, const DLTensor* const* in_factors, int n_out, const DLTensor* const* out_factors,
-    const DLTensor* grad_x, const DLTensor* grad_core, const DLTensor* const* grad_in_factors,
-    const DLTensor* const* grad_out_factors, const DLTensor* grad_bias, size_t* bytes) {
+    const DLTensor* states, const DLTensor* grad_x, const DLTensor* grad_core,
+    const DLTensor* const* grad_in_factors, const DLTensor* const* grad_out_factors,
+    const DLTensor* grad_bias, size_t* bytes) {
   if (!ctx || !bytes) return FCT_ERR_NULL_ARGUMENT;
   fct_context c = *ctx;
   tk_plan p;
-  FCT_TRY(backward_plan(&c, grad_y, x, core, n_in, in_factors, n_out, out_factors, grad_x,
-                    grad_core, grad_in_factors, grad_out_factors, grad_bias, &p));
+  FCT_TRY(backward_plan(&c, grad_y, x, core, n_in, in_factors, n_out, out_factors, states,
+                        grad_x, grad_core, grad_in_factors, grad_out_factors, grad_bias, &p));
   *bytes = p.bytes;
   return FCT_OK;
 }
@@ -842,9 +936,10 @@ static fct_status zero_grads(const fct_exec* e, const tk_plan* p, DLTensor* gcor
 }
 
 /* One chunk of rows [m0, m0 + Mc) of the backward; weight gradients are
- * accumulated (beta = 1) after the first chunk. */
+ * accumulated (beta = 1) after the first chunk. kept: the chunk's X̃ᵀ then
+ * Zᵀ from the forward, or NULL (recomputed). */
 static fct_status backward_chunk(const fct_exec* e, const tk_plan* p, const char* xrows,
-                                 const char* grows, char* gxrows, DLTensor* gcore,
+                                 const char* grows, char* gxrows, char* kept, DLTensor* gcore,
                                  DLTensor* const* gV, DLTensor* const* gU, int64_t Mc,
                                  double beta) {
   const tk_shape* s = &p->s;
@@ -861,26 +956,43 @@ static fct_status backward_chunk(const fct_exec* e, const tk_plan* p, const char
   bool need_core_grad = need_below[s->in.n]; /* gradient of X̃ᵀ */
   bool need_gz = need_core_grad || n->gcore;
 
-  /* Recompute the forward: in states (kept), core, out states (kept); the
-   * weight gradients need them, grad_x alone does not. */
-  bool need_states = n->gcore || n->any_gin || n->any_gout;
+  /* The forward's states, as far as the weight gradients read them (grad_x
+   * alone reads none): in_states[j] (j < n_in) by grad V of mode n_in-1-j,
+   * in_states[n_in] = X̃ᵀ by grad core and by the core step recomputing Zᵀ,
+   * out_states[k] by grad U_k (out_states[0] = Zᵀ). Kept X̃ᵀ and Zᵀ are
+   * read from states; the rest is recomputed into the workspace. */
+  int in_last = 0; /* in_states[1 .. in_last] are computed */
+  for (int j = 1; j < s->in.n; ++j)
+    if (n->gin[s->in.n - 1 - j]) in_last = j;
+  if (!kept && (n->gcore || n->any_gout)) in_last = s->in.n;
+  int out_last = -1; /* out_states[0 .. out_last] are needed */
+  for (int k = 0; k < s->out.n; ++k)
+    if (n->gout[k]) out_last = k;
   char* in_states[FCT_MAX_MODES + 1];
   in_states[0] = (char*)xrows;
   char* at = fct_ws_at(e, p->off_in);
   for (int j = 0; j < s->in.n; ++j) {
-    in_states[j + 1] = at;
-    at += Mc * p->in_state[j + 1] * (int64_t)es;
-    if (need_states) FCT_TRY(in_step(e, p, j, Mc, in_states[j], in_states[j + 1]));
+    if (kept && j + 1 == s->in.n) {
+      in_states[j + 1] = kept;
+    } else {
+      in_states[j + 1] = at;
+      at += Mc * p->in_state[j + 1] * (int64_t)es;
+    }
+    if (j < in_last) FCT_TRY(in_step(e, p, j, Mc, in_states[j], in_states[j + 1]));
   }
   char* out_states[FCT_MAX_MODES];
   at = fct_ws_at(e, p->off_out);
   for (int k = 0; k < s->out.n; ++k) {
-    out_states[k] = at;
-    at += Mc * p->out_state[k] * (int64_t)es;
+    if (kept && k == 0) {
+      out_states[0] = kept + Mc * s->in.rank * (int64_t)es;
+    } else {
+      out_states[k] = at;
+      at += Mc * p->out_state[k] * (int64_t)es;
+    }
   }
-  if (n->any_gout) {
-    FCT_TRY(core_step(e, p, Mc, in_states[s->in.n], out_states[0]));
-    for (int k = 0; k + 1 < s->out.n; ++k)
+  if (out_last >= 0) {
+    if (!kept) FCT_TRY(core_step(e, p, Mc, in_states[s->in.n], out_states[0]));
+    for (int k = 0; k < out_last; ++k)
       FCT_TRY(out_step(e, p, k, Mc, out_states[k], out_states[k + 1], 0.0));
   }
 
@@ -945,14 +1057,15 @@ static fct_status backward_chunk(const fct_exec* e, const tk_plan* p, const char
 fct_status fct_tucker_linear_backward(fct_context* ctx, const DLTensor* grad_y,
                                       const DLTensor* x, const DLTensor* core, int n_in,
                                       const DLTensor* const* in_factors, int n_out,
-                                      const DLTensor* const* out_factors, DLTensor* grad_x,
+                                      const DLTensor* const* out_factors,
+                                      const DLTensor* states, DLTensor* grad_x,
                                       DLTensor* grad_core, DLTensor* const* grad_in_factors,
                                       DLTensor* const* grad_out_factors, DLTensor* grad_bias) {
   tk_plan p;
   fct_exec e;
-  FCT_TRY(backward_plan(ctx, grad_y, x, core, n_in, in_factors, n_out, out_factors, grad_x,
-                    grad_core, (const DLTensor* const*)grad_in_factors,
-                    (const DLTensor* const*)grad_out_factors, grad_bias, &p));
+  FCT_TRY(backward_plan(ctx, grad_y, x, core, n_in, in_factors, n_out, out_factors, states,
+                        grad_x, grad_core, (const DLTensor* const*)grad_in_factors,
+                        (const DLTensor* const*)grad_out_factors, grad_bias, &p));
   FCT_TRY(fct_exec_begin(ctx, "x", x, &e));
   const tk_shape* s = &p.s;
   const tk_needs* n = &p.n;
@@ -976,9 +1089,10 @@ fct_status fct_tucker_linear_backward(fct_context* ctx, const DLTensor* grad_y,
   for (int64_t m0 = 0; m0 < s->M && !p.form_w; m0 += p.Mc) {
     int64_t Mc = s->M - m0 < p.Mc ? s->M - m0 : p.Mc;
     char* gx = grad_x ? fct_data(grad_x) + m0 * s->in.size * (int64_t)e.es : NULL;
+    char* kept = n->keep ? fct_data(states) + m0 * p.kept * (int64_t)e.es : NULL;
     FCT_TRY(backward_chunk(&e, &p, xb + m0 * s->in.size * (int64_t)e.es,
-                       gb + m0 * s->out.size * (int64_t)e.es, gx, grad_core, grad_in_factors,
-                       grad_out_factors, Mc, m0 > 0 ? 1.0 : 0.0));
+                           gb + m0 * s->out.size * (int64_t)e.es, gx, kept, grad_core,
+                           grad_in_factors, grad_out_factors, Mc, m0 > 0 ? 1.0 : 0.0));
   }
   if (n->check && grad_x) {
     fct_args a;
@@ -994,6 +1108,21 @@ fct_status fct_tucker_linear_backward(fct_context* ctx, const DLTensor* grad_y,
 /* ------------------------------------------------------------------------- */
 /* Plan report                                                                */
 /* ------------------------------------------------------------------------- */
+
+static fct_status side_from(int n, const int64_t* modes, const int64_t* ranks, tk_side* side);
+
+fct_status fct_tucker_linear_states(int n_in, const int64_t* in_modes, const int64_t* in_ranks,
+                                    int n_out, const int64_t* out_modes,
+                                    const int64_t* out_ranks, int64_t* per_row) {
+  if (!per_row) return FCT_ERR_NULL_ARGUMENT;
+  tk_side in, out;
+  memset(&in, 0, sizeof in);
+  memset(&out, 0, sizeof out);
+  FCT_TRY(side_from(n_in, in_modes, in_ranks, &in));
+  FCT_TRY(side_from(n_out, out_modes, out_ranks, &out));
+  *per_row = kept_per_row(&in, &out);
+  return FCT_OK;
+}
 
 static fct_status side_from(int n, const int64_t* modes, const int64_t* ranks, tk_side* side) {
   if (n < 1 || n > FCT_MAX_MODES || !modes || !ranks) return FCT_ERR_INVALID_VALUE;

@@ -45,12 +45,14 @@ static const op_entry kOps[] = {
      "int[] out_modes, int rank, bool need_x, bool need_weights, bool need_bias) "
      "-> (Tensor, Tensor, Tensor)",
      "cp_linear_backward", fct_cp_linear_backward_kernel, true},
+    /* states: what the forward keeps for the backward ([0] unless keep and
+     * the shapes keep them: fct_tucker_linear_states). */
     {"tucker_linear(Tensor x, Tensor weights, Tensor bias, int[] in_modes, int[] out_modes, "
-     "int[] in_ranks, int[] out_ranks) -> Tensor",
+     "int[] in_ranks, int[] out_ranks, bool keep) -> (Tensor, Tensor)",
      "tucker_linear", fct_tucker_linear_kernel, true},
-    {"tucker_linear_backward(Tensor grad_y, Tensor x, Tensor weights, int[] in_modes, "
-     "int[] out_modes, int[] in_ranks, int[] out_ranks, bool need_x, bool need_weights, "
-     "bool need_bias) -> (Tensor, Tensor, Tensor)",
+    {"tucker_linear_backward(Tensor grad_y, Tensor x, Tensor weights, Tensor states, "
+     "int[] in_modes, int[] out_modes, int[] in_ranks, int[] out_ranks, bool need_x, "
+     "bool need_weights, bool need_bias) -> (Tensor, Tensor, Tensor)",
      "tucker_linear_backward", fct_tucker_linear_backward_kernel, true},
     {"tt_linear(Tensor x, Tensor weights, Tensor bias, int[] in_modes, int[] out_modes, "
      "int[] ranks) -> Tensor",

@@ -1,9 +1,13 @@
 /*
  * Boxed torch kernels of the Tucker linear ops (schemas in register.c):
- *   factorch::tucker_linear(x, weights, bias, in_modes, out_modes, in_ranks, out_ranks) -> y
- *   factorch::tucker_linear_backward(grad_y, x, weights, in_modes, out_modes, in_ranks,
- *                                    out_ranks, need_x, need_weights, need_bias)
+ *   factorch::tucker_linear(x, weights, bias, in_modes, out_modes, in_ranks, out_ranks, keep)
+ *       -> (y, states)
+ *   factorch::tucker_linear_backward(grad_y, x, weights, states, in_modes, out_modes,
+ *                                    in_ranks, out_ranks, need_x, need_weights, need_bias)
  *       -> (gx, gweights, gb)
+ * states: what the forward keeps for the backward (fct_tucker_linear_states:
+ * M·(T + S) elements), [0] unless keep and the shapes keep states; an empty
+ * states makes the backward recompute.
  * weights: the flat parameter, core [s_0..s_(q-1), t_0..t_(p-1)] (S x T),
  * then V_k [i_k, t_k] for the input modes, then U_k [o_k, s_k] for the
  * output modes, each row-major, back to back. The C ops: ops/tucker_linear.c.
@@ -62,21 +66,31 @@ void fct_tucker_linear_kernel(StableIValue* stack, uint64_t num_args, uint64_t n
   tk_views(&c, &a, &d[1], &d[0], &cv, &out);
   int n_in = a.im.n, n_out = a.om.n;
 
+  bool keep = fct_slot_bool(stack[7]);
+  int64_t per_row = 0, M = 1, states_n = 0;
+  if (keep && fct_tucker_linear_states(n_in, a.im.v, a.ir.v, n_out, a.om.v, a.orr.v,
+                                       &per_row) != FCT_OK)
+    per_row = 0; /* the op names the bad argument */
+  for (int i = 0; i + 1 < d[0].ndim; ++i) /* the op checks M < 2^31 */
+    if (__builtin_mul_overflow(M, d[0].shape[i], &M)) M = 0;
+  if (d[0].ndim < 1 || __builtin_mul_overflow(M, per_row, &states_n)) states_n = 0;
   DLTensor* y = fct_batched_result(&c, &d[0], out); /* NULL: the query names x */
+  DLTensor* states = y ? fct_call_result(&c, 1, &states_n) : NULL;
   FCT_GLUE_RUN(&c, stack, num_outputs, fct_tucker_linear_forward, &d[0], cv.in[0], n_in,
-               cv.in + 1, n_out, cv.in + 1 + n_in, fct_nullable(&d[2]), y);
+               cv.in + 1, n_out, cv.in + 1 + n_in, fct_nullable(&d[2]), y,
+               per_row > 0 ? states : NULL);
 }
 
 void fct_tucker_linear_backward_kernel(StableIValue* stack, uint64_t num_args,
                                        uint64_t num_outputs) {
   (void)num_args;
   fct_call c = {0};
-  DLTensor d[3]; /* grad_y, x, weights */
-  fct_take_tensors(&c, stack, 3, d);
+  DLTensor d[4]; /* grad_y, x, weights, states */
+  fct_take_tensors(&c, stack, 4, d);
   tk_args a;
-  take_args(stack + 3, &a);
+  take_args(stack + 4, &a);
   bool need[3]; /* x, weights, bias */
-  fct_slot_bools(stack + 7, 3, need);
+  fct_slot_bools(stack + 8, 3, need);
   fct_call_start(&c, 1);
   fct_carve cv, gcv;
   int64_t out;
@@ -89,6 +103,7 @@ void fct_tucker_linear_backward_kernel(StableIValue* stack, uint64_t num_args,
   DLTensor* const* gV = need[1] ? gcv.out + 1 : NULL;
   DLTensor* const* gU = need[1] ? gcv.out + 1 + n_in : NULL;
   FCT_GLUE_RUN(&c, stack, num_outputs, fct_tucker_linear_backward, &d[0], &d[1], cv.in[0], n_in,
-               cv.in + 1, n_out, cv.in + 1 + n_in, g.gx, gcore, fct_out_views(gV),
+               cv.in + 1, n_out, cv.in + 1 + n_in, fct_nullable(&d[3]), g.gx, gcore,
+               fct_out_views(gV),
                fct_out_views(gU), g.gb);
 }

@@ -58,6 +58,12 @@ class FactorizedLinear(FactorViews, LayoutState, nn.Module):
             each: 4096 -> (8, 8, 8, 8)). Not for lowrank.
         bias, device, dtype: as for ``nn.Linear``.
 
+    ``keep_states`` (attribute, tucker only; default True): when a backward
+    can follow, the forward keeps x projected on the input factors and that
+    times the core for the backward (``T + S`` elements per row, only where
+    that is at most ``in + out``), instead of the backward recomputing them;
+    False trades that memory for a slower backward.
+
     A rank whose parameters would not fit the memory available (or the cap
     of ``factorch.limits.set_memory_limit``) raises a ValueError naming
     ``rank`` and the bytes it would need, before anything is allocated.
@@ -91,6 +97,8 @@ class FactorizedLinear(FactorViews, LayoutState, nn.Module):
             self.tensorized_shape = self.layout.tensorized_shape
         #: lowrank: r; cp: R; tucker: ((t_1..t_p), (s_1..s_q)); tt: (1, r_1, .., r_(d-1), 1).
         self.rank = self.layout.rank
+        #: tucker: keep the forward's states for the backward (see above).
+        self.keep_states = True
         limits.check_layer_parameters(
             "rank", f"a {factorization!r} layer {in_features} -> {out_features} of rank "
             f"{self.rank}", self.layout.num_parameters, device, dtype)
@@ -114,6 +122,8 @@ class FactorizedLinear(FactorViews, LayoutState, nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = _common.check_linear_input(x, self.in_features)
+        if self.factorization == "tucker":
+            return self.layout.linear(x, self.factors, self.bias, getattr(self, "keep_states", True))
         return self.layout.linear(x, self.factors, self.bias)
 
     def layout_state(self) -> dict:

@@ -409,25 +409,44 @@ FCT_API fct_status fct_cp_linear_plan(int n_in, const int64_t* in_modes, int n_o
 /* the core, expand on every output factor (first mode first): each step is */
 /* one GEMM over all rows of a chunk, with no transposes; the cost model    */
 /* sizes the chunks.                                                        */
-/* The backward recomputes the forward's intermediates (they cost memory     */
-/* traffic, not FLOPs) instead of keeping them.                              */
+/* Kept states: the forward can write, into `states`, x projected on every */
+/* input factor (t [M, T]) and t times the core (z [M, S]), which the       */
+/* backward then reads instead of recomputing them: z is the core's GEMM,   */
+/* most of the FLOPs. The factor steps' intermediates are always            */
+/* recomputed (memory-bound, larger than x). Budget: states are kept only   */
+/* when T + S <= in + out (no more than x's and y's rows together);         */
+/* fct_tucker_linear_states gives *per_row = T + S then, else 0, and the    */
+/* ops reject a states tensor where it is 0. states: [M·per_row], x's dtype */
+/* and device, C-contiguous, laid out by chunks of rows in an order of the  */
+/* op's own (a function of the shapes, the dtype and the device only): the  */
+/* backward must get what the forward wrote for the same x and factors.     */
+/* With states both passes contract (FCT_FLAG_FORCE_FORM_W is ignored) and */
+/* FCT_FLAG_SMALL_CHUNKS does not change their chunks. Without (NULL) the   */
+/* backward recomputes everything.                                          */
+FCT_API fct_status fct_tucker_linear_states(int n_in, const int64_t* in_modes,
+                                            const int64_t* in_ranks, int n_out,
+                                            const int64_t* out_modes,
+                                            const int64_t* out_ranks, int64_t* per_row);
 FCT_API fct_status fct_tucker_linear_forward_workspace(
     const fct_context* ctx, const DLTensor* x, const DLTensor* core, int n_in,
     const DLTensor* const* in_factors, int n_out, const DLTensor* const* out_factors,
-    const DLTensor* bias /* nullable */, const DLTensor* y, size_t* bytes);
+    const DLTensor* bias /* nullable */, const DLTensor* y, const DLTensor* states /* nullable */,
+    size_t* bytes);
 FCT_API fct_status fct_tucker_linear_forward(
     fct_context* ctx, const DLTensor* x, const DLTensor* core, int n_in,
     const DLTensor* const* in_factors, int n_out, const DLTensor* const* out_factors,
-    const DLTensor* bias /* nullable */, DLTensor* y);
+    const DLTensor* bias /* nullable */, DLTensor* y, DLTensor* states /* nullable */);
 FCT_API fct_status fct_tucker_linear_backward_workspace(
     const fct_context* ctx, const DLTensor* grad_y, const DLTensor* x, const DLTensor* core,
     int n_in, const DLTensor* const* in_factors, int n_out, const DLTensor* const* out_factors,
-    const DLTensor* grad_x, const DLTensor* grad_core, const DLTensor* const* grad_in_factors,
-    const DLTensor* const* grad_out_factors, const DLTensor* grad_bias, size_t* bytes);
+    const DLTensor* states, const DLTensor* grad_x, const DLTensor* grad_core,
+    const DLTensor* const* grad_in_factors, const DLTensor* const* grad_out_factors,
+    const DLTensor* grad_bias, size_t* bytes);
 FCT_API fct_status fct_tucker_linear_backward(
     fct_context* ctx, const DLTensor* grad_y, const DLTensor* x, const DLTensor* core,
     int n_in, const DLTensor* const* in_factors, int n_out, const DLTensor* const* out_factors,
-    DLTensor* grad_x /* nullable */, DLTensor* grad_core /* nullable */,
+    const DLTensor* states /* nullable */, DLTensor* grad_x /* nullable */,
+    DLTensor* grad_core /* nullable */,
     DLTensor* const* grad_in_factors /* nullable */,
     DLTensor* const* grad_out_factors /* nullable */, DLTensor* grad_bias /* nullable */);
 FCT_API fct_status fct_tucker_linear_plan(int n_in, const int64_t* in_modes,

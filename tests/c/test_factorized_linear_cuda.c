@@ -83,14 +83,14 @@ static fct_status run_op(const op_case* c, fct_context* ctx, bool query, size_t*
   if (c->op == OP_TUCKER) {
     if (!backward)
       return query ? fct_tucker_linear_forward_workspace(ctx, x, P[0], p, P + 1, q, P + 1 + p, b,
-                                                         y, bytes)
-                   : fct_tucker_linear_forward(ctx, x, P[0], p, P + 1, q, P + 1 + p, b, y);
+                                                         y, NULL, bytes)
+                   : fct_tucker_linear_forward(ctx, x, P[0], p, P + 1, q, P + 1 + p, b, y, NULL);
     return query ? fct_tucker_linear_backward_workspace(
-                       ctx, g, x, P[0], p, P + 1, q, P + 1 + p, gx, gP[0],
+                       ctx, g, x, P[0], p, P + 1, q, P + 1 + p, NULL, gx, gP[0],
                        (const DLTensor* const*)gP + 1, (const DLTensor* const*)gP + 1 + p, gb,
                        bytes)
-                 : fct_tucker_linear_backward(ctx, g, x, P[0], p, P + 1, q, P + 1 + p, gx, gP[0],
-                                              gP + 1, gP + 1 + p, gb);
+                 : fct_tucker_linear_backward(ctx, g, x, P[0], p, P + 1, q, P + 1 + p, NULL, gx,
+                                              gP[0], gP + 1, gP + 1 + p, gb);
   }
   (void)np;
   if (!backward)

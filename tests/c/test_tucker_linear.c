@@ -5,7 +5,9 @@
  * M = 1, M = 0, batch dims, transposed/gapped x, factors and core stored
  * column-major (packed), the chunked paths (FCT_FLAG_SMALL_CHUNKS), both
  * strategies (the FCT_FLAG_FORCE_* flags), several
- * subsets of gradients; then bad arguments. Outputs start NaN-filled.
+ * subsets of gradients, with and without the states the forward keeps for
+ * the backward (then over several chunks too); then bad arguments. Outputs
+ * start NaN-filled.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -58,11 +60,13 @@ typedef struct layout_case {
   int p_colmajor; /* core and factors stored column-major */
 } layout_case;
 
+/* keep: the forward writes the states (where the shapes keep them) and
+ * every backward reads them. */
 static void run_case(int bits, const tk_case* cc, const layout_case* L, bool bias,
-                     uint32_t flags) {
+                     uint32_t flags, bool keep) {
   char label[256];
-  snprintf(label, sizeof label, "f%d M=%lld n_in=%d n_out=%d %s bias=%d flags=%u", bits,
-           (long long)cc->M, cc->n_in, cc->n_out, L->name, bias, flags);
+  snprintf(label, sizeof label, "f%d M=%lld n_in=%d n_out=%d %s bias=%d flags=%u keep=%d", bits,
+           (long long)cc->M, cc->n_in, cc->n_out, L->name, bias, flags, keep);
   tk_model m;
   memset(&m, 0, sizeof m);
   m.n_in = cc->n_in;
@@ -108,15 +112,28 @@ static void run_case(int bits, const tk_case* cc, const layout_case* L, bool bia
   tz_ref R = tz_reference(tk_reconstruct, &m, x, Pt, np, b, g, M, in, out);
   double tol = bits == 64 ? 1e-11 : 3e-5 * sqrt((double)(in + out + m.S + m.T + M + 1));
 
+  int64_t per_row = -1;
+  fct_status st = fct_tucker_linear_states(m.n_in, m.in, m.t, m.n_out, m.out, m.s, &per_row);
+  CHECK(st == FCT_OK && per_row == (m.T + m.S <= in + out ? m.T + m.S : 0),
+        "%s: states per row %lld", label, (long long)per_row);
+  if (keep && per_row == 0) {
+    for (int k = 0; k < np; ++k) tb_free(Pt[k]);
+    tz_ref_free(&R);
+    tb_free(x); tb_free(b); tb_free(g); tb_free(y);
+    return;
+  }
+  int64_t kn[1] = {M * per_row};
+  test_tensor* kept = keep ? tb_output(bits, 1, kn) : NULL;
+  const DLTensor* kd = kept ? &kept->dl : NULL;
+
   fct_context c = test_ctx(flags);
   size_t bytes = 0;
-  fct_status st = fct_tucker_linear_forward_workspace(&c, &x->dl, &Pt[0]->dl, m.n_in, dV,
-                                                      m.n_out, dU, b ? &b->dl : NULL, &y->dl,
-                                                      &bytes);
+  st = fct_tucker_linear_forward_workspace(&c, &x->dl, &Pt[0]->dl, m.n_in, dV, m.n_out, dU,
+                                           b ? &b->dl : NULL, &y->dl, kd, &bytes);
   CHECK(st == FCT_OK, "%s: forward workspace: %s", label, test_err);
   test_workspace(&c, bytes);
   st = fct_tucker_linear_forward(&c, &x->dl, &Pt[0]->dl, m.n_in, dV, m.n_out, dU,
-                                 b ? &b->dl : NULL, &y->dl);
+                                 b ? &b->dl : NULL, &y->dl, kept ? &kept->dl : NULL);
   CHECK(st == FCT_OK, "%s: forward: %s", label, test_err);
   double e = test_rel_err(y, R.y, M, out);
   CHECK(e <= tol, "%s: y error %.3g > %.3g", label, e, tol);
@@ -137,12 +154,12 @@ static void run_case(int bits, const tk_case* cc, const layout_case* L, bool bia
       gU[k] = (variant == 0 || variant == 2) ? &gP[1 + m.n_in + k]->dl : NULL;
     c = test_ctx(flags);
     st = fct_tucker_linear_backward_workspace(
-        &c, &g->dl, &x->dl, &Pt[0]->dl, m.n_in, dV, m.n_out, dU, want_x ? &gx->dl : NULL,
+        &c, &g->dl, &x->dl, &Pt[0]->dl, m.n_in, dV, m.n_out, dU, kd, want_x ? &gx->dl : NULL,
         want_core ? &gP[0]->dl : NULL, (const DLTensor* const*)gV, (const DLTensor* const*)gU,
         want_b ? &gb->dl : NULL, &bytes);
     CHECK(st == FCT_OK, "%s: backward workspace %d: %s", label, variant, test_err);
     test_workspace(&c, bytes);
-    st = fct_tucker_linear_backward(&c, &g->dl, &x->dl, &Pt[0]->dl, m.n_in, dV, m.n_out, dU,
+    st = fct_tucker_linear_backward(&c, &g->dl, &x->dl, &Pt[0]->dl, m.n_in, dV, m.n_out, dU, kd,
                                     want_x ? &gx->dl : NULL, want_core ? &gP[0]->dl : NULL, gV,
                                     gU, want_b ? &gb->dl : NULL);
     CHECK(st == FCT_OK, "%s: backward %d: %s", label, variant, test_err);
@@ -174,7 +191,7 @@ static void run_case(int bits, const tk_case* cc, const layout_case* L, bool bia
   }
   for (int k = 0; k < np; ++k) tb_free(Pt[k]);
   tz_ref_free(&R);
-  tb_free(x); tb_free(b); tb_free(g); tb_free(y);
+  tb_free(x); tb_free(b); tb_free(g); tb_free(y); tb_free(kept);
 }
 
 static void test_values(void) {
@@ -186,6 +203,10 @@ static void test_values(void) {
       {6, 2, 2, {3, 3}, {4, 5}, {2, 3}, {3, 4}},       /* ranks above the modes */
       {4, 2, 2, {1, 3}, {1, 2}, {2, 1}, {2, 1}},       /* modes of size 1 */
       {34, 2, 2, {4, 4}, {2, 3}, {4, 4}, {3, 2}},
+      /* Kept states over several chunks (at most 8 MiB of the backward's
+       * chunk workspace per chunk: 1312 bytes per row here in float64, so
+       * chunks of 4096 rows). */
+      {23001, 3, 3, {4, 4, 4}, {2, 2, 2}, {4, 2, 4}, {2, 1, 2}},
   };
   static const layout_case layouts[] = {
       {"contiguous", 0, 0, 0, 0},
@@ -198,14 +219,19 @@ static void test_values(void) {
       for (size_t li = 0; li < sizeof layouts / sizeof layouts[0]; ++li)
         for (int bias = 0; bias < 2; ++bias) {
           if (layouts[li].x3d && cases[ci].M % 2) continue;
-          run_case(bits, &cases[ci], &layouts[li], bias, 0);
-          if (li <= 1) run_case(bits, &cases[ci], &layouts[li], bias, FCT_FLAG_SMALL_CHUNKS);
-          /* Both strategies whatever the cost model prefers; blocks of one row. */
-          run_case(bits, &cases[ci], &layouts[li], bias, FCT_FLAG_FORCE_CONTRACT);
-          run_case(bits, &cases[ci], &layouts[li], bias, FCT_FLAG_FORCE_FORM_W);
-          if (li <= 1)
-            run_case(bits, &cases[ci], &layouts[li], bias,
-                     FCT_FLAG_FORCE_FORM_W | FCT_FLAG_SMALL_CHUNKS);
+          const tk_case* cc = &cases[ci];
+          const layout_case* L = &layouts[li];
+          for (int keep = 0; keep < 2; ++keep) {
+            if (cc->M > 1000 && (!keep || li > 1)) continue; /* the chunks of kept states */
+            run_case(bits, cc, L, bias, 0, keep);
+            if (li <= 1) run_case(bits, cc, L, bias, FCT_FLAG_SMALL_CHUNKS, keep);
+            /* Both strategies whatever the cost model prefers; blocks of one
+             * row. (Kept states: the flags change neither.) */
+            run_case(bits, cc, L, bias, FCT_FLAG_FORCE_CONTRACT, keep);
+            run_case(bits, cc, L, bias, FCT_FLAG_FORCE_FORM_W, keep);
+            if (li <= 1)
+              run_case(bits, cc, L, bias, FCT_FLAG_FORCE_FORM_W | FCT_FLAG_SMALL_CHUNKS, keep);
+          }
         }
 }
 
@@ -222,49 +248,101 @@ static void test_errors(void) {
   const DLTensor* U[1] = {&U0->dl};
   fct_context c = test_ctx(0);
   test_workspace(&c, 1 << 20);
-  fct_status st = fct_tucker_linear_forward(&c, &x->dl, &core->dl, 2, V, 1, U, NULL, &y->dl);
+  fct_status st = fct_tucker_linear_forward(&c, &x->dl, &core->dl, 2, V, 1, U, NULL, &y->dl, NULL);
   CHECK(st == FCT_OK, "valid call: %s", test_err);
   core->shape[1] = 5;
-  st = fct_tucker_linear_forward(&c, &x->dl, &core->dl, 2, V, 1, U, NULL, &y->dl);
+  st = fct_tucker_linear_forward(&c, &x->dl, &core->dl, 2, V, 1, U, NULL, &y->dl, NULL);
   test_expect_fail(st, FCT_ERR_SHAPE, "core", "core shape");
   core->shape[1] = 4;
   V1->shape[0] = 4; /* in = 8 */
-  st = fct_tucker_linear_forward(&c, &x->dl, &core->dl, 2, V, 1, U, NULL, &y->dl);
+  st = fct_tucker_linear_forward(&c, &x->dl, &core->dl, 2, V, 1, U, NULL, &y->dl, NULL);
   test_expect_fail(st, FCT_ERR_SHAPE, "x: expected a last dim of 8", "in mismatch");
   V1->shape[0] = 3;
   V1->shape[1] = 0;
-  st = fct_tucker_linear_forward(&c, &x->dl, &core->dl, 2, V, 1, U, NULL, &y->dl);
+  st = fct_tucker_linear_forward(&c, &x->dl, &core->dl, 2, V, 1, U, NULL, &y->dl, NULL);
   test_expect_fail(st, FCT_ERR_SHAPE, "in_factors[1]", "rank 0");
   V1->shape[1] = 2;
   V0->dl.ndim = 3;
-  st = fct_tucker_linear_forward(&c, &x->dl, &core->dl, 2, V, 1, U, NULL, &y->dl);
+  st = fct_tucker_linear_forward(&c, &x->dl, &core->dl, 2, V, 1, U, NULL, &y->dl, NULL);
   test_expect_fail(st, FCT_ERR_NDIM, "in_factors[0]", "3-D factor");
   V0->dl.ndim = 2;
-  st = fct_tucker_linear_forward(&c, &x->dl, &core->dl, 2, V, 0, U, NULL, &y->dl);
+  st = fct_tucker_linear_forward(&c, &x->dl, &core->dl, 2, V, 0, U, NULL, &y->dl, NULL);
   test_expect_fail(st, FCT_ERR_INVALID_VALUE, "out_factors", "no output factors");
   y->shape[1] = 6;
-  st = fct_tucker_linear_forward(&c, &x->dl, &core->dl, 2, V, 1, U, NULL, &y->dl);
+  st = fct_tucker_linear_forward(&c, &x->dl, &core->dl, 2, V, 1, U, NULL, &y->dl, NULL);
   test_expect_fail(st, FCT_ERR_SHAPE, "y", "y shape");
   y->shape[1] = 5;
   c.workspace_bytes = 8;
-  st = fct_tucker_linear_forward(&c, &x->dl, &core->dl, 2, V, 1, U, NULL, &y->dl);
+  st = fct_tucker_linear_forward(&c, &x->dl, &core->dl, 2, V, 1, U, NULL, &y->dl, NULL);
   test_expect_fail(st, FCT_ERR_WORKSPACE, "workspace", "small workspace");
   test_workspace(&c, 1 << 20);
   int64_t i11[2] = {1, 1};
   tb_set(core, i11, NAN);
   c.flags = FCT_FLAG_CHECK_FINITE;
-  st = fct_tucker_linear_forward(&c, &x->dl, &core->dl, 2, V, 1, U, NULL, &y->dl);
+  st = fct_tucker_linear_forward(&c, &x->dl, &core->dl, 2, V, 1, U, NULL, &y->dl, NULL);
   test_expect_fail(st, FCT_ERR_NOT_FINITE, "core", "NaN in the core");
   c.flags = 0;
   tb_set(core, i11, 0.25);
   test_tensor* g = tb_new(32, 2, ys, NULL, 0);
   test_tensor* gcore = tb_output(32, 2, v1); /* wrong shape */
-  st = fct_tucker_linear_backward(&c, &g->dl, &x->dl, &core->dl, 2, V, 1, U, NULL, &gcore->dl,
-                                  NULL, NULL, NULL);
+  st = fct_tucker_linear_backward(&c, &g->dl, &x->dl, &core->dl, 2, V, 1, U, NULL, NULL,
+                                  &gcore->dl, NULL, NULL, NULL);
   test_expect_fail(st, FCT_ERR_SHAPE, "grad_core", "grad_core shape");
-  st = fct_tucker_linear_backward(&c, &g->dl, &x->dl, &core->dl, 2, V, 1, U, &x->dl, NULL, NULL,
-                                  NULL, NULL);
+  st = fct_tucker_linear_backward(&c, &g->dl, &x->dl, &core->dl, 2, V, 1, U, NULL, &x->dl, NULL,
+                                  NULL, NULL, NULL);
   test_expect_fail(st, FCT_ERR_LAYOUT, "grad_x", "grad_x aliases x");
+
+  /* States: T + S = 4 + 3 = 7 per row, M = 4. */
+  int64_t kn[1] = {28};
+  test_tensor* kept = tb_output(32, 1, kn);
+  test_tensor* gx = tb_output(32, 2, xs);
+  st = fct_tucker_linear_forward(&c, &x->dl, &core->dl, 2, V, 1, U, NULL, &y->dl, &kept->dl);
+  CHECK(st == FCT_OK, "forward with states: %s", test_err);
+  st = fct_tucker_linear_backward(&c, &g->dl, &x->dl, &core->dl, 2, V, 1, U, &kept->dl, &gx->dl,
+                                  NULL, NULL, NULL, NULL);
+  CHECK(st == FCT_OK, "backward with states: %s", test_err);
+  kept->shape[0] = 27;
+  st = fct_tucker_linear_forward(&c, &x->dl, &core->dl, 2, V, 1, U, NULL, &y->dl, &kept->dl);
+  test_expect_fail(st, FCT_ERR_SHAPE, "states", "states of the wrong size (forward)");
+  st = fct_tucker_linear_backward(&c, &g->dl, &x->dl, &core->dl, 2, V, 1, U, &kept->dl, &gx->dl,
+                                  NULL, NULL, NULL, NULL);
+  test_expect_fail(st, FCT_ERR_SHAPE, "states", "states of the wrong size (backward)");
+  kept->shape[0] = 28;
+  kept->dl.dtype.bits = 64;
+  st = fct_tucker_linear_backward(&c, &g->dl, &x->dl, &core->dl, 2, V, 1, U, &kept->dl, &gx->dl,
+                                  NULL, NULL, NULL, NULL);
+  test_expect_fail(st, FCT_ERR_DTYPE, "states", "states of another dtype");
+  kept->dl.dtype.bits = 32;
+  kept->dl.device.device_type = kDLCUDA;
+  st = fct_tucker_linear_backward(&c, &g->dl, &x->dl, &core->dl, 2, V, 1, U, &kept->dl, &gx->dl,
+                                  NULL, NULL, NULL, NULL);
+  test_expect_fail(st, FCT_ERR_DEVICE, "states", "states on another device");
+  kept->dl.device.device_type = kDLCPU;
+  int64_t wn[1] = {56};
+  test_tensor* wide = tb_output(32, 1, wn); /* 28 elements, every other one */
+  wide->shape[0] = 28;
+  wide->strides[0] = 2;
+  wide->dl.strides = wide->strides;
+  st = fct_tucker_linear_backward(&c, &g->dl, &x->dl, &core->dl, 2, V, 1, U, &wide->dl, &gx->dl,
+                                  NULL, NULL, NULL, NULL);
+  test_expect_fail(st, FCT_ERR_LAYOUT, "states", "strided states");
+  st = fct_tucker_linear_backward(&c, &g->dl, &x->dl, &core->dl, 2, V, 1, U, &x->dl, &gx->dl,
+                                  NULL, NULL, NULL, NULL);
+  test_expect_fail(st, FCT_ERR_SHAPE, "states", "x as states");
+  DLTensor over = kept->dl; /* states overlapping y */
+  over.data = y->dl.data;
+  st = fct_tucker_linear_forward(&c, &x->dl, &core->dl, 2, V, 1, U, NULL, &y->dl, &over);
+  test_expect_fail(st, FCT_ERR_LAYOUT, "states", "states overlapping y");
+  tb_free(wide);
+  /* Not kept for shapes whose T + S exceeds in + out. */
+  int64_t ir[1] = {4}, im[1] = {2}, sts = -1;
+  st = fct_tucker_linear_states(1, im, ir, 1, im, ir, &sts);
+  CHECK(st == FCT_OK && sts == 0, "states of T + S = 8 > in + out = 4: %d %lld", st,
+        (long long)sts);
+  st = fct_tucker_linear_states(1, im, ir, 1, im, NULL, &sts);
+  CHECK(st != FCT_OK, "states with NULL out_ranks: %d", st);
+  tb_free(kept);
+  tb_free(gx);
 
   int64_t modes[4] = {8, 8, 8, 8}, ranks[4] = {6, 6, 6, 6};
   fct_linear_plan_info info;

@@ -1,5 +1,6 @@
-/* libFuzzer harness: fct_tucker_linear_forward / _backward, their workspace
- * queries and fct_tucker_linear_plan (fuzz_util.h says what is fuzzed). */
+/* libFuzzer harness: fct_tucker_linear_forward / _backward (with and
+ * without the kept states), their workspace queries, fct_tucker_linear_plan
+ * and fct_tucker_linear_states (fuzz_util.h says what is fuzzed). */
 #include "fuzz_util.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
@@ -29,6 +30,11 @@ int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
                                           (b & 2) ? NULL : om, (b & 16) ? NULL : orr, batch,
                                           f.device, f.dtype, (b & 4) ? NULL : &info);
     fz_check_plan(&f, s, "tucker_linear_plan");
+    int64_t per_row = -1;
+    s = fct_tucker_linear_states(n_in, (b & 1) ? NULL : im, (b & 8) ? NULL : ir, n_out,
+                                 (b & 2) ? NULL : om, (b & 16) ? NULL : orr,
+                                 (b & 32) ? NULL : &per_row);
+    if (s == FCT_OK && (per_row < 0 || per_row > (int64_t)1 << 32)) __builtin_trap();
     goto done;
   }
   int64_t lead[4], M, sh[8];
@@ -47,10 +53,12 @@ int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (what == 0) {
     DLTensor* bias = fz_opt_tensor(&f, 1, (int64_t[]){out}, false);
     DLTensor* y = fz_tensor(&f, fz_shape_cat(sh, lead, nl, out), sh, true);
+    DLTensor* st = fz_opt_tensor(&f, 1, (int64_t[]){M * (S + T)}, true);
     if (f.skip) goto done;
     FZ_QUERY_RUN(&f, &ctx, q, "tucker_linear_forward",
-                 fct_tucker_linear_forward_workspace(&ctx, x, core, n_in, V, n_out, U, bias, y, &q),
-                 fct_tucker_linear_forward(&ctx, x, core, n_in, V, n_out, U, bias, y));
+                 fct_tucker_linear_forward_workspace(&ctx, x, core, n_in, V, n_out, U, bias, y, st,
+                                                     &q),
+                 fct_tucker_linear_forward(&ctx, x, core, n_in, V, n_out, U, bias, y, st));
   } else {
     DLTensor* gy = fz_tensor(&f, fz_shape_cat(sh, lead, nl, out), sh, false);
     DLTensor* gx = fz_opt_tensor(&f, fz_shape_cat(sh, lead, nl, in), sh, true);
@@ -63,13 +71,14 @@ int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     for (int k = 0; gU && k < n_out; ++k)
       gU[k] = fz_opt_tensor(&f, 2, (int64_t[]){om[k], orr[k]}, true);
     DLTensor* gb = fz_opt_tensor(&f, 1, (int64_t[]){out}, true);
+    DLTensor* st = fz_opt_tensor(&f, 1, (int64_t[]){M * (S + T)}, false);
     if (f.skip) goto done;
     FZ_QUERY_RUN(&f, &ctx, q, "tucker_linear_backward",
-                 fct_tucker_linear_backward_workspace(&ctx, gy, x, core, n_in, V, n_out, U, gx,
+                 fct_tucker_linear_backward_workspace(&ctx, gy, x, core, n_in, V, n_out, U, st, gx,
                                                       gcore, (const DLTensor* const*)gV,
                                                       (const DLTensor* const*)gU, gb, &q),
-                 fct_tucker_linear_backward(&ctx, gy, x, core, n_in, V, n_out, U, gx, gcore, gV, gU,
-                                            gb));
+                 fct_tucker_linear_backward(&ctx, gy, x, core, n_in, V, n_out, U, st, gx, gcore,
+                                            gV, gU, gb));
   }
 done:
   fz_end(&f);

@@ -59,10 +59,11 @@ class Sample:
     weights: torch.Tensor
     bias: torch.Tensor | None
 
-    def args(self):
-        """Positional arguments of the op."""
+    def args(self, keep=True):
+        """Positional arguments of the op (Tucker's: keep its states)."""
         b = self.bias if self.bias is not None else self.x.new_empty(0)
-        return (self.x, self.weights, b, *self.layout.op_args())
+        extra = (keep,) if isinstance(self.layout, Tucker) else ()
+        return (self.x, self.weights, b, *self.layout.op_args(), *extra)
 
     def reference(self):
         """y in float64 from the dense W (autograd flows to x, weights, bias)."""

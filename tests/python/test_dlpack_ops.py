@@ -41,9 +41,10 @@ def _linear_case(factorization, **kw):
     x, gy = rnd(64, 8, 24), rnd(64, 8, 30)
     w, b = layer.factors.detach(), layer.bias.detach()
     name = "lowrank_linear_flat" if factorization == "lowrank" else f"{factorization}_linear"
-    out = getattr(ops, name)(x, w, b, *ints)
+    keep = (True,) if factorization == "tucker" else ()  # its states, for the backward
+    out = getattr(ops, name)(x, w, b, *ints, *keep)
     y = out[0] if isinstance(out, tuple) else out
-    extra = (out[1],) if isinstance(out, tuple) else ()  # t or z
+    extra = (out[1],) if isinstance(out, tuple) else ()  # t, z or Tucker's states
     gx, gw, gb = getattr(ops, name + "_backward")(gy, x, w, *extra, *ints, True, True, True)
     f, fb = getattr(fd, name), getattr(fd, name + "_backward")
     return Case(dict(x=x, weights=w, bias=b, grad_y=gy),

@@ -97,7 +97,7 @@ def test_only_requested_gradients_are_computed(device, fact):
         assert s.x.grad is None
         g = torch.ones_like(y)
         extra = s.layout.op_args()
-        z = (OPS["cp"](*s.args())[1],) if fact == "cp" else ()
+        z = (OPS[fact](*s.args())[1],) if fact in ("cp", "tucker") else ()
         for need in ((True, False, False), (False, True, False), (False, False, True)):
             gx, gw, gb = BACKWARD_OPS[fact](g, s.x, s.weights.detach(), *z, *extra, *need)
             assert gx.shape == (s.x.shape if need[0] else (0,)), s.name
@@ -112,7 +112,7 @@ def test_gradcheck_float64(device, fact):
     for s in samples(fact, device, torch.float64, requires_grad=True):
         if s.x.numel() == 0 or 0 in s.x.stride():
             continue  # gradcheck cannot perturb empty or overlapping inputs
-        extra = s.layout.op_args()
+        extra = s.args()[3:]
         has_bias = s.bias is not None
 
         def f(x, w, *b):
@@ -135,7 +135,7 @@ def test_opcheck(device, fact):
             g = rand(*y.shape, device=device, dtype=dtype)
             x, w = s.x.detach(), s.weights.detach()
             flags = (True, True, s.bias is not None)
-            if fact == "cp":
+            if fact in ("cp", "tucker"):
                 args = (g, x, w, out[1], *s.layout.op_args(), *flags)
             else:
                 args = (g, x, w, *s.layout.op_args(), *flags)
@@ -264,7 +264,7 @@ def test_bad_op_arguments_raise():
         tt(x, wt, e, [2, 3], [4], [1, 3, 1])
     tk = torch.ops.factorch.tucker_linear
     with pytest.raises(RuntimeError, match=r"in_ranks: expected 2 to 2 ranks"):
-        tk(x, torch.randn(30), e, [2, 3], [4], [2], [3])
+        tk(x, torch.randn(30), e, [2, 3], [4], [2], [3], True)
 
 
 def test_nan_in_a_core_is_named():
@@ -292,7 +292,7 @@ def test_cuda_matches_cpu(fact):
         y_cpu = OPS[fact](*s.args())
         args = [a.cuda() if isinstance(a, torch.Tensor) else a for a in s.args()]
         y_gpu = OPS[fact](*args)
-        if fact == "cp":
+        if fact in ("cp", "tucker"):
             y_cpu, y_gpu = y_cpu[0], y_gpu[0]
         torch.testing.assert_close(y_gpu.cpu(), y_cpu, rtol=1e-11, atol=1e-11, msg=s.name)
 
