@@ -38,10 +38,15 @@
  * cache costs less than writing and reading them back from memory. They are
  * kept only when T + S <= in + out (no more than x's and y's rows together;
  * fct_tucker_linear_states), a rule on shapes alone so that torch's fake
- * kernel knows the output's size. Both passes then run in the same chunks
- * of rows (keep_chunk: a function of the shapes, the dtype and the device,
- * not of the flags), each chunk's t [T, Mc] then z [S, Mc] back to back in
- * the steps' layouts, so neither pass copies them.
+ * kernel knows the output's size. They are used for a batch when the cost
+ * model prices both passes with them below its cheapest plans without
+ * (keep_pays: forming W may win, or the shared chunks may cost the forward
+ * more than the backward saves); else the forward writes zeros there and
+ * the backward ignores them. When used, both passes run the chain in the
+ * same chunks of rows (keep_chunk), each chunk's t [T, Mc] then z [S, Mc]
+ * back to back in the steps' layouts, so neither pass copies them. Both
+ * choices are functions of the shapes, M, the dtype and the device, never
+ * of the flags, so the two passes always agree on the layout.
  */
 #include <math.h>
 #include <stdio.h>
@@ -94,6 +99,7 @@ typedef struct tk_plan {
   size_t off_x, off_g, off_a, off_b, off_in, off_out, off_ga, off_gb, off_scratch;
   size_t bytes;
   double flops;
+  double cost; /* the plan's price (FLOP-equivalents) */
 } tk_plan;
 
 /* A run of expansion steps, as the chain's output steps: its input
@@ -454,25 +460,45 @@ static int64_t best_chunk(const tk_plan* p, const fct_machine* mc, double* cost)
 }
 
 /* The rows per chunk of both passes when states are kept (their layout
- * depends on it): the backward's best chunk asking for every gradient, a
- * function of the shapes, M, the dtype and the device alone, so that the
- * forward and the backward agree whatever the flags and the gradients
- * asked for. */
+ * depends on it): the cheapest for the forward and the backward asking for
+ * every gradient together, among Mc ∈ {M, 8, 16, 32, ...} whose workspace
+ * fits the cap in both. A function of the shapes, M, the dtype and the
+ * device alone, so that the two passes agree whatever the flags and the
+ * gradients asked for. */
 static int64_t keep_chunk(const tk_plan* p, const fct_machine* mc) {
-  tk_plan q = *p;
-  memset(&q.n, 0, sizeof q.n);
-  q.n.backward = q.n.keep = true;
-  q.n.gx = q.n.gb = q.n.gcore = q.n.any_gin = q.n.any_gout = true;
-  for (int k = 0; k < FCT_MAX_MODES; ++k) q.n.gin[k] = q.n.gout[k] = true;
-  double cost;
-  return best_chunk(&q, mc, &cost);
+  if (p->s.M == 0) return 1;
+  tk_plan q[2]; /* forward, backward */
+  for (int i = 0; i < 2; ++i) {
+    q[i] = *p;
+    memset(&q[i].n, 0, sizeof q[i].n);
+    q[i].n.keep = true;
+  }
+  tk_needs* n = &q[1].n;
+  n->backward = n->gx = n->gb = n->gcore = n->any_gin = n->any_gout = true;
+  for (int k = 0; k < FCT_MAX_MODES; ++k) n->gin[k] = n->gout[k] = true;
+  size_t rf = chunk_row_bytes(&q[0]), rb = chunk_row_bytes(&q[1]);
+  size_t row = rf > rb ? rf : rb;
+  int64_t best_mc = p->s.M;
+  double best = INFINITY;
+  for (int64_t mcand = p->s.M;;) {
+    double c = chunk_cost(&q[0], mc, mcand, rf) + chunk_cost(&q[1], mc, mcand, rb);
+    bool fits = (double)row * (double)mcand <= (double)mc->workspace_cap;
+    if ((fits || mcand <= 8) && c < best) {
+      best = c;
+      best_mc = mcand;
+    }
+    if (mcand <= 8) break;
+    int64_t next = 8;
+    while (next * 2 < mcand) next *= 2;
+    mcand = next;
+  }
+  return best_mc;
 }
 
 static fct_status make_plan(fct_context* ctx, tk_plan* p) {
   const tk_shape* s = &p->s;
   double per_row_flops = shape_states(p);
   fct_machine mc = fct_machine_for(s->cuda);
-  size_t row_bytes = chunk_row_bytes(p);
   double best;
   int64_t best_mc = best_chunk(p, &mc, &best);
   p->Mc = p->n.small && best_mc > 3 ? 3 : best_mc;
@@ -491,6 +517,10 @@ static fct_status make_plan(fct_context* ctx, tk_plan* p) {
     p->Mc = keep_chunk(p, &mc);
     if (p->n.backward) p->flops -= 2 * M * (double)s->out.rank * (double)s->in.rank;
   }
+  p->cost = s->M > 0 ? p->flops + (isfinite(best) && !p->n.keep
+                                        ? best
+                                        : chunk_cost(p, &mc, p->Mc, chunk_row_bytes(p)))
+                     : 0;
   /* Forming W instead: priced with the same constants; taken when cheaper
    * and within the workspace cap (or forced). */
   if (s->M > 0 && !p->n.keep && !(p->n.force_contract && !p->n.force_form_w)) {
@@ -500,16 +530,39 @@ static fct_status make_plan(fct_context* ctx, tk_plan* p) {
     fct_layout L;
     lay_out(&w, &L);
     bool fits = !L.overflow && L.cursor <= mc.workspace_cap;
-    double chain = p->flops + (isfinite(best) ? best : chunk_cost(p, &mc, p->Mc, row_bytes));
-    if (p->n.force_form_w || (fits && fw_cost(&w, &mc) < chain)) {
+    double wc = fw_cost(&w, &mc);
+    if (p->n.force_form_w || (fits && wc < p->cost)) {
       *p = w;
       p->flops = fw_flops(p);
+      p->cost = wc;
     }
   }
   fct_layout L;
   lay_out(p, &L);
   FCT_TRY(fct_layout_done(ctx, &L, &p->bytes));
   return FCT_OK;
+}
+
+/* Whether kept states pay for this batch: the forward and the backward
+ * (every gradient) with them against the cheapest plans without (which
+ * may form W), all priced without the flags, so that both passes decide
+ * alike. When they do not, the forward leaves states unwritten and the
+ * backward does not read them. */
+static bool keep_pays(const tk_plan* p) {
+  if (p->s.M == 0) return true;
+  tk_plan q[4]; /* forward, backward; without, with states */
+  for (int i = 0; i < 4; ++i) {
+    q[i] = *p;
+    memset(&q[i].n, 0, sizeof q[i].n);
+    q[i].n.keep = i >= 2;
+    if (i % 2) {
+      tk_needs* n = &q[i].n;
+      n->backward = n->gx = n->gb = n->gcore = n->any_gin = n->any_gout = true;
+      for (int k = 0; k < FCT_MAX_MODES; ++k) n->gin[k] = n->gout[k] = true;
+    }
+    if (make_plan(NULL, &q[i]) != FCT_OK) return false;
+  }
+  return q[2].cost + q[3].cost < q[0].cost + q[1].cost;
 }
 
 static void init_params(tk_plan* p, const DLTensor* core) {
@@ -751,6 +804,7 @@ static fct_status forward_plan(fct_context* ctx, const DLTensor* x, const DLTens
   p->n.force_contract = ctx->flags & FCT_FLAG_FORCE_CONTRACT;
   p->n.force_form_w = ctx->flags & FCT_FLAG_FORCE_FORM_W;
   init_params(p, core);
+  if (p->n.keep && !keep_pays(p)) p->n.keep = false;
   return make_plan(ctx, p);
 }
 
@@ -780,6 +834,12 @@ fct_status fct_tucker_linear_forward(fct_context* ctx, const DLTensor* x, const 
   if (s->M == 0) return FCT_OK;
   FCT_TRY(fct_check_workspace(ctx, p.bytes));
   FCT_TRY(bind_params(&e, &p));
+  if (states && !p.n.keep) {
+    /* Not used for this batch (keep_pays): zeros, so that the op's outputs
+     * are a function of its inputs. */
+    fct_mat K = fct_dense(fct_data(states), s->M, kept_per_row(&s->in, &s->out));
+    FCT_TRY(e.be->zero(ctx, e.device, e.dt, &K));
+  }
   char* xb;
   FCT_TRY(fct_x_dense_base(&e, x, p.n.pack_x, p.off_x, &xb));
   int64_t bst = fct_vector_stride(bias);
@@ -896,6 +956,7 @@ static fct_status backward_plan(fct_context* ctx, const DLTensor* g, const DLTen
   n->force_contract = ctx->flags & FCT_FLAG_FORCE_CONTRACT;
   n->force_form_w = ctx->flags & FCT_FLAG_FORCE_FORM_W;
   init_params(p, core);
+  if (n->keep && !keep_pays(p)) n->keep = false;
   return make_plan(ctx, p);
 }
 
@@ -1158,6 +1219,9 @@ fct_status fct_tucker_linear_plan(int n_in, const int64_t* in_modes, const int64
   pb = pf;
   pb.n.backward = pb.n.gx = pb.n.gb = pb.n.gcore = pb.n.any_gin = pb.n.any_gout = true;
   for (int k = 0; k < FCT_MAX_MODES; ++k) pb.n.gin[k] = pb.n.gout[k] = true;
+  /* The backward as training runs it: with the kept states where the
+   * layers keep them and they pay. */
+  pb.n.keep = kept_per_row(&pb.s.in, &pb.s.out) > 0 && keep_pays(&pb);
   FCT_TRY(make_plan(NULL, &pf));
   FCT_TRY(make_plan(NULL, &pb));
   memset(info, 0, sizeof *info);
@@ -1168,8 +1232,12 @@ fct_status fct_tucker_linear_plan(int n_in, const int64_t* in_modes, const int64
   char f[64], b[64];
   snprintf(f, sizeof f, pf.form_w ? "W formed in blocks of %lld rows" : "chunks of %lld rows",
            (long long)(pf.form_w ? pf.ob : pf.Mc));
-  snprintf(b, sizeof b, pb.form_w ? "W formed in blocks of %lld rows" : "chunks of %lld rows",
-           (long long)(pb.form_w ? pb.ob : pb.Mc));
+  if (pb.n.keep)
+    snprintf(b, sizeof b, "chunks of %lld rows, kept t and z (%lld per row)",
+             (long long)pb.Mc, (long long)pb.kept);
+  else
+    snprintf(b, sizeof b, pb.form_w ? "W formed in blocks of %lld rows" : "chunks of %lld rows",
+             (long long)(pb.form_w ? pb.ob : pb.Mc));
   snprintf(info->plan, sizeof info->plan,
            "tucker: %d input factors (last first), core [%lld, %lld], %d output factors "
            "(first first); forward: %s; backward: %s",

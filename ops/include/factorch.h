@@ -420,9 +420,13 @@ FCT_API fct_status fct_cp_linear_plan(int n_in, const int64_t* in_modes, int n_o
 /* and device, C-contiguous, laid out by chunks of rows in an order of the  */
 /* op's own (a function of the shapes, the dtype and the device only): the  */
 /* backward must get what the forward wrote for the same x and factors.     */
-/* With states both passes contract (FCT_FLAG_FORCE_FORM_W is ignored) and */
-/* FCT_FLAG_SMALL_CHUNKS does not change their chunks. Without (NULL) the   */
-/* backward recomputes everything.                                          */
+/* They are used only where the cost model prices the two passes with     */
+/* them below its cheapest plans without (which may form W), a choice made */
+/* alike in both passes from the shapes, the batch, the dtype and the      */
+/* device (not the flags); elsewhere the forward writes zeros there and    */
+/* the backward does not read them. When used, both passes contract        */
+/* (FCT_FLAG_FORCE_* are ignored) in chunks that FCT_FLAG_SMALL_CHUNKS     */
+/* does not change. Without (NULL) the backward recomputes everything.     */
 FCT_API fct_status fct_tucker_linear_states(int n_in, const int64_t* in_modes,
                                             const int64_t* in_ranks, int n_out,
                                             const int64_t* out_modes,

@@ -203,10 +203,6 @@ static void test_values(void) {
       {6, 2, 2, {3, 3}, {4, 5}, {2, 3}, {3, 4}},       /* ranks above the modes */
       {4, 2, 2, {1, 3}, {1, 2}, {2, 1}, {2, 1}},       /* modes of size 1 */
       {34, 2, 2, {4, 4}, {2, 3}, {4, 4}, {3, 2}},
-      /* Kept states over several chunks (at most 8 MiB of the backward's
-       * chunk workspace per chunk: 1312 bytes per row here in float64, so
-       * chunks of 4096 rows). */
-      {23001, 3, 3, {4, 4, 4}, {2, 2, 2}, {4, 2, 4}, {2, 1, 2}},
   };
   static const layout_case layouts[] = {
       {"contiguous", 0, 0, 0, 0},
@@ -221,18 +217,155 @@ static void test_values(void) {
           if (layouts[li].x3d && cases[ci].M % 2) continue;
           const tk_case* cc = &cases[ci];
           const layout_case* L = &layouts[li];
+          /* keep: these W are small, so the cost model forms W and the
+           * states go unused (test_kept_states uses them). */
           for (int keep = 0; keep < 2; ++keep) {
-            if (cc->M > 1000 && (!keep || li > 1)) continue; /* the chunks of kept states */
             run_case(bits, cc, L, bias, 0, keep);
             if (li <= 1) run_case(bits, cc, L, bias, FCT_FLAG_SMALL_CHUNKS, keep);
             /* Both strategies whatever the cost model prefers; blocks of one
-             * row. (Kept states: the flags change neither.) */
+             * row. (Kept states, where they pay: the flags change neither.) */
             run_case(bits, cc, L, bias, FCT_FLAG_FORCE_CONTRACT, keep);
             run_case(bits, cc, L, bias, FCT_FLAG_FORCE_FORM_W, keep);
             if (li <= 1)
               run_case(bits, cc, L, bias, FCT_FLAG_FORCE_FORM_W | FCT_FLAG_SMALL_CHUNKS, keep);
           }
         }
+}
+
+/* Kept states where the cost model uses them (the chain beats forming W;
+ * layers too large for the naive reference): the forward writes every
+ * element of states (they start NaN), y is the same, and every subset of
+ * the gradients equals the recomputing backward's, in one chunk of rows
+ * and over several (chunks of 4096 rows in float64, 8192 in float32 for
+ * the first shape). */
+/* Element i of a 1-D or 2-D tensor in row-major order. */
+static double flat_get(const test_tensor* t, int64_t i) {
+  if (t->dl.ndim == 1) return tb_get(t, &i);
+  return tb_get2(t, i / t->shape[1], i % t->shape[1]);
+}
+
+static void test_kept_states(void) {
+  static const tk_case cases[] = {
+      {130, 2, 2, {16, 16}, {4, 4}, {16, 16}, {4, 4}},
+      {9001, 2, 2, {16, 16}, {4, 4}, {16, 16}, {4, 4}},
+      {131, 3, 3, {8, 8, 8}, {3, 2, 4}, {4, 8, 8}, {2, 3, 2}},
+      {2500, 2, 3, {16, 32}, {8, 4}, {8, 8, 8}, {2, 3, 2}},
+  };
+  for (int bits = 32; bits <= 64; bits += 32)
+    for (size_t ci = 0; ci < sizeof cases / sizeof cases[0]; ++ci) {
+      const tk_case* cc = &cases[ci];
+      char label[128];
+      snprintf(label, sizeof label, "kept states f%d M=%lld case %zu", bits, (long long)cc->M,
+               ci);
+      int64_t M = cc->M, in = 1, out = 1, S = 1, T = 1;
+      test_tensor* P[9];
+      const DLTensor *V[4], *U[4];
+      for (int k = 0; k < cc->n_in; ++k) {
+        int64_t sh[2] = {cc->in[k], cc->t[k]};
+        P[1 + k] = tb_new(bits, 2, sh, NULL, 0);
+        V[k] = &P[1 + k]->dl;
+        in *= cc->in[k];
+        T *= cc->t[k];
+      }
+      for (int k = 0; k < cc->n_out; ++k) {
+        int64_t sh[2] = {cc->out[k], cc->s[k]};
+        P[1 + cc->n_in + k] = tb_new(bits, 2, sh, NULL, 0);
+        U[k] = &P[1 + cc->n_in + k]->dl;
+        out *= cc->out[k];
+        S *= cc->s[k];
+      }
+      int np = 1 + cc->n_in + cc->n_out;
+      int64_t csh[2] = {S, T}, xs[2] = {M, in}, ys[2] = {M, out}, bs[1] = {out},
+              kn[1] = {M * (S + T)};
+      P[0] = tb_new(bits, 2, csh, NULL, 0);
+      test_tensor* x = tb_new(bits, 2, xs, NULL, 0);
+      test_tensor* b = tb_new(bits, 1, bs, NULL, 0);
+      test_tensor* g = tb_new(bits, 2, ys, NULL, 0);
+      test_tensor* kept = tb_output(bits, 1, kn);
+      test_tensor* y[2] = {tb_output(bits, 2, ys), tb_output(bits, 2, ys)};
+      double tol = bits == 64 ? 1e-12 : 1e-5;
+      for (int keep = 0; keep < 2; ++keep) {
+        fct_context c = test_ctx(0);
+        size_t bytes = 0;
+        DLTensor* st = keep ? &kept->dl : NULL;
+        fct_status rc = fct_tucker_linear_forward_workspace(&c, &x->dl, &P[0]->dl, cc->n_in, V,
+                                                            cc->n_out, U, &b->dl, &y[keep]->dl,
+                                                            st, &bytes);
+        CHECK(rc == FCT_OK, "%s: forward workspace: %s", label, test_err);
+        test_workspace(&c, bytes);
+        rc = fct_tucker_linear_forward(&c, &x->dl, &P[0]->dl, cc->n_in, V, cc->n_out, U, &b->dl,
+                                       &y[keep]->dl, st);
+        CHECK(rc == FCT_OK, "%s: forward: %s", label, test_err);
+      }
+      int64_t nan_at = -1;
+      for (int64_t i = 0; i < kn[0] && nan_at < 0; ++i)
+        if (!isfinite(flat_get(kept, i))) nan_at = i;
+      CHECK(nan_at < 0, "%s: states[%lld] not written", label, (long long)nan_at);
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t o = 0; o < out; ++o) {
+          int64_t ix[2] = {m, o};
+          double a = tb_get(y[0], ix), k = tb_get(y[1], ix);
+          if (fabs(a - k) > tol * (1 + fabs(a))) {
+            CHECK(false, "%s: y[%lld, %lld] %g with states, %g without", label, (long long)m,
+                  (long long)o, k, a);
+            m = M;
+            break;
+          }
+        }
+      /* Every gradient; grad_x alone; the core and the output factors; the
+       * input factors but the first. */
+      for (int variant = 0; variant < 4; ++variant) {
+        test_tensor* gx[2];
+        test_tensor* gP[2][9];
+        for (int keep = 0; keep < 2; ++keep) {
+          gx[keep] = tb_output(bits, 2, xs);
+          for (int k = 0; k < np; ++k) gP[keep][k] = tb_output(bits, 2, P[k]->shape);
+          DLTensor *gV[4] = {0}, *gU[4] = {0};
+          for (int k = 0; k < cc->n_in; ++k)
+            if (variant == 0 || (variant == 3 && k > 0)) gV[k] = &gP[keep][1 + k]->dl;
+          for (int k = 0; k < cc->n_out; ++k)
+            if (variant == 0 || variant == 2) gU[k] = &gP[keep][1 + cc->n_in + k]->dl;
+          DLTensor* gxd = variant <= 1 ? &gx[keep]->dl : NULL;
+          DLTensor* gcd = variant == 0 || variant == 2 ? &gP[keep][0]->dl : NULL;
+          const DLTensor* st = keep ? &kept->dl : NULL;
+          fct_context c = test_ctx(0);
+          size_t bytes = 0;
+          fct_status rc = fct_tucker_linear_backward_workspace(
+              &c, &g->dl, &x->dl, &P[0]->dl, cc->n_in, V, cc->n_out, U, st, gxd, gcd,
+              (const DLTensor* const*)gV, (const DLTensor* const*)gU, NULL, &bytes);
+          CHECK(rc == FCT_OK, "%s: backward workspace: %s", label, test_err);
+          test_workspace(&c, bytes);
+          rc = fct_tucker_linear_backward(&c, &g->dl, &x->dl, &P[0]->dl, cc->n_in, V, cc->n_out,
+                                          U, st, gxd, gcd, gV, gU, NULL);
+          CHECK(rc == FCT_OK, "%s: backward %d: %s", label, variant, test_err);
+        }
+        double worst = 0;
+        bool nan = false;
+        for (int k = -1; k < np; ++k) {
+          const test_tensor* a = k < 0 ? gx[0] : gP[0][k];
+          const test_tensor* kk = k < 0 ? gx[1] : gP[1][k];
+          int64_t n = tb_numel(a);
+          double scale = 1;
+          for (int64_t i = 0; i < n; ++i) {
+            double va = flat_get(a, i);
+            if (isfinite(va) && fabs(va) > scale) scale = fabs(va);
+          }
+          for (int64_t i = 0; i < n; ++i) {
+            double va = flat_get(a, i), vk = flat_get(kk, i);
+            if (isnan(va) != isnan(vk)) nan = true; /* asked for in one run only */
+            if (!isnan(va) && fabs(va - vk) / scale > worst) worst = fabs(va - vk) / scale;
+          }
+        }
+        CHECK(!nan && worst <= tol, "%s: variant %d: gradients with states differ by %.3g%s",
+              label, variant, worst, nan ? " (NaN in one)" : "");
+        for (int keep = 0; keep < 2; ++keep) {
+          tb_free(gx[keep]);
+          for (int k = 0; k < np; ++k) tb_free(gP[keep][k]);
+        }
+      }
+      for (int k = 0; k < np; ++k) tb_free(P[k]);
+      tb_free(x); tb_free(b); tb_free(g); tb_free(kept); tb_free(y[0]); tb_free(y[1]);
+    }
 }
 
 static void test_errors(void) {
@@ -367,6 +500,7 @@ static void test_errors(void) {
 
 int main(void) {
   test_values();
+  test_kept_states();
   test_errors();
   test_free_workspace();
   return test_report();

@@ -42,6 +42,11 @@ def _first(y):
     return y[0] if isinstance(y, (tuple, list)) else y
 
 
+def _op_args(layout):
+    """The op's arguments after (x, weights, bias): Tucker's keep its states."""
+    return (*layout.op_args(), True) if isinstance(layout, Tucker) else tuple(layout.op_args())
+
+
 def _cases(fact):
     """The shared samples plus larger batches and odd mode sizes."""
     yield from samples(fact, "cpu", torch.float64, requires_grad=True)
@@ -86,7 +91,7 @@ def test_gradcheck_through_forced_form_w(fact, strategy):
     for s in list(_cases(fact)):
         if s.x.numel() == 0 or 0 in s.x.stride() or s.x.shape[0] > 8:
             continue
-        extra = s.layout.op_args()
+        extra = _op_args(s.layout)
         has_bias = s.bias is not None
 
         def f(x, w, *b):
@@ -106,7 +111,7 @@ def test_float32_forced_strategies_agree(fact):
         ys = []
         for flag in (FORCE_CONTRACT, FORCE_FORM_W):
             with forced(flag):
-                ys.append(_first(OPS[fact](x, w, b, *s.layout.op_args())))
+                ys.append(_first(OPS[fact](x, w, b, *_op_args(s.layout))))
         torch.testing.assert_close(ys[0], ys[1], rtol=1e-4, atol=1e-4, msg=s.name)
 
 
@@ -146,7 +151,7 @@ def test_strided_x_and_grad_y_under_each_strategy(fact, strategy):
         b = rand(layout.out_features, dtype=torch.float64, gen=g).requires_grad_()
         gy = rand(layout.out_features, M, dtype=torch.float64, gen=g).T  # column-major
         with forced(STRATEGIES[strategy]):
-            y = _first(OPS[fact](x, w, b, *layout.op_args()))
+            y = _first(OPS[fact](x, w, b, *_op_args(layout)))
             got = torch.autograd.grad(y, (x, w, b), gy)
         y_ref = x @ layout.to_dense(w).T + b  # W [out, in]
         torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
