@@ -530,8 +530,9 @@ static fct_status make_plan(fct_context* ctx, tk_plan* p) {
     fct_layout L;
     lay_out(&w, &L);
     bool fits = !L.overflow && L.cursor <= mc.workspace_cap;
-    double wc = fw_cost(&w, &mc);
-    if (p->n.force_form_w || (fits && wc < p->cost)) {
+    /* Priced only when its workspace fits (else its sizes may overflow). */
+    double wc = fits ? fw_cost(&w, &mc) : INFINITY;
+    if (p->n.force_form_w || wc < p->cost) {
       *p = w;
       p->flops = fw_flops(p);
       p->cost = wc;

@@ -123,7 +123,8 @@ class FactorizedLinear(FactorViews, LayoutState, nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = _common.check_linear_input(x, self.in_features)
         if self.factorization == "tucker":
-            return self.layout.linear(x, self.factors, self.bias, getattr(self, "keep_states", True))
+            keep = getattr(self, "keep_states", True)  # layers pickled before it existed
+            return self.layout.linear(x, self.factors, self.bias, keep)
         return self.layout.linear(x, self.factors, self.bias)
 
     def layout_state(self) -> dict:

@@ -41,6 +41,8 @@ int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   int nl = fz_batch(&f, lead, &M);
   fct_context ctx;
   fz_context(&f, &ctx);
+  int64_t kn; /* the kept states' size, saturated (M may be huge) */
+  if (__builtin_mul_overflow(M, S + T, &kn)) kn = INT64_MAX;
   DLTensor* x = fz_tensor(&f, fz_shape_cat(sh, lead, nl, in), sh, false);
   DLTensor* core = fz_tensor(&f, 2, (int64_t[]){S, T}, false);
   /* A list is NULL (decided first: its tensors are then never made), or
@@ -53,7 +55,7 @@ int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (what == 0) {
     DLTensor* bias = fz_opt_tensor(&f, 1, (int64_t[]){out}, false);
     DLTensor* y = fz_tensor(&f, fz_shape_cat(sh, lead, nl, out), sh, true);
-    DLTensor* st = fz_opt_tensor(&f, 1, (int64_t[]){M * (S + T)}, true);
+    DLTensor* st = fz_opt_tensor(&f, 1, (int64_t[]){kn}, true);
     if (f.skip) goto done;
     FZ_QUERY_RUN(&f, &ctx, q, "tucker_linear_forward",
                  fct_tucker_linear_forward_workspace(&ctx, x, core, n_in, V, n_out, U, bias, y, st,
@@ -71,7 +73,7 @@ int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     for (int k = 0; gU && k < n_out; ++k)
       gU[k] = fz_opt_tensor(&f, 2, (int64_t[]){om[k], orr[k]}, true);
     DLTensor* gb = fz_opt_tensor(&f, 1, (int64_t[]){out}, true);
-    DLTensor* st = fz_opt_tensor(&f, 1, (int64_t[]){M * (S + T)}, false);
+    DLTensor* st = fz_opt_tensor(&f, 1, (int64_t[]){kn}, false);
     if (f.skip) goto done;
     FZ_QUERY_RUN(&f, &ctx, q, "tucker_linear_backward",
                  fct_tucker_linear_backward_workspace(&ctx, gy, x, core, n_in, V, n_out, U, st, gx,
