@@ -49,6 +49,10 @@ core.fct_version.restype = ctypes.c_uint32
 core.fct_cuda_available.restype = ctypes.c_int
 core.fct_cpu_set_num_threads.restype = ctypes.c_int
 core.fct_cpu_set_num_threads.argtypes = [ctypes.c_int]
+core.fct_cpu_set_stall_policy.argtypes = [ctypes.c_int64] * 3
+core.fct_cpu_pool_stalls.restype = ctypes.c_uint64
+core.fct_cpu_pool_resting.restype = ctypes.c_int
+core.fct_cpu_pool_rest.argtypes = [ctypes.c_int64]
 
 cuda_load_error: str | None = None
 _cuda_path = LIB_DIR / "libfactorch_cuda.so"

@@ -765,6 +765,25 @@ typedef int (*fct_num_threads_fn)(void);
 FCT_API void fct_cpu_set_thread_pool(fct_parallel_for_fn parallel_for,
                                      fct_num_threads_fn num_threads);
 
+/* A busy machine. Each parallel call is cut into chunks that the pool's
+ * threads claim as they come (the calling thread must take part, as
+ * torch's pools do), but the pool's join still waits for every thread, and
+ * when another process holds a core one of them can be descheduled for a
+ * scheduler slice. A call whose caller then sat idle at the join for over
+ * stall_ns (and longer than it worked) stops the pool for a hold: calls run
+ * serially in the caller until it ends, then the pool is tried again. The
+ * hold starts at hold_min_ns, grows fourfold while tries stall, up to
+ * hold_max_ns, and halves after each hold's time without a stall. Defaults:
+ * 200 µs, 20 ms, 1 s; stall_ns = 0 never stops the pool. Setting the policy ends a
+ * hold. The outputs are the same either way. */
+FCT_API void fct_cpu_set_stall_policy(int64_t stall_ns, int64_t hold_min_ns, int64_t hold_max_ns);
+/* Calls that stalled since the library was loaded; whether the pool rests now. */
+FCT_API uint64_t fct_cpu_pool_stalls(void);
+FCT_API int fct_cpu_pool_resting(void);
+/* Rests the pool for ns from now (0: ends a rest), as a stall would: for a
+ * caller that knows the machine is busy, and for tests. */
+FCT_API void fct_cpu_pool_rest(int64_t ns);
+
 #ifdef __cplusplus
 }
 #endif
