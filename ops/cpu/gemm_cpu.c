@@ -1,6 +1,7 @@
 /* Row-major GEMM/GEMV dispatch over OpenBLAS (scipy-openblas32: symbols carry
  * the scipy_ prefix so they never clash with the BLAS inside torch). */
 #include "gemm_cpu.h"
+#include "kernels_cpu.h"
 
 #include <cblas.h>
 #include <stdatomic.h>
@@ -46,7 +47,7 @@ static void gemv(fct_dtype dt, double alpha, const fct_mat* B, bool want_t, cons
 }
 
 /* C [m, n] = alpha·a [m] ⊗ b [n] + beta·C, a = A's column, b = B's row. */
-static void outer(fct_dtype dt, double alpha, const fct_mat* A, const fct_mat* B,
+FCT_SIMD_CLONES static void outer(fct_dtype dt, double alpha, const fct_mat* A, const fct_mat* B,
                   const fct_mat* C, double beta) {
   for (int64_t i = 0; i < C->rows; ++i) {
     if (dt == FCT_F32) {

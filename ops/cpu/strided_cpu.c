@@ -5,6 +5,7 @@
 
 #include "backend.h"
 #include "gemm_cpu.h"
+#include "kernels_cpu.h"
 
 /* Calls fn(row pointer, n, inner stride) for every innermost row of t, in
  * row-major order. Returns early when fn returns false. */
@@ -118,17 +119,7 @@ typedef uint32_t __attribute__((may_alias)) f32_bits;
 typedef uint64_t __attribute__((may_alias)) f64_bits;
 
 /* The all-finite pass in AVX2 where the CPU has it (8 lanes instead of
- * SSE2's 4: at M = 1 this pass is most of the check's cost), chosen once at
- * load time. */
-#if defined(__x86_64__) && defined(__has_attribute)
-#if __has_attribute(target_clones)
-#define FCT_SIMD_CLONES __attribute__((target_clones("avx2", "default")))
-#endif
-#endif
-#ifndef FCT_SIMD_CLONES
-#define FCT_SIMD_CLONES
-#endif
-
+ * SSE2's 4: at M = 1 this pass is most of the check's cost). */
 FCT_SIMD_CLONES static bool any_nonfinite_f32(const f32_bits* r, int64_t n) {
   int32_t m = 0;
   for (int64_t j = 0; j < n; ++j) m |= -((int32_t)(r[j] & 0x7fffffffu) > 0x7f7fffff);
