@@ -525,8 +525,9 @@ static fct_status stage_backward(const fct_exec* e, const cc_plan* p, const cc_s
 typedef struct cc_fw {
   bool ok;
   fct_conv_stage dense;                 /* the composed stage on x */
-  fct_conv_stage basis[FCT_MAX_STAGES]; /* the chain on the basis images */
-  int64_t NB, Co;
+  fct_conv_stage basis[FCT_MAX_STAGES]; /* the chain on the basis images (from stage s0) */
+  int s0, nbs;      /* first stage and number of stages the basis runs */
+  int64_t NW, NB, Co; /* rows of Wᵀ (Ci·KH·KW), basis images (C_s0·KH·KW), out channels */
 } cc_fw;
 
 /* How a sub-plan's stages get their weights. */
@@ -539,7 +540,7 @@ typedef struct cc_call {
   bool backward, gx, gw, pack_x, pack_g; /* the pass laid out below */
   int64_t nb, chunks, bw, bsaved; /* basis images per chunk, chunks, weight elements, saved/image */
   double cost_chain, cost_form_w;         /* of this pass (0: not priced) */
-  size_t off_wt, off_gwt, off_e, off_bsaved, off_part, off_sub, bytes;
+  size_t off_wt, off_gwt, off_b, off_gb, off_w0, off_e, off_bsaved, off_part, off_sub, bytes;
 } cc_call;
 
 static fct_status fw_plan(fct_context* ctx, cc_call* c, cc_sub_w how,
@@ -1025,7 +1026,19 @@ static void compose(const cc_plan* p, cc_fw* f) {
   if (h != 1 || w != 1 || stage_init(&quiet, 0, &d, &c) != FCT_OK || c.geom.OH != last->geom.OH ||
       c.geom.OW != last->geom.OW)
     return;
-  if (!mul3(d.in_channels, d.kh, d.kw, &f->NB) || !fct_fits_int(f->NB)) return;
+  if (!mul3(d.in_channels, d.kh, d.kw, &f->NW) || !fct_fits_int(f->NW)) return;
+  f->NB = f->NW;
+  f->nbs = p->S;
+  /* A leading channel mixer with fewer outputs than inputs (CP's and
+   * Tucker's C_in -> R) is peeled off: the basis runs the rest on the
+   * R·KH·KW one-hot images [R, KH, KW], giving B [R·KH·KW, Co], and per
+   * group of the mixer Wᵀ_g [Cig, KH·KW·Co] = W0_gᵀ · B_g (peel_gemms). */
+  const fct_conv_stage* m0 = &p->s[0].st;
+  if (p->S > 1 && p->s[0].kind == CC_DIRECT && m0->out_channels < m0->in_channels) {
+    f->s0 = 1;
+    f->nbs = p->S - 1;
+    f->NB = m0->out_channels * d.kh * d.kw;
+  }
   f->dense = d;
   f->Co = d.out_channels;
   f->ok = true;
@@ -1132,18 +1145,23 @@ static fct_status fw_plan(fct_context* ctx, cc_call* c, cc_sub_w how,
   bool price_bwd = backward || keep;
   cc_plan* b = &(cc_plan){0};
   cc_plan* d = &(cc_plan){0};
-  FCT_TRY(sub_plan(ctx, p, SUB_SIZES, NULL, p->S, c->f.basis, c->nb, false, false, false, false,
-                   false, false, be, b));
+  FCT_TRY(sub_plan(ctx, p, SUB_SIZES, NULL, c->f.nbs, c->f.basis + c->f.s0, c->nb, false, false,
+                   false, false, false, false, be, b));
   FCT_TRY(sub_plan(ctx, p, SUB_FORMED, NULL, 1, &c->f.dense, p->N, price_bwd, true, true, false,
                    false, false, be, d));
   c->bw = b->wnumel;
-  double onehot = mc.flop_per_byte * es * NB * NB;
-  double fw_fwd = plan_cost(b, NB, false, &mc) + onehot;
-  double fw = price_bwd ? 2 * fw_fwd + plan_cost(b, NB, true, &mc) + onehot +
+  /* Forming W: the one-hot images written, the basis chain, the peeled
+   * mixer's GEMM (and its two in the backward, with W formed twice). */
+  double NW = (double)c->f.NW, Co = (double)c->f.Co;
+  double onehot = mc.flop_per_byte * es * NB * NB, peel = 0;
+  if (c->f.s0)
+    peel = 2.0 * NW * (double)p->s[0].Cog * Co + mc.flop_per_byte * es * (NW + NB) * Co;
+  double fw_fwd = plan_cost(b, NB, false, &mc) + onehot + peel;
+  double fw = price_bwd ? 2 * fw_fwd + plan_cost(b, NB, true, &mc) + onehot + 2 * peel +
                               plan_cost(d, (double)p->N, true, &mc)
                         : fw_fwd + plan_cost(d, (double)p->N, false, &mc);
   double chain = plan_cost(p, (double)p->N, price_bwd, &mc);
-  bool fits = 2 * NB * (double)c->f.Co * es + (double)c->nb * NB * es <= (double)mc.workspace_cap;
+  bool fits = (2 * NW + 2 * NB) * Co * es + (double)c->nb * NB * es <= (double)mc.workspace_cap;
   c->cost_chain = chain;
   c->cost_form_w = fw;
   if (ctx->flags & FCT_FLAG_FORCE_FORM_W)
@@ -1158,15 +1176,16 @@ static fct_status fw_plan(fct_context* ctx, cc_call* c, cc_sub_w how,
   c->gx = gx;
   c->gw = gw;
   bool proj = backward && gw; /* the weights' gradients: the basis backward */
+  const DLTensor* const* bweights = weights ? weights + c->f.s0 : NULL;
   c->bsaved = b->saved_per_image;
   size_t sub = 0;
   for (int last = 0; last < 2; ++last) {
     int64_t nc = basis_chunk(c, last ? c->chunks - 1 : 0);
-    FCT_TRY(sub_plan(ctx, p, how, weights, p->S, c->f.basis, nc, false, false, false, proj, false,
+    FCT_TRY(sub_plan(ctx, p, how, bweights, c->f.nbs, c->f.basis + c->f.s0, nc, false, false, false, proj, false,
                      false, be, b));
     if (b->bytes > sub) sub = b->bytes;
     if (!proj) continue;
-    FCT_TRY(sub_plan(ctx, p, how, weights, p->S, c->f.basis, nc, true, false, true, true, false,
+    FCT_TRY(sub_plan(ctx, p, how, bweights, c->f.nbs, c->f.basis + c->f.s0, nc, true, false, true, true, false,
                      false, be, b));
     if (b->bytes > sub) sub = b->bytes;
   }
@@ -1175,10 +1194,17 @@ static fct_status fw_plan(fct_context* ctx, cc_call* c, cc_sub_w how,
   if (d->bytes > sub) sub = d->bytes;
   fct_layout L;
   memset(&L, 0, sizeof L);
-  int64_t wn = c->f.NB * c->f.Co; /* bounded: NB·Co = the dense kernel's elements times groups */
+  int64_t wn = c->f.NW * c->f.Co; /* bounded: the dense kernel's elements times groups */
+  int64_t bn = c->f.NB * c->f.Co; /* the peeled basis's output B (<= wn) */
   c->off_wt = fct_layout_take(&L, wn, p->es);
+  if (c->f.s0) {
+    c->off_b = fct_layout_take(&L, bn, p->es);
+    const cc_stage* m0 = &p->s[0];
+    c->off_w0 = fct_layout_take(&L, m0->w.rows * m0->w.cols, p->es);
+  }
   if (proj) {
     c->off_gwt = fct_layout_take(&L, wn, p->es);
+    if (c->f.s0) c->off_gb = fct_layout_take(&L, bn, p->es);
     c->off_bsaved = fct_layout_take(&L, c->nb * c->bsaved, p->es);
     if (c->chunks > 1) c->off_part = fct_layout_take(&L, c->chunks * c->bw, p->es);
   }
@@ -1213,27 +1239,61 @@ static fct_status basis_forward(const fct_exec* e, const cc_call* c, const DLTen
   int64_t nc = basis_chunk(c, k);
   fct_exec se = sub_exec(e, c);
   cc_plan* q = &(cc_plan){0};
-  FCT_TRY(sub_plan(e->ctx, &c->p, SUB_WEIGHTS, weights, c->p.S, c->f.basis, nc, false, false,
-                   false, saved != NULL, false, false, e->be, q));
+  FCT_TRY(sub_plan(e->ctx, &c->p, SUB_WEIGHTS, weights + c->f.s0, c->f.nbs, c->f.basis + c->f.s0,
+                   nc, false, false, false, saved != NULL, false, false, e->be, q));
   FCT_TRY(bind_weights(&se, q));
   cc_job* j = &(cc_job){0};
   j->e = &se;
   j->p = q;
   j->xb = E;
-  j->y = at(fct_ws_at(e, c->off_wt), k * c->nb * c->f.Co, e->es);
+  j->y = at(fct_ws_at(e, c->f.s0 ? c->off_b : c->off_wt), k * c->nb * c->f.Co, e->es);
   j->saved = saved;
   j->images = forward_images;
   return run_workers(j);
 }
 
-/* Wᵀ [NB, Co] from the factors. */
+/* The peeled mixer W0 [R, Cig] (groups g0, Rg = R / g0 rows each) and B:
+ * forward (gw0 NULL) Wᵀ_g = W0_gᵀ · B_g; backward gB_g = W0_g · gWᵀ_g and
+ * gW0_g = B_g · gWᵀ_gᵀ, with Wᵀ_g / gWᵀ_g [Cig, KH·KW·Co] and B_g / gB_g
+ * [Rg, KH·KW·Co] views of the rows of group g. */
+static fct_status peel_gemms(const fct_exec* e, const cc_call* c, const DLTensor* const* weights,
+                             char* gw0) {
+  const cc_stage* m0 = &c->p.s[0];
+  fct_param w0;
+  fct_param_init(&w0, weights[0], m0->w.rows, m0->w.cols, true);
+  w0.off = c->off_w0;
+  FCT_TRY(fct_param_bind(e, &w0));
+  int64_t g0 = m0->st.groups, Rg = m0->Cog, Cig = m0->Cig;
+  int64_t cols = c->f.dense.kh * c->f.dense.kw * c->f.Co;
+  char *wt = fct_ws_at(e, c->off_wt), *b = fct_ws_at(e, c->off_b);
+  char *gwt = fct_ws_at(e, c->off_gwt), *gb = fct_ws_at(e, c->off_gb);
+  for (int64_t g = 0; g < g0; ++g) {
+    fct_mat W0g = {at(w0.m.data, g * Rg * w0.m.rs, e->es), Rg, Cig, w0.m.rs, w0.m.cs};
+    fct_mat Bg = fct_dense(at(b, g * Rg * cols, e->es), Rg, cols);
+    if (!gw0) {
+      fct_mat A = fct_mat_t(W0g);
+      fct_mat C = fct_dense(at(wt, g * Cig * cols, e->es), Cig, cols);
+      FCT_TRY(fct_x_gemm(e, &A, &Bg, &C, 0.0));
+      continue;
+    }
+    fct_mat G = fct_dense(at(gwt, g * Cig * cols, e->es), Cig, cols);
+    fct_mat GB = fct_dense(at(gb, g * Rg * cols, e->es), Rg, cols);
+    FCT_TRY(fct_x_gemm(e, &W0g, &G, &GB, 0.0));
+    fct_mat Gt = fct_mat_t(G);
+    fct_mat GW = fct_dense(at(gw0, g * Rg * Cig, e->es), Rg, Cig);
+    FCT_TRY(fct_x_gemm(e, &Bg, &Gt, &GW, 0.0));
+  }
+  return FCT_OK;
+}
+
+/* Wᵀ [NW, Co] from the factors. */
 static fct_status form_wt(const fct_exec* e, const cc_call* c, const DLTensor* const* weights) {
   char* E = fct_ws_at(e, c->off_e);
   for (int64_t k = 0; k < c->chunks; ++k) {
     fill_onehot(E, basis_chunk(c, k), c->f.NB, k * c->nb, e->dt, e->es);
     FCT_TRY(basis_forward(e, c, weights, k, E, NULL));
   }
-  return FCT_OK;
+  return c->f.s0 ? peel_gemms(e, c, weights, NULL) : FCT_OK;
 }
 
 static fct_status fw_forward(const fct_exec* e, const cc_call* c, const DLTensor* x,
@@ -1243,7 +1303,7 @@ static fct_status fw_forward(const fct_exec* e, const cc_call* c, const DLTensor
   cc_plan* d = &(cc_plan){0};
   FCT_TRY(sub_plan(e->ctx, &c->p, SUB_FORMED, NULL, 1, &c->f.dense, c->p.N, false, false, false,
                    false, c->p.pack_x, false, e->be, d));
-  fct_mat wt = {fct_ws_at(e, c->off_wt), c->f.NB, c->f.Co, c->f.Co, 1};
+  fct_mat wt = {fct_ws_at(e, c->off_wt), c->f.NW, c->f.Co, c->f.Co, 1};
   d->s[0].w.m = wt;
   cc_job* j = &(cc_job){0};
   j->e = &se;
@@ -1265,7 +1325,7 @@ static fct_status fw_backward(const fct_exec* e, const cc_call* c, const DLTenso
   cc_plan* d = &(cc_plan){0};
   FCT_TRY(sub_plan(e->ctx, &c->p, SUB_FORMED, NULL, 1, &c->f.dense, c->p.N, true, c->gx, c->gw,
                    false, c->p.pack_x, c->p.pack_g, e->be, d));
-  fct_mat wt = {fct_ws_at(e, c->off_wt), c->f.NB, c->f.Co, c->f.Co, 1};
+  fct_mat wt = {fct_ws_at(e, c->off_wt), c->f.NW, c->f.Co, c->f.Co, 1};
   d->s[0].w.m = wt;
   char* gwt = fct_ws_at(e, c->off_gwt);
   cc_job* j = &(cc_job){0};
@@ -1280,6 +1340,9 @@ static fct_status fw_backward(const fct_exec* e, const cc_call* c, const DLTenso
   j->gw[0] = c->gw ? gwt : NULL;
   FCT_TRY(run_backward(j));
   if (!c->gw) return FCT_OK;
+  /* The peeled mixer's gradient, and gB for the basis below. */
+  if (c->f.s0) FCT_TRY(peel_gemms(e, c, weights, fct_data(grad_weights[0])));
+  char* gyb = fct_ws_at(e, c->f.s0 ? c->off_gb : c->off_gwt);
   /* The projection on the factors, chunk by chunk (see the top of the
    * section); one chunk writes the gradients directly. */
   char* E = fct_ws_at(e, c->off_e);
@@ -1290,25 +1353,26 @@ static fct_status fw_backward(const fct_exec* e, const cc_call* c, const DLTenso
     fill_onehot(E, nc, c->f.NB, k * c->nb, e->dt, e->es);
     FCT_TRY(basis_forward(e, c, weights, k, E, saved));
     cc_plan* q = &(cc_plan){0};
-    FCT_TRY(sub_plan(e->ctx, &c->p, SUB_WEIGHTS, weights, c->p.S, c->f.basis, nc, true, false,
-                     true, true, false, false, e->be, q));
+    FCT_TRY(sub_plan(e->ctx, &c->p, SUB_WEIGHTS, weights + c->f.s0, c->f.nbs,
+                     c->f.basis + c->f.s0, nc, true, false, true, true, false, false, e->be, q));
     FCT_TRY(bind_weights(&se, q));
     cc_job* jb = &(cc_job){0};
     jb->e = &se;
     jb->p = q;
     jb->xb = E;
-    jb->gyb = at(gwt, k * c->nb * c->f.Co, e->es);
+    jb->gyb = at(gyb, k * c->nb * c->f.Co, e->es);
     jb->saved = saved;
     int64_t off = k * c->bw;
-    for (int s = 0; s < c->p.S; ++s) {
-      jb->gw[s] = c->chunks == 1 ? fct_data(grad_weights[s]) : at(part, off, e->es);
+    for (int s = 0; s < q->S; ++s) {
+      DLTensor* g = grad_weights[c->f.s0 + s];
+      jb->gw[s] = c->chunks == 1 ? fct_data(g) : at(part, off, e->es);
       off += q->s[s].w.rows * q->s[s].w.cols;
     }
     FCT_TRY(run_backward(jb));
   }
   if (c->chunks == 1) return FCT_OK;
   int64_t off = 0;
-  for (int s = 0; s < c->p.S; ++s) {
+  for (int s = c->f.s0; s < c->p.S; ++s) {
     int64_t numel = c->p.s[s].w.rows * c->p.s[s].w.cols;
     fct_mat pm = {at(part, off, e->es), c->chunks, numel, c->bw, 1};
     FCT_TRY(e->be->column_sums(e->ctx, e->device, e->dt, &pm, fct_data(grad_weights[s])));
@@ -1376,9 +1440,10 @@ fct_status fct_conv_chain_plan(int n_stages, const fct_conv_stage* stages, int64
   double fw_fwd = 0, fw_bwd = 0;
   if (f->f.ok) {
     cc_plan* q = &(cc_plan){0};
-    FCT_TRY(sub_plan(&ctx, &f->p, SUB_SIZES, NULL, n_stages, f->f.basis, 1, false, false, false,
-                     false, false, false, &fct_cpu_backend, q));
+    FCT_TRY(sub_plan(&ctx, &f->p, SUB_SIZES, NULL, f->f.nbs, f->f.basis + f->f.s0, 1, false,
+                     false, false, false, false, false, &fct_cpu_backend, q));
     double basis = (double)f->f.NB * stage_flops(q);
+    if (f->f.s0) basis += 2.0 * (double)f->f.NW * (double)f->p.s[0].Cog * (double)f->f.Co;
     FCT_TRY(sub_plan(&ctx, &f->p, SUB_FORMED, NULL, 1, &f->f.dense, 1, false, false, false, false,
                      false, false, &fct_cpu_backend, q));
     double dense = N * stage_flops(q);
@@ -1392,11 +1457,12 @@ fct_status fct_conv_chain_plan(int n_stages, const fct_conv_stage* stages, int64
   if (f->f.ok)
     snprintf(info->plan, sizeof info->plan,
              "%d stages; composes into one %lldx%lld convolution (groups %lld): W [%lld, %lld] "
-             "formed from %lld basis images in %lld chunk(s); cost chain/form_w: forward "
+             "formed from %lld basis images%s in %lld chunk(s); cost chain/form_w: forward "
              "%.3g/%.3g, backward %.3g/%.3g",
              n_stages, (long long)f->f.dense.kh, (long long)f->f.dense.kw,
-             (long long)f->f.dense.groups, (long long)f->f.Co, (long long)f->f.NB,
-             (long long)f->f.NB, (long long)f->chunks, f->cost_chain, f->cost_form_w,
+             (long long)f->f.dense.groups, (long long)f->f.Co, (long long)f->f.NW,
+             (long long)f->f.NB, f->f.s0 ? " after the first 1x1" : "", (long long)f->chunks,
+             f->cost_chain, f->cost_form_w,
              b->cost_chain, b->cost_form_w);
   else
     snprintf(info->plan, sizeof info->plan,
