@@ -33,6 +33,10 @@
  * when its GEMM reads it. On the CPU each thread of the pool takes its own
  * share of the images (plan_layout says why); on CUDA one worker runs the
  * chunks and the device parallelises inside each primitive.
+ *
+ * Chains that compose into one convolution may instead form its dense
+ * kernel and run one dense stage ("form W", end of the file), when the cost
+ * model prices that lower for the call's batch.
  */
 #include <math.h>
 #include <stdio.h>
@@ -961,15 +965,16 @@ fct_status fct_conv_chain_backward(fct_context* ctx, const DLTensor* grad_y, con
  * does not.
  *
  * W is the chain's response to the basis images: run with stride 1, no
- * padding and no dilation on the NB = Ci·KH·KW one-hot images [Ci, KH, KW],
- * the chain writes [NB, Co] = Wᵀ (row (c, i, j), column o; zero outside the
- * groups' blocks), in chunks of nb images. The dense stage reads Wᵀ in place
- * (stage_wg). Backward: grad_x and gWᵀ = Σ col·goutᵀ from the dense stage,
- * then the weights' gradients are the chain's backward on the same basis
- * images with grad_y = gWᵀ (the chain is linear in its input, so the
- * gradient of <gWᵀ, chain(basis)> is the projection of gW on the factors),
- * one chunk at a time, the chunks' gradients summed at the end. CPU only:
- * the one-hot images are written by the host. */
+ * padding and no dilation on the NW = Ci·KH·KW one-hot images [Ci, KH, KW],
+ * the chain writes [NW, Co] = Wᵀ (row (c, i, j), column o; zero outside the
+ * groups' blocks), in chunks of nb images (a leading 1x1 mixer is peeled
+ * off first, see compose: then the basis is smaller). The dense stage reads
+ * Wᵀ in place (stage_wg). Backward: grad_x and gWᵀ = Σ col·goutᵀ from the
+ * dense stage, then the weights' gradients are the chain's backward on the
+ * same basis images with grad_y = gWᵀ (Wᵀ = chain(basis) is linear in each
+ * weight, so the weights' gradients of <gWᵀ, chain(basis)> are gW projected
+ * on the factors), one chunk at a time, the chunks' gradients summed at the
+ * end. CPU only: the one-hot images are written by the host. */
 
 static int64_t gcd64(int64_t a, int64_t b) {
   while (b) {
