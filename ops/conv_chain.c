@@ -59,6 +59,10 @@ typedef struct cc_stage {
    * not a weight tensor; its gradient is written in the same layout. */
   bool wt;
   int64_t ld;
+  /* An im2col stage whose input is one kernel-sized patch (one output
+   * pixel, no padding or dilation: the basis images of form W): col is the
+   * input itself. */
+  bool col_is_in;
 } cc_stage;
 
 typedef struct cc_plan {
@@ -162,6 +166,10 @@ static fct_status stage_init(fct_context* ctx, int i, const fct_conv_stage* st, 
     c->kind = CC_DIRECT;
   else
     c->kind = CC_IM2COL;
+  c->col_is_in = c->kind == CC_IM2COL && c->P == 1 && st->in_h == st->kh &&
+                  st->in_w == st->kw && (st->dil_h == 1 || st->kh == 1) &&
+                  (st->dil_w == 1 || st->kw == 1) && st->pad_top == 0 && st->pad_left == 0 &&
+                  st->pad_bottom == 0 && st->pad_right == 0;
   if (c->kind == CC_IM2COL) {
     int64_t rows;
     if (!mul3(st->in_channels, st->kh, st->kw, &rows) ||
@@ -448,6 +456,17 @@ static fct_mat stage_wg(const cc_stage* c, int64_t g, size_t es) {
   return fct_dense(at(c->w.m.data, g * c->Cog * c->K, es), c->Cog, c->K);
 }
 
+/* n items of a stage with one output pixel as the rows of a matrix: cols
+ * elements from column `off` of each item, items `stride` elements apart.
+ * One GEMM then does what n matrix-vector products would (the basis images
+ * of form W are many such items). */
+static fct_mat items_mat(const char* base, int64_t n, int64_t cols, int64_t stride, int64_t off,
+                         size_t es) {
+  fct_mat m = {at(base, off, es), n, cols, stride, 1};
+  if (n <= 1) m.rs = cols > 0 ? cols : 1;
+  return m;
+}
+
 static fct_status stage_forward(const fct_exec* e, const cc_stage* c, int64_t n, const char* in,
                                 char* col, char* out) {
   const char* w = c->w.m.data;
@@ -455,12 +474,19 @@ static fct_status stage_forward(const fct_exec* e, const cc_stage* c, int64_t n,
     return e->be->depthwise_forward(e->ctx, e->device, e->dt, &c->geom, n, in, w, out);
   const char* src = in;
   int64_t item = c->st.in_channels * c->P_in; /* direct: the item is [Ci, P] */
-  if (c->kind == CC_IM2COL) {
+  if (c->kind == CC_IM2COL && !c->col_is_in) {
     FCT_TRY(e->be->im2col(e->ctx, e->device, e->dt, &c->geom, n, in, col));
     src = col;
     item = c->st.in_channels * c->st.kh * c->st.kw * c->P;
   }
   for (int64_t g = 0; g < c->st.groups; ++g) {
+    if (c->P == 1) { /* one output pixel: the items are rows, out_g [n, Cog] = src_g · W_gᵀ */
+      fct_mat A = items_mat(src, n, c->K, item, g * c->K, e->es);
+      fct_mat B = fct_mat_t(stage_wg(c, g, e->es));
+      fct_mat C = items_mat(out, n, c->Cog, c->st.out_channels, g * c->Cog, e->es);
+      FCT_TRY(fct_x_gemm(e, &A, &B, &C, 0.0));
+      continue;
+    }
     fct_mat A = stage_wg(c, g, e->es);
     fct_mat B = fct_dense(at(src, g * c->K * c->P, e->es), c->K, c->P);
     fct_mat C = fct_dense(at(out, g * c->Cog * c->P, e->es), c->Cog, c->P);
@@ -483,7 +509,7 @@ static fct_status stage_backward(const fct_exec* e, const cc_plan* p, const cc_s
       FCT_TRY(e->be->depthwise_backward_input(e->ctx, e->device, e->dt, &c->geom, n, gout, w, gin));
     return FCT_OK;
   }
-  bool im2col = c->kind == CC_IM2COL;
+  bool im2col = c->kind == CC_IM2COL && !c->col_is_in; /* else the item is its own col */
   int64_t item = im2col ? c->st.in_channels * c->st.kh * c->st.kw * c->P
                         : c->st.in_channels * c->P_in;
   int64_t gitem = c->st.out_channels * c->P;
@@ -496,6 +522,20 @@ static fct_status stage_backward(const fct_exec* e, const cc_plan* p, const cc_s
     /* gW_g [Cog, K] = beta·gW_g + Σ_items gout_g [Cog, P] · src_gᵀ [P, K]
      * (formed W: its transpose, src_g · gout_gᵀ, into the block of gWᵀ) */
     for (int64_t g = 0; g < c->st.groups; ++g) {
+      if (c->P == 1) { /* Σ over the items as one GEMM (items_mat) */
+        fct_mat S = items_mat(src, n, c->K, item, g * c->K, e->es);
+        fct_mat G = items_mat(gout, n, c->Cog, gitem, g * c->Cog, e->es);
+        if (c->wt) { /* gWᵀ_g [K, Cog] = Sᵀ · G */
+          fct_mat St = fct_mat_t(S);
+          fct_mat C = {at(gw, g * c->K * c->ld + g * c->Cog, e->es), c->K, c->Cog, c->ld, 1};
+          FCT_TRY(fct_x_gemm(e, &St, &G, &C, beta));
+        } else { /* gW_g [Cog, K] = Gᵀ · S */
+          fct_mat Gt = fct_mat_t(G);
+          fct_mat C = fct_dense(at(gw, g * c->Cog * c->K, e->es), c->Cog, c->K);
+          FCT_TRY(fct_x_gemm(e, &Gt, &S, &C, beta));
+        }
+        continue;
+      }
       if (c->wt) {
         fct_mat A = fct_dense(at(src, g * c->K * c->P, e->es), c->K, c->P);
         fct_mat B = fct_mat_t(fct_dense(at(gout, g * c->Cog * c->P, e->es), c->Cog, c->P));
@@ -516,6 +556,13 @@ static fct_status stage_backward(const fct_exec* e, const cc_plan* p, const cc_s
    * or straight into gin. */
   char* dst = im2col ? col : gin;
   for (int64_t g = 0; g < c->st.groups; ++g) {
+    if (c->P == 1) { /* dst_g [n, K] = gout_g [n, Cog] · W_g */
+      fct_mat A = items_mat(gout, n, c->Cog, gitem, g * c->Cog, e->es);
+      fct_mat B = stage_wg(c, g, e->es);
+      fct_mat C = items_mat(dst, n, c->K, item, g * c->K, e->es);
+      FCT_TRY(fct_x_gemm(e, &A, &B, &C, 0.0));
+      continue;
+    }
     fct_mat A = fct_mat_t(stage_wg(c, g, e->es));
     fct_mat B = fct_dense(at(gout, g * c->Cog * c->P, e->es), c->Cog, c->P);
     fct_mat C = fct_dense(at(dst, g * c->K * c->P, e->es), c->K, c->P);
@@ -989,6 +1036,26 @@ static bool axis_trivial(int64_t k, int64_t s, int64_t p0, int64_t p1) {
   return k == 1 && s == 1 && p0 == 0 && p1 == 0;
 }
 
+/* Whether peeling the leading 1x1 mixer C_in -> R costs fewer FLOPs: the
+ * rest of the chain on R·KK basis images and the GEMMs of Wᵀ (2·NW·R/g·Co),
+ * against the whole chain on the NW = C_in·KK images (the mixer alone
+ * 2·R·KK·C_in/g per image, mostly multiplying zeros). */
+static bool peel_pays(const cc_plan* p, const cc_fw* f, const fct_conv_stage* d) {
+  double kk = (double)(d->kh * d->kw), rest = 0;
+  int64_t h = d->kh, w = d->kw;
+  for (int i = 1; i < p->S; ++i) {
+    const cc_stage* c = &p->s[i];
+    h -= c->st.kh - 1, w -= c->st.kw - 1;
+    double k = c->kind == CC_DEPTHWISE ? (double)(c->st.kh * c->st.kw) : (double)c->K;
+    rest += 2.0 * (double)(c->st.out_channels * h * w) * k;
+  }
+  const cc_stage* m = &p->s[0];
+  double R = (double)m->st.out_channels, NW = (double)f->NW, Co = (double)p->s[p->S - 1].st.out_channels;
+  double peeled = R * kk * rest + 2.0 * NW * (double)m->Cog * Co;
+  double whole = NW * (2.0 * R * kk * (double)m->Cig + rest);
+  return peeled < whole;
+}
+
 static void compose(const cc_plan* p, cc_fw* f) {
   memset(f, 0, sizeof *f);
   const fct_conv_stage* s0 = &p->s[0].st;
@@ -1034,12 +1101,12 @@ static void compose(const cc_plan* p, cc_fw* f) {
   if (!mul3(d.in_channels, d.kh, d.kw, &f->NW) || !fct_fits_int(f->NW)) return;
   f->NB = f->NW;
   f->nbs = p->S;
-  /* A leading channel mixer with fewer outputs than inputs (CP's and
-   * Tucker's C_in -> R) is peeled off: the basis runs the rest on the
+  /* A leading channel mixer (CP's and Tucker's C_in -> R) is peeled off
+   * when that costs fewer FLOPs (peel_pays): the basis runs the rest on the
    * R·KH·KW one-hot images [R, KH, KW], giving B [R·KH·KW, Co], and per
    * group of the mixer Wᵀ_g [Cig, KH·KW·Co] = W0_gᵀ · B_g (peel_gemms). */
   const fct_conv_stage* m0 = &p->s[0].st;
-  if (p->S > 1 && p->s[0].kind == CC_DIRECT && m0->out_channels < m0->in_channels) {
+  if (p->S > 1 && p->s[0].kind == CC_DIRECT && peel_pays(p, f, &d)) {
     f->s0 = 1;
     f->nbs = p->S - 1;
     f->NB = m0->out_channels * d.kh * d.kw;
@@ -1095,14 +1162,18 @@ static fct_status sub_plan(fct_context* ctx, const cc_plan* parent, cc_sub_w how
  * the calls (one per group and stage per chunk); a backward costs about
  * twice a forward. */
 static double plan_cost(const cc_plan* q, double n, bool backward, const fct_machine* mc) {
-  double flops = 0, elems = 0, calls = 0;
+  double flops = 0, elems = 0, chunk_calls = 0, item_calls = 0;
   for (int i = 0; i < q->S; ++i) {
     const cc_stage* c = &q->s[i];
     bool dw = c->kind == CC_DEPTHWISE;
     double k = dw ? (double)(c->st.kh * c->st.kw) : (double)c->K;
     flops += 2.0 * (double)c->out_numel * k;
     elems += (double)(c->in_numel + c->out_numel + 2 * c->col_numel);
-    calls += dw ? 1 : (double)c->st.groups;
+    if (dw || c->P == 1)
+      chunk_calls += dw ? 1 : (double)c->st.groups; /* whole chunks (items_mat) */
+    else
+      item_calls += (double)(c->st.batch * c->st.groups);
+    if (c->kind == CC_IM2COL && !c->col_is_in) chunk_calls += 1;
   }
   /* Chunks of the chain's budget (not of the plan's worker count, so that
    * the choice depends on the shapes, the batch and the dtype only). */
@@ -1111,8 +1182,12 @@ static double plan_cost(const cc_plan* q, double n, bool backward, const fct_mac
   if (chunks < 1) chunks = 1;
   double f = 1, t = 1;
   if (backward) f = 2, t = 2;
+  /* Calls: per chunk im2col, the depthwise kernels and the GEMMs of
+   * one-pixel stages (whole chunks); the other GEMMs run item by item and
+   * group by group on each worker, serial BLAS calls without a pool
+   * dispatch, priced at 1/50 of a dispatched call. */
   return f * n * flops + mc->flop_per_byte * (double)q->es * t * n * elems +
-         mc->call_flops * t * chunks * calls;
+         mc->call_flops * t * (chunks * chunk_calls + n * item_calls / 50.0);
 }
 
 
