@@ -59,6 +59,7 @@ typedef struct cc_stage {
    * not a weight tensor; its gradient is written in the same layout. */
   bool wt;
   int64_t ld;
+  const char* wd; /* formed W: also as the dense weight [Co, K] (read by the GEMMs), or NULL */
   /* An im2col stage whose input is one kernel-sized patch (one output
    * pixel, no padding or dilation: the basis images of form W): col is the
    * input itself. */
@@ -449,6 +450,7 @@ static inline char* at_bytes(const char* base, size_t off) {
 /* Group g's weight as [Cog, K]: rows of the weight, or (formed W) the
  * transposed block (g·K.., g·Cog..) of Wᵀ. */
 static fct_mat stage_wg(const cc_stage* c, int64_t g, size_t es) {
+  if (c->wd) return fct_dense(at(c->wd, g * c->Cog * c->K, es), c->Cog, c->K);
   if (c->wt) {
     fct_mat b = {at(c->w.m.data, g * c->K * c->ld + g * c->Cog, es), c->K, c->Cog, c->ld, 1};
     return fct_mat_t(b);
@@ -591,7 +593,8 @@ typedef struct cc_call {
   bool backward, gx, gw, pack_x, pack_g; /* the pass laid out below */
   int64_t nb, chunks, bw, bsaved; /* basis images per chunk, chunks, weight elements, saved/image */
   double cost_chain, cost_form_w;         /* of this pass (0: not priced) */
-  size_t off_wt, off_gwt, off_b, off_gb, off_w0, off_e, off_bsaved, off_part, off_sub, bytes;
+  size_t off_wt, off_wd, off_gwt, off_b, off_gb, off_w0, off_e, off_bsaved, off_part, off_sub,
+      off_dense, bytes;
 } cc_call;
 
 static fct_status fw_plan(fct_context* ctx, cc_call* c, cc_sub_w how,
@@ -1050,7 +1053,8 @@ static bool peel_pays(const cc_plan* p, const cc_fw* f, const fct_conv_stage* d)
     rest += 2.0 * (double)(c->st.out_channels * h * w) * k;
   }
   const cc_stage* m = &p->s[0];
-  double R = (double)m->st.out_channels, NW = (double)f->NW, Co = (double)p->s[p->S - 1].st.out_channels;
+  double R = (double)m->st.out_channels, NW = (double)f->NW;
+  double Co = (double)p->s[p->S - 1].st.out_channels;
   double peeled = R * kk * rest + 2.0 * NW * (double)m->Cog * Co;
   double whole = NW * (2.0 * R * kk * (double)m->Cig + rest);
   return peeled < whole;
@@ -1261,22 +1265,22 @@ static fct_status fw_plan(fct_context* ctx, cc_call* c, cc_sub_w how,
   size_t sub = 0;
   for (int last = 0; last < 2; ++last) {
     int64_t nc = basis_chunk(c, last ? c->chunks - 1 : 0);
-    FCT_TRY(sub_plan(ctx, p, how, bweights, c->f.nbs, c->f.basis + c->f.s0, nc, false, false, false, proj, false,
-                     false, be, b));
+    FCT_TRY(sub_plan(ctx, p, how, bweights, c->f.nbs, c->f.basis + c->f.s0, nc, false, false,
+                     false, proj, false, false, be, b));
     if (b->bytes > sub) sub = b->bytes;
     if (!proj) continue;
-    FCT_TRY(sub_plan(ctx, p, how, bweights, c->f.nbs, c->f.basis + c->f.s0, nc, true, false, true, true, false,
-                     false, be, b));
+    FCT_TRY(sub_plan(ctx, p, how, bweights, c->f.nbs, c->f.basis + c->f.s0, nc, true, false,
+                     true, true, false, false, be, b));
     if (b->bytes > sub) sub = b->bytes;
   }
   FCT_TRY(sub_plan(ctx, p, SUB_FORMED, NULL, 1, &c->f.dense, p->N, backward, gx, gw, false,
                    p->pack_x, p->pack_g, be, d));
-  if (d->bytes > sub) sub = d->bytes;
   fct_layout L;
   memset(&L, 0, sizeof L);
   int64_t wn = c->f.NW * c->f.Co; /* bounded: the dense kernel's elements times groups */
   int64_t bn = c->f.NB * c->f.Co; /* the peeled basis's output B (<= wn) */
   c->off_wt = fct_layout_take(&L, wn, p->es);
+  c->off_wd = fct_layout_take(&L, wn, p->es);
   if (c->f.s0) {
     c->off_b = fct_layout_take(&L, bn, p->es);
     const cc_stage* m0 = &p->s[0];
@@ -1288,8 +1292,18 @@ static fct_status fw_plan(fct_context* ctx, cc_call* c, cc_sub_w how,
     c->off_bsaved = fct_layout_take(&L, c->nb * c->bsaved, p->es);
     if (c->chunks > 1) c->off_part = fct_layout_take(&L, c->chunks * c->bw, p->es);
   }
-  c->off_e = fct_layout_take(&L, c->nb * c->f.NB, p->es);
-  c->off_sub = fct_layout_take(&L, (int64_t)sub, 1);
+  /* The one-hot chunk and the basis's region are dead while the dense
+   * stage runs: its region overlaps them (a smaller workspace, and the
+   * allocator hands back large blocks as fresh pages every call). */
+  double eb = (double)c->nb * (double)c->f.NB * (double)p->es;
+  if (eb > (double)INT64_MAX / 2)
+    return fct_fail(ctx, FCT_ERR_OVERFLOW, "form W: the workspace overflows");
+  size_t e_bytes = ((size_t)eb + FCT_WS_ALIGN - 1) / FCT_WS_ALIGN * FCT_WS_ALIGN;
+  size_t u = e_bytes + sub > d->bytes ? e_bytes + sub : d->bytes;
+  size_t off_u = fct_layout_take(&L, (int64_t)u, 1);
+  c->off_e = off_u;
+  c->off_sub = off_u + e_bytes;
+  c->off_dense = off_u;
   return fct_layout_done(ctx, &L, &c->bytes);
 }
 
@@ -1305,10 +1319,15 @@ static void fill_onehot(char* E, int64_t nc, int64_t NB, int64_t n0, fct_dtype d
   }
 }
 
-/* The region the sub-plans share. */
+/* The region of the basis's sub-plans, and the dense stage's. */
 static fct_exec sub_exec(const fct_exec* e, const cc_call* c) {
   fct_exec se = *e;
   se.ws = fct_ws_at(e, c->off_sub);
+  return se;
+}
+static fct_exec dense_exec(const fct_exec* e, const cc_call* c) {
+  fct_exec se = *e;
+  se.ws = fct_ws_at(e, c->off_dense);
   return se;
 }
 
@@ -1366,6 +1385,20 @@ static fct_status peel_gemms(const fct_exec* e, const cc_call* c, const DLTensor
   return FCT_OK;
 }
 
+/* W [Co, K] from Wᵀ (each group's block transposed): the dense stage's
+ * GEMMs read it with unit stride along K (measured faster than reading Wᵀ
+ * transposed in place; gW is still written as gWᵀ). */
+static fct_status dense_w(const fct_exec* e, const cc_call* c, cc_stage* d) {
+  char* wd = fct_ws_at(e, c->off_wd);
+  for (int64_t g = 0; g < d->st.groups; ++g) {
+    int64_t shape[2] = {d->Cog, d->K}, strides[2] = {1, c->f.Co};
+    FCT_TRY(fct_x_permute(e, at(d->w.m.data, g * d->K * c->f.Co + g * d->Cog, e->es), 2, shape,
+                          strides, at(wd, g * d->Cog * d->K, e->es)));
+  }
+  d->wd = wd;
+  return FCT_OK;
+}
+
 /* Wᵀ [NW, Co] from the factors. */
 static fct_status form_wt(const fct_exec* e, const cc_call* c, const DLTensor* const* weights) {
   char* E = fct_ws_at(e, c->off_e);
@@ -1379,12 +1412,13 @@ static fct_status form_wt(const fct_exec* e, const cc_call* c, const DLTensor* c
 static fct_status fw_forward(const fct_exec* e, const cc_call* c, const DLTensor* x,
                              const DLTensor* const* weights, const DLTensor* bias, DLTensor* y) {
   FCT_TRY(form_wt(e, c, weights));
-  fct_exec se = sub_exec(e, c);
+  fct_exec se = dense_exec(e, c);
   cc_plan* d = &(cc_plan){0};
   FCT_TRY(sub_plan(e->ctx, &c->p, SUB_FORMED, NULL, 1, &c->f.dense, c->p.N, false, false, false,
                    false, c->p.pack_x, false, e->be, d));
   fct_mat wt = {fct_ws_at(e, c->off_wt), c->f.NW, c->f.Co, c->f.Co, 1};
   d->s[0].w.m = wt;
+  FCT_TRY(dense_w(e, c, &d->s[0]));
   cc_job* j = &(cc_job){0};
   j->e = &se;
   j->p = d;
@@ -1401,12 +1435,13 @@ static fct_status fw_backward(const fct_exec* e, const cc_call* c, const DLTenso
                               DLTensor* grad_x, DLTensor* const* grad_weights,
                               DLTensor* grad_bias) {
   FCT_TRY(form_wt(e, c, weights));
-  fct_exec se = sub_exec(e, c);
+  fct_exec se = dense_exec(e, c);
   cc_plan* d = &(cc_plan){0};
   FCT_TRY(sub_plan(e->ctx, &c->p, SUB_FORMED, NULL, 1, &c->f.dense, c->p.N, true, c->gx, c->gw,
                    false, c->p.pack_x, c->p.pack_g, e->be, d));
   fct_mat wt = {fct_ws_at(e, c->off_wt), c->f.NW, c->f.Co, c->f.Co, 1};
   d->s[0].w.m = wt;
+  FCT_TRY(dense_w(e, c, &d->s[0]));
   char* gwt = fct_ws_at(e, c->off_gwt);
   cc_job* j = &(cc_job){0};
   j->e = &se;
@@ -1425,6 +1460,7 @@ static fct_status fw_backward(const fct_exec* e, const cc_call* c, const DLTenso
   char* gyb = fct_ws_at(e, c->f.s0 ? c->off_gb : c->off_gwt);
   /* The projection on the factors, chunk by chunk (see the top of the
    * section); one chunk writes the gradients directly. */
+  se = sub_exec(e, c);
   char* E = fct_ws_at(e, c->off_e);
   char* saved = fct_ws_at(e, c->off_bsaved);
   char* part = fct_ws_at(e, c->off_part);
