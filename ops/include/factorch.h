@@ -335,13 +335,14 @@ FCT_API fct_status fct_tensor_train(fct_context* ctx, const DLTensor* X, int n_m
 
 /* For fct_context.flags: the tensorized linear ops process the batch (Tucker,
  * TT) or the rank (CP) in chunks of at most 3 rows or columns, whatever the
- * cost model prefers: the smallest workspace and many chunks. Slow; meant
+ * cost model prefers: the smallest workspace and many chunks (the
+ * convolution chain forming W: chunks of 3 one-hot images). Slow; meant
  * for tests of the chunked paths. */
 #define FCT_FLAG_SMALL_CHUNKS 2u
 
 /* For fct_context.flags: force one strategy of the tensorized linear ops
- * (CP, Tucker, TT) instead of the cost model's choice, so that tests reach
- * both. CONTRACT: the contraction chain of x with the factors. FORM_W: form
+ * (CP, Tucker, TT) and of the convolution chain (fct_conv_chain_*, below)
+ * instead of the cost model's choice, so that tests reach both. CONTRACT: the contraction chain of x with the factors. FORM_W: form
  * W (in row blocks bounded like the chain's chunks) from the factors, then
  * dense GEMMs: y = x·Wᵀ forward; grad_x = grad_y·W and grad_W = grad_yᵀ·x
  * projected on the factors backward. FORM_W wins when both are set.
