@@ -335,13 +335,14 @@ FCT_API fct_status fct_tensor_train(fct_context* ctx, const DLTensor* X, int n_m
 
 /* For fct_context.flags: the tensorized linear ops process the batch (Tucker,
  * TT) or the rank (CP) in chunks of at most 3 rows or columns, whatever the
- * cost model prefers: the smallest workspace and many chunks. Slow; meant
+ * cost model prefers: the smallest workspace and many chunks (the
+ * convolution chain forming W: chunks of 3 one-hot images). Slow; meant
  * for tests of the chunked paths. */
 #define FCT_FLAG_SMALL_CHUNKS 2u
 
 /* For fct_context.flags: force one strategy of the tensorized linear ops
- * (CP, Tucker, TT) instead of the cost model's choice, so that tests reach
- * both. CONTRACT: the contraction chain of x with the factors. FORM_W: form
+ * (CP, Tucker, TT) and of the convolution chain (fct_conv_chain_*, below)
+ * instead of the cost model's choice, so that tests reach both. CONTRACT: the contraction chain of x with the factors. FORM_W: form
  * W (in row blocks bounded like the chain's chunks) from the factors, then
  * dense GEMMs: y = x·Wᵀ forward; grad_x = grad_y·W and grad_W = grad_yᵀ·x
  * projected on the factors backward. FORM_W wins when both are set.
@@ -536,6 +537,37 @@ FCT_API fct_status fct_conv_chain_backward(
     const fct_conv_stage* stages, const DLTensor* const* weights,
     const DLTensor* saved /* nullable when n_stages == 1 */, DLTensor* grad_x /* nullable */,
     DLTensor* const* grad_weights /* nullable, entries too */, DLTensor* grad_bias /* nullable */);
+
+/* Two strategies, chosen per call on the CPU from the batch size and the
+ * shapes (the chain's cost constants), or forced by FCT_FLAG_FORCE_CONTRACT
+ * / FCT_FLAG_FORCE_FORM_W (FORM_W wins when both are set):
+ *  - "contract": the chain of stages above.
+ *  - "form_w": form the dense kernel W [C_out, C_in / groups', KH, KW] of the
+ *    whole chain (its response to the C_in·KH·KW one-hot images, in chunks),
+ *    then one dense convolution of x; backward: grad_x and grad_W through
+ *    the dense convolution, grad_W projected on the stages' weights (the
+ *    chain's backward on the same one-hot images).
+ * Only chains that compose exactly into one convolution can form W: every
+ * stage has batch 1 and reads exactly the previous stage's [C, OH, OW], and
+ * along each axis at most one stage has a kernel, stride or padding other
+ * than 1, 1, 0 (channel mixers around one spatial stage: Tucker-2,
+ * low-rank; CP's kh x 1 and 1 x kw filters); the composed convolution takes
+ * each axis's geometry from that stage, and groups' = the gcd of the
+ * stages' groups. Others (TT) run the chain, also under FORCE_FORM_W; so
+ * does CUDA. A training forward (saved given) makes the backward's choice,
+ * since a backward that runs the chain reads the activations the forward
+ * saved: the flags must be the same for both calls. The workspace stays
+ * bounded: W and its gradient, one chunk of one-hot images (chunk budget),
+ * the chain's per-chunk buffers. */
+
+/* What the convolution chain would do for `batch` images (C-contiguous
+ * tensors): forward_strategy for an inference forward (a training forward
+ * follows backward_strategy), FLOPs, workspace bytes and in `plan` whether
+ * the chain composes and both strategies' prices. flags: FCT_FLAG_* as the
+ * op would see them (the FORCE flags). */
+FCT_API fct_status fct_conv_chain_plan(int n_stages, const fct_conv_stage* stages, int64_t batch,
+                                       DLDevice device, DLDataType dtype, uint32_t flags,
+                                       fct_linear_plan_info* info);
 
 /* ========================================================================= */
 /* Factorized embeddings: low-rank and Tensor-Train (TT-Rec).                 */
