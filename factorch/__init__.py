@@ -5,7 +5,8 @@ PyTorch, with forward and backward kernels in C (OpenBLAS) and CUDA C (cuBLAS).
 from __future__ import annotations
 
 from . import _lib, _ops, functional, nn  # noqa: F401  (_ops registers fakes/autograd)
-from ._config import get_check_finite, pool_stalls, set_check_finite, set_stall_policy
+from ._config import (get_check_finite, kept_workspace, pool_stalls, release_workspace,
+                      set_check_finite, set_stall_policy)
 from . import limits  # noqa: E402  (memory and iteration caps of the decompositions and layers)
 from . import decompose  # noqa: E402  (decompositions in C: svd, randomized_svd, cp, tucker, TT)
 from . import data, evaluate  # noqa: E402  (calibration text, perplexity and speed)
@@ -44,6 +45,8 @@ __all__ = [
     "set_check_finite",
     "set_stall_policy",
     "pool_stalls",
+    "release_workspace",
+    "kept_workspace",
     "get_check_finite",
     "cuda_available",
     "__version__",

@@ -70,6 +70,8 @@ torch.ops.load_library(str(LIB_DIR / "libfactorch_torch.so"))
 glue = ctypes.CDLL(str(LIB_DIR / "libfactorch_torch.so"))
 glue.fct_torch_registration_status.restype = ctypes.c_int
 glue.fct_torch_set_flags.argtypes = [ctypes.c_int, ctypes.c_uint32]
+glue.fct_torch_release_workspace.restype = ctypes.c_size_t
+glue.fct_torch_kept_workspace.restype = ctypes.c_size_t
 if glue.fct_torch_registration_status() != 0:
     raise ImportError("factorch: registering the ops with torch's dispatcher failed")
 
