@@ -173,8 +173,8 @@ test-models: build models fortunes
 # Benchmarks against the anchors (tensorly, tensorly-torch, torchtt); each
 # writes its section of bench/RESULTS.md. Run on a quiet machine: they time
 # 2 cores. `bench-<name>` runs one.
-BENCH_NAMES := lowrank_linear factorized_linear factorized_conv factorized_embedding decompose compress decode \
-  lora onnx recovery busy_cpu check_finite
+BENCH_NAMES := lowrank_linear factorized_linear factorized_linear_forward factorized_conv \
+  factorized_embedding decompose compress decode lora onnx recovery busy_cpu check_finite
 bench: $(addprefix bench-,$(BENCH_NAMES))
 
 $(STAMPS)/bench-deps: $(STAMPS)/build
@@ -183,6 +183,10 @@ $(STAMPS)/bench-deps: $(STAMPS)/build
 
 bench-%: $(STAMPS)/bench-deps
 	$(PY) bench/bench_$*.py --write bench/RESULTS.md
+
+# The tensorized table's forward alone (its own section).
+bench-factorized_linear_forward: $(STAMPS)/bench-deps
+	$(PY) bench/bench_factorized_linear.py --forward --write bench/RESULTS.md
 
 clean:
 	rm -rf build $(STAMPS) factorch/_libs

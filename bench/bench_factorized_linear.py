@@ -18,10 +18,11 @@ before they run (opt_einsum's contraction path for tltorch; the tensordot
 chain's sizes for torchtt).
 
     .venv/bin/pip install tensorly-torch torchtt   # the peers ("bench" extra)
-    .venv/bin/python bench/bench_factorized_linear.py [--quick] [--write bench/RESULTS.md]
+    .venv/bin/python bench/bench_factorized_linear.py [--quick] [--forward] [--write bench/RESULTS.md]
 
 --quick: one round of short samples and tighter limits on the peers, to
 check the script (minutes); the full run is meant for a quiet machine.
+--forward: the forward alone, under no_grad (its own section).
 """
 
 from __future__ import annotations
@@ -196,6 +197,13 @@ def run_case(fact, fraction, M, args, rows, floors, ratios):
     cands["nn.Linear"] = dense
 
     def step(mod):
+        if args.forward:
+            x0 = x.detach()
+
+            def fwd():
+                with torch.no_grad():
+                    return mod(x0)
+            return fwd
         params = [x, *mod.parameters()]
         return lambda: torch.autograd.grad(mod(x), params, g)
 
@@ -216,7 +224,8 @@ def run_case(fact, fraction, M, args, rows, floors, ratios):
     alt = min(med["nn.Linear"], tl_best) if tl_best else med["nn.Linear"]
     vs_alt = alt / med["factorch"]
     info = ours.plan(M)
-    plan = f"{info['plan']} [fwd {info['forward_strategy']}, bwd {info['backward_strategy']}]"
+    plan = (f"{info['plan']} [fwd {info['forward_strategy']}]" if args.forward else
+            f"{info['plan']} [fwd {info['forward_strategy']}, bwd {info['backward_strategy']}]")
     row = [fact, f"{ours.compression_ratio:.1f}x", str(ours.rank).replace(" ", ""), str(M),
            *[cell[n] for n in names], vs_tl, vs_dense,
            f"{vs_alt:.2f}x{'' if vs_alt >= 0.9 else ' **below 0.9**'}", plan]
@@ -224,23 +233,11 @@ def run_case(fact, fraction, M, args, rows, floors, ratios):
     ratios.setdefault("vs_alt", []).append(vs_alt)
     rows.append(row)
     print(" | ".join(row), flush=True)
-    if M == 2048 and fact == "tucker" and tl_best:
+    if M == 2048 and fact == "tucker" and tl_best and not args.forward:
         label = dict(FRACTIONS)[fraction]
         ok = tl_best / med["factorch"] >= 2.5
         floors.append(f"- tucker {label} at M = 2048: {vs_tl} the faster tltorch mode (floor "
                       f"2.5x): {'met' if ok else 'NOT met'}")
-    if M == 2048:
-        label = dict(FRACTIONS)[fraction]
-        if tl_best:
-            ok = tl_best / med["factorch"] >= 3
-            floors.append(f"- {fact} {label}: {vs_tl} the faster tltorch mode (floor 3x): "
-                          f"{'met' if ok else 'NOT met'}")
-        else:
-            floors.append(f"- {fact} {label}: every tltorch mode skipped (too large to run)")
-        if fact == "tt" and label == "50x":
-            ok = med["nn.Linear"] > med["factorch"]
-            floors.append(f"- tt 50x vs nn.Linear: {vs_dense} (floor: faster): "
-                          f"{'met' if ok else 'NOT met'}")
     return rows
 
 
@@ -254,6 +251,8 @@ def main(argv=None):
     ap.add_argument("--max-peer-seconds", type=float, default=40.0,
                     help="skip a peer estimated to take longer per call than this")
     ap.add_argument("--only", choices=FACTS, action="append", help="factorizations to run")
+    ap.add_argument("--forward", action="store_true",
+                    help="time the forward alone (under no_grad) instead of forward+backward")
     ap.add_argument("--write", metavar="RESULTS.md", help="write the table into this file")
     args = ap.parse_args(argv)
     if args.quick:
@@ -287,16 +286,20 @@ def main(argv=None):
         f"Command: `{cmd}`{' (a quick check, not a measurement)' if args.quick else ''}\n\n"
         f"Machine: {machine()}; factorch {factorch.__version__} on cpu, "
         f"check_finite={factorch.get_check_finite()['cpu']}. The run took {took:.0f} s.\n"
-        f"Forward+backward (y and the gradients of x, factors and bias) of a 4096 x 4096 layer "
+        + ("Forward alone (y under no_grad)" if args.forward else
+           "Forward+backward (y and the gradients of x, factors and bias)") +
+        f" of a 4096 x 4096 layer "
         f"tensorized as (8, 8, 8, 8) x (8, 8, 8, 8), ranks as tltorch picks them for the "
         f"fractions 0.1 / 0.02 / 0.005 of the dense parameters. Median of up to {args.rounds} "
         f"interleaved rounds (fewer for cases whose factorch call takes > 0.5 s; each sample "
         f">= {args.min_time}s). Ratios > 1: factorch is faster.\n\n" + table +
-        "\n\nFloors (fwd+bwd; the per-layer ones at M = 2048):\n\n" + "\n".join(floors)
+        f"\n\nFloors ({'forward' if args.forward else 'fwd+bwd'}):\n\n" + "\n".join(floors)
     )
     print("\n" + table + "\n\n" + "\n".join(floors) + f"\n\n(took {took:.0f} s)")
     if args.write:
-        write_section(args.write, "Tensorized linear layers (cpu)", body)
+        title = "Tensorized linear layers, forward alone (cpu)" if args.forward else \
+            "Tensorized linear layers (cpu)"
+        write_section(args.write, title, body)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ PyTorch, with forward and backward kernels in C (OpenBLAS) and CUDA C (cuBLAS).
 from __future__ import annotations
 
 from . import _lib, _ops, functional, nn  # noqa: F401  (_ops registers fakes/autograd)
-from ._config import get_check_finite, set_check_finite
+from ._config import (get_check_finite, kept_workspace, pool_stalls, release_workspace,
+                      set_check_finite, set_stall_policy)
 from . import limits  # noqa: E402  (memory and iteration caps of the decompositions and layers)
 from . import decompose  # noqa: E402  (decompositions in C: svd, randomized_svd, cp, tucker, TT)
 from . import data, evaluate  # noqa: E402  (calibration text, perplexity and speed)
@@ -42,6 +43,10 @@ __all__ = [
     "data",
     "evaluate",
     "set_check_finite",
+    "set_stall_policy",
+    "pool_stalls",
+    "release_workspace",
+    "kept_workspace",
     "get_check_finite",
     "cuda_available",
     "__version__",

@@ -49,6 +49,10 @@ core.fct_version.restype = ctypes.c_uint32
 core.fct_cuda_available.restype = ctypes.c_int
 core.fct_cpu_set_num_threads.restype = ctypes.c_int
 core.fct_cpu_set_num_threads.argtypes = [ctypes.c_int]
+core.fct_cpu_set_stall_policy.argtypes = [ctypes.c_int64] * 3
+core.fct_cpu_pool_stalls.restype = ctypes.c_uint64
+core.fct_cpu_pool_resting.restype = ctypes.c_int
+core.fct_cpu_pool_rest.argtypes = [ctypes.c_int64]
 
 cuda_load_error: str | None = None
 _cuda_path = LIB_DIR / "libfactorch_cuda.so"
@@ -66,6 +70,8 @@ torch.ops.load_library(str(LIB_DIR / "libfactorch_torch.so"))
 glue = ctypes.CDLL(str(LIB_DIR / "libfactorch_torch.so"))
 glue.fct_torch_registration_status.restype = ctypes.c_int
 glue.fct_torch_set_flags.argtypes = [ctypes.c_int, ctypes.c_uint32]
+glue.fct_torch_release_workspace.restype = ctypes.c_size_t
+glue.fct_torch_kept_workspace.restype = ctypes.c_size_t
 if glue.fct_torch_registration_status() != 0:
     raise ImportError("factorch: registering the ops with torch's dispatcher failed")
 

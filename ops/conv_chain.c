@@ -33,7 +33,13 @@
  * when its GEMM reads it. On the CPU each thread of the pool takes its own
  * share of the images (plan_layout says why); on CUDA one worker runs the
  * chunks and the device parallelises inside each primitive.
+ *
+ * Chains that compose into one convolution may instead form its dense
+ * kernel and run one dense stage ("form W", end of the file), when the cost
+ * model prices that lower for the call's batch.
  */
+#include <math.h>
+#include <stdio.h>
 #include <string.h>
 
 #include "op_common.h"
@@ -48,6 +54,16 @@ typedef struct cc_stage {
   int64_t in_numel, out_numel; /* per image */
   int64_t col_numel;           /* per image, im2col stages */
   fct_param w;                 /* [Co, K] (depthwise: [C, kh·kw]) */
+  /* The composed stage of "form W" (below): w.m is the formed Wᵀ
+   * [Ci·kh·kw, Co] (row stride ld = Co, zero outside the groups' blocks),
+   * not a weight tensor; its gradient is written in the same layout. */
+  bool wt;
+  int64_t ld;
+  const char* wd; /* formed W: also as the dense weight [Co, K] (read by the GEMMs), or NULL */
+  /* An im2col stage whose input is one kernel-sized patch (one output
+   * pixel, no padding or dilation: the basis images of form W): col is the
+   * input itself. */
+  bool col_is_in;
 } cc_stage;
 
 typedef struct cc_plan {
@@ -151,6 +167,10 @@ static fct_status stage_init(fct_context* ctx, int i, const fct_conv_stage* st, 
     c->kind = CC_DIRECT;
   else
     c->kind = CC_IM2COL;
+  c->col_is_in = c->kind == CC_IM2COL && c->P == 1 && st->in_h == st->kh &&
+                  st->in_w == st->kw && (st->dil_h == 1 || st->kh == 1) &&
+                  (st->dil_w == 1 || st->kw == 1) && st->pad_top == 0 && st->pad_left == 0 &&
+                  st->pad_bottom == 0 && st->pad_right == 0;
   if (c->kind == CC_IM2COL) {
     int64_t rows;
     if (!mul3(st->in_channels, st->kh, st->kw, &rows) ||
@@ -409,7 +429,8 @@ static void add_inputs(fct_args* a, const DLTensor* x, const cc_plan* p,
 }
 
 static fct_status bind_weights(const fct_exec* e, cc_plan* p) {
-  for (int i = 0; i < p->S; ++i) FCT_TRY(fct_param_bind(e, &p->s[i].w));
+  for (int i = 0; i < p->S; ++i)
+    if (!p->s[i].wt) FCT_TRY(fct_param_bind(e, &p->s[i].w));
   return FCT_OK;
 }
 
@@ -426,6 +447,28 @@ static inline char* at_bytes(const char* base, size_t off) {
 /* One stage on n items (layouts at the top of the file)                      */
 /* ------------------------------------------------------------------------- */
 
+/* Group g's weight as [Cog, K]: rows of the weight, or (formed W) the
+ * transposed block (g·K.., g·Cog..) of Wᵀ. */
+static fct_mat stage_wg(const cc_stage* c, int64_t g, size_t es) {
+  if (c->wd) return fct_dense(at(c->wd, g * c->Cog * c->K, es), c->Cog, c->K);
+  if (c->wt) {
+    fct_mat b = {at(c->w.m.data, g * c->K * c->ld + g * c->Cog, es), c->K, c->Cog, c->ld, 1};
+    return fct_mat_t(b);
+  }
+  return fct_dense(at(c->w.m.data, g * c->Cog * c->K, es), c->Cog, c->K);
+}
+
+/* n items of a stage with one output pixel as the rows of a matrix: cols
+ * elements from column `off` of each item, items `stride` elements apart.
+ * One GEMM then does what n matrix-vector products would (the basis images
+ * of form W are many such items). */
+static fct_mat items_mat(const char* base, int64_t n, int64_t cols, int64_t stride, int64_t off,
+                         size_t es) {
+  fct_mat m = {at(base, off, es), n, cols, stride, 1};
+  if (n <= 1) m.rs = cols > 0 ? cols : 1;
+  return m;
+}
+
 static fct_status stage_forward(const fct_exec* e, const cc_stage* c, int64_t n, const char* in,
                                 char* col, char* out) {
   const char* w = c->w.m.data;
@@ -433,13 +476,20 @@ static fct_status stage_forward(const fct_exec* e, const cc_stage* c, int64_t n,
     return e->be->depthwise_forward(e->ctx, e->device, e->dt, &c->geom, n, in, w, out);
   const char* src = in;
   int64_t item = c->st.in_channels * c->P_in; /* direct: the item is [Ci, P] */
-  if (c->kind == CC_IM2COL) {
+  if (c->kind == CC_IM2COL && !c->col_is_in) {
     FCT_TRY(e->be->im2col(e->ctx, e->device, e->dt, &c->geom, n, in, col));
     src = col;
     item = c->st.in_channels * c->st.kh * c->st.kw * c->P;
   }
   for (int64_t g = 0; g < c->st.groups; ++g) {
-    fct_mat A = fct_dense(at(w, g * c->Cog * c->K, e->es), c->Cog, c->K);
+    if (c->P == 1) { /* one output pixel: the items are rows, out_g [n, Cog] = src_g · W_gᵀ */
+      fct_mat A = items_mat(src, n, c->K, item, g * c->K, e->es);
+      fct_mat B = fct_mat_t(stage_wg(c, g, e->es));
+      fct_mat C = items_mat(out, n, c->Cog, c->st.out_channels, g * c->Cog, e->es);
+      FCT_TRY(fct_x_gemm(e, &A, &B, &C, 0.0));
+      continue;
+    }
+    fct_mat A = stage_wg(c, g, e->es);
     fct_mat B = fct_dense(at(src, g * c->K * c->P, e->es), c->K, c->P);
     fct_mat C = fct_dense(at(out, g * c->Cog * c->P, e->es), c->Cog, c->P);
     FCT_TRY(fct_x_gemm_batched(e, &A, &B, &C, 0.0, n, 0, item, c->st.out_channels * c->P));
@@ -461,7 +511,7 @@ static fct_status stage_backward(const fct_exec* e, const cc_plan* p, const cc_s
       FCT_TRY(e->be->depthwise_backward_input(e->ctx, e->device, e->dt, &c->geom, n, gout, w, gin));
     return FCT_OK;
   }
-  bool im2col = c->kind == CC_IM2COL;
+  bool im2col = c->kind == CC_IM2COL && !c->col_is_in; /* else the item is its own col */
   int64_t item = im2col ? c->st.in_channels * c->st.kh * c->st.kw * c->P
                         : c->st.in_channels * c->P_in;
   int64_t gitem = c->st.out_channels * c->P;
@@ -471,8 +521,31 @@ static fct_status stage_backward(const fct_exec* e, const cc_plan* p, const cc_s
       FCT_TRY(e->be->im2col(e->ctx, e->device, e->dt, &c->geom, n, in, col));
       src = col;
     }
-    /* gW_g [Cog, K] = beta·gW_g + Σ_items gout_g [Cog, P] · src_gᵀ [P, K] */
+    /* gW_g [Cog, K] = beta·gW_g + Σ_items gout_g [Cog, P] · src_gᵀ [P, K]
+     * (formed W: its transpose, src_g · gout_gᵀ, into the block of gWᵀ) */
     for (int64_t g = 0; g < c->st.groups; ++g) {
+      if (c->P == 1) { /* Σ over the items as one GEMM (items_mat) */
+        fct_mat S = items_mat(src, n, c->K, item, g * c->K, e->es);
+        fct_mat G = items_mat(gout, n, c->Cog, gitem, g * c->Cog, e->es);
+        if (c->wt) { /* gWᵀ_g [K, Cog] = Sᵀ · G */
+          fct_mat St = fct_mat_t(S);
+          fct_mat C = {at(gw, g * c->K * c->ld + g * c->Cog, e->es), c->K, c->Cog, c->ld, 1};
+          FCT_TRY(fct_x_gemm(e, &St, &G, &C, beta));
+        } else { /* gW_g [Cog, K] = Gᵀ · S */
+          fct_mat Gt = fct_mat_t(G);
+          fct_mat C = fct_dense(at(gw, g * c->Cog * c->K, e->es), c->Cog, c->K);
+          FCT_TRY(fct_x_gemm(e, &Gt, &S, &C, beta));
+        }
+        continue;
+      }
+      if (c->wt) {
+        fct_mat A = fct_dense(at(src, g * c->K * c->P, e->es), c->K, c->P);
+        fct_mat B = fct_mat_t(fct_dense(at(gout, g * c->Cog * c->P, e->es), c->Cog, c->P));
+        fct_mat C = {at(gw, g * c->K * c->ld + g * c->Cog, e->es), c->K, c->Cog, c->ld, 1};
+        FCT_TRY(e->be->gemm_reduce(e->ctx, e->device, e->dt, &A, &B, &C, beta, n, item, gitem,
+                                   red, p->red_bytes));
+        continue;
+      }
       fct_mat A = fct_dense(at(gout, g * c->Cog * c->P, e->es), c->Cog, c->P);
       fct_mat B = fct_mat_t(fct_dense(at(src, g * c->K * c->P, e->es), c->K, c->P));
       fct_mat C = fct_dense(at(gw, g * c->Cog * c->K, e->es), c->Cog, c->K);
@@ -485,7 +558,14 @@ static fct_status stage_backward(const fct_exec* e, const cc_plan* p, const cc_s
    * or straight into gin. */
   char* dst = im2col ? col : gin;
   for (int64_t g = 0; g < c->st.groups; ++g) {
-    fct_mat A = fct_mat_t(fct_dense(at(w, g * c->Cog * c->K, e->es), c->Cog, c->K));
+    if (c->P == 1) { /* dst_g [n, K] = gout_g [n, Cog] · W_g */
+      fct_mat A = items_mat(gout, n, c->Cog, gitem, g * c->Cog, e->es);
+      fct_mat B = stage_wg(c, g, e->es);
+      fct_mat C = items_mat(dst, n, c->K, item, g * c->K, e->es);
+      FCT_TRY(fct_x_gemm(e, &A, &B, &C, 0.0));
+      continue;
+    }
+    fct_mat A = fct_mat_t(stage_wg(c, g, e->es));
     fct_mat B = fct_dense(at(gout, g * c->Cog * c->P, e->es), c->Cog, c->P);
     fct_mat C = fct_dense(at(dst, g * c->K * c->P, e->es), c->K, c->P);
     FCT_TRY(fct_x_gemm_batched(e, &A, &B, &C, 0.0, n, 0, gitem, item));
@@ -493,6 +573,39 @@ static fct_status stage_backward(const fct_exec* e, const cc_plan* p, const cc_s
   if (im2col) FCT_TRY(e->be->col2im(e->ctx, e->device, e->dt, &c->geom, n, col, gin));
   return FCT_OK;
 }
+
+/* Form W (implemented at the end of the file). */
+typedef struct cc_fw {
+  bool ok;
+  fct_conv_stage dense;                 /* the composed stage on x */
+  fct_conv_stage basis[FCT_MAX_STAGES]; /* the chain on the basis images (from stage s0) */
+  int s0, nbs;      /* first stage and number of stages the basis runs */
+  int64_t NW, NB, Co; /* rows of Wᵀ (Ci·KH·KW), basis images (C_s0·KH·KW), out channels */
+} cc_fw;
+
+/* How a sub-plan's stages get their weights. */
+typedef enum { SUB_WEIGHTS, SUB_FORMED, SUB_SIZES } cc_sub_w;
+
+typedef struct cc_call {
+  cc_plan p; /* the chain: always planned (it checks every argument) */
+  cc_fw f;
+  bool form_w;
+  bool backward, gx, gw, pack_x, pack_g; /* the pass laid out below */
+  int64_t nb, chunks, bw, bsaved; /* basis images per chunk, chunks, weight elements, saved/image */
+  double cost_chain, cost_form_w;         /* of this pass (0: not priced) */
+  size_t off_wt, off_wd, off_gwt, off_b, off_gb, off_w0, off_e, off_bsaved, off_part, off_sub,
+      off_dense, bytes;
+} cc_call;
+
+static fct_status fw_plan(fct_context* ctx, cc_call* c, cc_sub_w how,
+                          const DLTensor* const* weights, bool backward, bool keep, bool gx,
+                          bool gw);
+static fct_status fw_forward(const fct_exec* e, const cc_call* c, const DLTensor* x,
+                             const DLTensor* const* weights, const DLTensor* bias, DLTensor* y);
+static fct_status fw_backward(const fct_exec* e, const cc_call* c, const DLTensor* grad_y,
+                              const DLTensor* x, const DLTensor* const* weights,
+                              DLTensor* grad_x, DLTensor* const* grad_weights,
+                              DLTensor* grad_bias);
 
 /* ------------------------------------------------------------------------- */
 /* Forward                                                                    */
@@ -528,9 +641,10 @@ fct_status fct_conv_chain_forward_workspace(const fct_context* ctx, const DLTens
                                             size_t* bytes) {
   if (!ctx || !bytes) return FCT_ERR_NULL_ARGUMENT;
   fct_context c = *ctx;
-  cc_plan p;
-  FCT_TRY(forward_plan(&c, x, n, stages, weights, bias, y, saved, &p));
-  *bytes = p.bytes;
+  cc_call* cl = &(cc_call){0};
+  FCT_TRY(forward_plan(&c, x, n, stages, weights, bias, y, saved, &cl->p));
+  FCT_TRY(fw_plan(&c, cl, SUB_WEIGHTS, weights, false, saved != NULL, false, false));
+  *bytes = cl->form_w ? cl->bytes : cl->p.bytes;
   return FCT_OK;
 }
 
@@ -638,20 +752,27 @@ fct_status fct_conv_chain_forward(fct_context* ctx, const DLTensor* x, int n,
   cc_plan p;
   fct_exec e;
   FCT_TRY(forward_plan(ctx, x, n, stages, weights, bias, y, saved, &p));
+  cc_call* cl = &(cc_call){0};
+  cl->p = p;
+  FCT_TRY(fw_plan(ctx, cl, SUB_WEIGHTS, weights, false, saved != NULL, false, false));
   FCT_TRY(fct_exec_begin(ctx, "x", x, &e));
   if (p.N == 0) return FCT_OK;
-  FCT_TRY(fct_check_workspace(ctx, p.bytes));
-  FCT_TRY(bind_weights(&e, &p));
-  cc_job* j = &(cc_job){0};
-  j->e = &e;
-  j->p = &p;
-  FCT_TRY(fct_x_dense_base(&e, x, p.pack_x, p.off_x, &j->xb));
-  j->y = fct_data(y);
-  j->saved = saved ? fct_data(saved) : NULL;
-  j->bias = bias ? fct_data(bias) : NULL;
-  j->bst = fct_vector_stride(bias);
-  j->images = forward_images;
-  FCT_TRY(run_workers(j));
+  FCT_TRY(fct_check_workspace(ctx, cl->form_w ? cl->bytes : p.bytes));
+  if (cl->form_w) {
+    FCT_TRY(fw_forward(&e, cl, x, weights, bias, y));
+  } else {
+    FCT_TRY(bind_weights(&e, &p));
+    cc_job* j = &(cc_job){0};
+    j->e = &e;
+    j->p = &p;
+    FCT_TRY(fct_x_dense_base(&e, x, p.pack_x, p.off_x, &j->xb));
+    j->y = fct_data(y);
+    j->saved = saved ? fct_data(saved) : NULL;
+    j->bias = bias ? fct_data(bias) : NULL;
+    j->bst = fct_vector_stride(bias);
+    j->images = forward_images;
+    FCT_TRY(run_workers(j));
+  }
   if (p.check) {
     fct_args a;
     a.n = 0;
@@ -725,10 +846,11 @@ fct_status fct_conv_chain_backward_workspace(const fct_context* ctx, const DLTen
                                              const DLTensor* grad_bias, size_t* bytes) {
   if (!ctx || !bytes) return FCT_ERR_NULL_ARGUMENT;
   fct_context c = *ctx;
-  cc_plan p;
+  cc_call* cl = &(cc_call){0};
   FCT_TRY(backward_plan(&c, grad_y, x, n, stages, weights, saved, grad_x, grad_weights, grad_bias,
-                    &p));
-  *bytes = p.bytes;
+                    &cl->p));
+  FCT_TRY(fw_plan(&c, cl, SUB_WEIGHTS, weights, true, true, grad_x != NULL, grad_weights != NULL));
+  *bytes = cl->form_w ? cl->bytes : cl->p.bytes;
   return FCT_OK;
 }
 
@@ -765,9 +887,19 @@ static fct_status backward_images(const fct_exec* e, const cc_job* j, char* base
     gw[s] = !p->gw ? NULL : p->T == 1 ? j->gw[s] : at(at_bytes(base, p->off_part), off, e->es);
     off += p->s[s].w.rows * p->s[s].w.cols;
   }
+  /* A formed W with groups: the chunks write only the groups' blocks of
+   * gWᵀ, the rest is zero. */
+  bool acc[FCT_MAX_STAGES];
+  for (int s = 0; s < p->S; ++s) {
+    acc[s] = gw[s] && p->s[s].wt && p->s[s].st.groups > 1;
+    if (acc[s]) {
+      fct_mat z = fct_dense(gw[s], p->s[s].w.rows, p->s[s].w.cols);
+      FCT_TRY(e->be->zero(e->ctx, e->device, e->dt, &z));
+    }
+  }
   for (int64_t i0 = i_begin; i0 < i_end; i0 += p->Nc) {
     int64_t nc = i_end - i0 < p->Nc ? i_end - i0 : p->Nc;
-    double beta = i0 == i_begin ? 0.0 : 1.0;
+    double beta0 = i0 == i_begin ? 0.0 : 1.0;
     const char* g = at(j->gyb, i0 * p->s[p->S - 1].out_numel, e->es);
     for (int s = 0; p->gw && s < p->S; ++s)
       if (p->recompute[s])
@@ -782,11 +914,51 @@ static fct_status backward_images(const fct_exec* e, const cc_job* j, char* base
       else if (j->gx)
         gin = at(j->gx, i0 * c->in_numel, e->es);
       if (!gw[s] && !gin) break;
+      double beta = acc[s] ? 1.0 : beta0;
       FCT_TRY(stage_backward(e, p, c, nc * c->st.batch, in, g, col, red, gw[s], gin, beta));
       g = gin;
     }
   }
   return FCT_OK;
+}
+
+/* backward_images on every worker, then (several workers) j->gw[s] =
+ * Σ_w partial_w[s]: the partials are the rows of a [T, wnumel] view with
+ * rows worker_bytes apart. */
+static fct_status run_backward(cc_job* j) {
+  const cc_plan* p = j->p;
+  const fct_exec* e = j->e;
+  j->images = backward_images;
+  FCT_TRY(run_workers(j));
+  if (!p->gw || p->T == 1) return FCT_OK;
+  int64_t rs = (int64_t)(p->worker_bytes / e->es), off = 0;
+  for (int s = 0; s < p->S; ++s) {
+    int64_t numel = p->s[s].w.rows * p->s[s].w.cols;
+    fct_mat part = {fct_ws_at(e, p->off_worker + p->off_part) + off * (int64_t)e->es, p->T, numel,
+                    rs, 1};
+    FCT_TRY(e->be->column_sums(e->ctx, e->device, e->dt, &part, j->gw[s]));
+    off += numel;
+  }
+  return FCT_OK;
+}
+
+/* The chain's backward (the "contract" strategy). */
+static fct_status chain_backward(const fct_exec* e, cc_plan* p, const DLTensor* grad_y,
+                                 const DLTensor* x, const DLTensor* saved, DLTensor* grad_x,
+                                 DLTensor* const* grad_weights, DLTensor* grad_bias) {
+  FCT_TRY(bind_weights(e, p));
+  cc_job* j = &(cc_job){0};
+  j->e = e;
+  j->p = p;
+  if (p->gw) FCT_TRY(fct_x_dense_base(e, x, p->pack_x, p->off_x, &j->xb));
+  FCT_TRY(fct_x_dense_base(e, grad_y, p->pack_g, p->off_g, &j->gyb));
+  j->saved = saved ? fct_data(saved) : NULL;
+  j->gx = grad_x ? fct_data(grad_x) : NULL;
+  for (int s = 0; grad_weights && s < p->S; ++s) j->gw[s] = fct_data(grad_weights[s]);
+  if (grad_bias)
+    FCT_TRY(e->be->channel_sums(e->ctx, e->device, e->dt, p->N, p->Cy, p->Py, j->gyb,
+                                fct_data(grad_bias)));
+  return run_backward(j);
 }
 
 fct_status fct_conv_chain_backward(fct_context* ctx, const DLTensor* grad_y, const DLTensor* x,
@@ -804,34 +976,17 @@ fct_status fct_conv_chain_backward(fct_context* ctx, const DLTensor* grad_y, con
     if (grad_bias) FCT_TRY(zero_dense(&e, grad_bias));
     return FCT_OK;
   }
-  FCT_TRY(fct_check_workspace(ctx, p.bytes));
+  cc_call* cl = &(cc_call){0};
+  cl->p = p;
+  FCT_TRY(fw_plan(ctx, cl, SUB_WEIGHTS, weights, true, true, grad_x != NULL,
+                  grad_weights != NULL));
+  FCT_TRY(fct_check_workspace(ctx, cl->form_w ? cl->bytes : p.bytes));
   if (p.check)
     FCT_TRY(fct_check_finite_grad(ctx, e.be, fct_ws_at(&e, p.off_scratch), grad_y, "conv_chain"));
-  FCT_TRY(bind_weights(&e, &p));
-  cc_job* j = &(cc_job){0};
-  j->e = &e;
-  j->p = &p;
-  if (p.gw) FCT_TRY(fct_x_dense_base(&e, x, p.pack_x, p.off_x, &j->xb));
-  FCT_TRY(fct_x_dense_base(&e, grad_y, p.pack_g, p.off_g, &j->gyb));
-  j->saved = saved ? fct_data(saved) : NULL;
-  j->gx = grad_x ? fct_data(grad_x) : NULL;
-  for (int s = 0; grad_weights && s < p.S; ++s) j->gw[s] = fct_data(grad_weights[s]);
-  if (grad_bias)
-    FCT_TRY(e.be->channel_sums(ctx, e.device, e.dt, p.N, p.Cy, p.Py, j->gyb, fct_data(grad_bias)));
-  j->images = backward_images;
-  FCT_TRY(run_workers(j));
-  if (p.gw && p.T > 1) {
-    /* grad_weights[s] = Σ_w partial_w[s]: the partials are the rows of a
-     * [T, wnumel] view with rows worker_bytes apart. */
-    int64_t rs = (int64_t)(p.worker_bytes / e.es), off = 0;
-    for (int s = 0; s < p.S; ++s) {
-      int64_t numel = p.s[s].w.rows * p.s[s].w.cols;
-      fct_mat part = {fct_ws_at(&e, p.off_worker + p.off_part) + off * (int64_t)e.es, p.T, numel,
-                      rs, 1};
-      FCT_TRY(e.be->column_sums(ctx, e.device, e.dt, &part, fct_data(grad_weights[s])));
-      off += numel;
-    }
-  }
+  if (cl->form_w)
+    FCT_TRY(fw_backward(&e, cl, grad_y, x, weights, grad_x, grad_weights, grad_bias));
+  else
+    FCT_TRY(chain_backward(&e, &p, grad_y, x, saved, grad_x, grad_weights, grad_bias));
   if (p.check && grad_x) {
     fct_args a;
     a.n = 0;
@@ -840,5 +995,601 @@ fct_status fct_conv_chain_backward(fct_context* ctx, const DLTensor* grad_y, con
     FCT_TRY(fct_check_finite(ctx, e.be, fct_ws_at(&e, p.off_scratch), "grad_x", grad_x, a.names,
                          a.ts, a.n));
   }
+  return FCT_OK;
+}
+
+/* ------------------------------------------------------------------------- */
+/* Form W: the composed kernel from the factors, then one dense stage         */
+/* ------------------------------------------------------------------------- */
+
+/* The rule (factorch.h, "form W"): a chain composes exactly into one
+ * convolution of x when every stage sees one item (batch 1) holding exactly
+ * the previous stage's output [C, OH, OW] and, along each axis, at most one
+ * stage is not trivial (kernel, stride or padding other than 1, 1, 0). The
+ * trivial stages are pointwise linear maps of the channels, which commute
+ * with zero padding, and filters on different axes compose into their outer
+ * product; the composed stage takes each axis's kernel, stride, padding and
+ * dilation from that axis's non-trivial stage, and groups = the gcd of the
+ * stages' groups (each stage maps the channels of one of those blocks to the
+ * same block). CP, Tucker-2 and low-rank chains compose; TT's (batch > 1)
+ * does not.
+ *
+ * W is the chain's response to the basis images: run with stride 1, no
+ * padding and no dilation on the NW = Ci·KH·KW one-hot images [Ci, KH, KW],
+ * the chain writes [NW, Co] = Wᵀ (row (c, i, j), column o; zero outside the
+ * groups' blocks), in chunks of nb images (a leading 1x1 mixer is peeled
+ * off first, see compose: then the basis is smaller). The dense stage reads
+ * Wᵀ in place (stage_wg). Backward: grad_x and gWᵀ = Σ col·goutᵀ from the
+ * dense stage, then the weights' gradients are the chain's backward on the
+ * same basis images with grad_y = gWᵀ (Wᵀ = chain(basis) is linear in each
+ * weight, so the weights' gradients of <gWᵀ, chain(basis)> are gW projected
+ * on the factors), one chunk at a time, the chunks' gradients summed at the
+ * end. CPU only: the one-hot images are written by the host. */
+
+static int64_t gcd64(int64_t a, int64_t b) {
+  while (b) {
+    int64_t t = a % b;
+    a = b;
+    b = t;
+  }
+  return a;
+}
+
+static bool axis_trivial(int64_t k, int64_t s, int64_t p0, int64_t p1) {
+  return k == 1 && s == 1 && p0 == 0 && p1 == 0;
+}
+
+/* Whether peeling the leading 1x1 mixer C_in -> R costs fewer FLOPs: the
+ * rest of the chain on R·KK basis images and the GEMMs of Wᵀ (2·NW·R/g·Co),
+ * against the whole chain on the NW = C_in·KK images (the mixer alone
+ * 2·R·KK·C_in/g per image, mostly multiplying zeros). */
+static bool peel_pays(const cc_plan* p, const cc_fw* f, const fct_conv_stage* d) {
+  double kk = (double)(d->kh * d->kw), rest = 0;
+  int64_t h = d->kh, w = d->kw;
+  for (int i = 1; i < p->S; ++i) {
+    const cc_stage* c = &p->s[i];
+    h -= c->st.kh - 1, w -= c->st.kw - 1;
+    double k = c->kind == CC_DEPTHWISE ? (double)(c->st.kh * c->st.kw) : (double)c->K;
+    rest += 2.0 * (double)(c->st.out_channels * h * w) * k;
+  }
+  const cc_stage* m = &p->s[0];
+  double R = (double)m->st.out_channels, NW = (double)f->NW;
+  double Co = (double)p->s[p->S - 1].st.out_channels;
+  double peeled = R * kk * rest + 2.0 * NW * (double)m->Cog * Co;
+  double whole = NW * (2.0 * R * kk * (double)m->Cig + rest);
+  return peeled < whole;
+}
+
+static void compose(const cc_plan* p, cc_fw* f) {
+  memset(f, 0, sizeof *f);
+  const fct_conv_stage* s0 = &p->s[0].st;
+  fct_conv_stage d = {1, s0->in_channels, s0->in_h, s0->in_w, p->s[p->S - 1].st.out_channels,
+                      1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 0};
+  int nh = 0, nw = 0;
+  for (int i = 0; i < p->S; ++i) {
+    const fct_conv_stage* st = &p->s[i].st;
+    if (st->batch != 1) return;
+    if (i > 0) {
+      const cc_stage* prev = &p->s[i - 1];
+      if (st->in_channels != prev->st.out_channels || st->in_h != prev->geom.OH ||
+          st->in_w != prev->geom.OW)
+        return;
+    }
+    d.groups = gcd64(d.groups, st->groups);
+    if (!axis_trivial(st->kh, st->stride_h, st->pad_top, st->pad_bottom)) {
+      if (nh++) return;
+      d.kh = st->kh, d.stride_h = st->stride_h, d.dil_h = st->dil_h;
+      d.pad_top = st->pad_top, d.pad_bottom = st->pad_bottom;
+    }
+    if (!axis_trivial(st->kw, st->stride_w, st->pad_left, st->pad_right)) {
+      if (nw++) return;
+      d.kw = st->kw, d.stride_w = st->stride_w, d.dil_w = st->dil_w;
+      d.pad_left = st->pad_left, d.pad_right = st->pad_right;
+    }
+  }
+  int64_t h = d.kh, w = d.kw;
+  for (int i = 0; i < p->S; ++i) {
+    fct_conv_stage b = p->s[i].st;
+    b.in_h = h, b.in_w = w;
+    b.stride_h = b.stride_w = b.dil_h = b.dil_w = 1;
+    b.pad_top = b.pad_left = b.pad_bottom = b.pad_right = 0;
+    h -= b.kh - 1, w -= b.kw - 1;
+    f->basis[i] = b;
+  }
+  cc_stage c;
+  fct_context quiet = {0};
+  const cc_stage* last = &p->s[p->S - 1];
+  if (h != 1 || w != 1 || stage_init(&quiet, 0, &d, &c) != FCT_OK || c.geom.OH != last->geom.OH ||
+      c.geom.OW != last->geom.OW)
+    return;
+  if (!mul3(d.in_channels, d.kh, d.kw, &f->NW) || !fct_fits_int(f->NW)) return;
+  f->NB = f->NW;
+  f->nbs = p->S;
+  /* A leading channel mixer (CP's and Tucker's C_in -> R) is peeled off
+   * when that costs fewer FLOPs (peel_pays): the basis runs the rest on the
+   * R·KH·KW one-hot images [R, KH, KW], giving B [R·KH·KW, Co], and per
+   * group of the mixer Wᵀ_g [Cig, KH·KW·Co] = W0_gᵀ · B_g (peel_gemms). */
+  const fct_conv_stage* m0 = &p->s[0].st;
+  if (p->S > 1 && p->s[0].kind == CC_DIRECT && peel_pays(p, f, &d)) {
+    f->s0 = 1;
+    f->nbs = p->S - 1;
+    f->NB = m0->out_channels * d.kh * d.kw;
+  }
+  f->dense = d;
+  f->Co = d.out_channels;
+  f->ok = true;
+}
+
+
+/* A plan of n stages on N images laid out as the chain's, for the parent's
+ * dtype and device: weights bound from the call's tensors (SUB_WEIGHTS),
+ * one stage reading the formed Wᵀ (SUB_FORMED), or sizes only (SUB_SIZES,
+ * for pricing without tensors). */
+static fct_status sub_plan(fct_context* ctx, const cc_plan* parent, cc_sub_w how,
+                           const DLTensor* const* weights, int n, const fct_conv_stage* st,
+                           int64_t N, bool backward, bool gx, bool gw, bool keep, bool pack_x,
+                           bool pack_g, const fct_backend* be, cc_plan* q) {
+  memset(q, 0, sizeof *q);
+  FCT_TRY(chain_init(ctx, n, st, q));
+  q->dt = parent->dt;
+  q->es = parent->es;
+  q->cuda = parent->cuda;
+  q->N = N;
+  q->Cy = q->s[n - 1].st.out_channels;
+  q->Py = q->s[n - 1].P;
+  for (int i = 0; i < n; ++i) {
+    cc_stage* c = &q->s[i];
+    int64_t cols = c->kind == CC_DEPTHWISE ? c->st.kh * c->st.kw : c->K;
+    if (how == SUB_FORMED) {
+      c->wt = true;
+      c->ld = c->st.out_channels;
+      c->w.rows = c->st.in_channels * c->st.kh * c->st.kw;
+      c->w.cols = c->st.out_channels;
+    } else if (how == SUB_WEIGHTS) {
+      fct_param_init(&c->w, weights[i], c->st.out_channels, cols, true);
+    } else {
+      c->w.rows = c->st.out_channels;
+      c->w.cols = cols;
+    }
+  }
+  q->backward = backward;
+  q->gx = gx;
+  q->gw = gw;
+  q->keep = keep;
+  q->pack_x = pack_x;
+  q->pack_g = pack_g;
+  return plan_layout(ctx, q, be);
+}
+
+/* FLOP-equivalents of a pass of plan q over n images: the stages' FLOPs,
+ * their traffic (input, output and twice the im2col buffer per image) and
+ * the calls (one per group and stage per chunk); a backward costs about
+ * twice a forward. */
+static double plan_cost(const cc_plan* q, double n, bool backward, const fct_machine* mc) {
+  double flops = 0, elems = 0, chunk_calls = 0, item_calls = 0, planes = 0;
+  for (int i = 0; i < q->S; ++i) {
+    const cc_stage* c = &q->s[i];
+    bool dw = c->kind == CC_DEPTHWISE;
+    double k = dw ? (double)(c->st.kh * c->st.kw) : (double)c->K;
+    flops += 2.0 * (double)c->out_numel * k;
+    elems += (double)(c->in_numel + c->out_numel + 2 * c->col_numel);
+    if (dw) planes += (double)(c->st.batch * c->st.in_channels);
+    if (dw || c->P == 1)
+      chunk_calls += dw ? 1 : (double)c->st.groups; /* whole chunks (items_mat) */
+    else
+      item_calls += (double)(c->st.batch * c->st.groups);
+    if (c->kind == CC_IM2COL && !c->col_is_in) chunk_calls += 1;
+  }
+  /* Chunks of the chain's budget (not of the plan's worker count, so that
+   * the choice depends on the shapes, the batch and the dtype only). */
+  fct_machine m = fct_machine_for(q->cuda);
+  double chunks = ceil(n * elems * (double)q->es / (2.0 * (double)m.chunk_bytes));
+  if (chunks < 1) chunks = 1;
+  double f = 1, t = 1;
+  if (backward) f = 2, t = 2;
+  /* Calls: per chunk im2col, the depthwise kernels and the GEMMs of
+   * one-pixel stages (whole chunks); the other GEMMs run item by item and
+   * group by group on each worker, serial BLAS calls without a pool
+   * dispatch, priced at 1/50 of a dispatched call; the depthwise kernels
+   * take each (item, channel) plane as a task, priced at 1/500 (measured
+   * about 0.2 µs per 3x3 plane: CP's basis images are 2^18 of them at
+   * rank 512 on 64 channels). */
+  return f * n * flops + mc->flop_per_byte * (double)q->es * t * n * elems +
+         mc->call_flops * t * (chunks * chunk_calls + n * item_calls / 50.0 + n * planes / 500.0);
+}
+
+
+/* Images of chunk k of the basis. */
+static int64_t basis_chunk(const cc_call* c, int64_t k) {
+  int64_t n0 = k * c->nb;
+  return c->f.NB - n0 < c->nb ? c->f.NB - n0 : c->nb;
+}
+
+/* Whether to form W for this pass, and then the layout: [Wᵀ | gWᵀ | basis
+ * chunk | its saved activations | the chunks' weight gradients | one
+ * region shared by the sub-plans run one after the other]. The choice
+ * prices the pass from the batch size and the shapes with the chain's
+ * constants; a backward prices every gradient, so that the forward (which
+ * must keep the chain's activations when the backward runs the chain) makes
+ * the backward's choice. */
+static fct_status fw_plan(fct_context* ctx, cc_call* c, cc_sub_w how,
+                          const DLTensor* const* weights, bool backward, bool keep, bool gx,
+                          bool gw) {
+  const cc_plan* p = &c->p;
+  c->form_w = false;
+  c->cost_chain = c->cost_form_w = 0;
+  compose(p, &c->f);
+  if (!c->f.ok || p->cuda || p->N == 0) return FCT_OK;
+  fct_machine mc = fct_machine_for(p->cuda);
+  const fct_backend* be = &fct_cpu_backend;
+  double NB = (double)c->f.NB, es = (double)p->es;
+  c->nb = (int64_t)((double)mc.chunk_bytes / (NB * es));
+  if (c->nb < 1) c->nb = 1;
+  if (c->nb > c->f.NB) c->nb = c->f.NB;
+  if ((ctx->flags & FCT_FLAG_SMALL_CHUNKS) && c->nb > 3) c->nb = 3;
+  c->chunks = (c->f.NB + c->nb - 1) / c->nb;
+  /* Price: the direction asked, or for a forward that keeps activations,
+   * the backward (whose choice binds the forward). */
+  bool price_bwd = backward || keep;
+  cc_plan* b = &(cc_plan){0};
+  cc_plan* d = &(cc_plan){0};
+  FCT_TRY(sub_plan(ctx, p, SUB_SIZES, NULL, c->f.nbs, c->f.basis + c->f.s0, c->nb, false, false,
+                   false, false, false, false, be, b));
+  FCT_TRY(sub_plan(ctx, p, SUB_FORMED, NULL, 1, &c->f.dense, p->N, price_bwd, true, true, false,
+                   false, false, be, d));
+  c->bw = b->wnumel;
+  /* Forming W: the one-hot images written, the basis chain, the peeled
+   * mixer's GEMM (and its two in the backward, with W formed twice). */
+  double NW = (double)c->f.NW, Co = (double)c->f.Co;
+  double onehot = mc.flop_per_byte * es * NB * NB, peel = 0;
+  if (c->f.s0)
+    peel = 2.0 * NW * (double)p->s[0].Cog * Co + mc.flop_per_byte * es * (NW + NB) * Co;
+  double fw_fwd = plan_cost(b, NB, false, &mc) + onehot + peel;
+  double fw = price_bwd ? 2 * fw_fwd + plan_cost(b, NB, true, &mc) + onehot + 2 * peel +
+                              plan_cost(d, (double)p->N, true, &mc)
+                        : fw_fwd + plan_cost(d, (double)p->N, false, &mc);
+  double chain = plan_cost(p, (double)p->N, price_bwd, &mc);
+  bool fits = (2 * NW + 2 * NB) * Co * es + (double)c->nb * NB * es <= (double)mc.workspace_cap;
+  c->cost_chain = chain;
+  c->cost_form_w = fw;
+  if (ctx->flags & FCT_FLAG_FORCE_FORM_W)
+    c->form_w = true;
+  else if (ctx->flags & FCT_FLAG_FORCE_CONTRACT)
+    c->form_w = false;
+  else
+    c->form_w = fits && fw < chain;
+  if (!c->form_w) return FCT_OK;
+  /* The layout for this pass. */
+  c->backward = backward;
+  c->gx = gx;
+  c->gw = gw;
+  bool proj = backward && gw; /* the weights' gradients: the basis backward */
+  const DLTensor* const* bweights = weights ? weights + c->f.s0 : NULL;
+  c->bsaved = b->saved_per_image;
+  size_t sub = 0;
+  for (int last = 0; last < 2; ++last) {
+    int64_t nc = basis_chunk(c, last ? c->chunks - 1 : 0);
+    FCT_TRY(sub_plan(ctx, p, how, bweights, c->f.nbs, c->f.basis + c->f.s0, nc, false, false,
+                     false, proj, false, false, be, b));
+    if (b->bytes > sub) sub = b->bytes;
+    if (!proj) continue;
+    FCT_TRY(sub_plan(ctx, p, how, bweights, c->f.nbs, c->f.basis + c->f.s0, nc, true, false,
+                     true, true, false, false, be, b));
+    if (b->bytes > sub) sub = b->bytes;
+  }
+  FCT_TRY(sub_plan(ctx, p, SUB_FORMED, NULL, 1, &c->f.dense, p->N, backward, gx, gw, false,
+                   p->pack_x, p->pack_g, be, d));
+  fct_layout L;
+  memset(&L, 0, sizeof L);
+  int64_t wn = c->f.NW * c->f.Co; /* bounded: the dense kernel's elements times groups */
+  int64_t bn = c->f.NB * c->f.Co; /* the peeled basis's output B (<= wn) */
+  c->off_wt = fct_layout_take(&L, wn, p->es);
+  c->off_wd = fct_layout_take(&L, wn, p->es);
+  if (c->f.s0) {
+    c->off_b = fct_layout_take(&L, bn, p->es);
+    const cc_stage* m0 = &p->s[0];
+    c->off_w0 = fct_layout_take(&L, m0->w.rows * m0->w.cols, p->es);
+  }
+  if (proj) {
+    c->off_gwt = fct_layout_take(&L, wn, p->es);
+    if (c->f.s0) c->off_gb = fct_layout_take(&L, bn, p->es);
+    c->off_bsaved = fct_layout_take(&L, c->nb * c->bsaved, p->es);
+    if (c->chunks > 1) c->off_part = fct_layout_take(&L, c->chunks * c->bw, p->es);
+  }
+  /* The one-hot chunk and the basis's region are dead while the dense
+   * stage runs: its region overlaps them (a smaller workspace, and the
+   * allocator hands back large blocks as fresh pages every call). */
+  double eb = (double)c->nb * (double)c->f.NB * (double)p->es;
+  if (eb > (double)INT64_MAX / 2)
+    return fct_fail(ctx, FCT_ERR_OVERFLOW, "form W: the workspace overflows");
+  size_t e_bytes = ((size_t)eb + FCT_WS_ALIGN - 1) / FCT_WS_ALIGN * FCT_WS_ALIGN;
+  size_t u = e_bytes + sub > d->bytes ? e_bytes + sub : d->bytes;
+  size_t off_u = fct_layout_take(&L, (int64_t)u, 1);
+  c->off_e = off_u;
+  c->off_sub = off_u + e_bytes;
+  c->off_dense = off_u;
+  return fct_layout_done(ctx, &L, &c->bytes);
+}
+
+/* Basis images [n0, n0 + nc) into E [nc, NB]: one-hot rows (host writes;
+ * form W runs on the CPU only). */
+static void fill_onehot(char* E, int64_t nc, int64_t NB, int64_t n0, fct_dtype dt, size_t es) {
+  memset(E, 0, (size_t)(nc * NB) * es);
+  for (int64_t i = 0; i < nc; ++i) {
+    if (dt == FCT_F64)
+      ((double*)E)[i * NB + n0 + i] = 1.0;
+    else
+      ((float*)E)[i * NB + n0 + i] = 1.0f;
+  }
+}
+
+/* The region of the basis's sub-plans, and the dense stage's. */
+static fct_exec sub_exec(const fct_exec* e, const cc_call* c) {
+  fct_exec se = *e;
+  se.ws = fct_ws_at(e, c->off_sub);
+  return se;
+}
+static fct_exec dense_exec(const fct_exec* e, const cc_call* c) {
+  fct_exec se = *e;
+  se.ws = fct_ws_at(e, c->off_dense);
+  return se;
+}
+
+/* The basis chain's forward on chunk k (E filled), writing Wᵀ's rows and,
+ * when saved is not NULL, its activations. */
+static fct_status basis_forward(const fct_exec* e, const cc_call* c, const DLTensor* const* weights,
+                                int64_t k, char* E, char* saved) {
+  int64_t nc = basis_chunk(c, k);
+  fct_exec se = sub_exec(e, c);
+  cc_plan* q = &(cc_plan){0};
+  FCT_TRY(sub_plan(e->ctx, &c->p, SUB_WEIGHTS, weights + c->f.s0, c->f.nbs, c->f.basis + c->f.s0,
+                   nc, false, false, false, saved != NULL, false, false, e->be, q));
+  FCT_TRY(bind_weights(&se, q));
+  cc_job* j = &(cc_job){0};
+  j->e = &se;
+  j->p = q;
+  j->xb = E;
+  j->y = at(fct_ws_at(e, c->f.s0 ? c->off_b : c->off_wt), k * c->nb * c->f.Co, e->es);
+  j->saved = saved;
+  j->images = forward_images;
+  return run_workers(j);
+}
+
+/* The peeled mixer W0 [R, Cig] (groups g0, Rg = R / g0 rows each) and B:
+ * forward (gw0 NULL) Wᵀ_g = W0_gᵀ · B_g; backward gB_g = W0_g · gWᵀ_g and
+ * gW0_g = B_g · gWᵀ_gᵀ, with Wᵀ_g / gWᵀ_g [Cig, KH·KW·Co] and B_g / gB_g
+ * [Rg, KH·KW·Co] views of the rows of group g. */
+static fct_status peel_gemms(const fct_exec* e, const cc_call* c, const DLTensor* const* weights,
+                             char* gw0) {
+  const cc_stage* m0 = &c->p.s[0];
+  fct_param w0;
+  fct_param_init(&w0, weights[0], m0->w.rows, m0->w.cols, true);
+  w0.off = c->off_w0;
+  FCT_TRY(fct_param_bind(e, &w0));
+  int64_t g0 = m0->st.groups, Rg = m0->Cog, Cig = m0->Cig;
+  int64_t cols = c->f.dense.kh * c->f.dense.kw * c->f.Co;
+  char *wt = fct_ws_at(e, c->off_wt), *b = fct_ws_at(e, c->off_b);
+  char *gwt = fct_ws_at(e, c->off_gwt), *gb = fct_ws_at(e, c->off_gb);
+  for (int64_t g = 0; g < g0; ++g) {
+    fct_mat W0g = {at(w0.m.data, g * Rg * w0.m.rs, e->es), Rg, Cig, w0.m.rs, w0.m.cs};
+    fct_mat Bg = fct_dense(at(b, g * Rg * cols, e->es), Rg, cols);
+    if (!gw0) {
+      fct_mat A = fct_mat_t(W0g);
+      fct_mat C = fct_dense(at(wt, g * Cig * cols, e->es), Cig, cols);
+      FCT_TRY(fct_x_gemm(e, &A, &Bg, &C, 0.0));
+      continue;
+    }
+    fct_mat G = fct_dense(at(gwt, g * Cig * cols, e->es), Cig, cols);
+    fct_mat GB = fct_dense(at(gb, g * Rg * cols, e->es), Rg, cols);
+    FCT_TRY(fct_x_gemm(e, &W0g, &G, &GB, 0.0));
+    fct_mat Gt = fct_mat_t(G);
+    fct_mat GW = fct_dense(at(gw0, g * Rg * Cig, e->es), Rg, Cig);
+    FCT_TRY(fct_x_gemm(e, &Bg, &Gt, &GW, 0.0));
+  }
+  return FCT_OK;
+}
+
+/* W [Co, K] from Wᵀ (each group's block transposed): the dense stage's
+ * GEMMs read it with unit stride along K (measured faster than reading Wᵀ
+ * transposed in place; gW is still written as gWᵀ). */
+static fct_status dense_w(const fct_exec* e, const cc_call* c, cc_stage* d) {
+  char* wd = fct_ws_at(e, c->off_wd);
+  for (int64_t g = 0; g < d->st.groups; ++g) {
+    int64_t shape[2] = {d->Cog, d->K}, strides[2] = {1, c->f.Co};
+    FCT_TRY(fct_x_permute(e, at(d->w.m.data, g * d->K * c->f.Co + g * d->Cog, e->es), 2, shape,
+                          strides, at(wd, g * d->Cog * d->K, e->es)));
+  }
+  d->wd = wd;
+  return FCT_OK;
+}
+
+/* Wᵀ [NW, Co] from the factors. */
+static fct_status form_wt(const fct_exec* e, const cc_call* c, const DLTensor* const* weights) {
+  char* E = fct_ws_at(e, c->off_e);
+  for (int64_t k = 0; k < c->chunks; ++k) {
+    fill_onehot(E, basis_chunk(c, k), c->f.NB, k * c->nb, e->dt, e->es);
+    FCT_TRY(basis_forward(e, c, weights, k, E, NULL));
+  }
+  return c->f.s0 ? peel_gemms(e, c, weights, NULL) : FCT_OK;
+}
+
+static fct_status fw_forward(const fct_exec* e, const cc_call* c, const DLTensor* x,
+                             const DLTensor* const* weights, const DLTensor* bias, DLTensor* y) {
+  FCT_TRY(form_wt(e, c, weights));
+  fct_exec se = dense_exec(e, c);
+  cc_plan* d = &(cc_plan){0};
+  FCT_TRY(sub_plan(e->ctx, &c->p, SUB_FORMED, NULL, 1, &c->f.dense, c->p.N, false, false, false,
+                   false, c->p.pack_x, false, e->be, d));
+  fct_mat wt = {fct_ws_at(e, c->off_wt), c->f.NW, c->f.Co, c->f.Co, 1};
+  d->s[0].w.m = wt;
+  FCT_TRY(dense_w(e, c, &d->s[0]));
+  cc_job* j = &(cc_job){0};
+  j->e = &se;
+  j->p = d;
+  FCT_TRY(fct_x_dense_base(&se, x, d->pack_x, d->off_x, &j->xb));
+  j->y = fct_data(y);
+  j->bias = bias ? fct_data(bias) : NULL;
+  j->bst = fct_vector_stride(bias);
+  j->images = forward_images;
+  return run_workers(j);
+}
+
+static fct_status fw_backward(const fct_exec* e, const cc_call* c, const DLTensor* grad_y,
+                              const DLTensor* x, const DLTensor* const* weights,
+                              DLTensor* grad_x, DLTensor* const* grad_weights,
+                              DLTensor* grad_bias) {
+  FCT_TRY(form_wt(e, c, weights));
+  fct_exec se = dense_exec(e, c);
+  cc_plan* d = &(cc_plan){0};
+  FCT_TRY(sub_plan(e->ctx, &c->p, SUB_FORMED, NULL, 1, &c->f.dense, c->p.N, true, c->gx, c->gw,
+                   false, c->p.pack_x, c->p.pack_g, e->be, d));
+  fct_mat wt = {fct_ws_at(e, c->off_wt), c->f.NW, c->f.Co, c->f.Co, 1};
+  d->s[0].w.m = wt;
+  FCT_TRY(dense_w(e, c, &d->s[0]));
+  char* gwt = fct_ws_at(e, c->off_gwt);
+  cc_job* j = &(cc_job){0};
+  j->e = &se;
+  j->p = d;
+  if (c->gw) FCT_TRY(fct_x_dense_base(&se, x, d->pack_x, d->off_x, &j->xb));
+  FCT_TRY(fct_x_dense_base(&se, grad_y, d->pack_g, d->off_g, &j->gyb));
+  if (grad_bias)
+    FCT_TRY(e->be->channel_sums(e->ctx, e->device, e->dt, c->p.N, c->p.Cy, c->p.Py, j->gyb,
+                                fct_data(grad_bias)));
+  j->gx = grad_x ? fct_data(grad_x) : NULL;
+  j->gw[0] = c->gw ? gwt : NULL;
+  FCT_TRY(run_backward(j));
+  if (!c->gw) return FCT_OK;
+  /* The peeled mixer's gradient, and gB for the basis below. */
+  if (c->f.s0) FCT_TRY(peel_gemms(e, c, weights, fct_data(grad_weights[0])));
+  char* gyb = fct_ws_at(e, c->f.s0 ? c->off_gb : c->off_gwt);
+  /* The projection on the factors, chunk by chunk (see the top of the
+   * section); one chunk writes the gradients directly. */
+  se = sub_exec(e, c);
+  char* E = fct_ws_at(e, c->off_e);
+  char* saved = fct_ws_at(e, c->off_bsaved);
+  char* part = fct_ws_at(e, c->off_part);
+  for (int64_t k = 0; k < c->chunks; ++k) {
+    int64_t nc = basis_chunk(c, k);
+    fill_onehot(E, nc, c->f.NB, k * c->nb, e->dt, e->es);
+    FCT_TRY(basis_forward(e, c, weights, k, E, saved));
+    cc_plan* q = &(cc_plan){0};
+    FCT_TRY(sub_plan(e->ctx, &c->p, SUB_WEIGHTS, weights + c->f.s0, c->f.nbs,
+                     c->f.basis + c->f.s0, nc, true, false, true, true, false, false, e->be, q));
+    FCT_TRY(bind_weights(&se, q));
+    cc_job* jb = &(cc_job){0};
+    jb->e = &se;
+    jb->p = q;
+    jb->xb = E;
+    jb->gyb = at(gyb, k * c->nb * c->f.Co, e->es);
+    jb->saved = saved;
+    int64_t off = k * c->bw;
+    for (int s = 0; s < q->S; ++s) {
+      DLTensor* g = grad_weights[c->f.s0 + s];
+      jb->gw[s] = c->chunks == 1 ? fct_data(g) : at(part, off, e->es);
+      off += q->s[s].w.rows * q->s[s].w.cols;
+    }
+    FCT_TRY(run_backward(jb));
+  }
+  if (c->chunks == 1) return FCT_OK;
+  int64_t off = 0;
+  for (int s = c->f.s0; s < c->p.S; ++s) {
+    int64_t numel = c->p.s[s].w.rows * c->p.s[s].w.cols;
+    fct_mat pm = {at(part, off, e->es), c->chunks, numel, c->bw, 1};
+    FCT_TRY(e->be->column_sums(e->ctx, e->device, e->dt, &pm, fct_data(grad_weights[s])));
+    off += numel;
+  }
+  return FCT_OK;
+}
+
+/* ------------------------------------------------------------------------- */
+/* Plan                                                                       */
+/* ------------------------------------------------------------------------- */
+
+/* FLOPs (2 × multiply-adds) of one image through the stages. */
+static double stage_flops(const cc_plan* q) {
+  double f = 0;
+  for (int i = 0; i < q->S; ++i) {
+    const cc_stage* c = &q->s[i];
+    double k = c->kind == CC_DEPTHWISE ? (double)(c->st.kh * c->st.kw) : (double)c->K;
+    f += 2.0 * (double)c->out_numel * k;
+  }
+  return f;
+}
+
+/* The chain's plan without tensors, as fct_conv_chain_forward_workspace /
+ * _backward_workspace make it for C-contiguous tensors. */
+static fct_status info_plan(fct_context* ctx, int n, const fct_conv_stage* stages, int64_t batch,
+                            fct_dtype dt, bool cuda, bool backward, cc_call* c) {
+  cc_plan* p = &c->p;
+  memset(c, 0, sizeof *c);
+  FCT_TRY(chain_init(ctx, n, stages, p));
+  p->dt = dt;
+  p->es = fct_dtype_bytes(dt);
+  p->cuda = cuda;
+  p->N = batch;
+  p->Cy = p->s[n - 1].st.out_channels;
+  p->Py = p->s[n - 1].P;
+  for (int i = 0; i < n; ++i) {
+    cc_stage* s = &p->s[i];
+    s->w.rows = s->st.out_channels;
+    s->w.cols = s->kind == CC_DEPTHWISE ? s->st.kh * s->st.kw : s->K;
+  }
+  p->backward = backward;
+  p->keep = backward;
+  p->gx = p->gw = p->gb = backward;
+  FCT_TRY(plan_layout(ctx, p, &fct_cpu_backend));
+  return fw_plan(ctx, c, SUB_SIZES, NULL, backward, backward, backward, backward);
+}
+
+fct_status fct_conv_chain_plan(int n_stages, const fct_conv_stage* stages, int64_t batch,
+                               DLDevice device, DLDataType dtype, uint32_t flags,
+                               fct_linear_plan_info* info) {
+  if (!info) return FCT_ERR_NULL_ARGUMENT;
+  memset(info, 0, sizeof *info);
+  fct_dtype dt = fct_dtype_of(dtype);
+  if (dt == FCT_DTYPE_INVALID) return FCT_ERR_DTYPE;
+  if (batch < 0) return FCT_ERR_INVALID_VALUE;
+  fct_context ctx = {0};
+  ctx.flags = flags;
+  bool cuda = device.device_type == kDLCUDA;
+  cc_call* f = &(cc_call){0};
+  cc_call* b = &(cc_call){0};
+  FCT_TRY(info_plan(&ctx, n_stages, stages, batch, dt, cuda, false, f));
+  FCT_TRY(info_plan(&ctx, n_stages, stages, batch, dt, cuda, true, b));
+  double N = (double)batch, chain = N * stage_flops(&f->p);
+  double fw_fwd = 0, fw_bwd = 0;
+  if (f->f.ok) {
+    cc_plan* q = &(cc_plan){0};
+    FCT_TRY(sub_plan(&ctx, &f->p, SUB_SIZES, NULL, f->f.nbs, f->f.basis + f->f.s0, 1, false,
+                     false, false, false, false, false, &fct_cpu_backend, q));
+    double basis = (double)f->f.NB * stage_flops(q);
+    if (f->f.s0) basis += 2.0 * (double)f->f.NW * (double)f->p.s[0].Cog * (double)f->f.Co;
+    FCT_TRY(sub_plan(&ctx, &f->p, SUB_FORMED, NULL, 1, &f->f.dense, 1, false, false, false, false,
+                     false, false, &fct_cpu_backend, q));
+    double dense = N * stage_flops(q);
+    fw_fwd = basis + dense;
+    fw_bwd = 4 * basis + 2 * dense; /* W twice, the basis backward, the dense backward */
+  }
+  info->forward_flops = f->form_w ? fw_fwd : chain;
+  info->backward_flops = b->form_w ? fw_bwd : 2 * chain;
+  info->forward_workspace = f->form_w ? f->bytes : f->p.bytes;
+  info->backward_workspace = b->form_w ? b->bytes : b->p.bytes;
+  if (f->f.ok)
+    snprintf(info->plan, sizeof info->plan,
+             "%d stages; composes into one %lldx%lld convolution (groups %lld): W [%lld, %lld] "
+             "formed from %lld basis images%s in %lld chunk(s); cost chain/form_w: forward "
+             "%.3g/%.3g, backward %.3g/%.3g",
+             n_stages, (long long)f->f.dense.kh, (long long)f->f.dense.kw,
+             (long long)f->f.dense.groups, (long long)f->f.Co, (long long)f->f.NW,
+             (long long)f->f.NB, f->f.s0 ? " after the first 1x1" : "", (long long)f->chunks,
+             f->cost_chain, f->cost_form_w,
+             b->cost_chain, b->cost_form_w);
+  else
+    snprintf(info->plan, sizeof info->plan,
+             "%d stages; does not compose into one convolution: the chain", n_stages);
+  snprintf(info->forward_strategy, sizeof info->forward_strategy, "%s",
+           f->form_w ? "form_w" : "contract");
+  snprintf(info->backward_strategy, sizeof info->backward_strategy, "%s",
+           b->form_w ? "form_w" : "contract");
   return FCT_OK;
 }

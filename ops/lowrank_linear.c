@@ -106,10 +106,9 @@ static fct_status forward_plan(fct_context* ctx, const DLTensor* x, const DLTens
     FCT_TRY(fct_check_batched(ctx, "t", t, x, p->r, "r, the first dim of V"));
     FCT_TRY(fct_check_output(ctx, "t", t, &m));
   }
-  const char* names[] = {"x", "U", "V", "bias", "t", "y"};
-  const DLTensor* ts[] = {x, U, V, bias, t, y};
-  FCT_TRY(fct_check_disjoint_all(ctx, 5, names, ts, 6));
-  FCT_TRY(fct_check_disjoint_all(ctx, 4, names, ts, 5));
+  const char* names[] = {"x", "U", "V", "bias", "y", "t"};
+  const DLTensor* ts[] = {x, U, V, bias, y, t};
+  FCT_TRY(fct_check_outputs_disjoint(ctx, 4, names, ts, 6));
 
   fct_param_init_rows(&p->x, x, p->M, p->in);
   fct_param_init(&p->U, U, p->out, p->r, false);
@@ -193,7 +192,7 @@ static fct_status backward_plan(fct_context* ctx, const DLTensor* g, const DLTen
   }
   const char* names[] = {"grad_y", "x", "U", "V", "t", "grad_x", "grad_U", "grad_V", "grad_bias"};
   const DLTensor* ts[] = {g, x, U, V, t, gx, gU, gV, gb};
-  for (int i = 5; i < 9; ++i) FCT_TRY(fct_check_disjoint_all(ctx, i, names, ts, 9));
+  FCT_TRY(fct_check_outputs_disjoint(ctx, 5, names, ts, 9));
 
   /* What each gradient reads: grad_bias: grad_y; grad_U: grad_y and
    * t = x·Vᵀ (given, or computed again); grad_V: grad_t = grad_y·U and x;

@@ -129,11 +129,23 @@ fct_status fct_check_contiguous_output(fct_context* ctx, const char* name, const
   return FCT_OK;
 }
 
-fct_status fct_check_disjoint_all(fct_context* ctx, int self, const char* const* names,
-                                  const DLTensor* const* ts, int n) {
+fct_status fct_check_outputs_disjoint(fct_context* ctx, int first_out, const char* const* names,
+                                      const DLTensor* const* ts, int n) {
+  uintptr_t lo[FCT_MAX_ARGS], hi[FCT_MAX_ARGS];
+  if (n > FCT_MAX_ARGS)
+    return fct_fail(ctx, FCT_ERR_INVALID_VALUE, "too many arguments (%d > %d)", n,
+                    FCT_MAX_ARGS);
   for (int i = 0; i < n; ++i) {
-    if (i == self || !ts[self]) continue;
-    FCT_TRY(fct_check_disjoint(ctx, names[self], ts[self], names[i], ts[i]));
+    lo[i] = hi[i] = 0;
+    if (ts[i]) fct_byte_range(ts[i], &lo[i], &hi[i]);
+  }
+  for (int o = first_out; o < n; ++o) {
+    if (lo[o] >= hi[o]) continue; /* absent or empty */
+    for (int i = 0; i < n; ++i)
+      if (i != o && lo[i] < hi[i] && lo[o] < hi[i] && lo[i] < hi[o])
+        return fct_fail(ctx, FCT_ERR_LAYOUT,
+                        "%s: expected memory disjoint from %s, but they overlap", names[o],
+                        names[i]);
   }
   return FCT_OK;
 }
@@ -235,9 +247,7 @@ void fct_args_add_list(fct_args* a, const char* list, int n, const DLTensor* con
 }
 
 fct_status fct_args_check_overlaps(fct_context* ctx, const fct_args* a, int first_out) {
-  for (int i = first_out; i < a->n; ++i)
-    FCT_TRY(fct_check_disjoint_all(ctx, i, a->names, a->ts, a->n));
-  return FCT_OK;
+  return fct_check_outputs_disjoint(ctx, first_out, a->names, a->ts, a->n);
 }
 
 /* ------------------------------------------------------------------------- */

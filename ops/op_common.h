@@ -105,13 +105,15 @@ bool fct_input_needs_pack(const DLTensor* t, fct_mat* view);
 /* A dense [rows, cols] view of contiguous memory. */
 fct_mat fct_dense(char* data, int64_t rows, int64_t cols);
 
-/* Fails when output ts[self] shares memory with any other of ts[0..n). */
-fct_status fct_check_disjoint_all(fct_context* ctx, int self, const char* const* names,
-                                  const DLTensor* const* ts, int n);
-
 /* Every argument of a call with its name ("x", "cores[2]", ...), for the
  * overlap checks and NaN reports of the tensorized ops. */
 #define FCT_MAX_ARGS 40
+
+/* Fails when an output ts[o] (first_out <= o < n, in that order) shares
+ * memory with any other of ts[0..n) (NULL entries: absent); names the pair.
+ * n <= FCT_MAX_ARGS. Each byte range is computed once. */
+fct_status fct_check_outputs_disjoint(fct_context* ctx, int first_out, const char* const* names,
+                                      const DLTensor* const* ts, int n);
 typedef struct fct_args {
   const char* names[FCT_MAX_ARGS];
   const DLTensor* ts[FCT_MAX_ARGS];

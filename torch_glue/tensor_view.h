@@ -30,6 +30,7 @@ typedef struct fct_call {
   int32_t device_index;
   int32_t dtype; /* torch's code, of the input the call started on */
   CUDAGuardHandle guard;
+  bool kept_ws; /* the workspace is the thread's kept buffer (tensor_view.c) */
   fct_context ctx;
   char error[512];
 } fct_call;
@@ -55,7 +56,8 @@ DLTensor* fct_call_no_result(fct_call* c);
 /* fct_call_result when `make`, fct_call_no_result otherwise. */
 DLTensor* fct_call_grad(fct_call* c, bool make, int64_t ndim, const int64_t* sizes);
 
-/* Allocates `bytes` of workspace (uint8) and points c->ctx at it. */
+/* Allocates `bytes` of workspace (uint8) and points c->ctx at it (large CPU
+ * workspaces: the thread's kept buffer, lent until the call ends). */
 bool fct_call_workspace(fct_call* c, size_t bytes);
 
 /* Ends the call. On FCT_OK with `n` results allocated: writes them to

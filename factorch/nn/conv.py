@@ -227,6 +227,56 @@ class _FactorizedConvNd(FactorViews, LayoutState, nn.Module):
             w += self._pads[-1][0] + self._pads[-1][1]
         return self._layout.flops(h, w, batch)
 
+    def plan(self, input_size, batch: int = 1) -> dict:
+        """What the C op would do for ``batch`` inputs of spatial size
+        ``input_size`` ((H, W), or L for 1-D; before a non-zero
+        padding_mode's padding): FLOPs forward and backward, workspace bytes,
+        and per direction the strategy: "contract" (the chain of stages) or
+        "form_w" (the dense kernel formed from the factors, then one dense
+        convolution; only for chains that compose into one convolution, on
+        the CPU). ``forward_strategy`` is an inference forward's; a training
+        forward follows ``backward_strategy``. ``plan`` says whether the chain
+        composes and both strategies' prices."""
+        return self._plan(input_size, batch, 0)
+
+    def _plan(self, input_size, batch: int, flags: int) -> dict:
+        """plan with the C op's FCT_FLAG_* bits (the FORCE flags in tests)."""
+        import ctypes
+
+        from .. import _lib
+        from ..factorizations import _DTYPES, _PlanInfo
+        from .._dlpack_abi import DLDataType, DLDevice
+
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 0:
+            raise ValueError(f"batch: expected a non-negative int, got {batch!r}")
+        if self._nd == 1:
+            h, w = 1, input_size if isinstance(input_size, int) else input_size[0]
+        else:
+            h, w = input_size
+        if self.padding_mode != "zeros":
+            h += self._pads[0][0] + self._pads[0][1] if self._nd == 2 else 0
+            w += self._pads[-1][0] + self._pads[-1][1]
+        flat, _ = self._layout.stages(h, w)
+        n = len(flat) // _ops.STAGE_INTS
+        dev = DLDevice(2 if self.factors.device.type == "cuda" else 1, 0)
+        code, bits = _DTYPES.get(self.factors.dtype, (2, 32))
+        info = _PlanInfo()
+        st = _lib.core.fct_conv_chain_plan(
+            ctypes.c_int(n), (ctypes.c_int64 * len(flat))(*flat), ctypes.c_int64(batch), dev,
+            DLDataType(code, bits, 1), ctypes.c_uint32(flags), ctypes.byref(info))
+        if st != 0:
+            raise ValueError(f"plan: the C op refused the stages "
+                             f"({_lib.core.fct_status_string(st).decode()})")
+        return {
+            "forward_flops": int(info.forward_flops),
+            "backward_flops": int(info.backward_flops),
+            "forward_workspace": int(info.forward_workspace),
+            "backward_workspace": int(info.backward_workspace),
+            "plan": info.plan.decode(),
+            "forward_strategy": info.forward_strategy.decode(),
+            "backward_strategy": info.backward_strategy.decode(),
+        }
+
     def extra_repr(self) -> str:
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
              f"factorization={self.factorization!r}, rank={self.rank}, stride={self.stride}")

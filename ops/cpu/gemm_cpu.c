@@ -1,10 +1,12 @@
 /* Row-major GEMM/GEMV dispatch over OpenBLAS (scipy-openblas32: symbols carry
  * the scipy_ prefix so they never clash with the BLAS inside torch). */
 #include "gemm_cpu.h"
+#include "kernels_cpu.h"
 
 #include <cblas.h>
 #include <stdatomic.h>
 #include <string.h>
+#include <time.h>
 
 /* How BLAS reads a view: row-major as stored (NoTrans, ld = rs), or a
  * column-major view read as the transpose of a row-major one (ld = cs). */
@@ -45,7 +47,7 @@ static void gemv(fct_dtype dt, double alpha, const fct_mat* B, bool want_t, cons
 }
 
 /* C [m, n] = alpha·a [m] ⊗ b [n] + beta·C, a = A's column, b = B's row. */
-static void outer(fct_dtype dt, double alpha, const fct_mat* A, const fct_mat* B,
+FCT_SIMD_CLONES static void outer(fct_dtype dt, double alpha, const fct_mat* A, const fct_mat* B,
                   const fct_mat* C, double beta) {
   for (int64_t i = 0; i < C->rows; ++i) {
     if (dt == FCT_F32) {
@@ -180,6 +182,147 @@ void fct_cpu_blas_threads_end(int begun) {
   blas_unlock();
 }
 
+/* ------------------------------------------------------------------------- */
+/* Dispatch. Every parallel call goes through `dispatch`: the work is cut     */
+/* into chunks that the pool's threads (the caller among them) claim from a   */
+/* shared counter, so a thread that starts late finds its share taken by the  */
+/* others instead of holding them back. The pool's join still waits for every */
+/* thread to show up, and on a machine where another process holds a core a   */
+/* thread can stay descheduled for a scheduler slice (milliseconds): every    */
+/* dispatch would pay that, and an op of many GEMMs many times. So a dispatch */
+/* whose caller sat idle at the join for over stall_ns, and longer than it    */
+/* worked, stops the pool for a hold time: calls then run serially in the     */
+/* caller (what a loaded machine gives anyway), and the first dispatch after  */
+/* the hold tries the pool again. A stalled dispatch was measured to cost     */
+/* 5-35 ms on a 2-core machine beside a busy loop, so holds are long next to  */
+/* that: 20 ms at first, four times longer while tries keep stalling (up to   */
+/* 1 s: a try then costs ~1.5%), halved after a hold's time without a stall.  */
+/* ------------------------------------------------------------------------- */
+
+static _Atomic int64_t g_stall_ns = 200000;      /* 0: never stop the pool */
+static _Atomic int64_t g_hold_min_ns = 20000000;
+static _Atomic int64_t g_hold_max_ns = 1000000000;
+static _Atomic int64_t g_hold_ns = 20000000;     /* the next hold */
+static _Atomic int64_t g_held_until;             /* 0, or now_ns() until which the pool rests */
+static _Atomic int64_t g_marked_ns;              /* the last hold's end, or the last halving */
+static _Atomic uint64_t g_stalls;
+
+static int64_t now_ns(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+/* No clock read unless a dispatch has stalled since the last clean one. */
+static bool pool_held(void) {
+  int64_t until = atomic_load_explicit(&g_held_until, memory_order_relaxed);
+  return until != 0 && now_ns() < until;
+}
+
+/* Threads a split may use now: the pool's size; 1 without a pool or while
+ * the pool rests. (fct_cpu_workers, which sizes workspaces, always gives
+ * the pool's size: a query and its call must agree.) */
+static int split_threads(void) {
+  fct_parallel_for_fn pfor = atomic_load(&g_parallel_for);
+  fct_num_threads_fn nthreads = atomic_load(&g_num_threads);
+  if (!pfor || !nthreads) return 1;
+  int t = nthreads();
+  return t > 1 && !pool_held() ? t : 1;
+}
+
+static void note_dispatch(bool stalled, int64_t t) {
+  int64_t hold = atomic_load_explicit(&g_hold_ns, memory_order_relaxed);
+  int64_t lo = atomic_load_explicit(&g_hold_min_ns, memory_order_relaxed);
+  int64_t hi = atomic_load_explicit(&g_hold_max_ns, memory_order_relaxed);
+  if (stalled) {
+    atomic_fetch_add_explicit(&g_stalls, 1, memory_order_relaxed);
+    atomic_store_explicit(&g_held_until, t + hold, memory_order_relaxed);
+    atomic_store_explicit(&g_hold_ns, hold < hi / 4 ? 4 * hold : hi, memory_order_relaxed);
+    atomic_store_explicit(&g_marked_ns, t + hold, memory_order_relaxed);
+    return;
+  }
+  if (atomic_load_explicit(&g_held_until, memory_order_relaxed) != 0)
+    atomic_store_explicit(&g_held_until, 0, memory_order_relaxed);
+  /* A whole hold's time without a stall halves the next hold: on a machine
+   * that stays busy the tries keep stalling and the hold stays long. */
+  if (hold > lo && t - atomic_load_explicit(&g_marked_ns, memory_order_relaxed) > hold) {
+    atomic_store_explicit(&g_hold_ns, hold / 2 > lo ? hold / 2 : lo, memory_order_relaxed);
+    atomic_store_explicit(&g_marked_ns, t, memory_order_relaxed);
+  }
+}
+
+void fct_cpu_set_stall_policy(int64_t stall_ns, int64_t hold_min_ns, int64_t hold_max_ns) {
+  if (hold_min_ns < 1) hold_min_ns = 1;
+  if (hold_max_ns < hold_min_ns) hold_max_ns = hold_min_ns;
+  atomic_store(&g_stall_ns, stall_ns > 0 ? stall_ns : 0);
+  atomic_store(&g_hold_min_ns, hold_min_ns);
+  atomic_store(&g_hold_max_ns, hold_max_ns);
+  atomic_store(&g_hold_ns, hold_min_ns);
+  atomic_store(&g_held_until, 0);
+}
+
+uint64_t fct_cpu_pool_stalls(void) { return atomic_load(&g_stalls); }
+
+int fct_cpu_pool_resting(void) { return pool_held(); }
+
+void fct_cpu_pool_rest(int64_t ns) {
+  atomic_store(&g_held_until, ns > 0 ? now_ns() + ns : 0);
+}
+
+static _Thread_local int tls_token; /* its address tells the caller's thread */
+
+typedef struct claim_job {
+  fct_parallel_body body;
+  void* arg;
+  int64_t n, step, chunks;
+  _Atomic int64_t next; /* the next unclaimed chunk */
+  const int* caller;
+  int64_t caller_free;  /* now_ns() when the caller found nothing left; 0: not seen */
+} claim_job;
+
+static void claim(claim_job* j) {
+  for (;;) {
+    int64_t c = atomic_fetch_add_explicit(&j->next, 1, memory_order_relaxed);
+    if (c >= j->chunks) return;
+    int64_t b = c * j->step, e = b + j->step < j->n ? b + j->step : j->n;
+    j->body(b, e, j->arg);
+  }
+}
+
+/* What each pool thread runs, whatever sub-range it was given. */
+static void claim_body(int64_t begin, int64_t end, void* arg) {
+  (void)begin;
+  (void)end;
+  claim_job* j = arg;
+  claim(j);
+  if (j->caller == &tls_token) j->caller_free = now_ns();
+}
+
+/* body over [0, n) in chunks of at least `grain` items, on `threads`
+ * (> 1) threads of the installed pool. About four chunks per thread: fine
+ * enough that the threads that run can take up a late one's share, coarse
+ * enough that claiming costs nothing next to a chunk. */
+static void dispatch(int threads, int64_t n, int64_t grain, fct_parallel_body body, void* arg) {
+  fct_parallel_for_fn pfor = atomic_load(&g_parallel_for);
+  if (!pfor) { /* uninstalled meanwhile */
+    body(0, n, arg);
+    return;
+  }
+  int64_t per = (n + 4 * (int64_t)threads - 1) / (4 * (int64_t)threads);
+  int64_t step = per > grain ? per : (grain > 1 ? grain : 1);
+  claim_job j = {body, arg, n, step, (n + step - 1) / step, 0, &tls_token, 0};
+  int64_t t0 = now_ns();
+  int32_t rc = pfor(0, threads, 1, claim_body, &j);
+  claim(&j); /* what the pool left, if it did not run */
+  int64_t stall = atomic_load_explicit(&g_stall_ns, memory_order_relaxed);
+  /* Judged only when the caller took part (torch's pools run a share in
+   * the calling thread). */
+  if (rc != 0 || stall == 0 || j.caller_free == 0) return;
+  int64_t t1 = now_ns();
+  int64_t waited = t1 - j.caller_free, worked = j.caller_free - t0;
+  note_dispatch(waited > stall && waited > worked, t1);
+}
+
 typedef struct gemm_job {
   fct_dtype dt;
   const fct_mat *A, *B, *C;
@@ -222,11 +365,9 @@ void fct_cpu_gemm_scaled(fct_dtype dt, double alpha, const fct_mat* A, const fct
     if (beta == 0.0) zero_rows(dt, C);
     return; /* beta == 1: C unchanged */
   }
-  fct_parallel_for_fn pfor = atomic_load(&g_parallel_for);
-  fct_num_threads_fn nthreads = atomic_load(&g_num_threads);
-  int threads = pfor && nthreads ? nthreads() : 1;
   /* Below ~2^20 multiply-adds a block is too small to pay for a wake-up. */
-  if (threads <= 1 || (double)m * (double)n * (double)k < (double)(1 << 20)) {
+  int threads = (double)m * (double)n * (double)k < (double)(1 << 20) ? 1 : split_threads();
+  if (threads <= 1) {
     gemm_serial(dt, alpha, A, B, C, beta);
     return;
   }
@@ -237,8 +378,8 @@ void fct_cpu_gemm_scaled(fct_dtype dt, double alpha, const fct_mat* A, const fct
   int64_t step = (dim + threads - 1) / threads;
   job.step = (step + 15) / 16 * 16;
   int64_t blocks = (dim + job.step - 1) / job.step;
-  if (blocks <= 1 || pfor(0, blocks, 1, gemm_blocks, &job) != 0)
-    gemm_serial(dt, alpha, A, B, C, beta);
+  if (blocks <= 1) gemm_serial(dt, alpha, A, B, C, beta);
+  else dispatch(threads, blocks, 1, gemm_blocks, &job);
 }
 
 /* ------------------------------------------------------------------------- */
@@ -276,11 +417,9 @@ void fct_cpu_gemm_batched(fct_dtype dt, const fct_mat* A, const fct_mat* B, cons
   size_t es = fct_dtype_bytes(dt);
   int64_t m = C->rows, n = C->cols, k = A->cols;
   if (batch <= 0 || m == 0 || n == 0) return;
-  fct_parallel_for_fn pfor = atomic_load(&g_parallel_for);
-  fct_num_threads_fn nthreads = atomic_load(&g_num_threads);
-  int threads = pfor && nthreads ? nthreads() : 1;
   bool small = (double)m * (double)n * (double)k < (double)(1 << 20);
-  if (k == 0 || batch == 1 || threads <= 1 || !small) {
+  int threads = k == 0 || batch == 1 || !small ? 1 : split_threads();
+  if (threads <= 1) {
     for (int64_t b = 0; b < batch; ++b) {
       fct_mat Ab = shifted(A, b * sa, es), Bb = shifted(B, b * sb, es), Cb = shifted(C, b * sc, es);
       fct_cpu_gemm(dt, &Ab, &Bb, &Cb, beta);
@@ -288,8 +427,7 @@ void fct_cpu_gemm_batched(fct_dtype dt, const fct_mat* A, const fct_mat* B, cons
     return;
   }
   batch_job job = {dt, A, B, C, beta, sa, sb, sc};
-  int64_t grain = (batch + 4 * threads - 1) / (4 * threads);
-  if (pfor(0, batch, grain, batch_blocks, &job) != 0) batch_blocks(0, batch, &job);
+  dispatch(threads, batch, 1, batch_blocks, &job);
 }
 
 /* A reduction C = Σ_b A_b·B_b + beta·C is split over C's rows or columns,
@@ -335,11 +473,9 @@ void fct_cpu_gemm_reduce(fct_dtype dt, const fct_mat* A, const fct_mat* B, const
     if (beta == 0.0) zero_rows(dt, C);
     return;
   }
-  fct_parallel_for_fn pfor = atomic_load(&g_parallel_for);
-  fct_num_threads_fn nthreads = atomic_load(&g_num_threads);
-  int threads = pfor && nthreads ? nthreads() : 1;
   double work = (double)m * (double)n * (double)k * (double)batch;
-  if (threads <= 1 || work < (double)(1 << 20) || (m < 32 && n < 32)) {
+  int threads = work < (double)(1 << 20) || (m < 32 && n < 32) ? 1 : split_threads();
+  if (threads <= 1) {
     for (int64_t b = 0; b < batch; ++b) {
       fct_mat Ab = shifted(A, b * sa, es), Bb = shifted(B, b * sb, es);
       fct_cpu_gemm(dt, &Ab, &Bb, C, b == 0 ? beta : 1.0);
@@ -351,7 +487,8 @@ void fct_cpu_gemm_reduce(fct_dtype dt, const fct_mat* A, const fct_mat* B, const
   int64_t step = (dim + threads - 1) / threads;
   job.step = (step + 15) / 16 * 16;
   int64_t blocks = (dim + job.step - 1) / job.step;
-  if (blocks <= 1 || pfor(0, blocks, 1, reduce_blocks, &job) != 0) reduce_blocks(0, blocks, &job);
+  if (blocks <= 1) reduce_blocks(0, blocks, &job);
+  else dispatch(threads, blocks, 1, reduce_blocks, &job);
 }
 
 int fct_cpu_workers(void) {
@@ -363,8 +500,7 @@ int fct_cpu_workers(void) {
 
 void fct_cpu_parallel(int64_t n, int64_t grain, fct_parallel_body body, void* arg) {
   if (n <= 0) return;
-  fct_parallel_for_fn pfor = atomic_load(&g_parallel_for);
-  fct_num_threads_fn nthreads = atomic_load(&g_num_threads);
-  int threads = pfor && nthreads ? nthreads() : 1;
-  if (threads <= 1 || n <= grain || pfor(0, n, grain, body, arg) != 0) body(0, n, arg);
+  int threads = n <= grain ? 1 : split_threads();
+  if (threads <= 1) body(0, n, arg);
+  else dispatch(threads, n, grain, body, arg);
 }

@@ -5,6 +5,18 @@
 
 #include "backend.h"
 
+/* An element loop compiled twice, for AVX2 + FMA and for the baseline
+ * x86-64, the copy taken chosen once at load time from the CPU (GCC/clang
+ * target_clones). The library itself targets baseline x86-64. */
+#if defined(__x86_64__) && defined(__has_attribute)
+#if __has_attribute(target_clones)
+#define FCT_SIMD_CLONES __attribute__((target_clones("arch=haswell", "default")))
+#endif
+#endif
+#ifndef FCT_SIMD_CLONES
+#define FCT_SIMD_CLONES
+#endif
+
 /* Every row of y [rows, cols] = bias [cols] (element stride bs). */
 void fct_cpu_fill_rows(fct_dtype dt, const fct_mat* y, const char* bias, int64_t bs);
 

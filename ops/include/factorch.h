@@ -335,13 +335,14 @@ FCT_API fct_status fct_tensor_train(fct_context* ctx, const DLTensor* X, int n_m
 
 /* For fct_context.flags: the tensorized linear ops process the batch (Tucker,
  * TT) or the rank (CP) in chunks of at most 3 rows or columns, whatever the
- * cost model prefers: the smallest workspace and many chunks. Slow; meant
+ * cost model prefers: the smallest workspace and many chunks (the
+ * convolution chain forming W: chunks of 3 one-hot images). Slow; meant
  * for tests of the chunked paths. */
 #define FCT_FLAG_SMALL_CHUNKS 2u
 
 /* For fct_context.flags: force one strategy of the tensorized linear ops
- * (CP, Tucker, TT) instead of the cost model's choice, so that tests reach
- * both. CONTRACT: the contraction chain of x with the factors. FORM_W: form
+ * (CP, Tucker, TT) and of the convolution chain (fct_conv_chain_*, below)
+ * instead of the cost model's choice, so that tests reach both. CONTRACT: the contraction chain of x with the factors. FORM_W: form
  * W (in row blocks bounded like the chain's chunks) from the factors, then
  * dense GEMMs: y = x·Wᵀ forward; grad_x = grad_y·W and grad_W = grad_yᵀ·x
  * projected on the factors backward. FORM_W wins when both are set.
@@ -559,6 +560,37 @@ FCT_API fct_status fct_conv_chain_backward(
     const fct_conv_stage* stages, const DLTensor* const* weights,
     const DLTensor* saved /* nullable when n_stages == 1 */, DLTensor* grad_x /* nullable */,
     DLTensor* const* grad_weights /* nullable, entries too */, DLTensor* grad_bias /* nullable */);
+
+/* Two strategies, chosen per call on the CPU from the batch size and the
+ * shapes (the chain's cost constants), or forced by FCT_FLAG_FORCE_CONTRACT
+ * / FCT_FLAG_FORCE_FORM_W (FORM_W wins when both are set):
+ *  - "contract": the chain of stages above.
+ *  - "form_w": form the dense kernel W [C_out, C_in / groups', KH, KW] of the
+ *    whole chain (its response to the C_in·KH·KW one-hot images, in chunks),
+ *    then one dense convolution of x; backward: grad_x and grad_W through
+ *    the dense convolution, grad_W projected on the stages' weights (the
+ *    chain's backward on the same one-hot images).
+ * Only chains that compose exactly into one convolution can form W: every
+ * stage has batch 1 and reads exactly the previous stage's [C, OH, OW], and
+ * along each axis at most one stage has a kernel, stride or padding other
+ * than 1, 1, 0 (channel mixers around one spatial stage: Tucker-2,
+ * low-rank; CP's kh x 1 and 1 x kw filters); the composed convolution takes
+ * each axis's geometry from that stage, and groups' = the gcd of the
+ * stages' groups. Others (TT) run the chain, also under FORCE_FORM_W; so
+ * does CUDA. A training forward (saved given) makes the backward's choice,
+ * since a backward that runs the chain reads the activations the forward
+ * saved: the flags must be the same for both calls. The workspace stays
+ * bounded: W and its gradient, one chunk of one-hot images (chunk budget),
+ * the chain's per-chunk buffers. */
+
+/* What the convolution chain would do for `batch` images (C-contiguous
+ * tensors): forward_strategy for an inference forward (a training forward
+ * follows backward_strategy), FLOPs, workspace bytes and in `plan` whether
+ * the chain composes and both strategies' prices. flags: FCT_FLAG_* as the
+ * op would see them (the FORCE flags). */
+FCT_API fct_status fct_conv_chain_plan(int n_stages, const fct_conv_stage* stages, int64_t batch,
+                                       DLDevice device, DLDataType dtype, uint32_t flags,
+                                       fct_linear_plan_info* info);
 
 /* ========================================================================= */
 /* Factorized embeddings: low-rank and Tensor-Train (TT-Rec).                 */
@@ -787,6 +819,25 @@ typedef int32_t (*fct_parallel_for_fn)(int64_t begin, int64_t end, int64_t grain
 typedef int (*fct_num_threads_fn)(void);
 FCT_API void fct_cpu_set_thread_pool(fct_parallel_for_fn parallel_for,
                                      fct_num_threads_fn num_threads);
+
+/* A busy machine. Each parallel call is cut into chunks that the pool's
+ * threads claim as they come (the calling thread must take part, as
+ * torch's pools do), but the pool's join still waits for every thread, and
+ * when another process holds a core one of them can be descheduled for a
+ * scheduler slice. A call whose caller then sat idle at the join for over
+ * stall_ns (and longer than it worked) stops the pool for a hold: calls run
+ * serially in the caller until it ends, then the pool is tried again. The
+ * hold starts at hold_min_ns, grows fourfold while tries stall, up to
+ * hold_max_ns, and halves after each hold's time without a stall. Defaults:
+ * 200 µs, 20 ms, 1 s; stall_ns = 0 never stops the pool. Setting the policy ends a
+ * hold. The outputs are the same either way. */
+FCT_API void fct_cpu_set_stall_policy(int64_t stall_ns, int64_t hold_min_ns, int64_t hold_max_ns);
+/* Calls that stalled since the library was loaded; whether the pool rests now. */
+FCT_API uint64_t fct_cpu_pool_stalls(void);
+FCT_API int fct_cpu_pool_resting(void);
+/* Rests the pool for ns from now (0: ends a rest), as a stall would: for a
+ * caller that knows the machine is busy, and for tests. */
+FCT_API void fct_cpu_pool_rest(int64_t ns);
 
 #ifdef __cplusplus
 }

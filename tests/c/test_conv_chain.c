@@ -397,6 +397,9 @@ static void grads_free(grads* g, int S) {
   for (int s = 0; s < S; ++s) tb_free(g->gw[s]);
 }
 
+/* FCT_FLAG_* of every op call in run_case (the strategy forced by test_form_w). */
+static uint32_t g_flags;
+
 static void run_case(const chain_case* cc, int bits, int64_t N, const layout_case* L, bool bias) {
   const int S = cc->S;
   int64_t spi = -1;
@@ -458,7 +461,7 @@ static void run_case(const chain_case* cc, int bits, int64_t N, const layout_cas
     for (int keep = 1; keep >= 0; --keep) {
       test_tensor* out = keep ? y : y_inf;
       DLTensor* sv = keep && saved ? &saved->dl : NULL;
-      fct_context c = test_ctx(0);
+      fct_context c = test_ctx(g_flags);
       size_t bytes = 0;
       st = fct_conv_chain_forward_workspace(&c, &x->dl, S, cc->st, Wdl, b ? &b->dl : NULL,
                                             &out->dl, sv, &bytes);
@@ -472,7 +475,20 @@ static void run_case(const chain_case* cc, int bits, int64_t N, const layout_cas
       CHECK(!pool || N < 2 || tb_pool_calls >= 1, "%s: the forward did not use the pool",
             g_label);
     }
-    if (saved) CHECK(all_finite(saved), "%s: saved not entirely written", g_label);
+    /* A training forward follows the backward's strategy; forming W, the
+     * backward does not read saved and the forward leaves it. */
+    fct_linear_plan_info info;
+    DLDevice cpu = {kDLCPU, 0};
+    DLDataType dtype = {kDLFloat, (uint8_t)bits, 1};
+    st = fct_conv_chain_plan(S, cc->st, N, cpu, dtype, g_flags, &info);
+    CHECK(st == FCT_OK, "%s: plan %d", g_label, st);
+    bool form_w = !strcmp(info.backward_strategy, "form_w");
+    bool composes = !strstr(info.plan, "does not compose");
+    CHECK(N == 0 || !(g_flags & FCT_FLAG_FORCE_FORM_W) || form_w == composes,
+          "%s: forced form_w: %s / %s", g_label, info.backward_strategy, info.plan);
+    CHECK(!(g_flags & FCT_FLAG_FORCE_CONTRACT) || !form_w, "%s: forced contract: %s", g_label,
+          info.backward_strategy);
+    if (saved && !form_w) CHECK(all_finite(saved), "%s: saved not entirely written", g_label);
 
     grads first;
     memset(&first, 0, sizeof first);
@@ -501,7 +517,7 @@ static void run_case(const chain_case* cc, int bits, int64_t N, const layout_cas
             gwdl[s] = &g.gw[s]->dl;
           }
         }
-        fct_context c = test_ctx(0);
+        fct_context c = test_ctx(g_flags);
         size_t bytes = 0;
         const DLTensor* sv = saved ? &saved->dl : NULL;
         st = fct_conv_chain_backward_workspace(
@@ -576,7 +592,34 @@ static void test_chunks(void) {
                     {{1, 1, 400, 400, 1, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, 1},
                      {1, 1, 400, 400, 2, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1}},
                     2};
+  g_flags = FCT_FLAG_FORCE_CONTRACT; /* the chain's chunks (the cost model forms W here) */
   run_case(&big, 64, 6, &k_layouts[0], true);
+  g_flags = FCT_FLAG_FORCE_FORM_W;
+  run_case(&big, 64, 6, &k_layouts[0], true);
+  g_flags = 0;
+}
+
+/* Both strategies forced (FORCE_FORM_W with basis chunks of 3 images too):
+ * the CP, Tucker-2, low-rank and 1-D chains compose into one convolution
+ * and form W; the single stage of 2 items and TT do not and run the chain. */
+static void test_form_w(void) {
+  static const int64_t Ns[] = {0, 1, 5};
+  static const uint32_t flags[] = {FCT_FLAG_FORCE_CONTRACT, FCT_FLAG_FORCE_FORM_W,
+                                   FCT_FLAG_FORCE_FORM_W | FCT_FLAG_SMALL_CHUNKS};
+  const int64_t in_modes[2] = {2, 3}, out_modes[2] = {2, 2}, ranks[3] = {1, 3, 2};
+  const fct_conv_stage conv = {0, 0, 0, 0, 0, 3, 3, 2, 2, 1, 1, 1, 1, 1, 1, 1};
+  chain_case tt = tt_chain(2, in_modes, out_modes, ranks, 6, 6, &conv);
+  size_t nc = sizeof k_chains / sizeof *k_chains;
+  for (size_t f = 0; f < sizeof flags / sizeof *flags; ++f) {
+    g_flags = flags[f];
+    for (size_t k = 0; k <= nc; ++k) {
+      const chain_case* cc = k < nc ? &k_chains[k] : &tt;
+      for (size_t n = 0; n < sizeof Ns / sizeof *Ns; ++n)
+        for (int bias = 0; bias < 2; ++bias) run_case(cc, 64, Ns[n], &k_layouts[0], bias);
+      run_case(cc, 32, 5, &k_layouts[sizeof k_layouts / sizeof *k_layouts - 1], true);
+    }
+  }
+  g_flags = 0;
 }
 
 /* ------------------------------------------------------------------------- */
@@ -847,6 +890,7 @@ int main(void) {
   test_reference_against_finite_differences();
   test_values();
   test_chunks();
+  test_form_w();
   test_errors();
   free(g_ws);
   return test_report();

@@ -192,6 +192,26 @@ static void test_errors(void) {
   st = fct_lowrank_linear_forward(&c, &x->dl, &U->dl, &V->dl, NULL, &y->dl, NULL);
   test_expect_fail(st, FCT_ERR_LAYOUT, "y", "y broadcast");
   y->strides[0] = 5;
+  /* The saved t overlapping bias (an input) and y (the other output);
+   * grad_V overlapping grad_U (two outputs). */
+  int64_t ts2[2] = {4, 3};
+  test_tensor* t = tb_output(32, 2, ts2);
+  DLTensor t_on_b = t->dl;
+  t_on_b.data = b->dl.data;
+  st = fct_lowrank_linear_forward(&c, &x->dl, &U->dl, &V->dl, &b->dl, &y->dl, &t_on_b);
+  test_expect_fail(st, FCT_ERR_LAYOUT, "t", "t overlaps bias");
+  DLTensor t_on_y = t->dl;
+  t_on_y.data = y->dl.data;
+  st = fct_lowrank_linear_forward(&c, &x->dl, &U->dl, &V->dl, NULL, &y->dl, &t_on_y);
+  test_expect_fail(st, FCT_ERR_LAYOUT, "y", "y overlaps t");
+  test_tensor* oU = tb_output(32, 2, us);
+  test_tensor* oV = tb_output(32, 2, vs);
+  DLTensor oV_on_oU = oV->dl;
+  oV_on_oU.data = oU->dl.data;
+  st = fct_lowrank_linear_backward(&c, &y->dl, &x->dl, &U->dl, &V->dl, NULL, NULL, &oU->dl,
+                                   &oV_on_oU, NULL);
+  test_expect_fail(st, FCT_ERR_LAYOUT, "grad_U", "grad_V overlaps grad_U");
+  tb_free(t); tb_free(oU); tb_free(oV);
 
   /* Device mix, and CUDA without the backend. */
   U->dl.device = (DLDevice){kDLCUDA, 0};
