@@ -1230,12 +1230,12 @@ fct_status fct_tucker_linear_plan(int n_in, const int64_t* in_modes, const int64
   info->backward_flops = pb.flops;
   info->forward_workspace = pf.bytes;
   info->backward_workspace = pb.bytes;
-  char f[64], b[64];
+  char f[64], b[80];
   snprintf(f, sizeof f, pf.form_w ? "W formed in blocks of %lld rows" : "chunks of %lld rows",
            (long long)(pf.form_w ? pf.ob : pf.Mc));
   if (pb.n.keep)
-    snprintf(b, sizeof b, "chunks of %lld rows, kept t and z (%lld per row)",
-             (long long)pb.Mc, (long long)pb.kept);
+    snprintf(b, sizeof b, "kept t and z (%lld per row), both passes in chunks of %lld rows",
+             (long long)pb.kept, (long long)pb.Mc);
   else
     snprintf(b, sizeof b, pb.form_w ? "W formed in blocks of %lld rows" : "chunks of %lld rows",
              (long long)(pb.form_w ? pb.ob : pb.Mc));

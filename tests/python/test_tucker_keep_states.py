@@ -47,7 +47,7 @@ SMALL = Tucker((2, 3), (4,), ((2, 2), (3,)))  # W is formed: states unused
 def _kept_rows(layout, M, device="cpu", dtype=torch.float64):
     """The rows per chunk of the kept states the C plan reports, or None
     when it does not use them for this batch."""
-    m = re.search(r"backward: chunks of (\d+) rows, kept t and z",
+    m = re.search(r"backward: kept t and z \(\d+ per row\), both passes in chunks of (\d+) rows",
                   layout.plan(M, device=device, dtype=dtype)["plan"])
     return int(m.group(1)) if m else None
 
