@@ -26,13 +26,15 @@ def set_stall_policy(stall_us: float = 200.0, hold_min_ms: float = 20.0,
                      hold_max_ms: float = 1000.0) -> None:
     """How the CPU kernels react to a busy machine (the defaults shown).
 
-    A parallel call whose calling thread waited more than ``stall_us`` at
-    the thread pool's join (another process holding a core keeps one of its
-    threads descheduled), and longer than it worked, makes the kernels run
-    serially for a hold of ``hold_min_ms``, four times longer while tries
-    after a hold stall again, up to ``hold_max_ms`` (a stalled call costs
-    milliseconds, so holds are long). ``stall_us=0`` always uses the
-    pool. Results are the same either way; setting the policy ends a hold.
+    Two parallel calls in a row whose calling thread waited more than
+    ``stall_us`` at the thread pool's join (another process holding a core
+    keeps one of its threads descheduled), and longer than it worked, make
+    the kernels run serially for a hold of ``hold_min_ms``, four times
+    longer while tries after a hold stall again, up to ``hold_max_ms`` (a
+    stalled call costs milliseconds, so holds are long). ``stall_us=0``
+    always uses the pool. Results are the same bits either way (a resting
+    pool runs the same blocks one after another); setting the policy ends a
+    hold.
     """
     for name, v in (("stall_us", stall_us), ("hold_min_ms", hold_min_ms),
                     ("hold_max_ms", hold_max_ms)):

@@ -189,11 +189,14 @@ void fct_cpu_blas_threads_end(int begun) {
 /* others instead of holding them back. The pool's join still waits for every */
 /* thread to show up, and on a machine where another process holds a core a   */
 /* thread can stay descheduled for a scheduler slice (milliseconds): every    */
-/* dispatch would pay that, and an op of many GEMMs many times. So a dispatch */
+/* dispatch would pay that, and an op of many GEMMs many times. A dispatch    */
 /* whose caller sat idle at the join for over stall_ns, and longer than it    */
-/* worked, stops the pool for a hold time: calls then run serially in the     */
-/* caller (what a loaded machine gives anyway), and the first dispatch after  */
-/* the hold tries the pool again. A stalled dispatch was measured to cost     */
+/* worked, stalled; two in a row (a lone late wake-up, as a virtual machine's */
+/* idle core gives now and then, is not worth a hold) stop the pool for a     */
+/* hold time: calls then run serially in the caller (what a loaded machine    */
+/* gives anyway), cut into the same blocks as on the pool so that results do  */
+/* not depend on it, and the first dispatch after the hold tries the pool     */
+/* again (one stall then renews the hold). A stalled dispatch was measured to cost     */
 /* 5-35 ms on a 2-core machine beside a busy loop, so holds are long next to  */
 /* that: 20 ms at first, four times longer while tries keep stalling (up to   */
 /* 1 s: a try then costs ~1.5%), halved after a hold's time without a stall.  */
@@ -206,6 +209,7 @@ static _Atomic int64_t g_hold_ns = 20000000;     /* the next hold */
 static _Atomic int64_t g_held_until;             /* 0, or now_ns() until which the pool rests */
 static _Atomic int64_t g_marked_ns;              /* the last hold's end, or the last halving */
 static _Atomic uint64_t g_stalls;
+static _Atomic int g_streak; /* stalled dispatches in a row */
 
 static int64_t now_ns(void) {
   struct timespec ts;
@@ -219,15 +223,16 @@ static bool pool_held(void) {
   return until != 0 && now_ns() < until;
 }
 
-/* Threads a split may use now: the pool's size; 1 without a pool or while
- * the pool rests. (fct_cpu_workers, which sizes workspaces, always gives
- * the pool's size: a query and its call must agree.) */
+/* Threads a split is cut for: the pool's size (1 without a pool), whether
+ * or not the pool rests, so that a GEMM's blocks, and so its rounding, are
+ * the same either way. (fct_cpu_workers, which sizes workspaces, gives the
+ * same: a query and its call must agree.) */
 static int split_threads(void) {
   fct_parallel_for_fn pfor = atomic_load(&g_parallel_for);
   fct_num_threads_fn nthreads = atomic_load(&g_num_threads);
   if (!pfor || !nthreads) return 1;
   int t = nthreads();
-  return t > 1 && !pool_held() ? t : 1;
+  return t > 1 ? t : 1;
 }
 
 static void note_dispatch(bool stalled, int64_t t) {
@@ -236,11 +241,14 @@ static void note_dispatch(bool stalled, int64_t t) {
   int64_t hi = atomic_load_explicit(&g_hold_max_ns, memory_order_relaxed);
   if (stalled) {
     atomic_fetch_add_explicit(&g_stalls, 1, memory_order_relaxed);
+    if (atomic_fetch_add_explicit(&g_streak, 1, memory_order_relaxed) < 1) return;
     atomic_store_explicit(&g_held_until, t + hold, memory_order_relaxed);
     atomic_store_explicit(&g_hold_ns, hold < hi / 4 ? 4 * hold : hi, memory_order_relaxed);
     atomic_store_explicit(&g_marked_ns, t + hold, memory_order_relaxed);
     return;
   }
+  if (atomic_load_explicit(&g_streak, memory_order_relaxed) != 0)
+    atomic_store_explicit(&g_streak, 0, memory_order_relaxed);
   if (atomic_load_explicit(&g_held_until, memory_order_relaxed) != 0)
     atomic_store_explicit(&g_held_until, 0, memory_order_relaxed);
   /* A whole hold's time without a stall halves the next hold: on a machine
@@ -259,6 +267,7 @@ void fct_cpu_set_stall_policy(int64_t stall_ns, int64_t hold_min_ns, int64_t hol
   atomic_store(&g_hold_max_ns, hold_max_ns);
   atomic_store(&g_hold_ns, hold_min_ns);
   atomic_store(&g_held_until, 0);
+  atomic_store(&g_streak, 0);
 }
 
 uint64_t fct_cpu_pool_stalls(void) { return atomic_load(&g_stalls); }
@@ -304,12 +313,12 @@ static void claim_body(int64_t begin, int64_t end, void* arg) {
  * enough that claiming costs nothing next to a chunk. */
 static void dispatch(int threads, int64_t n, int64_t grain, fct_parallel_body body, void* arg) {
   fct_parallel_for_fn pfor = atomic_load(&g_parallel_for);
-  if (!pfor) { /* uninstalled meanwhile */
-    body(0, n, arg);
-    return;
-  }
   int64_t per = (n + 4 * (int64_t)threads - 1) / (4 * (int64_t)threads);
   int64_t step = per > grain ? per : (grain > 1 ? grain : 1);
+  if (!pfor || pool_held()) { /* uninstalled meanwhile, or resting: the same chunks */
+    for (int64_t b = 0; b < n; b += step) body(b, b + step < n ? b + step : n, arg);
+    return;
+  }
   claim_job j = {body, arg, n, step, (n + step - 1) / step, 0, &tls_token, 0};
   int64_t t0 = now_ns();
   int32_t rc = pfor(0, threads, 1, claim_body, &j);

@@ -824,13 +824,14 @@ FCT_API void fct_cpu_set_thread_pool(fct_parallel_for_fn parallel_for,
  * threads claim as they come (the calling thread must take part, as
  * torch's pools do), but the pool's join still waits for every thread, and
  * when another process holds a core one of them can be descheduled for a
- * scheduler slice. A call whose caller then sat idle at the join for over
- * stall_ns (and longer than it worked) stops the pool for a hold: calls run
- * serially in the caller until it ends, then the pool is tried again. The
+ * scheduler slice. Two calls in a row whose caller then sat idle at the
+ * join for over stall_ns (and longer than it worked) stop the pool for a
+ * hold: calls run serially in the caller, in the same blocks, until it
+ * ends, then the pool is tried again (one stall then renews the hold). The
  * hold starts at hold_min_ns, grows fourfold while tries stall, up to
  * hold_max_ns, and halves after each hold's time without a stall. Defaults:
  * 200 µs, 20 ms, 1 s; stall_ns = 0 never stops the pool. Setting the policy ends a
- * hold. The outputs are the same either way. */
+ * hold. The outputs are the same bits either way. */
 FCT_API void fct_cpu_set_stall_policy(int64_t stall_ns, int64_t hold_min_ns, int64_t hold_max_ns);
 /* Calls that stalled since the library was loaded; whether the pool rests now. */
 FCT_API uint64_t fct_cpu_pool_stalls(void);

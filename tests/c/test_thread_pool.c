@@ -2,9 +2,10 @@
  * The CPU thread-pool dispatch through a public op (lowrank_linear, shapes
  * large enough that its GEMMs are split): stand-in pools that run only some
  * of the threads' shares, or whose other threads come late, still give the
- * float64 reference; a call whose caller waited long at the join stops the
- * pool for the hold (the next calls do not call it), setting the policy
- * ends the hold, stall_ns = 0 never stops it.
+ * float64 reference; two dispatches in a row whose caller waited long at
+ * the join stop the pool for the hold (the next calls do not call it), one
+ * alone does not, setting the policy ends the hold, stall_ns = 0 never
+ * stops it.
  */
 #include <math.h>
 #include <pthread.h>
@@ -15,17 +16,18 @@
 
 static int g_calls;
 static int64_t g_late_ns; /* how long the other threads come after the caller */
+static int g_late_left = -1; /* pool calls still late (-1: every one) */
 
 typedef struct late_share {
-  int64_t begin, end;
+  int64_t late_ns, begin, end;
   fct_parallel_body body;
   void* arg;
 } late_share;
 
 static void* run_late(void* p) {
   late_share* s = p;
-  if (g_late_ns > 0) {
-    struct timespec ts = {(time_t)(g_late_ns / 1000000000), (long)(g_late_ns % 1000000000)};
+  if (s->late_ns > 0) {
+    struct timespec ts = {(time_t)(s->late_ns / 1000000000), (long)(s->late_ns % 1000000000)};
     nanosleep(&ts, NULL);
   }
   for (int64_t i = s->begin; i < s->end; ++i) s->body(i, i + 1, s->arg);
@@ -42,11 +44,13 @@ static int32_t late_pool(int64_t begin, int64_t end, int64_t grain, fct_parallel
                          void* arg) {
   (void)grain;
   ++g_calls;
-  if (g_late_ns == 0) {
+  int64_t late = g_late_left == 0 ? 0 : g_late_ns;
+  if (g_late_left > 0) --g_late_left;
+  if (late == 0) {
     for (int64_t i = begin; i < end; ++i) body(i, i + 1, arg);
     return 0;
   }
-  late_share s = {begin + 1, end, body, arg};
+  late_share s = {late, begin + 1, end, body, arg};
   pthread_t th;
   if (pthread_create(&th, NULL, run_late, &s) != 0) return 1;
   body(begin, begin + 1, arg);
@@ -108,9 +112,20 @@ static void test_late_threads(void) {
   forward_ok("two threads at once");
   fct_cpu_set_stall_policy(200000, 10 * 1000000000LL, 10 * 1000000000LL);
 
-  /* Late threads: the caller does every chunk, then waits 2 ms at the join:
-   * the result is right, and the pool rests (a 10 s hold). */
+  /* One late dispatch among prompt ones (a lone late wake-up): counted as a
+   * stall, but the pool does not rest. */
   g_late_ns = 2000000;
+  g_late_left = 1;
+  uint64_t before = fct_cpu_pool_stalls();
+  forward_ok("one late dispatch");
+  CHECK(fct_cpu_pool_stalls() == before + 1, "one late dispatch counted %llu stalls",
+        (unsigned long long)(fct_cpu_pool_stalls() - before));
+  CHECK(!fct_cpu_pool_resting(), "the pool rests after one stall");
+  g_late_left = -1;
+
+  /* Late threads: the caller does every chunk, then waits 2 ms at the join:
+   * the result is right, and two stalls in a row rest the pool (a 10 s
+   * hold). */
   forward_ok("late pool");
   CHECK(fct_cpu_pool_stalls() > stalls0, "a 2 ms wait at the join did not count as a stall");
   CHECK(fct_cpu_pool_resting(), "the pool does not rest after a stall");

@@ -42,11 +42,14 @@ def test_pool_stalls_reports_counts():
 
 @pytest.mark.parametrize("factorization, rank, shape", [
     ("lowrank", 96, None),
+    ("cp", 40, ((8, 8, 4), (8, 8, 4))),
     ("tucker", 3, ((8, 8, 4), (8, 8, 4))),
+    ("tt", 6, ((8, 8, 4), (8, 8, 4))),
 ])
 def test_same_results_with_the_pool_used_or_resting(factorization, rank, shape):
     """The pool in use (stall_us=0) and resting (a rest of 10 s, as after a
-    stall): both must give the float64 layer's output and gradients."""
+    stall): the same bits (a resting pool runs the same blocks serially), and
+    the float64 layer's output and gradients."""
     torch.manual_seed(0)
     layer = FactorizedLinear(256, 256, factorization, rank=rank, tensorized_shape=shape)
     x = torch.randn(192, 256)
@@ -56,6 +59,7 @@ def test_same_results_with_the_pool_used_or_resting(factorization, rank, shape):
     x64 = x.double().requires_grad_()
     ref(x64).backward(g.double())
     want_w = ref.factors.grad.float()
+    got = {}
     for rest in (False, True):
         factorch.set_stall_policy(stall_us=0)
         if rest:
@@ -69,3 +73,8 @@ def test_same_results_with_the_pool_used_or_resting(factorization, rank, shape):
             torch.testing.assert_close(y.double(), ref(x64).detach(), rtol=1e-4, atol=1e-4)
             torch.testing.assert_close(xi.grad, x64.grad.float(), rtol=1e-4, atol=1e-4)
             torch.testing.assert_close(layer.factors.grad, want_w, rtol=1e-3, atol=1e-3)
+            now = (y.detach().clone(), xi.grad.clone(), layer.factors.grad.clone())
+            for a, b in zip(got.setdefault(rest, now), now):
+                assert torch.equal(a, b), "the same call gave other bits"
+    for a, b in zip(got[False], got[True]):
+        assert torch.equal(a, b), "the resting pool's results differ from the pool's"
