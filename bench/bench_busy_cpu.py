@@ -134,8 +134,8 @@ def main() -> None:
         f"{args.min_time}s; in the busy state each candidate first runs {args.warmup}s "
         f"unmeasured). Slowdown = busy / quiet; the floor: factorch's slowdown <= 1.2 x "
         f"nn.Linear's on the same shape. float32, bias on both. Stalls: factorch's parallel calls "
-        f"whose caller waited at the pool's join (factorch.set_stall_policy: each stops the pool "
-        f"for a hold), over all rounds of a state.\n\n"
+        f"whose caller waited at the pool's join (factorch.set_stall_policy: two in a row stop the "
+        f"pool for a hold), over all rounds of a state.\n\n"
         + harness.markdown_table(["layer", "M", "pass", "factorch quiet", "factorch busy",
                                   "factorch slowdown", "nn.Linear quiet", "nn.Linear busy",
                                   "nn.Linear slowdown", "floor", "factorch stalls quiet / busy"],
