@@ -196,10 +196,11 @@ void fct_cpu_blas_threads_end(int begun) {
 /* hold time: calls then run serially in the caller (what a loaded machine    */
 /* gives anyway), cut into the same blocks as on the pool so that results do  */
 /* not depend on it, and the first dispatch after the hold tries the pool     */
-/* again (one stall then renews the hold). A stalled dispatch was measured to cost     */
-/* 5-35 ms on a 2-core machine beside a busy loop, so holds are long next to  */
-/* that: 20 ms at first, four times longer while tries keep stalling (up to   */
-/* 1 s: a try then costs ~1.5%), halved after a hold's time without a stall.  */
+/* again (one stall then renews the hold). A stalled dispatch was measured to */
+/* cost 5-35 ms on a 2-core machine beside a busy loop, so holds are long     */
+/* next to that: 20 ms at first, four times longer while tries keep stalling  */
+/* (up to 1 s: a try then costs ~1.5%), halved after a hold's time without a  */
+/* stall.                                                                     */
 /* ------------------------------------------------------------------------- */
 
 static _Atomic int64_t g_stall_ns = 200000;      /* 0: never stop the pool */
