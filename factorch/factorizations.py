@@ -266,6 +266,18 @@ class _PlanInfo(ctypes.Structure):
         ("backward_strategy", ctypes.c_char * 16),
     ]
 
+    def as_dict(self) -> dict:
+        """The report as ``plan()`` returns it."""
+        return {
+            "forward_flops": int(self.forward_flops),
+            "backward_flops": int(self.backward_flops),
+            "forward_workspace": int(self.forward_workspace),
+            "backward_workspace": int(self.backward_workspace),
+            "plan": self.plan.decode(),
+            "forward_strategy": self.forward_strategy.decode(),
+            "backward_strategy": self.backward_strategy.decode(),
+        }
+
 
 def _ints(values):
     return (ctypes.c_int64 * len(values))(*values)
@@ -347,15 +359,7 @@ class Tensorized(Factorization):
         if st != 0:
             raise ValueError("plan: the C cost model refused the layout "
                              f"({_lib.core.fct_status_string(st).decode()})")
-        return {
-            "forward_flops": int(info.forward_flops),
-            "backward_flops": int(info.backward_flops),
-            "forward_workspace": int(info.forward_workspace),
-            "backward_workspace": int(info.backward_workspace),
-            "plan": info.plan.decode(),
-            "forward_strategy": info.forward_strategy.decode(),
-            "backward_strategy": info.backward_strategy.decode(),
-        }
+        return info.as_dict()
 
     def flops(self, batch=1, device="cpu", dtype=torch.float32):
         return self.plan(batch, device, dtype)["forward_flops"]

@@ -218,6 +218,11 @@ class _FactorizedConvNd(FactorViews, LayoutState, nn.Module):
     def flops(self, input_size, batch: int = 1) -> int:
         """2 × multiply-adds of the forward for `batch` inputs of spatial
         size `input_size` ((H, W), or L for 1-D), bias excluded."""
+        return self._layout.flops(*self._chain_size(input_size), batch)
+
+    def _chain_size(self, input_size) -> tuple[int, int]:
+        """(H, W) as the chain sees an input of spatial size ``input_size``
+        ((H, W), or L for 1-D): after a non-zero padding_mode's padding."""
         if self._nd == 1:
             h, w = 1, input_size if isinstance(input_size, int) else input_size[0]
         else:
@@ -225,7 +230,7 @@ class _FactorizedConvNd(FactorViews, LayoutState, nn.Module):
         if self.padding_mode != "zeros":
             h += self._pads[0][0] + self._pads[0][1] if self._nd == 2 else 0
             w += self._pads[-1][0] + self._pads[-1][1]
-        return self._layout.flops(h, w, batch)
+        return h, w
 
     def plan(self, input_size, batch: int = 1) -> dict:
         """What the C op would do for ``batch`` inputs of spatial size
@@ -249,14 +254,7 @@ class _FactorizedConvNd(FactorViews, LayoutState, nn.Module):
 
         if isinstance(batch, bool) or not isinstance(batch, int) or batch < 0:
             raise ValueError(f"batch: expected a non-negative int, got {batch!r}")
-        if self._nd == 1:
-            h, w = 1, input_size if isinstance(input_size, int) else input_size[0]
-        else:
-            h, w = input_size
-        if self.padding_mode != "zeros":
-            h += self._pads[0][0] + self._pads[0][1] if self._nd == 2 else 0
-            w += self._pads[-1][0] + self._pads[-1][1]
-        flat, _ = self._layout.stages(h, w)
+        flat, _ = self._layout.stages(*self._chain_size(input_size))
         n = len(flat) // _ops.STAGE_INTS
         dev = DLDevice(2 if self.factors.device.type == "cuda" else 1, 0)
         code, bits = _DTYPES.get(self.factors.dtype, (2, 32))
@@ -267,15 +265,7 @@ class _FactorizedConvNd(FactorViews, LayoutState, nn.Module):
         if st != 0:
             raise ValueError(f"plan: the C op refused the stages "
                              f"({_lib.core.fct_status_string(st).decode()})")
-        return {
-            "forward_flops": int(info.forward_flops),
-            "backward_flops": int(info.backward_flops),
-            "forward_workspace": int(info.forward_workspace),
-            "backward_workspace": int(info.backward_workspace),
-            "plan": info.plan.decode(),
-            "forward_strategy": info.forward_strategy.decode(),
-            "backward_strategy": info.backward_strategy.decode(),
-        }
+        return info.as_dict()
 
     def extra_repr(self) -> str:
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
