@@ -4,11 +4,32 @@ linear op that drive its value, gradient and opcheck tests."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import torch
 
 import factorch
+from factorch import _lib
+
+# The C ops' FCT_FLAG_* bits the tests force (ops/include/factorch.h).
+SMALL_CHUNKS = 2  # FCT_FLAG_SMALL_CHUNKS
+FORCE_CONTRACT = 4  # FCT_FLAG_FORCE_CONTRACT
+FORCE_FORM_W = 8  # FCT_FLAG_FORCE_FORM_W
+STRATEGIES = {"contract": FORCE_CONTRACT, "form_w": FORCE_FORM_W,
+              "form_w_small": FORCE_FORM_W | SMALL_CHUNKS}
+
+
+@contextlib.contextmanager
+def forced(flag):
+    """The CPU ops run with `flag` set beside the finiteness check's bit."""
+    base = _lib.FLAG_CHECK_FINITE if factorch.get_check_finite()["cpu"] else 0
+    _lib.glue.fct_torch_set_flags(0, base | flag)
+    try:
+        yield
+    finally:
+        _lib.glue.fct_torch_set_flags(0, base)
+
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and factorch.cuda_available() else [])
 

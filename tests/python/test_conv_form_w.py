@@ -12,23 +12,15 @@ reports the choice, which the cost model makes from the batch size."""
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 import factorch
-from factorch import _lib
 from factorch.nn import FactorizedConv1d, FactorizedConv2d
 
-from helpers import rand
+from helpers import FORCE_CONTRACT, FORCE_FORM_W, STRATEGIES, forced, rand
 
-SMALL_CHUNKS = 2  # FCT_FLAG_SMALL_CHUNKS
-FORCE_CONTRACT = 4  # FCT_FLAG_FORCE_CONTRACT
-FORCE_FORM_W = 8  # FCT_FLAG_FORCE_FORM_W
-STRATEGIES = {"contract": FORCE_CONTRACT, "form_w": FORCE_FORM_W,
-              "form_w_small": FORCE_FORM_W | SMALL_CHUNKS}
 FACTS = ["cp", "tucker", "lowrank"]
 
 # (in, out, kernel, stride, padding, dilation, groups, bias, N, H, W)
@@ -42,16 +34,6 @@ CASES = [
     (5, 7, 3, 1, 1, 1, 1, True, 0, 6, 6),
     (4, 4, 1, 2, 0, 1, 1, True, 2, 7, 7),
 ]
-
-
-@contextlib.contextmanager
-def forced(flag):
-    base = _lib.FLAG_CHECK_FINITE if factorch.get_check_finite()["cpu"] else 0
-    _lib.glue.fct_torch_set_flags(0, base | flag)
-    try:
-        yield
-    finally:
-        _lib.glue.fct_torch_set_flags(0, base)
 
 
 def _layer(fact, case, dtype=torch.float64, cls=FactorizedConv2d, seed=0):

@@ -8,34 +8,16 @@ gradcheck through the forced W path; and ``plan`` reports the choice."""
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 
 import factorch
-from factorch import _lib
 from factorch.factorizations import CP, TensorTrain, Tucker
 
-from helpers import rand
+from helpers import FORCE_CONTRACT, FORCE_FORM_W, STRATEGIES, forced, rand
 from tensorized_samples import OPS, samples
 
-SMALL_CHUNKS = 2  # FCT_FLAG_SMALL_CHUNKS
-FORCE_CONTRACT = 4  # FCT_FLAG_FORCE_CONTRACT
-FORCE_FORM_W = 8  # FCT_FLAG_FORCE_FORM_W
-STRATEGIES = {"contract": FORCE_CONTRACT, "form_w": FORCE_FORM_W,
-              "form_w_small": FORCE_FORM_W | SMALL_CHUNKS}
 FACTS = ["tucker", "tt"]
-
-
-@contextlib.contextmanager
-def forced(flag):
-    base = _lib.FLAG_CHECK_FINITE if factorch.get_check_finite()["cpu"] else 0
-    _lib.glue.fct_torch_set_flags(0, base | flag)
-    try:
-        yield
-    finally:
-        _lib.glue.fct_torch_set_flags(0, base)
 
 
 def _first(y):

@@ -13,12 +13,11 @@ from factorch import _lib
 from factorch.functional import cp_linear, tt_linear, tucker_linear
 from factorch.nn import FactorizedLinear
 
-from helpers import DEVICES, dtypes_for, in_threads, rand
+from helpers import DEVICES, SMALL_CHUNKS, dtypes_for, in_threads, rand
 from tensorized_samples import BACKWARD_OPS, OPS, samples
 
 FACTS = ["cp", "tucker", "tt"]
 TOL = {torch.float64: 1e-11, torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 3e-3}
-SMALL_CHUNKS = 2  # FCT_FLAG_SMALL_CHUNKS
 
 
 def _err(a, ref):

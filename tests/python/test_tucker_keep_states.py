@@ -25,11 +25,9 @@ from factorch._ops import tucker_states_per_row
 from factorch.factorizations import Tucker
 from factorch.nn import FactorizedLinear
 
-from helpers import DEVICES, rand
+from helpers import DEVICES, FORCE_FORM_W, SMALL_CHUNKS, rand
 
 ops = torch.ops.factorch
-SMALL_CHUNKS = 2  # FCT_FLAG_SMALL_CHUNKS
-FORCE_FORM_W = 8  # FCT_FLAG_FORCE_FORM_W
 
 # Layouts whose kept states the cost model uses (the chain beats forming W;
 # on small layers it forms W and the states go unused): 2 or 3 modes a
