@@ -433,55 +433,20 @@ static size_t chunk_row_bytes(const tk_plan* p) {
   return (size_t)(in_ws + out_ws + 2 * gmax) * s->es;
 }
 
-/* The cheapest chunk of Mc ∈ {M, 8, 16, 32, ...} (1 when M == 0); *cost
- * its cost (INFINITY when M == 0). */
-static int64_t best_chunk(const tk_plan* p, const fct_machine* mc, double* cost) {
-  const tk_shape* s = &p->s;
-  size_t row_bytes = chunk_row_bytes(p);
-  int64_t best_mc = s->M > 0 ? s->M : 1;
+/* The cheapest chunk of Mc ∈ {M, 8, 16, 32, ...} for plan a, or for a and b
+ * run on the same chunks (b nullable: their costs added, the larger
+ * workspace per row against the cap); 1 when M == 0. *cost: its cost
+ * (INFINITY when M == 0). */
+static int64_t cheapest_chunk(const tk_plan* a, const tk_plan* b, const fct_machine* mc,
+                              double* cost) {
+  int64_t M = a->s.M;
+  size_t ra = chunk_row_bytes(a), rb = b ? chunk_row_bytes(b) : 0;
+  size_t row = ra > rb ? ra : rb;
+  int64_t best_mc = M > 0 ? M : 1;
   double best = INFINITY;
-  if (s->M > 0) {
-    for (int64_t mcand = s->M;;) {
-      double c = chunk_cost(p, mc, mcand, row_bytes);
-      /* Workspace beyond the cap only when nothing smaller fits. */
-      bool fits = (double)row_bytes * (double)mcand <= (double)mc->workspace_cap;
-      if ((fits || mcand <= 8) && c < best) {
-        best = c;
-        best_mc = mcand;
-      }
-      if (mcand <= 8) break;
-      int64_t next = 8;
-      while (next * 2 < mcand) next *= 2;
-      mcand = next;
-    }
-  }
-  *cost = best;
-  return best_mc;
-}
-
-/* The rows per chunk of both passes when states are kept (their layout
- * depends on it): the cheapest for the forward and the backward asking for
- * every gradient together, among Mc ∈ {M, 8, 16, 32, ...} whose workspace
- * fits the cap in both. A function of the shapes, M, the dtype and the
- * device alone, so that the two passes agree whatever the flags and the
- * gradients asked for. */
-static int64_t keep_chunk(const tk_plan* p, const fct_machine* mc) {
-  if (p->s.M == 0) return 1;
-  tk_plan q[2]; /* forward, backward */
-  for (int i = 0; i < 2; ++i) {
-    q[i] = *p;
-    memset(&q[i].n, 0, sizeof q[i].n);
-    q[i].n.keep = true;
-  }
-  tk_needs* n = &q[1].n;
-  n->backward = n->gx = n->gb = n->gcore = n->any_gin = n->any_gout = true;
-  for (int k = 0; k < FCT_MAX_MODES; ++k) n->gin[k] = n->gout[k] = true;
-  size_t rf = chunk_row_bytes(&q[0]), rb = chunk_row_bytes(&q[1]);
-  size_t row = rf > rb ? rf : rb;
-  int64_t best_mc = p->s.M;
-  double best = INFINITY;
-  for (int64_t mcand = p->s.M;;) {
-    double c = chunk_cost(&q[0], mc, mcand, rf) + chunk_cost(&q[1], mc, mcand, rb);
+  for (int64_t mcand = M; M > 0;) {
+    double c = chunk_cost(a, mc, mcand, ra) + (b ? chunk_cost(b, mc, mcand, rb) : 0.0);
+    /* Workspace beyond the cap only when nothing smaller fits. */
     bool fits = (double)row * (double)mcand <= (double)mc->workspace_cap;
     if ((fits || mcand <= 8) && c < best) {
       best = c;
@@ -492,7 +457,27 @@ static int64_t keep_chunk(const tk_plan* p, const fct_machine* mc) {
     while (next * 2 < mcand) next *= 2;
     mcand = next;
   }
+  *cost = best;
   return best_mc;
+}
+
+/* The rows per chunk of both passes when states are kept (their layout
+ * depends on it): the cheapest for the forward and the backward asking for
+ * every gradient together. A function of the shapes, M, the dtype and the
+ * device alone, so that the two passes agree whatever the flags and the
+ * gradients asked for. */
+static int64_t keep_chunk(const tk_plan* p, const fct_machine* mc) {
+  tk_plan q[2]; /* forward, backward */
+  for (int i = 0; i < 2; ++i) {
+    q[i] = *p;
+    memset(&q[i].n, 0, sizeof q[i].n);
+    q[i].n.keep = true;
+  }
+  tk_needs* n = &q[1].n;
+  n->backward = n->gx = n->gb = n->gcore = n->any_gin = n->any_gout = true;
+  for (int k = 0; k < FCT_MAX_MODES; ++k) n->gin[k] = n->gout[k] = true;
+  double cost;
+  return cheapest_chunk(&q[0], &q[1], mc, &cost);
 }
 
 static fct_status make_plan(fct_context* ctx, tk_plan* p) {
@@ -500,7 +485,7 @@ static fct_status make_plan(fct_context* ctx, tk_plan* p) {
   double per_row_flops = shape_states(p);
   fct_machine mc = fct_machine_for(s->cuda);
   double best;
-  int64_t best_mc = best_chunk(p, &mc, &best);
+  int64_t best_mc = cheapest_chunk(p, NULL, &mc, &best);
   p->Mc = p->n.small && best_mc > 3 ? 3 : best_mc;
   double M = (double)s->M;
   if (!p->n.backward) {
