@@ -143,9 +143,7 @@ fct_status fct_check_outputs_disjoint(fct_context* ctx, int first_out, const cha
     if (lo[o] >= hi[o]) continue; /* absent or empty */
     for (int i = 0; i < n; ++i)
       if (i != o && lo[i] < hi[i] && lo[o] < hi[i] && lo[i] < hi[o])
-        return fct_fail(ctx, FCT_ERR_LAYOUT,
-                        "%s: expected memory disjoint from %s, but they overlap", names[o],
-                        names[i]);
+        return fct_check_disjoint(ctx, names[o], ts[o], names[i], ts[i]); /* names the pair */
   }
   return FCT_OK;
 }
