@@ -174,7 +174,8 @@ test-models: build models fortunes
 # writes its section of bench/RESULTS.md. Run on a quiet machine: they time
 # 2 cores. `bench-<name>` runs one.
 BENCH_NAMES := lowrank_linear factorized_linear factorized_linear_forward factorized_conv \
-  factorized_embedding decompose compress decode lora onnx recovery busy_cpu check_finite
+  factorized_embedding decompose compress decode lora onnx recovery busy_cpu check_finite \
+  call_overhead call_overhead_callgrind
 bench: $(addprefix bench-,$(BENCH_NAMES))
 
 $(STAMPS)/bench-deps: $(STAMPS)/build
@@ -187,6 +188,10 @@ bench-%: $(STAMPS)/bench-deps
 # The tensorized table's forward alone (its own section).
 bench-factorized_linear_forward: $(STAMPS)/bench-deps
 	$(PY) bench/bench_factorized_linear.py --forward --write bench/RESULTS.md
+
+# The per-call cost counted in instructions (valgrind's callgrind).
+bench-call_overhead_callgrind: $(STAMPS)/bench-deps
+	$(PY) bench/bench_call_overhead.py --callgrind --write bench/RESULTS.md
 
 clean:
 	rm -rf build $(STAMPS) factorch/_libs

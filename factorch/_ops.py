@@ -83,16 +83,25 @@ def _transformed(args) -> bool:
 
 
 _overloads: dict = {}
+_functions: dict = {}  # op name -> its autograd.Function (_register_autograd)
 _BelowAutograd = torch._C._AutoDispatchBelowAutograd
+_any_autocast = torch._C._is_any_autocast_enabled
+_tracing_state = torch._C._get_tracing_state
 
 
 def call(name: str, *args):
     """torch.ops.factorch.<name>(*args), or its aten definition where
     :func:`needs_definition` says so. A call that records no graph (no_grad,
     inference, nothing requiring grad) enters the dispatcher below autograd,
-    so it skips the op's Python autograd kernel: the functional entry points
-    and the layers pay for autograd only when they use it. Never while
-    torch.compile or torch.export trace (they see the plain op)."""
+    so it skips the op's Python autograd kernel; one that records a graph
+    runs the op's autograd.Function at once, the work of its Autograd kernel
+    without the dispatcher's round trip into Python (boxing the arguments,
+    then unboxing them for the kernel). The functional entry points and the
+    layers thus pay for autograd only when they use it, and once. Never
+    while torch.compile or torch.export trace (they see the plain op), nor
+    under what the dispatcher runs before autograd: autocast (whose cast
+    the graph must record, and the Function save) and torch.jit.trace
+    (which must record the op, not the Function)."""
     op = _overloads.get(name)
     if op is None:
         op = _overloads[name] = getattr(ops, name).default
@@ -103,7 +112,10 @@ def call(name: str, *args):
 
         return definition(name)(*args)
     if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
-        return op(*args)
+        fn = _functions.get(name)
+        if fn is None or _any_autocast() or _tracing_state() is not None:
+            return op(*args)
+        return fn.apply(*args)
     with _BelowAutograd():
         return op(*args)
 
@@ -145,6 +157,7 @@ def _register_autograd(qualname, backward, setup_context):
             return backward(ctx, *grads)
 
     Function.__name__ = Function.__qualname__ = f"{name}_function"
+    _functions[name] = Function
 
     def kernel(keyset, *args):
         if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
