@@ -115,12 +115,13 @@ fct_mat fct_dense(char* data, int64_t rows, int64_t cols);
 fct_status fct_check_outputs_disjoint(fct_context* ctx, int first_out, const char* const* names,
                                       const DLTensor* const* ts, int n);
 typedef struct fct_args {
-  const char* names[FCT_MAX_ARGS];
+  const char* names[FCT_MAX_ARGS]; /* borrowed: a name given, or buf */
   const DLTensor* ts[FCT_MAX_ARGS];
-  char buf[FCT_MAX_ARGS][32];
+  char buf[FCT_MAX_ARGS][32]; /* list items' names */
   int n;
 } fct_args;
 
+/* name: borrowed, must outlive a (the entry points pass literals). */
 void fct_args_add(fct_args* a, const char* name, const DLTensor* t);
 /* list[0], list[1], ... for the n tensors ts (NULL: n absent ones). */
 void fct_args_add_list(fct_args* a, const char* list, int n, const DLTensor* const* ts);
