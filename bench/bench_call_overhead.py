@@ -25,24 +25,15 @@ import sys
 import tempfile
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from factorch.nn import FactorizedLinear
 
+from bench_lowrank_linear import PlainLowRank
 from harness import fmt_time, interleaved, machine, markdown_table, write_section
 
 IN, OUT, RANK, M = 64, 64, 8, 1
 CALLS = 200  # per case under callgrind
-
-
-class PlainLowRank(nn.Module):
-    def __init__(self, U, V, bias):
-        super().__init__()
-        self.U, self.V, self.bias = (nn.Parameter(t.detach().clone()) for t in (U, V, bias))
-
-    def forward(self, x):
-        return F.linear(F.linear(x, self.V), self.U, self.bias)
 
 
 def cases() -> dict[tuple[str, str], object]:

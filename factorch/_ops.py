@@ -99,9 +99,9 @@ def call(name: str, *args):
     then unboxing them for the kernel). The functional entry points and the
     layers thus pay for autograd only when they use it, and once. Never
     while torch.compile or torch.export trace (they see the plain op), nor
-    under what the dispatcher runs before autograd: autocast (whose cast
-    the graph must record, and the Function save) and torch.jit.trace
-    (which must record the op, not the Function)."""
+    under what the dispatcher runs before autograd: autocast (its cast must
+    come before the Function saves its inputs, recorded in the graph) and
+    torch.jit.trace (which must record the op, not the Function)."""
     op = _overloads.get(name)
     if op is None:
         op = _overloads[name] = getattr(ops, name).default
