@@ -227,7 +227,7 @@ static fct_status make_plan(fct_context* ctx, const cp_shape* s, const cp_needs*
   int64_t best_rc = s->R;
   size_t best_bytes = SIZE_MAX;
   bool have = false, best_fits = false;
-  for (int64_t rc = s->R;;) {
+  for (int64_t rc = s->R; rc > 0; rc = fct_smaller_chunk(rc, 64)) {
     p->Rc = rc;
     fct_layout L;
     lay_out(p, &L);
@@ -245,10 +245,6 @@ static fct_status make_plan(fct_context* ctx, const cp_shape* s, const cp_needs*
       best_rc = rc;
       best_bytes = bytes;
     }
-    if (rc <= 64) break;
-    int64_t next = 64;
-    while (next * 2 < rc) next *= 2;
-    rc = next;
   }
   p->Rc = n->small && s->R > 3 ? 3 : best_rc;
   fct_layout L;

@@ -63,6 +63,16 @@ const char* fct_item_name(char* buf, size_t n, const char* list, int i);
 /* BLAS and cuBLAS take int sizes. */
 bool fct_fits_int(int64_t v);
 
+/* The chunk sizes a plan tries, largest first: n itself, then least·2^k
+ * from the largest below n down to least. The one after n, or 0 when n <=
+ * least (none left). */
+static inline int64_t fct_smaller_chunk(int64_t n, int64_t least) {
+  if (n <= least) return 0;
+  int64_t next = least;
+  while (next * 2 < n) next *= 2;
+  return next;
+}
+
 /* x: a tensor of >= 1 dims; *M = product of its leading dims. */
 fct_status fct_check_input_rows(fct_context* ctx, const char* name, const DLTensor* x,
                                 int64_t* M);

@@ -444,7 +444,7 @@ static int64_t cheapest_chunk(const tk_plan* a, const tk_plan* b, const fct_mach
   size_t row = ra > rb ? ra : rb;
   int64_t best_mc = M > 0 ? M : 1;
   double best = INFINITY;
-  for (int64_t mcand = M; M > 0;) {
+  for (int64_t mcand = M; mcand > 0; mcand = fct_smaller_chunk(mcand, 8)) {
     double c = chunk_cost(a, mc, mcand, ra) + (b ? chunk_cost(b, mc, mcand, rb) : 0.0);
     /* Workspace beyond the cap only when nothing smaller fits. */
     bool fits = (double)row * (double)mcand <= (double)mc->workspace_cap;
@@ -452,10 +452,6 @@ static int64_t cheapest_chunk(const tk_plan* a, const tk_plan* b, const fct_mach
       best = c;
       best_mc = mcand;
     }
-    if (mcand <= 8) break;
-    int64_t next = 8;
-    while (next * 2 < mcand) next *= 2;
-    mcand = next;
   }
   *cost = best;
   return best_mc;
