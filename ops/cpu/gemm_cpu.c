@@ -362,6 +362,85 @@ static void gemm_blocks(int64_t begin, int64_t end, void* arg) {
   }
 }
 
+/* A product whose C is too small to split (at most 16 x 16: the gradient of
+ * a small factor, a sum over every row of a batch) but whose k is long is
+ * cut into pieces of k: piece 0 goes into C (with beta), each other piece
+ * into a partial product of its own on the caller's stack, and the caller
+ * adds them in piece order. The pieces are a function of the shape alone,
+ * not of the pool's size. Without it the gradient of a tensorized layer's
+ * factor ([8, 4] summed over 65536 rows of a chunk) runs on one core while
+ * the others wait. */
+enum {
+  SPLITK_MAX_C = 16,     /* C's rows and columns at most */
+  SPLITK_MIN_K = 1024,   /* k per piece at least */
+  SPLITK_PIECES = 16,    /* pieces at most */
+  SPLITK_BYTES = 16384   /* the partial products at most */
+};
+
+typedef struct splitk_job {
+  fct_dtype dt;
+  const fct_mat *A, *B, *C;
+  double alpha, beta;
+  int64_t step;
+  char* parts; /* [pieces - 1][m·n], dense */
+} splitk_job;
+
+static void splitk_pieces(int64_t begin, int64_t end, void* arg) {
+  const splitk_job* j = arg;
+  size_t es = fct_dtype_bytes(j->dt);
+  int64_t m = j->C->rows, n = j->C->cols, k = j->A->cols;
+  for (int64_t b = begin; b < end; ++b) {
+    int64_t lo = b * j->step, hi = lo + j->step < k ? lo + j->step : k;
+    fct_mat A = *j->A, B = *j->B; /* A [:, lo:hi], B [lo:hi, :] */
+    A.data += lo * A.cs * (int64_t)es;
+    B.data += lo * B.rs * (int64_t)es;
+    A.cols = B.rows = hi - lo;
+    if (b == 0) {
+      gemm_serial(j->dt, j->alpha, &A, &B, j->C, j->beta);
+    } else {
+      fct_mat P = {j->parts + (b - 1) * m * n * (int64_t)es, m, n, n, 1};
+      memset(P.data, 0, (size_t)(m * n) * es); /* stack bytes: never read as values */
+      gemm_serial(j->dt, j->alpha, &A, &B, &P, 0.0);
+    }
+  }
+}
+
+/* Pieces for C = A·B (0: not a split-k product). */
+static int64_t splitk_count(fct_dtype dt, int64_t m, int64_t n, int64_t k) {
+  if (m > SPLITK_MAX_C || n > SPLITK_MAX_C || k < 2 * SPLITK_MIN_K) return 0;
+  if ((double)m * (double)n * (double)k < (double)(1 << 20)) return 0;
+  int64_t pieces = k / SPLITK_MIN_K;
+  int64_t room = 1 + SPLITK_BYTES / (m * n * (int64_t)fct_dtype_bytes(dt));
+  if (pieces > room) pieces = room;
+  return pieces < SPLITK_PIECES ? pieces : SPLITK_PIECES;
+}
+
+static void gemm_splitk(fct_dtype dt, double alpha, const fct_mat* A, const fct_mat* B,
+                        const fct_mat* C, double beta, int64_t pieces) {
+  _Alignas(64) char parts[SPLITK_BYTES];
+  int64_t m = C->rows, n = C->cols, k = A->cols;
+  int64_t step = (k + pieces - 1) / pieces;
+  step = (step + 15) / 16 * 16;
+  pieces = (k + step - 1) / step;
+  splitk_job job = {dt, A, B, C, alpha, beta, step, parts};
+  fct_cpu_parallel(pieces, 1, splitk_pieces, &job);
+  for (int64_t i = 0; i < m; ++i) {
+    if (dt == FCT_F32) {
+      float* c = (float*)C->data + i * C->rs;
+      for (int64_t b = 1; b < pieces; ++b) {
+        const float* p = (const float*)parts + ((b - 1) * m + i) * n;
+        for (int64_t jj = 0; jj < n; ++jj) c[jj] += p[jj];
+      }
+    } else {
+      double* c = (double*)C->data + i * C->rs;
+      for (int64_t b = 1; b < pieces; ++b) {
+        const double* p = (const double*)parts + ((b - 1) * m + i) * n;
+        for (int64_t jj = 0; jj < n; ++jj) c[jj] += p[jj];
+      }
+    }
+  }
+}
+
 void fct_cpu_gemm(fct_dtype dt, const fct_mat* A, const fct_mat* B, const fct_mat* C,
                   double beta) {
   fct_cpu_gemm_scaled(dt, 1.0, A, B, C, beta);
@@ -374,6 +453,11 @@ void fct_cpu_gemm_scaled(fct_dtype dt, double alpha, const fct_mat* A, const fct
   if (k == 0) {
     if (beta == 0.0) zero_rows(dt, C);
     return; /* beta == 1: C unchanged */
+  }
+  int64_t pieces = splitk_count(dt, m, n, k);
+  if (pieces > 1) {
+    gemm_splitk(dt, alpha, A, B, C, beta, pieces);
+    return;
   }
   /* Below ~2^20 multiply-adds a block is too small to pay for a wake-up. */
   int threads = (double)m * (double)n * (double)k < (double)(1 << 20) ? 1 : split_threads();

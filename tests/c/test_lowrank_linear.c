@@ -122,6 +122,9 @@ static void test_values(bool big) {
   static const int64_t big_shapes[][4] = {
       /* large enough for every GEMM to be split across the pool's threads */
       {300, 128, 96, 40}, {1, 2048, 1024, 600}, {2, 1100, 1000, 700},
+      /* grad_U [12, 8] and grad_V [8, 16] sum 12000 rows: C too small to
+       * split, so k is cut into pieces (the last one shorter) */
+      {12000, 16, 12, 8},
   };
   const int64_t(*sh)[4] = big ? big_shapes : shapes;
   size_t nsh = big ? sizeof big_shapes / sizeof big_shapes[0] : sizeof shapes / sizeof shapes[0];
