@@ -22,7 +22,7 @@ typedef struct rows_job {
   int64_t bs;
 } rows_job;
 
-static void fill_rows_tasks(int64_t begin, int64_t end, void* arg) {
+FCT_SIMD_CLONES static void fill_rows_tasks(int64_t begin, int64_t end, void* arg) {
   const rows_job* j = arg;
   const fct_mat* y = j->y;
   for (int64_t i = begin; i < end; ++i) {
@@ -54,7 +54,7 @@ typedef struct sums_job {
 /* Blocks of SUM_COLS columns, each summed over every row in order (so the
  * sums do not depend on the pool); g is read row by row, so a block's sums
  * stay in registers or L1. */
-static void column_sums_tasks(int64_t begin, int64_t end, void* arg) {
+FCT_SIMD_CLONES static void column_sums_tasks(int64_t begin, int64_t end, void* arg) {
   const sums_job* j = arg;
   const fct_mat* g = j->g;
   double acc[SUM_COLS];
@@ -62,7 +62,10 @@ static void column_sums_tasks(int64_t begin, int64_t end, void* arg) {
     int64_t j0 = blk * SUM_COLS, nj = g->cols - j0 < SUM_COLS ? g->cols - j0 : SUM_COLS;
     memset(acc, 0, sizeof acc);
     for (int64_t i = 0; i < g->rows; ++i) {
-      if (j->dt == FCT_F32) {
+      if (j->dt == FCT_F32 && g->cs == 1) { /* the usual case, kept apart to vectorise */
+        const float* row = (const float*)g->data + i * g->rs + j0;
+        for (int64_t c = 0; c < nj; ++c) acc[c] += row[c];
+      } else if (j->dt == FCT_F32) {
         const float* row = (const float*)g->data + i * g->rs + j0 * g->cs;
         for (int64_t c = 0; c < nj; ++c) acc[c] += row[c * g->cs];
       } else {
