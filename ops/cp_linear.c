@@ -12,6 +12,16 @@
  * M·(in/i_1)·R elements, so it only pays when M < i_k / 2, and then saves
  * less than the GEMV's own cost: the order is always x → z → y.
  *
+ * A few rows (split). At M = 1 the pass is building KR(A) and KR(B) and
+ * reading them back once ((in + out)·R elements through memory). For a few
+ * rows the last factor of each side is applied on its own instead, so that
+ * only the products of the others are built (P = in/i_n and Q = out/o_n
+ * rows, i_n and o_n times fewer), per row m (x_m viewed [P, i_n]):
+ *   u [i_n, Rc] = x_mᵀ · KR(A_<n),   z_m = Σ_a u[a, :] ⊙ A_n[a, :],
+ *   y_m [Q, o_n] += KR(B_<n, z_m) · B_nᵀ   (KR(B_<n) with z_m as one more row factor).
+ * Taken for the forward when the rows rebuilt per row (M·Q) and the two
+ * smaller blocks stay under half of the full blocks (split_pays).
+ *
  * Cost model: what remains to choose is how many columns of KR to build at
  * a time (Rc). Per chunk the blocks KR(A)[:, c] [in, Rc] and KR(B)[:, c]
  * [out, Rc] are built in the workspace and every batch-sized operand is
@@ -50,13 +60,17 @@ typedef struct cp_needs {
   bool pack_x, pack_g;
   bool check;            /* FCT_FLAG_CHECK_FINITE */
   bool small;            /* FCT_FLAG_SMALL_CHUNKS */
+  bool x_rows;           /* x's rows are dense (the split reads each as [P, i_n]) */
 } cp_needs;
 
 typedef struct cp_plan {
   cp_shape s;
   cp_needs n;
   int64_t Rc;
+  bool split;    /* the forward for a few rows (top of the file) */
+  int64_t P, Q;  /* split: the rows of KR(A_<n) and KR(B_<n) */
   size_t off_x, off_g, off_kin, off_kout, off_z, off_gz, off_gk, off_pre, off_suf, off_scratch;
+  size_t off_ones, off_u;
   size_t bytes;
   double flops;
 } cp_plan;
@@ -145,8 +159,11 @@ static double pass_flops(const cp_shape* s, const cp_needs* n) {
 /* Cost of a pass with chunks of Rc columns (see the top of the file):
  * batch-sized operands streamed once per chunk, Khatri–Rao blocks spilled
  * when they outgrow the cache budget, and the calls. */
-static double chunk_cost(const cp_shape* s, const cp_needs* n, const fct_machine* mc, int64_t Rc) {
+static double chunk_cost(const cp_plan* p, const fct_machine* mc, int64_t Rc) {
+  const cp_shape* s = &p->s;
+  const cp_needs* n = &p->n;
   double M = (double)s->M, in = (double)s->in.size, out = (double)s->out.size, R = (double)s->R;
+  double block_rows = p->split ? (double)(p->P + p->Q) : in + out;
   double nch = ceil(R / (double)Rc), es = (double)s->es;
   double stream, calls;
   if (!n->backward) {
@@ -162,8 +179,8 @@ static double chunk_cost(const cp_shape* s, const cp_needs* n, const fct_machine
      * builds of the partial products are small and run serially. */
     calls = 6 * nch + nch * (s->in.n + s->out.n);
   }
-  bool spills = (in + out) * (double)Rc * es > (double)mc->chunk_bytes;
-  double bytes = es * (stream + (spills ? 2 * (in + out) * R : 0));
+  bool spills = block_rows * (double)Rc * es > (double)mc->chunk_bytes;
+  double bytes = es * (stream + (spills ? 2 * block_rows * R : 0));
   return mc->flop_per_byte * bytes + mc->call_flops * calls;
 }
 
@@ -190,6 +207,15 @@ static void lay_out(cp_plan* p, fct_layout* L) {
   if (n->pack_x) p->off_x = fct_layout_take(L, M * in, es);
   if (n->pack_g) p->off_g = fct_layout_take(L, M * out, es);
   bool fwd = !n->backward;
+  if (p->split) {
+    p->off_kin = fct_layout_take(L, p->P * Rc, es);
+    p->off_kout = fct_layout_take(L, p->Q * Rc, es);
+    p->off_ones = fct_layout_take(L, Rc, es);
+    p->off_u = fct_layout_take(L, s->in.modes[s->in.n - 1] * Rc, es);
+    if (!n->z_given) p->off_z = fct_layout_take(L, M * Rc, es);
+    if (n->check && p->s.cuda) p->off_scratch = fct_layout_take(L, FCT_CHECK_SCRATCH, 1);
+    return;
+  }
   bool kin = fwd || n->gx || (n->gout && !n->z_given);
   bool kout = fwd || n->gx || n->gin;
   if (kin) p->off_kin = fct_layout_take(L, in * Rc, es);
@@ -215,10 +241,24 @@ static void lay_out(cp_plan* p, fct_layout* L) {
   if (n->check && p->s.cuda) p->off_scratch = fct_layout_take(L, FCT_CHECK_SCRATCH, 1);
 }
 
+/* Whether a forward takes the split (top of the file): a few rows with
+ * dense rows of x, at least two factors a side, and the blocks it builds
+ * (P + Q once per chunk, Q again per row) under half of the full ones. */
+static bool split_pays(const cp_shape* s, const cp_needs* n) {
+  if (n->backward || !n->x_rows || s->M < 1 || s->M > 4 || s->in.n < 2 || s->out.n < 2)
+    return false;
+  double P = (double)(s->in.size / s->in.modes[s->in.n - 1]);
+  double Q = (double)(s->out.size / s->out.modes[s->out.n - 1]);
+  return (double)s->M * Q + P + Q < 0.5 * (double)(s->in.size + s->out.size);
+}
+
 static fct_status make_plan(fct_context* ctx, const cp_shape* s, const cp_needs* n, cp_plan* p) {
   memset(p, 0, sizeof *p);
   p->s = *s;
   p->n = *n;
+  p->split = split_pays(s, n);
+  p->P = s->in.size / s->in.modes[s->in.n - 1];
+  p->Q = s->out.size / s->out.modes[s->out.n - 1];
   fct_machine mc = fct_machine_for(s->cuda);
   /* Candidates: R itself, and powers of two from 64 below it. Workspace
    * beyond the cap is refused unless nothing smaller exists. */
@@ -233,7 +273,7 @@ static fct_status make_plan(fct_context* ctx, const cp_shape* s, const cp_needs*
     lay_out(p, &L);
     size_t bytes = L.overflow ? SIZE_MAX : L.cursor;
     bool fits = bytes <= cap;
-    double c = chunk_cost(s, n, &mc, rc);
+    double c = chunk_cost(p, &mc, rc);
     /* Fitting candidates beat the others; among fitting ones the cheapest
      * (the larger on ties, seen first); otherwise the smallest workspace. */
     bool take = !have || (fits && !best_fits) ||
@@ -321,6 +361,45 @@ static bool any(DLTensor* const* ts, int n) {
 /* Forward                                                                    */
 /* ------------------------------------------------------------------------- */
 
+/* The split forward (top of the file), chunk by chunk of Rc columns; y
+ * already holds the bias when `bias`. */
+static fct_status forward_split(const fct_exec* e, const cp_plan* p, const fct_mat* X,
+                                const fct_mat* Y, DLTensor* z, bool bias) {
+  const cp_shape* s = &p->s;
+  size_t es = e->es;
+  int na = s->in.n, nb = s->out.n;
+  int64_t ia = s->in.modes[na - 1], ob = s->out.modes[nb - 1], rows;
+  char* kin = fct_ws_at(e, p->off_kin);
+  char* kout = fct_ws_at(e, p->off_kout);
+  char* ones = fct_ws_at(e, p->off_ones);
+  char* u = fct_ws_at(e, p->off_u);
+  for (int64_t c0 = 0; c0 < s->R; c0 += p->Rc) {
+    int64_t rc = s->R - c0 < p->Rc ? s->R - c0 : p->Rc;
+    FCT_TRY(build_kr(e, &s->in, 0, na - 1, c0, rc, kin, &rows)); /* KR(A_<n) [P, rc] */
+    FCT_TRY(build_kr(e, &s->in, 0, 0, c0, rc, ones, &rows));     /* [1, rc] of ones */
+    fct_mat Kin = fct_dense(kin, p->P, rc), Ones = fct_dense(ones, 1, rc);
+    fct_mat An = factor_cols(s->in.f[na - 1], c0, rc, es);
+    fct_mat BnT = fct_mat_t(factor_cols(s->out.f[nb - 1], c0, rc, es)); /* [rc, o_n] */
+    fct_mat F[FCT_MAX_MODES];
+    for (int k = 0; k + 1 < nb; ++k) F[k] = factor_cols(s->out.f[k], c0, rc, es);
+    for (int64_t m = 0; m < s->M; ++m) {
+      fct_mat Xm = {X->data + m * X->rs * (int64_t)es, p->P, ia, ia, 1}; /* x_m [P, i_n] */
+      fct_mat Xmt = fct_mat_t(Xm), U = fct_dense(u, ia, rc);
+      FCT_TRY(fct_x_gemm(e, &Xmt, &Kin, &U, 0.0)); /* u [i_n, rc] = x_mᵀ · KR(A_<n) */
+      fct_mat Zm = z ? (fct_mat){fct_data(z) + (m * s->R + c0) * (int64_t)es, 1, rc, rc, 1}
+                     : fct_dense(fct_ws_at(e, p->off_z) + m * rc * (int64_t)es, 1, rc);
+      /* z_m = Σ_a u[a, :] ⊙ A_n[a, :] (u as [npre = i_n, 1, 1] rows) */
+      FCT_TRY(e->be->khatri_rao_grad(e->ctx, e->device, e->dt, &U, ia, 1, 1, &An, &Ones, &Zm));
+      F[nb - 1] = Zm;
+      fct_mat Kout = fct_dense(kout, p->Q, rc);
+      FCT_TRY(e->be->khatri_rao(e->ctx, e->device, e->dt, nb, F, &Kout)); /* KR(B_<n, z_m) */
+      fct_mat Ym = {Y->data + m * Y->rs * (int64_t)es, p->Q, ob, ob, 1}; /* y_m [Q, o_n] */
+      FCT_TRY(fct_x_gemm(e, &Kout, &BnT, &Ym, (c0 > 0 || bias) ? 1.0 : 0.0));
+    }
+  }
+  return FCT_OK;
+}
+
 static fct_status forward_plan(fct_context* ctx, const DLTensor* x, int n_in,
                                const DLTensor* const* A, int n_out, const DLTensor* const* B,
                                const DLTensor* bias, const DLTensor* y, const DLTensor* z,
@@ -351,6 +430,7 @@ static fct_status forward_plan(fct_context* ctx, const DLTensor* x, int n_in,
   cp_needs n = {0};
   n.z_given = z != NULL;
   n.pack_x = fct_input_needs_pack(x, &m);
+  n.x_rows = n.pack_x || m.cs == 1; /* packed x is dense */
   n.check = ctx->flags & FCT_FLAG_CHECK_FINITE;
   n.small = ctx->flags & FCT_FLAG_SMALL_CHUNKS;
   return make_plan(ctx, &s, &n, p);
@@ -384,7 +464,8 @@ fct_status fct_cp_linear_forward(fct_context* ctx, const DLTensor* x, int n_in,
   FCT_TRY(input_view(&e, x, p.n.pack_x, p.off_x, s->M, s->in.size, &X));
   if (bias)
     FCT_TRY(e.be->fill_rows(ctx, e.device, e.dt, &Y, fct_data(bias), fct_vector_stride(bias)));
-  for (int64_t c0 = 0; c0 < s->R; c0 += p.Rc) {
+  if (p.split) FCT_TRY(forward_split(&e, &p, &X, &Y, z, bias != NULL));
+  for (int64_t c0 = 0; c0 < s->R && !p.split; c0 += p.Rc) {
     int64_t rc = s->R - c0 < p.Rc ? s->R - c0 : p.Rc, rows;
     char* kin = fct_ws_at(&e, p.off_kin);
     char* kout = fct_ws_at(&e, p.off_kout);
@@ -612,7 +693,7 @@ fct_status fct_cp_linear_plan(int n_in, const int64_t* in_modes, int n_out,
   s.es = fct_dtype_bytes(fct_dtype_of(dtype));
   s.cuda = device.device_type == kDLCUDA;
   cp_needs nf = {0}, nb = {0};
-  nf.z_given = true;
+  nf.z_given = nf.x_rows = true;
   nb.backward = nb.z_given = nb.gx = nb.gb = nb.gin = nb.gout = true;
   cp_plan pf, pb;
   FCT_TRY(make_plan(NULL, &s, &nf, &pf));
@@ -624,8 +705,9 @@ fct_status fct_cp_linear_plan(int n_in, const int64_t* in_modes, int n_out,
   info->backward_workspace = pb.bytes;
   snprintf(info->plan, sizeof info->plan,
            "cp: z = x·KR(in) then y = z·KR(out)^T, Khatri-Rao blocks of %lld columns "
-           "(forward), %lld (backward), R = %lld",
-           (long long)pf.Rc, (long long)pb.Rc, (long long)s.R);
+           "(forward%s), %lld (backward), R = %lld",
+           (long long)pf.Rc, pf.split ? ", the last factor of each side apart" : "",
+           (long long)pb.Rc, (long long)s.R);
   /* CP has the chain only (factorch.h, FCT_FLAG_FORCE_FORM_W). */
   snprintf(info->forward_strategy, sizeof info->forward_strategy, "contract");
   snprintf(info->backward_strategy, sizeof info->backward_strategy, "contract");
