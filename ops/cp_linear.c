@@ -19,8 +19,10 @@
  * rows, i_n and o_n times fewer), per row m (x_m viewed [P, i_n]):
  *   u [i_n, Rc] = x_mᵀ · KR(A_<n),   z_m = Σ_a u[a, :] ⊙ A_n[a, :],
  *   y_m [Q, o_n] += KR(B_<n, z_m) · B_nᵀ   (KR(B_<n) with z_m as one more row factor).
- * Taken for the forward when the rows rebuilt per row (M·Q) and the two
- * smaller blocks stay under half of the full blocks (split_pays).
+ * The backward alike (backward_split), each factor's gradient from the
+ * smaller blocks. Taken when the blocks rebuilt per row (M·Q forward,
+ * M·(P + Q) backward) and the two smaller ones stay under half of the full
+ * blocks (split_pays).
  *
  * Cost model: what remains to choose is how many columns of KR to build at
  * a time (Rc). Per chunk the blocks KR(A)[:, c] [in, Rc] and KR(B)[:, c]
@@ -60,7 +62,7 @@ typedef struct cp_needs {
   bool pack_x, pack_g;
   bool check;            /* FCT_FLAG_CHECK_FINITE */
   bool small;            /* FCT_FLAG_SMALL_CHUNKS */
-  bool x_rows;           /* x's rows are dense (the split reads each as [P, i_n]) */
+  bool x_rows, g_rows;   /* x's, grad_y's rows dense (the split reads each as [P, i_n]) */
 } cp_needs;
 
 typedef struct cp_plan {
@@ -70,7 +72,7 @@ typedef struct cp_plan {
   bool split;    /* the forward for a few rows (top of the file) */
   int64_t P, Q;  /* split: the rows of KR(A_<n) and KR(B_<n) */
   size_t off_x, off_g, off_kin, off_kout, off_z, off_gz, off_gk, off_pre, off_suf, off_scratch;
-  size_t off_ones, off_u;
+  size_t off_ones, off_u, off_tmp, off_gka, off_gkb;
   size_t bytes;
   double flops;
 } cp_plan;
@@ -208,11 +210,25 @@ static void lay_out(cp_plan* p, fct_layout* L) {
   if (n->pack_g) p->off_g = fct_layout_take(L, M * out, es);
   bool fwd = !n->backward;
   if (p->split) {
-    p->off_kin = fct_layout_take(L, p->P * Rc, es);
-    p->off_kout = fct_layout_take(L, p->Q * Rc, es);
+    int64_t ia = s->in.modes[s->in.n - 1], ob = s->out.modes[s->out.n - 1];
+    bool z_made = fwd ? !n->z_given : n->gout && !n->z_given;
     p->off_ones = fct_layout_take(L, Rc, es);
-    p->off_u = fct_layout_take(L, s->in.modes[s->in.n - 1] * Rc, es);
-    if (!n->z_given) p->off_z = fct_layout_take(L, M * Rc, es);
+    p->off_u = fct_layout_take(L, (ia > ob ? ia : ob) * Rc, es);
+    if (fwd || z_made) p->off_kin = fct_layout_take(L, p->P * Rc, es);
+    if (fwd || n->gx || n->gin) p->off_kout = fct_layout_take(L, p->Q * Rc, es);
+    if (z_made) p->off_z = fct_layout_take(L, M * Rc, es);
+    if (!fwd) {
+      p->off_tmp = fct_layout_take(L, (p->P > p->Q ? p->P : p->Q) * Rc, es);
+      if (n->gx || n->gin) p->off_gz = fct_layout_take(L, M * Rc, es);
+      if (n->gin) p->off_gka = fct_layout_take(L, p->P * Rc, es);
+      if (n->gout) p->off_gkb = fct_layout_take(L, p->Q * Rc, es);
+      if (n->gin || n->gout) {
+        int64_t part = n->gin ? max_partial(&s->in) : 1, po = n->gout ? max_partial(&s->out) : 1;
+        part = po > part ? po : part;
+        p->off_pre = fct_layout_take(L, part * Rc, es);
+        p->off_suf = fct_layout_take(L, part * Rc, es);
+      }
+    }
     if (n->check && p->s.cuda) p->off_scratch = fct_layout_take(L, FCT_CHECK_SCRATCH, 1);
     return;
   }
@@ -241,15 +257,18 @@ static void lay_out(cp_plan* p, fct_layout* L) {
   if (n->check && p->s.cuda) p->off_scratch = fct_layout_take(L, FCT_CHECK_SCRATCH, 1);
 }
 
-/* Whether a forward takes the split (top of the file): a few rows with
- * dense rows of x, at least two factors a side, and the blocks it builds
- * (P + Q once per chunk, Q again per row) under half of the full ones. */
+/* Whether a pass takes the split (top of the file): a few rows, dense rows
+ * of x and grad_y, at least two factors a side, and the blocks it builds
+ * (P + Q once per chunk; per row Q in the forward, P + Q in the backward)
+ * under half of the full ones. */
 static bool split_pays(const cp_shape* s, const cp_needs* n) {
-  if (n->backward || !n->x_rows || s->M < 1 || s->M > 4 || s->in.n < 2 || s->out.n < 2)
+  if (!n->x_rows || (n->backward && !n->g_rows) || s->M < 1 || s->M > 4 || s->in.n < 2 ||
+      s->out.n < 2)
     return false;
   double P = (double)(s->in.size / s->in.modes[s->in.n - 1]);
   double Q = (double)(s->out.size / s->out.modes[s->out.n - 1]);
-  return (double)s->M * Q + P + Q < 0.5 * (double)(s->in.size + s->out.size);
+  double per_row = n->backward ? P + Q : Q;
+  return (double)s->M * per_row + P + Q < 0.5 * (double)(s->in.size + s->out.size);
 }
 
 static fct_status make_plan(fct_context* ctx, const cp_shape* s, const cp_needs* n, cp_plan* p) {
@@ -559,7 +578,9 @@ static fct_status backward_plan(fct_context* ctx, const DLTensor* g, const DLTen
   bool uses_x = n.gin || (n.gout && !n.z_given);
   bool uses_g = n.gx || n.gin || n.gout || n.gb;
   n.pack_x = uses_x && fct_input_needs_pack(x, &m);
+  n.x_rows = !uses_x || n.pack_x || m.cs == 1; /* packed rows are dense */
   n.pack_g = uses_g && fct_input_needs_pack(g, &m);
+  n.g_rows = !uses_g || n.pack_g || m.cs == 1;
   return make_plan(ctx, &s, &n, p);
 }
 
@@ -577,6 +598,133 @@ fct_status fct_cp_linear_backward_workspace(const fct_context* ctx, const DLTens
   FCT_TRY(backward_plan(&c, grad_y, x, n_in, in_factors, n_out, out_factors, z, grad_x,
                     grad_in_factors, grad_out_factors, grad_bias, &p));
   *bytes = p.bytes;
+  return FCT_OK;
+}
+
+/* z_m (or gz_m) [1, rc] = Σ_a (x_mᵀ · K)[a, :] ⊙ F[a, :]: x_m [P, i] a row
+ * viewed as a matrix, K [P, rc] the Khatri–Rao product of the side's other
+ * factors, F [i, rc] the last one's columns, u [i, rc] and ones [1, rc]
+ * scratch. */
+static fct_status project_row(const fct_exec* e, const fct_mat* xm, const fct_mat* K,
+                              const fct_mat* F, const fct_mat* ones, char* u, fct_mat* out) {
+  fct_mat xt = fct_mat_t(*xm), U = fct_dense(u, xm->cols, K->cols);
+  FCT_TRY(fct_x_gemm(e, &xt, K, &U, 0.0));
+  return e->be->khatri_rao_grad(e->ctx, e->device, e->dt, &U, xm->cols, 1, 1, F, ones, out);
+}
+
+/* out [∏ modes of the side's factors but the last, rc] = their Khatri–Rao
+ * product with row r (a [1, rc] view) as one more factor. */
+static fct_status kr_times_row(const fct_exec* e, const cp_side* side, int64_t c0, int64_t rc,
+                               const fct_mat* r, char* out, int64_t rows) {
+  fct_mat F[FCT_MAX_MODES];
+  for (int k = 0; k + 1 < side->n; ++k) F[k] = factor_cols(side->f[k], c0, rc, e->es);
+  F[side->n - 1] = *r;
+  fct_mat O = fct_dense(out, rows, rc);
+  return e->be->khatri_rao(e->ctx, e->device, e->dt, side->n, F, &O);
+}
+
+/* The split backward (top of the file), per chunk of columns and row m
+ * (x_m [P, i_n], g_m [Q, o_n]):
+ *   gz_m = Σ_b (g_mᵀ·KR(B_<n))[b, :] ⊙ B_n[b, :]  (z_m alike from x_m, when not given)
+ *   grad_x_m [P, i_n] += KR(A_<n, gz_m) · A_nᵀ
+ *   grad A_n += x_mᵀ · KR(A_<n, gz_m),  gKR(A_<n) += x_m · KR(A_n, gz_m) -> grad A_k<n
+ *   grad B_n += g_mᵀ · KR(B_<n, z_m),   gKR(B_<n) += g_m · KR(B_n, z_m)  -> grad B_k<n */
+static fct_status backward_split(const fct_exec* e, const cp_plan* p, const fct_mat* G,
+                                 const fct_mat* X, const DLTensor* z, DLTensor* grad_x,
+                                 DLTensor* const* gA, DLTensor* const* gB) {
+  const cp_shape* s = &p->s;
+  const cp_needs* n = &p->n;
+  size_t es = e->es;
+  int na = s->in.n, nb = s->out.n;
+  int64_t ia = s->in.modes[na - 1], ob = s->out.modes[nb - 1], M = s->M, R = s->R, rows;
+  bool z_made = n->gout && !n->z_given;
+  bool need_gz = n->gx || n->gin;
+  cp_side in_lead = s->in, out_lead = s->out; /* the factors before the last */
+  in_lead.n = na - 1;
+  in_lead.size = p->P;
+  out_lead.n = nb - 1;
+  out_lead.size = p->Q;
+  bool lead_in = false, lead_out = false;
+  for (int k = 0; k + 1 < na; ++k) lead_in = lead_in || (gA && gA[k]);
+  for (int k = 0; k + 1 < nb; ++k) lead_out = lead_out || (gB && gB[k]);
+  char* u = fct_ws_at(e, p->off_u);
+  char* tmp = fct_ws_at(e, p->off_tmp);
+  fct_mat Zf = {0};
+  if (n->gout && n->z_given) fct_fold(z, &Zf);
+  for (int64_t c0 = 0; c0 < R; c0 += p->Rc) {
+    int64_t rc = R - c0 < p->Rc ? R - c0 : p->Rc;
+    FCT_TRY(build_kr(e, &s->in, 0, 0, c0, rc, fct_ws_at(e, p->off_ones), &rows));
+    fct_mat Ones = fct_ws_mat(e, p->off_ones, 1, rc);
+    fct_mat An = factor_cols(s->in.f[na - 1], c0, rc, es);
+    fct_mat Bn = factor_cols(s->out.f[nb - 1], c0, rc, es);
+    fct_mat Zr[4], GZr[4]; /* rows of z and gz for this chunk (M <= 4) */
+    if (need_gz) {
+      FCT_TRY(build_kr(e, &s->out, 0, nb - 1, c0, rc, fct_ws_at(e, p->off_kout), &rows));
+      fct_mat Kb = fct_ws_mat(e, p->off_kout, p->Q, rc);
+      for (int64_t m = 0; m < M; ++m) {
+        fct_mat gm = {G->data + m * G->rs * (int64_t)es, p->Q, ob, ob, 1};
+        GZr[m] = fct_dense(fct_ws_at(e, p->off_gz) + m * rc * (int64_t)es, 1, rc);
+        FCT_TRY(project_row(e, &gm, &Kb, &Bn, &Ones, u, &GZr[m]));
+      }
+    }
+    if (z_made) {
+      FCT_TRY(build_kr(e, &s->in, 0, na - 1, c0, rc, fct_ws_at(e, p->off_kin), &rows));
+      fct_mat Ka = fct_ws_mat(e, p->off_kin, p->P, rc);
+      for (int64_t m = 0; m < M; ++m) {
+        fct_mat xm = {X->data + m * X->rs * (int64_t)es, p->P, ia, ia, 1};
+        Zr[m] = fct_dense(fct_ws_at(e, p->off_z) + m * rc * (int64_t)es, 1, rc);
+        FCT_TRY(project_row(e, &xm, &Ka, &An, &Ones, u, &Zr[m]));
+      }
+    } else if (n->gout) {
+      for (int64_t m = 0; m < M; ++m)
+        Zr[m] = (fct_mat){Zf.data + (m * Zf.rs + c0 * Zf.cs) * (int64_t)es, 1, rc, Zf.rs, Zf.cs};
+    }
+    for (int64_t m = 0; m < M; ++m) {
+      double beta = m > 0 ? 1.0 : 0.0;
+      fct_mat xm = {0}, gm = {G->data + m * G->rs * (int64_t)es, p->Q, ob, ob, 1};
+      if (n->gin) xm = (fct_mat){X->data + m * X->rs * (int64_t)es, p->P, ia, ia, 1};
+      if (n->gx || (gA && gA[na - 1])) { /* KR(A_<n, gz_m) [P, rc] */
+        FCT_TRY(kr_times_row(e, &s->in, c0, rc, &GZr[m], tmp, p->P));
+        fct_mat T = fct_dense(tmp, p->P, rc);
+        if (n->gx) {
+          fct_mat Gxm = {fct_data(grad_x) + m * s->in.size * (int64_t)es, p->P, ia, ia, 1};
+          fct_mat AnT = fct_mat_t(An);
+          FCT_TRY(fct_x_gemm(e, &T, &AnT, &Gxm, c0 > 0 ? 1.0 : 0.0));
+        }
+        if (gA && gA[na - 1]) {
+          fct_mat xt = fct_mat_t(xm);
+          fct_mat GAn = {fct_data(gA[na - 1]) + c0 * (int64_t)es, ia, rc, R, 1};
+          FCT_TRY(fct_x_gemm(e, &xt, &T, &GAn, beta));
+        }
+      }
+      if (lead_in) { /* gKR(A_<n) += x_m · KR(A_n, gz_m) */
+        fct_mat F[2] = {An, GZr[m]}, S = fct_dense(u, ia, rc);
+        FCT_TRY(e->be->khatri_rao(e->ctx, e->device, e->dt, 2, F, &S));
+        fct_mat GK = fct_ws_mat(e, p->off_gka, p->P, rc);
+        FCT_TRY(fct_x_gemm(e, &xm, &S, &GK, beta));
+      }
+      if (gB && gB[nb - 1]) { /* grad B_n += g_mᵀ · KR(B_<n, z_m) */
+        FCT_TRY(kr_times_row(e, &s->out, c0, rc, &Zr[m], tmp, p->Q));
+        fct_mat T = fct_dense(tmp, p->Q, rc), gt = fct_mat_t(gm);
+        fct_mat GBn = {fct_data(gB[nb - 1]) + c0 * (int64_t)es, ob, rc, R, 1};
+        FCT_TRY(fct_x_gemm(e, &gt, &T, &GBn, beta));
+      }
+      if (lead_out) { /* gKR(B_<n) += g_m · KR(B_n, z_m) */
+        fct_mat F[2] = {Bn, Zr[m]}, S = fct_dense(u, ob, rc);
+        FCT_TRY(e->be->khatri_rao(e->ctx, e->device, e->dt, 2, F, &S));
+        fct_mat GK = fct_ws_mat(e, p->off_gkb, p->Q, rc);
+        FCT_TRY(fct_x_gemm(e, &gm, &S, &GK, beta));
+      }
+    }
+    if (lead_in) {
+      fct_mat GK = fct_ws_mat(e, p->off_gka, p->P, rc);
+      FCT_TRY(side_grads(e, p, &in_lead, &GK, gA, c0, rc));
+    }
+    if (lead_out) {
+      fct_mat GK = fct_ws_mat(e, p->off_gkb, p->Q, rc);
+      FCT_TRY(side_grads(e, p, &out_lead, &GK, gB, c0, rc));
+    }
+  }
   return FCT_OK;
 }
 
@@ -606,7 +754,9 @@ fct_status fct_cp_linear_backward(fct_context* ctx, const DLTensor* grad_y, cons
   if (n->gin || (n->gout && !n->z_given)) FCT_TRY(input_view(&e, x, n->pack_x, p.off_x, M, in, &X));
   if (n->gb) FCT_TRY(e.be->column_sums(ctx, e.device, e.dt, &G, fct_data(grad_bias)));
   fct_mat Gx = n->gx ? fct_dense(fct_data(grad_x), M, in) : (fct_mat){0};
-  for (int64_t c0 = 0; c0 < s->R && (n->gx || n->gin || n->gout); c0 += p.Rc) {
+  if (p.split && (n->gx || n->gin || n->gout))
+    FCT_TRY(backward_split(&e, &p, &G, &X, z, grad_x, grad_in_factors, grad_out_factors));
+  for (int64_t c0 = 0; c0 < s->R && !p.split && (n->gx || n->gin || n->gout); c0 += p.Rc) {
     int64_t rc = s->R - c0 < p.Rc ? s->R - c0 : p.Rc, rows;
     fct_mat Kin = fct_ws_mat(&e, p.off_kin, in, rc);
     fct_mat Kout = fct_ws_mat(&e, p.off_kout, out, rc);
@@ -695,6 +845,7 @@ fct_status fct_cp_linear_plan(int n_in, const int64_t* in_modes, int n_out,
   cp_needs nf = {0}, nb = {0};
   nf.z_given = nf.x_rows = true;
   nb.backward = nb.z_given = nb.gx = nb.gb = nb.gin = nb.gout = true;
+  nb.x_rows = nb.g_rows = true;
   cp_plan pf, pb;
   FCT_TRY(make_plan(NULL, &s, &nf, &pf));
   FCT_TRY(make_plan(NULL, &s, &nb, &pb));
@@ -705,9 +856,9 @@ fct_status fct_cp_linear_plan(int n_in, const int64_t* in_modes, int n_out,
   info->backward_workspace = pb.bytes;
   snprintf(info->plan, sizeof info->plan,
            "cp: z = x·KR(in) then y = z·KR(out)^T, Khatri-Rao blocks of %lld columns "
-           "(forward%s), %lld (backward), R = %lld",
+           "(forward%s), %lld (backward%s), R = %lld",
            (long long)pf.Rc, pf.split ? ", the last factor of each side apart" : "",
-           (long long)pb.Rc, (long long)s.R);
+           (long long)pb.Rc, pb.split ? ", the same" : "", (long long)s.R);
   /* CP has the chain only (factorch.h, FCT_FLAG_FORCE_FORM_W). */
   snprintf(info->forward_strategy, sizeof info->forward_strategy, "contract");
   snprintf(info->backward_strategy, sizeof info->backward_strategy, "contract");
