@@ -69,7 +69,7 @@ typedef struct cp_plan {
   cp_shape s;
   cp_needs n;
   int64_t Rc;
-  bool split;    /* the forward for a few rows (top of the file) */
+  bool split;    /* a few rows: the last factor of each side apart (top of the file) */
   int64_t P, Q;  /* split: the rows of KR(A_<n) and KR(B_<n) */
   size_t off_x, off_g, off_kin, off_kout, off_z, off_gz, off_gk, off_pre, off_suf, off_scratch;
   size_t off_ones, off_u, off_tmp, off_gka, off_gkb;
