@@ -623,12 +623,53 @@ static fct_status kr_times_row(const fct_exec* e, const cp_side* side, int64_t c
   return e->be->khatri_rao(e->ctx, e->device, e->dt, side->n, F, &O);
 }
 
+/* The gradients of the split's leading factors (side: those factors) from
+ * gK [∏ modes, rc], peeling the last mode at each step rather than building
+ * a prefix and a suffix product for every factor: with cur [P_k·m_k, rc]
+ * (rows (p, a), gK at first),
+ *   grad F_k = Σ_p cur[(p, a), :] ⊙ KR(F_<k)[p, :],
+ *   cur      = Σ_a cur[(p, a), :] ⊙ F_k[a, :]   [P_k, rc], for the factors before,
+ * down to grad F_0 = cur. Overwrites gK (a workspace buffer); the pre and
+ * suf buffers hold KR(F_<k) and the other cur. */
+static fct_status peel_grads(const fct_exec* e, const cp_plan* p, const cp_side* side,
+                             const fct_mat* gK, DLTensor* const* grads, int64_t c0, int64_t rc,
+                             const fct_mat* ones) {
+  int first = -1; /* the first factor whose gradient is asked for */
+  for (int k = 0; k < side->n && first < 0; ++k)
+    if (grads[k]) first = k;
+  if (first < 0) return FCT_OK;
+  fct_mat cur = *gK;
+  char* other = fct_ws_at(e, p->off_suf);
+  char* pre = fct_ws_at(e, p->off_pre);
+  int64_t rows = side->size, npre;
+  for (int k = side->n - 1; k >= first; --k) {
+    int64_t mk = side->modes[k], Pk = rows / mk;
+    if (grads[k]) {
+      fct_mat G = {fct_data(grads[k]) + c0 * (int64_t)e->es, mk, rc, p->s.R, 1};
+      fct_mat Pm = *ones;
+      if (k > 0) {
+        FCT_TRY(build_kr(e, side, 0, k, c0, rc, pre, &npre)); /* KR(F_<k) [P_k, rc] */
+        Pm = fct_dense(pre, Pk, rc);
+      }
+      FCT_TRY(e->be->khatri_rao_grad(e->ctx, e->device, e->dt, &cur, Pk, mk, 1, &Pm, ones, &G));
+    }
+    if (k == first) break;
+    fct_mat F = factor_cols(side->f[k], c0, rc, e->es), next = fct_dense(other, Pk, rc);
+    FCT_TRY(e->be->khatri_rao_grad(e->ctx, e->device, e->dt, &cur, 1, Pk, mk, ones, &F, &next));
+    other = cur.data;
+    cur = next;
+    rows = Pk;
+  }
+  return FCT_OK;
+}
+
 /* The split backward (top of the file), per chunk of columns and row m
  * (x_m [P, i_n], g_m [Q, o_n]):
  *   gz_m = Σ_b (g_mᵀ·KR(B_<n))[b, :] ⊙ B_n[b, :]  (z_m alike from x_m, when not given)
  *   grad_x_m [P, i_n] += KR(A_<n, gz_m) · A_nᵀ
  *   grad A_n += x_mᵀ · KR(A_<n, gz_m),  gKR(A_<n) += x_m · KR(A_n, gz_m) -> grad A_k<n
- *   grad B_n += g_mᵀ · KR(B_<n, z_m),   gKR(B_<n) += g_m · KR(B_n, z_m)  -> grad B_k<n */
+ *   grad B_n += g_mᵀ · KR(B_<n, z_m),   gKR(B_<n) += g_m · KR(B_n, z_m)  -> grad B_k<n
+ * (the leading factors' gradients by peel_grads). */
 static fct_status backward_split(const fct_exec* e, const cp_plan* p, const fct_mat* G,
                                  const fct_mat* X, const DLTensor* z, DLTensor* grad_x,
                                  DLTensor* const* gA, DLTensor* const* gB) {
@@ -718,11 +759,11 @@ static fct_status backward_split(const fct_exec* e, const cp_plan* p, const fct_
     }
     if (lead_in) {
       fct_mat GK = fct_ws_mat(e, p->off_gka, p->P, rc);
-      FCT_TRY(side_grads(e, p, &in_lead, &GK, gA, c0, rc));
+      FCT_TRY(peel_grads(e, p, &in_lead, &GK, gA, c0, rc, &Ones));
     }
     if (lead_out) {
       fct_mat GK = fct_ws_mat(e, p->off_gkb, p->Q, rc);
-      FCT_TRY(side_grads(e, p, &out_lead, &GK, gB, c0, rc));
+      FCT_TRY(peel_grads(e, p, &out_lead, &GK, gB, c0, rc, &Ones));
     }
   }
   return FCT_OK;
