@@ -261,13 +261,15 @@ static void lay_out(cp_plan* p, fct_layout* L) {
  * of x and grad_y, at least two factors a side, and the blocks it builds
  * (P + Q once per chunk; per row Q in the forward, P + Q in the backward)
  * under half of the full ones. */
-static bool split_pays(const cp_shape* s, const cp_needs* n) {
-  if (!n->x_rows || (n->backward && !n->g_rows) || s->M < 1 || s->M > 4 || s->in.n < 2 ||
-      s->out.n < 2)
+enum { SPLIT_MAX_ROWS = 4 };
+
+static bool split_pays(const cp_plan* p) {
+  const cp_shape* s = &p->s;
+  const cp_needs* n = &p->n;
+  if (!n->x_rows || (n->backward && !n->g_rows) || s->M < 1 || s->M > SPLIT_MAX_ROWS ||
+      s->in.n < 2 || s->out.n < 2)
     return false;
-  double P = (double)(s->in.size / s->in.modes[s->in.n - 1]);
-  double Q = (double)(s->out.size / s->out.modes[s->out.n - 1]);
-  double per_row = n->backward ? P + Q : Q;
+  double P = (double)p->P, Q = (double)p->Q, per_row = n->backward ? P + Q : Q;
   return (double)s->M * per_row + P + Q < 0.5 * (double)(s->in.size + s->out.size);
 }
 
@@ -275,9 +277,9 @@ static fct_status make_plan(fct_context* ctx, const cp_shape* s, const cp_needs*
   memset(p, 0, sizeof *p);
   p->s = *s;
   p->n = *n;
-  p->split = split_pays(s, n);
   p->P = s->in.size / s->in.modes[s->in.n - 1];
   p->Q = s->out.size / s->out.modes[s->out.n - 1];
+  p->split = split_pays(p);
   fct_machine mc = fct_machine_for(s->cuda);
   /* Candidates: R itself, and powers of two from 64 below it. Workspace
    * beyond the cap is refused unless nothing smaller exists. */
@@ -380,6 +382,28 @@ static bool any(DLTensor* const* ts, int n) {
 /* Forward                                                                    */
 /* ------------------------------------------------------------------------- */
 
+/* z_m (or gz_m) [1, rc] = Σ_a (x_mᵀ · K)[a, :] ⊙ F[a, :]: x_m [P, i] a row
+ * viewed as a matrix, K [P, rc] the Khatri–Rao product of the side's other
+ * factors, F [i, rc] the last one's columns, u [i, rc] and ones [1, rc]
+ * scratch. */
+static fct_status project_row(const fct_exec* e, const fct_mat* xm, const fct_mat* K,
+                              const fct_mat* F, const fct_mat* ones, char* u, fct_mat* out) {
+  fct_mat xt = fct_mat_t(*xm), U = fct_dense(u, xm->cols, K->cols);
+  FCT_TRY(fct_x_gemm(e, &xt, K, &U, 0.0));
+  return e->be->khatri_rao_grad(e->ctx, e->device, e->dt, &U, xm->cols, 1, 1, F, ones, out);
+}
+
+/* out [∏ modes of the side's factors but the last, rc] = their Khatri–Rao
+ * product with row r (a [1, rc] view) as one more factor. */
+static fct_status kr_times_row(const fct_exec* e, const cp_side* side, int64_t c0, int64_t rc,
+                               const fct_mat* r, char* out, int64_t rows) {
+  fct_mat F[FCT_MAX_MODES];
+  for (int k = 0; k + 1 < side->n; ++k) F[k] = factor_cols(side->f[k], c0, rc, e->es);
+  F[side->n - 1] = *r;
+  fct_mat O = fct_dense(out, rows, rc);
+  return e->be->khatri_rao(e->ctx, e->device, e->dt, side->n, F, &O);
+}
+
 /* The split forward (top of the file), chunk by chunk of Rc columns; y
  * already holds the bias when `bias`. */
 static fct_status forward_split(const fct_exec* e, const cp_plan* p, const fct_mat* X,
@@ -399,19 +423,13 @@ static fct_status forward_split(const fct_exec* e, const cp_plan* p, const fct_m
     fct_mat Kin = fct_dense(kin, p->P, rc), Ones = fct_dense(ones, 1, rc);
     fct_mat An = factor_cols(s->in.f[na - 1], c0, rc, es);
     fct_mat BnT = fct_mat_t(factor_cols(s->out.f[nb - 1], c0, rc, es)); /* [rc, o_n] */
-    fct_mat F[FCT_MAX_MODES];
-    for (int k = 0; k + 1 < nb; ++k) F[k] = factor_cols(s->out.f[k], c0, rc, es);
     for (int64_t m = 0; m < s->M; ++m) {
       fct_mat Xm = {X->data + m * X->rs * (int64_t)es, p->P, ia, ia, 1}; /* x_m [P, i_n] */
-      fct_mat Xmt = fct_mat_t(Xm), U = fct_dense(u, ia, rc);
-      FCT_TRY(fct_x_gemm(e, &Xmt, &Kin, &U, 0.0)); /* u [i_n, rc] = x_mᵀ · KR(A_<n) */
       fct_mat Zm = z ? (fct_mat){fct_data(z) + (m * s->R + c0) * (int64_t)es, 1, rc, rc, 1}
                      : fct_dense(fct_ws_at(e, p->off_z) + m * rc * (int64_t)es, 1, rc);
-      /* z_m = Σ_a u[a, :] ⊙ A_n[a, :] (u as [npre = i_n, 1, 1] rows) */
-      FCT_TRY(e->be->khatri_rao_grad(e->ctx, e->device, e->dt, &U, ia, 1, 1, &An, &Ones, &Zm));
-      F[nb - 1] = Zm;
+      FCT_TRY(project_row(e, &Xm, &Kin, &An, &Ones, u, &Zm));
+      FCT_TRY(kr_times_row(e, &s->out, c0, rc, &Zm, kout, p->Q)); /* KR(B_<n, z_m) */
       fct_mat Kout = fct_dense(kout, p->Q, rc);
-      FCT_TRY(e->be->khatri_rao(e->ctx, e->device, e->dt, nb, F, &Kout)); /* KR(B_<n, z_m) */
       fct_mat Ym = {Y->data + m * Y->rs * (int64_t)es, p->Q, ob, ob, 1}; /* y_m [Q, o_n] */
       FCT_TRY(fct_x_gemm(e, &Kout, &BnT, &Ym, (c0 > 0 || bias) ? 1.0 : 0.0));
     }
@@ -601,28 +619,6 @@ fct_status fct_cp_linear_backward_workspace(const fct_context* ctx, const DLTens
   return FCT_OK;
 }
 
-/* z_m (or gz_m) [1, rc] = Σ_a (x_mᵀ · K)[a, :] ⊙ F[a, :]: x_m [P, i] a row
- * viewed as a matrix, K [P, rc] the Khatri–Rao product of the side's other
- * factors, F [i, rc] the last one's columns, u [i, rc] and ones [1, rc]
- * scratch. */
-static fct_status project_row(const fct_exec* e, const fct_mat* xm, const fct_mat* K,
-                              const fct_mat* F, const fct_mat* ones, char* u, fct_mat* out) {
-  fct_mat xt = fct_mat_t(*xm), U = fct_dense(u, xm->cols, K->cols);
-  FCT_TRY(fct_x_gemm(e, &xt, K, &U, 0.0));
-  return e->be->khatri_rao_grad(e->ctx, e->device, e->dt, &U, xm->cols, 1, 1, F, ones, out);
-}
-
-/* out [∏ modes of the side's factors but the last, rc] = their Khatri–Rao
- * product with row r (a [1, rc] view) as one more factor. */
-static fct_status kr_times_row(const fct_exec* e, const cp_side* side, int64_t c0, int64_t rc,
-                               const fct_mat* r, char* out, int64_t rows) {
-  fct_mat F[FCT_MAX_MODES];
-  for (int k = 0; k + 1 < side->n; ++k) F[k] = factor_cols(side->f[k], c0, rc, e->es);
-  F[side->n - 1] = *r;
-  fct_mat O = fct_dense(out, rows, rc);
-  return e->be->khatri_rao(e->ctx, e->device, e->dt, side->n, F, &O);
-}
-
 /* The gradients of the split's leading factors (side: those factors) from
  * gK [∏ modes, rc], peeling the last mode at each step rather than building
  * a prefix and a suffix product for every factor: with cur [P_k·m_k, rc]
@@ -663,6 +659,28 @@ static fct_status peel_grads(const fct_exec* e, const cp_plan* p, const cp_side*
   return FCT_OK;
 }
 
+/* One row's share of a side's factor gradients in the split backward:
+ * r [P, i] the row (x_m or g_m) viewed as a matrix, w [1, rc] its weights
+ * (gz_m or z_m), F [i, rc] the last factor's columns, T [P, rc] =
+ * KR(F_<n, w) built by the caller when gF (the last factor's gradient,
+ * nullable) is asked, u scratch [i, rc]:
+ *   gF[:, c0:] (+)= rᵀ · T,   GK (nullable) (+)= r · KR(F, w) = gKR(F_<n). */
+static fct_status row_grads(const fct_exec* e, const fct_mat* r, const fct_mat* F,
+                            const fct_mat* w, const fct_mat* T, DLTensor* gF, const fct_mat* GK,
+                            char* u, int64_t c0, int64_t rc, double beta) {
+  if (gF) {
+    fct_mat rt = fct_mat_t(*r);
+    fct_mat G = {fct_data(gF) + c0 * (int64_t)e->es, r->cols, rc, gF->shape[1], 1};
+    FCT_TRY(fct_x_gemm(e, &rt, T, &G, beta));
+  }
+  if (GK) {
+    fct_mat Fs[2] = {*F, *w}, S = fct_dense(u, r->cols, rc);
+    FCT_TRY(e->be->khatri_rao(e->ctx, e->device, e->dt, 2, Fs, &S));
+    FCT_TRY(fct_x_gemm(e, r, &S, GK, beta));
+  }
+  return FCT_OK;
+}
+
 /* The split backward (top of the file), per chunk of columns and row m
  * (x_m [P, i_n], g_m [Q, o_n]):
  *   gz_m = Σ_b (g_mᵀ·KR(B_<n))[b, :] ⊙ B_n[b, :]  (z_m alike from x_m, when not given)
@@ -698,7 +716,7 @@ static fct_status backward_split(const fct_exec* e, const cp_plan* p, const fct_
     fct_mat Ones = fct_ws_mat(e, p->off_ones, 1, rc);
     fct_mat An = factor_cols(s->in.f[na - 1], c0, rc, es);
     fct_mat Bn = factor_cols(s->out.f[nb - 1], c0, rc, es);
-    fct_mat Zr[4], GZr[4]; /* rows of z and gz for this chunk (M <= 4) */
+    fct_mat Zr[SPLIT_MAX_ROWS], GZr[SPLIT_MAX_ROWS]; /* this chunk's rows of z and gz */
     if (need_gz) {
       FCT_TRY(build_kr(e, &s->out, 0, nb - 1, c0, rc, fct_ws_at(e, p->off_kout), &rows));
       fct_mat Kb = fct_ws_mat(e, p->off_kout, p->Q, rc);
@@ -724,37 +742,25 @@ static fct_status backward_split(const fct_exec* e, const cp_plan* p, const fct_
       double beta = m > 0 ? 1.0 : 0.0;
       fct_mat xm = {0}, gm = {G->data + m * G->rs * (int64_t)es, p->Q, ob, ob, 1};
       if (n->gin) xm = (fct_mat){X->data + m * X->rs * (int64_t)es, p->P, ia, ia, 1};
-      if (n->gx || (gA && gA[na - 1])) { /* KR(A_<n, gz_m) [P, rc] */
+      fct_mat T = fct_dense(tmp, p->P, rc); /* KR(A_<n, gz_m), when grad_x or grad A_n */
+      if (n->gx || (gA && gA[na - 1])) {
         FCT_TRY(kr_times_row(e, &s->in, c0, rc, &GZr[m], tmp, p->P));
-        fct_mat T = fct_dense(tmp, p->P, rc);
         if (n->gx) {
           fct_mat Gxm = {fct_data(grad_x) + m * s->in.size * (int64_t)es, p->P, ia, ia, 1};
           fct_mat AnT = fct_mat_t(An);
           FCT_TRY(fct_x_gemm(e, &T, &AnT, &Gxm, c0 > 0 ? 1.0 : 0.0));
         }
-        if (gA && gA[na - 1]) {
-          fct_mat xt = fct_mat_t(xm);
-          fct_mat GAn = {fct_data(gA[na - 1]) + c0 * (int64_t)es, ia, rc, R, 1};
-          FCT_TRY(fct_x_gemm(e, &xt, &T, &GAn, beta));
-        }
       }
-      if (lead_in) { /* gKR(A_<n) += x_m · KR(A_n, gz_m) */
-        fct_mat F[2] = {An, GZr[m]}, S = fct_dense(u, ia, rc);
-        FCT_TRY(e->be->khatri_rao(e->ctx, e->device, e->dt, 2, F, &S));
+      if (n->gin) {
         fct_mat GK = fct_ws_mat(e, p->off_gka, p->P, rc);
-        FCT_TRY(fct_x_gemm(e, &xm, &S, &GK, beta));
+        FCT_TRY(row_grads(e, &xm, &An, &GZr[m], &T, gA[na - 1], lead_in ? &GK : NULL, u, c0,
+                          rc, beta));
       }
-      if (gB && gB[nb - 1]) { /* grad B_n += g_mᵀ · KR(B_<n, z_m) */
-        FCT_TRY(kr_times_row(e, &s->out, c0, rc, &Zr[m], tmp, p->Q));
-        fct_mat T = fct_dense(tmp, p->Q, rc), gt = fct_mat_t(gm);
-        fct_mat GBn = {fct_data(gB[nb - 1]) + c0 * (int64_t)es, ob, rc, R, 1};
-        FCT_TRY(fct_x_gemm(e, &gt, &T, &GBn, beta));
-      }
-      if (lead_out) { /* gKR(B_<n) += g_m · KR(B_n, z_m) */
-        fct_mat F[2] = {Bn, Zr[m]}, S = fct_dense(u, ob, rc);
-        FCT_TRY(e->be->khatri_rao(e->ctx, e->device, e->dt, 2, F, &S));
-        fct_mat GK = fct_ws_mat(e, p->off_gkb, p->Q, rc);
-        FCT_TRY(fct_x_gemm(e, &gm, &S, &GK, beta));
+      if (n->gout) {
+        if (gB[nb - 1]) FCT_TRY(kr_times_row(e, &s->out, c0, rc, &Zr[m], tmp, p->Q));
+        fct_mat Tb = fct_dense(tmp, p->Q, rc), GK = fct_ws_mat(e, p->off_gkb, p->Q, rc);
+        FCT_TRY(row_grads(e, &gm, &Bn, &Zr[m], &Tb, gB[nb - 1], lead_out ? &GK : NULL, u, c0,
+                          rc, beta));
       }
     }
     if (lead_in) {
